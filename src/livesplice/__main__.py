@@ -1,0 +1,3 @@
+from livesplice.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The ``livesplice`` command: one entry point, subcommands, documented exit codes.
+
+The engine raises typed :class:`~livesplice.errors.LivespliceError` s; only this module turns
+them into text for a person and into an exit code (see README "Exit codes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from livesplice import __version__
+from livesplice.errors import ExitCode, LivespliceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="livesplice",
+        description="Rebootless, restartless updates from source patches (Ksplice-style).",
+    )
+    p.add_argument("--version", action="version", version=f"livesplice {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("create", help="turn a source patch into an update file")
+    c.add_argument("srcdir", metavar="SRCDIR", type=Path, help="source tree (unpatched)")
+    c.add_argument("--patch", required=True, type=Path, help="the fix, as a unified diff")
+    c.add_argument("--build", default="make", help="build command (default: make)")
+    c.add_argument("--id", dest="update_id", help="update id (default: random 8 characters)")
+    c.add_argument("-o", "--output", type=Path, help="update file (default: livesplice-ID.update)")
+    c.add_argument("--description", help="one line describing the update")
+    c.add_argument("-j", "--jobs", type=int, default=2, help="parallel build jobs (default 2)")
+    c.add_argument("--keep-tmp", action="store_true", help="keep the build directory")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    i = sub.add_parser("inspect", help="show what an update file contains")
+    i.add_argument("update", metavar="UPDATE", type=Path)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    a = sub.add_parser("apply", help="splice an update into running processes")
+    a.add_argument("update", metavar="UPDATE", type=Path)
+    who = a.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
+    who.add_argument("--all", action="store_true", help="every process running a target")
+    a.add_argument("--retries", type=int, default=5, help="stop-window attempts (default 5)")
+    a.add_argument(
+        "--retry-interval", type=float, default=1.0, help="seconds between attempts (default 1)"
+    )
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+
+    v = sub.add_parser("view", help="list updates applied to running processes")
+    v.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+
+    u = sub.add_parser("undo", help="remove an applied update from running processes")
+    u.add_argument("update_id", metavar="ID")
+    uwho = u.add_mutually_exclusive_group(required=True)
+    uwho.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
+    uwho.add_argument("--all", action="store_true", help="every process with the update")
+    u.add_argument("--retries", type=int, default=5)
+    u.add_argument("--retry-interval", type=float, default=1.0)
+    u.add_argument("--json", action="store_true")
+
+    from livesplice.kernel.labcli import add_lab_parser
+
+    add_lab_parser(sub)
+    return p
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from livesplice.create import create_update
+
+    result = create_update(
+        args.srcdir,
+        args.patch,
+        build_cmd=args.build,
+        update_id=args.update_id,
+        output=args.output,
+        description=args.description,
+        jobs=args.jobs,
+        keep_tmp=args.keep_tmp,
+    )
+    if args.json:
+        out: dict[str, Any] = {
+            "status": "created" if result.manifest else "nothing_to_do",
+            "message": result.message,
+            "output": str(result.output) if result.output else None,
+            "id": result.manifest.id if result.manifest else None,
+        }
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"livesplice: {result.message}")
+        if result.manifest:
+            for w in result.manifest.warnings:
+                print(f"livesplice: warning: {w}")
+    return ExitCode.OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from livesplice.update.archive import read_update
+    from livesplice.update.inspect import inspect_json, inspect_text
+
+    update = read_update(args.update)
+    if args.json:
+        print(json.dumps(inspect_json(update), indent=1, sort_keys=True))
+    else:
+        print(inspect_text(update))
+    return ExitCode.OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from livesplice.process.apply import cli_apply
+
+    return cli_apply(args)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from livesplice.process.apply import cli_view
+
+    return cli_view(args)
+
+
+def cmd_undo(args: argparse.Namespace) -> int:
+    from livesplice.process.apply import cli_undo
+
+    return cli_undo(args)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from livesplice.kernel.labcli import cli_lab
+
+    return cli_lab(args)
+
+
+COMMANDS = {
+    "lab": cmd_lab,
+    "create": cmd_create,
+    "inspect": cmd_inspect,
+    "apply": cmd_apply,
+    "view": cmd_view,
+    "undo": cmd_undo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except LivespliceError as e:
+        print(e.render(), file=sys.stderr)
+        return int(e.code)
+    except KeyboardInterrupt:
+        print("livesplice: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return ExitCode.OK

@@ -1,0 +1,141 @@
+"""``livesplice create``: build -> diff -> package, as a flat list of steps."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from livesplice.errors import UsageError
+from livesplice.update.archive import write_update
+from livesplice.update.format import Manifest
+
+ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+@dataclass
+class CreateResult:
+    manifest: Manifest | None  # None: the patch changes no code ("nothing to do")
+    output: Path | None
+    message: str
+
+
+def new_update_id() -> str:
+    """Random 8 characters, like Ksplice's update ids."""
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
+
+
+def check_update_id(update_id: str) -> str:
+    if not (1 <= len(update_id) <= 32) or any(c not in ID_ALPHABET + "_-" for c in update_id):
+        raise UsageError(
+            f"bad update id {update_id!r}",
+            advice="use 1-32 characters from a-z, 0-9, '_' and '-'",
+        )
+    return update_id
+
+
+def create_update(
+    srcdir: Path,
+    patch: Path,
+    *,
+    build_cmd: str = "make",
+    update_id: str | None = None,
+    output: Path | None = None,
+    description: str | None = None,
+    jobs: int = 2,
+    keep_tmp: bool = False,
+) -> CreateResult:
+    """Turn ``patch`` against the tree ``srcdir`` into an update file."""
+    from livesplice.build.builder import build_pair
+    from livesplice.diff.engine import diff_build
+
+    srcdir = check_source_tree(srcdir)
+    patch_text = read_patch(patch)
+    uid = check_update_id(update_id) if update_id else new_update_id()
+    out = output if output is not None else Path(f"livesplice-{uid}.update")
+    check_output_writable(out)
+
+    workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
+    try:
+        pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs)
+        diff = diff_build(pair)
+        if not any(t.changed_functions or t.new_functions or t.new_data for t in diff.targets):
+            return CreateResult(None, None, "no code changes: nothing to do (no update written)")
+        manifest = Manifest(
+            id=uid,
+            description=description or describe_patch(patch_text),
+            compiler=pair.compiler,
+            patch_sha256=hashlib.sha256(patch_text.encode()).hexdigest(),
+            targets=diff.targets,
+            hooks=diff.hooks,
+            warnings=diff.warnings,
+        )
+        write_update(out, manifest, patch_text)
+        return CreateResult(manifest, out, f"wrote update {uid} to {out}")
+    finally:
+        if keep_tmp:
+            print(f"livesplice: kept the build directory {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_source_tree(srcdir: Path) -> Path:
+    if not srcdir.exists():
+        raise UsageError(f"source tree {srcdir} does not exist")
+    if not srcdir.is_dir():
+        raise UsageError(f"source tree {srcdir} is not a directory")
+    return srcdir.resolve()
+
+
+def read_patch(patch: Path) -> str:
+    try:
+        return patch.read_text(errors="surrogateescape")
+    except FileNotFoundError:
+        raise UsageError(f"patch file {patch} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"patch file {patch} is a directory") from None
+    except OSError as e:
+        raise UsageError(f"cannot read patch file {patch}: {e.strerror}") from None
+
+
+def check_output_writable(out: Path) -> None:
+    """Fail before a long build, not after it, when the output cannot be written."""
+    directory = out.parent if str(out.parent) else Path(".")
+    if not directory.is_dir():
+        raise UsageError(
+            f"cannot write the update to {out}: directory {directory} does not exist",
+            advice="create the directory or pass another -o path",
+        )
+    if out.is_dir():
+        raise UsageError(f"cannot write the update to {out}: it is a directory")
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".livesplice-probe-", dir=directory)
+        import os
+
+        os.close(fd)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write the update to {out}: {e.strerror}",
+            advice="pass an -o path in a directory you can write to",
+        ) from None
+    finally:
+        if probe:
+            Path(probe).unlink(missing_ok=True)
+
+
+def describe_patch(patch_text: str) -> str:
+    """A description from the patch header (git format-patch Subject or first comment line)."""
+    for line in patch_text.splitlines():
+        if line.startswith("Subject:"):
+            return line.removeprefix("Subject:").strip().removeprefix("[PATCH]").strip()
+    for line in patch_text.splitlines():
+        if line.startswith(("diff ", "--- ", "Index:")):
+            break
+        if line.strip():
+            return line.strip()
+    return "livesplice update"
