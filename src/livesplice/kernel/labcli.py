@@ -1,17 +1,132 @@
-"""``livesplice lab``: argument parsing (kept import-light; the lab itself loads lazily)."""
+"""``livesplice lab``: argument parsing (kept import-light; the lab itself loads lazily).
+
+    livesplice lab prepare [--kernel 6.1.176-1]     # prints KSRC (the prepared source tree)
+    livesplice lab run [--kernel V] [--file F[:DEST] ...] -- CMD ...
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+DEFAULT_KERNEL = "6.1.176-1"  # same as livesplice.kernel.debian.DEFAULT_KERNEL (import-light)
 
 
 def add_lab_parser(sub: Any) -> None:
     lab = sub.add_parser("lab", help="boot a Debian kernel in a throwaway QEMU VM (kernel lab)")
-    lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND")
+    lsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND")
+
+    def kernel_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--kernel", default=DEFAULT_KERNEL, metavar="VERSION",
+            help=f"Debian linux-image package version (default {DEFAULT_KERNEL})",
+        )  # fmt: skip
+        p.add_argument(
+            "--flavour", default="cloud-amd64", help="Debian kernel flavour (default cloud-amd64)"
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+    p = lsub.add_parser(
+        "prepare",
+        help="fetch and prepare a Debian kernel once (cached); prints KSRC",
+        description="Download the image, headers, kbuild and source packages of one Debian "
+        "kernel (nothing is installed), prepare the source tree with Debian's configuration "
+        "and build identity, and build the lab's initramfs. Cached under $LIVESPLICE_CACHE "
+        "(default ~/.cache/livesplice)/kernel/VERSION; an interrupted prepare resumes.",
+    )
+    kernel_options(p)
+    p.add_argument("-j", "--jobs", type=int, help="make jobs (default: number of CPUs)")
+
+    r = lsub.add_parser(
+        "run",
+        help="boot the kernel in a throwaway VM, run CMD, exit with its status",
+        description="Boot the prepared kernel under QEMU (TCG), run CMD as root with sh in "
+        "/payload (arguments are joined with spaces, as ssh does), print its output and exit "
+        "with its status. Prepares the kernel first if needed.",
+    )
+    kernel_options(r)
+    r.add_argument(
+        "--file", action="append", default=[], metavar="SRC[:DEST]",
+        help="copy a host file or directory into the guest (DEST relative to /payload; "
+        "default its name); repeatable",
+    )  # fmt: skip
+    r.add_argument(
+        "--update", action="append", default=[], metavar="UPDATE",
+        help="apply an update in the guest before CMD (not available yet)",
+    )  # fmt: skip
+    r.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
+    r.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
+    r.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
+    r.add_argument("--append", default="", help="extra kernel command line")
+    r.add_argument("--keep-tmp", type=Path, metavar="DIR", help="keep initrd and logs in DIR")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run")
+
+
+def _progress(quiet: bool) -> Any:
+    if quiet:
+        return None
+    return lambda msg: print(f"livesplice lab: {msg}", file=sys.stderr, flush=True)
+
+
+def _guest_files(specs: list[str]) -> list[Any]:
+    from livesplice.errors import UsageError
+    from livesplice.kernel.initramfs import GuestFile
+
+    files = []
+    for spec in specs:
+        src, _, dest = spec.partition(":")
+        path = Path(src)
+        if not path.exists():
+            raise UsageError(f"--file {spec}: {src} does not exist")
+        files.append(GuestFile(path, dest or path.name))
+    return files
 
 
 def cli_lab(args: argparse.Namespace) -> int:
     from livesplice.errors import UsageError
 
-    raise UsageError("the kernel lab is not implemented yet")
+    if args.lab_command == "prepare":
+        from livesplice.kernel.lab import prepare_lab, stage_timings
+
+        lab = prepare_lab(args.kernel, args.flavour, jobs=args.jobs, progress=_progress(args.quiet))
+        if not args.quiet:
+            took = sum(stage_timings(lab).values())
+            print(
+                f"livesplice lab: {lab.release} ready (stages took {took:.0f} s when built); "
+                f"vmlinuz {lab.vmlinuz}",
+                file=sys.stderr,
+            )
+        print(lab.ksrc)
+        return 0
+    if args.lab_command == "run":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            raise UsageError("lab run: no command given", advice="livesplice lab run -- CMD ...")
+        if args.update:
+            raise UsageError(
+                "lab run --update: applying updates to the guest kernel is not implemented yet",
+                [f"update: {u}" for u in args.update],
+                "copy the file in with --file and inspect it there, or wait for `create --kernel`",
+            )
+        files = _guest_files(args.file)
+        from livesplice.kernel.guest import Guest
+        from livesplice.kernel.lab import prepare_lab
+
+        lab = prepare_lab(args.kernel, args.flavour, progress=_progress(args.quiet))
+        guest = Guest(
+            lab, memory_mb=args.memory, cpus=args.cpus, timeout=args.timeout, append=args.append
+        )
+        result = guest.run(" ".join(cmd), files, keep_dir=args.keep_tmp)
+        sys.stdout.write(result.output)
+        sys.stdout.flush()
+        if not args.quiet:
+            boot = f"{result.uptime_at_init:.1f}" if result.uptime_at_init is not None else "?"
+            print(
+                f"livesplice lab: exit status {result.status}; boot to /init {boot} s, "
+                f"whole run {result.wall_seconds:.1f} s",
+                file=sys.stderr,
+            )
+        return result.status
+    raise UsageError("lab: expected a subcommand", advice="livesplice lab {prepare,run} --help")
