@@ -1,0 +1,7 @@
+#include "counter.hpp"
+
+int Counter::bump(int by)
+{
+	value_ += by;
+	return value_;
+}

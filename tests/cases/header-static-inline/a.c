@@ -1,0 +1,6 @@
+#include "util.h"
+
+int fa(int x)
+{
+	return clampv(x) + 1;
+}

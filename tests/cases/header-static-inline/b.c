@@ -1,0 +1,6 @@
+#include "util.h"
+
+int fb(int x)
+{
+	return clampv(x * 2);
+}

@@ -1,0 +1,4 @@
+int fa(int x)
+{
+	return x + 10;
+}

@@ -1,0 +1,4 @@
+int fb(int x)
+{
+	return x * 10;
+}

@@ -1,0 +1,4 @@
+int work(int x)
+{
+	return x + 1;
+}

@@ -1,0 +1,7 @@
+int tick(int step)
+{
+	static int calls;
+
+	calls += step;
+	return calls * 2;
+}
