@@ -1,0 +1,651 @@
+"""Build the tree twice, unpatched (pre) and patched (post), and pair up the compiled units.
+
+:func:`build_pair` reads like the list of steps in docs/ARCHITECTURE.md "Contract 1": copy the
+tree, install the compiler shims, build, save what was built, patch in place, rebuild
+incrementally, pair units, map units to the executables and libraries they went into.
+
+Work directory layout (the caller owns ``workdir`` and deletes it)::
+
+    workdir/tree/             copy of SRCDIR, built in place (pre, then patched, post)
+    workdir/shims/            gcc, cc, g++, ..., ar -> wrapper.py
+    workdir/tmp/              TMPDIR for the build (nothing is left in /tmp)
+    workdir/pre/, post/       saved copies of objects and linked outputs, by tree path
+    workdir/build-pre.log     build output; build-pre.jsonl: the wrapper's records
+    workdir/build-post.log    ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from livesplice.build import wrapper
+from livesplice.build.records import BuildPair, CompileRecord, LinkRecord, UnitPair
+from livesplice.errors import BuildFailed, PatchDoesNotApply, UsageError
+
+Stage = Literal["pre", "post"]
+
+# Names the shims take when the real tool exists in PATH: the compiler drivers a Makefile,
+# configure, CMake or debian/rules may call (Debian installs gcc as x86_64-linux-gnu-gcc-12 with
+# gcc/gcc-12/x86_64-linux-gnu-gcc links, and dh may call the triplet name), and the archivers.
+COMPILER_NAME = re.compile(
+    r"^(?:[a-z0-9_]+-linux-gnu-)?(?:gcc|g\+\+|cc|c\+\+|clang|clang\+\+)(?:-\d+(?:\.\d+)*)?$"
+)
+ARCHIVER_NAME = re.compile(r"^(?:[a-z0-9_]+-linux-gnu-)?(?:gcc-)?ar(?:-\d+(?:\.\d+)*)?$")
+ALWAYS_SHIMMED = ("gcc", "cc", "g++", "c++", "ar")
+
+ASM_SOURCE_SUFFIXES = (".s", ".S", ".sx", ".asm")
+FAILURE_TAIL_LINES = 40
+
+
+@dataclass
+class ShimDir:
+    path: Path
+    tools: dict[str, str]  # shim name -> real tool found when the shims were made
+
+
+@dataclass
+class SavedCompile:
+    record: CompileRecord
+    source_abs: str
+
+
+@dataclass
+class SavedLink:
+    output_abs: str
+    saved: Path
+    inputs: list[str]
+    shared: bool
+    relocatable: bool
+    argv: list[str]
+    cwd: str
+
+
+@dataclass
+class BuildResult:
+    """What one build produced, with saved copies (everything keyed by the path the build wrote)."""
+
+    compiles: dict[str, SavedCompile] = field(default_factory=dict)  # built object -> record
+    links: dict[str, SavedLink] = field(default_factory=dict)  # output -> link
+    archives: dict[str, list[str]] = field(default_factory=dict)  # archive -> member objects
+    libtool_objects: dict[str, list[str]] = field(default_factory=dict)  # x.lo -> objects
+
+
+@dataclass
+class AppliedPatch:
+    strip: int
+    touched: list[str]  # tree-relative paths, in patch order
+    deleted: list[str]
+
+
+def build_pair(
+    srcdir: Path, patch: Path, *, build_cmd: str, workdir: Path, jobs: int
+) -> BuildPair:
+    """Build ``srcdir`` unpatched and patched; return the compiled units before and after.
+
+    Units whose compile did not rerun in the post build, and units that recompiled into a
+    byte-identical object (a header touched but nothing in this unit changed), have
+    ``post=None``: the diff treats both as unchanged.
+
+    :raises BuildFailed: the unpatched or the patched tree does not build (compiler output in
+        ``details``), or the build compiled nothing.
+    :raises PatchDoesNotApply: the patch does not apply, or is already applied / reversed.
+    """
+    workdir = workdir.resolve()
+    patch = patch.resolve()
+    patch_text = patch.read_text(errors="surrogateescape")
+    tree = copy_source_tree(srcdir, workdir / "tree")
+    shims = install_shims(workdir / "shims")
+    (workdir / "tmp").mkdir(exist_ok=True)
+
+    run_build(build_cmd, tree, shims, workdir, jobs, "pre")
+    pre = collect_build(workdir, tree, "pre")
+    require_compiled_units(pre, build_cmd)
+
+    applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
+    run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
+    post = collect_build(workdir, tree, "post")
+
+    units, new_units, removed = pair_units(pre, post, tree)
+    links = link_records(pre)
+    assign_targets(units, pre)
+    touched_sources = {u.source for u in units} | {u.source for u in new_units} | set(removed)
+    return BuildPair(
+        workdir=workdir,
+        units=units,
+        links=links,
+        compiler=compiler_identity(units, new_units),
+        patch_text=patch_text,
+        new_units=new_units,
+        removed_units=removed,
+        changed_asm=[f for f in applied.touched if f.endswith(ASM_SOURCE_SUFFIXES)],
+        touched_files=[f for f in applied.touched if f not in touched_sources],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# step 1: copy
+
+
+def copy_source_tree(srcdir: Path, dest: Path) -> Path:
+    """Copy SRCDIR keeping symlinks and mtimes (so make/autotools see the same up-to-date state).
+
+    FIFOs, sockets and device nodes are skipped: reading a FIFO would block the copy.
+    """
+    srcdir = srcdir.resolve()
+    if not srcdir.is_dir():
+        raise UsageError(f"source tree {srcdir} is not a directory")
+
+    def special_files(directory: str, names: list[str]) -> list[str]:
+        skipped = []
+        for n in names:
+            try:
+                mode = os.lstat(os.path.join(directory, n)).st_mode
+            except OSError:
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                skipped.append(n)
+        return skipped
+
+    try:
+        shutil.copytree(srcdir, dest, symlinks=True, ignore=special_files)
+    except (shutil.Error, OSError) as e:
+        raise UsageError(f"cannot copy the source tree {srcdir}: {e}") from None
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# step 2: the compiler wrapper
+
+
+def install_shims(shim_dir: Path) -> ShimDir:
+    """One shell-script shim per compiler/archiver name found in PATH (none for absent tools,
+    so configure does not find e.g. a ``clang`` that would fail)."""
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    found: dict[str, str] = {}
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        try:
+            names = sorted(os.listdir(d or "."))
+        except OSError:
+            continue
+        for n in names:
+            if n in found or not (COMPILER_NAME.match(n) or ARCHIVER_NAME.match(n)):
+                continue
+            full = os.path.join(d, n)
+            if os.access(full, os.X_OK) and not os.path.isdir(full):
+                found[n] = full
+    for n in ALWAYS_SHIMMED:
+        if n not in found:
+            real = shutil.which(n)
+            if real:
+                found[n] = real
+    wrapper_py = Path(wrapper.__file__).resolve()
+    for name, real in found.items():
+        shim = shim_dir / name
+        shim.write_text(
+            "#!/bin/sh\n"
+            f"# livesplice shim for {name}: records the call, then runs {real}\n"
+            f"exec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(wrapper_py))} "
+            f"{shlex.quote(name)} {shlex.quote(real)} {shlex.quote(str(shim_dir))} "
+            '"$0" "$@"\n'
+        )
+        shim.chmod(0o755)
+    return ShimDir(shim_dir, found)
+
+
+def build_environment(shims: ShimDir, workdir: Path, jobs: int, log: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{shims.path}{os.pathsep}{env.get('PATH', os.defpath)}"
+    # CMake records these absolute paths in its cache at configure time, so the post build
+    # (same workdir, same paths) still goes through the shims.
+    env["CC"] = str(shims.path / "gcc") if "gcc" in shims.tools else str(shims.path / "cc")
+    env["CXX"] = str(shims.path / "g++") if "g++" in shims.tools else str(shims.path / "c++")
+    env[wrapper.LOG_ENV] = str(log)
+    env["TMPDIR"] = str(workdir / "tmp")
+    env.setdefault("MAKEFLAGS", f"-j{jobs}")
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(jobs))
+    # dh reads parallel=N from DEB_BUILD_OPTIONS (debhelper(7), "parallel")
+    opts = [o for o in env.get("DEB_BUILD_OPTIONS", "").split() if not o.startswith("parallel=")]
+    env["DEB_BUILD_OPTIONS"] = " ".join([*opts, f"parallel={jobs}"])
+    for var in ("CCACHE_DISABLE",):
+        env.setdefault(var, "1")  # a cache hit would skip the compile we need to see
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# steps 3 and 5: build
+
+
+def run_build(
+    build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: int, stage: Stage
+) -> None:
+    output = workdir / f"build-{stage}.log"
+    log = workdir / f"build-{stage}.jsonl"
+    log.unlink(missing_ok=True)
+    log.touch()
+    env = build_environment(shims, workdir, jobs, log)
+    with output.open("wb") as out:
+        proc = subprocess.run(
+            ["bash", "-c", build_cmd], cwd=tree, env=env, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, check=False,
+        )
+    if proc.returncode != 0:
+        what = "the unpatched tree does not build" if stage == "pre" else (
+            "the patched tree does not build"
+        )
+        raise BuildFailed(
+            f"{what} ({build_cmd!r} exited with status {proc.returncode})",
+            details=failure_excerpt(output),
+            advice=(
+                "fix the build of the original tree first (it must build with the command given "
+                "by --build)" if stage == "pre"
+                else "the patch breaks the build: fix the patch (compiler output above)"
+            ) + f"; the full log is {output} (kept with --keep-tmp)",
+        )
+
+
+def post_build_command(build_cmd: str) -> str:
+    """The incremental rebuild: dpkg-buildpackage must not clean the tree (``-nc``)."""
+    words = shlex.split(build_cmd) if build_cmd.strip() else []
+    if "dpkg-buildpackage" in build_cmd and not any(
+        w in ("-nc", "--no-pre-clean") for w in words
+    ):
+        return re.sub(r"\bdpkg-buildpackage\b", "dpkg-buildpackage -nc", build_cmd, count=1)
+    return build_cmd
+
+
+def failure_excerpt(output: Path) -> list[str]:
+    """The last ~40 lines; compiler error lines scrolled out of them (make -j) come first."""
+    lines = output.read_text(errors="replace").splitlines()
+    tail = lines[-FAILURE_TAIL_LINES:]
+    earlier = [
+        ln for ln in lines[:-FAILURE_TAIL_LINES]
+        if " error: " in ln or "fatal error:" in ln or "undefined reference" in ln
+    ][-20:]
+    if earlier:
+        return [*earlier, "...", *tail]
+    return tail
+
+
+# ---------------------------------------------------------------------------------------------
+# collecting what a build produced
+
+
+def read_events(log: Path) -> list[dict[str, Any]]:
+    events = []
+    with log.open(encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            if line.strip():
+                events.append(cast(dict[str, Any], json.loads(line)))
+    return events
+
+
+def is_build_system_probe(path: str) -> bool:
+    """Compiles and links that configure tools make to probe the compiler, not the program:
+    autoconf's ``conftest*``, CMake's CompilerId and try_compile scratch directories."""
+    parts = path.split("/")
+    return (
+        any(p in ("CMakeTmp", "CMakeScratch") or p.startswith("CompilerId") for p in parts)
+        or parts[-1].startswith("conftest")
+    )
+
+
+def saved_path(workdir: Path, tree: Path, stage: Stage, built: str) -> Path:
+    root = workdir / stage
+    try:
+        return root / Path(built).relative_to(tree)
+    except ValueError:
+        return root / "_outside" / built.lstrip("/")
+
+
+def save_copy(src: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest)
+
+
+def tree_relative(tree: Path, path: str) -> str:
+    try:
+        return Path(path).relative_to(tree).as_posix()
+    except ValueError:
+        return path
+
+
+def collect_build(workdir: Path, tree: Path, stage: Stage) -> BuildResult:
+    """Replay the wrapper's records; save a copy of every object and linked output that exists
+    at the end of the build (what a configure probe made and deleted is dropped)."""
+    events = read_events(workdir / f"build-{stage}.jsonl")
+    result = BuildResult()
+    to_asm: dict[str, tuple[str, str]] = {}  # generated .s -> (C source, language)
+    versions: dict[str, str] = {}
+    for ev in events:
+        kind = ev["kind"]
+        if kind == "to_asm":
+            to_asm[ev["output"]] = (ev["source"], ev["language"])
+        elif kind == "compile":
+            built = ev["object"]
+            if is_build_system_probe(built) or not os.path.isfile(built):
+                continue
+            source, language = to_asm.get(ev["source"], (ev["source"], ev["language"]))
+            saved = saved_path(workdir, tree, stage, built)
+            save_copy(built, saved)
+            record = CompileRecord(
+                source=tree_relative(tree, source),
+                object=saved,
+                argv=list(ev["argv"]),
+                cwd=ev["cwd"],
+                compiler=compiler_version(ev["real"], versions),
+                language=language,
+                built_object=built,
+            )
+            result.compiles[built] = SavedCompile(record, source)
+        elif kind == "link":
+            out = ev["output"]
+            if is_build_system_probe(out) or not os.path.isfile(out):
+                continue
+            saved = saved_path(workdir, tree, stage, out)
+            save_copy(out, saved)
+            result.links[out] = SavedLink(
+                out, saved, list(ev["inputs"]), bool(ev["shared"]), bool(ev["relocatable"]),
+                list(ev["argv"]), ev["cwd"],
+            )
+        elif kind == "archive":
+            replay_archive(result.archives, ev["archive"], ev["operation"], ev["members"])
+    result.libtool_objects = find_libtool_objects(tree)
+    return result
+
+
+def replay_archive(archives: dict[str, list[str]], archive: str, op: str,
+                   members: list[str]) -> None:
+    """ar keeps one member per file name: ``r`` replaces by basename, ``q`` appends, ``d``
+    deletes (binutils ar manual)."""
+    current = archives.setdefault(archive, [])
+    if op == "d":
+        names = {os.path.basename(m) for m in members}
+        current[:] = [m for m in current if os.path.basename(m) not in names]
+        return
+    for m in members:
+        if op == "r":
+            current[:] = [c for c in current if os.path.basename(c) != os.path.basename(m)]
+        current.append(m)
+
+
+LIBTOOL_OBJECT = re.compile(r"^(pic_object|non_pic_object)='([^']*)'", re.MULTILINE)
+
+
+def find_libtool_objects(tree: Path) -> dict[str, list[str]]:
+    """libtool's ``x.lo`` is a text file naming the real objects (``pic_object='.libs/x.o'``,
+    ``non_pic_object='x.o'``, relative to the .lo's directory; 'none' when not built)."""
+    found: dict[str, list[str]] = {}
+    for lo in tree.rglob("*.lo"):
+        try:
+            text = lo.read_text(errors="replace")
+        except OSError:
+            continue
+        if "libtool" not in text:
+            continue
+        objs = [
+            os.path.normpath(os.path.join(lo.parent, m.group(2)))
+            for m in LIBTOOL_OBJECT.finditer(text) if m.group(2) != "none"
+        ]
+        found[str(lo)] = objs
+    return found
+
+
+def compiler_version(real: str, cache: dict[str, str]) -> str:
+    """First line of ``REAL --version`` ("gcc (Debian 12.2.0-14+deb12u1) 12.2.0"), once per tool."""
+    if real not in cache:
+        try:
+            proc = subprocess.run([real, "--version"], capture_output=True, text=True,
+                                  check=False, timeout=60)
+            cache[real] = (proc.stdout.splitlines() or [real])[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            cache[real] = real
+    return cache[real]
+
+
+def require_compiled_units(pre: BuildResult, build_cmd: str) -> None:
+    if not pre.compiles:
+        raise BuildFailed(
+            f"the build ({build_cmd!r}) compiled nothing through the compiler wrapper",
+            advice="pass a clean source tree (make clean / git clean -fdx): objects already "
+            "built in SRCDIR are not rebuilt; a build that hard-codes an absolute compiler path "
+            "bypasses the wrapper (use CC/CXX or a compiler from PATH)",
+        )
+
+
+def newest_output_mtime(pre: BuildResult) -> int:
+    paths = [*pre.compiles, *pre.links, *pre.archives]
+    return max((os.stat(p).st_mtime_ns for p in paths if os.path.exists(p)), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 4: patch in place
+
+
+def apply_patch_in_place(patch: Path, tree: Path, newer_than_ns: int) -> AppliedPatch:
+    """``patch --batch --forward`` after a dry run; nothing is touched when the dry run fails.
+
+    The strip level is detected: -p1 (git style a/ b/), then -p0, trying first the level at
+    which more of the named files exist (a patch that only creates files "applies" at any level).
+    """
+    levels = sorted((1, 0), key=lambda p: -count_existing_targets(patch, tree, p))
+    attempts: list[tuple[int, str]] = []
+    for strip in levels:
+        rc, out = run_patch(patch, tree, strip, dry_run=True)
+        if rc == 0:
+            break
+        attempts.append((strip, out))
+    else:
+        raise patch_failure(patch, attempts)
+    rc, out = run_patch(patch, tree, strip, dry_run=False)
+    if rc != 0:  # the dry run said yes: only a disk problem gets here
+        raise PatchDoesNotApply(f"{patch.name}: patch failed after a successful dry run",
+                                details=out.splitlines()[-20:])
+    touched = patched_files(out)
+    deleted = [f for f in touched if not (tree / f).exists()]
+    make_newer(tree, [f for f in touched if f not in deleted], newer_than_ns)
+    return AppliedPatch(strip, touched, deleted)
+
+
+def run_patch(patch: Path, tree: Path, strip: int, *, dry_run: bool) -> tuple[int, str]:
+    argv = ["patch", "--batch", "--forward", f"-p{strip}", "--no-backup-if-mismatch",
+            "-r", "-", "-i", str(patch), "-d", str(tree)]
+    if dry_run:
+        argv.append("--dry-run")
+    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False,
+                          env={**os.environ, "LC_ALL": "C"})  # messages parsed below are English
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+PATCH_FILE_NAME = re.compile(r"^(?:\+\+\+|---) (\S+)", re.MULTILINE)
+
+
+def count_existing_targets(patch: Path, tree: Path, strip: int) -> int:
+    names = set(PATCH_FILE_NAME.findall(patch.read_text(errors="replace")))
+    count = 0
+    for n in names:
+        parts = n.split("/")[strip:]
+        if parts and n != "/dev/null" and (tree / "/".join(parts)).is_file():
+            count += 1
+    return count
+
+
+FILE_LINE = re.compile(r"^(?:checking|patching) file (.+)$")
+HUNK_FAILED = re.compile(r"^Hunk #(\d+) FAILED at (\d+)")
+
+
+def unquote_patch_name(name: str) -> str:
+    if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"":
+        return name[1:-1]
+    return name
+
+
+def patch_failure(patch: Path, attempts: list[tuple[int, str]]) -> PatchDoesNotApply:
+    """One clear message from GNU patch's dry-run output (the strip level that got furthest)."""
+
+    def missing_files(out: str) -> int:
+        return out.count("can't find file to patch")
+
+    strip, out = min(attempts, key=lambda a: (missing_files(a[1]), a[0] != 1))
+    problems: list[str] = []
+    current = "?"
+    for line in out.splitlines():
+        if m := FILE_LINE.match(line):
+            current = unquote_patch_name(m.group(1))
+        elif m := HUNK_FAILED.match(line):
+            problems.append(
+                f"{patch.name}: hunk #{m.group(1)} of {current} does not apply "
+                f"(expected at line {m.group(2)})"
+            )
+        elif line.startswith("Reversed (or previously applied) patch detected"):
+            problems.append(
+                f"{patch.name}: the changes to {current} are already in the tree "
+                "(the patch is already applied, or reversed)"
+            )
+    if missing_files(out):
+        names = re.findall(r"^\|(?:\+\+\+|---) (\S+)", out, re.MULTILINE)
+        wanted = sorted({"/".join(n.split("/")[strip:]) for n in names if n != "/dev/null"})
+        problems.append(
+            f"{patch.name}: file(s) named by the patch do not exist in the tree: "
+            + (", ".join(wanted) or "?")
+        )
+    if not problems:
+        problems.append(f"{patch.name}: patch does not apply")
+    return PatchDoesNotApply(
+        problems[0],
+        details=[*problems[1:], f"patch -p{strip} --dry-run said:", *out.splitlines()[-20:]],
+        advice="make the patch against this source tree (the one passed to create)",
+    )
+
+
+def patched_files(out: str) -> list[str]:
+    files: list[str] = []
+    for line in out.splitlines():
+        if (m := FILE_LINE.match(line)) and unquote_patch_name(m.group(1)) not in files:
+            files.append(unquote_patch_name(m.group(1)))
+    return files
+
+
+def make_newer(tree: Path, files: Iterable[str], newer_than_ns: int) -> None:
+    """make rebuilds only what is strictly NEWER than its target: a patched file must not share
+    an mtime with an object built in the same clock tick."""
+    for f in files:
+        p = tree / f
+        st = p.stat()
+        if st.st_mtime_ns <= newer_than_ns:
+            t = newer_than_ns + 1_000_000
+            os.utime(p, ns=(t, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# steps 5 and 6: pairing and link mapping
+
+
+def pair_units(
+    pre: BuildResult, post: BuildResult, tree: Path
+) -> tuple[list[UnitPair], list[CompileRecord], list[str]]:
+    """Pair by the object path the build wrote (one source may build several objects: PIC and
+    non-PIC with libtool, one per CMake target)."""
+    units: list[UnitPair] = []
+    removed: list[str] = []
+    for built, saved in sorted(pre.compiles.items()):
+        rec = saved.record
+        if not os.path.exists(saved.source_abs):
+            removed.append(rec.source)
+            continue
+        after = post.compiles.get(built)
+        changed = after is not None and (
+            after.record.object.read_bytes() != rec.object.read_bytes()
+        )
+        units.append(UnitPair(rec.source, rec, after.record if changed and after else None, []))
+    new_units = [s.record for b, s in sorted(post.compiles.items()) if b not in pre.compiles]
+    return units, new_units, sorted(set(removed))
+
+
+def link_records(pre: BuildResult) -> list[LinkRecord]:
+    return [
+        LinkRecord(
+            output=link.saved,
+            name=os.path.basename(out),
+            kind="shared_library" if link.shared else "executable",
+            inputs=link.inputs,
+            argv=link.argv,
+            cwd=link.cwd,
+        )
+        for out, link in sorted(pre.links.items()) if not link.relocatable
+    ]
+
+
+def objects_in(path: str, pre: BuildResult, seen: set[str]) -> set[str]:
+    """The compiled objects a link input stands for: itself, an archive's members, a libtool
+    .lo's objects, or the inputs of a relocatable (-r) link. Shared libraries stand for nothing:
+    their units belong to the library's own target."""
+    if path in seen:
+        return set()
+    seen.add(path)
+    if path in pre.compiles:
+        return {path}
+    out: set[str] = set()
+    nested = (
+        pre.archives.get(path)
+        or pre.libtool_objects.get(path)
+        or (pre.links[path].inputs if path in pre.links and pre.links[path].relocatable else [])
+    )
+    for p in nested:
+        out |= objects_in(p, pre, seen)
+    return out
+
+
+def assign_targets(units: list[UnitPair], pre: BuildResult) -> None:
+    by_object: dict[str, set[str]] = {}
+    for out, link in pre.links.items():
+        if link.relocatable:
+            continue
+        for inp in link.inputs:
+            for obj in objects_in(inp, pre, set()):
+                by_object.setdefault(obj, set()).add(os.path.basename(out))
+    for u in units:
+        u.targets = sorted(by_object.get(u.pre.built_object, set()))
+
+
+# ---------------------------------------------------------------------------------------------
+# step 7: compiler identity
+
+
+def comment_strings(obj: Path) -> list[str]:
+    """The producer strings in ``.comment`` (gcc: "GCC: (Debian 12.2.0-14+deb12u1) 12.2.0")."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with obj.open("rb") as f:
+            sec = ELFFile(f).get_section_by_name(".comment")
+            data: bytes = sec.data() if sec is not None else b""
+    except (ELFError, OSError):
+        return []
+    return [s.decode("utf-8", "replace") for s in data.split(b"\0") if s]
+
+
+def compiler_identity(units: list[UnitPair], new_units: list[CompileRecord]) -> str:
+    """The ``.comment`` of the changed units' post objects (else of any unit); several distinct
+    compilers are joined with "; " so a mixed build is visible, not hidden."""
+    changed = [u.post.object for u in units if u.post is not None] + [n.object for n in new_units]
+    for candidates in (changed, [u.pre.object for u in units]):
+        seen: list[str] = []
+        for obj in candidates:
+            for s in comment_strings(obj):
+                if s not in seen:
+                    seen.append(s)
+        if seen:
+            return "; ".join(seen)
+    return "unknown"

@@ -1,0 +1,2 @@
+int scale(int x);
+int offset(int x);
