@@ -1,0 +1,394 @@
+"""A target ELF file (executable or shared library) as it is mapped in a running process.
+
+Everything here is read-only and happens before any process is stopped: the memory map comes
+from ``/proc/PID/maps``, the ELF facts (symbols, PLT, GOT, build-id, compiler identity) from the
+mapped file itself, read through ``/proc/PID/map_files`` so that a file replaced or deleted on
+disk after the process started is still the one we describe.
+
+Running address = link-time address + ``bias``. For a non-PIE executable (ET_EXEC) the bias is
+0; for ET_DYN (PIE executables, shared libraries) it is where the kernel / ld.so placed the
+first PT_LOAD segment minus its p_vaddr (System V gABI, "Program Loading").
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+PAGE = 0x1000
+
+# Symbol types we keep (gABI st_info low nibble). STT_GNU_IFUNC (10) is a GNU extension:
+# the symbol's value is the address of a *resolver*, never of the function itself.
+STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_TLS, STT_GNU_IFUNC = 0, 1, 2, 3, 6, 10
+STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
+
+# x86-64 dynamic relocation types (psABI, table "Relocation Types")
+R_X86_64_64 = 1
+R_X86_64_GLOB_DAT = 6
+R_X86_64_JUMP_SLOT = 7
+R_X86_64_DTPMOD64 = 16
+R_X86_64_TPOFF64 = 18
+R_X86_64_IRELATIVE = 37
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str  # "r-xp"
+    offset: int
+    path: str  # "" for anonymous memory; "[stack]", "/memfd:name (deleted)", ...
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.perms
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    out: list[Mapping] = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        lo, hi = parts[0].split("-")
+        path = parts[5].strip() if len(parts) > 5 else ""
+        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), path))
+    return out
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """The memory map of process ``pid`` (raises OSError if it is gone)."""
+    return parse_maps(Path(f"/proc/{pid}/maps").read_text())
+
+
+def mapping_at(maps: list[Mapping], addr: int) -> Mapping | None:
+    for m in maps:
+        if m.start <= addr < m.end:
+            return m
+    return None
+
+
+@dataclass(frozen=True)
+class ElfSymbol:
+    name: str
+    value: int  # link-time address (st_value)
+    size: int
+    type: int  # STT_*
+    bind: int  # STB_*
+    defined: bool  # st_shndx != SHN_UNDEF
+    dynamic: bool  # from .dynsym (else .symtab)
+    default_version: bool = True  # .gnu.version: not a hidden (name@VER) version
+
+
+@dataclass
+class ElfFacts:
+    """What livesplice needs from one ELF file, at link-time addresses."""
+
+    etype: str
+    loads: list[tuple[int, int, int, int, int]]  # (p_vaddr, p_memsz, p_offset, p_filesz, flags)
+    tls: tuple[int, int, int] | None  # PT_TLS (p_vaddr, p_memsz, p_align)
+    soname: str
+    build_id: str
+    comment: str
+    symbols: dict[str, list[ElfSymbol]] = field(default_factory=dict)
+    plt: dict[str, int] = field(default_factory=dict)  # name -> entry address
+    plt_ranges: list[tuple[int, int]] = field(default_factory=list)
+    got: dict[str, int] = field(default_factory=dict)  # name -> GLOB_DAT/JUMP_SLOT slot
+    tpoff_slots: dict[str, int] = field(default_factory=dict)  # name -> TPOFF64 slot
+    irelative: list[tuple[int, int]] = field(default_factory=list)  # (slot, resolver addend)
+
+
+def _plt_slot_of_entry(code: bytes, pos: int, vaddr: int) -> int | None:
+    """If ``code[pos:]`` is ``jmp *disp32(%rip)`` (optionally ``bnd``-prefixed), its slot."""
+    for prefix in (b"\xff\x25", b"\xf2\xff\x25"):
+        if code.startswith(prefix, pos):
+            end = pos + len(prefix) + 4
+            if end <= len(code):
+                disp: int = struct.unpack_from("<i", code, pos + len(prefix))[0]
+                return vaddr + end + disp
+    return None
+
+
+def _scan_plt(sec: Any, slot_names: dict[int, str], plt: dict[str, int]) -> None:
+    """Map PLT entries to names through the GOT slot each entry jumps through.
+
+    Works for the three layouts ld produces (ld.bfd 2.40): ``.plt`` (16-byte entries,
+    ``jmp *slot(%rip)`` first, entry 0 is PLT0), ``.plt.sec`` with IBT (``endbr64; bnd jmp
+    *slot(%rip)``; the ``.plt`` entries then only push and jump to PLT0), and ``.plt.got``
+    (8 or 16-byte entries for functions whose address is also taken, GLOB_DAT slots).
+    """
+    code = sec.data()
+    base = sec["sh_addr"]
+    entsize = sec["sh_entsize"] or (8 if sec.name == ".plt.got" else 16)
+    for start in range(0, len(code), entsize):
+        for pos in range(start, min(start + entsize, len(code))):
+            slot = _plt_slot_of_entry(code, pos, base)
+            if slot is not None:
+                name = slot_names.get(slot)
+                if name is not None and name not in plt:
+                    plt[name] = base + start
+                break
+
+
+@lru_cache(maxsize=64)
+def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+    from elftools.elf.sections import NoteSection, SymbolTableSection
+
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        loads = []
+        tls = None
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_LOAD":
+                loads.append(
+                    (seg["p_vaddr"], seg["p_memsz"], seg["p_offset"], seg["p_filesz"],
+                     seg["p_flags"])
+                )
+            elif seg["p_type"] == "PT_TLS":
+                tls = (seg["p_vaddr"], seg["p_memsz"], seg["p_align"])
+        soname = ""
+        build_id = ""
+        comment = ""
+        for sec in elf.iter_sections():
+            if isinstance(sec, DynamicSection):
+                for tag in sec.iter_tags():
+                    if tag.entry.d_tag == "DT_SONAME":
+                        soname = str(getattr(tag, "soname", ""))
+            elif isinstance(sec, NoteSection):
+                for note in sec.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        build_id = note["n_desc"]
+            elif sec.name == ".comment":
+                comment = "\n".join(
+                    s.decode(errors="replace") for s in sec.data().split(b"\0") if s
+                )
+        facts = ElfFacts(elf["e_type"], loads, tls, soname, build_id, comment)
+
+        versym = elf.get_section_by_name(".gnu.version")
+        vers = versym.data() if versym is not None else b""
+        for secname in (".symtab", ".dynsym"):
+            symtab = elf.get_section_by_name(secname)
+            if not isinstance(symtab, SymbolTableSection):
+                continue
+            dynamic = secname == ".dynsym"
+            for i, sym in enumerate(symtab.iter_symbols()):
+                if not sym.name:
+                    continue
+                info = sym.entry["st_info"]
+                stype = _STT.get(info["type"], -1)
+                bind = _STB.get(info["bind"], -1)
+                default = True
+                if dynamic and 2 * i + 2 <= len(vers):
+                    # bit 15 of a versym entry = hidden: only reachable as name@VER
+                    # (gABI GNU extension, "Symbol Versioning")
+                    default = not (struct.unpack_from("<H", vers, 2 * i)[0] & 0x8000)
+                facts.symbols.setdefault(sym.name, []).append(
+                    ElfSymbol(sym.name, sym["st_value"], sym["st_size"], stype, bind,
+                              sym["st_shndx"] != "SHN_UNDEF", dynamic, default)
+                )
+
+        slot_names: dict[int, str] = {}
+        for sec in elf.iter_sections():
+            if not isinstance(sec, RelocationSection) or not sec.is_RELA():
+                continue
+            if sec["sh_flags"] & 0x2 == 0:  # not SHF_ALLOC: .rela.text of an object etc.
+                continue
+            link = elf.get_section(sec["sh_link"]) if sec["sh_link"] else None
+            symtab = link if isinstance(link, SymbolTableSection) else None
+            for rel in sec.iter_relocations():
+                rtype = rel["r_info_type"]
+                if rtype == R_X86_64_IRELATIVE:
+                    facts.irelative.append((rel["r_offset"], rel["r_addend"]))
+                    continue
+                if rtype not in (R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X86_64_TPOFF64):
+                    continue
+                if symtab is None or not rel["r_info_sym"]:
+                    continue
+                name = symtab.get_symbol(rel["r_info_sym"]).name
+                if rtype == R_X86_64_TPOFF64:
+                    facts.tpoff_slots.setdefault(name, rel["r_offset"])
+                else:
+                    facts.got.setdefault(name, rel["r_offset"])
+                    slot_names.setdefault(rel["r_offset"], name)
+        # .plt.sec before .plt: with IBT the .plt.sec entry is the one to call
+        for name in (".plt.sec", ".plt", ".plt.got"):
+            plt = elf.get_section_by_name(name)
+            if plt is not None and plt["sh_size"]:
+                facts.plt_ranges.append((plt["sh_addr"], plt["sh_addr"] + plt["sh_size"]))
+                _scan_plt(plt, slot_names, facts.plt)
+    return facts
+
+
+_STT = {"STT_NOTYPE": STT_NOTYPE, "STT_OBJECT": STT_OBJECT, "STT_FUNC": STT_FUNC,
+        "STT_SECTION": STT_SECTION, "STT_TLS": STT_TLS, "STT_GNU_IFUNC": STT_GNU_IFUNC,
+        "STT_LOOS": STT_GNU_IFUNC}
+_STB = {"STB_LOCAL": STB_LOCAL, "STB_GLOBAL": STB_GLOBAL, "STB_WEAK": STB_WEAK,
+        "STB_GNU_UNIQUE": STB_GLOBAL, "STB_LOOS": STB_GLOBAL}
+
+
+def elf_facts(path: str) -> ElfFacts:
+    """Parse ``path`` once (cached on device, inode and mtime)."""
+    st = os.stat(path)
+    return _elf_facts_cached(path, st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def _clean_path(path: str) -> str:
+    return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
+
+
+def _is_file_path(path: str) -> bool:
+    return path.startswith("/") and not path.startswith("/memfd:") and not path.startswith(
+        "/dev/"
+    )
+
+
+class MappedImage:
+    """One ELF file as mapped in a process: bias, text ranges, symbols, PLT and GOT."""
+
+    def __init__(self, pid: int, path: str, mappings: list[Mapping]) -> None:
+        self.pid = pid
+        self.path = _clean_path(path)
+        self.mappings = sorted(mappings, key=lambda m: m.start)
+        first = self.mappings[0]
+        # read the file that is actually mapped, even if replaced on disk since
+        self.file_path = f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}"
+        if not os.path.exists(self.file_path):
+            self.file_path = self.path
+        self.facts = elf_facts(self.file_path)
+        self.bias = self._compute_bias()
+        self.build_id = self.facts.build_id
+        self.comment = self.facts.comment
+        self.soname = self.facts.soname
+        base = os.path.basename(self.path)
+        self.name = base if not self.soname or self.soname == base else f"{base} {self.soname}"
+        self.text = [(m.start, m.end) for m in self.mappings if m.executable]
+
+    def _compute_bias(self) -> int:
+        if self.facts.etype == "ET_EXEC":
+            return 0
+        for m in self.mappings:
+            for vaddr, _memsz, off, _filesz, _flags in self.facts.loads:
+                if off & ~(PAGE - 1) == m.offset:
+                    return m.start - (vaddr & ~(PAGE - 1))
+        return self.mappings[0].start - (self.facts.loads[0][0] & ~(PAGE - 1))
+
+    def __repr__(self) -> str:
+        return f"MappedImage({self.path!r}, bias={self.bias:#x})"
+
+    @property
+    def is_executable_file(self) -> bool:
+        """True for the program itself (has PT_INTERP or is ET_EXEC), False for a library."""
+        return self.facts.etype == "ET_EXEC" or not self.soname
+
+    def matches_name(self, name: str) -> bool:
+        """Target.name may be the file name or the soname ("libfoo.so.1")."""
+        return name in (os.path.basename(self.path), self.soname)
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """Lowest and highest running address of the image's mappings."""
+        return self.mappings[0].start, max(m.end for m in self.mappings)
+
+    def elf_symbols(self, name: str) -> list[ElfSymbol]:
+        return self.facts.symbols.get(name, [])
+
+    def symbols(self, name: str) -> list[int]:
+        """Running addresses of the symbols called ``name`` defined in this image.
+
+        Several for duplicate local names (``static int helper`` in two units). TLS symbols
+        are left out: their value is an offset into the TLS block, not an address.
+        """
+        out: list[int] = []
+        for s in self.elf_symbols(name):
+            if s.defined and s.type != STT_TLS and s.value:
+                addr = s.value + self.bias
+                if addr not in out:
+                    out.append(addr)
+        return out
+
+    def plt_entry(self, name: str) -> int | None:
+        off = self.facts.plt.get(name)
+        return None if off is None else off + self.bias
+
+    def got_slot(self, name: str) -> int | None:
+        off = self.facts.got.get(name)
+        return None if off is None else off + self.bias
+
+    def in_plt(self, addr: int) -> bool:
+        return any(lo + self.bias <= addr < hi + self.bias for lo, hi in self.facts.plt_ranges)
+
+    def in_text(self, addr: int) -> bool:
+        return any(lo <= addr < hi for lo, hi in self.text)
+
+
+def images_by_path(pid: int, maps: list[Mapping]) -> dict[str, list[Mapping]]:
+    out: dict[str, list[Mapping]] = {}
+    for m in maps:
+        if _is_file_path(m.path):
+            out.setdefault(m.path, []).append(m)
+    return out
+
+
+def _looks_like_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def find_images(pid: int, name: str, maps: list[Mapping] | None = None) -> list[MappedImage]:
+    """Every ELF file mapped in ``pid`` whose file name or soname is ``name``."""
+    maps = read_maps(pid) if maps is None else maps
+    out: list[MappedImage] = []
+    for path, ms in images_by_path(pid, maps).items():
+        base = os.path.basename(_clean_path(path))
+        # cheap pre-filter: libfoo.so.1 is usually a symlink to libfoo.so.1.2.3
+        if base != name and not base.startswith(name.split(".so")[0]):
+            continue
+        if not _looks_like_elf(_clean_path(path)) and not os.path.exists(
+            f"/proc/{pid}/map_files/{ms[0].start:x}-{ms[0].end:x}"
+        ):
+            continue
+        try:
+            img = MappedImage(pid, path, ms)
+        except (OSError, ValueError):
+            continue
+        if img.matches_name(name):
+            out.append(img)
+    return out
+
+
+def processes_running(name: str) -> list[int]:
+    """Pids whose executable or one of whose mapped libraries is ``name`` (file or soname)."""
+    pids: list[int] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        try:
+            exe = _clean_path(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:
+            continue  # kernel thread, gone, or not ours to see
+        if os.path.basename(exe) == name:
+            pids.append(pid)
+            continue
+        try:
+            if find_images(pid, name):
+                pids.append(pid)
+        except OSError:
+            continue
+    return sorted(pids)

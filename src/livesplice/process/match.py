@@ -1,0 +1,592 @@
+"""Run-pre matching: find the update's ``pre`` code in a running process and learn addresses.
+
+This is the trust anchor of an update (Ksplice, EuroSys 2009, section 3): every pre function
+is found in the running memory and compared instruction by instruction with the code the
+update was built from. Relocation fields are wildcards, and what the running code holds in
+them reveals where each referenced symbol lives -- static functions, static data, string
+literals, PLT entries -- without debug info and even in stripped binaries.
+
+The running code was usually linked from objects built WITHOUT ``-ffunction-sections``,
+so the comparison accepts the encodings a linker or assembler legitimately changes:
+
+* ``jmp``/``jcc`` ``rel8`` vs ``rel32`` to the same target: a tail jump to another function
+  of the same unit is a 2-byte ``jmp`` when both share ``.text``, but a 5-byte ``jmp`` with a
+  relocation when each function has its own section (kernel-lab FINDINGS: selinux/hooks.o);
+  intra-function branch targets are checked through a pre-offset -> running-address map;
+* nop padding of different lengths (``.p2align`` depends on the surrounding layout);
+* the linker's GOTPCRELX relaxations (x86-64 psABI appendix B.2 "Optimize GOTPCRELX
+  Relocations"): ``mov foo@GOTPCREL(%rip), %reg`` -> ``lea foo(%rip), %reg`` or (non-PIE)
+  ``mov $foo, %reg``; ``call *foo@GOTPCREL(%rip)`` -> ``addr32 call foo``; ``jmp
+  *foo@GOTPCREL(%rip)`` -> ``jmp foo; nop``; ``test``/binop with the GOT operand -> immediate;
+* the initial-exec -> local-exec TLS relaxation in executables (psABI "Thread-Local Storage",
+  ``mov x@gottpoff(%rip), %reg`` -> ``mov $x@tpoff, %reg``).
+
+Matching repeats until no progress: an address learned from one function's relocation
+fields can be the only candidate of another function (and tells apart duplicate static
+names); the whole text is searched only for functions that have no candidate at all.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from livesplice.errors import NoMatch
+from livesplice.process.image import MappedImage, Mapping, mapping_at
+from livesplice.process.relocate import RELOC_TYPES
+from livesplice.update.format import Reloc, Section, Target
+
+Read = Callable[[int, int], bytes]
+
+# where an earlier livesplice update's code lives (state/remote name their memfds this way)
+LIVESPLICE_MEMFD = "/memfd:livesplice"
+
+_PCREL = {"R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_PC64", "R_X86_64_PC16", "R_X86_64_PC8"}
+_ABS = {"R_X86_64_32", "R_X86_64_32S", "R_X86_64_64", "R_X86_64_16", "R_X86_64_8"}
+_GOTPCREL = {"R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"}
+_BRANCHES = {"jmp", "call"}
+_MAX_BRUTE_CANDIDATES = 4096
+
+
+@dataclass
+class MatchResult:
+    """Where the update's pre code runs in one image of one process."""
+
+    functions: dict[str, int]  # pre section key -> running address where its code was found
+    # pre section key -> function entry (where the trampoline goes); differs from
+    # functions[k] when the entry already jumps to an earlier livesplice replacement
+    entries: dict[str, int]
+    learned: dict[str, int]  # symbol key -> running address learned from relocation fields
+    warnings: list[str] = field(default_factory=list)
+    # pre section key -> running [start, end) of the matched code (for the stop-window check)
+    extents: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # TLS symbol key -> offset of the variable from the thread pointer (%fs:0)
+    tpoff: dict[str, int] = field(default_factory=dict)
+    # symbol key -> running address of the image's GOT slot that holds its address
+    got_slots: dict[str, int] = field(default_factory=dict)
+    # TLS symbol key -> running address of the image's GOT pair for __tls_get_addr
+    tlsgd: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Insn:
+    off: int  # offset (pre) or running address
+    size: int
+    mnemonic: str
+    op_str: str
+    raw: bytes
+
+    @property
+    def is_nop(self) -> bool:
+        # gcc pads with nop/nopw/nopl/"data16 cs nopw" and "xchg %ax,%ax" (66 90)
+        return self.mnemonic == "nop" or self.raw == b"\x66\x90"
+
+    @property
+    def branch_target(self) -> int | None:
+        m = self.mnemonic
+        if m in _BRANCHES or (m.startswith("j") and m != "jmp") or m.startswith("loop"):
+            try:
+                return int(self.op_str, 0)
+            except ValueError:
+                return None
+        return None
+
+
+@dataclass
+class _Learn:
+    kind: str  # "addr" | "tpoff" | "tlsgd" | "got"
+    key: str
+    value: int
+    where: str  # for messages: "work+0x12 (R_X86_64_PC32)"
+
+
+@dataclass
+class _Attempt:
+    ok: bool
+    address: int
+    entry: int
+    end: int = 0
+    learned: list[_Learn] = field(default_factory=list)
+    fail_off: int = -1
+    expected: bytes = b""
+    found: bytes = b""
+    why: str = ""
+
+
+def _disasm(code: bytes, base: int) -> list[_Insn]:
+    """Decode ``code`` at ``base`` (stops at the first byte that does not decode)."""
+    return [
+        _Insn(addr, size, mnem, ops, code[addr - base : addr - base + size])
+        for addr, size, mnem, ops in _disasm_cs().disasm_lite(code, base)
+    ]
+
+
+_CS: list[Any] = []
+
+
+def _disasm_cs() -> Any:
+    if not _CS:
+        import capstone
+
+        _CS.append(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64))
+    return _CS[0]
+
+
+def _signed(v: int, bits: int) -> int:
+    return v - (1 << bits) if v & (1 << (bits - 1)) else v
+
+
+def _field(raw: bytes, pos: int, size: int, signed: bool = True) -> int:
+    v = int.from_bytes(raw[pos : pos + size], "little")
+    return _signed(v, 8 * size) if signed else v
+
+
+def _reg_operand(ins: _Insn) -> str:
+    """The register operand of a two-operand instruction ("" if none)."""
+    for op in ins.op_str.split(","):
+        op = op.strip()
+        if op and "[" not in op and not op[0].isdigit() and not op.startswith("-"):
+            return op
+    return ""
+
+
+class _Matcher:
+    def __init__(self, read: Read, image: MappedImage, target: Target, maps: list[Mapping]):
+        self.read = read
+        self.image = image
+        self.target = target
+        self.maps = maps
+        self.learned: dict[tuple[str, str], _Learn] = {}
+        self._text: list[tuple[int, bytes]] | None = None
+
+    # -- memory -------------------------------------------------------------------------
+    def read_code(self, addr: int, n: int) -> bytes:
+        m = mapping_at(self.maps, addr)
+        if m is None:
+            return b""
+        n = min(n, m.end - addr)
+        try:
+            return self.read(addr, n)
+        except OSError:
+            return b""
+
+    def read_u64(self, addr: int) -> int | None:
+        data = self.read_code(addr, 8)
+        return struct.unpack("<Q", data)[0] if len(data) == 8 else None
+
+    def text(self) -> list[tuple[int, bytes]]:
+        if self._text is None:
+            self._text = [(lo, self.read_code(lo, hi - lo)) for lo, hi in self.image.text]
+        return self._text
+
+    # -- learning -----------------------------------------------------------------------
+    def learn_field(self, r: Reloc, value: int, place: int, sec: Section,
+                    out: list[_Learn]) -> str | None:
+        """Learn from one relocation field whose running value is ``value`` at ``place``.
+
+        Returns an error text when the field cannot be right (e.g. a GOT slot not mapped).
+        """
+        where = f"{sec.name}+{r.offset:#x} ({r.type})"
+        t = r.type
+        if t in _PCREL:
+            out.append(_Learn("addr", r.symbol, value - r.addend + place, where))
+        elif t in _ABS:
+            out.append(_Learn("addr", r.symbol, (value - r.addend) & (2**64 - 1), where))
+        elif t in _GOTPCREL:
+            slot = value - r.addend + place
+            s = self.read_u64(slot)
+            if s is None:
+                return f"{where}: GOT slot {slot:#x} is not readable"
+            out.append(_Learn("got", r.symbol, slot, where))
+            out.append(_Learn("addr", r.symbol, s, where))
+        elif t in ("R_X86_64_TPOFF32", "R_X86_64_TPOFF64"):
+            out.append(_Learn("tpoff", r.symbol, value - r.addend, where))
+        elif t == "R_X86_64_GOTTPOFF":
+            slot = value - r.addend + place
+            s = self.read_u64(slot)
+            if s is None:
+                return f"{where}: GOT slot {slot:#x} is not readable"
+            out.append(_Learn("tpoff", r.symbol, _signed(s, 64), where))
+        elif t == "R_X86_64_TLSGD":
+            out.append(_Learn("tlsgd", r.symbol, value - r.addend + place, where))
+        return None
+
+    def conflicts(self, items: list[_Learn]) -> str | None:
+        """First disagreement between ``items`` and among themselves, as text."""
+        seen = dict(self.learned)
+        for it in items:
+            old = seen.get((it.kind, it.key))
+            if old is not None and old.value != it.value:
+                if it.kind == "addr" and self._plt_alias(old.value, it.value):
+                    continue
+                return (f"inconsistent addresses for {it.key}: {old.value:#x} (from "
+                        f"{old.where}) vs {it.value:#x} (from {it.where})")
+            seen[(it.kind, it.key)] = it
+        return None
+
+    def _plt_alias(self, a: int, b: int) -> bool:
+        # A function called through its PLT entry and loaded from its GOT slot has two
+        # correct addresses (PIE code; interposable symbols in shared libraries).
+        return self.image.in_plt(a) != self.image.in_plt(b)
+
+    def commit(self, items: list[_Learn]) -> None:
+        for it in items:
+            old = self.learned.get((it.kind, it.key))
+            if old is not None and it.kind == "addr" and self.image.in_plt(it.value):
+                continue  # keep the function itself rather than its PLT entry
+            if old is None or it.kind != "addr" or self.image.in_plt(old.value):
+                self.learned[(it.kind, it.key)] = it
+
+    def known(self, kind: str, key: str) -> int | None:
+        it = self.learned.get((kind, key))
+        return None if it is None else it.value
+
+    # -- comparing one candidate --------------------------------------------------------
+    def attempt(self, sec: Section, entry: int) -> _Attempt:
+        address = self.follow_livesplice_jump(entry)
+        if not sec.executable:
+            return self.attempt_data(sec, address, entry)
+        pre = sec.bytes
+        run_code = self.read_code(address, 2 * len(pre) + 64)
+        if not run_code:
+            return _Attempt(False, address, entry, fail_off=0, why="not mapped")
+        pre_insns = _disasm(pre, 0)
+        if sum(i.size for i in pre_insns) != len(pre):
+            return _Attempt(False, address, entry, fail_off=0, why="pre code does not decode")
+        run_insns = _disasm(run_code, address)
+        relocs = sorted(sec.relocs, key=lambda r: r.offset)
+        res = _Attempt(True, address, entry)
+        offmap: dict[int, int] = {}
+        run_nops: dict[int, int] = {}  # running nop address -> address after its nop run
+        branches: list[tuple[int, int, int]] = []  # (pre off, pre target off, run target)
+        i = j = 0
+        while i < len(pre_insns):
+            p = pre_insns[i]
+            if p.is_nop or (j < len(run_insns) and run_insns[j].is_nop):
+                skipped_pre = []
+                while i < len(pre_insns) and pre_insns[i].is_nop:
+                    skipped_pre.append(pre_insns[i].off)
+                    i += 1
+                skipped_run = []
+                while j < len(run_insns) and run_insns[j].is_nop:
+                    skipped_run.append(run_insns[j].off)
+                    j += 1
+                after = run_insns[j].off if j < len(run_insns) else address + len(run_code)
+                for off in skipped_pre:
+                    offmap[off] = after
+                for a in skipped_run:
+                    run_nops[a] = after
+                continue
+            if j >= len(run_insns):
+                return self._fail(res, p, b"", "running code ends")
+            r = run_insns[j]
+            offmap[p.off] = r.off
+            rels = [x for x in relocs if p.off <= x.offset < p.off + p.size]
+            why = self.compare_insn(sec, p, r, rels, res, branches)
+            if why is not None:
+                return self._fail(res, p, r.raw, why)
+            i += 1
+            j += 1
+        res.end = run_insns[j - 1].off + run_insns[j - 1].size if j else address
+        offmap[len(pre)] = res.end
+        for off, tgt_off, run_tgt in branches:
+            want = offmap.get(tgt_off)
+            got = run_nops.get(run_tgt, run_tgt)
+            if want is None or run_nops.get(want, want) != got:
+                p = next(x for x in pre_insns if x.off == off)
+                run_raw = self.read_code(offmap[off], p.size)
+                return self._fail(res, p, run_raw, "branch target differs")
+        why = self.conflicts(res.learned)
+        if why is not None:
+            res.ok, res.why = False, why
+        return res
+
+    @staticmethod
+    def _fail(res: _Attempt, p: _Insn, found: bytes, why: str) -> _Attempt:
+        res.ok = False
+        res.fail_off, res.expected, res.found, res.why = p.off, p.raw, found, why
+        return res
+
+    def compare_insn(self, sec: Section, p: _Insn, r: _Insn, rels: list[Reloc],
+                     res: _Attempt, branches: list[tuple[int, int, int]]) -> str | None:
+        if not rels:
+            tgt = p.branch_target
+            if tgt is not None and 0 <= tgt <= len(sec.bytes):
+                rt = r.branch_target
+                if r.mnemonic != p.mnemonic or rt is None:
+                    return "different instruction"
+                branches.append((p.off, tgt, rt))
+                return None
+            return None if p.raw == r.raw else "different bytes"
+        # same encoding: bytes equal outside the relocation fields
+        if p.size == r.size and self._equal_outside(p, r, rels):
+            for x in rels:
+                rtype = RELOC_TYPES.get(x.type)
+                size = rtype.size if rtype else 4
+                pos = x.offset - p.off
+                value = _field(r.raw, pos, size, signed=size < 8)
+                err = self.learn_field(x, value, r.off + pos, sec, res.learned)
+                if err:
+                    return err
+            return None
+        if len(rels) != 1:
+            return "different bytes"
+        return self.compare_alternate(sec, p, r, rels[0], res)
+
+    @staticmethod
+    def _equal_outside(p: _Insn, r: _Insn, rels: list[Reloc]) -> bool:
+        mask = bytearray(p.raw)
+        run = bytearray(r.raw)
+        for x in rels:
+            rt = RELOC_TYPES.get(x.type)
+            pos = x.offset - p.off
+            for k in range(pos, min(pos + (rt.size if rt else 4), len(mask))):
+                mask[k] = run[k] = 0
+        return mask == run
+
+    def compare_alternate(self, sec: Section, p: _Insn, r: _Insn, x: Reloc,
+                          res: _Attempt) -> str | None:
+        """One instruction with one relocation, encoded differently in the running code."""
+        where = f"{sec.name}+{x.offset:#x} ({x.type})"
+        pos = x.offset - p.off
+        field_at_end = pos + 4 == p.size
+        rt = r.branch_target
+        # jmp/jcc/call rel32 with a relocation vs a shorter (or longer) direct branch:
+        # target T = end of insn + S + A - P, and P = end - 4, so S = T - A - 4.
+        if x.type in _PCREL and field_at_end and p.branch_target is not None:
+            if r.mnemonic != p.mnemonic or rt is None:
+                return "different instruction"
+            res.learned.append(_Learn("addr", x.symbol, rt - x.addend - 4, where))
+            return None
+        if x.type in _GOTPCREL and field_at_end:
+            # call/jmp *foo@GOTPCREL(%rip) -> (addr32) call foo / jmp foo; nop: S = target
+            if p.mnemonic in _BRANCHES and "[rip" in p.op_str:
+                if r.mnemonic != p.mnemonic or rt is None:
+                    return "different instruction"
+                res.learned.append(_Learn("addr", x.symbol, rt, where))
+                return None
+            if p.size == r.size and _reg_operand(p) == _reg_operand(r):
+                # mov -> lea foo(%rip): same field, now S + A - P instead of GOT + A - P
+                if p.mnemonic == "mov" and r.mnemonic == "lea" and "[rip" in r.op_str:
+                    value = _field(r.raw, pos, 4)
+                    res.learned.append(_Learn("addr", x.symbol, value - x.addend + r.off + pos,
+                                              where))
+                    return None
+                # non-PIE: mov/test/binop $foo, %reg -- imm32 where disp32 was; S + A - P
+                # becomes S alone (the linker drops the addend of the PC-relative form)
+                if self._same_op_to_imm(p, r):
+                    s = _field(r.raw, pos, 4, signed=self._rex_w(r))
+                    res.learned.append(_Learn("addr", x.symbol, s & (2**64 - 1), where))
+                    return None
+        # initial-exec -> local-exec: mov/add x@gottpoff(%rip), %reg -> mov/add $tpoff, %reg
+        # (or lea tpoff(%reg), %reg); the immediate is where the displacement was
+        if (x.type == "R_X86_64_GOTTPOFF" and field_at_end and p.size == r.size
+                and _reg_operand(p) == _reg_operand(r)
+                and (self._same_op_to_imm(p, r) or (p.mnemonic == "add" and r.mnemonic == "lea"))):
+            res.learned.append(_Learn("tpoff", x.symbol, _field(r.raw, pos, 4), where))
+            return None
+        return "different bytes"
+
+    @staticmethod
+    def _rex_w(ins: _Insn) -> bool:
+        return bool(ins.raw) and 0x48 <= ins.raw[0] <= 0x4F
+
+    @staticmethod
+    def _same_op_to_imm(p: _Insn, r: _Insn) -> bool:
+        ops = r.op_str.split(",")
+        if len(ops) != 2 or "[" in r.op_str:
+            return False
+        try:
+            int(ops[1].strip(), 0)
+        except ValueError:
+            return False
+        return r.mnemonic == p.mnemonic
+
+    def attempt_data(self, sec: Section, address: int, entry: int) -> _Attempt:
+        """Pre data: only the relocation fields are read (the rest may have changed)."""
+        res = _Attempt(True, address, entry, end=address + sec.size)
+        run = self.read_code(address, sec.size)
+        if len(run) < sec.size:
+            res.ok, res.fail_off, res.why = False, 0, "not mapped"
+            return res
+        for x in sec.relocs:
+            rt = RELOC_TYPES.get(x.type)
+            size = rt.size if rt else 4
+            value = _field(run, x.offset, size, signed=size < 8)
+            err = self.learn_field(x, value, address + x.offset, sec, res.learned)
+            if err:
+                res.ok, res.why = False, err
+                return res
+        why = self.conflicts(res.learned)
+        if why is not None:
+            res.ok, res.why = False, why
+        return res
+
+    def follow_livesplice_jump(self, entry: int) -> int:
+        """Stacking: an entry that is ``jmp rel32`` into livesplice code -> the jump target."""
+        for _ in range(8):
+            head = self.read_code(entry, 5)
+            if len(head) < 5 or head[0] != 0xE9:
+                return entry
+            tgt = entry + 5 + _field(head, 1, 4)
+            m = mapping_at(self.maps, tgt)
+            if m is None or not m.path.startswith(LIVESPLICE_MEMFD):
+                return entry
+            entry = tgt
+        return entry
+
+    # -- candidates ---------------------------------------------------------------------
+    def candidates(self, sec: Section) -> tuple[list[int], bool]:
+        """Candidate entries and whether they are authoritative (learned from relocations)."""
+        learned: list[int] = []
+        for key, off in [(sec.key, 0), *sec.symbols.items()]:
+            v = self.known("addr", key)
+            if v is not None and not self.image.in_plt(v) and v - off not in learned:
+                learned.append(v - off)
+        if learned:
+            return learned, True
+        return self.image.symbols(sec.name), False
+
+    def brute_force(self, sec: Section) -> list[int]:
+        """Search all executable text of the image for the pre code (Ksplice does the same
+        when there is no symbol table): anchor on the longest fixed byte run, then verify."""
+        pre = sec.bytes
+        masked = [True] * len(pre)
+        for x in sec.relocs:
+            rt = RELOC_TYPES.get(x.type)
+            for k in range(x.offset, min(x.offset + (rt.size if rt else 4), len(pre))):
+                masked[k] = False
+        # Runs before the first instruction whose length may differ keep their offset from
+        # the entry in the running code; prefer those as anchors.
+        stable_end = len(pre)
+        if sec.executable:
+            for ins in _disasm(pre, 0):
+                if ins.is_nop or ins.branch_target is not None:
+                    stable_end = ins.off
+                    break
+        runs: list[tuple[int, int]] = []
+        k = 0
+        while k < len(pre):
+            if masked[k]:
+                s = k
+                while k < len(pre) and masked[k]:
+                    k += 1
+                runs.append((s, k))
+            else:
+                k += 1
+        if not runs:
+            return []
+        stable = [x for x in runs if x[1] <= stable_end]
+        best_stable = max(stable, key=lambda x: x[1] - x[0], default=None)
+        best = max(runs, key=lambda x: x[1] - x[0])
+        if best_stable is not None and best_stable[1] - best_stable[0] >= 8:
+            best = best_stable
+        anchor = pre[best[0] : best[1]]
+        out: list[int] = []
+        for base, data in self.text():
+            pos = data.find(anchor)
+            while pos >= 0 and len(out) < _MAX_BRUTE_CANDIDATES:
+                cand = base + pos - best[0]
+                if cand not in out:
+                    out.append(cand)
+                pos = data.find(anchor, pos + 1)
+        return out
+
+
+def _describe(sec: Section, failures: list[_Attempt]) -> str:
+    if not failures:
+        return f"no match for {sec.name}: no candidate (no symbol; not found in the text)"
+    best = max(failures, key=lambda a: a.fail_off)
+    if best.fail_off < 0:
+        return f"no match for {sec.name} at {best.address:#x}: {best.why}"
+    return (f"no match for {sec.name}: first difference at +{best.fail_off:#x}: expected "
+            f"{best.expected.hex(' ') or '(nothing)'} found {best.found.hex(' ') or '(nothing)'}"
+            f" ({best.why}, candidate {best.address:#x})")
+
+
+def run_pre_match(read: Read, image: MappedImage, target: Target, maps: list[Mapping],
+                  *, compiler: str = "") -> MatchResult:
+    """Find every ``pre`` section of ``target`` in ``image``; raise NoMatch on any doubt.
+
+    ``read(addr, n)`` reads the process's memory; ``compiler`` is the update's compiler
+    identity (Manifest.compiler) to compare with the image's ``.comment``.
+    """
+    m = _Matcher(read, image, target, maps)
+    result = MatchResult({}, {}, {})
+    compiler = compiler or str(getattr(target, "compiler", "") or "")
+    if compiler and compiler not in image.comment:
+        built_by = image.comment.splitlines()[-1] if image.comment else "an unknown compiler"
+        result.warnings.append(
+            f"{image.path} was built by {built_by}, the update by {compiler}; the code "
+            "comparison decides"
+        )
+    pending = {s.key: s for s in target.sections if s.role == "pre"}
+    failures: dict[str, list[_Attempt]] = {}
+    ambiguous: dict[str, list[int]] = {}
+    brute_done: set[str] = set()
+    brute = False
+    while pending:
+        progress = False
+        for key, sec in list(pending.items()):
+            cands, authoritative = m.candidates(sec)
+            if not cands and brute and key not in brute_done:
+                brute_done.add(key)
+                cands = m.brute_force(sec)
+            if not cands:
+                continue
+            attempts = [m.attempt(sec, c) for c in cands]
+            good = [a for a in attempts if a.ok]
+            failures[key] = [a for a in attempts if not a.ok]
+            if len(good) == 1:
+                _accept(m, result, sec, good[0])
+                del pending[key]
+                ambiguous.pop(key, None)
+                failures.pop(key, None)
+                progress = True
+            elif len(good) > 1:
+                ambiguous[key] = [a.entry for a in good]
+            elif authoritative:
+                ambiguous.pop(key, None)
+        if not progress:
+            if brute or all(k in brute_done for k in pending):
+                break
+            brute = True
+    if pending:
+        lines = []
+        for key, sec in pending.items():
+            if key in ambiguous:
+                addrs = ", ".join(f"{a:#x}" for a in ambiguous[key])
+                lines.append(f"multiple candidates for {sec.name} at {addrs}")
+            else:
+                lines.append(_describe(sec, failures.get(key, [])))
+        raise NoMatch(
+            lines[0] if len(lines) == 1 else f"{len(lines)} functions do not match "
+            f"{image.path}: {lines[0]}",
+            details=lines,
+            advice="the running program was not built from the source (or compiler) the update "
+            "was created from; create the update from the exact source tree and build "
+            "configuration of the running binary",
+        )
+    return result
+
+
+def _accept(m: _Matcher, result: MatchResult, sec: Section, a: _Attempt) -> None:
+    items = list(a.learned)
+    # the function itself: other code calls it at its entry (its trampoline, when stacked)
+    items.append(_Learn("addr", sec.key, a.entry, f"{sec.name} (matched)"))
+    for k, off in sec.symbols.items():
+        items.append(_Learn("addr", k, a.entry if off == 0 else a.address + off,
+                            f"{sec.name} (matched)"))
+    why = m.conflicts(items)
+    if why is not None:
+        raise NoMatch(f"no match for {sec.name}: {why}",
+                      advice="the running code is not what the update was built from")
+    m.commit(items)
+    result.functions[sec.key] = a.address
+    result.entries[sec.key] = a.entry
+    result.extents[sec.key] = (a.address, a.end)
+    for (kind, key), it in m.learned.items():
+        {"addr": result.learned, "tpoff": result.tpoff, "got": result.got_slots,
+         "tlsgd": result.tlsgd}[kind][key] = it.value
