@@ -1,0 +1,660 @@
+"""ctypes ptrace for x86-64: seize every thread of a process, stop, resume, registers, memory.
+
+A :class:`Tracee` owns all threads of one process. Threads are ``PTRACE_SEIZE``\\d (they do not
+stop on attach) with ``PTRACE_O_TRACECLONE`` (threads created later are seized by the kernel)
+and ``PTRACE_O_TRACEEXIT`` (a thread that exits during a stop reports an exit stop instead of
+vanishing under us -- the thread-group leader calling ``pthread_exit`` would otherwise never
+report anything until the whole process ends).
+
+Speed (see ``/work/shared/PTRACE-FINDINGS.md``): every step is batched across threads (interrupt
+all, then wait all, then read all registers); ``ptrace`` is called through ctypes *without*
+``argtypes`` (about 0.5 µs less per call), so every argument wider than an int is passed as a
+prebuilt ``c_void_p``; registers of all threads land in one preallocated numpy array that the
+stop window scans without a Python loop.
+
+Stops and signals (ptrace(2), "Signal-delivery-stop", "PTRACE_INTERRUPT", "Group-stop"):
+
+* A thread found in a signal-delivery-stop keeps the signal *recorded* and stays stopped;
+  :meth:`Tracee.resume` re-injects it with ``PTRACE_CONT`` (only a signal-delivery-stop can
+  inject). Signals that arrive during a stop window are therefore delivered right after it.
+* Between stops the process runs, but while traced every signal first stops the receiving
+  thread until we collect it. :meth:`Tracee.service` passes such signals on (and lets new
+  threads start); :meth:`stop` and :meth:`detach` do it too. Keep the time between seize and
+  detach short, or call :meth:`service` while waiting.
+* ``EINTR`` leaks: the interrupt makes ``epoll_wait``, ``sigtimedwait``, ``sigwaitinfo``,
+  ``semop`` and ``recv`` with ``SO_RCVTIMEO`` return ``-EINTR`` (they do not use the kernel's
+  ``-ERESTARTSYS`` protocol). :meth:`stop` rewinds such a thread so the system call runs
+  again (``rax = orig_rax``, ``rip -= 2`` after checking the two bytes before ``rip`` are
+  ``syscall`` = ``0f 05``), unless a real signal is pending for it (then the program must see
+  the ``EINTR``). A restarted call starts its timeout afresh.
+
+All calls must come from the thread that created the Tracee (ptrace is per tracer thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+from livesplice.errors import LivespliceError, NoPermission, TargetGone
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+# <sys/ptrace.h>, <linux/ptrace.h>
+PTRACE_CONT: Final = 7
+PTRACE_SINGLESTEP: Final = 9
+PTRACE_GETREGS: Final = 12
+PTRACE_SETREGS: Final = 13
+PTRACE_DETACH: Final = 17
+PTRACE_GETEVENTMSG: Final = 0x4201
+PTRACE_SEIZE: Final = 0x4206
+PTRACE_INTERRUPT: Final = 0x4207
+PTRACE_LISTEN: Final = 0x4208
+PTRACE_O_TRACECLONE: Final = 0x08
+PTRACE_O_TRACEEXIT: Final = 0x40
+PTRACE_EVENT_CLONE: Final = 3
+PTRACE_EVENT_EXIT: Final = 6
+PTRACE_EVENT_STOP: Final = 128
+WALL: Final = 0x40000000  # __WALL: wait for threads (clone children) too
+
+EINTR_RAX: Final = (1 << 64) - 4  # -EINTR as the unsigned 64-bit value in rax
+SYSCALL_INSN: Final = b"\x0f\x05"
+SYS_TGKILL: Final = 234
+
+_STOP_SIGNALS: Final = frozenset(
+    {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+)
+
+
+REG_NAMES: Final = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
+    "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
+    "fs_base", "gs_base", "ds", "es", "fs", "gs",
+)
+
+
+class Regs(ctypes.Structure):
+    """``struct user_regs_struct`` of x86-64 (<sys/user.h>), 27 unsigned 64-bit words."""
+
+    _fields_ = [(name, ctypes.c_ulonglong) for name in REG_NAMES]
+
+    if TYPE_CHECKING:
+        r15: int
+        r14: int
+        r13: int
+        r12: int
+        rbp: int
+        rbx: int
+        r11: int
+        r10: int
+        r9: int
+        r8: int
+        rax: int
+        rcx: int
+        rdx: int
+        rsi: int
+        rdi: int
+        orig_rax: int
+        rip: int
+        cs: int
+        eflags: int
+        rsp: int
+        ss: int
+        fs_base: int
+        gs_base: int
+        ds: int
+        es: int
+        fs: int
+        gs: int
+
+    def copy(self) -> Regs:
+        return Regs.from_buffer_copy(self)
+
+
+REGS_WORDS: Final = 27
+REGS_SIZE: Final = ctypes.sizeof(Regs)
+# Column of each register in the per-thread registers array (= field order above).
+REG_INDEX: Final = {name: i for i, name in enumerate(REG_NAMES)}
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    """The C library, loaded on first use (no import-time side effects)."""
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.ptrace.restype = ctypes.c_long
+        lib.process_vm_readv.restype = ctypes.c_ssize_t
+        _libc = lib
+    return _libc
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (state Z) or dead (X)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"")
+
+
+def _tracer_of(pid: int, tid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _is_zombie(pid: int, tid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
+
+
+def signal_pending_unblocked(pid: int, tid: int) -> bool:
+    """A signal is pending for ``tid`` (own or process-wide) and not blocked by it."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                key = line[:6]
+                if key in ("SigPnd", "ShdPnd", "SigBlk"):
+                    fields[key] = int(line.split()[1], 16)
+    except OSError:
+        return False
+    pending = fields.get("SigPnd", 0) | fields.get("ShdPnd", 0)
+    return bool(pending & ~fields.get("SigBlk", 0))
+
+
+class Tracee:
+    """All threads of one process, ``PTRACE_SEIZE``\\d (no stop on attach).
+
+    Use as a context manager, or call :meth:`detach`; the process keeps running afterwards.
+
+    :raises TargetGone: the process does not exist (or is a zombie).
+    :raises NoPermission: not allowed to trace it (another tracer, Yama, another user).
+    """
+
+    def __init__(self, pid: int, *, restart_eintr: bool = True) -> None:
+        self.pid = pid
+        self.restart_eintr = restart_eintr
+        self._lib = libc()
+        self._ptrace = self._lib.ptrace
+        self._tids: list[int] = []  # live threads we trace, in seize order
+        self._stopped: set[int] = set()  # threads currently in a ptrace-stop
+        self._signal_stop: set[int] = set()  # ... of which in a signal-delivery-stop
+        self._group_stop: set[int] = set()  # ... of which in a group-stop (resume = LISTEN)
+        self._exiting: set[int] = set()  # threads seen in PTRACE_EVENT_EXIT, not yet reaped
+        self._new: set[int] = set()  # auto-attached threads whose first stop is not reaped
+        self._pending: dict[int, list[int]] = {}  # tid -> real signals to re-inject on resume
+        self.cache: dict[str, int] = {}  # facts about the target found once (remote.py)
+        self.rewound: list[int] = []  # tids whose -EINTR syscall the last stop() restarted
+        self._regs_tids: list[int] = []  # row i of _regs belongs to _regs_tids[i]
+        self._regs: npt.NDArray[np.uint64] | None = None
+        self._regs_ptrs: list[ctypes.c_void_p] = []
+        self._closed = False
+        if not process_alive(pid):
+            raise TargetGone(f"process {pid} does not exist")
+        try:
+            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TargetGone(f"process {pid} does not exist") from None
+        except PermissionError as e:
+            raise NoPermission(
+                f"cannot open the memory of process {pid}: {e.strerror}",
+                advice="run as root or as the owner of the process",
+            ) from None
+        try:
+            self._seize_all()
+        except BaseException:
+            self._abandon()
+            raise
+
+    # ------------------------------------------------------------ attach / detach
+
+    def _seize_all(self) -> None:
+        """Seize every thread; list the threads again until no new one appears.
+
+        A thread created by an already seized thread is auto-attached (TRACECLONE) and shows
+        up in /proc as already traced by us; one created by a not yet seized thread is seized
+        by the next listing.
+        """
+        opts = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXIT
+        seen: set[int] = set()
+        while True:
+            try:
+                tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+            except FileNotFoundError:
+                raise TargetGone(f"process {self.pid} exited while attaching") from None
+            fresh = [t for t in tids if t not in seen]
+            if not fresh:
+                break
+            for tid in fresh:
+                seen.add(tid)
+                if _is_zombie(self.pid, tid):
+                    continue  # an exited leader (pthread_exit): nothing to stop or scan
+                if self._ptrace(PTRACE_SEIZE, tid, 0, opts) == 0:
+                    self._tids.append(tid)
+                    continue
+                err = ctypes.get_errno()
+                if err == 3:  # ESRCH: the thread exited meanwhile
+                    continue
+                tracer = _tracer_of(self.pid, tid)
+                if err == 1 and tracer == os.getpid() and self._tids:
+                    # auto-attached child of a thread we seized: its first stop is pending
+                    self._tids.append(tid)
+                    self._new.add(tid)
+                    continue
+                if not process_alive(self.pid):
+                    raise TargetGone(f"process {self.pid} exited while attaching")
+                who = f" (already traced by pid {tracer})" if tracer else ""
+                raise NoPermission(
+                    f"cannot trace thread {tid} of process {self.pid}: "
+                    f"{os.strerror(err)}{who}",
+                    advice="run as root, detach the other tracer, or allow ptrace "
+                    "(sysctl kernel.yama.ptrace_scope=0)",
+                )
+        if not self._tids:
+            raise TargetGone(f"process {self.pid} has no live thread")
+
+    def _abandon(self) -> None:
+        """Closing without ptrace: the kernel detaches our tracees when we exit."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._mem)
+
+    def detach(self) -> None:
+        """Detach from every thread, re-injecting recorded signals; the process runs on.
+
+        Never raises for a process that went away.
+        """
+        if self._closed:
+            return
+        try:
+            with contextlib.suppress(LivespliceError):
+                self.stop()  # PTRACE_DETACH needs a ptrace-stop
+            for tid in self._tids:
+                sigs = self._pending.pop(tid, [])
+                if sigs and tid not in self._signal_stop:
+                    for s in sigs:
+                        self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
+                    sigs = []
+                for s in sigs[1:]:
+                    self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
+                self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0)
+            for tid in list(self._exiting):
+                self._reap_exit(tid)
+            self._tids.clear()
+            self._stopped.clear()
+        finally:
+            self._abandon()
+
+    def __enter__(self) -> Tracee:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------ threads
+
+    def threads(self) -> list[int]:
+        """Thread ids currently seized (live, not exiting)."""
+        return list(self._tids)
+
+    def is_stopped(self) -> bool:
+        return bool(self._tids) and len(self._stopped) == len(self._tids)
+
+    def thread_name(self, tid: int) -> str:
+        try:
+            with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
+                return f.read().rstrip("\n")
+        except OSError:
+            return "?"
+
+    def _forget(self, tid: int) -> None:
+        if tid in self._tids:
+            self._tids.remove(tid)
+        self._stopped.discard(tid)
+        self._signal_stop.discard(tid)
+        self._group_stop.discard(tid)
+        self._new.discard(tid)
+        self._pending.pop(tid, None)
+
+    def _reap_exit(self, tid: int) -> None:
+        try:
+            pid, _ = os.waitpid(tid, os.WNOHANG | WALL)
+        except ChildProcessError:
+            pid = tid
+        if pid:
+            self._exiting.discard(tid)
+
+    # ------------------------------------------------------------ wait-status handling
+
+    def _on_status(self, tid: int, status: int) -> list[int]:
+        """Record one wait status of ``tid``; the thread is left stopped (or gone).
+
+        Returns the tids of threads this event created (their first stop comes separately).
+        """
+        if not os.WIFSTOPPED(status):  # exited or killed
+            self._forget(tid)
+            self._exiting.discard(tid)
+            return []
+        self._stopped.add(tid)
+        self._new.discard(tid)
+        event = status >> 16
+        sig = os.WSTOPSIG(status)
+        if event == 0:
+            # signal-delivery-stop: keep the signal to re-inject at resume
+            self._signal_stop.add(tid)
+            self._pending.setdefault(tid, []).append(sig)
+            return []
+        self._signal_stop.discard(tid)
+        if event == PTRACE_EVENT_STOP:
+            if sig in _STOP_SIGNALS:
+                self._group_stop.add(tid)  # job control stop (kill -STOP): keep it
+            else:
+                self._group_stop.discard(tid)
+        elif event == PTRACE_EVENT_CLONE:
+            msg = ctypes.c_ulong()
+            if self._ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.byref(msg)) == 0:
+                child = int(msg.value)
+                if child not in self._tids:
+                    self._tids.append(child)
+                    self._new.add(child)
+                    return [child]
+        elif event == PTRACE_EVENT_EXIT:
+            self._exiting.add(tid)
+        return []
+
+    def _cont(self, tid: int) -> None:
+        """Let one stopped thread run (re-injecting its recorded signal when possible)."""
+        sig = 0
+        sigs = self._pending.pop(tid, [])
+        if sigs and tid in self._signal_stop:
+            sig = sigs.pop(0)  # injected by PTRACE_CONT: delivered right away
+        for later in sigs:
+            # only a signal-delivery-stop can inject; queue the others for that thread again
+            # (they stop it once more; service()/stop()/detach() pass them on)
+            self._lib.syscall(SYS_TGKILL, self.pid, tid, later)
+        req = PTRACE_LISTEN if tid in self._group_stop else PTRACE_CONT
+        self._ptrace(req, tid, 0, sig)  # ESRCH: killed meanwhile; its exit is reaped later
+        self._stopped.discard(tid)
+        self._signal_stop.discard(tid)
+        if tid in self._exiting and tid in self._tids:
+            self._tids.remove(tid)  # it is leaving: never wait for it again
+
+    def service(self) -> None:
+        """Without blocking, collect stops of running threads and let them go on.
+
+        Passes signals through, starts threads created since, reaps exits.
+        """
+        if self._closed:
+            return
+        for tid in list(self._exiting):
+            self._reap_exit(tid)
+        for tid in list(self._tids):
+            if tid in self._stopped:
+                continue  # held stopped on purpose (inside stop() ... resume())
+            while True:
+                try:
+                    pid, status = os.waitpid(tid, os.WNOHANG | WALL)
+                except ChildProcessError:
+                    self._forget(tid)
+                    break
+                if pid == 0:
+                    break
+                self._on_status(tid, status)
+                if tid in self._stopped:
+                    self._cont(tid)
+        # children registered by clone events above are in _tids and got serviced too
+
+    # ------------------------------------------------------------ stop / resume
+
+    def stop(self) -> None:
+        """Stop every thread: interrupt all, then wait for each.
+
+        Threads created meanwhile are seized and waited for; exits are collected. Fills the
+        registers cache (:meth:`stopped_regs`) and restarts system calls the interrupt
+        turned into ``-EINTR`` (see the module docstring).
+
+        :raises TargetGone: no thread is left (the process exited).
+        """
+        if self._closed:
+            raise TargetGone(f"process {self.pid}: tracee already detached")
+        ptrace = self._ptrace
+        waitpid = os.waitpid
+        # threads already in a stop we have not collected (a signal, a clone) stay stopped:
+        # interrupting them now would leave a stale interrupt trap pending after resume
+        # Stops nobody collected yet (a signal that arrived since the last resume) are found by
+        # the waits below like interrupt stops; call service() first to pass them on instead.
+        running = [t for t in self._tids if t not in self._stopped]
+        for tid in running:
+            if tid not in self._new:
+                ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        queue = running
+        while queue:
+            more: list[int] = []
+            for tid in queue:
+                while tid not in self._stopped and tid in self._tids:
+                    try:
+                        _, status = waitpid(tid, WALL)
+                    except ChildProcessError:
+                        self._forget(tid)
+                        break
+                    more.extend(self._on_status(tid, status))
+            queue = more
+        live = [t for t in self._tids if t not in self._exiting]
+        if not live:
+            for tid in list(self._tids):
+                self._cont(tid)
+            raise TargetGone(f"process {self.pid} exited")
+        self._read_all_regs()
+        if self.restart_eintr:
+            self._restart_interrupted_syscalls()
+
+    def resume(self) -> None:
+        """Let every stopped thread run; re-inject real signals caught while stopped."""
+        for tid in list(self._tids):
+            if tid in self._stopped:
+                self._cont(tid)
+        for tid in list(self._new):
+            # a thread created by code we ran inside the target: its first stop is due now
+            try:
+                _, status = os.waitpid(tid, WALL)
+            except ChildProcessError:
+                self._forget(tid)
+                continue
+            self._on_status(tid, status)
+            if tid in self._stopped:
+                self._cont(tid)
+        for tid in list(self._exiting):
+            self._reap_exit(tid)
+
+    # ------------------------------------------------------------ registers
+
+    def _read_all_regs(self) -> None:
+        """PTRACE_GETREGS of every stopped thread into one preallocated uint64 array."""
+        import numpy as np
+
+        tids = [t for t in self._tids if t in self._stopped]
+        n = len(tids)
+        if self._regs is None or self._regs.shape[0] < n:
+            cap = max(16, 1 << (n - 1).bit_length())
+            self._regs = np.zeros((cap, REGS_WORDS), dtype=np.uint64)
+            base = self._regs.ctypes.data
+            self._regs_ptrs = [ctypes.c_void_p(base + i * REGS_SIZE) for i in range(cap)]
+        ptrs = self._regs_ptrs
+        ptrace = self._ptrace
+        bad: list[int] = []
+        for i, tid in enumerate(tids):
+            if ptrace(PTRACE_GETREGS, tid, 0, ptrs[i]) != 0:
+                bad.append(i)
+        if bad:  # a thread killed while stopped (SIGKILL wakes traced threads)
+            gone = {tids[i] for i in bad}
+            for tid in gone:
+                self._forget(tid)
+            if not [t for t in self._tids if t not in self._exiting]:
+                raise TargetGone(f"process {self.pid} exited")
+            self._read_all_regs()
+            return
+        self._regs_tids = tids
+
+    def stopped_regs(self) -> tuple[list[int], npt.NDArray[np.uint64]]:
+        """(tids, registers array) captured by the last :meth:`stop`; row i = tids[i].
+
+        Columns follow :class:`Regs` field order (:data:`REG_INDEX`).
+        """
+        assert self._regs is not None
+        return self._regs_tids, self._regs[: len(self._regs_tids)]
+
+    def _restart_interrupted_syscalls(self) -> None:
+        import numpy as np
+
+        self.rewound = []
+        tids, regs = self.stopped_regs()
+        rax = regs[:, REG_INDEX["rax"]]
+        orig = regs[:, REG_INDEX["orig_rax"]]
+        cand = np.nonzero((rax == np.uint64(EINTR_RAX)) & (orig < np.uint64(1 << 63)))[0]
+        for i in cand.tolist():
+            tid = tids[i]
+            if tid in self._pending or tid in self._exiting:
+                continue  # a real signal interrupted it: the program must see EINTR
+            if signal_pending_unblocked(self.pid, tid):
+                continue
+            r = Regs.from_buffer_copy(regs[i].tobytes())
+            try:
+                if self.read(r.rip - 2, 2) != SYSCALL_INSN:
+                    continue
+            except LivespliceError:
+                continue
+            r.rax = r.orig_rax
+            r.rip -= 2
+            self.set_regs(tid, r)
+            self.rewound.append(tid)
+
+    def get_regs(self, tid: int) -> Regs:
+        """The registers of a stopped thread."""
+        regs = Regs()
+        if self._ptrace(PTRACE_GETREGS, tid, 0, ctypes.byref(regs)) != 0:
+            self._fail("PTRACE_GETREGS", tid)
+        return regs
+
+    def set_regs(self, tid: int, regs: Regs) -> None:
+        """Set the registers of a stopped thread (and keep the stop's cache in step)."""
+        if self._ptrace(PTRACE_SETREGS, tid, 0, ctypes.byref(regs)) != 0:
+            self._fail("PTRACE_SETREGS", tid)
+        if self._regs is not None and tid in self._regs_tids:
+            row = self._regs_tids.index(tid)
+            ctypes.memmove(self._regs_ptrs[row], ctypes.byref(regs), REGS_SIZE)
+
+    def _fail(self, what: str, tid: int) -> None:
+        err = ctypes.get_errno()
+        if not process_alive(self.pid):
+            raise TargetGone(f"process {self.pid} exited")
+        raise LivespliceError(f"{what} on thread {tid} of process {self.pid}: {os.strerror(err)}")
+
+    # ------------------------------------------------------------ memory
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Read target memory through /proc/PID/mem."""
+        try:
+            data = os.pread(self._mem, size, addr)
+        except OSError as e:
+            data = b""
+            err: str = e.strerror or str(e)
+        else:
+            err = "short read"
+        if len(data) != size:
+            if not process_alive(self.pid):
+                raise TargetGone(f"process {self.pid} exited")
+            raise LivespliceError(
+                f"cannot read {size} bytes at {addr:#x} in process {self.pid}: {err}"
+            )
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Write target memory through /proc/PID/mem (works on read-only text: FOLL_FORCE)."""
+        try:
+            n = os.pwrite(self._mem, data, addr)
+        except OSError as e:
+            n = -1
+            err: str = e.strerror or str(e)
+        else:
+            err = "short write"
+        if n != len(data):
+            if not process_alive(self.pid):
+                raise TargetGone(f"process {self.pid} exited")
+            raise LivespliceError(
+                f"cannot write {len(data)} bytes at {addr:#x} in process {self.pid}: {err}"
+            )
+
+    # ------------------------------------------------------------ single thread control
+
+    def pick_thread(self) -> int:
+        """A stopped thread fit to run code for us (the leader when possible)."""
+        for tid in [self.pid, *self._tids]:
+            if (
+                tid in self._tids
+                and tid in self._stopped
+                and tid not in self._exiting
+                and tid not in self._group_stop
+            ):
+                return tid
+        raise TargetGone(f"process {self.pid} has no stopped thread to run code on")
+
+    def run_thread(self, tid: int, request: int = PTRACE_CONT) -> None:
+        """Let one stopped thread run (CONT or SINGLESTEP) without delivering any signal."""
+        if self._ptrace(request, tid, 0, 0) != 0:
+            self._fail("PTRACE_CONT", tid)
+        self._stopped.discard(tid)
+        self._signal_stop.discard(tid)
+
+    def wait_thread(self, tid: int, *, block: bool = True) -> tuple[int, int] | None:
+        """Wait for the next stop of one thread we let run; (signal, event) or None.
+
+        A real signal reported here is recorded for :meth:`resume` like any other.
+
+        :raises TargetGone: the thread (process) exited.
+        """
+        try:
+            pid, status = os.waitpid(tid, WALL | (0 if block else os.WNOHANG))
+        except ChildProcessError:
+            pid, status = tid, 0
+        if pid == 0:
+            return None
+        self._on_status(tid, status)
+        if tid not in self._stopped:
+            raise TargetGone(f"thread {tid} of process {self.pid} exited")
+        return os.WSTOPSIG(status), status >> 16
+
+    def interrupt_thread(self, tid: int) -> None:
+        self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+
+    def take_signal(self, tid: int, sig: int) -> None:
+        """Forget the last recorded ``sig`` of a thread: a trap we caused ourselves."""
+        sigs = self._pending.get(tid, [])
+        if sig in sigs:
+            del sigs[len(sigs) - 1 - sigs[::-1].index(sig)]
+        if not sigs:
+            self._pending.pop(tid, None)
+
+    def pending_signals(self, tid: int) -> list[int]:
+        return list(self._pending.get(tid, []))

@@ -1,0 +1,421 @@
+"""The stop window: stop every thread, check none is inside code being replaced, write, resume.
+
+Per attempt (Ksplice's safety check, done with ptrace):
+
+1. stop every thread (:meth:`Tracee.stop`: interrupt all, wait all, read all registers);
+2. a thread is *busy* when its ``rip`` lies in a busy range, or a word of its stack (from
+   ``rsp`` to the end of the mapping holding ``rsp``) or of its general registers is a
+   *return address* into a busy range;
+3. none busy: run the ``inside`` hook, write the jumps, resume. Busy: resume, wait
+   ``interval`` (passing signals on meanwhile), try again; after ``retries`` attempts raise
+   :class:`CodeBusy` naming thread id, thread name, function and where it was seen.
+
+Everything slow happens before the first stop: parsing /proc/PID/maps (for stack bounds),
+disassembling the busy functions, allocating the stack buffer. Inside the window: ptrace
+calls, one ``process_vm_readv`` for all stacks, a numpy scan, the writes.
+
+Stack scan precision. A purely conservative scan (any word inside a busy function) gives
+false positives that never go away: stale copies of addresses in live frames, function
+pointers (``pthread_create`` keeps ``start_routine`` in ``struct pthread`` at the top of the
+thread's stack mapping). So by default a stack word counts only if it is a *plausible return
+address*: it points just after a ``call`` instruction of a busy function (found once by
+disassembling the function with capstone; the end of the function counts too, for a final
+call to a ``noreturn`` function). This still over-approximates (a stale return address left
+in a live frame counts as busy) but never misses a real frame: every frame's return address
+is the address after a call. Precise unwinding with ``.eh_frame`` would remove the rest.
+A range capstone cannot decode completely falls back to the conservative rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from livesplice.errors import CodeBusy, LivespliceError, TargetGone
+from livesplice.process.ptrace import REG_INDEX, Tracee, process_alive
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    U64 = npt.NDArray[np.uint64]
+
+# General registers that may hold a return address (e.g. a function that popped it); rip is
+# checked on its own, rsp/orig_rax/eflags/segments/fs_base/gs_base never hold code addresses.
+SCANNED_REGS = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+    "rdx", "rsi", "rdi",
+)
+IOV_MAX = 1024  # <limits.h>: most iovecs per process_vm_readv
+
+
+@dataclass
+class BusyThread:
+    """A thread found inside (ip) or below (stack, register) a function being replaced."""
+
+    tid: int
+    name: str
+    function: str
+    where: str  # "ip", "stack" or "register"
+
+
+@dataclass
+class PauseStats:
+    pause_us: float  # first interrupt to last resume of the successful attempt
+    attempts: int
+    threads: int
+
+
+class ThreadsBusy(CodeBusy):
+    """CODE_BUSY with the threads found busy in the last attempt."""
+
+    def __init__(self, reason: str, busy: list[BusyThread], details: list[str],
+                 advice: str) -> None:
+        super().__init__(reason, details, advice)
+        self.busy = busy
+
+
+@dataclass
+class BusyRanges:
+    """Sorted busy ranges and the return addresses inside them, ready for numpy lookups."""
+
+    starts: U64
+    ends: U64  # exclusive ends
+    names: list[str]
+    return_sites: set[int] = field(default_factory=set)
+    conservative: list[bool] = field(default_factory=list)  # per range: any word counts
+
+    @classmethod
+    def build(cls, ranges: list[tuple[int, int, str]], code: Callable[[int, int], bytes | None],
+              precise: bool = True) -> BusyRanges:
+        import numpy as np
+
+        rs = sorted(r for r in ranges if r[1] > r[0])
+        sites: set[int] = set()
+        conservative: list[bool] = []
+        for start, end, _ in rs:
+            blob = code(start, end - start) if precise else None
+            found = None if blob is None else call_return_sites(blob, start)
+            conservative.append(found is None)
+            if found is not None:
+                sites |= found
+        return cls(
+            starts=np.array([r[0] for r in rs], dtype=np.uint64),
+            ends=np.array([r[1] for r in rs], dtype=np.uint64),
+            names=[r[2] for r in rs],
+            return_sites=sites,
+            conservative=conservative,
+        )
+
+    def lookup(self, values: U64, *, inclusive: bool = False) -> tuple[Any, Any]:
+        """(indices into ``values``, range index of each) of values inside a range.
+
+        ``inclusive``: a value equal to a range's end counts for that range (the return
+        address of a final call to a noreturn function).
+        """
+        import numpy as np
+
+        if not len(self.starts) or not len(values):
+            empty = np.zeros(0, dtype=np.intp)
+            return empty, empty
+        idx = np.searchsorted(self.starts, values, side="right").astype(np.intp) - 1
+        ok = idx >= 0
+        safe = np.where(ok, idx, 0)
+        ends = self.ends[safe]
+        inside = (values <= ends) if inclusive else (values < ends)
+        hits = np.nonzero(ok & inside)[0]
+        return hits, idx[hits]
+
+    def counts(self, word: int, rng: int) -> bool:
+        """Does a stack/register word inside range ``rng`` count as a frame in it?"""
+        if self.conservative[rng]:
+            return word < int(self.ends[rng])
+        return word in self.return_sites
+
+
+def call_return_sites(code: bytes, address: int) -> set[int] | None:
+    """Addresses just after every ``call`` in ``code`` (linear sweep); None if undecodable."""
+    import capstone
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    sites: set[int] = set()
+    end = address
+    for insn_addr, size, mnemonic, _ in md.disasm_lite(code, address):
+        end = insn_addr + size
+        if mnemonic.startswith("call"):
+            sites.add(end)
+    if end != address + len(code):
+        return None
+    return sites
+
+
+def scan_stacks(words: U64, bounds: U64, ranges: BusyRanges) -> dict[int, int]:
+    """Which stacks hold a frame of a busy range: {stack index: range index}.
+
+    ``words`` is every stack one after another; stack i is ``words[bounds[i]:bounds[i+1]]``
+    (``bounds`` has one more entry than there are stacks). Only the first hit per stack is
+    reported.
+    """
+    import numpy as np
+
+    hits, rng = ranges.lookup(words, inclusive=True)
+    out: dict[int, int] = {}
+    if not len(hits):
+        return out
+    owner = np.searchsorted(bounds, hits, side="right") - 1
+    for h, r, s in zip(hits.tolist(), rng.tolist(), owner.tolist(), strict=True):
+        if s in out:
+            continue
+        if ranges.counts(int(words[h]), r):
+            out[s] = r
+    return out
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class StopWindow:
+    """Stop the whole process briefly to check busy code and write the trampolines.
+
+    :param busy_ranges: ``[start, end)`` and name of every function being replaced (of the
+        replacement code when undoing).
+    :param precise: count only plausible return addresses on stacks (see module docstring);
+        False = every word inside a range counts (Ksplice's rule).
+    :param fifo: run the patcher SCHED_FIFO during the window. None = when the process has
+        more threads than there are CPUs (spinning threads otherwise starve the patcher while
+        it resumes them; for a few threads FIFO costs a wake-up of an idle CPU per wait).
+    """
+
+    def __init__(
+        self,
+        t: Tracee,
+        busy_ranges: list[tuple[int, int, str]],
+        *,
+        retries: int = 5,
+        interval: float = 1.0,
+        precise: bool = True,
+        fifo: bool | None = None,
+    ) -> None:
+        import numpy as np
+
+        self.t = t
+        self.retries = max(1, retries)
+        self.interval = interval
+        self.fifo = fifo
+        self.ranges = BusyRanges.build(busy_ranges, self._read_code, precise)
+        self._load_maps()
+        self._buf = np.empty(1 << 20, dtype=np.uint8)
+        self._iov = np.zeros((64, 2), dtype=np.uint64)
+        self._local = _IoVec()
+        self.last_busy: list[BusyThread] = []
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._readv = self._libc.process_vm_readv
+        self._readv.restype = ctypes.c_ssize_t
+
+    def _read_code(self, addr: int, size: int) -> bytes | None:
+        try:
+            return self.t.read(addr, size)
+        except TargetGone:
+            raise
+        except LivespliceError:
+            return None
+
+    def _load_maps(self) -> None:
+        import numpy as np
+
+        from livesplice.process.remote import read_maps
+
+        maps = read_maps(self.t.pid)
+        self._map_starts = np.array([m[0] for m in maps], dtype=np.uint64)
+        self._map_ends = np.array([m[1] for m in maps], dtype=np.uint64)
+
+    # ------------------------------------------------------------ the window
+
+    def run(
+        self, writes: list[tuple[int, bytes]], inside: Callable[[], None] | None = None
+    ) -> PauseStats:
+        """Try up to ``retries`` times to find no thread busy; then ``inside()``, writes.
+
+        :raises CodeBusy: (a :class:`ThreadsBusy`) every attempt found a busy thread; the
+            process is resumed unchanged.
+        :raises TargetGone: the process exited.
+        """
+        t = self.t
+        originals = [(addr, t.read(addr, len(data))) for addr, data in writes]
+        for attempt in range(1, self.retries + 1):
+            t.service()  # pass on signals / start new threads before we time anything
+            use_fifo = (
+                self.fifo if self.fifo is not None
+                else len(t.threads()) > (os.cpu_count() or 1)
+            )
+            with _realtime(use_fifo):
+                t0 = time.perf_counter_ns()
+                t.stop()
+                try:
+                    busy = self._busy_threads()
+                    if not busy:
+                        if inside is not None:
+                            inside()
+                        self._write_all(writes, originals)
+                except BaseException:
+                    with contextlib.suppress(LivespliceError):
+                        t.resume()
+                    raise
+                nthreads = len(t.threads())
+                t.resume()
+                t1 = time.perf_counter_ns()
+            if not busy:
+                return PauseStats((t1 - t0) / 1000.0, attempt, nthreads)
+            self.last_busy = [
+                BusyThread(tid, t.thread_name(tid), fn, where) for tid, fn, where in busy
+            ]
+            if attempt < self.retries:
+                self._wait(self.interval)
+        raise self._code_busy()
+
+    def _code_busy(self) -> ThreadsBusy:
+        busy = self.last_busy
+        fns = sorted({b.function for b in busy})
+        return ThreadsBusy(
+            f"{len(busy)} thread(s) stayed inside {', '.join(fns)} "
+            f"for {self.retries} attempt(s) {self.interval:g} s apart; nothing was changed",
+            busy,
+            [f"thread {b.tid} ({b.name}): in {b.function} ({b.where})" for b in busy],
+            "retry when the program is less busy (or with more --retries); a function "
+            "that never returns (a main loop) cannot be replaced: patch what it calls",
+        )
+
+    def _wait(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while True:
+            self.t.service()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.01))
+            if not process_alive(self.t.pid):
+                raise TargetGone(f"process {self.t.pid} exited")
+
+    def _write_all(self, writes: list[tuple[int, bytes]],
+                   originals: list[tuple[int, bytes]]) -> None:
+        done = 0
+        try:
+            for addr, data in writes:
+                self.t.write(addr, data)
+                done += 1
+        except BaseException:
+            # never leave half the trampolines written
+            for addr, data in reversed(originals[:done]):
+                with contextlib.suppress(LivespliceError):
+                    self.t.write(addr, data)
+            raise
+
+    # ------------------------------------------------------------ the check
+
+    def _busy_threads(self) -> list[tuple[int, str, str]]:
+        """(tid, function, where) of every busy thread, from the stop's registers."""
+        import numpy as np
+
+        tids, regs = self.t.stopped_regs()
+        r = self.ranges
+        busy: dict[int, tuple[str, str]] = {}
+        if not len(r.starts):
+            return []
+        hits, rng = r.lookup(np.ascontiguousarray(regs[:, REG_INDEX["rip"]]))
+        for h, k in zip(hits.tolist(), rng.tolist(), strict=True):
+            busy[h] = (r.names[k], "ip")
+        words, bounds = self._read_stacks(regs)
+        for s, k in scan_stacks(words, bounds, r).items():
+            busy.setdefault(s, (r.names[k], "stack"))
+        cols = [REG_INDEX[n] for n in SCANNED_REGS]
+        gpr = np.ascontiguousarray(regs[:, cols]).reshape(-1)
+        hits, rng = r.lookup(gpr, inclusive=True)
+        for h, k in zip(hits.tolist(), rng.tolist(), strict=True):
+            row = h // len(cols)
+            if row not in busy and r.counts(int(gpr[h]), k):
+                busy[row] = (r.names[k], "register")
+        return [(tids[i], fn, where) for i, (fn, where) in sorted(busy.items())]
+
+    def _read_stacks(self, regs: U64) -> tuple[U64, U64]:
+        """Every thread's stack, rsp up to the end of its mapping, with one process_vm_readv."""
+        import numpy as np
+
+        n = regs.shape[0]
+        rsp = regs[:, REG_INDEX["rsp"]] & np.uint64(~7 & ((1 << 64) - 1))
+        m = np.searchsorted(self._map_starts, rsp, side="right").astype(np.intp) - 1
+        ends = self._map_ends[np.maximum(m, 0)]
+        unknown = (m < 0) | (rsp >= ends)
+        if unknown.any():  # a stack mapped after we read the maps (a new thread): rare
+            self._load_maps()
+            m = np.searchsorted(self._map_starts, rsp, side="right").astype(np.intp) - 1
+            ends = self._map_ends[np.maximum(m, 0)]
+            unknown = (m < 0) | (rsp >= ends)
+        lengths = np.where(unknown, np.uint64(0), ends - rsp)
+        bounds = np.zeros(n + 1, dtype=np.uint64)
+        np.cumsum(lengths // np.uint64(8), out=bounds[1:])
+        total = int(bounds[-1]) * 8
+        if self._buf.shape[0] < total:
+            self._buf = np.empty(total * 2, dtype=np.uint8)
+        if self._iov.shape[0] < n:
+            self._iov = np.zeros((max(n, 2 * self._iov.shape[0]), 2), dtype=np.uint64)
+        iov = self._iov
+        iov[:n, 0] = rsp
+        iov[:n, 1] = lengths
+        got = 0
+        base = self._buf.ctypes.data
+        iov_addr = iov.ctypes.data
+        for first in range(0, n, IOV_MAX):
+            cnt = min(IOV_MAX, n - first)
+            want = int(lengths[first:first + cnt].sum())
+            self._local.base = base + got
+            self._local.len = want
+            rv = self._readv(
+                self.t.pid, ctypes.byref(self._local), 1,
+                ctypes.c_void_p(iov_addr + first * 16), cnt, 0,
+            )
+            if rv != want:
+                self._read_slowly(iov, first, cnt, got, rv)
+            got += want
+        words: U64 = self._buf[:total].view(np.uint64)
+        return words, bounds
+
+    def _read_slowly(self, iov: U64, first: int, cnt: int, at: int, rv: int) -> None:
+        """process_vm_readv stops at the first unreadable range: read stack by stack."""
+        if rv < 0 and not process_alive(self.t.pid):
+            raise TargetGone(f"process {self.t.pid} exited")
+        off = at
+        for i in range(first, first + cnt):
+            addr, size = int(iov[i, 0]), int(iov[i, 1])
+            try:
+                data = self.t.read(addr, size)
+            except TargetGone:
+                raise
+            except LivespliceError:
+                data = b"\0" * size  # gone since (thread exited): nothing to find there
+            self._buf[off:off + size] = memoryview(data)
+            off += size
+
+
+@contextlib.contextmanager
+def _realtime(enable: bool) -> Iterator[None]:
+    """SCHED_FIFO for the patcher during the window; restored after; fine if not allowed."""
+    if not enable:
+        yield
+        return
+    try:
+        old_policy = os.sched_getscheduler(0)
+        old_param = os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except (PermissionError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, old_policy, old_param)
