@@ -156,6 +156,7 @@ def unpack_deb(deb: Path, root: Path) -> None:
     done = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True)
     if done.returncode != 0:
         raise LabUnavailable(
-            f"cannot unpack {deb.name}", done.stderr.strip().splitlines()[-10:],
+            f"cannot unpack {deb.name}",
+            done.stderr.strip().splitlines()[-10:],
             "delete the cache directory and run `livesplice lab prepare` again",
         )

@@ -37,6 +37,26 @@ from livesplice.kernel.lab import LabKernel
 DEFAULT_TIMEOUT = 180.0
 CONSOLE_TAIL_LINES = 40
 
+# First lines of the kernel's crash reports (lib/bug.c, arch/x86/kernel/dumpstack.c,
+# kernel/panic.c, arch/x86/mm/fault.c): the excerpt starts at the first one.
+_CRASH_START = re.compile(
+    r"\] (BUG: |Oops: |general protection fault|WARNING: |Kernel panic - |"
+    r"kernel BUG at |Unable to handle kernel )"
+)
+
+
+def console_excerpt(console: str, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
+    """The part of the console a person needs: from the first crash report, else the tail.
+
+    A panic's stack trace can be longer than the tail, and the tail would then miss the
+    one line that says what happened.
+    """
+    all_lines = console.splitlines()
+    for i, line in enumerate(all_lines):
+        if _CRASH_START.search(line):
+            return all_lines[max(0, i - 3) : i + 2 * lines]
+    return all_lines[-lines:]
+
 
 class GuestCrashed(LivespliceError):
     """The guest kernel panicked, hung or QEMU failed before the command's status came back."""
@@ -112,9 +132,7 @@ class Guest:
         with tempfile.TemporaryDirectory(prefix="livesplice-guest-") as tmp:
             return self._run_in(Path(tmp), command, list(files), keep=False)
 
-    def _run_in(
-        self, work: Path, command: str, files: list[GuestFile], keep: bool
-    ) -> GuestResult:
+    def _run_in(self, work: Path, command: str, files: list[GuestFile], keep: bool) -> GuestResult:
         run_id = secrets.token_hex(8)
         initrd, console, out = work / "initrd.img", work / "console.log", work / "payload.log"
         for f in (console, out):
@@ -155,8 +173,8 @@ class Guest:
                     f"booted: {'yes' if booted else 'no'}",
                     "--- command output so far:",
                     *text.splitlines()[-20:],
-                    f"--- kernel console (last {CONSOLE_TAIL_LINES} lines):",
-                    *console_text.splitlines()[-CONSOLE_TAIL_LINES:],
+                    "--- kernel console:",
+                    *console_excerpt(console_text),
                 ]
                 + ([f"--- logs kept in {work}"] if keep else []),
                 "a panic or oops in the console above means the command crashed the kernel; "

@@ -219,8 +219,21 @@ def write_base_initramfs(out: Path, busybox: Path, workdir: Path) -> None:
     tmp = out.with_suffix(".tmp")
     with gzip.open(tmp, "wb", compresslevel=1) as gz:
         cpio = CpioWriter(gz)
-        for d in ("bin", "sbin", "dev", "proc", "sys", "run", "root", "etc", "mnt", "payload",
-                  "usr/bin", "usr/sbin", "lib/modules"):
+        for d in (
+            "bin",
+            "sbin",
+            "dev",
+            "proc",
+            "sys",
+            "run",
+            "root",
+            "etc",
+            "mnt",
+            "payload",
+            "usr/bin",
+            "usr/sbin",
+            "lib/modules",
+        ):
             cpio.directory(d)
         cpio.directory("tmp", 0o1777)
         # /dev/console must exist in the initramfs: the kernel opens it for init's stdio

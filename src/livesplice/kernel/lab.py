@@ -138,6 +138,16 @@ class LabKernel:
             )
 
 
+def build_module(lab: LabKernel, moddir: Path) -> list[Path]:
+    """Build the out-of-tree module(s) in ``moddir`` (its Kbuild/Makefile) against KSRC.
+
+    :returns: the ``.ko`` files, ready to load into the lab's kernel (same vermagic and
+        symbol CRCs). The log is ``moddir/build.log``.
+    """
+    lab.make(f"M={moddir.resolve()}", "modules", log=moddir / "build.log")
+    return sorted(moddir.glob("*.ko"))
+
+
 def missing_host_tools() -> list[str]:
     """``tool (package)`` for every host command the lab needs and cannot find."""
     return [f"{t} ({p})" for t, p in HOST_TOOLS.items() if shutil.which(t) is None] + [
@@ -239,8 +249,15 @@ def prepare_lab(
                 pkgs = resolve_packages(version, flavour)
                 (kdir / "kernel.json").write_text(
                     json.dumps(
-                        {"version": pkgs.version, "flavour": pkgs.flavour, "abi": pkgs.abi,
-                         "release": pkgs.release}, indent=1) + "\n"
+                        {
+                            "version": pkgs.version,
+                            "flavour": pkgs.flavour,
+                            "abi": pkgs.abi,
+                            "release": pkgs.release,
+                        },
+                        indent=1,
+                    )
+                    + "\n"
                 )
         lab = LabKernel(pkgs, kdir)
         if not stages.done("2-download"):
@@ -321,7 +338,8 @@ def _prepare_tree(lab: LabKernel, jobs: int) -> None:
     config = (headers / ".config").read_text()
     lines = [
         'CONFIG_MODULE_SIG_KEY="certs/signing_key.pem"'
-        if line.startswith("CONFIG_MODULE_SIG_KEY=") else line
+        if line.startswith("CONFIG_MODULE_SIG_KEY=")
+        else line
         for line in config.splitlines()
     ]
     (src / ".config").write_text("\n".join(lines) + "\n")

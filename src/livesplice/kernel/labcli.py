@@ -1,7 +1,7 @@
 """``livesplice lab``: argument parsing (kept import-light; the lab itself loads lazily).
 
-    livesplice lab prepare [--kernel 6.1.176-1]     # prints KSRC (the prepared source tree)
-    livesplice lab run [--kernel V] [--file F[:DEST] ...] -- CMD ...
+livesplice lab prepare [--kernel 6.1.176-1]     # prints KSRC (the prepared source tree)
+livesplice lab run [--kernel V] [--file F[:DEST] ...] -- CMD ...
 """
 
 from __future__ import annotations
