@@ -1,0 +1,160 @@
+"""Pre <-> post twins for symbols and sections: a funnel of rules, strictest first.
+
+Each rule only looks at symbols the earlier rules left without a twin, and pairs two symbols
+only when the pairing is unambiguous (exactly one candidate on each side):
+
+1. **Exact name.** ``work`` <-> ``work``; a global is unique by name, and so is a local that
+   gcc did not number (``static int helper(...)`` -> ``helper``). Numbered locals skip this
+   rule: ``counter.0`` in pre and ``counter.0`` in post can be two different variables.
+2. **gcc clone suffixes, numbers ignored.** ``parse.isra.0`` <-> ``parse.isra.1``,
+   ``cl.constprop.0`` <-> ``cl.constprop.2``, ``run.part.0`` <-> ``run.part.1``,
+   ``main.cold`` <-> ``main.cold``: gcc numbers clones per unit, so an unrelated new clone
+   renumbers the others.
+3. **Numbered static locals, by the functions that use them.** pre has ``counter.0`` (used by
+   ``f``) and ``counter.1`` (used by ``g``); the patch adds a ``static int counter`` to a new
+   function ``h``, and post has ``counter.0`` (``h``), ``counter.1`` (``f``), ``counter.2``
+   (``g``): ``counter.0`` <-> ``counter.1`` because both are used by ``f``, ``counter.1`` <->
+   ``counter.2`` by ``g``; post ``counter.0`` is new. When the users differ (the patch changed
+   which functions touch it) but only one ``counter.N`` is left on each side, they pair.
+4. **Sections without a named symbol** (string literals ``.rodata.work.str1.1``, constant
+   pools ``.rodata.cst8``, switch jump tables ``.rodata.work``): by section name, clone
+   numbers ignored. A section holding a named function or object takes its symbol's twin.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from livesplice.diff.elfmodel import (
+    NUMBER_SUFFIX,
+    ElfObject,
+    ObjSection,
+    ObjSymbol,
+    strip_clone_numbers,
+)
+
+
+def correlate(pre: ElfObject, post: ElfObject) -> None:
+    """Set ``twin`` on every symbol and section of ``pre`` and ``post`` that has one."""
+    pre_syms = _named_symbols(pre)
+    post_syms = _named_symbols(post)
+    _pair_by(pre_syms, post_syms, _exact_name_key)
+    _pair_by(pre_syms, post_syms, _clone_key)
+    users = {**_users(pre), **_users(post)}
+    _pair_by(pre_syms, post_syms, lambda s: _static_local_key(s, users))
+    _pair_by(pre_syms, post_syms, _static_local_base)
+    _correlate_sections(pre, post)
+
+
+def twin_name(sym: ObjSymbol) -> str:
+    """The name a post symbol goes by in pre (its twin's), else its own."""
+    return sym.twin.name if sym.twin is not None else sym.name
+
+
+def _named_symbols(obj: ElfObject) -> list[ObjSymbol]:
+    return [
+        s
+        for s in obj.symbols
+        if s.section is not None and s.type in ("func", "object", "tls") and s.name
+    ]
+
+
+def _is_numbered_local(sym: ObjSymbol) -> bool:
+    return sym.bind == "local" and sym.type != "func" and bool(NUMBER_SUFFIX.search(sym.name))
+
+
+def _exact_name_key(sym: ObjSymbol) -> str | None:
+    return None if _is_numbered_local(sym) else f"{sym.type}:{sym.name}"
+
+
+def _clone_key(sym: ObjSymbol) -> str | None:
+    if sym.type != "func":
+        return None
+    stripped = strip_clone_numbers(sym.name)
+    return f"func:{stripped}"
+
+
+def _static_local_base(sym: ObjSymbol) -> str | None:
+    if not _is_numbered_local(sym):
+        return None
+    return f"{sym.type}:{NUMBER_SUFFIX.sub('', sym.name)}"
+
+
+def _static_local_key(sym: ObjSymbol, users: dict[ObjSymbol, frozenset[str]]) -> str | None:
+    base = _static_local_base(sym)
+    if base is None:
+        return None
+    return base + "@" + ",".join(sorted(users.get(sym, frozenset())))
+
+
+def _pair_by(
+    pre: list[ObjSymbol],
+    post: list[ObjSymbol],
+    key: Callable[[ObjSymbol], str | None],
+) -> None:
+    """Pair unpaired symbols whose ``key`` is equal and unique on both sides."""
+    pre_by: dict[str, list[ObjSymbol]] = defaultdict(list)
+    post_by: dict[str, list[ObjSymbol]] = defaultdict(list)
+    for s in pre:
+        k = key(s) if s.twin is None else None
+        if k is not None:
+            pre_by[k].append(s)
+    for s in post:
+        k = key(s) if s.twin is None else None
+        if k is not None:
+            post_by[k].append(s)
+    for k, olds in pre_by.items():
+        news = post_by.get(k, [])
+        if len(olds) == 1 and len(news) == 1:
+            olds[0].twin = news[0]
+            news[0].twin = olds[0]
+
+
+def _users(obj: ElfObject) -> dict[ObjSymbol, frozenset[str]]:
+    """For each local data symbol: the names (pre names for post) of functions using it."""
+    users: dict[ObjSymbol, set[str]] = defaultdict(set)
+    for sec in obj.sections:
+        fn = sec.primary if sec.is_code else None
+        if fn is None:
+            continue
+        for rel in sec.relocs:
+            for target in _data_symbols_of(rel.symbol):
+                users[target].add(twin_name(fn))
+    return {s: frozenset(u) for s, u in users.items()}
+
+
+def _data_symbols_of(sym: ObjSymbol) -> Iterable[ObjSymbol]:
+    if sym.type == "section" and sym.section is not None:
+        return [s for s in sym.section.symbols if s.type in ("object", "tls")]
+    if sym.type in ("object", "tls"):
+        return [sym]
+    return []
+
+
+def _section_key(sec: ObjSection) -> str:
+    return strip_clone_numbers(NUMBER_SUFFIX.sub("", sec.name))
+
+
+def _correlate_sections(pre: ElfObject, post: ElfObject) -> None:
+    for sec in pre.sections:
+        p = sec.primary
+        if p is not None and p.twin is not None and p.twin.section is not None:
+            sec.twin = p.twin.section
+            p.twin.section.twin = sec
+    pre_rest = [s for s in pre.sections if s.twin is None and s.primary is None]
+    post_rest = [s for s in post.sections if s.twin is None and s.primary is None]
+    for exact in (True, False):
+        pre_by: dict[str, list[ObjSection]] = defaultdict(list)
+        post_by: dict[str, list[ObjSection]] = defaultdict(list)
+        for s in pre_rest:
+            if s.twin is None:
+                pre_by[s.name if exact else _section_key(s)].append(s)
+        for s in post_rest:
+            if s.twin is None:
+                post_by[s.name if exact else _section_key(s)].append(s)
+        for k, olds in pre_by.items():
+            news = post_by.get(k, [])
+            if len(olds) == 1 and len(news) == 1:
+                olds[0].twin = news[0]
+                news[0].twin = olds[0]

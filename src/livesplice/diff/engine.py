@@ -1,0 +1,796 @@
+"""The diff stage of ``livesplice create``: BuildPair -> DiffResult (Contract 2).
+
+:func:`diff_build` reads like a table of contents; :func:`diff_objects` does one unit::
+
+    load_object(pre), load_object(post)      one ElfObject per side   (elfmodel)
+    correlate(pre, post)                     twins                     (correlate)
+    classify_sections                        SAME/CHANGED/NEW/REMOVED  (compare)
+    tie_cold_parts, ship_clone_callers       the calling-convention rules
+    find_hooks                               .livesplice.hook.<kind> tables
+    check_patchability                       collect refusals (data, TLS, ctors, layouts)
+    select_sections                          what ships, with which role; every key resolvable
+
+Refusals are collected for every unit, and :func:`diff_build` raises ``PatchRefused`` once
+with all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from livesplice.build.records import BuildPair, LinkRecord, UnitPair
+from livesplice.diff.compare import LineMap, MeaningContext, Verdict, compare_sections
+from livesplice.diff.correlate import correlate
+from livesplice.diff.elfmodel import (
+    HOOK_SECTION_PREFIX,
+    ElfObject,
+    ObjReloc,
+    ObjSection,
+    ObjSymbol,
+    Status,
+    is_calling_convention_clone,
+    load_object,
+    strip_clone_numbers,
+)
+from livesplice.errors import PatchRefused
+from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
+
+# Allocated sections that are not code or data of the program's logic; never compared.
+# .eh_frame/.gcc_except_table: unwind tables (see check for C++ landing pads below);
+# __patchable_function_entries/__mcount_loc: tracing tables (gcc -fpatchable-function-entry,
+# -pg -mrecord-mcount); .note.*: ELF notes.
+IGNORED_SECTION_PREFIXES = (
+    ".eh_frame",
+    ".note",
+    ".gcc_except_table",
+    "__patchable_function_entries",
+    "__mcount_loc",
+    ".stack_sizes",
+    ".comment",
+)
+
+_BINDING: dict[str, Literal["local", "global", "weak"]] = {
+    "local": "local",
+    "global": "global",
+    "weak": "weak",
+}
+_ROLE_ORDER = {
+    "pre": 0,
+    "replacement": 1,
+    "new_function": 2,
+    "hook": 3,
+    "new_data": 4,
+    "copied_rodata": 5,
+}
+
+
+@dataclass
+class DiffResult:
+    targets: list[Target]
+    hooks: list[Hook]
+    warnings: list[str]
+
+
+@dataclass
+class UnitHook:
+    kind: str
+    function: str
+    key: str
+
+
+@dataclass
+class UnitDiff:
+    """The diff of one compiled unit (pre object vs post object)."""
+
+    unit: str
+    functions: dict[str, Status] = field(default_factory=dict)  # pre name (post if new)
+    data: dict[str, Status] = field(default_factory=dict)
+    changed_functions: list[str] = field(default_factory=list)
+    new_functions: list[str] = field(default_factory=list)
+    new_data: list[str] = field(default_factory=list)
+    line_only: list[str] = field(default_factory=list)  # treated as unchanged
+    sections: list[Section] = field(default_factory=list)
+    symbols: dict[str, SymbolInfo] = field(default_factory=dict)
+    hooks: list[UnitHook] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changed_functions or self.new_functions or self.new_data or self.hooks)
+
+    def section(self, key: str) -> Section | None:
+        for s in self.sections:
+            if s.key == key:
+                return s
+        return None
+
+    def role_of(self, name: str) -> list[str]:
+        """Roles of the shipped sections named ``name`` (for tests and ``inspect``)."""
+        return sorted(s.role for s in self.sections if s.name == name)
+
+
+# ---------------------------------------------------------------------------------------
+# diff_build: the whole tree
+# ---------------------------------------------------------------------------------------
+
+
+def diff_build(pair: BuildPair) -> DiffResult:
+    """Diff every recompiled unit of ``pair`` and group the result by link output."""
+    refusals: list[str] = []
+    warnings: list[str] = []
+    refuse_changed_asm(pair, refusals)
+    line_map = LineMap.from_patch(pair.patch_text)
+    unit_diffs: list[tuple[UnitPair, UnitDiff]] = []
+    for unit in sorted(pair.units, key=lambda u: u.source):
+        if unit.post is None or unit.pre.language == "asm":
+            continue
+        ud = diff_objects(unit.pre.object, unit.post.object, unit.source, line_map=line_map)
+        refusals.extend(ud.refusals)
+        warnings.extend(ud.warnings)
+        unit_diffs.append((unit, ud))
+    refuse_new_units(pair, refusals)
+    for removed in sorted(pair.removed_units):
+        warnings.append(f"{removed}: unit removed by the patch; its running code stays as is")
+    if refusals:
+        raise PatchRefused(
+            f"the patch has {len(refusals)} change(s) that cannot be applied live",
+            details=refusals,
+            advice="see each item; rewrite the patch (shadow variables, hooks: see "
+            "include/livesplice.h) or apply it with a restart",
+        )
+    targets = assign_targets(pair, unit_diffs)
+    hooks = sorted(
+        (
+            Hook(kind=h.kind, function=h.function, target=t.name, key=h.key)
+            for t in targets
+            for _, ud in unit_diffs
+            if ud.unit in t.units
+            for h in ud.hooks
+        ),
+        key=lambda h: (h.target, HOOK_KINDS.index(h.kind), h.key),
+    )
+    return DiffResult(targets=targets, hooks=hooks, warnings=sorted(set(warnings)))
+
+
+def refuse_changed_asm(pair: BuildPair, refusals: list[str]) -> None:
+    for path in sorted(pair.changed_asm):
+        refusals.append(
+            f"{path}: assembly source changed [rule: changed assembly sources]: livesplice "
+            "correlates compiler output only; move the change into C code"
+        )
+
+
+def refuse_new_units(pair: BuildPair, refusals: list[str]) -> None:
+    for rec in sorted(pair.new_units, key=lambda r: r.source):
+        refusals.append(
+            f"{rec.source}: new compiled unit [rule: new units]: livesplice cannot yet tell "
+            "which running program would load it; put the new code into an existing file"
+        )
+
+
+def assign_targets(pair: BuildPair, unit_diffs: list[tuple[UnitPair, UnitDiff]]) -> list[Target]:
+    """A unit's changes belong to every link output its object went into."""
+    links = {link.name: link for link in pair.links}
+    by_target: dict[str, list[UnitDiff]] = {}
+    for unit, ud in unit_diffs:
+        if not ud.changed:
+            continue
+        for name in unit.targets:
+            by_target.setdefault(name, []).append(ud)
+    targets: list[Target] = []
+    for name in sorted(by_target):
+        uds = by_target[name]
+        link = links.get(name)
+        sections: dict[str, Section] = {}
+        symbols: dict[str, SymbolInfo] = {}
+        for ud in uds:
+            for s in ud.sections:
+                sections.setdefault(s.key, s)
+            for k, info in ud.symbols.items():
+                if k not in symbols or (info.defined and not symbols[k].defined):
+                    symbols[k] = info
+        defined_elsewhere = _globals_defined_in_target(pair, name)
+        for k, info in symbols.items():
+            if not info.defined and k in defined_elsewhere:
+                symbols[k] = SymbolInfo(
+                    key=info.key,
+                    name=info.name,
+                    binding=info.binding,
+                    kind=info.kind,
+                    defined=True,
+                    unit=defined_elsewhere[k],
+                )
+        targets.append(
+            Target(
+                name=name,
+                kind=_link_kind(link),
+                build_id=_build_id(link.output) if link is not None else "",
+                changed_functions=sorted({f for ud in uds for f in ud.changed_functions}),
+                new_functions=sorted({f for ud in uds for f in ud.new_functions}),
+                new_data=sorted({d for ud in uds for d in ud.new_data}),
+                sections=sorted(sections.values(), key=lambda s: (_ROLE_ORDER[s.role], s.key)),
+                symbols=dict(sorted(symbols.items())),
+                units=sorted(ud.unit for ud in uds),
+            )
+        )
+    return targets
+
+
+def _globals_defined_in_target(pair: BuildPair, target: str) -> dict[str, str]:
+    """Global symbol name -> unit, over the pre objects of every unit linked into target."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    out: dict[str, str] = {}
+    for unit in sorted(pair.units, key=lambda u: u.source):
+        if target not in unit.targets:
+            continue
+        try:
+            with open(unit.pre.object, "rb") as f:
+                symtab = ELFFile(f).get_section_by_name(".symtab")
+                if not isinstance(symtab, SymbolTableSection):
+                    continue
+                for sym in symtab.iter_symbols():
+                    if (
+                        sym["st_info"]["bind"] in ("STB_GLOBAL", "STB_WEAK")
+                        and sym["st_shndx"] != "SHN_UNDEF"
+                    ):
+                        out.setdefault(sym.name, unit.source)
+        except OSError:
+            continue
+    return out
+
+
+def _link_kind(link: LinkRecord | None) -> Literal["executable", "shared_library"]:
+    """From the ELF header: ET_EXEC, or ET_DYN with an interpreter (PIE), is an executable."""
+    if link is None:
+        return "executable"
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(link.output, "rb") as f:
+            elf = ELFFile(f)
+            if elf["e_type"] == "ET_EXEC":
+                return "executable"
+            if any(seg["p_type"] == "PT_INTERP" for seg in elf.iter_segments()):
+                return "executable"
+            return "shared_library"
+    except OSError:
+        return link.kind
+
+
+def _build_id(path: Path) -> str:
+    """GNU build-id (NT_GNU_BUILD_ID in .note.gnu.build-id) as hex, "" if none."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import NoteSection
+
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            for sec in elf.iter_sections():
+                if not isinstance(sec, NoteSection):
+                    continue
+                for note in sec.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return str(note["n_desc"])
+    except OSError:
+        return ""
+    return ""
+
+
+# ---------------------------------------------------------------------------------------
+# diff_objects: one unit
+# ---------------------------------------------------------------------------------------
+
+
+def diff_objects(
+    pre: Path,
+    post: Path,
+    unit: str,
+    *,
+    line_map: LineMap | None = None,
+) -> UnitDiff:
+    """Diff the pre and post objects of one unit. Refusals land in ``UnitDiff.refusals``."""
+    pre_obj = load_object(pre, unit)
+    post_obj = load_object(post, unit)
+    correlate(pre_obj, post_obj)
+    ud = UnitDiff(unit=unit)
+    ctx = _UnitContext(pre_obj, post_obj, ud, line_map)
+    ctx.classify_sections()
+    ctx.tie_cold_parts()
+    ctx.ship_clone_callers()
+    ctx.find_hooks()
+    ctx.check_patchability()
+    ctx.check_layouts()
+    if not ud.refusals:
+        ctx.select_sections()
+    ctx.summarize()
+    return ud
+
+
+class _UnitContext:
+    def __init__(
+        self, pre: ElfObject, post: ElfObject, ud: UnitDiff, line_map: LineMap | None
+    ) -> None:
+        self.pre = pre
+        self.post = post
+        self.ud = ud
+        self.unit = ud.unit
+        self.line_map = line_map
+        self.pre_ctx = MeaningContext("pre")
+        self.post_ctx = MeaningContext("post")
+        self.hook_functions: dict[int, str] = {}  # id(post code section) -> hook kind
+        self._pre_lines: dict[str, dict[str, tuple[int, int]]] | None = None
+        # selection state
+        self.shipped: dict[int, Section] = {}  # id(ObjSection) -> Section
+        self.queue: list[tuple[ObjSection, str]] = []
+        self.pre_names = {s.name for s in pre.sections}
+
+    # -- classification -------------------------------------------------------------------
+    def classify_sections(self) -> None:
+        for sec in self.pre.sections:
+            if _ignored(sec):
+                continue
+            if sec.twin is None:
+                sec.status = Status.REMOVED
+        for sec in self.post.sections:
+            if _ignored(sec) or sec.is_hook_table or sec.is_ctor_table:
+                continue
+            if sec.twin is None:
+                sec.status = Status.NEW
+                continue
+            verdict = compare_sections(
+                sec.twin,
+                sec,
+                self.pre_ctx,
+                self.post_ctx,
+                line_map=self.line_map,
+                function_lines=self.function_lines(sec.twin) if sec.is_code else None,
+            )
+            if verdict is Verdict.LINE_ONLY:
+                self.ud.line_only.append(self.display(sec))
+            status = Status.CHANGED if verdict is Verdict.CHANGED else Status.SAME
+            sec.status = sec.twin.status = status
+
+    def function_lines(self, pre_sec: ObjSection) -> dict[str, tuple[int, int]]:
+        if self._pre_lines is None:
+            from livesplice.diff.dwarf import line_rows_by_section
+
+            try:
+                self._pre_lines = line_rows_by_section(self.pre.path)
+            except Exception as e:  # malformed DWARF must not hide a real change
+                self.ud.warnings.append(f"{self.unit}: cannot read line table: {e}")
+                self._pre_lines = {}
+        return self._pre_lines.get(pre_sec.name, {})
+
+    def tie_cold_parts(self) -> None:
+        """``foo.cold`` travels with ``foo``: the two jump into each other at fixed offsets,
+        so shipping one without the other would mix old and new code of one function."""
+        for sec in self.post.sections:
+            p = sec.primary
+            if not sec.is_code or p is None or not strip_clone_numbers(p.name).endswith(".cold"):
+                continue
+            parent = self.post.symbol(p.name[: p.name.rindex(".cold")])
+            if parent is None or parent.section is None:
+                continue
+            group = [sec, parent.section]
+            if any(s.status in (Status.CHANGED, Status.NEW) for s in group):
+                for s in group:
+                    if s.status is Status.SAME:
+                        s.status = Status.CHANGED
+                        if s.twin is not None:
+                            s.twin.status = Status.CHANGED
+
+    def ship_clone_callers(self) -> None:
+        """A changed ``.isra``/``.constprop``/``.part`` clone may have a new private calling
+        convention (gcc changes the parameters of clones freely, see -fipa-sra): every pre
+        function that calls it is shipped as changed too, until nothing more changes."""
+        progress = True
+        while progress:
+            progress = False
+            for pre_sec in self.pre.sections:
+                p = pre_sec.primary
+                if (
+                    not pre_sec.is_code
+                    or p is None
+                    or pre_sec.status is not Status.CHANGED
+                    or not is_calling_convention_clone(p.name)
+                ):
+                    continue
+                for caller in self.pre.sections:
+                    if not caller.is_code or caller.status is not Status.SAME:
+                        continue
+                    if any(r.symbol.section is pre_sec for r in caller.relocs):
+                        caller.status = Status.CHANGED
+                        if caller.twin is not None:
+                            caller.twin.status = Status.CHANGED
+                        self.ud.warnings.append(
+                            f"{self.unit}: {self.display(caller)} shipped as changed: it calls "
+                            f"the changed clone {p.name}"
+                        )
+                        progress = True
+
+    def find_hooks(self) -> None:
+        """``.livesplice.hook.<kind>`` tables (include/livesplice.h): pointers to hooks."""
+        for sec in self.post.sections:
+            if not sec.is_hook_table:
+                continue
+            kind = sec.name[len(HOOK_SECTION_PREFIX) :]
+            if kind not in HOOK_KINDS:
+                self.ud.refusals.append(
+                    f"{sec.name}: unknown hook kind {kind!r} [rule: hooks]: use the "
+                    "LIVESPLICE_* macros of include/livesplice.h"
+                )
+                continue
+            for rel in sec.relocs:
+                target = rel.symbol.section
+                if target is None or not target.is_code:
+                    self.ud.refusals.append(
+                        f"{sec.name}: hook entry does not point at a function in this unit "
+                        "[rule: hooks]: pass a function defined in the patched file"
+                    )
+                    continue
+                self.hook_functions[id(target)] = kind
+
+    # -- refusals -------------------------------------------------------------------------
+    def check_patchability(self) -> None:
+        refuse = self.ud.refusals.append
+        for sec in self.post.sections:
+            if _ignored(sec) or sec.is_hook_table or not sec.alloc:
+                continue
+            name = self.display(sec)
+            if sec.is_ctor_table:
+                self.check_ctor_table(sec)
+                continue
+            if sec.is_code:
+                self.check_landing_pads(sec)
+                continue
+            if sec.is_tls and sec.status in (Status.CHANGED, Status.NEW):
+                what = "new" if sec.status is Status.NEW else "changed"
+                refuse(
+                    f"{name}: {what} thread-local variable [rule: changed/new TLS]: running "
+                    "threads' TLS blocks cannot grow or be rewritten; keep the state in a "
+                    "heap object reached from existing data, or restart"
+                )
+                continue
+            if sec.status is not Status.CHANGED:
+                continue
+            if sec.is_readonly_data and not _has_global(sec):
+                continue  # local read-only data ships as a private copy with its users
+            pre = sec.twin
+            assert pre is not None
+            if pre.size != sec.size:
+                refuse(
+                    f"{name}: size of existing data changed ({pre.size} -> {sec.size} bytes) "
+                    "[rule: changed size/layout of existing data]: the running object keeps "
+                    "its old size; add a new variable (a shadow, see livesplice.h) instead"
+                )
+            else:
+                refuse(
+                    f"{name}: initial value of existing data changed [rule: changed initial "
+                    "value of existing data]: the running program already has (and may have "
+                    "modified) this data; set the value from a LIVESPLICE_APPLY hook instead"
+                )
+
+    def check_ctor_table(self, sec: ObjSection) -> None:
+        pre_entries = {
+            self.pre_ctx.reloc_meaning(s, r)
+            for s in self.pre.sections
+            if s.is_ctor_table and s.name == sec.name
+            for r in s.relocs
+        }
+        for rel in sec.relocs:
+            meaning = self.post_ctx.reloc_meaning(sec, rel)
+            if meaning not in pre_entries:
+                target = rel.symbol.section
+                who = self.display(target) if target is not None else rel.symbol.name
+                self.ud.refusals.append(
+                    f"{who}: new constructor/destructor in {sec.name} [rule: new "
+                    "constructors/destructors]: the running program has already run its "
+                    "constructors; do the work in a LIVESPLICE_APPLY hook instead"
+                )
+
+    def check_landing_pads(self, sec: ObjSection) -> None:
+        """C++ functions with exception tables: we ship code, not unwind tables."""
+        p = sec.primary
+        if sec.status is not Status.CHANGED or p is None:
+            return
+        if self.post.section(".gcc_except_table." + p.name) is not None:
+            self.ud.refusals.append(
+                f"{p.name}: changed function has exception-handling tables "
+                "(.gcc_except_table) [rule: C++ exceptions]: livesplice ships code without "
+                "unwind tables, so a throw through the new code would terminate the program; "
+                "move the change into a function without try/catch or destructors of locals"
+            )
+
+    def check_layouts(self) -> None:
+        from livesplice.diff.layout import compare_layouts, read_unit_types
+
+        try:
+            pre_types = read_unit_types(self.pre.path)
+            post_types = read_unit_types(self.post.path)
+        except Exception as e:  # unreadable DWARF: say so, do not guess
+            self.ud.warnings.append(f"{self.unit}: type layout check skipped: {e}")
+            return
+        if pre_types is None or post_types is None:
+            self.ud.warnings.append(
+                f"{self.unit}: no DWARF, type layout check skipped (build with -g)"
+            )
+            return
+        for change in compare_layouts(pre_types, post_types):
+            users = ", ".join(change.users[:6]) + (" ..." if len(change.users) > 6 else "")
+            self.ud.refusals.append(
+                f"{self.unit}: {change.type_key}: memory layout changed [rule: changed struct "
+                f"layouts] (pre {change.pre} -> post {change.post}); used by {users}: objects "
+                "in the running program keep the old layout; add a shadow variable for the "
+                "new field (see livesplice.h) instead of changing the type"
+            )
+
+    # -- selection ------------------------------------------------------------------------
+    def select_sections(self) -> None:
+        for sec in self.post.sections:
+            if _ignored(sec) or sec.is_hook_table or sec.is_ctor_table or not sec.alloc:
+                continue
+            if id(sec) in self.hook_functions:
+                self.ship(sec, "hook")
+            elif sec.is_code and sec.status is Status.CHANGED:
+                self.ship(sec, "replacement")
+            elif sec.is_code and sec.status is Status.NEW and sec.size:
+                self.ship(sec, "new_function")
+            elif sec.status is Status.NEW and (sec.is_writable_data or _has_global(sec)):
+                self.ship(sec, "new_data")  # may be used by other units: ship it anyway
+        while self.queue:
+            sec, role = self.queue.pop(0)
+            self.resolve_relocs(sec, role)
+
+    def ship(self, sec: ObjSection, role: str) -> Section:
+        done = self.shipped.get(id(sec))
+        if done is not None:
+            return done
+        side_pre = role == "pre"
+        if role == "replacement":
+            assert sec.twin is not None
+            key = self.pre_key(sec.twin)
+        elif side_pre:
+            key = self.pre_key(sec)
+        else:
+            key = self.post_key(sec)
+        primary = sec.primary
+        if primary is not None:
+            name = primary.twin.name if role == "replacement" and primary.twin else primary.name
+        else:
+            name = sec.name
+        symbols: dict[str, int] = {}
+        for s in sec.symbols:
+            if s.type not in ("func", "object", "tls") or not s.name:
+                continue
+            if role == "replacement" and s.twin is not None:
+                symbols[self.symbol_key(s.twin)] = s.value
+            elif role in ("pre", "replacement"):
+                symbols[self.symbol_key(s)] = s.value
+            else:
+                symbols[self.new_symbol_key(s)] = s.value
+        out = Section(
+            key=key,
+            role=role,  # type: ignore[arg-type]
+            name=name,
+            unit=self.unit,
+            align=sec.align,
+            size=sec.size,
+            data=sec.data.hex(),
+            relocs=[],
+            readonly=not sec.writable,
+            executable=sec.is_code,
+            symbols=dict(sorted(symbols.items())),
+            replaces=self.pre_key(sec.twin) if role == "replacement" and sec.twin else None,
+            hook=self.hook_functions.get(id(sec)) if role == "hook" else None,
+        )
+        self.shipped[id(sec)] = out
+        self.ud.sections.append(out)
+        self.queue.append((sec, role))
+        if role == "replacement" and sec.twin is not None:
+            self.ship(sec.twin, "pre")  # run-pre matching of the code being replaced
+        return out
+
+    def resolve_relocs(self, sec: ObjSection, role: str) -> None:
+        """Give every relocation a symbol key that apply can resolve; ship what it needs."""
+        out = self.shipped[id(sec)]
+        relocs: list[Reloc] = []
+        for rel in sec.relocs:
+            if role == "pre":
+                key, addend = self.pre_reloc_key(rel)
+            else:
+                key, addend = self.post_reloc_key(sec, rel)
+            if key is None:
+                continue
+            relocs.append(Reloc(offset=rel.offset, type=rel.type, symbol=key, addend=addend))
+        out.relocs = relocs
+
+    def pre_reloc_key(self, rel: ObjReloc) -> tuple[str | None, int]:
+        sym = rel.symbol
+        if sym.section is None or (sym.bind != "local" and sym.type != "section"):
+            self.note_symbol(sym.name, sym, defined=sym.section is not None)
+            return sym.name, rel.addend
+        addend = rel.addend + (sym.value if sym.type != "section" else 0)
+        key = self.pre_key(sym.section)
+        self.note_section(key, sym.section)
+        return key, addend
+
+    def post_reloc_key(self, sec: ObjSection, rel: ObjReloc) -> tuple[str | None, int]:
+        sym = rel.symbol
+        target = sym.section
+        if target is None:  # external: the target's PLT/GOT or a loaded library
+            self.note_symbol(sym.name, sym, defined=False)
+            return sym.name, rel.addend
+        if sym.bind != "local" and sym.type != "section":
+            # a global defined in this unit: by name (rule 1 if shipped, else rule 2/5)
+            if target.is_code or target.status is Status.NEW or target.twin is None:
+                self.need(target, sec)
+            name = sym.twin.name if sym.twin is not None else sym.name
+            if target.status is Status.NEW and sym.twin is None:
+                name = self.new_symbol_key(sym)
+            self.note_symbol(name, sym, defined=True)
+            return name, rel.addend
+        addend = rel.addend + (sym.value if sym.type != "section" else 0)
+        return self.need(target, sec), addend
+
+    def need(self, target: ObjSection, user: ObjSection) -> str:
+        """Make the post section ``target`` resolvable for shipped code; return its key."""
+        if target.is_code:
+            if target.status in (Status.CHANGED,) and target.twin is not None:
+                self.ship(target, "hook" if id(target) in self.hook_functions else "replacement")
+                key = self.pre_key(target.twin)
+            elif target.status is Status.NEW or target.twin is None:
+                role = "hook" if id(target) in self.hook_functions else "new_function"
+                key = self.ship(target, role).key
+            else:  # unchanged: run-pre match its pre code to find it (rule 2)
+                self.ship(target.twin, "pre")
+                key = self.pre_key(target.twin)
+            self.note_section(key, target)
+            return key
+        if target.is_readonly_data and not _has_global(target):
+            key = self.ship(target, "copied_rodata").key
+            self.note_section(key, target)
+            return key
+        if target.status is Status.NEW or target.twin is None:
+            key = self.ship(target, "new_data").key
+            self.note_section(key, target)
+            return key
+        pre = target.twin
+        key = self.pre_key(pre)
+        self.note_section(key, pre)
+        if _has_global(pre):
+            return key  # a global: its name is also in the target's symbol table (rule 5)
+        if not self.make_learnable(pre):
+            self.ud.refusals.append(
+                f"{self.display(target)}: used by the patched {self.display(user)} but no "
+                "unchanged function of the unit references it, so its running address cannot "
+                "be learned [rule: every key resolvable]: make it a global, or reference it "
+                "from a small existing function"
+            )
+        return key
+
+    def make_learnable(self, pre_target: ObjSection) -> bool:
+        """Ship the smallest pre function whose relocations reveal ``pre_target`` (rule 3)."""
+        for sec_id, shipped in self.shipped.items():
+            if shipped.role == "pre":
+                pre_sec = self._by_id(sec_id)
+                if pre_sec is not None and any(
+                    r.symbol.section is pre_target for r in pre_sec.relocs
+                ):
+                    return True
+        candidates = [
+            s
+            for s in self.pre.sections
+            if s.is_code and s.primary is not None and any(
+                r.symbol.section is pre_target for r in s.relocs
+            )
+        ]
+        if not candidates:
+            return False
+        best = min(candidates, key=lambda s: (s.size, s.name))
+        self.ship(best, "pre")
+        return True
+
+    def _by_id(self, sec_id: int) -> ObjSection | None:
+        for s in self.pre.sections:
+            if id(s) == sec_id:
+                return s
+        return None
+
+    # -- keys -----------------------------------------------------------------------------
+    def pre_key(self, pre_sec: ObjSection) -> str:
+        return f"{self.unit}:{pre_sec.name}"
+
+    def post_key(self, post_sec: ObjSection) -> str:
+        """Key of a post-only thing; marked when a pre section of the same name exists
+        (``counter.0`` may be a different variable in pre and post)."""
+        key = f"{self.unit}:{post_sec.name}"
+        return key + "#post" if post_sec.name in self.pre_names else key
+
+    def symbol_key(self, sym: ObjSymbol) -> str:
+        return sym.name if sym.bind != "local" else f"{self.unit}:{sym.name}"
+
+    def new_symbol_key(self, sym: ObjSymbol) -> str:
+        if sym.bind != "local":
+            return sym.name
+        pre_has = self.pre.symbol(sym.name) is not None
+        return f"{self.unit}:{sym.name}" + ("#post" if pre_has else "")
+
+    def note_symbol(self, key: str, sym: ObjSymbol, *, defined: bool) -> None:
+        if key in self.ud.symbols:
+            return
+        self.ud.symbols[key] = SymbolInfo(
+            key=key,
+            name=sym.name,
+            binding=_BINDING.get(sym.bind, "global"),
+            kind=sym.type if sym.type in ("func", "object", "tls", "section") else "notype",
+            defined=defined,
+            unit=self.unit if defined else None,
+        )
+
+    def note_section(self, key: str, sec: ObjSection) -> None:
+        if key in self.ud.symbols:
+            return
+        p = sec.primary
+        self.ud.symbols[key] = SymbolInfo(
+            key=key,
+            name=p.name if p is not None else sec.name,
+            binding="local",
+            kind="section",
+            defined=True,
+            unit=self.unit,
+        )
+
+    # -- summary --------------------------------------------------------------------------
+    def display(self, sec: ObjSection) -> str:
+        p = sec.primary
+        return p.name if p is not None else sec.name
+
+    def summarize(self) -> None:
+        ud = self.ud
+        for sec in self.post.sections:
+            if _ignored(sec) or sec.is_hook_table or sec.is_ctor_table or sec.status is None:
+                continue
+            name = self.display(sec.twin) if sec.twin is not None else self.display(sec)
+            if sec.is_code and sec.size:
+                ud.functions[name] = sec.status
+            elif sec.is_writable_data or (sec.primary is not None and not sec.is_code):
+                ud.data[name] = sec.status
+        for sec in self.pre.sections:
+            if sec.status is Status.REMOVED and sec.primary is not None:
+                (ud.functions if sec.is_code else ud.data)[self.display(sec)] = Status.REMOVED
+        hook_names = {s.name for s in ud.sections if s.role == "hook"}
+        for s in ud.sections:
+            if s.role == "replacement" and not strip_clone_numbers(s.name).endswith(".cold"):
+                ud.changed_functions.append(s.name)
+            elif s.role == "new_function" and s.name not in hook_names:
+                ud.new_functions.append(s.name)
+            elif s.role == "new_data":
+                ud.new_data.append(s.name)
+            elif s.role == "hook" and s.hook is not None:
+                ud.hooks.append(UnitHook(kind=s.hook, function=s.name, key=s.key))
+        ud.changed_functions.sort()
+        ud.new_functions.sort()
+        ud.new_data.sort()
+        ud.line_only.sort()
+        ud.sections.sort(key=lambda s: (_ROLE_ORDER[s.role], s.key))
+        ud.symbols = dict(sorted(ud.symbols.items()))
+        ud.hooks.sort(key=lambda h: (HOOK_KINDS.index(h.kind), h.key))
+        for name in ud.line_only:
+            ud.warnings.append(
+                f"{self.unit}: {name}: only line numbers changed (__LINE__); treated as unchanged"
+            )
+
+
+def _ignored(sec: ObjSection) -> bool:
+    return (not sec.alloc) or sec.name.startswith(IGNORED_SECTION_PREFIXES) or (
+        sec.size == 0 and sec.name in (".text", ".data", ".bss")
+    )
+
+
+def _has_global(sec: ObjSection) -> bool:
+    return any(s.bind != "local" for s in sec.symbols)
