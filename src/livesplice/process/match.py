@@ -451,48 +451,65 @@ class _Matcher:
 
     def brute_force(self, sec: Section) -> list[int]:
         """Search all executable text of the image for the pre code (Ksplice does the same
-        when there is no symbol table): anchor on the longest fixed byte run, then verify."""
+        when there is no symbol table): anchor on a fixed byte run, then verify each hit.
+
+        Relocation fields are wildcards; nops and branches with a relocation are left out
+        of the runs, as the running code may encode them differently. A run before the
+        first such instruction keeps its offset from the entry; a later one is only used to
+        filter hits of a short early run (its offset may shift by a few bytes).
+        """
         pre = sec.bytes
-        masked = [True] * len(pre)
+        fixed = [True] * len(pre)
         for x in sec.relocs:
             rt = RELOC_TYPES.get(x.type)
             for k in range(x.offset, min(x.offset + (rt.size if rt else 4), len(pre))):
-                masked[k] = False
-        # Runs before the first instruction whose length may differ keep their offset from
-        # the entry in the running code; prefer those as anchors.
+                fixed[k] = False
         stable_end = len(pre)
         if sec.executable:
             for ins in _disasm(pre, 0):
-                if ins.is_nop or ins.branch_target is not None:
-                    stable_end = ins.off
-                    break
+                has_rel = any(ins.off <= x.offset < ins.off + ins.size for x in sec.relocs)
+                if ins.is_nop or (has_rel and (ins.branch_target is not None
+                                               or x_is_gotpcrel(sec, ins))):
+                    stable_end = min(stable_end, ins.off)
+                    for k in range(ins.off, ins.off + ins.size):
+                        fixed[k] = False
         runs: list[tuple[int, int]] = []
         k = 0
         while k < len(pre):
-            if masked[k]:
+            if fixed[k]:
                 s = k
-                while k < len(pre) and masked[k]:
+                while k < len(pre) and fixed[k]:
                     k += 1
                 runs.append((s, k))
             else:
                 k += 1
         if not runs:
             return []
-        stable = [x for x in runs if x[1] <= stable_end]
-        best_stable = max(stable, key=lambda x: x[1] - x[0], default=None)
         best = max(runs, key=lambda x: x[1] - x[0])
-        if best_stable is not None and best_stable[1] - best_stable[0] >= 8:
-            best = best_stable
-        anchor = pre[best[0] : best[1]]
+        stable = max((x for x in runs if x[1] <= stable_end), key=lambda x: x[1] - x[0],
+                     default=None)
+        if stable is None:
+            stable, check = best, None
+        else:
+            check = best if stable[1] - stable[0] < 8 and best != stable else None
+        anchor = pre[stable[0] : stable[1]]
         out: list[int] = []
         for base, data in self.text():
             pos = data.find(anchor)
             while pos >= 0 and len(out) < _MAX_BRUTE_CANDIDATES:
-                cand = base + pos - best[0]
-                if cand not in out:
-                    out.append(cand)
+                cand = pos - stable[0]
+                if check is None or data.find(
+                    pre[check[0] : check[1]], max(cand + check[0] - 32, 0),
+                    cand + check[1] + 32,
+                ) >= 0:
+                    out.append(base + cand)
                 pos = data.find(anchor, pos + 1)
         return out
+
+
+def x_is_gotpcrel(sec: Section, ins: _Insn) -> bool:
+    return any(ins.off <= x.offset < ins.off + ins.size and
+               (x.type in _GOTPCREL or x.type == "R_X86_64_GOTTPOFF") for x in sec.relocs)
 
 
 def _describe(sec: Section, failures: list[_Attempt]) -> str:
