@@ -98,7 +98,8 @@ def build_pair(
     ``post=None``: the diff treats both as unchanged.
 
     :raises BuildFailed: the unpatched or the patched tree does not build (compiler output in
-        ``details``), or the build compiled nothing.
+        ``details``).
+    :raises UsageError: the build compiled nothing through the wrapper (an already-built tree).
     :raises PatchDoesNotApply: the patch does not apply, or is already applied / reversed.
     """
     workdir = workdir.resolve()
@@ -333,7 +334,8 @@ def collect_build(workdir: Path, tree: Path, stage: Stage) -> BuildResult:
             to_asm[ev["output"]] = (ev["source"], ev["language"])
         elif kind == "compile":
             built = ev["object"]
-            if is_build_system_probe(built) or not os.path.isfile(built):
+            probe = is_build_system_probe(built) or is_build_system_probe(ev["source"])
+            if probe or not os.path.isfile(built):
                 continue
             source, language = to_asm.get(ev["source"], (ev["source"], ev["language"]))
             saved = saved_path(workdir, tree, stage, built)
@@ -415,7 +417,7 @@ def compiler_version(real: str, cache: dict[str, str]) -> str:
 
 def require_compiled_units(pre: BuildResult, build_cmd: str) -> None:
     if not pre.compiles:
-        raise BuildFailed(
+        raise UsageError(
             f"the build ({build_cmd!r}) compiled nothing through the compiler wrapper",
             advice="pass a clean source tree (make clean / git clean -fdx): objects already "
             "built in SRCDIR are not rebuilt; a build that hard-codes an absolute compiler path "

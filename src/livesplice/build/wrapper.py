@@ -23,8 +23,9 @@ Decisions:
   its C source, so the builder does not mistake the generated ``.s`` for hand-written assembly.
 * Compile and link in one command (``cc -o prog prog.c``, make's built-in rule): gcc would put
   the objects in temporary files and delete them, so the wrapper splits the command: it compiles
-  each source to ``<output>-ls<N>-<stem>.o`` next to the output (the ``<output>`` prefix means
-  autoconf's ``rm -rf conftest*`` clean-up removes the ones configure makes) and links those.
+  each source to ``<stem>-ls<N>-<output name>.o`` next to the output and links those (the
+  source-stem prefix means autoconf's ``rm -rf conftest*`` clean-up removes the ones configure
+  makes for ``cc conftest.c`` -> a.out).
 * Assembly (``.s``, ``.S``, ``.sx``): recorded with language ``asm``; no flags added (``-g`` would
   add assembler-level line tables that the unpatched build did not have).
 * The real tool runs with the shim directory removed from PATH, so a compiler launcher found
@@ -260,7 +261,11 @@ def default_output(source: str, suffix: str, cwd: str) -> str:
 def split_objects(cmd: CompilerCommand, cwd: str) -> list[str]:
     """Object names for the compile half of a split compile+link command (deterministic)."""
     out = absolute(cwd, cmd.output or "a.out")
-    return [f"{out}-ls{n}-{stem_of(s.path)}.o" for n, s in enumerate(cmd.sources)]
+    outdir, outname = os.path.split(out)
+    return [
+        os.path.join(outdir, f"{stem_of(s.path)}-ls{n}-{outname}.o")
+        for n, s in enumerate(cmd.sources)
+    ]
 
 
 def compile_only_args(args: list[str], cmd: CompilerCommand, source: Input) -> list[str]:

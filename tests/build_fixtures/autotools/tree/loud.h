@@ -1,0 +1,1 @@
+int loudness(int level);

@@ -1,0 +1,4 @@
+int next_count(int n)
+{
+	return n + 1;
+}

@@ -1,0 +1,4 @@
+int tick_length(void)
+{
+	return 1000;
+}
