@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
 
-from match_objsections import (  # noqa: E402
+from match_objsections import (
     PROGS,
     VARIANTS,
     Child,
@@ -27,15 +27,15 @@ from match_objsections import (  # noqa: E402
     read_object,
 )
 
-from livesplice.errors import NoMatch  # noqa: E402
-from livesplice.process.image import (  # noqa: E402
+from livesplice.errors import NoMatch
+from livesplice.process.image import (
     MappedImage,
     find_images,
     processes_running,
     read_maps,
 )
-from livesplice.process.match import MatchResult, run_pre_match  # noqa: E402
-from livesplice.process.resolve import executable_tpoff  # noqa: E402
+from livesplice.process.match import MatchResult, run_pre_match
+from livesplice.process.resolve import executable_tpoff
 
 SRC = ["match_main.c", "match_unit_a.c", "match_unit_b.c"]
 FUNCS = ["work", "step1", "greet", "copy", "chain", "chain_tail", "a_fn", "b_fn", "a_same",
@@ -155,7 +155,7 @@ def test_identical_duplicates_are_ambiguous_until_a_caller_tells(builds) -> None
 
 
 def test_wrong_source_names_function_and_offset(builds, tmp_path: Path) -> None:
-    exe, objs = builds("pie")
+    exe, _ = builds("pie")
     src = (PROGS / "match_main.c").read_text()
     wrong = tmp_path / "match_main.c"
     wrong.write_text(src.replace("return x * 3 + counter;", "return x * 4 + counter;"))
