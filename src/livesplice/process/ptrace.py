@@ -446,6 +446,9 @@ class Tracee:
         # Stops nobody collected yet (a signal that arrived since the last resume) are found by
         # the waits below like interrupt stops; call service() first to pass them on instead.
         running = [t for t in self._tids if t not in self._stopped]
+        if not running:
+            # already stopped: a SIGKILL since wakes traced threads into their exit stop
+            self._collect_stopped()
         for tid in running:
             if tid not in self._new:
                 ptrace(PTRACE_INTERRUPT, tid, 0, 0)
@@ -469,6 +472,16 @@ class Tracee:
         self._read_all_regs()
         if self.restart_eintr:
             self._restart_interrupted_syscalls()
+
+    def _collect_stopped(self) -> None:
+        for tid in list(self._tids):
+            try:
+                pid, status = os.waitpid(tid, os.WNOHANG | WALL)
+            except ChildProcessError:
+                self._forget(tid)
+                continue
+            if pid:
+                self._on_status(tid, status)
 
     def resume(self) -> None:
         """Let every stopped thread run; re-inject real signals caught while stopped."""
