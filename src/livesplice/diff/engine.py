@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from livesplice.build.records import BuildPair, LinkRecord, UnitPair
+from livesplice.build.records import BuildPair, LinkRecord
 from livesplice.diff.compare import LineMap, MeaningContext, Verdict, compare_sections
 from livesplice.diff.correlate import correlate
 from livesplice.diff.elfmodel import (
@@ -123,15 +123,27 @@ def diff_build(pair: BuildPair) -> DiffResult:
     warnings: list[str] = []
     refuse_changed_asm(pair, refusals)
     line_map = LineMap.from_patch(pair.patch_text)
-    unit_diffs: list[tuple[UnitPair, UnitDiff]] = []
+    unit_diffs: list[tuple[list[str], UnitDiff]] = []
     for unit in sorted(pair.units, key=lambda u: u.source):
         if unit.post is None or unit.pre.language == "asm":
             continue
         ud = diff_objects(unit.pre.object, unit.post.object, unit.source, line_map=line_map)
         refusals.extend(ud.refusals)
         warnings.extend(ud.warnings)
-        unit_diffs.append((unit, ud))
-    refuse_new_units(pair, refusals)
+        unit_diffs.append((list(unit.targets), ud))
+    for rec in sorted(pair.new_units, key=lambda r: r.source):
+        if rec.language == "asm":
+            continue
+        ud = diff_objects(None, rec.object, rec.source)
+        refusals.extend(ud.refusals)
+        new_targets = targets_of_new_unit(ud, unit_diffs)
+        if not new_targets:
+            warnings.append(
+                f"{rec.source}: new unit not referenced by any changed code; not shipped"
+            )
+            continue
+        warnings.extend(ud.warnings)
+        unit_diffs.append((new_targets, ud))
     for removed in sorted(pair.removed_units):
         warnings.append(f"{removed}: unit removed by the patch; its running code stays as is")
     if refusals:
@@ -142,6 +154,14 @@ def diff_build(pair: BuildPair) -> DiffResult:
             "include/livesplice.h) or apply it with a restart",
         )
     targets = assign_targets(pair, unit_diffs)
+    for t in targets:
+        refusals.extend(unresolvable_keys(t))
+    if refusals:
+        raise PatchRefused(
+            "the update would reference symbols apply cannot find",
+            details=refusals,
+            advice="this is a livesplice limitation; please report it with the patch",
+        )
     hooks = sorted(
         (
             Hook(kind=h.kind, function=h.function, target=t.name, key=h.key)
@@ -163,22 +183,33 @@ def refuse_changed_asm(pair: BuildPair, refusals: list[str]) -> None:
         )
 
 
-def refuse_new_units(pair: BuildPair, refusals: list[str]) -> None:
-    for rec in sorted(pair.new_units, key=lambda r: r.source):
-        refusals.append(
-            f"{rec.source}: new compiled unit [rule: new units]: livesplice cannot yet tell "
-            "which running program would load it; put the new code into an existing file"
-        )
+def targets_of_new_unit(
+    new: UnitDiff, unit_diffs: list[tuple[list[str], UnitDiff]]
+) -> list[str]:
+    """A unit the patch adds goes where changed code calls into it.
+
+    The build records the pre links only, so a new object's link outputs are not known; its
+    globals are: every target whose changed code references one of them (an undefined
+    symbol in that unit's post object) gets the new unit too.
+    """
+    provided = {k for s in new.sections for k in s.symbols if ":" not in k}
+    targets: set[str] = set()
+    for names, ud in unit_diffs:
+        if any(not info.defined and k in provided for k, info in ud.symbols.items()):
+            targets.update(names)
+    return sorted(targets)
 
 
-def assign_targets(pair: BuildPair, unit_diffs: list[tuple[UnitPair, UnitDiff]]) -> list[Target]:
+def assign_targets(
+    pair: BuildPair, unit_diffs: list[tuple[list[str], UnitDiff]]
+) -> list[Target]:
     """A unit's changes belong to every link output its object went into."""
     links = {link.name: link for link in pair.links}
     by_target: dict[str, list[UnitDiff]] = {}
-    for unit, ud in unit_diffs:
+    for names, ud in unit_diffs:
         if not ud.changed:
             continue
-        for name in unit.targets:
+        for name in names:
             by_target.setdefault(name, []).append(ud)
     targets: list[Target] = []
     for name in sorted(by_target):
@@ -193,6 +224,11 @@ def assign_targets(pair: BuildPair, unit_diffs: list[tuple[UnitPair, UnitDiff]])
                 if k not in symbols or (info.defined and not symbols[k].defined):
                     symbols[k] = info
         defined_elsewhere = _globals_defined_in_target(pair, name)
+        for ud in uds:  # globals the update itself defines (new units, new functions)
+            for s in ud.sections:
+                if s.role != "pre":
+                    for k in s.symbols:
+                        defined_elsewhere.setdefault(k, ud.unit)
         for k, info in symbols.items():
             if not info.defined and k in defined_elsewhere:
                 symbols[k] = SymbolInfo(
@@ -217,6 +253,36 @@ def assign_targets(pair: BuildPair, unit_diffs: list[tuple[UnitPair, UnitDiff]])
             )
         )
     return targets
+
+
+def unresolvable_keys(target: Target) -> list[str]:
+    """Check Contract 2's resolution order for every relocation of shipped post code."""
+    shipped: set[str] = set()
+    matched: set[str] = set()
+    learned: set[str] = set()
+    for s in target.sections:
+        names = {s.key, *s.symbols}
+        if s.role == "pre":
+            matched |= names
+            learned |= {r.symbol for r in s.relocs}
+        else:
+            shipped |= names
+    problems: list[str] = []
+    for s in target.sections:
+        if s.role == "pre":
+            continue
+        for r in s.relocs:
+            key = r.symbol
+            if key in shipped or key in matched or key in learned:
+                continue
+            info = target.symbols.get(key)
+            if info is not None and (not info.defined or info.binding != "local"):
+                continue  # rule 4 (external) or rule 5 (a global of the target)
+            problems.append(
+                f"{target.name}: {s.name} references {key}, which no rule can resolve "
+                "[rule: every key resolvable]"
+            )
+    return sorted(set(problems))
 
 
 def _globals_defined_in_target(pair: BuildPair, target: str) -> dict[str, str]:
@@ -287,14 +353,17 @@ def _build_id(path: Path) -> str:
 
 
 def diff_objects(
-    pre: Path,
+    pre: Path | None,
     post: Path,
     unit: str,
     *,
     line_map: LineMap | None = None,
 ) -> UnitDiff:
-    """Diff the pre and post objects of one unit. Refusals land in ``UnitDiff.refusals``."""
-    pre_obj = load_object(pre, unit)
+    """Diff the pre and post objects of one unit. Refusals land in ``UnitDiff.refusals``.
+
+    ``pre`` is None for a unit the patch adds: everything in it is new.
+    """
+    pre_obj = load_object(pre, unit) if pre is not None else ElfObject(post, unit, "", [], [])
     post_obj = load_object(post, unit)
     correlate(pre_obj, post_obj)
     ud = UnitDiff(unit=unit)
@@ -304,7 +373,8 @@ def diff_objects(
     ctx.ship_clone_callers()
     ctx.find_hooks()
     ctx.check_patchability()
-    ctx.check_layouts()
+    if pre is not None:
+        ctx.check_layouts()
     if not ud.refusals:
         ctx.select_sections()
     ctx.summarize()
