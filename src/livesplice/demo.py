@@ -92,14 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     server: subprocess.Popen[str] | None = None
     t0 = time.monotonic()
     try:
-        src = work / "kvserver"
+        src = work / "kvserver"  # the source tree the update is made from
+        deployed = work / "deployed"  # where the running server was built, as in production
         shutil.copytree(EXAMPLE, src)
+        shutil.copytree(EXAMPLE, deployed)
         say("1. build and start the server (an ordinary build: make)")
-        if run(["make", "-s", "-C", str(src)]).returncode != 0:
+        if run(["make", "-s", "-C", str(deployed)]).returncode != 0:
             raise SystemExit("demo: building the example failed")
         port = free_port()
-        server = subprocess.Popen([str(src / "kvserver"), str(port)], stdout=subprocess.PIPE,
-                                  text=True)
+        server = subprocess.Popen([str(deployed / "kvserver"), str(port)],
+                                  stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         print(server.stdout.readline().strip())
         pid = server.pid

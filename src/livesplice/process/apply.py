@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,7 +162,7 @@ def _run_hooks(t: Tracee, addrs: list[int], kind: str) -> None:
 def apply_to_process(
     manifest: Manifest, pid: int, *, retries: int = 5, interval: float = 1.0
 ) -> ApplyReport:
-    from livesplice.process.image import near_range
+    from livesplice.process.load import near_range
     from livesplice.process.ptrace import Tracee
     from livesplice.process.remote import remote_mmap, remote_munmap
     from livesplice.process.stopwindow import StopWindow
@@ -278,11 +278,13 @@ def apply_to_process(
 
 
 def _busy(plan: Any, tr: Any) -> tuple[int, int]:
-    """The running code range a trampoline replaces (for the stack check)."""
-    rng = getattr(tr, "busy", None)
-    if rng:
-        return (int(rng[0]), int(rng[1]))
-    return (tr.address, tr.address + len(tr.original))
+    """The running code a trampoline replaces (for the stack check): the matched body.
+
+    With stacking the body is the earlier update's replacement, not the original entry.
+    """
+    start = plan.match.functions.get(tr.key, tr.address)
+    size = next((s.size for s in plan.target.sections if s.role == "pre" and s.key == tr.key), 0)
+    return (int(start), int(start) + max(int(size), len(tr.original)))
 
 
 def _hook_addresses(manifest: Manifest, images: list[tuple[_Prepared, LoadImage]]) -> dict[
@@ -301,10 +303,8 @@ def _safe_hooks(t: Tracee, addrs: list[int]) -> None:
     from livesplice.process.remote import remote_call
 
     for addr in addrs:
-        try:
+        with suppress(LivespliceError):
             remote_call(t, addr)
-        except LivespliceError:
-            pass
 
 
 # ---------------------------------------------------------------- undo
