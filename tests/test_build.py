@@ -379,3 +379,10 @@ def test_wrapper_script_runs_without_site_packages(tmp_path: Path) -> None:
     (event,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert event["kind"] == "compile" and event["object"] == str(tmp_path / "x.o")
     assert ".text.x" in section_names(tmp_path / "x.o")
+
+
+def test_wrapper_json_reads_back() -> None:
+    """The wrapper encodes its events by hand (import json is slow): json.loads must agree."""
+    event = {"kind": "compile", "argv": ["gcc", '-DMSG="a\\b"', "-Dtab=\t", "é", "\x7f\x01"],
+             "split": False, "shared": True, "n": 3, "none": None, "inputs": []}
+    assert json.loads(wrapper.to_json(event)) == event

@@ -42,7 +42,6 @@ Event lines (all paths absolute, as the build named them relative to its cwd)::
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sys
 
@@ -359,12 +358,35 @@ def environment_without_shims(shim_dir: str) -> dict[str, str]:
     return env
 
 
+# ``import json`` costs about 5 ms (it pulls in re and enum), a third of the wrapper's start-up;
+# the events are only strings, booleans and lists of strings, so they are encoded by hand.
+JSON_ESCAPES: dict[int, str] = {c: f"\\u{c:04x}" for c in range(0x20)}
+JSON_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
+
+
+def to_json(value: object) -> str:
+    """Compact JSON for str/bool/None/int/list/dict values (json.loads reads it back)."""
+    if isinstance(value, str):
+        return '"' + value.translate(JSON_ESCAPES) + '"'
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(to_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{to_json(str(k))}:{to_json(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
 def append_events(events: list[dict[str, object]]) -> None:
     """Append JSON lines to the build log: O_APPEND + flock, so parallel make -j is safe."""
     log = os.environ.get(LOG_ENV)
     if not log or not events:
         return
-    data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode(
+    data = "".join(to_json(e) + "\n" for e in events).encode(
         "utf-8", "surrogateescape"
     )
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
