@@ -215,11 +215,12 @@ def assign_targets(
     for name in sorted(by_target):
         uds = by_target[name]
         link = links.get(name)
-        sections: dict[str, Section] = {}
+        # a replacement has the key of the pre section it replaces: both ship
+        sections: dict[tuple[str, str], Section] = {}
         symbols: dict[str, SymbolInfo] = {}
         for ud in uds:
             for s in ud.sections:
-                sections.setdefault(s.key, s)
+                sections.setdefault((s.key, s.role), s)
             for k, info in ud.symbols.items():
                 if k not in symbols or (info.defined and not symbols[k].defined):
                     symbols[k] = info
