@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,12 @@ SRC = ["match_main.c", "match_unit_a.c", "match_unit_b.c"]
 FUNCS = ["work", "step1", "greet", "copy", "chain", "chain_tail", "a_fn", "b_fn", "a_same",
          "b_same", "match_main.c:helper"]
 
+Builds = Callable[[str], tuple[Path, dict[str, ObjectFile]]]
 _built: dict[str, tuple[Path, dict[str, ObjectFile]]] = {}
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> object:
+def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builds]:
     root = tmp_path_factory.mktemp("match")
 
     def get(variant: str) -> tuple[Path, dict[str, ObjectFile]]:
@@ -75,7 +77,8 @@ def match(child: Child, target_name: str, target: object) -> tuple[MatchResult, 
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_function_matches_and_learned_addresses_are_right(builds, variant: str) -> None:
+def test_every_function_matches_and_learned_addresses_are_right(builds: Builds,
+                                                              variant: str) -> None:
     exe, objs = builds(variant)
     funcs = FUNCS + ([] if variant.startswith("pic") else ["tls_bump"])
     syms = nm(exe)
@@ -100,7 +103,7 @@ def test_every_function_matches_and_learned_addresses_are_right(builds, variant:
         assert c.ask("work 2") == str(2 * 3 + 1 + 3)  # untouched: reading changes nothing
 
 
-def test_tail_jump_rel8_in_running_code_matches_rel32_in_pre(builds) -> None:
+def test_tail_jump_rel8_in_running_code_matches_rel32_in_pre(builds: Builds) -> None:
     exe, objs = builds("pie")
     step1 = objs["match_main.c"].function("step1")
     jmp = [x for x in step1.relocs if x.symbol.endswith(".text.step2")]
@@ -113,7 +116,7 @@ def test_tail_jump_rel8_in_running_code_matches_rel32_in_pre(builds) -> None:
         assert r.learned["match_main.c:.text.step2"] - img.bias == nm(exe)["step2"][0]
 
 
-def test_stripped_binary_found_by_searching_text(builds, tmp_path: Path) -> None:
+def test_stripped_binary_found_by_searching_text(builds: Builds, tmp_path: Path) -> None:
     exe, objs = builds("pie")
     stripped = tmp_path / "prog"
     shutil.copy(exe, stripped)
@@ -128,7 +131,7 @@ def test_stripped_binary_found_by_searching_text(builds, tmp_path: Path) -> None
             assert addr - img.bias in syms[key.rsplit(".", 1)[-1]], key
 
 
-def test_duplicate_static_names_only_one_matches(builds) -> None:
+def test_duplicate_static_names_only_one_matches(builds: Builds) -> None:
     exe, objs = builds("pie")
     with Child([str(exe)]) as c:
         r, img = match(c, "prog", pre_target("prog", objs.values(), ["match_unit_b.c:scale"]))
@@ -141,7 +144,7 @@ def test_duplicate_static_names_only_one_matches(builds) -> None:
         assert r2.learned["match_unit_b.c:.text.scale"] == addr
 
 
-def test_identical_duplicates_are_ambiguous_until_a_caller_tells(builds) -> None:
+def test_identical_duplicates_are_ambiguous_until_a_caller_tells(builds: Builds) -> None:
     exe, objs = builds("pie")
     with Child([str(exe)]) as c:
         with pytest.raises(NoMatch, match="multiple candidates for same"):
@@ -154,7 +157,7 @@ def test_identical_duplicates_are_ambiguous_until_a_caller_tells(builds) -> None
         assert r.learned["match_unit_a.c:.text.same"] == got
 
 
-def test_wrong_source_names_function_and_offset(builds, tmp_path: Path) -> None:
+def test_wrong_source_names_function_and_offset(builds: Builds, tmp_path: Path) -> None:
     exe, _ = builds("pie")
     src = (PROGS / "match_main.c").read_text()
     wrong = tmp_path / "match_main.c"
@@ -169,7 +172,7 @@ def test_wrong_source_names_function_and_offset(builds, tmp_path: Path) -> None:
     assert len(e.value.details) == 1  # greet still matched
 
 
-def test_compiler_identity_is_compared(builds) -> None:
+def test_compiler_identity_is_compared(builds: Builds) -> None:
     exe, objs = builds("pie")
     with Child([str(exe)]) as c:
         maps = read_maps(c.pid)
@@ -182,7 +185,7 @@ def test_compiler_identity_is_compared(builds) -> None:
         assert any("13.1.0" in w for w in other.warnings)
 
 
-def test_tls_offsets_learned_from_local_and_initial_exec_code(builds) -> None:
+def test_tls_offsets_learned_from_local_and_initial_exec_code(builds: Builds) -> None:
     for variant in ("pie", "nopie"):
         exe, objs = builds(variant)
         with Child([str(exe)]) as c:
@@ -223,7 +226,7 @@ def test_image_facts_of_a_shared_library(tmp_path: Path) -> None:
         assert img.got_slot("strlen") is not None
 
 
-def test_function_not_in_process_is_no_match(builds) -> None:
+def test_function_not_in_process_is_no_match(builds: Builds) -> None:
     exe, objs = builds("pie")
     t = pre_target("prog", objs.values(), ["work"])
     t.sections[0].name = "no_such_function"

@@ -26,11 +26,13 @@ from livesplice.update.format import Reloc, Section
 
 def linked_symbols(exe: Path) -> tuple[dict[str, int], object]:
     from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
     f = open(exe, "rb")  # noqa: SIM115 -- kept open for the ELFFile's lifetime
     elf = ELFFile(f)
-    syms = {s.name: s["st_value"] for s in elf.get_section_by_name(".symtab").iter_symbols()
-            if s.name}
+    symtab = elf.get_section_by_name(".symtab")
+    assert isinstance(symtab, SymbolTableSection)
+    syms = {s.name: s["st_value"] for s in symtab.iter_symbols() if s.name}
     return syms, elf
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from livesplice.update.format import Reloc, Section, SymbolInfo, Target
+
+TargetKind = Literal["executable", "shared_library", "kernel", "kernel_module"]
 
 PROGS = Path(__file__).resolve().parent
 SPLIT = ["-ffunction-sections", "-fdata-sections"]
@@ -49,21 +51,21 @@ class ObjectFile:
 def read_object(path: Path, unit: str) -> ObjectFile:
     from elftools.elf.elffile import ELFFile
     from elftools.elf.relocation import RelocationSection
+    from elftools.elf.sections import Symbol, SymbolTableSection
 
     out = ObjectFile(unit)
     with open(path, "rb") as f:
         elf = ELFFile(f)
         symtab = elf.get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
         syms = list(symtab.iter_symbols())
 
-        def key_of(sym: object) -> str:
-            s = sym  # type: ignore[assignment]
-            t = s["st_info"]["type"]  # type: ignore[index]
-            if t == "STT_SECTION":
-                return f"{unit}:{elf.get_section(s['st_shndx']).name}"  # type: ignore[index]
-            if s["st_info"]["bind"] == "STB_LOCAL":  # type: ignore[index]
-                return f"{unit}:{s.name}"  # type: ignore[attr-defined]
-            return s.name  # type: ignore[attr-defined,no-any-return]
+        def key_of(s: Symbol) -> str:
+            if s["st_info"]["type"] == "STT_SECTION":
+                return f"{unit}:{elf.get_section(s['st_shndx']).name}"
+            if s["st_info"]["bind"] == "STB_LOCAL":
+                return f"{unit}:{s.name}"
+            return str(s.name)
 
         for sym in syms:
             t = sym["st_info"]["type"]
@@ -125,7 +127,7 @@ def _rtype(n: int) -> str:
 
 
 def pre_target(name: str, objs: Iterable[ObjectFile], functions: Iterable[str],
-               kind: str = "executable") -> Target:
+               kind: TargetKind = "executable") -> Target:
     """A target whose only sections are the pre code of ``functions`` ("unit:name" picks a
     static function of one unit)."""
     objs = list(objs)
@@ -146,11 +148,11 @@ def pre_target(name: str, objs: Iterable[ObjectFile], functions: Iterable[str],
     for o in objs:
         symbols.update(o.symbols)
     return Target(name=name, kind=kind, build_id="", changed_functions=[], new_functions=[],
-                  new_data=[], sections=sections, symbols=symbols)  # type: ignore[arg-type]
+                  new_data=[], sections=sections, symbols=symbols)
 
 
 def update_target(name: str, pre: ObjectFile, post: ObjectFile, changed: list[str],
-                  new: Iterable[str] = (), kind: str = "executable") -> Target:
+                  new: Iterable[str] = (), kind: TargetKind = "executable") -> Target:
     """A simple diff stand-in: pre + replacement for ``changed``, new functions, and the post
     object's read-only data and new writable data that the shipped code references."""
     sections: list[Section] = []
@@ -184,7 +186,7 @@ def update_target(name: str, pre: ObjectFile, post: ObjectFile, changed: list[st
     symbols = {**pre.symbols, **post.symbols}
     return Target(name=name, kind=kind, build_id="", changed_functions=list(changed),
                   new_functions=list(new), new_data=[], sections=sections,
-                  symbols=symbols)  # type: ignore[arg-type]
+                  symbols=symbols)
 
 
 class Child:
@@ -224,12 +226,6 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def wait_for(cond: object, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond() and time.monotonic() < end:  # type: ignore[operator]
-        time.sleep(0.01)
 
 
 VARIANTS: dict[str, tuple[list[str], list[str]]] = {
