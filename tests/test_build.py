@@ -386,3 +386,13 @@ def test_wrapper_json_reads_back() -> None:
     event = {"kind": "compile", "argv": ["gcc", '-DMSG="a\\b"', "-Dtab=\t", "é", "\x7f\x01"],
              "split": False, "shared": True, "n": 3, "none": None, "inputs": []}
     assert json.loads(wrapper.to_json(event)) == event
+
+
+def test_new_unit_gets_its_targets_from_the_post_build(tmp_path: Path) -> None:
+    src = fixture_tree("static", tmp_path)
+    pair = build(src, FIXTURES / "static" / "new-unit.patch", tmp_path)
+    (new,) = pair.new_units
+    assert new.source == "lib/sub.c" and new.object.is_relative_to(pair.workdir / "post")
+    assert pair.new_unit_targets == {new.built_object: ["calc"]}
+    assert all(u.post is None for u in pair.units)  # nothing else recompiled
+    assert pair.touched_files == ["Makefile"]  # lib/sub.c produced an object: not listed

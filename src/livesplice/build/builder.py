@@ -115,7 +115,7 @@ def build_pair(
 
     applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
     run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
-    post = collect_build(workdir, tree, "post")
+    post = collect_build(workdir, tree, "post", archives=pre.archives)
 
     units, new_units, removed = pair_units(pre, post, tree)
     links = link_records(pre)
@@ -128,6 +128,7 @@ def build_pair(
         compiler=compiler_identity(units, new_units),
         patch_text=patch_text,
         new_units=new_units,
+        new_unit_targets=new_unit_targets(new_units, pre, post),
         removed_units=removed,
         changed_asm=[f for f in applied.touched if f.endswith(ASM_SOURCE_SUFFIXES)],
         touched_files=[f for f in applied.touched if f not in touched_sources],
@@ -321,11 +322,16 @@ def tree_relative(tree: Path, path: str) -> str:
         return path
 
 
-def collect_build(workdir: Path, tree: Path, stage: Stage) -> BuildResult:
+def collect_build(workdir: Path, tree: Path, stage: Stage,
+                  archives: dict[str, list[str]] | None = None) -> BuildResult:
     """Replay the wrapper's records; save a copy of every object and linked output that exists
-    at the end of the build (what a configure probe made and deleted is dropped)."""
+    at the end of the build (what a configure probe made and deleted is dropped).
+
+    ``archives``: archive contents before this build (an incremental rebuild only replaces
+    the changed members).
+    """
     events = read_events(workdir / f"build-{stage}.jsonl")
-    result = BuildResult()
+    result = BuildResult(archives={a: list(m) for a, m in (archives or {}).items()})
     to_asm: dict[str, tuple[str, str]] = {}  # generated .s -> (C source, language)
     versions: dict[str, str] = {}
     for ev in events:
@@ -588,36 +594,59 @@ def link_records(pre: BuildResult) -> list[LinkRecord]:
     ]
 
 
-def objects_in(path: str, pre: BuildResult, seen: set[str]) -> set[str]:
+def objects_in(path: str, build: BuildResult, seen: set[str]) -> set[str]:
     """The compiled objects a link input stands for: itself, an archive's members, a libtool
     .lo's objects, or the inputs of a relocatable (-r) link. Shared libraries stand for nothing:
     their units belong to the library's own target."""
     if path in seen:
         return set()
     seen.add(path)
-    if path in pre.compiles:
+    if path in build.compiles:
         return {path}
     out: set[str] = set()
+    link = build.links.get(path)
     nested = (
-        pre.archives.get(path)
-        or pre.libtool_objects.get(path)
-        or (pre.links[path].inputs if path in pre.links and pre.links[path].relocatable else [])
+        build.archives.get(path)
+        or build.libtool_objects.get(path)
+        or (link.inputs if link is not None and link.relocatable else [])
     )
     for p in nested:
-        out |= objects_in(p, pre, seen)
+        out |= objects_in(p, build, seen)
     return out
 
 
-def assign_targets(units: list[UnitPair], pre: BuildResult) -> None:
-    by_object: dict[str, set[str]] = {}
-    for out, link in pre.links.items():
+def targets_by_object(build: BuildResult) -> dict[str, list[str]]:
+    """Built object -> names of the executables/shared libraries it was linked into."""
+    found: dict[str, set[str]] = {}
+    for out, link in build.links.items():
         if link.relocatable:
             continue
         for inp in link.inputs:
-            for obj in objects_in(inp, pre, set()):
-                by_object.setdefault(obj, set()).add(os.path.basename(out))
+            for obj in objects_in(inp, build, set()):
+                found.setdefault(obj, set()).add(os.path.basename(out))
+    return {obj: sorted(names) for obj, names in found.items()}
+
+
+def assign_targets(units: list[UnitPair], pre: BuildResult) -> None:
+    by_object = targets_by_object(pre)
     for u in units:
-        u.targets = sorted(by_object.get(u.pre.built_object, set()))
+        u.targets = by_object.get(u.pre.built_object, [])
+
+
+def new_unit_targets(new_units: list[CompileRecord], pre: BuildResult,
+                     post: BuildResult) -> dict[str, list[str]]:
+    """Targets of units only the patched build has, from the state after the post build: the
+    pre links and archives, updated by what the post build relinked and re-archived."""
+    if not new_units:
+        return {}
+    after = BuildResult(
+        compiles={**pre.compiles, **post.compiles},
+        links={**pre.links, **post.links},
+        archives=post.archives,  # replayed on top of the pre archives (collect_build)
+        libtool_objects=post.libtool_objects,
+    )
+    by_object = targets_by_object(after)
+    return {n.built_object: by_object.get(n.built_object, []) for n in new_units}
 
 
 # ---------------------------------------------------------------------------------------------

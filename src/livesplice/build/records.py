@@ -58,6 +58,8 @@ class BuildPair:
     compiler: str  # identity of the compiler used for the changed units
     patch_text: str
     new_units: list[CompileRecord] = field(default_factory=list)  # units only in post
+    # new unit's built_object -> names of the link outputs it went into (post build)
+    new_unit_targets: dict[str, list[str]] = field(default_factory=dict)
     removed_units: list[str] = field(default_factory=list)
     changed_asm: list[str] = field(default_factory=list)  # assembly sources the patch touched
     # source files the patch touched that produced no object at all (headers, docs, ...)
