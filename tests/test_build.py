@@ -396,3 +396,15 @@ def test_new_unit_gets_its_targets_from_the_post_build(tmp_path: Path) -> None:
     assert pair.new_unit_targets == {new.built_object: ["calc"]}
     assert all(u.post is None for u in pair.units)  # nothing else recompiled
     assert pair.touched_files == ["Makefile"]  # lib/sub.c produced an object: not listed
+
+
+def test_cxx_unit_and_compile_via_assembly(tmp_path: Path) -> None:
+    """``cc -S`` then ``cc -c x.s``: the flags reach the -S step and the unit is the C source."""
+    src = fixture_tree("twostep", tmp_path)
+    pair = build(src, FIXTURES / "twostep" / "calc.patch", tmp_path)
+    assert unit(pair, "main.cc").pre.language == "c++"
+    calc = unit(pair, "calc.c")
+    assert calc.pre.language == "c" and calc.post is not None
+    assert calc.targets == ["prog"]
+    assert {".text.calc", ".debug_info"} <= section_names(calc.pre.object)
+    assert pair.changed_asm == [] and pair.touched_files == []

@@ -1,0 +1,4 @@
+int calc(int x)
+{
+	return x * x;
+}

@@ -1,0 +1,9 @@
+#include <cstdio>
+
+extern "C" int calc(int x);
+
+int main()
+{
+	std::printf("%d\n", calc(4));
+	return 0;
+}
