@@ -132,13 +132,8 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
     prepared: list[_Prepared] = []
     for target in manifest.targets:
         for image in find_images(pid, target.name):
-            match = run_pre_match(read, image, target, maps)
-            warnings = list(getattr(match, "warnings", []))
-            if manifest.compiler and image.comment and manifest.compiler not in image.comment:
-                warnings.append(
-                    f"{image.name} was built by {image.comment!r}, the update by "
-                    f"{manifest.compiler!r}; the code matched anyway"
-                )
+            match = run_pre_match(read, image, target, maps, compiler=manifest.compiler)
+            warnings = list(match.warnings)
             plan = plan_load(target, image, match, read, pid, maps)
             prepared.append(_Prepared(target.name, image, plan, warnings))
     if not prepared:
@@ -280,11 +275,12 @@ def apply_to_process(
 def _busy(plan: Any, tr: Any) -> tuple[int, int]:
     """The running code a trampoline replaces (for the stack check): the matched body.
 
-    With stacking the body is the earlier update's replacement, not the original entry.
+    With stacking the body is the earlier update's replacement, not the original entry. The
+    running body may be longer or shorter than the pre code (alternate jump encodings, nops),
+    so the matcher's extent is used, not the pre section's size.
     """
-    start = plan.match.functions.get(tr.key, tr.address)
-    size = next((s.size for s in plan.target.sections if s.role == "pre" and s.key == tr.key), 0)
-    return (int(start), int(start) + max(int(size), len(tr.original)))
+    lo, hi = plan.match.extents.get(tr.key, (tr.address, tr.address + len(tr.original)))
+    return (int(lo), int(max(hi, lo + len(tr.original))))
 
 
 def _hook_addresses(manifest: Manifest, images: list[tuple[_Prepared, LoadImage]]) -> dict[
