@@ -117,11 +117,14 @@ def test_console_excerpt_starts_at_the_crash_report() -> None:
 
 
 @pytest.mark.skipif(shutil.which("apt-cache") is None, reason="needs APT (Debian)")
-def test_unknown_kernel_version_is_a_clear_error() -> None:
+def test_unknown_kernel_version_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LabUnavailable) as info:
         resolve_packages("6.1.1-99")
     assert info.value.code == 2
     assert "6.1.1-99" in info.value.reason and "APT index" in info.value.reason
+    with pytest.raises(LabUnavailable):  # (or: host tools missing) -- either way a clear exit 2
+        prepare_lab("6.1.1-99", cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-made in the cache
 
 
 def test_malformed_kernel_version_is_usage_error() -> None:

@@ -146,13 +146,15 @@ class Guest:
         hung = False
         with (work / "qemu.log").open("wb") as qlog:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+            qemu_status: int | None = None
             try:
-                qemu_status: int | None = proc.wait(timeout=self.timeout)
+                qemu_status = proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 hung = True
-                proc.kill()
-                proc.wait()
-                qemu_status = None
+            finally:  # also on KeyboardInterrupt: never leave a VM running
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         wall = time.monotonic() - t0
         data = out.read_bytes() if out.exists() else b""
         console_text = console.read_text(errors="replace") if console.exists() else ""

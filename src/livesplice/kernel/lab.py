@@ -25,7 +25,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from livesplice.errors import BuildFailed
@@ -175,14 +175,15 @@ class _Stages:
         return (self.dir / f"{stage}.done").exists()
 
     @contextmanager
-    def run(self, stage: str) -> Iterator[None]:
+    def run(self, stage: str, already: float = 0.0) -> Iterator[None]:
+        """Run ``stage``; ``already``: seconds of its work done before (outside the lock)."""
         # a rerun stage makes every later stage stale
         for later in STAGES[STAGES.index(stage) :]:
             (self.dir / f"{later}.done").unlink(missing_ok=True)
         self.progress(f"{stage} ...")
         t0 = time.monotonic()
         yield
-        seconds = time.monotonic() - t0
+        seconds = time.monotonic() - t0 + already
         self.timings[stage] = seconds
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"{stage}.done").write_text(json.dumps({"seconds": round(seconds, 3)}) + "\n")
@@ -236,45 +237,41 @@ def prepare_lab(
     """
     say: Progress = progress or (lambda _msg: None)
     kdir = kernel_dir(version, flavour, cache)
+    prepared = find_prepared(version, flavour, cache)
+    if prepared is not None:
+        return prepared
+    resolved, resolve_seconds = None, 0.0
+    if _read_packages(kdir) is None:
+        # resolve before creating anything: a gone or mistyped version leaves no cache dir
+        require_host_tools()
+        t0 = time.monotonic()
+        resolved = resolve_packages(version, flavour)
+        resolve_seconds = time.monotonic() - t0
     with _locked(kdir, say):
         stages = _Stages(kdir, say)
-        if all(stages.done(s) for s in STAGES):
-            pkgs = _read_packages(kdir)
-            if pkgs is not None:
-                return LabKernel(pkgs, kdir)
+        prepared = find_prepared(version, flavour, cache)
+        if prepared is not None:  # another prepare finished while we waited for the lock
+            return prepared
         require_host_tools()
         pkgs = _read_packages(kdir) if stages.done("1-resolve") else None
         if pkgs is None:
-            with stages.run("1-resolve"):
-                pkgs = resolve_packages(version, flavour)
+            with stages.run("1-resolve", resolve_seconds):
+                pkgs = resolved or resolve_packages(version, flavour)
                 (kdir / "kernel.json").write_text(
-                    json.dumps(
-                        {
-                            "version": pkgs.version,
-                            "flavour": pkgs.flavour,
-                            "abi": pkgs.abi,
-                            "release": pkgs.release,
-                        },
-                        indent=1,
-                    )
-                    + "\n"
+                    json.dumps({**asdict(pkgs), "release": pkgs.release}, indent=1) + "\n"
                 )
         lab = LabKernel(pkgs, kdir)
-        if not stages.done("2-download"):
-            with stages.run("2-download"):
-                _download(lab, say)
-        if not stages.done("3-unpack"):
-            with stages.run("3-unpack"):
-                _unpack(lab)
-        if not stages.done("4-source"):
-            with stages.run("4-source"):
-                _untar_source(lab)
-        if not stages.done("5-tree"):
-            with stages.run("5-tree"):
-                _prepare_tree(lab, jobs or os.cpu_count() or 1)
-        if not stages.done("6-initramfs"):
-            with stages.run("6-initramfs"):
-                _build_initramfs(lab)
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("2-download", lambda: _download(lab, say)),
+            ("3-unpack", lambda: _unpack(lab)),
+            ("4-source", lambda: _untar_source(lab)),
+            ("5-tree", lambda: _prepare_tree(lab, jobs or os.cpu_count() or 1)),
+            ("6-initramfs", lambda: _build_initramfs(lab)),
+        ]
+        for stage, step in steps:
+            if not stages.done(stage):
+                with stages.run(stage):
+                    step()
         return lab
 
 
