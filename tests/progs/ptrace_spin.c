@@ -5,7 +5,9 @@
  *   stuck: a thread named "stuck" never leaves stuck_fn;
  *   deep: a thread named "deep" sits in deep_fn -> deep_inner (blocked in pause());
  *   churn: a thread creates short-lived threads forever;
- *   sleepers: workers block in read() instead of spinning (benchmarks).
+ *   sleepers: workers block in read() instead of spinning (benchmarks);
+ *   holder: a thread named "holder" keeps a pointer to answer() in its stack frame and
+ *           sleeps (a stale word that a conservative stack scan mistakes for a frame).
  * Commands on stdin, one per line, answered on stdout: seen, calls, usr1, counter, quit.
  * With 0 workers the main thread spins itself and polls stdin (single-thread process).
  */
@@ -80,6 +82,14 @@ static void *deep_main(void *arg) {
     return NULL;
 }
 
+static void *holder_main(void *arg) {
+    int (*volatile fp)(void) = answer;
+    (void)arg;
+    pthread_setname_np(pthread_self(), "holder");
+    for (;;) pause();
+    return (void *)fp;
+}
+
 static void *short_lived(void *arg) {
     unsigned x = (unsigned)(long)arg;
     for (int i = 0; i < 50; i++) work_once(MAXW - 1, &x);
@@ -136,6 +146,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "stuck")) pthread_create(&th, NULL, stuck_main, NULL);
         if (!strcmp(argv[i], "deep")) pthread_create(&th, NULL, deep_main, NULL);
         if (!strcmp(argv[i], "churn")) pthread_create(&th, NULL, churn_main, NULL);
+        if (!strcmp(argv[i], "holder")) pthread_create(&th, NULL, holder_main, NULL);
         if (!strncmp(argv[i], "exit_after_ms=", 14))
             pthread_create(&th, NULL, exit_main, (void *)(long)atoi(argv[i] + 14));
     }

@@ -483,6 +483,29 @@ class Tracee:
             if pid:
                 self._on_status(tid, status)
 
+    def check_alive(self) -> None:
+        """Cheap check, while stopped, that the process is not exiting (one waitpid).
+
+        A SIGKILL or an ``exit_group`` by the program wakes stopped threads into their exit
+        stop (PTRACE_O_TRACEEXIT); the memory stays readable and writable until they are let
+        go, so reads and writes alone do not notice.
+
+        :raises TargetGone: every thread is exiting.
+        """
+        probe = next((t for t in self._tids if t not in self._exiting), None)
+        if probe is None:
+            raise TargetGone(f"process {self.pid} exited")
+        try:
+            pid, status = os.waitpid(probe, os.WNOHANG | WALL)
+        except ChildProcessError:
+            pid, status = probe, 0
+        if not pid:
+            return
+        self._on_status(probe, status)
+        self._collect_stopped()  # something happened: look at every thread
+        if not [t for t in self._tids if t not in self._exiting]:
+            raise TargetGone(f"process {self.pid} exited")
+
     def resume(self) -> None:
         """Let every stopped thread run; re-inject real signals caught while stopped."""
         for tid in list(self._tids):

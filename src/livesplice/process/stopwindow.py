@@ -263,6 +263,7 @@ class StopWindow:
                         if inside is not None:
                             inside()
                         self._write_all(writes, originals)
+                    t.check_alive()
                 except BaseException:
                     with contextlib.suppress(LivespliceError):
                         t.resume()
