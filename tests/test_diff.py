@@ -1,0 +1,410 @@
+"""The diff stage, object by object: real gcc -O2 -ffunction-sections -fdata-sections -g.
+
+Each test compiles a pre and a post version of a small unit and calls
+:func:`livesplice.diff.engine.diff_objects` directly; one test per rule of the diff (see
+docs/ARCHITECTURE.md "Contract 2" and the module docstrings of ``livesplice.diff``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from livesplice.diff.compare import LineMap
+from livesplice.diff.elfmodel import Status, load_object
+from livesplice.diff.engine import UnitDiff, diff_objects, unresolvable_keys
+from livesplice.update.format import Target
+
+REPO = Path(__file__).resolve().parents[1]
+CFLAGS = ["-O2", "-g", "-ffunction-sections", "-fdata-sections", "-fPIE"]
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+
+
+def build(
+    tmp: Path, pre: str, post: str, *, name: str = "u.c", header: tuple[str, str] | None = None
+) -> tuple[Path, Path, LineMap]:
+    """Compile ``pre`` and ``post`` (cwd-relative names, so __FILE__ is the same)."""
+    objs = []
+    patch = ""
+    compiler = "g++" if name.endswith(".cc") else "gcc"
+    for side, text in (("pre", pre), ("post", post)):
+        d = tmp / side
+        d.mkdir()
+        (d / name).write_text(text)
+        if header is not None:
+            (d / "u.h").write_text(header[0] if side == "pre" else header[1])
+        subprocess.run(
+            [compiler, *CFLAGS, f"-I{REPO / 'include'}", "-c", name, "-o", "u.o"],
+            cwd=d,
+            check=True,
+        )
+        objs.append(d / "u.o")
+    files = [(name, pre, post)] + ([("u.h", *header)] if header else [])
+    for fname, a, b in files:
+        patch += "".join(
+            difflib.unified_diff(
+                a.splitlines(True), b.splitlines(True), f"a/{fname}", f"b/{fname}"
+            )
+        )
+    return objs[0], objs[1], LineMap.from_patch(patch)
+
+
+def diff(tmp: Path, pre: str, post: str, **kw: object) -> UnitDiff:
+    name = str(kw.pop("name", "u.c"))
+    header = kw.pop("header", None)
+    pre_o, post_o, lm = build(tmp, pre, post, name=name, header=header)  # type: ignore[arg-type]
+    ud = diff_objects(pre_o, post_o, name, line_map=lm)
+    # every diff must be self-consistent: each key of shipped code resolvable at apply
+    target = Target(
+        name="t", kind="executable", build_id="", changed_functions=ud.changed_functions,
+        new_functions=ud.new_functions, new_data=ud.new_data, sections=ud.sections,
+        symbols=ud.symbols,
+    )  # fmt: skip
+    assert unresolvable_keys(target) == []
+    return ud
+
+
+def roles(ud: UnitDiff) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in ud.sections:
+        out.setdefault(s.name, []).append(s.role)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+BASE = """\
+#include <stdio.h>
+int g_total;
+static int scale = 3;
+int compute(int x) { return x * scale + 1; }
+int other(int x) { return x - 7; }
+void set_scale(int s) { scale = s; }
+"""
+
+
+def test_body_change_ships_replacement_and_pre(tmp_path: Path) -> None:
+    ud = diff(tmp_path, BASE, BASE.replace("x * scale + 1", "x * scale + 2"))
+    assert ud.changed_functions == ["compute"]
+    assert ud.functions["other"] is Status.SAME
+    assert roles(ud)["compute"] == ["pre", "replacement"]
+    rep = next(s for s in ud.sections if s.role == "replacement")
+    assert rep.key == rep.replaces == "u.c:.text.compute"
+    # the static `scale` is existing data reached through the pre code's relocation
+    assert "u.c:.data.scale" in {r.symbol for r in rep.relocs}
+    assert ud.refusals == []
+
+
+def test_no_change_is_nothing(tmp_path: Path) -> None:
+    ud = diff(tmp_path, BASE, BASE.replace("int other", "/* c */ int other"))
+    assert not ud.changed and ud.sections == []
+
+
+def test_unchanged_callee_is_matched_not_shipped(tmp_path: Path) -> None:
+    src = """\
+static __attribute__((noinline)) int helper(int x) { return x * 5; }
+int top(int x) { return helper(x) + 1; }
+"""
+    ud = diff(tmp_path, src, src.replace("+ 1", "+ 9"))
+    assert ud.changed_functions == ["top"]
+    assert roles(ud)["helper"] == ["pre"]  # its address comes from run-pre matching
+
+
+def test_new_function_and_new_global(tmp_path: Path) -> None:
+    post = BASE.replace(
+        "int compute(int x) { return x * scale + 1; }",
+        "int g_calls;\n__attribute__((noinline)) int bonus(int x) { g_calls++; return x > 9; }\n"
+        "int compute(int x) { return x * scale + 1 + bonus(x); }",
+    )
+    ud = diff(tmp_path, BASE, post)
+    assert ud.changed_functions == ["compute"]
+    assert ud.new_functions == ["bonus"]
+    assert ud.new_data == ["g_calls"]
+
+
+def test_numbered_static_locals_correlate_by_user(tmp_path: Path) -> None:
+    pre = """\
+int f(void) { static int counter; return ++counter; }
+int g(void) { static int counter; return counter += 2; }
+"""
+    post = "int h(void) { static int counter; return counter += 3; }\n" + pre
+    ud = diff(tmp_path, pre, post)
+    assert ud.functions["f"] is Status.SAME and ud.functions["g"] is Status.SAME
+    assert ud.new_functions == ["h"]
+    assert len(ud.new_data) == 1 and ud.new_data[0].startswith("counter.")
+    # the new counter must not be confused with an existing one (same name in pre)
+    new = next(s for s in ud.sections if s.role == "new_data")
+    pre_obj = load_object(tmp_path / "pre" / "u.o", "u.c")
+    h_uses = {r.symbol.section.name for r in pre_obj.sections[0].relocs if r.symbol.section}
+    assert new.key not in {f"u.c:{n}" for n in h_uses}
+
+
+def test_static_local_kept_is_not_new_data(tmp_path: Path) -> None:
+    pre = "int tick(void) { static int calls; return ++calls; }\n"
+    ud = diff(tmp_path, pre, pre.replace("++calls", "calls += 2"))
+    assert ud.changed_functions == ["tick"] and ud.new_data == []
+
+
+def test_string_literal_compares_by_content(tmp_path: Path) -> None:
+    pre = """\
+#include <stdio.h>
+void hello(void) { puts("hello"); puts("world"); }
+void bye(void) { puts("bye"); }
+"""
+    ud = diff(tmp_path, pre, pre.replace('"hello"', '"hello, patched"'))
+    assert ud.changed_functions == ["hello"]
+    assert ud.functions["bye"] is Status.SAME
+    copied = [s for s in ud.sections if s.role == "copied_rodata"]
+    assert copied and b"hello, patched" in bytes.fromhex(copied[0].data)
+    assert copied[0].key.endswith("#post")  # a copy never reuses the pre key
+
+
+def test_string_offsets_shift_but_meaning_same(tmp_path: Path) -> None:
+    # A new string before the existing ones shifts their offsets in .rodata.<fn>.str1.1;
+    # `show` (which references the shifted strings) is changed only because of the new call.
+    pre = """\
+#include <stdio.h>
+void show(int v) { if (v) puts("one"); else puts("two"); }
+"""
+    post = pre.replace('if (v) puts("one")', 'if (v > 5) puts("zero"); if (v) puts("one")')
+    ud = diff(tmp_path, pre, post)
+    assert ud.changed_functions == ["show"]
+
+
+def test_line_number_only_change_is_unchanged(tmp_path: Path) -> None:
+    pre = """\
+#include <assert.h>
+int check(int x)
+{
+\tassert(x < 1000);
+\treturn x + 1;
+}
+"""
+    post = pre.replace("int check", "/* a comment\n * two lines */\nint check")
+    ud = diff(tmp_path, pre, post)
+    assert ud.functions["check"] is Status.SAME
+    assert ud.line_only == ["check"]
+    assert not ud.changed
+
+
+def test_line_shift_with_real_change_is_changed(tmp_path: Path) -> None:
+    pre = """\
+#include <assert.h>
+int check(int x)
+{
+\tassert(x < 1000);
+\treturn x + 1;
+}
+"""
+    post = pre.replace("int check", "/* moved */\nint check").replace("x + 1", "x + 2")
+    ud = diff(tmp_path, pre, post)
+    assert ud.changed_functions == ["check"]
+
+
+def test_constant_that_looks_like_a_line_shift_is_a_change(tmp_path: Path) -> None:
+    # line 3 moves to 4, and the patch changes a constant 3 -> 4 elsewhere: still a change,
+    # because 3 is not a line of `limit` (rule 3 of compare.py's line-number check)
+    pre = "int pad;\n\nint x3;\nint limit(int v) { return v ^ 3; }\n"
+    post = "int pad;\n\n\nint x3;\nint limit(int v) { return v ^ 4; }\n"
+    ud = diff(tmp_path, pre, post)
+    assert ud.changed_functions == ["limit"]
+
+
+def test_switch_jump_table_travels_with_function(tmp_path: Path) -> None:
+    pre = """\
+int dispatch(int op, int v)
+{
+\tswitch (op) {
+\tcase 0: return v + 11; case 1: return v * 23; case 2: return v - 37;
+\tcase 3: return v ^ 41; case 4: return v / 99; case 5: return v % 7;
+\tcase 6: return v << 3; default: return -1;
+\t}
+}
+"""
+    ud = diff(tmp_path, pre, pre.replace("v ^ 41", "v ^ 42"))
+    assert ud.changed_functions == ["dispatch"]
+    tables = [s for s in ud.sections if s.role == "copied_rodata"]
+    assert tables, "the post jump table must ship"
+    assert all(r.symbol == "u.c:.text.dispatch" for t in tables for r in t.relocs)
+
+
+def test_inlined_static_change_changes_callers(tmp_path: Path) -> None:
+    pre = """\
+static inline int sq(int x) { return x * x; }
+int a(int x) { return sq(x) + 1; }
+int b(int x) { return sq(x) - 1; }
+int c(int x) { return x; }
+"""
+    ud = diff(tmp_path, pre, pre.replace("x * x", "x * x + 3"))
+    assert ud.changed_functions == ["a", "b"]
+
+
+def test_changed_clone_ships_its_callers(tmp_path: Path) -> None:
+    pre = """\
+struct big { int w[16]; };
+static __attribute__((noinline)) int weight(struct big *b) { return b->w[3] * 7; }
+int use1(struct big *b) { return weight(b) + 1; }
+int use2(struct big *b) { return weight(b) + 2; }
+"""
+    (tmp_path / "probe").mkdir()
+    pre_o, _, _ = build(tmp_path / "probe", pre, pre)
+    names = {s.name for s in load_object(pre_o, "u.c").functions}
+    clone = next((n for n in names if n.startswith("weight.")), None)
+    if clone is None:
+        pytest.skip(f"gcc made no clone of weight here: {sorted(names)}")
+    ud = diff(tmp_path, pre, pre.replace("* 7", "* 9"))
+    assert clone in ud.changed_functions
+    assert {"use1", "use2"} <= set(ud.changed_functions)
+
+
+def test_cold_part_travels_with_parent(tmp_path: Path) -> None:
+    # a call to a cold function then exit(): gcc -O2 moves the error path to .text.unlikely
+    # as the fragment sum.cold; the patch changes only that fragment
+    pre = """\
+#include <stdio.h>
+#include <stdlib.h>
+extern void report_error(const char *what, int v) __attribute__((cold));
+int sum(const int *v, int n)
+{
+\tint s = 0;
+\tfor (int i = 0; i < n; i++) {
+\t\tif (v[i] < 0) { report_error("v", v[i]); fprintf(stderr, "bad %d\\n", v[i]); exit(2); }
+\t\ts += v[i];
+\t}
+\treturn s;
+}
+"""
+    ud = diff(tmp_path, pre, pre.replace("exit(2)", "exit(3)"))
+    assert ud.changed_functions == ["sum"]  # the fragment is reported as its parent
+    shipped = roles(ud)
+    assert shipped["sum.cold"] == ["pre", "replacement"]
+    assert shipped["sum"] == ["pre", "replacement"]
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+def test_changed_initial_value_is_refused(tmp_path: Path) -> None:
+    ud = diff(tmp_path, BASE, BASE.replace("scale = 3", "scale = 4"))
+    assert any("scale" in r and "initial value" in r for r in ud.refusals)
+
+
+def test_grown_global_array_is_refused(tmp_path: Path) -> None:
+    pre = "int table[4];\nint get(int i) { return table[i]; }\n"
+    ud = diff(tmp_path, pre, pre.replace("[4]", "[8]"))
+    assert any("table" in r and "size" in r for r in ud.refusals)
+
+
+def test_tls_new_and_changed_are_refused(tmp_path: Path) -> None:
+    pre = "__thread int depth = 1;\nint d(void) { return depth++; }\n"
+    post = "__thread int depth = 2;\n__thread int extra;\nint d(void) { return depth++ + extra; }\n"
+    ud = diff(tmp_path, pre, post)
+    text = "\n".join(ud.refusals)
+    assert "depth: changed thread-local" in text and "extra: new thread-local" in text
+
+
+def test_new_constructor_is_refused(tmp_path: Path) -> None:
+    post = BASE + "__attribute__((constructor)) static void init(void) { g_total = 1; }\n"
+    ud = diff(tmp_path, BASE, post)
+    assert any("init" in r and "constructor" in r for r in ud.refusals)
+
+
+def test_existing_constructor_is_fine(tmp_path: Path) -> None:
+    pre = BASE + "__attribute__((constructor)) static void init(void) { g_total = 1; }\n"
+    ud = diff(tmp_path, pre, pre.replace("x - 7", "x - 8"))
+    assert ud.refusals == [] and ud.changed_functions == ["other"]
+
+
+def test_header_buffer_grow_without_code_change_is_refused(tmp_path: Path) -> None:
+    # dnsmasq CVE-2026-2291 pattern: MAX grows in a header, no function's text changes
+    src = """\
+#include <string.h>
+#include "u.h"
+struct req *last;
+int first(struct req *r) { last = r; return r->id; }
+"""
+    h_pre = "#define MAX 32\nstruct req { int id; char name[MAX]; };\n"
+    ud = diff(tmp_path, src, src, header=(h_pre, h_pre.replace("32", "64")))
+    assert ud.changed_functions == []
+    assert any("struct req" in r and "layout" in r for r in ud.refusals)
+
+
+def test_struct_member_added_is_refused(tmp_path: Path) -> None:
+    pre = "struct s { int a; int b; };\nint get(struct s *p) { return p->b; }\n"
+    post = "struct s { int a; int x; int b; };\nint get(struct s *p) { return p->b; }\n"
+    ud = diff(tmp_path, pre, post)
+    assert any("struct s" in r for r in ud.refusals)
+
+
+def test_local_stack_buffer_may_grow(tmp_path: Path) -> None:
+    pre = """\
+#include <string.h>
+#include <stdio.h>
+int fmt(const char *s) { char buf[16]; snprintf(buf, sizeof buf, "%s", s); return strlen(buf); }
+"""
+    ud = diff(tmp_path, pre, pre.replace("buf[16]", "buf[64]"))
+    assert ud.refusals == [] and ud.changed_functions == ["fmt"]
+
+
+def test_all_refusals_are_collected(tmp_path: Path) -> None:
+    post = BASE.replace("scale = 3", "scale = 5").replace("int g_total;", "__thread int t;")
+    post += "__attribute__((constructor)) static void init(void) { t = 1; }\n"
+    ud = diff(tmp_path, BASE, post)
+    rules = " ".join(ud.refusals)
+    assert "initial value" in rules and "thread-local" in rules and "constructor" in rules
+
+
+# -- hooks, C++, determinism ---------------------------------------------------------------
+
+
+def test_hook_ships_with_role_hook(tmp_path: Path) -> None:
+    post = (
+        '#include "livesplice.h"\n'
+        + BASE.replace("x * scale + 1", "x * scale + 2")
+        + "static int fix_up(void) { g_total = 0; return 0; }\nLIVESPLICE_POST_APPLY(fix_up);\n"
+    )
+    ud = diff(tmp_path, BASE, post)
+    assert [(h.kind, h.function) for h in ud.hooks] == [("post_apply", "fix_up")]
+    assert roles(ud)["fix_up"] == ["hook"]
+    assert ud.new_functions == [] and ud.new_data == []
+    assert ud.changed_functions == ["compute"]
+
+
+def test_cxx_member_function_body_change(tmp_path: Path) -> None:
+    src = """\
+struct Counter { int n; __attribute__((noinline)) int bump(int by); };
+int Counter::bump(int by) { n += by; return n; }
+int use(Counter &c) { return c.bump(1); }
+"""
+    ud = diff(tmp_path, src, src.replace("n += by;", "n += 2 * by;"), name="u.cc")
+    assert ud.changed_functions == ["_ZN7Counter4bumpEi"]
+    assert ud.refusals == []
+
+
+def test_output_is_deterministic(tmp_path: Path) -> None:
+    pre_o, post_o, lm = build(tmp_path, BASE, BASE.replace("x - 7", "x - 9"))
+    a = diff_objects(pre_o, post_o, "u.c", line_map=lm)
+    b = diff_objects(pre_o, post_o, "u.c", line_map=lm)
+    assert a.sections == b.sections and a.symbols == b.symbols
+
+
+def test_line_map_from_patch() -> None:
+    patch = """\
+--- a/x.c
++++ b/x.c
+@@ -2,0 +3,2 @@
++new1
++new2
+@@ -10,2 +12,1 @@
+-gone
+ kept
+"""
+    lm = LineMap.from_patch(patch)
+    assert lm.shift("x.c", 1) == 1 and lm.shift("x.c", 2) == 2
+    assert lm.shift("x.c", 3) == 5 and lm.shift("x.c", 9) == 11
+    assert lm.shift("x.c", 10) is None and lm.shift("x.c", 11) == 12
+    assert lm.shift("x.c", 20) == 21
+    assert lm.shift("other.c", 7) == 7
