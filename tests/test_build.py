@@ -408,3 +408,13 @@ def test_cxx_unit_and_compile_via_assembly(tmp_path: Path) -> None:
     assert calc.targets == ["prog"]
     assert {".text.calc", ".debug_info"} <= section_names(calc.pre.object)
     assert pair.changed_asm == [] and pair.touched_files == []
+
+
+def test_workdir_inside_the_source_tree_is_not_copied(tmp_path: Path) -> None:
+    src = fixture_tree("plain", tmp_path)
+    workdir = src / ".livesplice-work"
+    workdir.mkdir()
+    pair = build_pair(src, FIXTURES / "plain" / "scale.patch", build_cmd="make",
+                      workdir=workdir, jobs=2)
+    assert not (pair.workdir / "tree" / ".livesplice-work").exists()
+    assert unit(pair, "util.c").post is not None

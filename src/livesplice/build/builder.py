@@ -105,7 +105,7 @@ def build_pair(
     workdir = workdir.resolve()
     patch = patch.resolve()
     patch_text = patch.read_text(errors="surrogateescape")
-    tree = copy_source_tree(srcdir, workdir / "tree")
+    tree = copy_source_tree(srcdir, workdir / "tree", skip=workdir)
     shims = install_shims(workdir / "shims")
     (workdir / "tmp").mkdir(exist_ok=True)
 
@@ -139,10 +139,11 @@ def build_pair(
 # step 1: copy
 
 
-def copy_source_tree(srcdir: Path, dest: Path) -> Path:
+def copy_source_tree(srcdir: Path, dest: Path, skip: Path | None = None) -> Path:
     """Copy SRCDIR keeping symlinks and mtimes (so make/autotools see the same up-to-date state).
 
-    FIFOs, sockets and device nodes are skipped: reading a FIFO would block the copy.
+    FIFOs, sockets and device nodes are skipped: reading a FIFO would block the copy. ``skip``
+    (the work directory) is not copied when it lies inside SRCDIR: the copy would recurse.
     """
     srcdir = srcdir.resolve()
     if not srcdir.is_dir():
@@ -155,7 +156,8 @@ def copy_source_tree(srcdir: Path, dest: Path) -> Path:
                 mode = os.lstat(os.path.join(directory, n)).st_mode
             except OSError:
                 continue
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            special = not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
+            if special or (skip is not None and os.path.join(directory, n) == str(skip)):
                 skipped.append(n)
         return skipped
 

@@ -44,7 +44,8 @@ class UnitPair:
 
     source: str
     pre: CompileRecord
-    post: CompileRecord | None  # None: the unit did not recompile (unchanged)
+    # None: unchanged -- the unit did not recompile, or recompiled to a byte-identical object
+    post: CompileRecord | None
     targets: list[str]  # names of the link outputs this unit's object went into
 
 
