@@ -254,7 +254,7 @@ def run_build(
                 "fix the build of the original tree first (it must build with the command given "
                 "by --build)" if stage == "pre"
                 else "the patch breaks the build: fix the patch (compiler output above)"
-            ) + f"; the full log is {output} (kept with --keep-tmp)",
+            ) + f"; rerun with --keep-tmp to keep the full build log ({output})",
         )
 
 
