@@ -408,3 +408,19 @@ def test_line_map_from_patch() -> None:
     assert lm.shift("x.c", 10) is None and lm.shift("x.c", 11) == 12
     assert lm.shift("x.c", 20) == 21
     assert lm.shift("other.c", 7) == 7
+
+
+def test_cxx_function_with_exception_tables_is_refused(tmp_path: Path) -> None:
+    src = """\
+#include <string>
+#include <stdexcept>
+int f(const char *s)
+{
+	std::string t(s);
+	if (t.empty()) throw std::runtime_error("x");
+	return t.size();
+}
+"""
+    pre_o, post_o, _ = build(tmp_path, src, src.replace("t.size();", "t.size() + 1;"), name="u.cc")
+    ud = diff_objects(pre_o, post_o, "u.cc")
+    assert any("_Z1fPKc" in r and "exception" in r for r in ud.refusals)
