@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from livesplice.kernel.initramfs import GuestFile
 
 DEFAULT_KERNEL = "6.1.176-1"  # same as livesplice.kernel.debian.DEFAULT_KERNEL (import-light)
 
@@ -70,11 +73,11 @@ def _progress(quiet: bool) -> Any:
     return lambda msg: print(f"livesplice lab: {msg}", file=sys.stderr, flush=True)
 
 
-def _guest_files(specs: list[str]) -> list[Any]:
+def _guest_files(specs: list[str]) -> list[GuestFile]:
     from livesplice.errors import UsageError
     from livesplice.kernel.initramfs import GuestFile
 
-    files = []
+    files: list[GuestFile] = []
     for spec in specs:
         src, _, dest = spec.partition(":")
         path = Path(src)
