@@ -316,11 +316,16 @@ def test_post_build_failure_carries_compiler_error(tmp_path: Path) -> None:
     assert any("undeclared_factor" in d and "error:" in d for d in info.value.details)
 
 
-def test_already_built_tree_is_a_usage_error(tmp_path: Path) -> None:
+def test_already_built_tree_is_rebuilt_through_the_wrapper(tmp_path: Path) -> None:
+    """A user's tree where `make` already ran: the copy's objects are aged so that the pre
+    build compiles every unit through the wrapper; the user's own objects are untouched."""
     src = fixture_tree("plain", tmp_path)
     subprocess.run(["make", "-s"], cwd=src, check=True)
-    with pytest.raises(UsageError, match="compiled nothing"):
-        build(src, FIXTURES / "plain" / "scale.patch", tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*.o")}
+    assert before
+    pair = build(src, FIXTURES / "plain" / "scale.patch", tmp_path)
+    assert pair.units and any(u.post is not None for u in pair.units)
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*.o")} == before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,30 @@ def copy_source_tree(srcdir: Path, dest: Path, skip: Path | None = None) -> Path
         shutil.copytree(srcdir, dest, symlinks=True, ignore=special_files)
     except (shutil.Error, OSError) as e:
         raise UsageError(f"cannot copy the source tree {srcdir}: {e}") from None
+    age_build_outputs(dest)
     return dest
+
+
+def age_build_outputs(tree: Path) -> None:
+    """Make objects, archives and binaries already built in the copy look older than every
+    source, so the pre build recompiles them through the wrapper.
+
+    A user's tree is often already built (``make`` was run in it); without this, make sees
+    up-to-date objects, compiles nothing, and we could not see a single unit. Nothing is
+    deleted: files without a rule to rebuild them stay as they are.
+    """
+    for root, _dirs, files in os.walk(tree):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if os.path.islink(path):
+                    continue
+                with open(path, "rb") as f:
+                    magic = f.read(8)
+                if magic.startswith(b"\x7fELF") or magic == b"!<arch>\n":
+                    os.utime(path, (0, 0))
+            except OSError:
+                continue
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +232,9 @@ def install_shims(shim_dir: Path) -> ShimDir:
 
 def build_environment(shims: ShimDir, workdir: Path, jobs: int, log: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # Debug info (and so the GNU build-id) records the directory of each compile; mapping the
+    # random work directory away makes the same inputs give a byte-identical update.
+    env[wrapper.PREFIX_MAP_ENV] = f"{workdir / 'tree'}=."
     env["PATH"] = f"{shims.path}{os.pathsep}{env.get('PATH', os.defpath)}"
     # CMake records these absolute paths in its cache at configure time, so the post build
     # (same workdir, same paths) still goes through the shims.

@@ -49,6 +49,7 @@ LOG_ENV = "LIVESPLICE_BUILD_LOG"
 REAL_ENV_PREFIX = "LIVESPLICE_REAL_"  # LIVESPLICE_REAL_GCC=/opt/gcc/bin/gcc overrides PATH lookup
 
 EXTRA_COMPILE_FLAGS = ("-ffunction-sections", "-fdata-sections")
+PREFIX_MAP_ENV = "LIVESPLICE_PREFIX_MAP"  # OLD=NEW for -ffile-prefix-map (reproducible debug info)
 
 C_SUFFIXES = {".c": "c", ".i": "c"}
 CXX_SUFFIXES = {
@@ -204,7 +205,11 @@ def with_extra_flags(args: list[str], cmd: CompilerCommand) -> list[str]:
     if not cmd.has_c_family_source:
         return list(args)
     head = [] if cmd.has_debug_flag else ["-g"]
-    return head + list(args) + list(EXTRA_COMPILE_FLAGS)
+    tail = list(EXTRA_COMPILE_FLAGS)
+    prefix_map = os.environ.get(PREFIX_MAP_ENV)
+    if prefix_map:
+        tail.append(f"-ffile-prefix-map={prefix_map}")
+    return head + list(args) + tail
 
 
 def stem_of(path: str) -> str:

@@ -35,6 +35,7 @@ from livesplice.errors import (
     TargetGone,
     UsageError,
 )
+from livesplice.faults import checkpoint
 from livesplice.process.state import (
     NAME_PREFIX,
     StateRecord,
@@ -190,6 +191,7 @@ def apply_to_process(
                 name=f"{NAME_PREFIX}{manifest.id}:code",
             )
             mapped.append((code, max(code_size, 1)))
+            checkpoint("apply:mapped-code")
             data = 0
             if data_size:
                 data = remote_mmap(
@@ -207,6 +209,7 @@ def apply_to_process(
                 images.append((p, img))
                 c += p.plan.code_size
                 d += p.plan.data_size
+            checkpoint("apply:wrote-code")
             hooks = _hook_addresses(manifest, images)
             record = StateRecord(
                 id=manifest.id,
@@ -235,6 +238,7 @@ def apply_to_process(
             )
             mapped.append((state, len(blob) + 4096))
             t.write(state, blob)
+            checkpoint("apply:wrote-state")
 
             _run_hooks(t, hooks.get("pre_apply", []), "pre_apply")
             window = StopWindow(
@@ -252,6 +256,7 @@ def apply_to_process(
             except (CodeBusy, HookFailed):
                 _safe_hooks(t, hooks.get("fail_apply", []))
                 raise
+            checkpoint("apply:after-stop")
             record.pause_us = stats.pause_us
             t.write(state, record.encode())
             mapped.clear()  # applied: the mappings now belong to the process
