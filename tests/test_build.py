@@ -20,7 +20,7 @@ from elftools.elf.elffile import ELFFile
 from livesplice.build import wrapper
 from livesplice.build.builder import build_pair
 from livesplice.build.records import BuildPair, UnitPair
-from livesplice.errors import BuildFailed, PatchDoesNotApply, UsageError
+from livesplice.errors import BuildFailed, PatchDoesNotApply
 
 FIXTURES = Path(__file__).parent / "build_fixtures"
 GCC_COMMENT = "GCC: (Debian 12.2.0-14+deb12u1) 12.2.0"
