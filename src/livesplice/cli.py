@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from livesplice import __version__
-from livesplice.errors import ExitCode, LivespliceError
+from livesplice.errors import ExitCode, LivespliceError, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-j", "--jobs", type=int, default=2, help="parallel build jobs (default 2)")
     c.add_argument("--keep-tmp", action="store_true", help="keep the build directory")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.add_argument(
+        "--kernel", action="store_true",
+        help="SRCDIR is a kernel tree prepared like the running kernel (see `lab prepare`)",
+    )
 
     i = sub.add_parser("inspect", help="show what an update file contains")
     i.add_argument("update", metavar="UPDATE", type=Path)
@@ -42,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("apply", help="splice an update into running processes")
     a.add_argument("update", metavar="UPDATE", type=Path)
-    who = a.add_mutually_exclusive_group(required=True)
+    # no --pid/--all: a kernel update, applied to the running kernel
+    who = a.add_mutually_exclusive_group()
     who.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
     who.add_argument("--all", action="store_true", help="every process running a target")
     a.add_argument("--retries", type=int, default=5, help="stop-window attempts (default 5)")
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("undo", help="remove an applied update from running processes")
     u.add_argument("update_id", metavar="ID")
-    uwho = u.add_mutually_exclusive_group(required=True)
+    uwho = u.add_mutually_exclusive_group()
     uwho.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
     uwho.add_argument("--all", action="store_true", help="every process with the update")
     u.add_argument("--retries", type=int, default=5)
@@ -72,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from livesplice.create import create_update
+
+    if args.kernel:
+        from livesplice.kernel.target import cli_create_kernel
+
+        return cli_create_kernel(args)
 
     result = create_update(
         args.srcdir,
@@ -112,6 +122,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from livesplice.update.archive import read_update
+
+    update = read_update(args.update)
+    if any(t.kind in ("kernel", "kernel_module") for t in update.manifest.targets):
+        if args.pid or args.all:
+            raise UsageError("this is a kernel update: apply it without --pid/--all")
+        from livesplice.kernel.target import cli_apply_kernel
+
+        return cli_apply_kernel(args, update)
+    if not (args.pid or args.all):
+        raise UsageError("say which processes to patch: --pid PID (repeatable) or --all")
     from livesplice.process.apply import cli_apply
 
     return cli_apply(args)
@@ -120,10 +141,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from livesplice.process.apply import cli_view
 
-    return cli_view(args)
+    rc = cli_view(args)
+    if not args.pid and Path("/sys/kernel/livepatch").is_dir():
+        from livesplice.kernel.target import cli_view_kernel
+
+        rc = max(rc, cli_view_kernel(args))
+    return rc
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
+    if not (args.pid or args.all):
+        from livesplice.kernel.target import cli_undo_kernel
+
+        return cli_undo_kernel(args)
     from livesplice.process.apply import cli_undo
 
     return cli_undo(args)
