@@ -66,6 +66,8 @@ WALL: Final = 0x40000000  # __WALL: wait for threads (clone children) too
 EINTR_RAX: Final = (1 << 64) - 4  # -EINTR as the unsigned 64-bit value in rax
 SYSCALL_INSN: Final = b"\x0f\x05"
 SYS_TGKILL: Final = 234
+# wait status of the stop PTRACE_INTERRUPT causes: WIFSTOPPED, SIGTRAP, PTRACE_EVENT_STOP
+_INTERRUPT_STOP: Final = (PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7F
 
 _STOP_SIGNALS: Final = frozenset(
     {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
@@ -449,14 +451,27 @@ class Tracee:
         if not running:
             # already stopped: a SIGKILL since wakes traced threads into their exit stop
             self._collect_stopped()
+        new = self._new
         for tid in running:
-            if tid not in self._new:
+            if not new or tid not in new:
                 ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        stopped = self._stopped
         queue = running
         while queue:
             more: list[int] = []
             for tid in queue:
-                while tid not in self._stopped and tid in self._tids:
+                if not new or tid not in new:
+                    # fast path: the interrupt stop of a running thread
+                    try:
+                        _, status = waitpid(tid, WALL)
+                    except ChildProcessError:
+                        self._forget(tid)
+                        continue
+                    if status == _INTERRUPT_STOP and not self._group_stop:
+                        stopped.add(tid)
+                        continue
+                    more.extend(self._on_status(tid, status))
+                while tid not in stopped and tid in self._tids:
                     try:
                         _, status = waitpid(tid, WALL)
                     except ChildProcessError:
@@ -508,6 +523,13 @@ class Tracee:
 
     def resume(self) -> None:
         """Let every stopped thread run; re-inject real signals caught while stopped."""
+        if not (self._pending or self._group_stop or self._exiting):
+            ptrace = self._ptrace
+            for tid in self._tids:
+                if tid in self._stopped:
+                    ptrace(PTRACE_CONT, tid, 0, 0)
+            self._stopped.clear()
+            self._signal_stop.clear()
         for tid in list(self._tids):
             if tid in self._stopped:
                 self._cont(tid)
@@ -537,14 +559,13 @@ class Tracee:
             self._regs = np.zeros((cap, REGS_WORDS), dtype=np.uint64)
             base = self._regs.ctypes.data
             self._regs_ptrs = [ctypes.c_void_p(base + i * REGS_SIZE) for i in range(cap)]
-        ptrs = self._regs_ptrs
         ptrace = self._ptrace
-        bad: list[int] = []
-        for i, tid in enumerate(tids):
-            if ptrace(PTRACE_GETREGS, tid, 0, ptrs[i]) != 0:
-                bad.append(i)
+        bad = [
+            tid for tid, ptr in zip(tids, self._regs_ptrs, strict=False)
+            if ptrace(PTRACE_GETREGS, tid, 0, ptr)
+        ]
         if bad:  # a thread killed while stopped (SIGKILL wakes traced threads)
-            gone = {tids[i] for i in bad}
+            gone = set(bad)
             for tid in gone:
                 self._forget(tid)
             if not [t for t in self._tids if t not in self._exiting]:
@@ -567,9 +588,13 @@ class Tracee:
         self.rewound = []
         tids, regs = self.stopped_regs()
         rax = regs[:, REG_INDEX["rax"]]
-        orig = regs[:, REG_INDEX["orig_rax"]]
-        cand = np.nonzero((rax == np.uint64(EINTR_RAX)) & (orig < np.uint64(1 << 63)))[0]
-        for i in cand.tolist():
+        if len(tids) <= 8:  # a few threads: cheaper without numpy calls
+            cand = [i for i, v in enumerate(rax.tolist()) if v == EINTR_RAX]
+        else:
+            cand = np.flatnonzero(rax == np.uint64(EINTR_RAX)).tolist()
+        for i in cand:
+            if int(regs[i, REG_INDEX["orig_rax"]]) >> 63:
+                continue  # orig_rax -1: not stopped in a system call
             tid = tids[i]
             if tid in self._pending or tid in self._exiting:
                 continue  # a real signal interrupted it: the program must see EINTR

@@ -28,8 +28,10 @@ A range capstone cannot decode completely falls back to the conservative rule.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from livesplice.errors import CodeBusy, LivespliceError, TargetGone
-from livesplice.process.ptrace import REG_INDEX, Tracee, process_alive
+from livesplice.process.ptrace import REG_INDEX, REGS_WORDS, Tracee, process_alive
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,7 +53,12 @@ SCANNED_REGS = (
     "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
     "rdx", "rsi", "rdi",
 )
-IOV_MAX = 1024  # <limits.h>: most iovecs per process_vm_readv
+SCANNED_COLS = frozenset(REG_INDEX[n] for n in SCANNED_REGS)
+RIP = REG_INDEX["rip"]
+RSP = REG_INDEX["rsp"]
+IOV_MAX = 1024
+SMALL = 8  # up to this many threads, per-thread work in Python is cheaper than numpy calls
+_ALIGN8 = ~7 & ((1 << 64) - 1)  # <limits.h>: most iovecs per process_vm_readv
 
 
 @dataclass
@@ -89,6 +96,8 @@ class BusyRanges:
     names: list[str]
     return_sites: set[int] = field(default_factory=set)
     conservative: list[bool] = field(default_factory=list)  # per range: any word counts
+    lo: Any = 0  # np.uint64: first start
+    span: Any = 0  # np.uint64: last end - first start
 
     @classmethod
     def build(cls, ranges: list[tuple[int, int, str]], code: Callable[[int, int], bytes | None],
@@ -104,32 +113,38 @@ class BusyRanges:
             conservative.append(found is None)
             if found is not None:
                 sites |= found
+        lo = rs[0][0] if rs else 0
         return cls(
             starts=np.array([r[0] for r in rs], dtype=np.uint64),
             ends=np.array([r[1] for r in rs], dtype=np.uint64),
             names=[r[2] for r in rs],
             return_sites=sites,
             conservative=conservative,
+            lo=np.uint64(lo),
+            span=np.uint64(max((r[1] for r in rs), default=0) - lo),
         )
 
     def lookup(self, values: U64, *, inclusive: bool = False) -> tuple[Any, Any]:
         """(indices into ``values``, range index of each) of values inside a range.
 
         ``inclusive``: a value equal to a range's end counts for that range (the return
-        address of a final call to a noreturn function).
+        address of a final call to a noreturn function). One vectorised pass keeps only the
+        values within [first start, last end] (unsigned wrap-around: ``v - lo <= span``);
+        only those few are looked up range by range.
         """
         import numpy as np
 
         if not len(self.starts) or not len(values):
             empty = np.zeros(0, dtype=np.intp)
             return empty, empty
-        idx = np.searchsorted(self.starts, values, side="right").astype(np.intp) - 1
-        ok = idx >= 0
-        safe = np.where(ok, idx, 0)
-        ends = self.ends[safe]
-        inside = (values <= ends) if inclusive else (values < ends)
-        hits = np.nonzero(ok & inside)[0]
-        return hits, idx[hits]
+        cand = np.flatnonzero((values - self.lo) <= self.span)
+        if not len(cand):
+            return cand, cand
+        v = values[cand]
+        idx = np.searchsorted(self.starts, v, side="right").astype(np.intp) - 1
+        ends = self.ends[idx]
+        inside = (v <= ends) if inclusive else (v < ends)
+        return cand[inside], idx[inside]
 
     def counts(self, word: int, rng: int) -> bool:
         """Does a stack/register word inside range ``rng`` count as a frame in it?"""
@@ -213,6 +228,7 @@ class StopWindow:
         self._buf = np.empty(1 << 20, dtype=np.uint8)
         self._iov = np.zeros((64, 2), dtype=np.uint64)
         self._local = _IoVec()
+        self._few_iov = (_IoVec * SMALL)()
         self.last_busy: list[BusyThread] = []
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._readv = self._libc.process_vm_readv
@@ -232,8 +248,10 @@ class StopWindow:
         from livesplice.process.remote import read_maps
 
         maps = read_maps(self.t.pid)
-        self._map_starts = np.array([m[0] for m in maps], dtype=np.uint64)
-        self._map_ends = np.array([m[1] for m in maps], dtype=np.uint64)
+        self._map_starts_list = [m[0] for m in maps]
+        self._map_ends_list = [m[1] for m in maps]
+        self._map_starts = np.array(self._map_starts_list, dtype=np.uint64)
+        self._map_ends = np.array(self._map_ends_list, dtype=np.uint64)
 
     # ------------------------------------------------------------ the window
 
@@ -254,7 +272,7 @@ class StopWindow:
                 self.fifo if self.fifo is not None
                 else len(t.threads()) > (os.cpu_count() or 1)
             )
-            with _realtime(use_fifo):
+            with _realtime(use_fifo), _no_gc():
                 t0 = time.perf_counter_ns()
                 t.stop()
                 try:
@@ -321,70 +339,111 @@ class StopWindow:
 
     def _busy_threads(self) -> list[tuple[int, str, str]]:
         """(tid, function, where) of every busy thread, from the stop's registers."""
-        import numpy as np
-
         tids, regs = self.t.stopped_regs()
         r = self.ranges
-        busy: dict[int, tuple[str, str]] = {}
         if not len(r.starts):
             return []
-        hits, rng = r.lookup(np.ascontiguousarray(regs[:, REG_INDEX["rip"]]))
-        for h, k in zip(hits.tolist(), rng.tolist(), strict=True):
-            busy[h] = (r.names[k], "ip")
+        busy: dict[int, tuple[str, str]] = {}
+        # rip and the general registers of every thread in one pass over the array
+        flat = regs.reshape(-1)
+        hits, rng = r.lookup(flat, inclusive=True)
+        if len(hits):
+            for h, k in zip(hits.tolist(), rng.tolist(), strict=True):
+                row, col = divmod(h, REGS_WORDS)
+                word = int(flat[h])
+                if col == RIP and word < int(r.ends[k]):
+                    busy[row] = (r.names[k], "ip")
+                elif col in SCANNED_COLS and r.counts(word, k):
+                    busy.setdefault(row, (r.names[k], "register"))
         words, bounds = self._read_stacks(regs)
-        for s, k in scan_stacks(words, bounds, r).items():
-            busy.setdefault(s, (r.names[k], "stack"))
-        cols = [REG_INDEX[n] for n in SCANNED_REGS]
-        gpr = np.ascontiguousarray(regs[:, cols]).reshape(-1)
-        hits, rng = r.lookup(gpr, inclusive=True)
-        for h, k in zip(hits.tolist(), rng.tolist(), strict=True):
-            row = h // len(cols)
-            if row not in busy and r.counts(int(gpr[h]), k):
-                busy[row] = (r.names[k], "register")
+        for i, k in scan_stacks(words, bounds, r).items():
+            if busy.get(i, ("", "register"))[1] == "register":
+                busy[i] = (r.names[k], "stack")
         return [(tids[i], fn, where) for i, (fn, where) in sorted(busy.items())]
 
     def _read_stacks(self, regs: U64) -> tuple[U64, U64]:
-        """Every thread's stack, rsp up to the end of its mapping, with one process_vm_readv."""
+        """Every thread's stack, rsp up to the end of its mapping, with one process_vm_readv.
+
+        Returns all stacks as one uint64 array and the word offset where each starts.
+        """
         import numpy as np
 
         n = regs.shape[0]
-        rsp = regs[:, REG_INDEX["rsp"]] & np.uint64(~7 & ((1 << 64) - 1))
-        m = np.searchsorted(self._map_starts, rsp, side="right").astype(np.intp) - 1
-        ends = self._map_ends[np.maximum(m, 0)]
-        unknown = (m < 0) | (rsp >= ends)
-        if unknown.any():  # a stack mapped after we read the maps (a new thread): rare
+        if n <= SMALL:
+            return self._read_few_stacks(regs)
+        if self._iov.shape[0] < n:
+            self._iov = np.zeros((max(n, 2 * self._iov.shape[0]), 2), dtype=np.uint64)
+        iov = self._iov[:n]
+        rsp = iov[:, 0]
+        np.bitwise_and(regs[:, RSP], _ALIGN8, out=rsp)
+        m = np.searchsorted(self._map_starts, rsp, side="right") - 1
+        ends = self._map_ends[m]  # m == -1 picks the last mapping: then rsp >= its end
+        if (ends <= rsp).any():  # a stack mapped after we read the maps (a new thread): rare
             self._load_maps()
-            m = np.searchsorted(self._map_starts, rsp, side="right").astype(np.intp) - 1
-            ends = self._map_ends[np.maximum(m, 0)]
-            unknown = (m < 0) | (rsp >= ends)
-        lengths = np.where(unknown, np.uint64(0), ends - rsp)
-        bounds = np.zeros(n + 1, dtype=np.uint64)
-        np.cumsum(lengths // np.uint64(8), out=bounds[1:])
+            m = np.searchsorted(self._map_starts, rsp, side="right") - 1
+            ends = self._map_ends[m]
+            ends = np.where((m < 0) | (ends <= rsp), rsp, ends)  # unknown: read nothing
+        np.subtract(ends, rsp, out=iov[:, 1])
+        bounds = np.empty(n + 1, dtype=np.uint64)
+        bounds[0] = 0
+        np.cumsum(iov[:, 1] >> np.uint64(3), out=bounds[1:])
         total = int(bounds[-1]) * 8
         if self._buf.shape[0] < total:
             self._buf = np.empty(total * 2, dtype=np.uint8)
-        if self._iov.shape[0] < n:
-            self._iov = np.zeros((max(n, 2 * self._iov.shape[0]), 2), dtype=np.uint64)
-        iov = self._iov
-        iov[:n, 0] = rsp
-        iov[:n, 1] = lengths
-        got = 0
         base = self._buf.ctypes.data
-        iov_addr = iov.ctypes.data
-        for first in range(0, n, IOV_MAX):
-            cnt = min(IOV_MAX, n - first)
-            want = int(lengths[first:first + cnt].sum())
-            self._local.base = base + got
-            self._local.len = want
-            rv = self._readv(
-                self.t.pid, ctypes.byref(self._local), 1,
-                ctypes.c_void_p(iov_addr + first * 16), cnt, 0,
-            )
-            if rv != want:
-                self._read_slowly(iov, first, cnt, got, rv)
-            got += want
+        if n <= IOV_MAX:
+            self._local.base = base
+            self._local.len = total
+            rv = self._readv(self.t.pid, ctypes.byref(self._local), 1,
+                             ctypes.c_void_p(self._iov.ctypes.data), n, 0)
+            if rv != total:
+                self._read_slowly(iov, 0, n, 0, rv)
+        else:
+            got = 0
+            for first in range(0, n, IOV_MAX):
+                cnt = min(IOV_MAX, n - first)
+                want = int(iov[first:first + cnt, 1].sum())
+                self._local.base = base + got
+                self._local.len = want
+                rv = self._readv(self.t.pid, ctypes.byref(self._local), 1,
+                                 ctypes.c_void_p(self._iov.ctypes.data + first * 16), cnt, 0)
+                if rv != want:
+                    self._read_slowly(iov, first, cnt, got, rv)
+                got += want
         words: U64 = self._buf[:total].view(np.uint64)
         return words, bounds
+
+    def _read_few_stacks(self, regs: U64) -> tuple[U64, U64]:
+        """_read_stacks for a few threads: plain Python beats a dozen numpy calls here."""
+        import numpy as np
+
+        starts, ends = self._map_starts_list, self._map_ends_list
+        iov = self._few_iov
+        bounds = [0]
+        total = 0
+        for i, sp in enumerate(regs[:, RSP].tolist()):
+            sp &= _ALIGN8
+            j = bisect.bisect_right(starts, sp) - 1
+            if j < 0 or sp >= ends[j]:
+                self._load_maps()  # a stack mapped after we read the maps: rare
+                starts, ends = self._map_starts_list, self._map_ends_list
+                j = bisect.bisect_right(starts, sp) - 1
+            size = ends[j] - sp if j >= 0 and sp < ends[j] else 0
+            iov[i].base = sp
+            iov[i].len = size
+            total += size
+            bounds.append(total >> 3)
+        if self._buf.shape[0] < total:
+            self._buf = np.empty(total * 2, dtype=np.uint8)
+        self._local.base = self._buf.ctypes.data
+        self._local.len = total
+        n = len(bounds) - 1
+        rv = self._readv(self.t.pid, ctypes.byref(self._local), 1, iov, n, 0)
+        if rv != total:
+            rows = np.array([[iov[i].base or 0, iov[i].len] for i in range(n)], dtype=np.uint64)
+            self._read_slowly(rows, 0, n, 0, rv)
+        words: U64 = self._buf[:total].view(np.uint64)
+        return words, np.array(bounds, dtype=np.uint64)
 
     def _read_slowly(self, iov: U64, first: int, cnt: int, at: int, rv: int) -> None:
         """process_vm_readv stops at the first unreadable range: read stack by stack."""
@@ -401,6 +460,18 @@ class StopWindow:
                 data = b"\0" * size  # gone since (thread exited): nothing to find there
             self._buf[off:off + size] = memoryview(data)
             off += size
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No garbage collection pause inside the window (it costs milliseconds)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,84 @@
+"""Pause of the stop window: first interrupt to last resume, with a 5-byte write inside.
+
+Plain script (not pytest): ``.venv/bin/python benchmarks/bench_pause.py [--runs N]``.
+For 1, 8, 64 and 256 threads (spinning; and blocked in read() with --blocked) it runs
+StopWindow.run() RUNS times on tests/progs/ptrace_spin and prints median and p99 against the
+targets (median <= 50 us at 1 thread, <= 700 us at 64, <= 5 ms at 256; p99 <= 3x median).
+The busy range is a function no thread runs, so every attempt succeeds at once; the scan
+still reads and checks every stack word and register.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "progs"))
+
+from ptrace_targets import Target, build
+
+from livesplice.process.ptrace import Tracee
+from livesplice.process.stopwindow import StopWindow
+
+TARGET_MEDIAN_US = {1: 50.0, 64: 700.0, 256: 5000.0}
+
+
+def p99(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
+
+
+def measure(exe: Path, threads: int, runs: int, blocked: bool, fifo: bool | None) -> list[float]:
+    args = [str(max(threads - 1, 0) if threads > 1 else 0)]
+    if blocked:
+        args = [str(threads - 1), "sleepers"]  # main thread blocks in fgets, workers in read
+    tg = Target(exe, *args)
+    try:
+        tg.wait_threads(threads)
+        time.sleep(0.1)
+        fn, size = tg.symbol("answer")
+        with Tracee(tg.pid) as t:
+            assert len(t.threads()) == threads, (len(t.threads()), threads)
+            w = StopWindow(t, [(fn, fn + size, "answer")], retries=1, fifo=fifo)
+            jump = [(fn, t.read(fn, 5))]  # the same 5 bytes: a real write, nothing changes
+            for _ in range(10):  # warm-up: page faults, numpy first calls
+                w.run(jump)
+            out = []
+            for _ in range(runs):
+                out.append(w.run(jump).pause_us)
+                time.sleep(0.001)
+        return out
+    finally:
+        tg.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 8, 64, 256])
+    ap.add_argument("--blocked", action="store_true", help="threads blocked in read()")
+    ap.add_argument("--fifo", choices=["auto", "on", "off"], default="auto")
+    a = ap.parse_args()
+    fifo = {"auto": None, "on": True, "off": False}[a.fifo]
+    with tempfile.TemporaryDirectory() as d:
+        exe = build("ptrace_spin", Path(d))
+        kind = "blocked" if a.blocked else "spinning"
+        print(f"stop-window pause, {kind} threads, {a.runs} runs, fifo={a.fifo}")
+        print(f"{'threads':>7} {'median us':>10} {'p99 us':>9} {'p99/med':>8} "
+              f"{'target us':>10} {'med/target':>10}")
+        for n in a.threads:
+            xs = measure(exe, n, a.runs, a.blocked, fifo)
+            med = statistics.median(xs)
+            tail = p99(xs)
+            target = TARGET_MEDIAN_US.get(n)
+            tcol = f"{target:10.0f}" if target else f"{'-':>10}"
+            rcol = f"{med / target:10.2f}" if target else f"{'-':>10}"
+            print(f"{n:>7} {med:10.1f} {tail:9.1f} {tail / med:8.2f} {tcol} {rcol}")
+
+
+if __name__ == "__main__":
+    main()
