@@ -1,0 +1,596 @@
+"""End to end: create an update from a patch, splice it into a RUNNING process, view, undo.
+
+Every test builds a real program with its own Makefile (an ordinary build, not livesplice's),
+runs it, and checks the observable behaviour before, during and after the update.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from livetest import Running, build, create, livesplice, livesplice_json, make_patch, write_tree
+
+MAKEFILE = """\
+CC ?= gcc
+CFLAGS ?= -O2 -g
+prog: prog.c
+\t$(CC) $(CFLAGS) $(EXTRA_CFLAGS) -o $@ prog.c -lpthread $(EXTRA_LDFLAGS)
+"""
+
+BASIC = """\
+#include <stdio.h>
+#include <unistd.h>
+
+int base = 1;
+
+__attribute__((noinline)) int answer(int x)
+{
+\treturn x + base;
+}
+
+int main(void)
+{
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tprintf("ready %d\\n", (int)getpid());
+\tfor (int i = 0;; i++) {
+\t\tprintf("value %d\\n", answer(i) - i);
+\t\tusleep(2000);
+\t}
+}
+"""
+BASIC_FIX = {"prog.c": [("return x + base;", "return x + base + 1;")]}
+
+
+def setup_prog(tmp_path: Path, source: str, edits: dict[str, list[tuple[str, str]]],
+               *make_args: str) -> tuple[Path, Path]:
+    tree = write_tree(tmp_path / "src", {"prog.c": source, "Makefile": MAKEFILE})
+    patch = make_patch(tree, edits, tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", {"prog.c": source, "Makefile": MAKEFILE})
+    build(running, *make_args)
+    return tree, patch
+
+
+@pytest.mark.parametrize(
+    "variant,make_args",
+    [
+        ("pie", ()),
+        ("nopie", ("EXTRA_CFLAGS=-fno-pie", "EXTRA_LDFLAGS=-no-pie")),
+    ],
+)
+def test_apply_view_undo_basic(tmp_path: Path, variant: str, make_args: tuple[str, ...]) -> None:
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX, *make_args)
+    update = create(tree, patch, "basic001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("ready")
+        prog.wait_for("value 1")
+        out = livesplice_json("apply", str(update), "--pid", str(prog.pid))
+        assert out["processes"][0]["status"] == "applied"
+        assert out["processes"][0]["pause_us"] > 0
+        prog.wait_for("value 2")
+        view = livesplice_json("view", "--pid", str(prog.pid))
+        [entry] = view["processes"]
+        assert entry["id"] == "basic001" and entry["state"] == "applied"
+        assert entry["functions"] == ["answer"]
+        maps = Path(f"/proc/{prog.pid}/maps").read_text()
+        assert "/memfd:livesplice:basic001" in maps
+        livesplice("undo", "basic001", "--pid", str(prog.pid))
+        prog.wait_for("value 1")
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+        assert prog.alive()
+    finally:
+        prog.stop()
+
+
+def test_stripped_binary(tmp_path: Path) -> None:
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    subprocess.run(["strip", str(tmp_path / "run" / "prog")], check=True)
+    update = create(tree, patch, "strip001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("value 1")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("value 2")
+    finally:
+        prog.stop()
+
+
+def test_wrong_source_version_is_refused(tmp_path: Path) -> None:
+    """The running program was built from different source: NO_MATCH, process untouched."""
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    other = BASIC.replace("return x + base;", "return x + base * 3;")
+    running = write_tree(tmp_path / "run2", {"prog.c": other, "Makefile": MAKEFILE})
+    build(running)
+    update = create(tree, patch, "wrong001", tmp_path)
+    prog = Running([str(running / "prog")])
+    try:
+        prog.wait_for("value 3")
+        before = Path(f"/proc/{prog.pid}/maps").read_text()
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 5, r.stdout + r.stderr
+        assert "NO_MATCH" in r.stdout + r.stderr and "answer" in r.stdout + r.stderr
+        assert Path(f"/proc/{prog.pid}/maps").read_text() == before
+        prog.wait_for("value 3")
+    finally:
+        prog.stop()
+
+
+def test_missing_pid(tmp_path: Path) -> None:
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    update = create(tree, patch, "gone0001", tmp_path)
+    r = livesplice("apply", str(update), "--pid", "999999999", check=False)
+    assert r.returncode == 7
+    assert "no process" in r.stdout + r.stderr
+
+
+BUSY = """\
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+volatile int stop;
+int base = 1;
+
+__attribute__((noinline)) int spin(void)
+{
+\tunsigned long n = 0;
+\twhile (!stop)
+\t\tn++;
+\treturn (int)n + base;
+}
+
+static void *worker(void *arg)
+{
+\t(void)arg;
+\tpthread_setname_np(pthread_self(), "spinner");
+\treturn (void *)(long)spin();
+}
+
+int main(void)
+{
+\tpthread_t t;
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tpthread_create(&t, NULL, worker, NULL);
+\tfor (int i = 0;; i++) {
+\t\tprintf("tick %d\\n", i);
+\t\tusleep(5000);
+\t}
+}
+"""
+
+
+def test_thread_that_never_leaves_is_code_busy(tmp_path: Path) -> None:
+    tree, patch = setup_prog(
+        tmp_path, BUSY, {"prog.c": [("return (int)n + base;", "return (int)n + base + 1;")]}
+    )
+    update = create(tree, patch, "busy0001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("tick 3")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), "--retries", "3",
+                       "--retry-interval", "0.1", check=False)
+        assert r.returncode == 6, r.stdout + r.stderr
+        text = r.stdout + r.stderr
+        assert "CODE_BUSY" in text and "spin" in text and "spinner" in text
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+        prog.drain()
+        prog.wait_for(lambda s: s.startswith("tick"))
+    finally:
+        prog.stop()
+
+
+THREADS = """\
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#define NTHREADS 64
+int base = 1;
+volatile long results[NTHREADS];
+
+__attribute__((noinline)) int answer(int x)
+{
+\treturn x + base;
+}
+
+__attribute__((noinline)) int around(int x)
+{
+\treturn answer(x) + answer(x + 1) - x - 1;
+}
+
+static void *worker(void *arg)
+{
+\tlong id = (long)arg;
+\tfor (int i = 0;; i++) {
+\t\tresults[id] = around(i) - i;
+\t\tif ((i & 1023) == 0)
+\t\t\tusleep(100);
+\t}
+\treturn NULL;
+}
+
+int main(void)
+{
+\tpthread_t t;
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (long i = 0; i < NTHREADS; i++)
+\t\tpthread_create(&t, NULL, worker, (void *)i);
+\tfor (;;) {
+\t\tusleep(20000);
+\t\tlong lo = results[0], hi = results[0];
+\t\tfor (int i = 1; i < NTHREADS; i++) {
+\t\t\tif (results[i] < lo) lo = results[i];
+\t\t\tif (results[i] > hi) hi = results[i];
+\t\t}
+\t\tprintf("range %ld %ld\\n", lo, hi);
+\t}
+}
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="busy threads are not yet run out of busy functions")
+def test_64_threads_in_and_around_patched_function(tmp_path: Path) -> None:
+    tree, patch = setup_prog(tmp_path, THREADS, BASIC_FIX)
+    update = create(tree, patch, "thr00064", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("range 2 2")
+        out = livesplice_json("apply", str(update), "--pid", str(prog.pid),
+                              "--retries", "20", "--retry-interval", "0.05")
+        assert out["processes"][0]["status"] == "applied", out
+        assert out["processes"][0]["threads"] >= 65
+        prog.wait_for("range 4 4", timeout=20)
+        livesplice("undo", "thr00064", "--pid", str(prog.pid), "--retries", "20",
+                   "--retry-interval", "0.05")
+        prog.wait_for("range 2 2", timeout=20)
+        assert prog.alive()
+    finally:
+        prog.stop()
+
+
+def test_stacking_and_undo_in_reverse_order(tmp_path: Path) -> None:
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    first = create(tree, patch, "stack001", tmp_path)
+    # The second update is made against the tree with the first fix applied.
+    tree2 = write_tree(tmp_path / "src2", {
+        "prog.c": BASIC.replace("return x + base;", "return x + base + 1;"),
+        "Makefile": MAKEFILE,
+    })
+    patch2 = make_patch(tree2, {"prog.c": [("return x + base + 1;", "return x + base + 5;")]},
+                        tmp_path / "fix2.patch")
+    second = create(tree2, patch2, "stack002", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("value 1")
+        # The second update does not match the original code: refused until the first is in.
+        r = livesplice("apply", str(second), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 5, r.stdout + r.stderr
+        livesplice("apply", str(first), "--pid", str(prog.pid))
+        prog.wait_for("value 2")
+        livesplice("apply", str(second), "--pid", str(prog.pid))
+        prog.wait_for("value 6")
+        view = livesplice_json("view", "--pid", str(prog.pid))
+        assert [(p["id"], p["state"]) for p in view["processes"]] == [
+            ("stack001", "applied"), ("stack002", "applied")]
+        r = livesplice("undo", "stack001", "--pid", str(prog.pid), check=False)
+        assert r.returncode == 2 and "stack002" in r.stderr + r.stdout
+        livesplice("undo", "stack002", "--pid", str(prog.pid))
+        prog.wait_for("value 2")
+        livesplice("undo", "stack001", "--pid", str(prog.pid))
+        prog.wait_for("value 1")
+    finally:
+        prog.stop()
+
+
+LIB_C = """\
+#include <string.h>
+
+static int scale = 10;
+
+int calc_answer(int x)
+{
+\treturn x * scale + 1;
+}
+
+int calc_len(const char *s)
+{
+\treturn (int)strlen(s);
+}
+"""
+LIB_MAIN = """\
+#include <stdio.h>
+#include <unistd.h>
+
+int calc_answer(int x);
+
+int main(void)
+{
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (int i = 0;; i++) {
+\t\tprintf("lib %d\\n", calc_answer(i) - i * 10);
+\t\tusleep(2000);
+\t}
+}
+"""
+LIB_MAKEFILE = """\
+CC ?= gcc
+CFLAGS ?= -O2 -g
+all: prog libcalc.so.1
+libcalc.so.1: calc.c
+\t$(CC) $(CFLAGS) -fPIC -shared -Wl,-soname,libcalc.so.1 -o $@ calc.c
+prog: main.c libcalc.so.1
+\t$(CC) $(CFLAGS) -o $@ main.c ./libcalc.so.1 -Wl,-rpath,'$$ORIGIN'
+"""
+
+
+def test_shared_library_in_several_processes(tmp_path: Path) -> None:
+    files = {"calc.c": LIB_C, "main.c": LIB_MAIN, "Makefile": LIB_MAKEFILE}
+    tree = write_tree(tmp_path / "src", files)
+    patch = make_patch(tree, {"calc.c": [("return x * scale + 1;", "return x * scale + 2;")]},
+                       tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", files)
+    build(running)
+    update = create(tree, patch, "shlib001", tmp_path)
+    progs = [Running([str(running / "prog")]) for _ in range(3)]
+    try:
+        for p in progs:
+            p.wait_for("lib 1")
+        out = livesplice_json("apply", str(update), "--all")
+        assert sorted(p["pid"] for p in out["processes"] if p["status"] == "applied") == \
+            sorted(p.pid for p in progs)
+        for p in progs:
+            p.wait_for("lib 2")
+        livesplice("undo", "shlib001", "--all")
+        for p in progs:
+            p.wait_for("lib 1")
+    finally:
+        for p in progs:
+            p.stop()
+
+
+FEATURES = """\
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+__thread int tls_calls;
+int base = 1;
+
+struct op {
+\tconst char *name;
+\tint (*fn)(int);
+};
+
+static int op_inc(int x) { return x + base; }
+static int op_dbl(int x) { return 2 * x; }
+
+struct op ops[] = { { "inc", op_inc }, { "dbl", op_dbl } };
+
+__attribute__((noinline)) int counted(int x)
+{
+\ttls_calls++;
+\treturn x + tls_calls - tls_calls;
+}
+
+__attribute__((noinline)) int label_len(const char *s)
+{
+\treturn (int)strlen(s);
+}
+
+int main(void)
+{
+\tchar buf[64];
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (int i = 0;; i++) {
+\t\tsnprintf(buf, sizeof(buf), "item-%d", i % 10);
+\t\tprintf("inc %d tls %d len %d\\n", ops[0].fn(i) - i, counted(i) - i, label_len(buf));
+\t\tusleep(2000);
+\t}
+}
+"""
+
+
+def test_function_pointers_tls_and_ifunc(tmp_path: Path) -> None:
+    """A callback reached through a function pointer in data; a changed function that uses an
+    existing TLS variable; a new call to an IFUNC-resolved libc function (memchr)."""
+    tree, patch = setup_prog(tmp_path, FEATURES, {"prog.c": [
+        ("static int op_inc(int x) { return x + base; }",
+         "static int op_inc(int x) { return x + base + 1; }"),
+        ("\treturn x + tls_calls - tls_calls;",
+         "\treturn x + (tls_calls > 0) + tls_calls - tls_calls;"),
+        ("\treturn (int)strlen(s);",
+         "\tconst char *dash = memchr(s, '-', strlen(s));\n\treturn dash ? (int)(dash - s) : -1;"),
+    ]})
+    update = create(tree, patch, "feat0001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("inc 1 tls 0 len 6")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("inc 2 tls 1 len 4")
+        livesplice("undo", "feat0001", "--pid", str(prog.pid))
+        prog.wait_for("inc 1 tls 0 len 6")
+    finally:
+        prog.stop()
+
+
+BLOCKED = """\
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+int base = 1;
+
+__attribute__((noinline)) int transform(int c)
+{
+\treturn c + base;
+}
+
+static int pipes[2][2];
+
+static void *reader(void *arg)
+{
+\t(void)arg;
+\tchar c;
+\tfor (;;) {
+\t\tssize_t n = read(pipes[0][0], &c, 1);
+\t\tif (n < 0) {
+\t\t\tprintf("read error %s\\n", strerror(errno));
+\t\t\tcontinue;
+\t\t}
+\t\tprintf("read %d\\n", transform(c) - c);
+\t}
+\treturn NULL;
+}
+
+static void *poller(void *arg)
+{
+\t(void)arg;
+\tint ep = epoll_create1(0);
+\tstruct epoll_event ev = { .events = EPOLLIN }, out;
+\tchar c;
+\tepoll_ctl(ep, EPOLL_CTL_ADD, pipes[1][0], &ev);
+\tfor (;;) {
+\t\tint n = epoll_wait(ep, &out, 1, -1);
+\t\tif (n < 0) {
+\t\t\tprintf("epoll error %s\\n", strerror(errno));
+\t\t\tcontinue;
+\t\t}
+\t\tif (read(pipes[1][0], &c, 1) == 1)
+\t\t\tprintf("polled %d\\n", transform(c) - c);
+\t}
+\treturn NULL;
+}
+
+int main(void)
+{
+\tpthread_t t;
+\tchar line[16];
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tpipe(pipes[0]);
+\tpipe(pipes[1]);
+\tpthread_create(&t, NULL, reader, NULL);
+\tpthread_create(&t, NULL, poller, NULL);
+\tprintf("ready\\n");
+\twhile (fgets(line, sizeof(line), stdin)) {
+\t\twrite(pipes[line[0] == 'p'][1], "x", 1);
+\t}
+\treturn 0;
+}
+"""
+
+
+def test_threads_blocked_in_read_and_epoll_see_no_eintr(tmp_path: Path) -> None:
+    tree, patch = setup_prog(tmp_path, BLOCKED,
+                             {"prog.c": [("return c + base;", "return c + base + 1;")]})
+    update = create(tree, patch, "block001", tmp_path)
+    prog = subprocess.Popen([str(tmp_path / "run" / "prog")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert prog.stdin is not None and prog.stdout is not None
+    try:
+        assert prog.stdout.readline().strip() == "ready"
+        prog.stdin.write("r\np\n")
+        prog.stdin.flush()
+        got = {prog.stdout.readline().strip() for _ in range(2)}
+        assert got == {"read 1", "polled 1"}
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        livesplice("undo", "block001", "--pid", str(prog.pid))
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.stdin.write("r\np\n")
+        prog.stdin.flush()
+        got = {prog.stdout.readline().strip() for _ in range(2)}
+        assert got == {"read 2", "polled 2"}, got  # no "read error"/"epoll error" lines
+    finally:
+        prog.kill()
+        prog.wait()
+
+
+def test_tool_killed_at_random_points_of_apply(tmp_path: Path) -> None:
+    """SIGKILL the tool mid-apply: the target keeps running; view tells the truth; undo works."""
+    import random
+    import sys
+    import time
+
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    update = create(tree, patch, "kill0001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    rng = random.Random(1234)
+    # How long a whole apply takes here, to spread the kills over it.
+    t0 = time.monotonic()
+    livesplice("apply", str(update), "--pid", str(prog.pid))
+    span = time.monotonic() - t0
+    livesplice("undo", "kill0001", "--pid", str(prog.pid))
+    try:
+        for _ in range(12):
+            tool = subprocess.Popen(
+                [sys.executable, "-m", "livesplice", "apply", str(update), "--pid", str(prog.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(rng.uniform(0.0, span))
+            tool.kill()
+            tool.wait()
+            prog.drain()
+            prog.wait_for(lambda s: s.startswith("value"))  # still running
+            view = livesplice_json("view", "--pid", str(prog.pid))
+            states = [p["state"] for p in view["processes"]]
+            assert len(states) <= 1, states
+            if states:
+                expect = "value 2" if states[0] == "applied" else None
+                if expect:
+                    prog.drain()
+                    prog.wait_for(expect)
+                livesplice("undo", "kill0001", "--pid", str(prog.pid))
+            prog.drain()
+            prog.wait_for("value 1")
+            assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+            assert prog.alive()
+    finally:
+        prog.stop()
+
+
+KILL_POINTS = [
+    "apply:mapped-code",
+    "apply:wrote-code",
+    "apply:wrote-state",
+    "apply:after-stop",
+]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_tool_killed_at_each_step_of_apply(tmp_path: Path, point: str) -> None:
+    """Deterministic version: the tool SIGKILLs itself at a named step (LIVESPLICE_KILL_AT)."""
+    import os
+    import sys
+
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    update = create(tree, patch, "kill0002", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("value 1")
+        r = subprocess.run(
+            [sys.executable, "-m", "livesplice", "apply", str(update), "--pid", str(prog.pid)],
+            capture_output=True, text=True, env={**os.environ, "LIVESPLICE_KILL_AT": point},
+        )
+        assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
+        prog.drain()
+        prog.wait_for(lambda s: s.startswith("value"))
+        view = livesplice_json("view", "--pid", str(prog.pid))
+        [entry] = view["processes"]
+        assert entry["id"] == "kill0002"
+        expected_state = "applied" if point == "apply:after-stop" else None
+        if expected_state:
+            assert entry["state"] == expected_state
+            prog.drain()
+            prog.wait_for("value 2")
+        livesplice("undo", "kill0002", "--pid", str(prog.pid))
+        prog.drain()
+        prog.wait_for("value 1")
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+        assert prog.alive()
+    finally:
+        prog.stop()
