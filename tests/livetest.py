@@ -59,7 +59,9 @@ def make_patch(tree: Path, edits: dict[str, list[tuple[str, str]]], out: Path) -
     return out
 
 
-def livesplice(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def livesplice(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
         [sys.executable, "-m", "livesplice", *args],
         capture_output=True, text=True, timeout=timeout,
