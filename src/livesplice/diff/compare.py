@@ -125,10 +125,21 @@ class LineMap:
         return line + delta
 
     def files_matching(self, dwarf_path: str) -> list[str]:
-        """Patch files that are ``dwarf_path`` (DWARF names are often absolute)."""
-        return [
-            f for f in self.hunks if dwarf_path == f or dwarf_path.endswith("/" + f)
-        ]
+        """Patch files that are ``dwarf_path`` (DWARF names are often absolute).
+
+        Some builds compile a *copy* of the patched file: Debian's expat rules copy
+        ``expat/*`` into ``src/`` and ``srcw/`` and compile those, so DWARF says
+        ``src/lib/xmlparse.c`` where the patch says ``expat/lib/xmlparse.c``. When no patch
+        file is a suffix of the DWARF path, the one patch file with the same base name stands
+        for it (never when two patch files share that name); rules 2 and 3 still have to
+        explain every differing immediate.
+        """
+        exact = [f for f in self.hunks if dwarf_path == f or dwarf_path.endswith("/" + f)]
+        if exact:
+            return exact
+        base = dwarf_path.rsplit("/", 1)[-1]
+        same_name = [f for f in self.hunks if f.rsplit("/", 1)[-1] == base]
+        return same_name if len(same_name) == 1 else []
 
     def explains(self, a: int, b: int, function_lines: dict[str, tuple[int, int]]) -> bool:
         """Is ``a -> b`` the line shift of a line of this function (rules 2 and 3 above)?"""

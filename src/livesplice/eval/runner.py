@@ -1,0 +1,223 @@
+"""One corpus row end to end: fetch -> trees -> create -> run under load -> apply -> undo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from livesplice.errors import LivespliceError
+from livesplice.eval.corpus import CorpusRow
+from livesplice.eval.create_step import DEFAULT_BUILD, livesplice_command, run_create
+from livesplice.eval.sources import fetch_source, install_build_deps, make_trees
+from livesplice.eval.workloads import Workload, WorkloadFailed, workload_for
+
+SETTLE = 1.0  # seconds of load before and after each live step
+
+# observed outcome x expected -> verdict
+VERDICTS = {
+    ("applied", "apply"): "ok",
+    ("nothing", "nothing"): "ok",
+    ("refused", "refuse"): "ok",
+    # the one dangerous answer: code swapped where it cannot be made safe
+    ("applied", "refuse"): "UNSAFE",
+}
+
+
+def verdict(outcome: str, expected: str) -> str:
+    """``ok``, ``UNSAFE`` (applied when it should be refused), ``failed`` or ``mismatch``."""
+    if outcome == "failed":
+        return "failed"
+    return VERDICTS.get((outcome, expected), "mismatch")
+
+
+@dataclass
+class RowResult:
+    row: dict[str, Any]
+    outcome: str = "failed"  # applied | nothing | refused | failed
+    verdict: str = "failed"
+    reason: str = ""
+    details: list[str] = field(default_factory=list)
+    stage: str = ""  # where it stopped: fetch, trees, create, start, apply, undo, done
+    create_seconds: float | None = None
+    functions: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    pause_us: float | None = None
+    apply_seconds: float | None = None
+    undo_pause_us: float | None = None
+    requests_during_apply: int | None = None
+    requests_total: int | None = None
+    failed_requests: int | None = None
+    same_pids: bool | None = None
+    repro_before: str | None = None
+    repro_after: str | None = None
+    repro_after_undo: str | None = None
+    build_command: str = ""
+    finished_at: str = ""
+
+    def finish(self, outcome: str, reason: str = "", details: list[str] | None = None) -> None:
+        self.outcome = outcome
+        self.reason = reason
+        if details:
+            self.details = details
+        self.verdict = verdict(outcome, self.row["expected"])
+        self.finished_at = time.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def find_target(pre_outputs: Path, target: str) -> Path | None:
+    """The pre build's linked output for ``target`` (an executable name or a soname)."""
+    found: list[Path] = []
+    for p in pre_outputs.rglob("*"):
+        if not p.is_file() or p.is_symlink():
+            continue
+        if p.name == target or (".so" in target and p.name.startswith(target + ".")):
+            with p.open("rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    found.append(p)
+    found.sort(key=lambda p: (p.name != target, len(p.parts), str(p)))
+    return found[0] if found else None
+
+
+def cli(args: list[str], log: Path) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run([*livesplice_command(), *args], capture_output=True, text=True,
+                          check=False, stdin=subprocess.DEVNULL)
+    with log.open("a") as f:
+        f.write(f"$ livesplice {' '.join(args)}\n# exit {proc.returncode}\n"
+                f"{proc.stdout}{proc.stderr}\n")
+    try:
+        doc = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        doc = {}
+    return proc.returncode, doc, proc.stderr.strip()
+
+
+def run_row(row: CorpusRow, cache: Path, *, build: str = DEFAULT_BUILD, jobs: int = 2,
+            keep: bool = False, progress: Any = print) -> RowResult:
+    rowdir = cache / "rows" / row.slug
+    rowdir.mkdir(parents=True, exist_ok=True)
+    result = RowResult(row=asdict(row), build_command=build)
+    try:
+        _run(row, rowdir, cache, result, build=build, jobs=jobs, keep=keep, progress=progress)
+    except LivespliceError as e:
+        result.finish("failed", f"{result.stage}: {e.reason}", e.details)
+    (rowdir / "result.json").write_text(json.dumps(asdict(result), indent=1))
+    return result
+
+
+def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build: str,
+         jobs: int, keep: bool, progress: Any) -> None:
+    result.stage = "fetch"
+    progress(f"{row.package} {row.version}: fetching the source")
+    dsc = fetch_source(row, cache)
+    result.stage = "trees"
+    trees = make_trees(row, dsc, rowdir)
+    install_build_deps(dsc, trees.pre)
+    if not trees.fix_patch.read_bytes().strip():
+        result.finish("nothing", "the fix changes only debian/ (no source file)")
+        return
+
+    result.stage = "create"
+    progress(f"{row.package}: livesplice create ({trees.pre_patches} patches in pre, "
+             f"fix {' '.join(trees.fix_patches)})")
+    update = rowdir / f"{row.update_id}.update"
+    created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
+                         rowdir / "create.log", build=build, jobs=jobs)
+    result.create_seconds = round(created.seconds, 1)
+    try:
+        if created.status != "created":
+            result.finish(created.status, created.reason, created.details)
+            return
+        assert created.workdir is not None
+        live(row, rowdir, created.workdir, update, result, progress)
+    finally:
+        if created.workdir is not None and not keep:
+            shutil.rmtree(created.workdir, ignore_errors=True)
+
+
+def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowResult,
+         progress: Any) -> None:
+    result.stage = "start"
+    factory = workload_for(row.target)
+    if factory is None:
+        result.finish("failed", f"update created, but no workload knows how to run "
+                      f"{row.target} (add one to livesplice.eval.workloads.WORKLOADS)")
+        return
+    binary = find_target(workdir / "pre", row.target)
+    if binary is None:
+        result.finish("failed", f"the pre build has no linked output named {row.target}")
+        return
+    rundir = rowdir / "run"
+    shutil.rmtree(rundir, ignore_errors=True)
+    (rundir / "lib").mkdir(parents=True)
+    if ".so" in row.target:
+        # loaded under its soname from a directory of its own (the driver dlopen()s it)
+        binary = Path(shutil.copy2(binary, rundir / "lib" / row.target))
+    log = rundir / "livesplice.log"
+    wl: Workload = factory(binary, rundir)
+    try:
+        wl.start()
+        progress(f"{row.package}: {binary.name} running (pids {wl.pids()}), under load")
+        time.sleep(SETTLE)
+        result.repro_before = wl.reproduce()
+        before = wl.identities()
+        result.pids = list(before)
+        r0, f0 = wl.stats.snapshot()
+
+        result.stage = "apply"
+        t0 = time.monotonic()
+        code, doc, err = cli(["apply", str(update), "--json",
+                              *[a for p in result.pids for a in ("--pid", str(p))]], log)
+        result.apply_seconds = round(time.monotonic() - t0, 2)
+        r1, _ = wl.stats.snapshot()
+        result.requests_during_apply = r1 - r0
+        procs = doc.get("processes", [])
+        pauses = [p["pause_us"] for p in procs if p.get("status") == "applied"]
+        result.pause_us = max(pauses) if pauses else None
+        if procs and procs[0].get("functions"):
+            result.functions = procs[0]["functions"]
+        if code != 0:
+            bad: dict[str, Any] = next((p for p in procs if p.get("status") != "applied"), {})
+            why = f"{bad.get('abort', '')}: {bad.get('reason', '')}" if bad else err
+            result.finish("failed", f"apply: {why}",
+                          [*bad.get("details", []), *err.splitlines()][:30])
+            return
+        time.sleep(SETTLE)
+        result.repro_after = wl.reproduce()
+        result.same_pids = wl.identities() == before
+
+        result.stage = "undo"
+        code, doc, err = cli(["undo", row.update_id, "--json",
+                              *[a for p in result.pids for a in ("--pid", str(p))]], log)
+        undo_pauses = [p["pause_us"] for p in doc.get("processes", []) if "pause_us" in p]
+        result.undo_pause_us = max(undo_pauses) if undo_pauses else None
+        time.sleep(SETTLE)
+        result.repro_after_undo = wl.reproduce()
+        result.same_pids = result.same_pids and wl.identities() == before
+        r2, f2 = wl.stats.snapshot()
+        result.requests_total = r2
+        result.failed_requests = f2 - f0
+        problems = []
+        if code != 0:
+            problems.append(f"undo failed: {err.splitlines()[0] if err else code}")
+        if not result.same_pids:
+            problems.append("a target process did not survive (PID or start time changed)")
+        if result.failed_requests:
+            problems.append(f"{result.failed_requests} request(s) failed: "
+                            + "; ".join(wl.stats.first_errors))
+        if result.repro_after is not None and result.repro_after != "fixed":
+            problems.append(f"the reproducer still shows the bug after apply "
+                            f"({result.repro_after})")
+        result.stage = "done"
+        if problems:
+            result.finish("failed", "; ".join(problems))
+        else:
+            result.finish("applied", f"{len(result.functions)} function(s) replaced in "
+                          f"{len(result.pids)} process(es)")
+    except WorkloadFailed as e:
+        result.finish("failed", f"{result.stage}: {e.reason}", e.details)
+    finally:
+        wl.stop()

@@ -1,0 +1,171 @@
+"""Debian source packages: fetch with apt (cached), split into pre/post trees and a fix patch.
+
+pre = upstream source + debian/patches/series applied up to (excluding) the fix;
+post = the same through the fix. In both trees the series is trimmed to the applied patches
+and quilt's ``.pc`` is kept, so ``dpkg-buildpackage`` (format "3.0 (quilt)") builds each tree
+with exactly that patch set: dpkg-source finds every listed patch applied and applies none.
+The fix patch is the difference of the two trees outside ``debian/`` and ``.pc/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from livesplice.errors import LivespliceError, UsageError
+from livesplice.eval.corpus import CorpusRow, split_series
+
+# deb-src entries for `apt-get source` when the machine has none (Debian 12 images ship
+# deb lines only). deb822 format, sources.list(5).
+DEB_SRC_FILE = Path("/etc/apt/sources.list.d/livesplice-eval-src.sources")
+DEB_SRC_TEXT = """\
+# added by livesplice.eval: source packages for the evaluation (apt-get source)
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+class SourceUnavailable(LivespliceError):
+    abort = "SOURCE_UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class Trees:
+    pre: Path
+    post: Path
+    fix_patch: Path  # empty: the fix touches only debian/
+    pre_patches: int
+    fix_patches: list[str]
+
+
+def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+        what: str = "") -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        raise SourceUnavailable(f"{what or cmd[0]} failed (exit {proc.returncode})",
+                                details=[f"$ {' '.join(cmd)}", *tail])
+    return proc.stdout
+
+
+def has_deb_src() -> bool:
+    lists = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+    for f in lists:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        if f.suffix in (".list", "") and any(
+            line.split()[:1] == ["deb-src"] for line in text.splitlines()
+        ):
+            return True
+        if f.suffix == ".sources" and any(
+            line.startswith("Types:") and "deb-src" in line for line in text.splitlines()
+        ):
+            return True
+    return False
+
+
+def ensure_deb_src() -> None:
+    """Add deb-src entries for bookworm and bookworm-security if apt has none."""
+    if has_deb_src():
+        return
+    DEB_SRC_FILE.write_text(DEB_SRC_TEXT)
+    run(["apt-get", "update", "-qq"], what="apt-get update")
+
+
+def fetch_source(row: CorpusRow, cache: Path) -> Path:
+    """The .dsc of ``row.package=row.version``, downloaded once into the cache."""
+    where = cache / "downloads" / row.package
+    dsc = where / f"{row.package}_{row.upstream_free_version}.dsc"
+    if dsc.exists():
+        return dsc
+    where.mkdir(parents=True, exist_ok=True)
+    ensure_deb_src()
+    spec = f"{row.package}={row.version}"
+    try:
+        run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
+            what=f"apt-get source {spec}")
+    except SourceUnavailable:
+        # the lists may predate the version in the row
+        run(["apt-get", "update", "-qq"], what="apt-get update")
+        run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
+            what=f"apt-get source {spec}")
+    if not dsc.exists():
+        raise SourceUnavailable(f"apt-get source {spec} did not produce {dsc.name}")
+    return dsc
+
+
+def install_build_deps(dsc: Path, tree: Path) -> None:
+    """``apt-get build-dep`` unless ``dpkg-checkbuilddeps`` is already satisfied."""
+    check = subprocess.run(["dpkg-checkbuilddeps"], cwd=tree, capture_output=True, text=True,
+                           check=False)
+    if check.returncode == 0:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "build-dep", "-y", "-qq", str(dsc)], env=env,
+        what=f"apt-get build-dep {dsc.name}")
+
+
+def quilt_env() -> dict[str, str]:
+    return dict(os.environ, QUILT_PATCHES="debian/patches", QUILT_PC=".pc")
+
+
+def apply_series(tree: Path, entries: list[str]) -> None:
+    """Trim the tree's series to ``entries`` and push them all with quilt."""
+    series = tree / "debian" / "patches" / "series"
+    series.write_text("".join(f"{e}\n" for e in entries))
+    if entries:
+        run(["quilt", "push", "-a", "-q", "--fuzz=0"], cwd=tree, env=quilt_env(),
+            what=f"quilt push in {tree.name}")
+
+
+def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
+    """pre/ and post/ trees and fix.patch under ``rowdir`` (reused when already made)."""
+    pre, post, fix = rowdir / "pre", rowdir / "post", rowdir / "fix.patch"
+    base = rowdir / "base"
+    if not (rowdir / "trees.done").exists():
+        for d in (pre, post, base):
+            shutil.rmtree(d, ignore_errors=True)
+        rowdir.mkdir(parents=True, exist_ok=True)
+        run(["dpkg-source", "--skip-patches", "-x", str(dsc), str(base)],
+            what=f"dpkg-source -x {dsc.name}")
+        series_file = base / "debian" / "patches" / "series"
+        if not series_file.exists():
+            raise UsageError(f"{row.package} {row.version} has no debian/patches/series")
+        split = split_series(series_file.read_text(), row.first_patch, row.last_patch)
+        shutil.copytree(base, pre, symlinks=True)
+        base.rename(post)
+        apply_series(pre, split.pre)
+        apply_series(post, split.post)
+        # diff exits 1 when the trees differ; labels pre/ and post/ strip with -p1
+        proc = subprocess.run(
+            ["diff", "-ruN", "-x", "debian", "-x", ".pc", "pre", "post"],
+            cwd=rowdir, capture_output=True, check=False,
+        )
+        if proc.returncode > 1:
+            raise SourceUnavailable("diff of the pre and post trees failed",
+                                    details=[proc.stderr.decode(errors="replace")])
+        fix.write_bytes(proc.stdout)
+        (rowdir / "series-split").write_text(
+            "pre:\n" + "".join(f"  {e}\n" for e in split.pre)
+            + "fix:\n" + "".join(f"  {e}\n" for e in split.fix)
+        )
+        (rowdir / "trees.done").write_text("")
+    split = split_series((post / "debian" / "patches" / "series").read_text(),
+                         row.first_patch, row.last_patch)
+    return Trees(pre=pre, post=post, fix_patch=fix, pre_patches=len(split.pre),
+                 fix_patches=[e.split()[0] for e in split.fix])
