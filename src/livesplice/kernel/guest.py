@@ -88,6 +88,8 @@ class Guest:
     timeout: float = DEFAULT_TIMEOUT
     append: str = ""  # extra kernel command line
     qemu_args: Sequence[str] = field(default_factory=tuple)
+    # more gzip'd cpio archives unpacked after the base (e.g. the livesplice overlay)
+    extra_initrds: Sequence[Path] = field(default_factory=tuple)
 
     def qemu_command(self, initrd: Path, console: Path, out: Path, run_id: str) -> list[str]:
         cmdline = (
@@ -140,6 +142,9 @@ class Guest:
         with initrd.open("wb") as w:
             with self.lab.initramfs.open("rb") as base:
                 shutil.copyfileobj(base, w)
+            for extra in self.extra_initrds:
+                with extra.open("rb") as part:
+                    shutil.copyfileobj(part, w)
             write_payload(w, f"#!/bin/sh\n{command}\n", files)
         cmd = self.qemu_command(initrd, console, out, run_id)
         t0 = time.monotonic()

@@ -57,7 +57,8 @@ def add_lab_parser(sub: Any) -> None:
     )  # fmt: skip
     r.add_argument(
         "--update", action="append", default=[], metavar="UPDATE",
-        help="apply an update in the guest before CMD (not available yet)",
+        help="apply a kernel update in the guest with livesplice before CMD (repeatable, in "
+        "order); a failing apply ends the run with its exit status",
     )  # fmt: skip
     r.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
     r.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
@@ -87,6 +88,12 @@ def _guest_files(specs: list[str]) -> list[GuestFile]:
     return files
 
 
+def update_script(updates: list[str], command: str) -> str:
+    """Guest shell: apply each update with livesplice (stop at the first failure), run CMD."""
+    lines = [f"livesplice apply {u} || exit $?" for u in updates]
+    return "\n".join([*lines, command])
+
+
 def cli_lab(args: argparse.Namespace) -> int:
     from livesplice.errors import UsageError
 
@@ -107,21 +114,27 @@ def cli_lab(args: argparse.Namespace) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             raise UsageError("lab run: no command given", advice="livesplice lab run -- CMD ...")
-        if args.update:
-            raise UsageError(
-                "lab run --update: applying updates to the guest kernel is not implemented yet",
-                [f"update: {u}" for u in args.update],
-                "copy the file in with --file and inspect it there, or wait for `create --kernel`",
-            )
         files = _guest_files(args.file)
         from livesplice.kernel.guest import Guest
         from livesplice.kernel.lab import prepare_lab
 
         lab = prepare_lab(args.kernel, args.flavour, progress=_progress(args.quiet))
+        command = " ".join(cmd)
+        extra: list[Path] = []
+        if args.update:
+            from livesplice.kernel.overlay import ensure_overlay
+
+            files += _guest_files([f"{u}:updates/{i}-{Path(u).name}"
+                                   for i, u in enumerate(args.update)])  # fmt: skip
+            extra.append(ensure_overlay(lab.dir))
+            command = update_script(
+                [f"updates/{i}-{Path(u).name}" for i, u in enumerate(args.update)], command
+            )
         guest = Guest(
-            lab, memory_mb=args.memory, cpus=args.cpus, timeout=args.timeout, append=args.append
+            lab, memory_mb=args.memory, cpus=args.cpus, timeout=args.timeout, append=args.append,
+            extra_initrds=extra,
         )
-        result = guest.run(" ".join(cmd), files, keep_dir=args.keep_tmp)
+        result = guest.run(command, files, keep_dir=args.keep_tmp)
         sys.stdout.write(result.output)
         sys.stdout.flush()
         if not args.quiet:

@@ -1,0 +1,281 @@
+"""Build stage of ``create --kernel``: compile only the changed units, pre and post, with kbuild.
+
+The prepared tree (KSRC, e.g. the lab's cache) is never written to: the work happens in a
+hard-link copy (``cp -al``, 1.5 s for 1.5 GB). A hard-linked file must never be modified in
+place, and both GNU patch and kbuild's tools can write through an existing inode (objtool
+rewrites objects in place; ``printf > .x.o.cmd`` truncates), so before the first ``make`` the
+copy gets private inodes for every build output already present and for every file the patch
+touches. Sources that are only read stay shared.
+
+Per changed unit ``dir/unit.c`` the build runs ``make dir/unit.o`` with
+``KCFLAGS=-ffunction-sections -fdata-sections`` (one section per function and object: the
+diff's unit of comparison) once before and once after applying the patch. A changed header
+recompiles every unit that includes it (found by a ``#include`` scan of the tree; kbuild's
+``.cmd`` dependency files only exist for units that were built before).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from livesplice.errors import BuildFailed, PatchDoesNotApply, PatchRefused, UsageError
+
+SECTION_FLAGS = "-ffunction-sections -fdata-sections"
+
+# build outputs a make in the copy may rewrite in place: give them private inodes first
+_BUILD_OUTPUT = re.compile(r"(\.o|\.a|\.ko|\.mod|\.mod\.c|\.cmd|\.d|\.order|\.symvers|\.tmp)$")
+_PRIVATE_DIRS = ("include/generated", "include/config", "arch/x86/include/generated")
+
+
+@dataclass
+class KernelUnit:
+    """One compiled kernel unit before and after the patch."""
+
+    source: str  # "fs/proc/cmdline.c"
+    pre: Path  # saved pre object
+    post: Path | None  # saved post object; None when byte-identical (unchanged)
+    module: str | None  # KBUILD_MODNAME when built as part of a loadable module, else None
+
+
+@dataclass
+class KernelBuild:
+    tree: Path  # the work copy (patched at the end)
+    units: list[KernelUnit]
+    compiler: str  # from the objects' .comment
+    touched: list[str]  # files the patch touches
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def touched_files(patch_text: str) -> list[str]:
+    """Paths (relative, ``-p1``) of the files a unified diff changes, creates or deletes."""
+    out: list[str] = []
+    for line in patch_text.splitlines():
+        if line.startswith("+++ ") or line.startswith("--- "):
+            path = line[4:].split("\t")[0].strip()
+            if path == "/dev/null":
+                continue
+            parts = path.split("/", 1)
+            rel = parts[1] if len(parts) == 2 else parts[0]
+            if rel not in out:
+                out.append(rel)
+    return out
+
+
+def make_env(ksrc: Path) -> dict[str, str]:
+    """Debian's build identity when KSRC is a lab tree (kernel.json beside it), else as is."""
+    from livesplice.kernel.lab import LabKernel, _read_packages
+
+    pkgs = _read_packages(ksrc.parent)
+    env = LabKernel(pkgs, ksrc.parent).make_env() if pkgs else dict(os.environ)
+    env.pop("MAKEFLAGS", None)
+    return env
+
+
+def check_prepared(ksrc: Path) -> None:
+    for need in (".config", "Makefile", "include/generated/autoconf.h", "scripts/mod/modpost"):
+        if not (ksrc / need).exists():
+            raise UsageError(
+                f"{ksrc} is not a prepared kernel tree (no {need})",
+                advice="prepare it like the running kernel: its .config, then "
+                "`make modules_prepare` (or use `livesplice lab prepare`)",
+            )
+
+
+def copy_tree(ksrc: Path, dest: Path) -> None:
+    """Hard-link copy of KSRC; build outputs and generated files get private inodes."""
+    done = subprocess.run(["cp", "-al", str(ksrc), str(dest)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildFailed(f"cannot copy {ksrc}", done.stderr.splitlines()[-5:])
+    for d in _PRIVATE_DIRS:
+        for root, _dirs, files in os.walk(dest / d):
+            for f in files:
+                break_link(Path(root) / f)
+    for root, dirs, files in os.walk(dest):
+        dirs[:] = [x for x in dirs if x not in (".git", "Documentation")]
+        for f in files:
+            if _BUILD_OUTPUT.search(f) or f.startswith(".tmp"):
+                break_link(Path(root) / f)
+    # tools kbuild may rebuild in a fresh tree (objtool, resolve_btfids, fixdep, modpost)
+    for sub in ("tools/objtool", "tools/bpf/resolve_btfids", "scripts/basic", "scripts/mod"):
+        for root, _dirs, files in os.walk(dest / sub):
+            for f in files:
+                break_link(Path(root) / f)
+
+
+def break_link(path: Path) -> None:
+    """Give ``path`` its own inode (same content, mode and mtime)."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_nlink < 2:
+        return
+    tmp = path.with_name(path.name + ".livesplice-copy")
+    shutil.copy2(path, tmp)
+    os.replace(tmp, path)
+
+
+def apply_patch(tree: Path, patch: Path, touched: list[str]) -> None:
+    for rel in touched:
+        break_link(tree / rel)
+    cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-d", str(tree),
+           "-i", str(patch.resolve())]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PatchDoesNotApply(
+            "the patch does not apply to the kernel tree",
+            (done.stdout + done.stderr).splitlines()[-15:],
+            "make the patch against the source of the running kernel",
+        )
+
+
+def units_for(tree: Path, touched: list[str]) -> list[str]:
+    """C units to compile: touched .c files, plus units including a touched header."""
+    units: list[str] = []
+    headers: list[str] = []
+    for rel in touched:
+        if rel.endswith(".c"):
+            units.append(rel)
+        elif rel.endswith(".h"):
+            headers.append(rel)
+    for h in headers:
+        for user in header_users(tree, h):
+            if user not in units:
+                units.append(user)
+    return units
+
+
+def header_users(tree: Path, header: str) -> list[str]:
+    """Units that include ``header`` directly, or through a header in the same directory.
+
+    ``include/linux/x.h`` is included as ``<linux/x.h>``; a header elsewhere is included by
+    name from its own directory (``"x.h"``).
+    """
+    spellings = []
+    if header.startswith("include/"):
+        spellings.append(header.removeprefix("include/"))
+    spellings.append(Path(header).name)
+    pattern = r'#\s*include\s*[<"](' + "|".join(re.escape(s) for s in spellings) + r')[>"]'
+    cmd = ["grep", "-rlE", "--include=*.c", "--exclude-dir=Documentation",
+           "--exclude-dir=tools", "--exclude-dir=samples", pattern, "."]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+    users = []
+    for line in done.stdout.splitlines():
+        rel = line.removeprefix("./")
+        if not header.startswith("include/") and Path(rel).parent != Path(header).parent:
+            continue
+        if (tree / rel).with_suffix(".o").name and _is_built(tree, rel):
+            users.append(rel)
+    return sorted(users)
+
+
+def _is_built(tree: Path, unit: str) -> bool:
+    """Is ``unit`` part of this configuration? (kbuild's obj-y/obj-m, via the Makefile)"""
+    mk = tree / Path(unit).parent / "Makefile"
+    if not mk.exists():
+        return False
+    obj = Path(unit).with_suffix(".o").name
+    return obj in mk.read_text(errors="replace")
+
+
+def compile_units(tree: Path, units: list[str], env: dict[str, str], jobs: int, log: Path) -> None:
+    objs = [str(Path(u).with_suffix(".o")) for u in units]
+    for o in objs:  # force the rebuild; never through a shared inode
+        (tree / o).unlink(missing_ok=True)
+    cmd = ["make", "-C", str(tree), f"-j{jobs}", f"KCFLAGS={SECTION_FLAGS}", *objs]
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text = done.stdout.decode(errors="replace")
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{text}\n")
+    if done.returncode != 0:
+        raise BuildFailed(
+            "kbuild failed to compile the changed units",
+            [" ".join(cmd), *text.splitlines()[-25:]],
+            f"full log: {log}",
+        )
+
+
+def module_of(tree: Path, unit: str) -> str | None:
+    """KBUILD_MODNAME of a unit built for a loadable module (-DMODULE), None if built in."""
+    obj = tree / Path(unit).parent / f".{Path(unit).stem}.o.cmd"
+    try:
+        cmdline = obj.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    if " -DMODULE " not in cmdline + " ":
+        return None
+    m = re.search(r"-DKBUILD_MODNAME='\"([^\"]+)\"'", cmdline)
+    return m.group(1) if m else None
+
+
+def object_compiler(obj: Path) -> str:
+    from elftools.elf.elffile import ELFFile
+
+    with obj.open("rb") as f:
+        sec = ELFFile(f).get_section_by_name(".comment")
+        raw: bytes = sec.data() if sec is not None else b""
+    return raw.strip(b"\0").split(b"\0")[0].decode(errors="replace")
+
+
+def build_kernel_pair(
+    ksrc: Path, patch: Path, patch_text: str, workdir: Path, *, jobs: int = 2
+) -> KernelBuild:
+    """Copy KSRC, compile the changed units, apply the patch, compile them again."""
+    t0 = time.monotonic()
+    seconds: dict[str, float] = {}
+    check_prepared(ksrc)
+    touched = touched_files(patch_text)
+    asm = [t for t in touched if t.endswith((".S", ".s"))]
+    if asm:
+        raise PatchRefused(
+            "the patch changes assembly sources",
+            [f"{a}: assembly source changed [rule: asm files]: livesplice correlates "
+             "compiler output only; move the change into C code" for a in asm],
+        )  # fmt: skip
+    tree = workdir / "tree"
+    copy_tree(ksrc, tree)
+    seconds["copy"] = time.monotonic() - t0
+    units = units_for(tree, touched)
+    new_units = [u for u in units if not (tree / u).exists()]
+    units = [u for u in units if u not in new_units]
+    if not units and not new_units:
+        raise PatchRefused(
+            "the patch changes no C unit of the kernel",
+            [f"touched: {t}" for t in touched] or ["the patch touches no file"],
+        )
+    env = make_env(ksrc)
+    log = workdir / "build.log"
+    (workdir / "pre").mkdir()
+    (workdir / "post").mkdir()
+    t1 = time.monotonic()
+    if units:
+        compile_units(tree, units, env, jobs, log)
+    pre = {u: _save(tree, u, workdir / "pre") for u in units}
+    modules = {u: module_of(tree, u) for u in units}
+    seconds["pre"] = time.monotonic() - t1
+    apply_patch(tree, patch, touched)
+    units_after = units_for(tree, touched)
+    t2 = time.monotonic()
+    compile_units(tree, units_after, env, jobs, log)
+    seconds["post"] = time.monotonic() - t2
+    out: list[KernelUnit] = []
+    for u in units_after:
+        post = _save(tree, u, workdir / "post")
+        if u not in pre:
+            out.append(KernelUnit(u, post, post, module_of(tree, u)))  # new unit: all new
+            continue
+        same = pre[u].read_bytes() == post.read_bytes()
+        out.append(KernelUnit(u, pre[u], None if same else post, modules[u]))
+    compiler = object_compiler(out[0].post or out[0].pre) if out else ""
+    seconds["build"] = time.monotonic() - t0
+    return KernelBuild(tree=tree, units=out, compiler=compiler, touched=touched, seconds=seconds)
+
+
+def _save(tree: Path, unit: str, dest: Path) -> Path:
+    obj = tree / Path(unit).with_suffix(".o")
+    saved = dest / unit.replace("/", "__")
+    saved = saved.with_suffix(".o")
+    shutil.copy2(obj, saved)
+    return saved

@@ -1,0 +1,387 @@
+"""Generate the livepatch module of a kernel update.
+
+The module is two parts, built by kbuild against the prepared tree (so vermagic and symbol
+CRCs are the running kernel's):
+
+* ``code.S``: the shipped post code and data of every kernel :class:`Target`, as bytes, with
+  one ``.reloc`` directive per relocation (the exact ABI type: ``R_X86_64_32S`` cannot be
+  spelled with ``.long``). Relocation symbols are
+
+  - a label of a shipped section (``lsp_N`` + offset),
+  - an exported symbol by name (normal relocation: modpost records its CRC),
+  - ``.klp.sym.<obj>.<name>,<sympos>`` for everything else (static and non-exported
+    symbols, and symbols of the patched module itself so that it may load later); these
+    are turned into livepatch relocations after the link (:mod:`livesplice.kernel.elfedit`).
+
+  The ``call __fentry__`` at a function's entry becomes a 5-byte nop: the replacement is
+  reached through ftrace from the old function and is never traced itself.
+  ``code.S`` is assembled without objtool (``OBJECT_FILES_NON_STANDARD``): it is compiler
+  output objtool already processed once.
+* ``glue.c``: one ``klp_func`` per changed function, one ``klp_object`` per patched object
+  (``vmlinux`` or a module name), one ``klp_patch`` (the shape of
+  samples/livepatch/livepatch-sample.c). ``old_sympos`` comes from a module parameter
+  (``sympos=``) that apply fills in from run-pre matching; hooks become klp callbacks.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from livesplice.errors import BuildFailed, PatchRefused
+from livesplice.update.format import Hook, Section, Target
+
+FENTRY = "__fentry__"
+NOP5 = bytes.fromhex("0f1f440000")  # the nop ftrace writes over call __fentry__ (x86 ideal nop)
+
+# livesplice hook kinds -> klp_callbacks members (include/linux/livepatch.h)
+CALLBACKS = {
+    "pre_apply": "pre_patch",
+    "post_apply": "post_patch",
+    "pre_reverse": "pre_unpatch",
+    "post_reverse": "post_unpatch",
+}
+
+
+@dataclass
+class SymbolTables:
+    """What create knows about the running kernel's symbols (from the prepared tree)."""
+
+    exports: dict[str, str]  # exported name -> "vmlinux" or module name
+    vmlinux: dict[str, int]  # name -> how many symbols of that name System.map has
+    modules: dict[str, dict[str, int]] = field(default_factory=dict)  # per module .ko
+
+
+@dataclass
+class KlpSymbol:
+    """A symbol the module reaches through a livepatch relocation."""
+
+    obj: str  # "vmlinux" or module name
+    name: str
+    count: int  # same-named symbols in obj; > 1: apply decides sympos by matching
+    key: str  # the update's symbol key (for matching)
+
+    @property
+    def base(self) -> str:
+        return f"{self.obj}.{self.name}"
+
+
+@dataclass
+class ModulePlan:
+    name: str  # module name: livesplice_<id>
+    klp_symbols: dict[str, KlpSymbol]  # base -> symbol
+    funcs: list[tuple[str, str, str]]  # (obj, function name, label) in sympos order
+
+
+def module_name(update_id: str) -> str:
+    return "livesplice_" + update_id.replace("-", "_")
+
+
+def load_symbol_tables(ksrc: Path, modules: list[str]) -> SymbolTables:
+    exports: dict[str, str] = {}
+    symvers = ksrc / "Module.symvers"
+    for line in symvers.read_text(errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3:
+            exports[parts[1]] = Path(parts[2]).name
+    vmlinux: dict[str, int] = {}
+    smap = find_system_map(ksrc)
+    if smap is not None:
+        for line in smap.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                vmlinux[parts[2]] = vmlinux.get(parts[2], 0) + 1
+    mods: dict[str, dict[str, int]] = {}
+    for m in modules:
+        ko = find_module_ko(ksrc, m)
+        mods[m] = module_symbol_counts(ko) if ko is not None else {}
+    return SymbolTables(exports, vmlinux, mods)
+
+
+def find_system_map(ksrc: Path) -> Path | None:
+    for p in [ksrc / "System.map", *sorted((ksrc.parent / "root" / "boot").glob("System.map-*"))]:
+        if p.exists():
+            return p
+    return None
+
+
+def find_module_ko(ksrc: Path, module: str) -> Path | None:
+    """The shipped .ko of ``module`` (lab: root/lib/modules/<release>/...)."""
+    for base in (ksrc.parent / "root" / "lib" / "modules", ksrc):
+        if base.is_dir():
+            name = module.replace("_", "[_-]")
+            for ko in sorted(base.rglob("*.ko")):
+                if re.fullmatch(name + r"\.ko", ko.name):
+                    return ko
+    return None
+
+
+def module_symbol_counts(ko: Path) -> dict[str, int]:
+    from livesplice.kernel.elfedit import ElfRel
+
+    counts: dict[str, int] = {}
+    for name, _info, _o, shndx, _v, _s in ElfRel(ko.read_bytes()).symbols():
+        if name and shndx != 0:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def object_of(target: Target) -> str:
+    return "vmlinux" if target.kind == "kernel" else target.name
+
+
+def running_name(target: Target, key: str) -> str:
+    """The kallsyms name of a pre symbol key (``unit:.text.foo`` -> ``foo``)."""
+    info = target.symbols.get(key)
+    name = info.name if info is not None else key.rsplit(":", 1)[-1]
+    for prefix in (".text.unlikely.", ".text.", ".rodata.", ".data..read_mostly.", ".data.",
+                   ".bss."):  # fmt: skip
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def plan_module(update_id: str, targets: list[Target], tables: SymbolTables) -> ModulePlan:
+    plan = ModulePlan(module_name(update_id), {}, [])
+    for t in targets:
+        obj = object_of(t)
+        shipped = _shipped_keys(t)
+        for s in t.sections:
+            if s.role == "replacement":
+                plan.funcs.append((obj, s.name, shipped[s.key][0]))
+            if s.role == "pre":
+                continue
+            for r in s.relocs:
+                if r.symbol in shipped or r.symbol == FENTRY:
+                    continue
+                name = running_name(t, r.symbol)
+                info = t.symbols.get(r.symbol)
+                is_local = info is None or info.binding == "local" or info.defined
+                exporter = tables.exports.get(name)
+                if not is_local and exporter is not None and (
+                    exporter == "vmlinux" or exporter != obj
+                ):
+                    continue  # a normal relocation
+                sym_obj = obj
+                if exporter == "vmlinux" and obj != "vmlinux":
+                    continue
+                if obj != "vmlinux" and not is_local and name in tables.vmlinux:
+                    sym_obj = "vmlinux"  # non-exported vmlinux global used by module code
+                counts = tables.vmlinux if sym_obj == "vmlinux" else tables.modules.get(obj, {})
+                plan.klp_symbols.setdefault(
+                    f"{sym_obj}.{name}", KlpSymbol(sym_obj, name, counts.get(name, 0), r.symbol)
+                )
+    return plan
+
+
+def _shipped_keys(t: Target) -> dict[str, tuple[str, int]]:
+    """Symbol key -> (label, offset) for everything the module defines."""
+    out: dict[str, tuple[str, int]] = {}
+    for i, s in enumerate(x for x in t.sections if x.role != "pre"):
+        label = f"lsp_{_ident(t.name)}_{i}"
+        out.setdefault(s.key, (label, 0))
+        for k, off in s.symbols.items():
+            out.setdefault(k, (label, off))
+    return out
+
+
+def _ident(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)
+
+
+def reloc_symbol(plan: ModulePlan, t: Target, key: str, shipped: dict[str, tuple[str, int]],
+                 sympos: dict[str, int]) -> tuple[str, int]:  # fmt: skip
+    if key in shipped:
+        return shipped[key]
+    name = running_name(t, key)
+    for base, ks in plan.klp_symbols.items():
+        if ks.key == key or (ks.name == name and ks.obj in (object_of(t), "vmlinux")):
+            return f'".klp.sym.{base},{sympos.get(base, 0)}"', 0
+    return name, 0
+
+
+def write_code_asm(plan: ModulePlan, targets: list[Target], sympos: dict[str, int]) -> str:
+    lines = ["/* generated by livesplice: shipped code and data of the update */"]
+    for t in targets:
+        shipped = _shipped_keys(t)
+        for i, s in enumerate(x for x in t.sections if x.role != "pre"):
+            label = f"lsp_{_ident(t.name)}_{i}"
+            data = bytearray(s.bytes)
+            relocs = list(s.relocs)
+            for r in s.relocs:
+                if r.symbol == FENTRY and r.offset >= 1 and data[r.offset - 1] == 0xE8:
+                    data[r.offset - 1 : r.offset + 4] = NOP5
+                    relocs.remove(r)
+            kind = _section_kind(s)
+            lines.append(f'.section .{kind}.livesplice.{label},"{_flags(s)}",@{_type(s)}')
+            lines.append(f".balign {max(s.align, 1)}")
+            lines.append(f".globl {label}")
+            lines.append(f".type {label},@{'function' if s.executable else 'object'}")
+            lines.append(f"{label}:")
+            if s.data:
+                for off in range(0, len(data), 16):
+                    lines.append(".byte " + ",".join(f"0x{b:02x}" for b in data[off : off + 16]))
+            else:
+                lines.append(f".zero {s.size}")
+            lines.append(f".size {label},{s.size}")
+            for r in relocs:
+                sym, base_off = reloc_symbol(plan, t, r.symbol, shipped, sympos)
+                addend = r.addend + base_off
+                lines.append(f".reloc {label}+{r.offset},{r.type},{sym}{addend:+d}")
+    return "\n".join(lines) + "\n"
+
+
+def _section_kind(s: Section) -> str:
+    if s.executable:
+        return "text"
+    if not s.data:
+        return "bss"
+    return "rodata" if s.readonly else "data"
+
+
+def _flags(s: Section) -> str:
+    return "ax" if s.executable else ("a" if s.readonly else "aw")
+
+
+def _type(s: Section) -> str:
+    return "nobits" if not s.data else "progbits"
+
+
+def write_glue_c(plan: ModulePlan, targets: list[Target], hooks: list[Hook],
+                 update_id: str, description: str) -> str:  # fmt: skip
+    out = [
+        "/* generated by livesplice: the livepatch glue of one update */",
+        "#include <linux/kernel.h>",
+        "#include <linux/module.h>",
+        "#include <linux/livepatch.h>",
+        "",
+    ]
+    for _obj, _name, label in plan.funcs:
+        out.append(f"extern char {label}[];")
+    n = len(plan.funcs)
+    out += [
+        "",
+        f"static unsigned long lsp_sympos[{max(n, 1)}];",
+        "static int lsp_nsympos;",
+        "module_param_array_named(sympos, lsp_sympos, ulong, &lsp_nsympos, 0400);",
+        'MODULE_PARM_DESC(sympos, "old_sympos of each function (from run-pre matching)");',
+        "",
+    ]
+    hook_labels: dict[str, str] = {}
+    for h in hooks:
+        t = next(x for x in targets if x.name == h.target)
+        label = _shipped_keys(t)[h.key][0]
+        hook_labels[h.kind] = label
+        ret = "int" if h.kind == "pre_apply" else "void"
+        out.append(f"extern {ret} {label}(void);")
+    objs = sorted({o for o, _, _ in plan.funcs})
+    for oi, obj in enumerate(objs):
+        out.append(f"static struct klp_func lsp_funcs_{oi}[] = {{")
+        for obj2, name, label in plan.funcs:
+            if obj2 == obj:
+                out.append(f'\t{{ .old_name = "{name}", .new_func = {label} }},')
+        out += ["\t{ }", "};"]
+    for kind, label in hook_labels.items():
+        member = CALLBACKS.get(kind)
+        if member is None:
+            continue
+        if kind == "pre_apply":
+            out.append(f"static int lsp_cb_{member}(struct klp_object *obj) "
+                       f"{{ return {label}(); }}")  # fmt: skip
+        else:
+            out.append(f"static void lsp_cb_{member}(struct klp_object *obj) {{ {label}(); }}")
+    out.append("static struct klp_object lsp_objs[] = {")
+    for oi, obj in enumerate(objs):
+        name = "NULL" if obj == "vmlinux" else f'"{obj}"'
+        cbs = "".join(
+            f" .{CALLBACKS[k]} = lsp_cb_{CALLBACKS[k]},"
+            for k in hook_labels
+            if k in CALLBACKS
+        )
+        cb = f" .callbacks = {{{cbs} }}," if cbs and oi == 0 else ""
+        out.append(f"\t{{ .name = {name}, .funcs = lsp_funcs_{oi},{cb} }},")
+    out += ["\t{ }", "};", ""]
+    out += [
+        "static struct klp_patch lsp_patch = {",
+        "\t.mod = THIS_MODULE,",
+        "\t.objs = lsp_objs,",
+        "};",
+        "",
+        "static int __init lsp_init(void)",
+        "{",
+    ]
+    for oi, obj in enumerate(objs):
+        j = 0
+        for k, (obj2, _name, _label) in enumerate(plan.funcs):
+            if obj2 == obj:
+                out.append(f"\tlsp_funcs_{oi}[{j}].old_sympos = lsp_sympos[{k}];")
+                j += 1
+    out += [
+        "\treturn klp_enable_patch(&lsp_patch);",
+        "}",
+        "",
+        "static void __exit lsp_exit(void)",
+        "{",
+        "}",
+        "",
+        "module_init(lsp_init);",
+        "module_exit(lsp_exit);",
+        'MODULE_LICENSE("GPL");',
+        'MODULE_INFO(livepatch, "Y");',
+        f'MODULE_INFO(livesplice_id, "{update_id}");',
+        f"MODULE_DESCRIPTION({_c_string(description)});",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"')[:200] + '"'
+
+
+def build_module(tree: Path, moddir: Path, plan: ModulePlan, targets: list[Target],
+                 hooks: list[Hook], update_id: str, description: str,
+                 env: dict[str, str]) -> bytes:  # fmt: skip
+    """Generate, build (kbuild, M=moddir against ``tree``) and finish the module; its bytes."""
+    moddir.mkdir(parents=True, exist_ok=True)
+    sympos = {b: 0 for b, s in plan.klp_symbols.items() if s.count <= 1}
+    (moddir / "code.S").write_text(write_code_asm(plan, targets, sympos))
+    (moddir / "glue.c").write_text(write_glue_c(plan, targets, hooks, update_id, description))
+    (moddir / "Kbuild").write_text(
+        f"obj-m := {plan.name}.o\n"
+        f"{plan.name}-y := glue.o code.o\n"
+        "# compiler output objtool has already processed once\n"
+        "OBJECT_FILES_NON_STANDARD_code.o := y\n"
+    )
+    # modpost: .klp.sym.* symbols are undefined until they become livepatch symbols
+    env = dict(env, KBUILD_MODPOST_WARN="1")
+    cmd = ["make", "-C", str(tree), f"M={moddir}", "modules"]
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text = done.stdout.decode(errors="replace")
+    (moddir / "build.log").write_text(text)
+    ko = moddir / f"{plan.name}.ko"
+    if done.returncode != 0 or not ko.exists():
+        raise BuildFailed(
+            "building the livepatch module failed",
+            [" ".join(cmd), *text.splitlines()[-25:]],
+            f"generated sources and log in {moddir} (use --keep-tmp to keep them)",
+        )
+    undefined = [
+        m.group(1)
+        for m in re.finditer(r'WARNING: modpost: "([^"]+)" \[[^\]]*\] undefined!', text)
+        if not m.group(1).startswith(".klp.sym.")
+    ]
+    if undefined:
+        raise PatchRefused(
+            "the replacement code references symbols the module cannot resolve",
+            [f"{u}: undefined in the livepatch module" for u in undefined],
+            "this is a livesplice limitation; please report it with the patch",
+        )
+    stripped = moddir / "stripped.ko"
+    strip = shutil.which("strip") or "strip"
+    subprocess.run([strip, "--strip-debug", "-o", str(stripped), str(ko)], check=True)
+    from livesplice.kernel.elfedit import make_klp_relocations
+
+    return make_klp_relocations(stripped.read_bytes())

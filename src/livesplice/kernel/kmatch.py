@@ -1,0 +1,277 @@
+"""Run-pre matching against the running kernel: /proc/kallsyms for candidates, /proc/kcore
+for the running text.
+
+Every ``pre`` section of a kernel target is compared instruction by instruction with the
+running code of each same-named candidate. Relocation fields are wildcards whose running
+values reveal the addresses of the symbols they point at (that is how the ``sympos`` of a
+static symbol with a duplicated name is decided). Differences the kernel makes at boot
+are accepted, each for its own reason:
+
+* ``call __fentry__`` at the entry became a 5-byte nop (ftrace, or a call to an ftrace
+  trampoline when the function is already patched);
+* ``jmp __x86_return_thunk`` became ``ret; int3 x4`` (arch/x86/kernel/alternative.c
+  apply_returns on CPUs without the return-thunk mitigation);
+* ``call/jmp __x86_indirect_thunk_<reg>`` became an indirect call/jmp padded with nops
+  (apply_retpolines);
+* a static call site may point straight at its current target (HAVE_STATIC_CALL_INLINE);
+* a branch with a rel8 displacement in one and rel32 in the other (``-ffunction-sections``
+  changes some tail jumps; FINDINGS.md) when both reach the same place.
+
+A mismatch is NO_MATCH naming the function and the offset, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from livesplice.errors import NoMatch
+from livesplice.update.format import Reloc, Section, Target
+
+NOP5_PREFIXES = (bytes.fromhex("0f1f4400"), bytes.fromhex("0f1f44"))
+
+
+@dataclass
+class KSym:
+    addr: int
+    type: str
+    name: str
+    module: str | None  # None: vmlinux
+
+
+class KernelImage:
+    """The running kernel: symbols (kallsyms) and memory (kcore)."""
+
+    def __init__(self, syms: list[KSym], kcore_fd: int, loads: list[tuple[int, int, int]]):
+        self.syms = syms
+        self.by_name: dict[str, list[KSym]] = {}
+        for s in syms:
+            self.by_name.setdefault(s.name, []).append(s)
+        self.fd = kcore_fd
+        self.loads = loads  # (vaddr, offset, filesz)
+
+    @classmethod
+    def open(cls) -> KernelImage:
+        syms: list[KSym] = []
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mod = parts[3].strip("[]") if len(parts) > 3 else None
+                syms.append(KSym(int(parts[0], 16), parts[1], parts[2], mod))
+        if syms and all(s.addr == 0 for s in syms[:100]):
+            raise NoMatch(
+                "/proc/kallsyms shows no addresses", advice="run as root (kptr_restrict)"
+            )
+        fd = os.open("/proc/kcore", os.O_RDONLY)
+        hdr = os.pread(fd, 64, 0)
+        phoff, phentsize, phnum = struct.unpack_from("<Q", hdr, 32)[0], hdr[54], hdr[56]
+        phentsize = struct.unpack_from("<H", hdr, 54)[0]
+        phnum = struct.unpack_from("<H", hdr, 56)[0]
+        loads = []
+        raw = os.pread(fd, phentsize * phnum, phoff)
+        for i in range(phnum):
+            p_type, _fl, off, vaddr, _pa, filesz, _msz, _al = struct.unpack_from(
+                "<IIQQQQQQ", raw, i * phentsize
+            )
+            if p_type == 1:
+                loads.append((vaddr, off, filesz))
+        return cls(syms, fd, loads)
+
+    def read(self, addr: int, n: int) -> bytes:
+        for vaddr, off, size in self.loads:
+            if vaddr <= addr and addr + n <= vaddr + size:
+                return os.pread(self.fd, n, off + addr - vaddr)
+        raise NoMatch(f"address {addr:#x} is not in /proc/kcore")
+
+    def candidates(self, name: str, module: str | None) -> list[KSym]:
+        return [s for s in self.by_name.get(name, []) if s.module == module]
+
+    def sympos(self, sym: KSym) -> int:
+        """Position among same-named symbols of its object (1-based), 0 when unique."""
+        same = self.candidates(sym.name, sym.module)
+        return 0 if len(same) <= 1 else same.index(sym) + 1
+
+
+@dataclass
+class KernelMatch:
+    functions: dict[str, int] = field(default_factory=dict)  # "obj.name" -> address
+    func_sympos: dict[str, int] = field(default_factory=dict)
+    klp_sympos: dict[str, int] = field(default_factory=dict)
+    learned: dict[str, int] = field(default_factory=dict)  # symbol key -> address
+    skipped: list[str] = field(default_factory=list)
+
+
+class _Mismatch(Exception):
+    def __init__(self, offset: int, why: str) -> None:
+        super().__init__(why)
+        self.offset = offset
+        self.why = why
+
+
+def _cs() -> Any:
+    import capstone
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = False
+    return md
+
+
+def _is_nop(b: bytes) -> bool:
+    return b[:1] == b"\x90" or b[:2] == b"\x0f\x1f" or b[:3] == b"\x66\x0f\x1f" or (
+        b[:1] == b"\x66" and b[1:2] == b"\x90"
+    )
+
+
+def compare_code(md: Any, sec: Section, running: bytes, base: int) -> dict[str, int]:
+    """Compare pre code with running bytes at ``base``; return learned key -> address."""
+    pre = sec.bytes
+    rel_at = {r.offset: r for r in sec.relocs}
+    learned: dict[str, int] = {}
+    pmap: dict[int, int] = {}  # pre offset -> running offset (instruction starts)
+    branches: list[tuple[int, int, int]] = []  # (pre off, pre target, running target)
+    p = r = 0
+    while p < len(pre):
+        pmap[p] = r
+        pi = next(md.disasm(pre[p : p + 16], p), None)
+        ri = next(md.disasm(running[r : r + 16], base + r), None)
+        if pi is None:
+            raise _Mismatch(p, "pre code does not decode")
+        if ri is None:
+            raise _Mismatch(p, f"running code does not decode ({running[r:r + 8].hex()})")
+        plen = pi.size
+        rel = next((rel_at[o] for o in range(p, p + plen) if o in rel_at), None)
+        pb, rb = bytes(pi.bytes), bytes(ri.bytes)
+        if rel is not None:
+            sym = rel.symbol
+            if (sym == "__fentry__" and plen == 5
+                    and (rb[:1] == b"\xe8" or rb.startswith(NOP5_PREFIXES))):  # fmt: skip
+                p, r = p + 5, r + 5
+                continue
+            if sym == "__x86_return_thunk" and pb[:1] == b"\xe9" and rb[:1] in (b"\xc3", b"\xe9"):
+                p, r = p + 5, r + 5
+                continue
+            if sym.startswith(("__x86_indirect_thunk_", "__x86_indirect_call_thunk_")):
+                p, r = p + plen, r + plen  # rewritten into an indirect branch + padding
+                continue
+            field_off = rel.offset - p
+            size = 8 if rel.type in ("R_X86_64_64", "R_X86_64_PC64") else 4
+            if len(rb) != plen or (
+                pb[:field_off] + pb[field_off + size :] != rb[:field_off] + rb[field_off + size :]
+            ):
+                if sym.startswith("__SCT__") and len(rb) == plen:
+                    p, r = p + plen, r + plen
+                    continue
+                raise _Mismatch(p, f"expected {pb.hex()} ({pi.mnemonic} {pi.op_str}), "
+                                   f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
+            learned[sym] = _learn(rel, rb[field_off : field_off + size], base + r + field_off)
+            p, r = p + plen, r + plen
+            continue
+        if pb == rb:
+            t = _branch_target(pi)
+            if t is not None:
+                branches.append((p, t, _branch_target(ri) or 0))
+            p, r = p + plen, r + len(rb)
+            continue
+        if pi.mnemonic == ri.mnemonic and _branch_target(pi) is not None:
+            pt, rt = _branch_target(pi), _branch_target(ri)
+            if pt is not None and rt is not None:
+                branches.append((p, pt, rt))
+                p, r = p + plen, r + len(rb)
+                continue
+        raise _Mismatch(p, f"expected {pb.hex()} ({pi.mnemonic} {pi.op_str}), "
+                           f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
+    for off, pt, rt in branches:
+        if pt in pmap and rt != base + pmap[pt]:
+            raise _Mismatch(off, f"branch goes to running {rt:#x}, expected "
+                                 f"{base + pmap[pt]:#x} (pre offset {pt:#x})")  # fmt: skip
+    return learned
+
+
+def _branch_target(ins: Any) -> int | None:
+    if ins.mnemonic == "jmp" or ins.mnemonic.startswith("j") or ins.mnemonic == "call":
+        try:
+            return int(ins.op_str, 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _learn(rel: Reloc, raw: bytes, place: int) -> int:
+    if len(raw) == 8:
+        v: int = struct.unpack("<q", raw)[0]
+        return (v + place - rel.addend) if rel.type == "R_X86_64_PC64" else (v - rel.addend)
+    v = int(struct.unpack("<i", raw)[0])
+    if rel.type in ("R_X86_64_PC32", "R_X86_64_PLT32"):
+        return (v + place - rel.addend) & 0xFFFFFFFFFFFFFFFF
+    return (v - rel.addend) & 0xFFFFFFFFFFFFFFFF
+
+
+def run_pre_match_kernel(
+    image: KernelImage, targets: list[Target], kernel: dict[str, Any]
+) -> KernelMatch:
+    """Match every pre function; decide sympos of changed functions and klp symbols."""
+    from livesplice.kernel.klp import object_of, running_name
+
+    md = _cs()
+    result = KernelMatch()
+    problems: list[str] = []
+    for t in targets:
+        obj = object_of(t)
+        module = None if obj == "vmlinux" else obj
+        if module is not None and not any(s.module == module for s in image.syms):
+            result.skipped.append(f"{obj}: not loaded; livepatch patches it when it loads")
+            continue
+        for sec in (s for s in t.sections if s.role == "pre" and s.executable):
+            name = running_name(t, sec.key)
+            cands = [c for c in image.candidates(name, module) if c.type in "tT"]
+            if not cands:
+                problems.append(f"{obj}: {name}: no such function in the running kernel")
+                continue
+            ok: list[tuple[KSym, dict[str, int]]] = []
+            fails: list[str] = []
+            for c in cands:
+                try:
+                    running = image.read(c.addr, sec.size + 64)
+                    ok.append((c, compare_code(md, sec, running, c.addr)))
+                except _Mismatch as m:
+                    fails.append(f"{name}+{m.offset:#x} at {c.addr:#x}: {m.why}")
+            if len(ok) != 1:
+                if not ok:
+                    problems.extend(fails[:3])
+                else:
+                    problems.append(f"{obj}: {name}: {len(ok)} candidates match (ambiguous)")
+                continue
+            cand, learned = ok[0]
+            result.functions[f"{obj}.{name}"] = cand.addr
+            result.func_sympos[f"{obj}.{name}"] = image.sympos(cand)
+            result.learned.setdefault(sec.key, cand.addr)
+            for k, v in learned.items():
+                result.learned.setdefault(k, v)
+    if problems:
+        raise NoMatch(
+            "the running kernel's code is not what this update was built from",
+            problems,
+            "build the update from the exact source, configuration and compiler of the "
+            "running kernel (`uname -r`, /proc/version)",
+        )
+    for ks in kernel.get("klp_symbols", []):
+        base = f"{ks['object']}.{ks['name']}"
+        if ks["count"] <= 1:
+            continue
+        module = None if ks["object"] == "vmlinux" else ks["object"]
+        addr = result.learned.get(ks["key"])
+        cands = image.candidates(ks["name"], module)
+        hit = [c for c in cands if c.addr == addr]
+        if not hit:
+            raise NoMatch(
+                f"cannot decide which of {len(cands)} symbols named {ks['name']} the update "
+                "uses",
+                [f"{ks['object']}: {ks['name']}: matching learned "
+                 f"{hex(addr) if addr else 'no address'}"],
+            )  # fmt: skip
+        result.klp_sympos[base] = image.sympos(hit[0])
+    return result

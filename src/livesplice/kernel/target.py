@@ -1,0 +1,361 @@
+"""The kernel target: ``create --kernel``, and apply / view / undo on the running kernel.
+
+create:  copy KSRC -> compile changed units pre/post (kbuild) -> diff (shared engine + kernel
+         rules) -> plan + build the livepatch module -> write the update (+ livepatch.ko)
+apply:   run-pre match every pre function against the running text (/proc/kcore,
+         /proc/kallsyms) -> decide sympos -> insmod -> wait for the transition (progress;
+         name blocking tasks; revert after a timeout)
+view:    /sys/kernel/livepatch/livesplice_* (id, functions, state, taint)
+undo:    enabled=0 -> wait for the transition -> rmmod
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from livesplice.errors import CodeBusy, LivespliceError, NoPermission, NotApplied, UsageError
+from livesplice.update.archive import UpdateFile
+from livesplice.update.format import Manifest
+
+LIVEPATCH = Path("/sys/kernel/livepatch")
+TRANSITION_TIMEOUT = 60.0
+
+
+# ---------------------------------------------------------------------------------------
+# create
+# ---------------------------------------------------------------------------------------
+
+
+def create_kernel_update(
+    ksrc: Path,
+    patch: Path,
+    *,
+    update_id: str | None = None,
+    output: Path | None = None,
+    description: str | None = None,
+    jobs: int = 2,
+    keep_tmp: bool = False,
+    progress: Any = None,
+) -> tuple[Manifest | None, Path | None, dict[str, float]]:
+    """Build a kernel update from ``patch`` against the prepared tree ``ksrc``.
+
+    :returns: (manifest, output path, seconds per step); (None, None, ...) when the patch
+        changes no code.
+    """
+    from livesplice.create import (
+        check_output_writable,
+        check_source_tree,
+        check_update_id,
+        describe_patch,
+        new_update_id,
+        read_patch,
+    )
+    from livesplice.kernel.kbuild import build_kernel_pair, make_env
+    from livesplice.kernel.kdiff import diff_kernel_build
+    from livesplice.kernel.klp import build_module, load_symbol_tables, plan_module
+    from livesplice.kernel.package import write_kernel_update
+
+    say = progress or (lambda _m: None)
+    t0 = time.monotonic()
+    ksrc = check_source_tree(ksrc)
+    patch_text = read_patch(patch)
+    uid = check_update_id(update_id) if update_id else new_update_id()
+    out = output if output is not None else Path(f"livesplice-{uid}.update")
+    check_output_writable(out)
+    desc = description or describe_patch(patch_text)
+    workdir = Path(tempfile.mkdtemp(prefix="livesplice-kcreate-"))
+    try:
+        say("building the changed units (pre, post) ...")
+        build = build_kernel_pair(ksrc, patch, patch_text, workdir, jobs=jobs)
+        seconds = dict(build.seconds)
+        t1 = time.monotonic()
+        targets, warnings = diff_kernel_build(build, patch_text)
+        seconds["diff"] = time.monotonic() - t1
+        if not any(t.changed_functions or t.new_functions or t.new_data for t in targets):
+            return None, None, seconds
+        manifest = Manifest(
+            id=uid,
+            description=desc,
+            compiler=build.compiler,
+            patch_sha256=hashlib.sha256(patch_text.encode()).hexdigest(),
+            targets=targets,
+            hooks=[],
+            warnings=warnings,
+        )
+        t2 = time.monotonic()
+        say("building the livepatch module ...")
+        modules = [t.name for t in targets if t.kind == "kernel_module"]
+        tables = load_symbol_tables(build.tree, modules)
+        plan = plan_module(uid, targets, tables)
+        ko = build_module(build.tree, workdir / "module", plan, targets, manifest.hooks, uid,
+                          desc, make_env(ksrc))  # fmt: skip
+        seconds["module"] = time.monotonic() - t2
+        kernel = {
+            "module": plan.name,
+            "release": kernel_release(ksrc),
+            "funcs": [{"object": o, "name": n} for o, n, _ in plan.funcs],
+            "klp_symbols": [
+                {"object": s.obj, "name": s.name, "count": s.count, "key": s.key}
+                for s in plan.klp_symbols.values()
+            ],
+        }
+        write_kernel_update(out, manifest, patch_text, ko, kernel)
+        seconds["total"] = time.monotonic() - t0
+        return manifest, out, seconds
+    finally:
+        if keep_tmp:
+            print(f"livesplice: kept the build directory {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kernel_release(ksrc: Path) -> str:
+    try:
+        text = (ksrc / "include" / "generated" / "utsrelease.h").read_text()
+        return text.split('"')[1]
+    except (OSError, IndexError):
+        return ""
+
+
+def cli_create_kernel(args: argparse.Namespace) -> int:
+    def say(msg: str) -> None:
+        if not args.json:
+            print(f"livesplice: {msg}", file=sys.stderr, flush=True)
+
+    manifest, out, seconds = create_kernel_update(
+        args.srcdir, args.patch, update_id=args.update_id, output=args.output,
+        description=args.description, jobs=args.jobs, keep_tmp=args.keep_tmp, progress=say,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({
+            "status": "created" if manifest else "nothing_to_do",
+            "output": str(out) if out else None,
+            "id": manifest.id if manifest else None,
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        }, indent=1))  # fmt: skip
+        return 0
+    if manifest is None:
+        print("livesplice: no code changes: nothing to do (no update written)")
+        return 0
+    funcs = [f for t in manifest.targets for f in t.changed_functions]
+    print(f"livesplice: wrote kernel update {manifest.id} to {out} "
+          f"({len(funcs)} function(s): {', '.join(funcs)}; {seconds['total']:.1f} s)")  # fmt: skip
+    for w in manifest.warnings:
+        print(f"livesplice: warning: {w}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# apply
+# ---------------------------------------------------------------------------------------
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "json", False):
+        print(f"livesplice: {msg}", file=sys.stderr, flush=True)
+
+
+def cli_apply_kernel(args: argparse.Namespace, update: UpdateFile) -> int:
+    from livesplice.kernel.elfedit import set_klp_sympos
+    from livesplice.kernel.kmatch import KernelImage, run_pre_match_kernel
+    from livesplice.kernel.package import read_kernel_members
+
+    module, kernel = read_kernel_members(args.update)
+    name = kernel["module"]
+    if not LIVEPATCH.is_dir():
+        raise UsageError("this kernel has no livepatch support (/sys/kernel/livepatch)")
+    if (LIVEPATCH / name).exists():
+        raise UsageError(f"update {update.manifest.id} is already applied ({name})")
+    release = Path("/proc/sys/kernel/osrelease").read_text().strip()
+    if kernel.get("release") and kernel["release"] != release:
+        _say(args, f"warning: built for {kernel['release']}, running {release}")
+    t0 = time.monotonic()
+    image = KernelImage.open()
+    match = run_pre_match_kernel(image, update.manifest.targets, kernel)
+    _say(args, f"run-pre matched {len(match.functions)} function(s) "
+               f"in {time.monotonic() - t0:.2f} s")  # fmt: skip
+    module = set_klp_sympos(module, match.klp_sympos)
+    sympos = [str(match.func_sympos.get(f"{f['object']}.{f['name']}", 0))
+              for f in kernel["funcs"]]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="livesplice-kapply-") as tmp:
+        ko = Path(tmp) / f"{name}.ko"
+        ko.write_bytes(module)
+        insmod(ko, [f"sympos={','.join(sympos)}"] if sympos else [])
+    t1 = time.monotonic()
+    try:
+        wait_transition(name, args, TRANSITION_TIMEOUT)
+    except CodeBusy:
+        revert(name, args)
+        raise
+    out = {
+        "id": update.manifest.id,
+        "module": name,
+        "functions": [f["name"] for f in kernel["funcs"]],
+        "match_seconds": round(t1 - t0, 3),
+        "transition_seconds": round(time.monotonic() - t1, 3),
+    }
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=1))
+    else:
+        funcs = ", ".join(out["functions"])
+        print(f"livesplice: applied {update.manifest.id} to the running kernel "
+              f"({funcs}; transition {out['transition_seconds']} s)")  # fmt: skip
+    return 0
+
+
+def insmod(ko: Path, params: list[str]) -> None:
+    done = subprocess.run(["insmod", str(ko), *params], capture_output=True, text=True)
+    if done.returncode != 0:
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+        err: type[LivespliceError] = UsageError
+        if "not permitted" in done.stderr:
+            err = NoPermission
+        raise err(
+            "the kernel refused the livepatch module",
+            [done.stderr.strip(), *[line for line in dmesg[-12:] if line.strip()]],
+            "check the kernel log; the running kernel may differ from the tree the update "
+            "was built against",
+        )
+
+
+def patch_state(name: str) -> dict[str, str]:
+    d = LIVEPATCH / name
+    out = {}
+    for f in ("enabled", "transition"):
+        try:
+            out[f] = (d / f).read_text().strip()
+        except OSError:
+            out[f] = "?"
+    return out
+
+
+def blocking_tasks(name: str) -> list[str]:
+    """Tasks not yet switched: /proc/PID/patch_state differs from the patch's target state."""
+    state = patch_state(name)
+    goal = "1" if state.get("enabled") == "1" else "0"
+    lines: list[str] = []
+    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
+        for task in sorted((proc / "task").glob("[0-9]*"), key=lambda p: int(p.name)):
+            try:
+                ps = (task / "patch_state").read_text().strip()
+            except OSError:
+                continue
+            if ps in ("-1", goal):
+                continue
+            try:
+                comm = (task / "comm").read_text().strip()
+                stack = (task / "stack").read_text().strip().splitlines()
+            except OSError:
+                comm, stack = "?", []
+            lines.append(f"pid {task.name} ({comm}) patch_state={ps}")
+            lines.extend(f"    {s}" for s in stack[:12])
+    return lines
+
+
+def wait_transition(name: str, args: argparse.Namespace, timeout: float) -> None:
+    t0 = time.monotonic()
+    last = 0.0
+    while True:
+        state = patch_state(name)
+        if state["transition"] != "1":
+            return
+        elapsed = time.monotonic() - t0
+        if elapsed - last >= 2.0:
+            last = elapsed
+            _say(args, f"transition of {name} in progress ({elapsed:.0f} s)")
+        if elapsed > timeout:
+            raise CodeBusy(
+                f"the livepatch transition of {name} did not finish in {timeout:.0f} s",
+                ["tasks not yet switched (patch_state, stack):", *blocking_tasks(name)],
+                "a task sleeps inside a function being replaced; retry when it is idle",
+            )
+        time.sleep(0.1)
+
+
+def revert(name: str, args: argparse.Namespace) -> None:
+    """Reverse a stalled transition: writing 0 to enabled reverses it (livepatch.rst 3.1)."""
+    _say(args, f"reverting {name}")
+    with contextlib.suppress(OSError):
+        (LIVEPATCH / name / "enabled").write_text("0")
+    t0 = time.monotonic()
+    while (LIVEPATCH / name).exists() and time.monotonic() - t0 < TRANSITION_TIMEOUT:
+        if patch_state(name)["transition"] != "1":
+            break
+        time.sleep(0.1)
+    subprocess.run(["rmmod", name], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------
+# view / undo
+# ---------------------------------------------------------------------------------------
+
+
+def applied_updates() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if not LIVEPATCH.is_dir():
+        return out
+    taint = Path("/proc/sys/kernel/tainted").read_text().strip()
+    for d in sorted(LIVEPATCH.glob("livesplice_*")):
+        uid = d.name.removeprefix("livesplice_")
+        functions = []
+        for obj in sorted(p for p in d.iterdir() if p.is_dir()):
+            for fn in sorted(p for p in obj.iterdir() if p.is_dir()):
+                functions.append(f"{obj.name}:{fn.name}")
+        state = patch_state(d.name)
+        out.append({
+            "id": uid,
+            "module": d.name,
+            "functions": functions,
+            "enabled": state["enabled"] == "1",
+            "transition": state["transition"] == "1",
+            "taint": int(taint),
+        })  # fmt: skip
+    return out
+
+
+def cli_view_kernel(args: argparse.Namespace) -> int:
+    ups = applied_updates()
+    if getattr(args, "json", False):
+        print(json.dumps({"kernel": ups}, indent=1))
+        return 0
+    if not ups:
+        print("livesplice: no kernel updates applied")
+    for u in ups:
+        state = "enabled" if u["enabled"] else "disabled"
+        if u["transition"]:
+            state += ", in transition"
+        print(f"kernel update {u['id']} ({u['module']}): {state}; taint {u['taint']}")
+        for f in u["functions"]:
+            print(f"  {f}")
+    return 0
+
+
+def cli_undo_kernel(args: argparse.Namespace) -> int:
+    from livesplice.kernel.klp import module_name
+
+    name = module_name(args.update_id)
+    if not (LIVEPATCH / name).exists():
+        raise NotApplied(f"kernel update {args.update_id} is not applied",
+                         advice="`livesplice view` lists the applied updates")  # fmt: skip
+    stack = sorted(p.name for p in LIVEPATCH.iterdir())
+    (LIVEPATCH / name / "enabled").write_text("0")
+    try:
+        wait_transition(name, args, TRANSITION_TIMEOUT)
+    except CodeBusy:
+        (LIVEPATCH / name / "enabled").write_text("1")  # reverse the reverse: stay applied
+        raise
+    done = subprocess.run(["rmmod", name], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UsageError(f"rmmod {name} failed", [done.stderr.strip(), f"patches: {stack}"])
+    _say(args, f"undid kernel update {args.update_id}")
+    return 0
