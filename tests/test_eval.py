@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -220,3 +222,34 @@ def test_real_row(row: str, tmp_path: Path) -> None:
                            "--out", str(out)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "| ok |" in out.read_text()
+
+
+def test_run_pre_match_learns_mergeable_strings_per_entry() -> None:
+    """Bug found on nginx: ld places the strings of one .rodata.<fn>.str1.1 apart, so two
+    fields of one function give two "section bases"; that is not a mismatch."""
+    from livesplice.process.match import _Matcher
+    from livesplice.update.format import Reloc, Section
+
+    m = object.__new__(_Matcher)
+    m.learned = {}
+    m.image = SimpleNamespace(in_plt=lambda addr: False)  # type: ignore[assignment]
+    sec = Section(key="f", role="pre", name="f", unit="src/x.c", align=16, size=16,
+                  data="00" * 16)
+    out: list[Any] = []
+    key = "src/x.c:.rodata.f.str1.1"
+    # lea .LC(%rip): value = S + A - P; two strings at section offsets 0 and 0x10 placed
+    # 0x2c17 bytes apart by the linker's string merging
+    for off, addend, s_plus_a in ((3, -4, 0x5000), (10, 0x10 - 4, 0x7c17)):
+        assert m.learn_field(Reloc(off, "R_X86_64_PC32", key, addend),
+                             s_plus_a - (0x1000 + off), 0x1000 + off, sec, out) is None
+    assert {it.kind for it in out} == {"merged"}
+    assert m.conflicts(out) is None
+    # the same string seen at two places is still checked
+    clash = [*out, type(out[0])("merged", out[0].key, out[0].value + 1, "elsewhere")]
+    assert m.conflicts(clash) is not None
+    # an ordinary data section keeps one base
+    plain: list[Any] = []
+    for off, addend, s_plus_a in ((3, -4, 0x5000), (10, 0x10 - 4, 0x7c17)):
+        m.learn_field(Reloc(off, "R_X86_64_PC32", "src/x.c:.data.t", addend),
+                      s_plus_a - (0x1000 + off), 0x1000 + off, sec, plain)
+    assert m.conflicts(plain) is not None

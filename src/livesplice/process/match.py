@@ -28,6 +28,7 @@ names); the whole text is searched only for functions that have no candidate at 
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,13 @@ _PCREL = {"R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_PC64", "R_X86_64_PC16", "
 _ABS = {"R_X86_64_32", "R_X86_64_32S", "R_X86_64_64", "R_X86_64_16", "R_X86_64_8"}
 _GOTPCREL = {"R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"}
 _BRANCHES = {"jmp", "call"}
+# Mergeable sections (SHF_MERGE): gcc puts string literals in .rodata[.<fn>].str<N>.<align>
+# and constants in .rodata.cst<N>, and ld merges their entries across the whole output
+# (deduplicated, each placed on its own), so "section + addend" has no single section base:
+# nginx's ngx_http_script_regex_end_code reaches two strings of .rodata.<fn>.str1.1 that ld
+# placed 0x2c17 bytes apart. For these, a field reveals where ONE entry lives (S + A), so
+# learning and the consistency check are per (key, addend). (ELF gABI, "sh_flags: SHF_MERGE")
+_MERGEABLE = re.compile(r"\.(str\d+\.\d+|cst\d+)$")
 _MAX_BRUTE_CANDIDATES = 4096
 
 
@@ -190,6 +198,10 @@ class _Matcher:
         """
         where = f"{sec.name}+{r.offset:#x} ({r.type})"
         t = r.type
+        if _MERGEABLE.search(r.symbol) and t in _PCREL | _ABS:
+            entry = value + place if t in _PCREL else value
+            out.append(_Learn("merged", f"{r.symbol}{r.addend:+#x}", entry & (2**64 - 1), where))
+            return None
         if t in _PCREL:
             out.append(_Learn("addr", r.symbol, value - r.addend + place, where))
         elif t in _ABS:
@@ -605,5 +617,7 @@ def _accept(m: _Matcher, result: MatchResult, sec: Section, a: _Attempt) -> None
     result.entries[sec.key] = a.entry
     result.extents[sec.key] = (a.address, a.end)
     for (kind, key), it in m.learned.items():
+        if kind == "merged":
+            continue  # checked for consistency only: no section base to resolve against
         {"addr": result.learned, "tpoff": result.tpoff, "got": result.got_slots,
          "tlsgd": result.tlsgd}[kind][key] = it.value
