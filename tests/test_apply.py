@@ -594,3 +594,84 @@ def test_tool_killed_at_each_step_of_apply(tmp_path: Path, point: str) -> None:
         assert prog.alive()
     finally:
         prog.stop()
+
+
+HOOKED = """\
+#include <stdio.h>
+#include <unistd.h>
+
+int errors_seen = 5;
+int base = 1;
+
+__attribute__((noinline)) int answer(int x)
+{
+\treturn x + base;
+}
+
+int main(void)
+{
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (int i = 0;; i++) {
+\t\tprintf("value %d errors %d\\n", answer(i) - i, errors_seen);
+\t\tusleep(2000);
+\t}
+}
+"""
+HOOK_MAKEFILE = MAKEFILE.replace("CFLAGS ?= -O2 -g", "CFLAGS ?= -O2 -g -I$(LIVESPLICE_INCLUDE)")
+
+
+@pytest.mark.parametrize("kind", ["post_apply", "apply"])
+def test_hooks_run_inside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     kind: str) -> None:
+    from livetest import INCLUDE
+
+    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
+    macro = {"post_apply": "LIVESPLICE_POST_APPLY", "apply": "LIVESPLICE_APPLY"}[kind]
+    tree = write_tree(tmp_path / "src", {"prog.c": HOOKED, "Makefile": HOOK_MAKEFILE})
+    patch = make_patch(tree, {"prog.c": [
+        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int reset(void)\n{\n"
+         "\terrors_seen = 0;\n\treturn 0;\n}\n" + macro + "(reset);"),
+    ]}, tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", {"prog.c": HOOKED, "Makefile": MAKEFILE})
+    build(running)
+    update = create(tree, patch, "hook0001", tmp_path)
+    info = livesplice_json("inspect", str(update))
+    assert [(h["kind"], h["function"]) for h in info["hooks"]] == [(kind, "reset")]
+    prog = Running([str(running / "prog")])
+    try:
+        prog.wait_for("value 1 errors 5")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("value 2 errors 0")
+        livesplice("undo", "hook0001", "--pid", str(prog.pid))
+        prog.wait_for("value 1 errors 0")
+    finally:
+        prog.stop()
+
+
+def test_failing_pre_apply_hook_leaves_the_process_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livetest import INCLUDE
+
+    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
+    tree = write_tree(tmp_path / "src", {"prog.c": HOOKED, "Makefile": HOOK_MAKEFILE})
+    patch = make_patch(tree, {"prog.c": [
+        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int refuse(void)\n{\n"
+         "\treturn errors_seen > 0 ? 17 : 0;\n}\nLIVESPLICE_PRE_APPLY(refuse);"),
+    ]}, tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", {"prog.c": HOOKED, "Makefile": MAKEFILE})
+    build(running)
+    update = create(tree, patch, "hook0002", tmp_path)
+    prog = Running([str(running / "prog")])
+    try:
+        prog.wait_for("value 1 errors 5")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 10, r.stdout + r.stderr
+        assert "pre_apply" in r.stdout + r.stderr and "17" in r.stdout + r.stderr
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+        prog.drain()
+        prog.wait_for("value 1 errors 5")
+    finally:
+        prog.stop()

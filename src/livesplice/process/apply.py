@@ -146,13 +146,29 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
     return prepared
 
 
-def _run_hooks(t: Tracee, addrs: list[int], kind: str) -> None:
+def _run_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> None:
+    """Call each hook (``int fn(void)``) in the target; a non-zero return is a failure."""
     from livesplice.process.remote import remote_call
 
-    for addr in addrs:
+    for name, addr in hooks:
         rc = remote_call(t, addr)
         if rc != 0:
-            raise HookFailed(f"the {kind} hook at {addr:#x} returned {rc}")
+            raise HookFailed(
+                f"the {kind} hook {name}() returned {rc}",
+                details=[f"hook {name} at {addr:#x} in process {t.pid}"],
+                advice="the update was not applied; the hook's author decides what "
+                "a non-zero return means",
+            )
+
+
+def _late_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> list[str]:
+    """post_apply/post_reverse run after the change is made: a failure cannot undo it, so it
+    is reported as a warning instead of pretending a rollback."""
+    try:
+        _run_hooks(t, hooks, kind)
+    except HookFailed as e:
+        return [f"{e.reason} (the change itself is in place)"]
+    return []
 
 
 def apply_to_process(
@@ -260,12 +276,12 @@ def apply_to_process(
             record.pause_us = stats.pause_us
             t.write(state, record.encode())
             mapped.clear()  # applied: the mappings now belong to the process
-            _run_hooks(t, hooks.get("post_apply", []), "post_apply")
+            warnings = _late_hooks(t, hooks.get("post_apply", []), "post_apply")
             return ApplyReport(
                 pid=pid, id=manifest.id,
                 functions=[tr.function for tr in record.trampolines],
                 pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
-                warnings=[w for p in prepared for w in p.warnings],
+                warnings=[w for p in prepared for w in p.warnings] + warnings,
             )
         finally:
             try:
@@ -288,22 +304,22 @@ def _busy(plan: Any, tr: Any) -> tuple[int, int]:
     return (int(lo), int(max(hi, lo + len(tr.original))))
 
 
-def _hook_addresses(manifest: Manifest, images: list[tuple[_Prepared, LoadImage]]) -> dict[
-    str, list[int]
-]:
-    out: dict[str, list[int]] = {}
+def _hook_addresses(
+    manifest: Manifest, images: list[tuple[_Prepared, LoadImage]]
+) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {}
     for h in manifest.hooks:
         for p, img in images:
             if p.target_name == h.target and h.key in img.addresses:
-                out.setdefault(h.kind, []).append(img.addresses[h.key])
+                out.setdefault(h.kind, []).append((h.function, img.addresses[h.key]))
     return out
 
 
-def _safe_hooks(t: Tracee, addrs: list[int]) -> None:
+def _safe_hooks(t: Tracee, hooks: list[tuple[str, int]]) -> None:
     """fail/undo mirrors run best-effort: the abort itself must not be masked."""
     from livesplice.process.remote import remote_call
 
-    for addr in addrs:
+    for _name, addr in hooks:
         with suppress(LivespliceError):
             remote_call(t, addr)
 
@@ -379,7 +395,8 @@ def undo_in_process(
             except (CodeBusy, HookFailed):
                 _safe_hooks(t, rec.hooks.get("fail_reverse", []))
                 raise
-            _run_hooks(t, rec.hooks.get("post_reverse", []), "post_reverse")
+            for w in _late_hooks(t, rec.hooks.get("post_reverse", []), "post_reverse"):
+                print(f"livesplice: warning: pid {pid}: {w}")
             for rng in (rec.code, rec.data, sm.record):
                 if rng and rng[1] > rng[0]:
                     remote_munmap(t, rng[0], rng[1] - rng[0])

@@ -55,7 +55,8 @@ class StateRecord:
     trampolines: list[TrampolineRecord]
     code: tuple[int, int]  # [start, end) of the code mapping
     data: tuple[int, int]  # [start, end) of the data mapping, (0, 0) if none
-    hooks: dict[str, list[int]] = field(default_factory=dict)  # hook kind -> addresses
+    # hook kind -> [(function name, address)] (undo runs the reverse hooks from here)
+    hooks: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
     pause_us: float | None = None
     tool_pid: int = 0
@@ -73,6 +74,8 @@ class StateRecord:
         raw["trampolines"] = [TrampolineRecord(**t) for t in raw["trampolines"]]
         raw["code"] = tuple(raw["code"])
         raw["data"] = tuple(raw["data"])
+        hooks = raw.get("hooks", {})
+        raw["hooks"] = {k: [(str(n), int(a)) for n, a in v] for k, v in hooks.items()}
         return cls(**raw)
 
 
