@@ -169,6 +169,29 @@ def _is_zombie(pid: int, tid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
+def _task_state(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "X"
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3].decode()
+
+
+def _sigkill_pending(pid: int, tid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                # own or process-wide (a group exit leaves it in the shared set)
+                if line.startswith(("SigPnd:", "ShdPnd:")) and (
+                    int(line.split()[1], 16) & (1 << (signal.SIGKILL - 1))
+                ):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def signal_pending_unblocked(pid: int, tid: int) -> bool:
     """A signal is pending for ``tid`` (own or process-wide) and not blocked by it."""
     fields: dict[str, int] = {}
@@ -479,11 +502,9 @@ class Tracee:
                         break
                     more.extend(self._on_status(tid, status))
             queue = more
-        live = [t for t in self._tids if t not in self._exiting]
-        if not live:
-            for tid in list(self._tids):
-                self._cont(tid)
-            raise TargetGone(f"process {self.pid} exited")
+        if self._exiting:
+            self._settle_exits()
+        self._check_live()
         self._read_all_regs()
         if self.restart_eintr:
             self._restart_interrupted_syscalls()
@@ -518,8 +539,9 @@ class Tracee:
             return
         self._on_status(probe, status)
         self._collect_stopped()  # something happened: look at every thread
-        if not [t for t in self._tids if t not in self._exiting]:
-            raise TargetGone(f"process {self.pid} exited")
+        if self._exiting:
+            self._settle_exits()
+        self._check_live()
 
     def resume(self) -> None:
         """Let every stopped thread run; re-inject real signals caught while stopped."""
@@ -564,15 +586,54 @@ class Tracee:
             tid for tid, ptr in zip(tids, self._regs_ptrs, strict=False)
             if ptrace(PTRACE_GETREGS, tid, 0, ptr)
         ]
-        if bad:  # a thread killed while stopped (SIGKILL wakes traced threads)
-            gone = set(bad)
-            for tid in gone:
-                self._forget(tid)
-            if not [t for t in self._tids if t not in self._exiting]:
-                raise TargetGone(f"process {self.pid} exited")
+        if bad:
+            # Not in a ptrace-stop any more: a SIGKILL woke it (traced threads wake for
+            # SIGKILL only). It heads for its exit stop or its end: wait for that.
+            for tid in bad:
+                self._stopped.discard(tid)
+                while tid in self._tids and tid not in self._stopped:
+                    try:
+                        _, status = os.waitpid(tid, WALL)
+                    except ChildProcessError:
+                        self._forget(tid)
+                        break
+                    self._on_status(tid, status)
+            self._check_live()
             self._read_all_regs()
             return
         self._regs_tids = tids
+
+    def _settle_exits(self) -> None:
+        """Some thread is exiting: if the whole process is (SIGKILL, exit_group), wait for
+        every thread to reach its exit stop, so that we do not report a dying process alive.
+
+        Both a fatal signal and exit_group() queue SIGKILL on every thread (the kernel's
+        zap_other_threads), which also wakes threads in a ptrace-stop; a thread leaving on
+        its own (pthread_exit) does neither.
+        """
+        for tid in list(self._tids):
+            if tid in self._exiting:
+                continue
+            # a thread we hold stopped but not in a ptrace-stop ("t") was woken by SIGKILL
+            if _task_state(self.pid, tid) == "t" and not _sigkill_pending(self.pid, tid):
+                continue
+            self._stopped.discard(tid)
+            while tid in self._tids and tid not in self._exiting:
+                try:
+                    _, status = os.waitpid(tid, WALL)
+                except ChildProcessError:
+                    self._forget(tid)
+                    break
+                self._on_status(tid, status)
+
+    def _check_live(self) -> None:
+        """Raise TargetGone, letting exiting threads finish, if no thread is left."""
+        if [t for t in self._tids if t not in self._exiting]:
+            return
+        for tid in list(self._tids):
+            if tid in self._stopped:
+                self._cont(tid)
+        raise TargetGone(f"process {self.pid} exited")
 
     def stopped_regs(self) -> tuple[list[int], npt.NDArray[np.uint64]]:
         """(tids, registers array) captured by the last :meth:`stop`; row i = tids[i].
