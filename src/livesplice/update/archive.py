@@ -8,7 +8,7 @@ import json
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from livesplice.errors import MalformedUpdate, UsageError
@@ -26,6 +26,8 @@ class UpdateFile:
     manifest: Manifest
     patch: str
     signature: bytes | None
+    # target-specific members (e.g. a kernel update's livepatch.ko), by member name
+    extra: dict[str, bytes] = field(default_factory=dict)
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -38,12 +40,21 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def encode_update(manifest: Manifest, patch: str, signature: bytes | None = None) -> bytes:
+def encode_update(
+    manifest: Manifest,
+    patch: str,
+    signature: bytes | None = None,
+    extra: dict[str, bytes] | None = None,
+) -> bytes:
     """The update file's bytes; a pure function of its inputs."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         _tar_member(tar, MANIFEST, manifest.to_json().encode())
         _tar_member(tar, PATCH, patch.encode())
+        for name in sorted(extra or {}):
+            if name in (MANIFEST, PATCH, SIGNATURE):
+                raise ValueError(f"reserved update member name {name!r}")
+            _tar_member(tar, name, (extra or {})[name])
         if signature is not None:
             _tar_member(tar, SIGNATURE, signature)
     out = io.BytesIO()
@@ -52,9 +63,11 @@ def encode_update(manifest: Manifest, patch: str, signature: bytes | None = None
     return out.getvalue()
 
 
-def write_update(path: Path, manifest: Manifest, patch: str) -> None:
+def write_update(
+    path: Path, manifest: Manifest, patch: str, extra: dict[str, bytes] | None = None
+) -> None:
     """Write atomically: a crash never leaves a half-written update under ``path``."""
-    payload = encode_update(manifest, patch)
+    payload = encode_update(manifest, patch, extra=extra)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UsageError(
@@ -118,6 +131,7 @@ def read_update(path: Path) -> UpdateFile:
         raise MalformedUpdate(f"{path}: the manifest is malformed ({type(e).__name__}: {e})") from e
     return UpdateFile(
         manifest=manifest,
-        patch=members.get(PATCH, b"").decode(errors="replace"),
-        signature=members.get(SIGNATURE),
+        patch=members.pop(PATCH, b"").decode(errors="replace"),
+        signature=members.pop(SIGNATURE, None),
+        extra={k: v for k, v in members.items() if k != MANIFEST},
     )
