@@ -344,6 +344,10 @@ class Tracee:
         """Thread ids currently seized (live, not exiting)."""
         return list(self._tids)
 
+    def exiting_threads(self) -> list[int]:
+        """Threads let go past their exit stop: they run no user code any more."""
+        return sorted(self._exiting)
+
     def is_stopped(self) -> bool:
         return bool(self._tids) and len(self._stopped) == len(self._tids)
 
@@ -575,6 +579,8 @@ class Tracee:
         import numpy as np
 
         tids = [t for t in self._tids if t in self._stopped]
+        if self._exiting:  # past their exit stop: they will never run user code again
+            tids = [t for t in tids if t not in self._exiting]
         n = len(tids)
         if self._regs is None or self._regs.shape[0] < n:
             cap = max(16, 1 << (n - 1).bit_length())
