@@ -16,6 +16,7 @@ with all of them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -359,16 +360,20 @@ def diff_objects(
     unit: str,
     *,
     line_map: LineMap | None = None,
+    ignore_sections: Collection[str] = (),
 ) -> UnitDiff:
     """Diff the pre and post objects of one unit. Refusals land in ``UnitDiff.refusals``.
 
     ``pre`` is None for a unit the patch adds: everything in it is new.
+    ``ignore_sections``: more section names never compared nor shipped, for a caller that
+    handles them itself (the kernel target's special tables, entry by entry).
     """
     pre_obj = load_object(pre, unit) if pre is not None else ElfObject(post, unit, "", [], [])
     post_obj = load_object(post, unit)
     correlate(pre_obj, post_obj)
     ud = UnitDiff(unit=unit)
     ctx = _UnitContext(pre_obj, post_obj, ud, line_map)
+    ctx.extra_ignored = frozenset(ignore_sections)
     ctx.classify_sections()
     ctx.tie_cold_parts()
     ctx.ship_clone_callers()
@@ -399,16 +404,20 @@ class _UnitContext:
         self.shipped: dict[int, Section] = {}  # id(ObjSection) -> Section
         self.queue: list[tuple[ObjSection, str]] = []
         self.pre_names = {s.name for s in pre.sections}
+        self.extra_ignored: frozenset[str] = frozenset()
+
+    def ignored(self, sec: ObjSection) -> bool:
+        return _ignored(sec) or sec.name in self.extra_ignored
 
     # -- classification -------------------------------------------------------------------
     def classify_sections(self) -> None:
         for sec in self.pre.sections:
-            if _ignored(sec):
+            if self.ignored(sec):
                 continue
             if sec.twin is None:
                 sec.status = Status.REMOVED
         for sec in self.post.sections:
-            if _ignored(sec) or sec.is_hook_table or sec.is_ctor_table:
+            if self.ignored(sec) or sec.is_hook_table or sec.is_ctor_table:
                 continue
             if sec.twin is None:
                 sec.status = Status.NEW
@@ -510,7 +519,7 @@ class _UnitContext:
     def check_patchability(self) -> None:
         refuse = self.ud.refusals.append
         for sec in self.post.sections:
-            if _ignored(sec) or sec.is_hook_table or not sec.alloc:
+            if self.ignored(sec) or sec.is_hook_table or not sec.alloc:
                 continue
             name = self.display(sec)
             if sec.is_ctor_table:
@@ -603,7 +612,7 @@ class _UnitContext:
     # -- selection ------------------------------------------------------------------------
     def select_sections(self) -> None:
         for sec in self.post.sections:
-            if _ignored(sec) or sec.is_hook_table or sec.is_ctor_table or not sec.alloc:
+            if self.ignored(sec) or sec.is_hook_table or sec.is_ctor_table or not sec.alloc:
                 continue
             if id(sec) in self.hook_functions:
                 self.ship(sec, "hook")
@@ -824,7 +833,7 @@ class _UnitContext:
     def summarize(self) -> None:
         ud = self.ud
         for sec in self.post.sections:
-            if _ignored(sec) or sec.is_hook_table or sec.is_ctor_table or sec.status is None:
+            if self.ignored(sec) or sec.is_hook_table or sec.is_ctor_table or sec.status is None:
                 continue
             name = self.display(sec.twin) if sec.twin is not None else self.display(sec)
             if sec.is_code and sec.size:
