@@ -5,52 +5,113 @@ groups the result by patched object (``vmlinux`` or a module) and adds what only
 needs, collected into ONE :class:`PatchRefused`:
 
 * ``__init``/``__exit`` code (``.init.text``, ``.exit.text``): already freed or never run again;
-* a replaced function without the ``call __fentry__`` at its entry (``notrace``, lib-y
-  code): livepatch redirects through ftrace and cannot reach it;
-* special sections: entries of ``__jump_table``, ``__ex_table``, ``__bug_table``,
-  ``.altinstructions`` and ``.static_call_sites`` that point into shipped code would need
-  entries of their own in the module; until those are generated such changes are refused.
-  ``.return_sites``/``.retpoline_sites`` (the shipped code jumps to the thunks, which is
-  correct, only not rewritten), ``__mcount_loc`` (the fentry call becomes a nop),
-  ``.printk_index`` and ``.orc_unwind*`` (see the warning) are not needed for correctness.
+* a replaced function without the ``call __fentry__`` at its entry (``notrace``, and all of
+  ``lib/``, whose Makefile removes the ftrace flags): livepatch redirects through ftrace and
+  cannot reach it;
+* special sections, entry by entry: the kernel's tables are never compared as data (the
+  engine ignores them); instead every entry of ``__bug_table``, ``__jump_table`` and
+  ``__ex_table`` whose code address lies in shipped code is copied into the livepatch module
+  (:class:`Special`), so WARN/BUG, static keys and user-memory fixups work in the new code.
+  ``.altinstructions`` entries are refused (the replacement instructions would have to
+  travel too). ``.static_call_sites`` entries are not needed: without one the call stays a
+  call of the ``__SCT__`` trampoline, which jumps to the current target.
+  ``.return_sites``/``.retpoline_sites``/``.call_sites`` (the code still goes through the
+  thunks, which is correct, only not rewritten), ``__mcount_loc`` (the fentry call becomes a
+  nop), ``.printk_index`` and ``.orc_unwind*`` (see the warning) are not needed for
+  correctness;
+* dynamic debug descriptors (``__dyndbg``, one section for all ``pr_debug`` sites of a
+  unit): a descriptor whose line number moved is the same site; shipped code keeps using
+  the running kernel's descriptor, found by its symbol name. A new site is refused.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from livesplice.diff.engine import UnitDiff, diff_objects
 from livesplice.errors import PatchRefused
 from livesplice.kernel.kbuild import KernelBuild
-from livesplice.update.format import Section, SymbolInfo, Target
+from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
 
-REFUSED_SPECIAL = ("__jump_table", "__ex_table", "__bug_table", ".altinstructions",
-                   ".static_call_sites")  # fmt: skip
+if TYPE_CHECKING:
+    from livesplice.diff.elfmodel import ElfObject, ObjSection
+
+# tables whose entries are copied for shipped code: entry size in bytes (x86-64, 6.1):
+# struct bug_entry with GENERIC_BUG_RELATIVE_POINTERS {s32 addr, s32 file, u16 line, u16
+# flags}; struct jump_entry with JUMP_LABEL_RELATIVE {s32 code, s32 target, long key};
+# struct exception_table_entry {int insn, fixup, data} (arch/x86/include/asm/extable.h).
+COPIED_TABLES = {"__bug_table": 12, "__jump_table": 16, "__ex_table": 12}
+REFUSED_SPECIAL = (".altinstructions",)
+# tables not needed for correctness (module docstring), never compared
+UNNEEDED_TABLES = (".static_call_sites", ".return_sites", ".retpoline_sites", ".call_sites",
+                   ".ibt_endbr_seal", ".orc_unwind", ".orc_unwind_ip", ".printk_index",
+                   "__dyndbg", ".altinstr_replacement", ".altinstr_aux",
+                   "__tracepoints_ptrs", "__tracepoints_strings")  # fmt: skip
+# sections with one object per pr_debug site: referenced by symbol, not by section
+MULTI_OBJECT_SECTIONS = ("__dyndbg",)
 
 
-def diff_kernel_build(build: KernelBuild, patch_text: str) -> tuple[list[Target], list[str]]:
+@dataclass
+class KernelDiff:
+    targets: list[Target]
+    warnings: list[str]
+    hooks: list[Hook]
+    # target name -> special table contents to put in the module (never in the manifest:
+    # the process target has no use for them); sections named like the table, relocations
+    # by symbol key like shipped code, strings as copied_rodata sections of their own
+    specials: dict[str, list[Section]] = field(default_factory=dict)
+    # klp symbol key -> (key of a section whose running address matching learns, offset)
+    learn: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+def kernel_ignored(obj: Path) -> list[str]:
+    """Names of the special sections of ``obj`` the engine must not compare."""
+    from elftools.elf.elffile import ELFFile
+
+    with obj.open("rb") as f:
+        names = [s.name for s in ELFFile(f).iter_sections()]
+    return [n for n in names
+            if n in COPIED_TABLES or n in REFUSED_SPECIAL or n in UNNEEDED_TABLES
+            or n.startswith(".discard.")]  # fmt: skip
+
+
+def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
     from livesplice.diff.compare import LineMap
+    from livesplice.diff.elfmodel import load_object
 
     line_map = LineMap.from_patch(patch_text)
     refusals: list[str] = []
     warnings: list[str] = []
     per_obj: dict[str, list[UnitDiff]] = {}
+    specials: dict[str, list[Section]] = {}
+    learn: dict[str, tuple[str, int]] = {}
     for unit in build.units:
         if unit.post is None:
             continue
-        ud = diff_objects(unit.pre, unit.post, unit.source, line_map=line_map)
+        ignore = sorted(set(kernel_ignored(unit.pre)) | set(kernel_ignored(unit.post)))
+        ud = diff_objects(unit.pre, unit.post, unit.source, line_map=line_map,
+                          ignore_sections=ignore)  # fmt: skip
         refusals.extend(ud.refusals)
         warnings.extend(ud.warnings)
+        obj = unit.module or "vmlinux"
         if not ud.refusals:
             refusals.extend(kernel_refusals(ud, unit.post))
+            pre_obj = load_object(unit.pre, unit.source) if unit.pre != unit.post else None
+            post_obj = load_object(unit.post, unit.source)
+            refusals.extend(symbolize_multi_object_refs(ud, pre_obj, post_obj, learn))
+            tables, problems = copy_special_entries(ud, pre_obj, post_obj, obj)
+            refusals.extend(problems)
+            specials.setdefault(obj, []).extend(tables)
         if ud.changed:
-            per_obj.setdefault(unit.module or "vmlinux", []).append(ud)
+            per_obj.setdefault(obj, []).append(ud)
     if refusals:
         raise PatchRefused(
             f"the patch has {len(refusals)} change(s) that cannot be applied to a live kernel",
             details=sorted(set(refusals)),
-            advice="see each item; rewrite the patch (shadow variables: klp_shadow_*, hooks: "
-            "livesplice.h) or ship the fix with a reboot",
+            advice="see each item; rewrite the patch (shadow variables: livesplice-kernel.h, "
+            "hooks: livesplice.h) or ship the fix with a reboot",
         )
     targets = [make_target(obj, uds) for obj, uds in sorted(per_obj.items())]
     if any(targets):
@@ -58,7 +119,13 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> tuple[list[Target]
             "no ORC unwind entries are shipped for the new code: a task sleeping inside it "
             "has an unreliable stack, which can delay a later transition (undo, next patch)"
         )
-    return targets, sorted(set(warnings))
+    hooks = sorted(
+        (Hook(kind=h.kind, function=h.function, target=obj, key=h.key)
+         for obj, uds in per_obj.items() for ud in uds for h in ud.hooks),
+        key=lambda h: (h.target, HOOK_KINDS.index(h.kind), h.key),
+    )  # fmt: skip
+    return KernelDiff(targets, sorted(set(warnings)), hooks,
+                      {k: v for k, v in specials.items() if k in per_obj}, learn)  # fmt: skip
 
 
 def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
@@ -71,22 +138,22 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
                 f"{s.unit}: {s.name}: __init/__exit code changed [rule: __init code]: init "
                 "code has run and been freed; the change cannot take effect live"
             )
-        if s.role == "replacement" and not has_fentry(s, ud):
+        if s.role == "replacement" and not is_cold(s.name) and not has_fentry(s, ud):
             out.append(
                 f"{s.unit}: {s.name}: no ftrace entry (call __fentry__) [rule: functions "
-                "without fentry]: notrace or lib-y code cannot be redirected by livepatch; "
-                "patch its callers instead"
+                "without fentry]: notrace code (all of lib/ and some of arch/) cannot be "
+                "redirected by livepatch; patch its callers instead"
             )
     names = set(shipped) | {k.removesuffix("#post") for k in shipped}
     for special, users in special_entries(post).items():
-        if special not in REFUSED_SPECIAL:
+        if special not in REFUSED_SPECIAL and special != ".altinstr_replacement":
             continue
         for user in sorted(users & names):
             hit = shipped.get(user) or shipped.get(user + "#post")
             fn = hit.name if hit is not None else user
             out.append(
                 f"{ud.unit}: {fn}: shipped code has {special} entries [rule: special "
-                f"sections]: livesplice does not yet generate {special} entries for the "
+                f"sections]: livesplice does not generate {special} entries for the "
                 "livepatch module; keep the change out of code using "
                 f"{_what(special)}"
             )
@@ -98,9 +165,15 @@ def _what(special: str) -> str:
         "__jump_table": "static keys (static_branch_*, tracepoints)",
         "__ex_table": "user-memory accessors (get_user, copy_from_user ...)",
         "__bug_table": "WARN*/BUG* macros",
-        ".altinstructions": "CPU-feature alternatives",
-        ".static_call_sites": "static calls",
+        ".altinstructions": "CPU-feature alternatives (alternative(), static_cpu_has)",
+        ".altinstr_replacement": "CPU-feature alternatives (alternative(), static_cpu_has)",
     }.get(special, special)
+
+
+def is_cold(name: str) -> bool:
+    """A gcc ``.cold`` part: reached only by jumps from its parent, never called, so
+    never a livepatch function of its own; the new parent jumps to the new part."""
+    return name.endswith(".cold") or ".cold." in name
 
 
 def has_fentry(s: Section, ud: UnitDiff) -> bool:
@@ -114,6 +187,7 @@ def special_entries(obj: Path) -> dict[str, set[str]]:
     from elftools.elf.elffile import ELFFile
     from elftools.elf.relocation import RelocationSection
 
+    wanted = set(REFUSED_SPECIAL) | set(COPIED_TABLES) | {".altinstr_replacement"}
     out: dict[str, set[str]] = {}
     with obj.open("rb") as f:
         elf = ELFFile(f)
@@ -122,7 +196,7 @@ def special_entries(obj: Path) -> dict[str, set[str]]:
             if not isinstance(sec, RelocationSection):
                 continue
             target = elf.get_section(sec["sh_info"]).name
-            if target not in REFUSED_SPECIAL and target != ".altinstr_replacement":
+            if target not in wanted:
                 continue
             users = out.setdefault(target, set())
             for rel in sec.iter_relocations():
@@ -131,6 +205,156 @@ def special_entries(obj: Path) -> dict[str, set[str]]:
                 if isinstance(shndx, int):
                     users.add(elf.get_section(shndx).name)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# special entries and multi-object sections
+# ---------------------------------------------------------------------------------------
+
+
+def _shipped_code(ud: UnitDiff) -> dict[str, Section]:
+    """Post code section name -> the shipped section carrying it."""
+    out: dict[str, Section] = {}
+    for s in ud.sections:
+        if s.role == "pre" or not s.executable:
+            continue
+        name = s.key.split(":", 1)[1].removesuffix("#post")
+        out.setdefault(name, s)
+    return out
+
+
+def _c_string(sec: ObjSection, offset: int) -> bytes:
+    end = sec.data.find(b"\0", offset)
+    return sec.data[offset : end if end >= 0 else len(sec.data)]
+
+
+def copy_special_entries(
+    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, obj: str
+) -> tuple[list[Section], list[str]]:
+    """The entries of the copied tables that belong to shipped code, as module sections."""
+    code = _shipped_code(ud)
+    out: list[Section] = []
+    problems: list[str] = []
+    strings: dict[bytes, Section] = {}
+    for table, size in COPIED_TABLES.items():
+        sec = post.section(table)
+        if sec is None or not sec.relocs:
+            continue
+        keep: list[int] = []
+        for rel in sorted(sec.relocs, key=lambda r: r.offset):
+            start = rel.offset - rel.offset % size
+            target = rel.symbol.section
+            # the entry's code address (its first field) decides whether it is ours
+            if rel.offset == start and target is not None and target.name in code:
+                keep.append(start)
+        for start in keep:
+            relocs: list[Reloc] = []
+            for rel in sec.relocs:
+                if not start <= rel.offset < start + size:
+                    continue
+                key, addend, why = _entry_reloc(ud, pre, rel, code, strings, obj, table)
+                if why:
+                    owner = next((r for r in sec.relocs if r.offset == start), rel)
+                    fn = owner.symbol.section.name if owner.symbol.section else "?"
+                    problems.append(f"{ud.unit}: {fn.removeprefix('.text.')}: {table} entry: "
+                                    f"{why} [rule: special sections]")  # fmt: skip
+                    continue
+                relocs.append(Reloc(rel.offset - start, rel.type, key, addend))
+            data = sec.data[start : start + size]
+            out.append(Section(
+                key=f"{ud.unit}:{table}@{start}", role="copied_rodata", name=table,
+                unit=ud.unit, align=max(sec.align, 1), size=size, data=data.hex(),
+                relocs=relocs, readonly=False, executable=False,
+            ))  # fmt: skip
+    return [*strings.values(), *out], problems
+
+
+def _entry_reloc(
+    ud: UnitDiff, pre: ElfObject | None, rel: object, code: dict[str, Section],
+    strings: dict[bytes, Section], obj: str, table: str,
+) -> tuple[str, int, str]:  # fmt: skip
+    """(symbol key, addend, refusal reason or "") of one relocation of a copied entry."""
+    from livesplice.diff.elfmodel import ObjReloc
+
+    assert isinstance(rel, ObjReloc)
+    sym = rel.symbol
+    target = sym.section
+    off = rel.addend + (sym.value if sym.type != "section" else 0)
+    if target is None or (sym.bind != "local" and sym.type != "section"):
+        if target is not None and target.is_code and target.name in code:
+            return code[target.name].key, off, ""
+        name = sym.name
+        ud.symbols.setdefault(name, SymbolInfo(name, name, "global", sym.type,
+                                               defined=target is not None))  # fmt: skip
+        if obj != "vmlinux" and table == "__jump_table" and target is not None:
+            return "", 0, (f"static key {name} lives in module {obj}: livepatch applies "
+                           "relocations against a module after its jump labels are set up")
+        return name, rel.addend, ""
+    if target.is_code:
+        if target.name in code:
+            return code[target.name].key, off, ""
+        return "", 0, f"points into {target.name}, which is not shipped"
+    if target.is_merge_strings or target.name.startswith((".rodata.str", ".LC")):
+        text = _c_string(target, off)
+        s = strings.get(text)
+        if s is None:
+            s = Section(key=f"{ud.unit}:lsp-string-{len(strings)}", role="copied_rodata",
+                        name=".rodata.livesplice.str", unit=ud.unit, align=1,
+                        size=len(text) + 1, data=(text + b"\0").hex(), relocs=[],
+                        readonly=True, executable=False)  # fmt: skip
+            strings[text] = s
+        return s.key, 0, ""
+    # a static object (a static key, a dynamic debug descriptor): by its symbol name in pre
+    if obj != "vmlinux" and table == "__jump_table":
+        return "", 0, (f"static key in {target.name} lives in module {obj}: livepatch applies "
+                       "relocations against a module after its jump labels are set up")
+    inner = next((s for s in target.symbols if s.type == "object"
+                  and s.value <= off < s.value + max(s.size, 1)), None)  # fmt: skip
+    if inner is None or pre is None or pre.symbol(inner.name) is None:
+        return "", 0, f"refers to {target.name}+{off:#x}, which the running kernel lacks"
+    key = f"{ud.unit}:{inner.name}"
+    ud.symbols.setdefault(key, SymbolInfo(key, inner.name, "local", "object", True, ud.unit))
+    return key, off - inner.value, ""
+
+
+def symbolize_multi_object_refs(
+    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, learn: dict[str, tuple[str, int]]
+) -> list[str]:
+    """Shipped relocations into ``__dyndbg`` -> the descriptor's own symbol key.
+
+    The engine names local data by section (``unit:__dyndbg`` + offset), right for
+    ``-fdata-sections`` objects but not for a section holding every pr_debug descriptor of
+    the unit: the module resolves the descriptor by name (``.klp.sym``), and apply decides
+    its sympos from the address matching learns for the section plus the symbol's offset.
+    """
+    problems: list[str] = []
+    for s in ud.sections:
+        if s.role == "pre":
+            continue
+        for i, r in enumerate(s.relocs):
+            unit, _, secname = r.symbol.partition(":")
+            if secname not in MULTI_OBJECT_SECTIONS:
+                continue
+            psec = post.section(secname)
+            inner = None
+            if psec is not None:
+                inner = next((x for x in psec.symbols if x.type == "object"
+                              and x.value <= r.addend < x.value + max(x.size, 1)),
+                             None)  # fmt: skip
+            twin = pre.symbol(inner.name) if (inner is not None and pre is not None) else None
+            if inner is None or twin is None or twin.section is None:
+                problems.append(
+                    f"{ud.unit}: {s.name}: new dynamic debug site (pr_debug/dev_dbg) [rule: "
+                    "special sections]: its descriptor would have to be registered with "
+                    "dynamic debug; use pr_info or drop the message"
+                )
+                continue
+            key = f"{unit}:{inner.name}"
+            ud.symbols.setdefault(key, SymbolInfo(key, inner.name, "local", "object", True,
+                                                  unit))  # fmt: skip
+            learn[key] = (r.symbol, twin.value)
+            s.relocs[i] = Reloc(r.offset, r.type, key, r.addend - inner.value)
+    return problems
 
 
 def make_target(obj: str, uds: list[UnitDiff]) -> Target:

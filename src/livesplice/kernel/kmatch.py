@@ -260,11 +260,26 @@ def run_pre_match_kernel(
         )
     for ks in kernel.get("klp_symbols", []):
         base = f"{ks['object']}.{ks['name']}"
-        if ks["count"] <= 1:
-            continue
         module = None if ks["object"] == "vmlinux" else ks["object"]
-        addr = result.learned.get(ks["key"])
         cands = image.candidates(ks["name"], module)
+        if module is not None and not any(s.module == module for s in image.syms):
+            if ks["count"] > 1:  # from the shipped .ko; nothing to match against yet
+                raise NoMatch(
+                    f"{ks['object']} has {ks['count']} symbols named {ks['name']} and is not "
+                    "loaded: its sympos cannot be decided",
+                    advice=f"load {ks['object']} first, then apply the update",
+                )
+            continue
+        # the running kernel's own count: create may not know it (Debian ships System.map
+        # only in the -dbg package, so a lab tree counts 0 for every vmlinux symbol)
+        if len(cands) <= 1:
+            continue
+        learn = ks.get("learn")
+        if learn:
+            base_addr = result.learned.get(learn[0])
+            addr = base_addr + learn[1] if base_addr is not None else None
+        else:
+            addr = result.learned.get(ks["key"])
         hit = [c for c in cands if c.addr == addr]
         if not hit:
             raise NoMatch(

@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livesplice.errors import CodeBusy, LivespliceError, NoPermission, NotApplied, UsageError
+from livesplice.errors import (
+    CodeBusy,
+    LivespliceError,
+    NoPermission,
+    NotApplied,
+    PatchRefused,
+    UsageError,
+)
 from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Manifest
 
@@ -79,33 +86,36 @@ def create_kernel_update(
         build = build_kernel_pair(ksrc, patch, patch_text, workdir, jobs=jobs)
         seconds = dict(build.seconds)
         t1 = time.monotonic()
-        targets, warnings = diff_kernel_build(build, patch_text)
+        kd = diff_kernel_build(build, patch_text)
+        targets, warnings = kd.targets, kd.warnings
         seconds["diff"] = time.monotonic() - t1
         if not any(t.changed_functions or t.new_functions or t.new_data for t in targets):
             return None, None, seconds
+        check_hook_kinds(kd.hooks)
         manifest = Manifest(
             id=uid,
             description=desc,
             compiler=build.compiler,
             patch_sha256=hashlib.sha256(patch_text.encode()).hexdigest(),
             targets=targets,
-            hooks=[],
+            hooks=kd.hooks,
             warnings=warnings,
         )
         t2 = time.monotonic()
         say("building the livepatch module ...")
         modules = [t.name for t in targets if t.kind == "kernel_module"]
         tables = load_symbol_tables(build.tree, modules)
-        plan = plan_module(uid, targets, tables)
+        plan = plan_module(uid, targets, tables, kd.specials, kd.learn)
         ko = build_module(build.tree, workdir / "module", plan, targets, manifest.hooks, uid,
-                          desc, make_env(ksrc))  # fmt: skip
+                          desc, make_env(ksrc), kd.specials)  # fmt: skip
         seconds["module"] = time.monotonic() - t2
         kernel = {
             "module": plan.name,
             "release": kernel_release(ksrc),
             "funcs": [{"object": o, "name": n} for o, n, _ in plan.funcs],
             "klp_symbols": [
-                {"object": s.obj, "name": s.name, "count": s.count, "key": s.key}
+                {"object": s.obj, "name": s.name, "count": s.count, "key": s.key,
+                 "learn": list(s.learn) if s.learn else None}
                 for s in plan.klp_symbols.values()
             ],
         }
@@ -117,6 +127,21 @@ def create_kernel_update(
             print(f"livesplice: kept the build directory {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_hook_kinds(hooks: list[Any]) -> None:
+    """Only hooks with a livepatch callback (klp_callbacks) can run in the kernel."""
+    from livesplice.kernel.klp import CALLBACKS
+
+    bad = [h for h in hooks if h.kind not in CALLBACKS]
+    if bad:
+        raise PatchRefused(
+            "the patch has hooks the kernel target cannot run",
+            [f"{h.function}: LIVESPLICE_{h.kind.upper()} [rule: hooks]: a kernel update runs "
+             "hooks as livepatch callbacks, which exist only for PRE_APPLY (pre_patch), "
+             "POST_APPLY (post_patch), PRE_REVERSE (pre_unpatch) and POST_REVERSE "
+             "(post_unpatch); there is no stop window in the kernel" for h in bad],
+        )  # fmt: skip
 
 
 def kernel_release(ksrc: Path) -> str:
