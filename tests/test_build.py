@@ -423,3 +423,27 @@ def test_workdir_inside_the_source_tree_is_not_copied(tmp_path: Path) -> None:
                       workdir=workdir, jobs=2)
     assert not (pair.workdir / "tree" / ".livesplice-work").exists()
     assert unit(pair, "util.c").post is not None
+
+
+def test_rebuild_that_misses_the_patch_is_an_error_not_nothing_to_do(tmp_path: Path) -> None:
+    """A build that compiles a stamped copy of its sources (like expat's debian/rules) does
+    not recompile after the patch: that must fail loudly, never become "nothing to do"."""
+    src = tmp_path / "src"
+    (src / "orig").mkdir(parents=True)
+    (src / "orig" / "calc.c").write_text("int calc(int x)\n{\n\treturn x + 1;\n}\n")
+    (src / "main.c").write_text(
+        "int calc(int x);\nint main(void)\n{\n\treturn calc(1) - 2;\n}\n")
+    (src / "Makefile").write_text(
+        "prog: copied.stamp main.o\n"
+        "\t$(CC) -O2 -c -o build/calc.o build/calc.c\n"
+        "\t$(CC) -o prog main.o build/calc.o\n"
+        "copied.stamp:\n\tmkdir -p build && cp orig/calc.c build/calc.c && touch $@\n"
+        "main.o: main.c\n\t$(CC) -O2 -c -o $@ main.c\n")
+    patch = tmp_path / "fix.patch"
+    patch.write_text(
+        "--- a/orig/calc.c\n+++ b/orig/calc.c\n@@ -1,4 +1,4 @@\n int calc(int x)\n {\n"
+        "-\treturn x + 1;\n+\treturn x + 2;\n }\n")
+    with pytest.raises(BuildFailed) as info:
+        build(src, patch, tmp_path)
+    assert "did not recompile" in info.value.reason
+    assert any("orig/calc.c" in d for d in info.value.details)

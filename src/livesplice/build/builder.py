@@ -116,6 +116,21 @@ def build_pair(
     applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
     run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
     post = collect_build(workdir, tree, "post", archives=pre.archives)
+    missed = sources_not_recompiled(applied.touched, pre, post)
+    if missed and post_build_command(build_cmd) != build_cmd:
+        # dpkg-buildpackage -nc skipped work hidden behind stamps (debian/rules that copy
+        # the sources once, build directories made by a stamp target): build clean instead.
+        run_build(build_cmd, tree, shims, workdir, jobs, "post")
+        post = collect_build(workdir, tree, "post", archives=pre.archives)
+        missed = sources_not_recompiled(applied.touched, pre, post)
+    if missed:
+        raise BuildFailed(
+            "the build did not recompile what the patch changed",
+            details=[f"{f}: patched, but no unit compiled from it was rebuilt" for f in missed],
+            advice="the incremental rebuild missed the patch (stamp files, sources copied by "
+            "the build); pass a --build command that rebuilds them, e.g. one that cleans "
+            "first; otherwise the update would wrongly say there is nothing to do",
+        )
 
     units, new_units, removed = pair_units(pre, post, tree)
     links = link_records(pre)
@@ -585,6 +600,30 @@ def make_newer(tree: Path, files: Iterable[str], newer_than_ns: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # steps 5 and 6: pairing and link mapping
+
+
+C_FAMILY_SUFFIXES = (".c", ".cc", ".cpp", ".cxx", ".C", ".c++", ".m")
+
+
+def sources_not_recompiled(touched: list[str], pre: BuildResult, post: BuildResult) -> list[str]:
+    """Patched C/C++ sources that units were compiled from in pre but none was recompiled.
+
+    A source counts as compiled from when a pre unit's source has the same path or, for
+    builds that compile a copy (expat's debian/rules copies expat/lib/*.c to src/lib/), the
+    same file name. Such a source that no post compile touched means the rebuild missed
+    the patch, and the diff would wrongly report "nothing to do".
+    """
+    pre_sources = {s.record.source for s in pre.compiles.values()}
+    post_sources = {s.record.source for s in post.compiles.values()}
+    missed = []
+    for f in touched:
+        if not f.endswith(C_FAMILY_SUFFIXES):
+            continue
+        base = os.path.basename(f)
+        compiled_from = {src for src in pre_sources if src == f or os.path.basename(src) == base}
+        if compiled_from and not compiled_from & post_sources:
+            missed.append(f)
+    return missed
 
 
 def pair_units(
