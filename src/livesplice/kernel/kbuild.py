@@ -50,6 +50,8 @@ class KernelBuild:
     compiler: str  # from the objects' .comment
     touched: list[str]  # files the patch touches
     seconds: dict[str, float] = field(default_factory=dict)
+    # units the patch changes that this configuration does not build, with the reason
+    not_built: list[str] = field(default_factory=list)
 
 
 def touched_files(patch_text: str) -> list[str]:
@@ -172,12 +174,78 @@ def header_users(tree: Path, header: str) -> list[str]:
 
 
 def _is_built(tree: Path, unit: str) -> bool:
-    """Is ``unit`` part of this configuration? (kbuild's obj-y/obj-m, via the Makefile)"""
+    """Is ``unit`` named by its directory's Makefile? (whether the configuration builds it
+    is :func:`not_configured`)"""
     mk = tree / Path(unit).parent / "Makefile"
     if not mk.exists():
         return False
     obj = Path(unit).with_suffix(".o").name
     return obj in mk.read_text(errors="replace")
+
+
+def _config(tree: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (tree / ".config").read_text(errors="replace").splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+def _makefile_lines(path: Path) -> list[str]:
+    """Makefile/Kbuild lines with backslash continuations joined."""
+    text = ""
+    for name in ("Kbuild", "Makefile"):
+        if (path / name).exists():
+            text += (path / name).read_text(errors="replace") + "\n"
+    return re.sub(r"\\\n", " ", text).splitlines()
+
+
+_ASSIGN = re.compile(
+    r"^\s*([A-Za-z0-9_.-]+?)-(\$\((CONFIG_[A-Za-z0-9_]+)\)|y|m|objs)\s*[:+]?=(.*)$"
+)
+
+
+def not_configured(tree: Path, unit: str) -> str | None:
+    """Why kbuild would not build ``unit`` in this configuration, or None when it would.
+
+    Follows the kbuild lists: ``obj-$(CONFIG_X) += unit.o``, a composite object
+    (``foo-$(CONFIG_Y) += unit.o``, ``foo-objs := unit.o``; then foo.o itself), and the
+    directory (``obj-$(CONFIG_Z) += dir/`` in the parent Makefile) up to the top level,
+    whose directories are always descended (Makefile, Kbuild). ``make dir/unit.o`` compiles
+    a unit whatever the configuration says, so create must ask first.
+    """
+    config = _config(tree)
+
+    def cond(var: str | None) -> str | None:
+        if var is None or config.get(var) in ("y", "m"):
+            return None
+        return f"{var} is not set"
+
+    def obj_reason(directory: Path, obj: str, depth: int = 0) -> str | None:
+        if depth > 4:
+            return None
+        reasons: list[str] = []
+        for line in _makefile_lines(tree / directory):
+            m = _ASSIGN.match(line)
+            if m is None or obj not in m.group(4).split():
+                continue
+            prefix, var = m.group(1), m.group(3)
+            why = cond(var)
+            if why is None and prefix not in ("obj", "lib", "core", "drivers", "libs"):
+                why = obj_reason(directory, prefix + ".o", depth + 1)
+            if why is None:
+                return dir_reason(directory)
+            reasons.append(why)
+        return reasons[0] if reasons else None  # unknown spelling: let kbuild decide
+
+    def dir_reason(directory: Path) -> str | None:
+        parent = directory.parent
+        if parent == Path(".") or str(directory) in (".", ""):
+            return None
+        return obj_reason(parent, directory.name + "/")
+
+    return obj_reason(Path(unit).parent, Path(unit).with_suffix(".o").name)
 
 
 def compile_units(tree: Path, units: list[str], env: dict[str, str], jobs: int, log: Path) -> None:
@@ -240,6 +308,12 @@ def build_kernel_pair(
     units = units_for(tree, touched)
     new_units = [u for u in units if not (tree / u).exists()]
     units = [u for u in units if u not in new_units]
+    not_built = [(u, not_configured(tree, u)) for u in units]
+    skipped = [f"{u}: not built in this configuration ({why})" for u, why in not_built if why]
+    units = [u for u, why in not_built if why is None]
+    if skipped and not units and not new_units:
+        return KernelBuild(tree=tree, units=[], compiler="", touched=touched,
+                           seconds={"copy": seconds["copy"]}, not_built=skipped)  # fmt: skip
     if not units and not new_units:
         raise PatchRefused(
             "the patch changes no C unit of the kernel",
@@ -256,7 +330,7 @@ def build_kernel_pair(
     modules = {u: module_of(tree, u) for u in units}
     seconds["pre"] = time.monotonic() - t1
     apply_patch(tree, patch, touched)
-    units_after = units_for(tree, touched)
+    units_after = [u for u in units_for(tree, touched) if not_configured(tree, u) is None]
     t2 = time.monotonic()
     compile_units(tree, units_after, env, jobs, log)
     seconds["post"] = time.monotonic() - t2
@@ -270,7 +344,8 @@ def build_kernel_pair(
         out.append(KernelUnit(u, pre[u], None if same else post, modules[u]))
     compiler = object_compiler(out[0].post or out[0].pre) if out else ""
     seconds["build"] = time.monotonic() - t0
-    return KernelBuild(tree=tree, units=out, compiler=compiler, touched=touched, seconds=seconds)
+    return KernelBuild(tree=tree, units=out, compiler=compiler, touched=touched, seconds=seconds,
+                       not_built=skipped)  # fmt: skip
 
 
 def _save(tree: Path, unit: str, dest: Path) -> Path:

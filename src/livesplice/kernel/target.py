@@ -53,11 +53,14 @@ def create_kernel_update(
     jobs: int = 2,
     keep_tmp: bool = False,
     progress: Any = None,
+    notes: list[str] | None = None,
 ) -> tuple[Manifest | None, Path | None, dict[str, float]]:
     """Build a kernel update from ``patch`` against the prepared tree ``ksrc``.
 
+    :param notes: filled with why nothing was built (units this configuration does not
+        build: the running kernel does not contain the patched code).
     :returns: (manifest, output path, seconds per step); (None, None, ...) when the patch
-        changes no code.
+        changes no code of this kernel.
     """
     from livesplice.create import (
         check_output_writable,
@@ -85,6 +88,8 @@ def create_kernel_update(
         say("building the changed units (pre, post) ...")
         build = build_kernel_pair(ksrc, patch, patch_text, workdir, jobs=jobs)
         seconds = dict(build.seconds)
+        if notes is not None:
+            notes.extend(build.not_built)
         t1 = time.monotonic()
         kd = diff_kernel_build(build, patch_text)
         targets, warnings = kd.targets, kd.warnings
@@ -157,13 +162,16 @@ def cli_create_kernel(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"livesplice: {msg}", file=sys.stderr, flush=True)
 
+    notes: list[str] = []
     manifest, out, seconds = create_kernel_update(
         args.srcdir, args.patch, update_id=args.update_id, output=args.output,
         description=args.description, jobs=args.jobs, keep_tmp=args.keep_tmp, progress=say,
+        notes=notes,
     )  # fmt: skip
     if args.json:
         print(json.dumps({
             "status": "created" if manifest else "nothing_to_do",
+            "notes": notes,
             "output": str(out) if out else None,
             "id": manifest.id if manifest else None,
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -171,6 +179,8 @@ def cli_create_kernel(args: argparse.Namespace) -> int:
         return 0
     if manifest is None:
         print("livesplice: no code changes: nothing to do (no update written)")
+        for n in notes:
+            print(f"livesplice:   {n}")
         return 0
     funcs = [f for t in manifest.targets for f in t.changed_functions]
     print(f"livesplice: wrote kernel update {manifest.id} to {out} "
