@@ -255,7 +255,9 @@ class NginxWorkload(DaemonWorkload):
         conf.write_text(
             f"daemon off;\nmaster_process on;\nworker_processes 1;\npid {r}/nginx.pid;\n"
             f"error_log {r}/error.log;\nevents {{ worker_connections 256; }}\n"
-            f"http {{\n    access_log off;\n{temps}"
+            # nginx closes a keep-alive connection after keepalive_requests (default 1000)
+            # requests; the client would count that as a failure
+            f"http {{\n    access_log off;\n    keepalive_requests 1000000000;\n{temps}"
             f"    server {{\n        listen 127.0.0.1:{self.port};\n"
             f"        location / {{ return 200 \"ok\\n\"; }}\n"
             # the rewrite module runs on every request: the fix's code path stays hot
