@@ -29,6 +29,7 @@ class ExitCode(IntEnum):
     NO_PERMISSION = 8  # not allowed to trace/modify the target
     NOT_APPLIED = 9  # undo/view of an update that is not applied
     HOOK_FAILED = 10  # an update hook reported failure; the update was rolled back
+    REMOTE_FAILED = 11  # a system call or call run inside the target failed (e.g. mmap ENOMEM)
 
 
 class LivespliceError(Exception):
@@ -110,3 +111,13 @@ class NotApplied(LivespliceError):
 class HookFailed(LivespliceError):
     code = ExitCode.HOOK_FAILED
     abort = "HOOK_FAILED"
+
+
+class RemoteCallFailed(LivespliceError):
+    """A system call or function call run inside the target failed (mmap ENOMEM, EMFILE, ...).
+
+    The target is fine (its registers were restored); it lacked a resource we asked it for.
+    """
+
+    code = ExitCode.REMOTE_FAILED
+    abort = "REMOTE_FAILED"

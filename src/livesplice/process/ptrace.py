@@ -51,17 +51,26 @@ PTRACE_CONT: Final = 7
 PTRACE_SINGLESTEP: Final = 9
 PTRACE_GETREGS: Final = 12
 PTRACE_SETREGS: Final = 13
+PTRACE_GETFPREGS: Final = 14
+PTRACE_SETFPREGS: Final = 15
 PTRACE_DETACH: Final = 17
+PTRACE_SYSCALL: Final = 24
 PTRACE_GETEVENTMSG: Final = 0x4201
 PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_LISTEN: Final = 0x4208
+PTRACE_O_TRACESYSGOOD: Final = 0x01
 PTRACE_O_TRACECLONE: Final = 0x08
 PTRACE_O_TRACEEXIT: Final = 0x40
 PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_EXIT: Final = 6
 PTRACE_EVENT_STOP: Final = 128
 WALL: Final = 0x40000000  # __WALL: wait for threads (clone children) too
+# WSTOPSIG of a syscall-stop with PTRACE_O_TRACESYSGOOD. Not a valid signal number: if the
+# tracer dies while a thread sits in a syscall-stop, the kernel's attempt to deliver the stop's
+# code as a signal fails (ptrace_report_syscall -> send_sig of an invalid signal), so the
+# thread simply goes on. Without TRACESYSGOOD it would get a real SIGTRAP and die.
+SYSCALL_STOP_SIG: Final = signal.SIGTRAP | 0x80
 
 EINTR_RAX: Final = (1 << 64) - 4  # -EINTR as the unsigned 64-bit value in rax
 SYSCALL_INSN: Final = b"\x0f\x05"
@@ -260,7 +269,7 @@ class Tracee:
         up in /proc as already traced by us; one created by a not yet seized thread is seized
         by the next listing.
         """
-        opts = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXIT
+        opts = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXIT | PTRACE_O_TRACESYSGOOD
         seen: set[int] = set()
         while True:
             try:
@@ -390,6 +399,9 @@ class Tracee:
         self._new.discard(tid)
         event = status >> 16
         sig = os.WSTOPSIG(status)
+        if sig == SYSCALL_STOP_SIG:
+            self._signal_stop.discard(tid)  # a syscall-stop we asked for: no signal
+            return []
         if event == 0:
             # signal-delivery-stop: keep the signal to re-inject at resume
             self._signal_stop.add(tid)
@@ -737,16 +749,76 @@ class Tracee:
     # ------------------------------------------------------------ single thread control
 
     def pick_thread(self) -> int:
-        """A stopped thread fit to run code for us (the leader when possible)."""
-        for tid in [self.pid, *self._tids]:
-            if (
-                tid in self._tids
-                and tid in self._stopped
-                and tid not in self._exiting
-                and tid not in self._group_stop
-            ):
+        """A stopped thread fit to run code for us (the leader when possible).
+
+        A thread with a recorded signal comes last: the signal is delivered after our code
+        ran, and the fewer threads whose stop we reshape the closer the program stays to
+        what it would have seen without us.
+        """
+        fit = [
+            tid for tid in dict.fromkeys([self.pid, *self._tids])
+            if tid in self._tids
+            and tid in self._stopped
+            and tid not in self._exiting
+            and tid not in self._group_stop
+        ]
+        for tid in fit:
+            if tid not in self._pending:
                 return tid
+        if fit:
+            return fit[0]
         raise TargetGone(f"process {self.pid} has no stopped thread to run code on")
+
+    def let_run(self, tids: list[int]) -> None:
+        """Resume only ``tids`` (stopped ones), re-injecting their recorded signals; the other
+        threads stay stopped. :meth:`stop` stops them again."""
+        for tid in tids:
+            if tid in self._stopped and tid in self._tids:
+                self._cont(tid)
+
+    def to_event_stop(self, tid: int) -> None:
+        """Move a thread from the stop it is in (a syscall-stop, a signal-delivery-stop of a
+        trap) into a ``PTRACE_EVENT_STOP``, without running any instruction of the program.
+
+        Why: only in an event stop is the thread safe if we die and exact when we restore
+        registers. If the tracer dies while a thread is in a signal-delivery-stop, the kernel
+        delivers the signal (a single-step SIGTRAP kills the process; measured on this
+        machine). And a syscall-exit-stop returns to user mode without the signal path, so a
+        restored ``-ERESTARTSYS`` in ``rax`` would not be restarted; the event stop is inside
+        that path (``get_signal``). ``PTRACE_INTERRUPT`` on a stopped thread traps it again
+        as soon as it is continued, before it returns to user mode (ptrace(2): "If the
+        tracee was already stopped by a signal and PTRACE_LISTEN was sent to it..."; kernel
+        ``ptrace_interrupt`` comment: "another trap will happen after the current trap is
+        ended with PTRACE_CONT"). Continuing with signal 0 drops a trap's SIGTRAP; a real
+        signal stays recorded for :meth:`resume`.
+
+        :raises TargetGone: the thread exited.
+        """
+        self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        if tid in self._stopped:
+            self.run_thread(tid, PTRACE_CONT)
+        # else running (a call that timed out): the interrupt stops it
+        while True:
+            _sig, event = self.wait_thread(tid) or (0, 0)
+            if event == PTRACE_EVENT_STOP:
+                return
+            if event == PTRACE_EVENT_EXIT:
+                raise TargetGone(f"process {self.pid} is exiting")
+            # a real signal or a syscall-stop came first (a signal stays recorded, delivered
+            # at resume): go on to the trap
+            self.run_thread(tid, PTRACE_CONT)
+
+    def get_fpregs(self, tid: int) -> bytes:
+        """``struct user_fpregs_struct`` (the 512-byte FXSAVE image: x87, MXCSR, xmm0-15)."""
+        buf = ctypes.create_string_buffer(512)
+        if self._ptrace(PTRACE_GETFPREGS, tid, 0, buf) != 0:
+            self._fail("PTRACE_GETFPREGS", tid)
+        return buf.raw
+
+    def set_fpregs(self, tid: int, image: bytes) -> None:
+        buf = ctypes.create_string_buffer(image, 512)
+        if self._ptrace(PTRACE_SETFPREGS, tid, 0, buf) != 0:
+            self._fail("PTRACE_SETFPREGS", tid)
 
     def run_thread(self, tid: int, request: int = PTRACE_CONT) -> None:
         """Let one stopped thread run (CONT or SINGLESTEP) without delivering any signal."""

@@ -1,16 +1,56 @@
 """Run things INSIDE the target on one stopped thread, then put its registers back.
 
-* :func:`remote_syscall`: point the thread at an existing ``syscall`` instruction (``0f 05``,
-  found once in the target's executable mappings, usually libc) with ``rax`` = number and the
-  arguments in ``rdi, rsi, rdx, r10, r8, r9`` (x86-64 syscall ABI), single-step it, read
-  ``rax``. Nothing is written to the target's code.
-* :func:`remote_call`: call ``func`` with a return address of 0. When the function returns,
-  the thread faults at address 0 (SIGSEGV, ``rip == 0``, ``rsp`` just above our return slot):
-  that fault is our breakpoint -- address 0 is never mapped (``vm.mmap_min_addr``), and the
-  ``rsp`` check tells it apart from a callee that jumps through a NULL pointer.
-* ``orig_rax`` is set to -1 while our code runs: the thread may be stopped on the way out of
-  a system call, and the kernel's restart logic (``-ERESTARTSYS`` -> ``rip -= 2``) must not
-  apply to our registers. Restoring the saved registers restores the pending restart too.
+Every register hijack is self-restoring: if the tool dies (SIGKILL, OOM) at any point, the
+kernel detaches the thread and it simply continues where it was, as if nothing happened.
+
+The stub. The thread is pointed at a few bytes of code we write into the target (the
+"stub") that do the work and then, in the stub's own code, restore every register the hijack
+changed -- the original values are immediates in the stub:
+
+* ``lea rsp, [rsp-128]`` (step over the red zone, psABI 3.2.2), ``movabs rax, FLAGS; push
+  rax; popfq`` (flags), ``movabs rsp, RSP``, ``movabs`` for each of the 15 other general
+  registers, ``jmp [rip+0]`` with the original ``rip`` after it. Nothing is written at or
+  above the thread's ``rsp - 128``.
+* :func:`remote_syscall`: ``syscall`` then the restore.
+* :func:`remote_call`: ``fxsave64`` (x87/SSE state, below the red zone), ``call [func]``,
+  ``mov rdi, rax`` (the result), ``fxrstor64``, ``getpid`` (a harmless system call, see
+  below), then the restore.
+
+Pending restarts. A thread stopped on its way out of an interrupted system call has ``rax`` =
+``-ERESTARTSYS``/``-ERESTARTNOINTR``/``-ERESTARTNOHAND`` and ``orig_rax`` >= 0; the kernel
+would restart the call when the thread resumes (``rax = orig_rax, rip -= 2``;
+``-ERESTART_RESTARTBLOCK``: ``rax = __NR_restart_syscall``; arch/x86/kernel/signal.c). Our
+registers run with ``orig_rax = -1`` (no restart logic on them), so the stub's restore does the
+restart itself (:func:`resume_regs`).
+
+Where the stub lives: the padding after the end of an executable PT_LOAD segment up to the end
+of its last page (libc, ld.so, the executable: mapped r-x with the rest of the page, never
+executed or referenced by the program). We find it from the ELF program headers read from
+the target's own memory (so a deleted/upgraded library works too), write the stub there
+through /proc/PID/mem for one hijack and put the original bytes back afterwards. A slot that
+holds some thread's ``rip`` is never reused.
+
+When the tool is alive it stops the thread itself and restores the registers with
+``PTRACE_SETREGS`` (exactly today's registers, restart pending as before):
+
+* system call: ``PTRACE_SYSCALL`` to the syscall-entry and then the syscall-exit stop of the
+  stub's ``syscall`` (``rax`` = result).
+* call: ``PTRACE_SYSCALL`` until the entry stop of the stub's ``getpid`` (``rdi`` = result;
+  the callee's own system calls stop too and are passed), then its exit stop.
+* Then :meth:`Tracee.to_event_stop` moves the thread into an interrupt stop before the
+  registers are restored. Never a breakpoint, a single-step or a fault as our "stop here":
+  a thread left in such a signal-delivery-stop by a dying tracer gets the signal and dies
+  (measured: SIGTRAP after a single-step). Syscall-stops carry ``SIGTRAP|0x80``
+  (PTRACE_O_TRACESYSGOOD), which the kernel cannot deliver as a signal: safe.
+
+Fault injection: :func:`livesplice.faults.checkpoint` at ``remote:regs-set``,
+``remote:after-syscall`` / ``remote:after-call`` and ``remote:before-restore`` (each also
+with ``:<name>`` of the system call, e.g. ``remote:regs-set:mmap``, or ``:call``).
+
+Known limits: the AVX upper halves (ymm 128-255) and AVX-512 state are not saved around a
+call (``fxsave`` covers x87/SSE only); a callee that uses AVX may change them under an
+interrupted thread. A thread with less than ~1 KB of stack left below ``rsp`` cannot host a
+call.
 
 If the Tracee is running, each function stops it for the duration and resumes it; if it is
 already stopped (inside a stop window), it stays stopped.
@@ -20,17 +60,21 @@ from __future__ import annotations
 
 import contextlib
 import mmap as _mmap
+import os
 import signal
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from livesplice.errors import HookFailed, LivespliceError, TargetGone
+from livesplice.errors import HookFailed, LivespliceError, RemoteCallFailed, TargetGone
+from livesplice.faults import checkpoint
 from livesplice.process.ptrace import (
-    PTRACE_CONT,
     PTRACE_EVENT_EXIT,
-    PTRACE_SINGLESTEP,
+    PTRACE_SYSCALL,
     SYSCALL_INSN,
+    SYSCALL_STOP_SIG,
     Regs,
     Tracee,
 )
@@ -107,28 +151,185 @@ def read_maps(pid: int) -> list[tuple[int, int, str, str]]:
     return out
 
 
-def _syscall_insn(t: Tracee) -> int:
-    """Address of some ``syscall`` instruction bytes in executable memory (cached)."""
-    if "syscall_insn" in t.cache:
-        return t.cache["syscall_insn"]
-    maps = read_maps(t.pid)
-    # libc first (it certainly makes system calls), then everything executable
-    order = sorted(
-        (m for m in maps if "x" in m[2] and m[3] != "[vsyscall]"),
-        key=lambda m: ("libc" not in m[3], m[0]),
-    )
-    for lo, hi, _, _ in order:
-        chunk = 1 << 20
-        for start in range(lo, hi, chunk):
-            try:
-                data = t.read(start, min(chunk + 1, hi - start))
-            except LivespliceError:
-                break
-            at = data.find(SYSCALL_INSN)
-            if at >= 0:
-                t.cache["syscall_insn"] = start + at
-                return start + at
-    raise LivespliceError(f"no syscall instruction found in process {t.pid}")
+# ------------------------------------------------------------------ the stub
+
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+SYS_GETPID = 39
+SYS_RESTART_SYSCALL = 219
+_SYSCALL_NAMES = {
+    3: "close", 9: "mmap", 10: "mprotect", 11: "munmap", 39: "getpid", 77: "ftruncate",
+    319: "memfd_create",
+}
+SLOT = 256  # bytes per stub slot (the call stub is 227 bytes)
+PF_X = 1
+PT_LOAD = 1
+
+# movabs reg, imm64 (REX.W B8+r / REX.WB B8+r) for every general register but rsp, which the
+# restore sets first; rax last would do too, but order does not matter after popfq.
+_MOVABS = {
+    "rax": b"\x48\xb8", "rcx": b"\x48\xb9", "rdx": b"\x48\xba", "rbx": b"\x48\xbb",
+    "rbp": b"\x48\xbd", "rsi": b"\x48\xbe", "rdi": b"\x48\xbf", "r8": b"\x49\xb8",
+    "r9": b"\x49\xb9", "r10": b"\x49\xba", "r11": b"\x49\xbb", "r12": b"\x49\xbc",
+    "r13": b"\x49\xbd", "r14": b"\x49\xbe", "r15": b"\x49\xbf",
+}
+_LEA_RSP_MINUS_128 = b"\x48\x8d\x64\x24\x80"  # lea rsp, [rsp-0x80]: flags untouched
+_PUSH_RAX_POPFQ = b"\x50\x9d"
+_MOVABS_RSP = b"\x48\xbc"
+_JMP_RIP0 = b"\xff\x25\x00\x00\x00\x00"  # jmp [rip+0]; the 8-byte target follows
+_FXSAVE_RSP16 = b"\x48\x0f\xae\x44\x24\x10"  # fxsave64 [rsp+0x10]
+_FXRSTOR_RSP16 = b"\x48\x0f\xae\x4c\x24\x10"  # fxrstor64 [rsp+0x10]
+_MOV_RDI_RAX = b"\x48\x89\xc7"
+_MOV_EAX_GETPID = b"\xb8" + struct.pack("<I", SYS_GETPID)
+_CALL_PREFIX = 6 + 6 + 3 + 6 + 5 + 2  # fxsave, call [rip+d], mov, fxrstor, mov eax, syscall
+
+
+def resume_regs(saved: Regs) -> Regs:
+    """The registers ``saved`` leads to when the thread returns to user mode untraced.
+
+    Applies a pending system-call restart the way the kernel would (``orig_rax`` >= 0 and
+    ``rax`` one of the -ERESTART* codes; arch/x86/kernel/signal.c ``arch_do_signal_or_restart``
+    for a thread with no signal to deliver) and clears ``orig_rax``.
+    """
+    r = saved.copy()
+    if not r.orig_rax >> 63:
+        err = -_signed64(r.rax)
+        if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+            r.rax = r.orig_rax
+            r.rip -= 2
+        elif err == ERESTART_RESTARTBLOCK:
+            r.rax = SYS_RESTART_SYSCALL
+            r.rip -= 2
+    r.orig_rax = _MASK64
+    return r
+
+
+def restore_code(r: Regs) -> bytes:
+    """Machine code that sets every general register, flags, rsp and rip to ``r``'s values."""
+    out = [_LEA_RSP_MINUS_128, _MOVABS["rax"], struct.pack("<Q", r.eflags), _PUSH_RAX_POPFQ,
+           _MOVABS_RSP, struct.pack("<Q", r.rsp)]
+    for name, op in _MOVABS.items():
+        out += [op, struct.pack("<Q", getattr(r, name))]
+    out += [_JMP_RIP0, struct.pack("<Q", r.rip)]
+    return b"".join(out)
+
+
+def syscall_stub(r: Regs) -> bytes:
+    """``syscall``, then restore ``r``."""
+    return SYSCALL_INSN + restore_code(r)
+
+
+def call_stub(func: int, r: Regs) -> bytes:
+    """Save x87/SSE, call ``func``, keep the result in rdi, restore x87/SSE, ``getpid``,
+    restore ``r``. The thread's rsp at entry: 16-byte aligned (psABI: at the call), with
+    512 bytes for fxsave at rsp+16."""
+    restore = restore_code(r)
+    # call [rip+disp32]: disp counts from the end of the call (offset 12) to func's slot
+    disp = _CALL_PREFIX + len(restore) - 12
+    code = b"".join([
+        _FXSAVE_RSP16, b"\xff\x15", struct.pack("<i", disp), _MOV_RDI_RAX, _FXRSTOR_RSP16,
+        _MOV_EAX_GETPID, SYSCALL_INSN, restore, struct.pack("<Q", func),
+    ])
+    assert len(code) <= SLOT
+    return code
+
+
+def _read_maps_offsets(pid: int) -> list[tuple[int, int, str, int, str]]:
+    """(start, end, perms, file offset, path) of every mapping."""
+    out: list[tuple[int, int, str, int, str]] = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                lo, hi = parts[0].split("-")
+                path = parts[5].strip() if len(parts) > 5 else ""
+                out.append((int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), path))
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} exited") from None
+    return out
+
+
+def find_stub_area(t: Tracee) -> tuple[int, int]:
+    """[lo, hi): the largest padding after an executable PT_LOAD segment, cached per Tracee.
+
+    Read from the ELF header and program headers in the target's memory (the mapping at
+    file offset 0 of each file); the padding must be inside an executable mapping.
+    """
+    if "stub_lo" in t.cache:
+        return t.cache["stub_lo"], t.cache["stub_hi"]
+    maps = _read_maps_offsets(t.pid)
+    execs = [(lo, hi) for lo, hi, perms, _, _ in maps if "x" in perms]
+    best = (0, 0)
+    for start, end, _, offset, path in maps:
+        if offset != 0 or not path.startswith("/"):
+            continue
+        try:
+            ehdr = t.read(start, 64)
+        except TargetGone:
+            raise
+        except LivespliceError:
+            continue
+        if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:  # ELFCLASS64 only
+            continue
+        phoff = struct.unpack_from("<Q", ehdr, 0x20)[0]
+        phentsize, phnum = struct.unpack_from("<HH", ehdr, 0x36)
+        if phentsize != 56 or not 0 < phnum < 64 or phoff + phnum * 56 > end - start:
+            continue
+        try:
+            raw = t.read(start + phoff, phnum * 56)
+        except LivespliceError:
+            continue
+        loads = [struct.unpack_from("<IIQQQQQQ", raw, i * 56) for i in range(phnum)]
+        loads = [ph for ph in loads if ph[0] == PT_LOAD]
+        first = next((ph for ph in loads if ph[2] & ~(PAGE - 1) == 0), None)
+        if first is None:
+            continue
+        bias = start - (first[3] & ~(PAGE - 1))
+        for _type, flags, _off, vaddr, _pa, filesz, memsz, _al in loads:
+            if not flags & PF_X or memsz != filesz:
+                continue
+            lo = (bias + vaddr + filesz + 15) & ~0xF
+            hi = _page_up(bias + vaddr + filesz)
+            inside = any(a <= lo and hi <= b for a, b in execs)
+            if inside and hi - lo > best[1] - best[0]:
+                best = (lo, hi)
+    if best[1] - best[0] < SLOT:
+        raise LivespliceError(
+            f"no room for the remote-execution stub in process {t.pid}",
+            details=["no executable segment of a mapped ELF file ends 256 bytes or more "
+                     "before the end of its page"],
+        )
+    t.cache["stub_lo"], t.cache["stub_hi"] = best
+    return best
+
+
+@dataclass
+class _PlacedStub:
+    addr: int
+    original: bytes
+
+    def remove(self, t: Tracee) -> None:
+        with contextlib.suppress(LivespliceError):  # gone: nothing to put back
+            t.write(self.addr, self.original)
+
+
+def _place_stub(t: Tracee, code: bytes) -> _PlacedStub:
+    """Write ``code`` into a stub slot no thread's rip is in (a leftover of a dead tool)."""
+    lo, hi = find_stub_area(t)
+    _, regs = t.stopped_regs()
+    from livesplice.process.ptrace import REG_INDEX
+
+    rips = set(regs[:, REG_INDEX["rip"]].tolist())
+    for at in range(hi - SLOT, lo - 1, -SLOT):
+        if not any(at <= ip < at + SLOT for ip in rips):
+            original = t.read(at, len(code))
+            t.write(at, code)
+            return _PlacedStub(at, original)
+    raise LivespliceError(f"every stub slot of process {t.pid} holds a thread's rip")
+
+
+def _point(stage: str, label: str) -> None:
+    checkpoint(f"remote:{stage}")
+    checkpoint(f"remote:{stage}:{label}")
 
 
 def _set_args(r: Regs, args: tuple[int, ...], regs: tuple[str, ...]) -> None:
@@ -136,34 +337,6 @@ def _set_args(r: Regs, args: tuple[int, ...], regs: tuple[str, ...]) -> None:
         raise ValueError(f"at most {len(regs)} arguments")
     for name, value in zip(regs, args, strict=False):
         setattr(r, name, value & _MASK64)
-
-
-def _syscall_on(t: Tracee, tid: int, nr: int, args: tuple[int, ...]) -> int:
-    insn = _syscall_insn(t)
-    saved = t.get_regs(tid)
-    r = saved.copy()
-    r.rax = nr
-    _set_args(r, args, ("rdi", "rsi", "rdx", "r10", "r8", "r9"))
-    r.rip = insn
-    r.orig_rax = _MASK64  # -1: not in a system call (no restart logic on our registers)
-    t.set_regs(tid, r)
-    try:
-        while True:
-            t.run_thread(tid, PTRACE_SINGLESTEP)
-            sig, event = _wait(t, tid)
-            if event == 0 and sig == signal.SIGTRAP:
-                t.take_signal(tid, sig)
-                now = t.get_regs(tid)
-                if now.rip == insn + len(SYSCALL_INSN):
-                    return _signed64(now.rax)
-                # a trap elsewhere: not ours (cannot happen for one instruction); step on
-            # any other stop (a real signal, recorded for resume; a stale interrupt): retry
-            # from where the thread is: either before the instruction or already past it
-            now = t.get_regs(tid)
-            if now.rip == insn + len(SYSCALL_INSN):
-                return _signed64(now.rax)
-    finally:
-        _restore(t, tid, saved)
 
 
 def _wait(t: Tracee, tid: int) -> tuple[int, int]:
@@ -174,9 +347,54 @@ def _wait(t: Tracee, tid: int) -> tuple[int, int]:
     return st
 
 
-def _restore(t: Tracee, tid: int, saved: Regs) -> None:
+def _to_syscall_stop(t: Tracee, tid: int, at: int, nr: int) -> Regs:
+    """Run the thread until its next syscall-stop at ``at`` (just after the stub's
+    ``syscall``) for system call ``nr``. Real signals on the way stay recorded (delivered at
+    resume); a stale interrupt stop is passed."""
+    while True:
+        t.run_thread(tid, PTRACE_SYSCALL)
+        sig, _event = _wait(t, tid)
+        if sig == SYSCALL_STOP_SIG:
+            now = t.get_regs(tid)
+            if now.rip == at and now.orig_rax == nr:
+                return now
+
+
+def _syscall_on(t: Tracee, tid: int, nr: int, args: tuple[int, ...]) -> int:
+    saved = t.get_regs(tid)
+    stub = _place_stub(t, syscall_stub(resume_regs(saved)))
+    r = saved.copy()
+    r.rax = nr
+    _set_args(r, args, ("rdi", "rsi", "rdx", "r10", "r8", "r9"))
+    r.rip = stub.addr
+    r.orig_rax = _MASK64  # -1: no restart logic on our registers
+    label = _SYSCALL_NAMES.get(nr, str(nr))
+    after = stub.addr + len(SYSCALL_INSN)
+    settled = False
+    try:
+        t.set_regs(tid, r)
+        _point("regs-set", label)
+        _to_syscall_stop(t, tid, after, nr)  # entry
+        rv = _signed64(_to_syscall_stop(t, tid, after, nr).rax)  # exit: the result
+        _point("after-syscall", label)
+        t.to_event_stop(tid)
+        settled = True
+        _point("before-restore", label)
+        return rv
+    finally:
+        _restore(t, tid, saved, stub, settled)
+
+
+def _restore(t: Tracee, tid: int, saved: Regs, stub: _PlacedStub, settled: bool,
+             fpregs: bytes | None = None) -> None:
+    """Put the thread's registers back (from an event stop), then the stub slot's bytes."""
     with contextlib.suppress(TargetGone):  # gone: nothing left to restore
+        if not settled:
+            t.to_event_stop(tid)
         t.set_regs(tid, saved)
+        if fpregs is not None:
+            t.set_fpregs(tid, fpregs)
+        stub.remove(t)
 
 
 def remote_syscall(t: Tracee, nr: int, *args: int) -> int:
@@ -186,10 +404,13 @@ def remote_syscall(t: Tracee, nr: int, *args: int) -> int:
 
 
 def _check(t: Tracee, what: str, rv: int) -> int:
+    """A raw system call result; a negative errno becomes :class:`RemoteCallFailed`."""
     if -4096 < rv < 0:
-        import os
-
-        raise LivespliceError(f"{what} failed in process {t.pid}: {os.strerror(-rv)}")
+        raise RemoteCallFailed(
+            f"{what} failed in process {t.pid}: {os.strerror(-rv)}",
+            advice="the target lacks a resource (memory, file descriptors); "
+            "free some and try again",
+        )
     return rv
 
 
@@ -348,33 +569,47 @@ def remote_mprotect(t: Tracee, addr: int, size: int, prot: int) -> None:
 def remote_call(t: Tracee, func: int, *args: int, timeout: float = 5.0) -> int:
     """Call ``func(args...)`` (integer arguments) on one thread of the target; return ``eax``.
 
-    The call runs on the thread's own stack below its red zone, 16-byte aligned at the call
-    (psABI 3.2.2: ``rsp + 8`` is a multiple of 16 at function entry), with return address 0.
-    Other threads stay as they are (stopped inside a stop window, running otherwise).
+    The call runs through a call stub (module docstring) on the thread's own stack below its
+    red zone, 16-byte aligned at the call (psABI 3.2.2: ``rsp + 8`` is a multiple of 16 at
+    function entry). Other threads stay as they are (stopped inside a stop window, running
+    otherwise).
 
     :raises HookFailed: the callee crashed (its signal is swallowed) or ran past ``timeout``;
         the thread's registers are restored either way.
     """
     with stopped(t) as tid:
         saved = t.get_regs(tid)
-        sp = ((saved.rsp - RED_ZONE - 256) & ~0xF) - 8
-        t.write(sp, b"\0" * 8)  # the return address: 0, our breakpoint
+        fpregs = t.get_fpregs(tid)
+        fx = (saved.rsp - RED_ZONE - 512) & ~0xF  # fxsave area: 512 bytes, 16-aligned
+        sp = fx - 16
+        t.write(sp - 64, b"\0" * 64)  # fails here, not in the target, if the stack is full
+        stub = _place_stub(t, call_stub(func, resume_regs(saved)))
         r = saved.copy()
         _set_args(r, args, ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
-        r.rip = func
+        r.rip = stub.addr
         r.rsp = sp
         r.rax = 0  # variadic callees read al = number of vector registers used
         r.orig_rax = _MASK64
-        t.set_regs(tid, r)
+        settled = False
         try:
-            return _run_call(t, tid, func, sp, timeout)
+            t.set_regs(tid, r)
+            _point("regs-set", "call")
+            rv = _run_call(t, tid, func, stub.addr + _CALL_PREFIX, timeout)
+            _to_syscall_stop(t, tid, stub.addr + _CALL_PREFIX, SYS_GETPID)  # its exit
+            _point("after-call", "call")
+            t.to_event_stop(tid)
+            settled = True
+            _point("before-restore", "call")
+            return rv
         finally:
-            _restore(t, tid, saved)
+            _restore(t, tid, saved, stub, settled, fpregs)
 
 
-def _run_call(t: Tracee, tid: int, func: int, sp: int, timeout: float) -> int:
+def _run_call(t: Tracee, tid: int, func: int, at: int, timeout: float) -> int:
+    """Run the call stub up to the entry stop of its ``getpid`` (just before ``at``); return
+    the callee's ``eax`` (kept in ``rdi``). The callee's own system calls stop too: passed."""
     deadline = time.monotonic() + timeout
-    t.run_thread(tid, PTRACE_CONT)
+    t.run_thread(tid, PTRACE_SYSCALL)
     nap = 0.0001
     while True:
         st = t.wait_thread(tid, block=False)
@@ -383,8 +618,7 @@ def _run_call(t: Tracee, tid: int, func: int, sp: int, timeout: float) -> int:
                 time.sleep(nap)
                 nap = min(nap * 2, 0.01)
                 continue
-            t.interrupt_thread(tid)
-            _wait(t, tid)
+            t.to_event_stop(tid)  # interrupts it: safe to restore from there
             raise HookFailed(
                 f"the function at {func:#x} did not return within {timeout:g} s",
                 details=[f"thread {tid} ({t.thread_name(tid)}) was interrupted; "
@@ -394,18 +628,20 @@ def _run_call(t: Tracee, tid: int, func: int, sp: int, timeout: float) -> int:
         sig, event = st
         if event == PTRACE_EVENT_EXIT:
             raise TargetGone(f"process {t.pid} exited during a call into it")
-        if event == 0:
+        if sig == SYSCALL_STOP_SIG:
             now = t.get_regs(tid)
-            if sig == signal.SIGSEGV and now.rip == 0 and now.rsp == sp + 8:
-                t.take_signal(tid, sig)
-                eax = now.rax & 0xFFFFFFFF
-                return eax - (1 << 32) if eax >> 31 else eax
-            if sig in _CRASH_SIGNALS:
-                t.take_signal(tid, sig)
-                raise HookFailed(
-                    f"the function at {func:#x} crashed with {signal.Signals(sig).name}",
-                    details=[f"thread {tid}: rip={now.rip:#x} rsp={now.rsp:#x}; "
-                             "registers restored, the signal was not delivered"],
-                )
-            # a real signal for the program: recorded, delivered at resume
-        t.run_thread(tid, PTRACE_CONT)
+            if now.rip == at and now.orig_rax == SYS_GETPID:
+                edi = now.rdi & 0xFFFFFFFF
+                return edi - (1 << 32) if edi >> 31 else edi
+        elif event == 0 and sig in _CRASH_SIGNALS:
+            now = t.get_regs(tid)
+            t.take_signal(tid, sig)
+            t.to_event_stop(tid)  # out of the signal-delivery-stop before anything else
+            raise HookFailed(
+                f"the function at {func:#x} crashed with {signal.Signals(sig).name}",
+                details=[f"thread {tid}: rip={now.rip:#x} rsp={now.rsp:#x}; "
+                         "registers restored, the signal was not delivered"],
+            )
+        # a real signal for the program (recorded, delivered at resume), a clone, a stale
+        # interrupt, the callee's own system calls: run on
+        t.run_thread(tid, PTRACE_SYSCALL)
