@@ -110,6 +110,25 @@ def copy_tree(ksrc: Path, dest: Path) -> None:
                 break_link(Path(root) / f)
 
 
+def author_headers() -> list[Path]:
+    """The headers a kernel patch may include as ``<livesplice/NAME>``: shadow.h (this
+    package) and the hook macros of the repository's include/livesplice.h."""
+    here = Path(__file__).parent / "include" / "livesplice"
+    found = sorted(here.glob("*.h"))
+    repo = Path(__file__).resolve().parents[3] / "include" / "livesplice.h"
+    if repo.exists():
+        found.append(repo)
+    return found
+
+
+def install_author_headers(tree: Path) -> None:
+    """Place the author headers in the copy under include/livesplice/ (never in KSRC)."""
+    dest = tree / "include" / "livesplice"
+    dest.mkdir(exist_ok=True)
+    for h in author_headers():
+        shutil.copyfile(h, dest / h.name)
+
+
 def break_link(path: Path) -> None:
     """Give ``path`` its own inode (same content, mode and mtime)."""
     if path.is_symlink() or not path.is_file() or path.stat().st_nlink < 2:
@@ -304,6 +323,7 @@ def build_kernel_pair(
         )  # fmt: skip
     tree = workdir / "tree"
     copy_tree(ksrc, tree)
+    install_author_headers(tree)
     seconds["copy"] = time.monotonic() - t0
     units = units_for(tree, touched)
     new_units = [u for u in units if not (tree / u).exists()]
