@@ -110,8 +110,8 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
         raise PatchRefused(
             f"the patch has {len(refusals)} change(s) that cannot be applied to a live kernel",
             details=sorted(set(refusals)),
-            advice="see each item; rewrite the patch (shadow variables: livesplice-kernel.h, "
-            "hooks: livesplice.h) or ship the fix with a reboot",
+            advice="see each item; rewrite the patch (shadow variables: <livesplice/shadow.h>, "
+            "hooks: <livesplice/livesplice.h>) or ship the fix with a reboot",
         )
     targets = [make_target(obj, uds) for obj, uds in sorted(per_obj.items())]
     if any(targets):
