@@ -78,6 +78,27 @@ def test_scanner_precise_ignores_pointers_conservative_does_not() -> None:
     assert scan_stacks(*stacks([0x1005]), r) == {0: 0}
 
 
+def test_return_sites_after_calls_to_a_busy_leaf_do_not_count() -> None:
+    # f: call g; ret    g (a leaf): nop; ret
+    f = bytes.fromhex("e8fb0f0000" "c3")  # call 0x2000 from 0x1000
+    g = bytes.fromhex("90" "c3")
+    r = ranges_of([(0x1000, 0x1006, "f"), (0x2000, 0x2002, "g")], {0x1000: f, 0x2000: g})
+    # a stale copy of "return into f after call g" is not a frame: g is a leaf, and a thread
+    # inside g is busy by its ip
+    assert scan_stacks(*stacks([0x1005]), r) == {}
+    # but an ip interrupted inside g (a signal frame) is
+    assert scan_stacks(*stacks([0x2001]), r) == {0: 1}
+    assert scan_stacks(*stacks([0x2000]), r) == {}  # g's entry: a function pointer
+    # g tail-calls elsewhere: not a leaf, the return site counts again
+    g_tail = bytes.fromhex("90" "e9fb6f0000")
+    r = ranges_of([(0x1000, 0x1006, "f"), (0x2000, 0x2006, "g")], {0x1000: f, 0x2000: g_tail})
+    assert scan_stacks(*stacks([0x1005]), r) == {0: 0}
+    # an indirect call is never dropped
+    r = ranges_of([(0x1000, 0x1003, "f"), (0x2000, 0x2002, "g")],
+                  {0x1000: bytes.fromhex("ffd0" "c3"), 0x2000: g})
+    assert scan_stacks(*stacks([0x1002]), r) == {0: 0}
+
+
 def test_scanner_agrees_with_brute_force_on_random_stacks() -> None:
     rnd = random.Random(1234)
     spec = []
@@ -89,17 +110,21 @@ def test_scanner_agrees_with_brute_force_on_random_stacks() -> None:
         code[start] = blob
     r = ranges_of(spec, code)
     sites = sorted(r.return_sites)
+    # instruction boundaries no call returns to (a signal frame's ip): each call after the first
+    ips = {a + 6 * k for a, b, _ in spec for k in range(1, (b - a) // 6)}
     for _ in range(50):
         lists = []
         for _ in range(rnd.randrange(1, 30)):
             s = [rnd.randrange(0x3F0000, 0x430000) for _ in range(rnd.randrange(0, 300))]
             if s and rnd.random() < 0.3:
                 s[rnd.randrange(len(s))] = rnd.choice(sites)
+            if s and rnd.random() < 0.1:
+                s[rnd.randrange(len(s))] = rnd.choice(sorted(ips))
             lists.append(s)
         want = {}
         for i, s in enumerate(lists):
             for w in s:
-                if w in r.return_sites:
+                if w in r.return_sites or w in ips:
                     want[i] = next(k for k, (a, b, _) in enumerate(sorted(spec)) if a <= w <= b)
                     break
         assert scan_stacks(*stacks(*lists), r) == want

@@ -6,9 +6,24 @@ Per attempt (Ksplice's safety check, done with ptrace):
 2. a thread is *busy* when its ``rip`` lies in a busy range, or a word of its stack (from
    ``rsp`` to the end of the mapping holding ``rsp``) or of its general registers is a
    *return address* into a busy range;
-3. none busy: run the ``inside`` hook, write the jumps, resume. Busy: resume, wait
+3. busy threads are *run out* of the busy code (below) while every other thread stays
+   stopped;
+4. none busy: run the ``inside`` hook, write the jumps, resume. Still busy: resume, wait
    ``interval`` (passing signals on meanwhile), try again; after ``retries`` attempts raise
    :class:`CodeBusy` naming thread id, thread name, function and where it was seen.
+
+Running busy threads out (libcare's answer to hot functions; with 64 threads looping through
+two replaced functions some thread is inside one at every stop, so retrying alone never
+succeeds). Within a budget of ``run_out`` seconds per attempt: let only the busy threads run
+for a short slice (``Tracee.let_run``: recorded signals are delivered, handlers run), stop them
+again (``PTRACE_INTERRUPT``, like the first stop: a thread blocked in a system call is
+interrupted and its call restarted, never left blocking the window), check the threads that
+ran, keep the ones now clear stopped, repeat with a longer slice (20 us growing to 1 ms: a
+thread preempted by its siblings needs a slice in which the scheduler gets to it). Threads
+never leave an interrupt stop here. Single-stepping or hardware breakpoints on return
+addresses would be more precise but hold threads in signal-delivery-stops (SIGTRAP): a tool
+SIGKILLed then kills the program (the kernel delivers the trap when the tracer vanishes;
+measured), and debug registers set by a dead tracer stay armed.
 
 Everything slow happens before the first stop: parsing /proc/PID/maps (for stack bounds),
 disassembling the busy functions, allocating the stack buffer. Inside the window: ptrace
@@ -24,6 +39,16 @@ call to a ``noreturn`` function). This still over-approximates (a stale return a
 in a live frame counts as busy) but never misses a real frame: every frame's return address
 is the address after a call. Precise unwinding with ``.eh_frame`` would remove the rest.
 A range capstone cannot decode completely falls back to the conservative rule.
+
+Two refinements of that rule. (1) A return site after a *direct call to a busy leaf* (a busy
+function with no call, no jump leaving it, no indirect jump) does not count: that frame is
+live only while the thread's ip is in the leaf, which the ip check sees. Stale copies of such
+return addresses fill the live frames of functions called later from the same depth
+(``usleep`` after a loop calling ``around() -> answer()``: 60 of 64 threads looked busy
+forever). (2) A word at an instruction boundary of a busy function that is no return site
+counts: it is the interrupted ip in the signal frame of a thread running a handler on top of
+the function (a function pointer is the entry, not counted; a word inside an instruction is
+no ip).
 """
 
 from __future__ import annotations
@@ -39,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from livesplice.errors import CodeBusy, LivespliceError, TargetGone
+from livesplice.faults import checkpoint
 from livesplice.process.ptrace import REG_INDEX, REGS_WORDS, Tracee, process_alive
 
 if TYPE_CHECKING:
@@ -76,6 +102,8 @@ class PauseStats:
     pause_us: float  # first interrupt to last resume of the successful attempt
     attempts: int
     threads: int
+    ran_out: int = 0  # busy threads run out of the busy code in the successful attempt
+    slices: int = 0  # run-out slices it took
 
 
 class ThreadsBusy(CodeBusy):
@@ -94,10 +122,12 @@ class BusyRanges:
     starts: U64
     ends: U64  # exclusive ends
     names: list[str]
-    return_sites: set[int] = field(default_factory=set)
+    return_sites: set[int] = field(default_factory=set)  # the ones that count
     conservative: list[bool] = field(default_factory=list)  # per range: any word counts
     lo: Any = 0  # np.uint64: first start
     span: Any = 0  # np.uint64: last end - first start
+    all_sites: set[int] = field(default_factory=set)  # every return site, counted or not
+    boundaries: set[int] = field(default_factory=set)  # instruction starts but the first
 
     @classmethod
     def build(cls, ranges: list[tuple[int, int, str]], code: Callable[[int, int], bytes | None],
@@ -105,14 +135,26 @@ class BusyRanges:
         import numpy as np
 
         rs = sorted(r for r in ranges if r[1] > r[0])
-        sites: set[int] = set()
         conservative: list[bool] = []
+        decoded: list[DecodedRange | None] = []
         for start, end, _ in rs:
             blob = code(start, end - start) if precise else None
-            found = None if blob is None else call_return_sites(blob, start)
-            conservative.append(found is None)
-            if found is not None:
-                sites |= found
+            d = None if blob is None else decode_range(blob, start)
+            decoded.append(d)
+            conservative.append(d is None)
+        leaves = {r[0] for r, d in zip(rs, decoded, strict=True) if d is not None and d.leaf}
+        sites: set[int] = set()
+        all_sites: set[int] = set()
+        boundaries: set[int] = set()
+        for d in decoded:
+            if d is None:
+                continue
+            all_sites |= d.sites.keys()
+            boundaries |= d.boundaries
+            # after a direct call to a busy leaf: that frame is live only while the thread's
+            # ip is in the leaf (caught by ip), or a signal interrupted the leaf (the
+            # interrupted ip, an instruction boundary, is on the stack: caught below)
+            sites |= {s for s, target in d.sites.items() if target not in leaves}
         lo = rs[0][0] if rs else 0
         return cls(
             starts=np.array([r[0] for r in rs], dtype=np.uint64),
@@ -122,6 +164,8 @@ class BusyRanges:
             conservative=conservative,
             lo=np.uint64(lo),
             span=np.uint64(max((r[1] for r in rs), default=0) - lo),
+            all_sites=all_sites,
+            boundaries=boundaries,
         )
 
     def lookup(self, values: U64, *, inclusive: bool = False) -> tuple[Any, Any]:
@@ -150,7 +194,44 @@ class BusyRanges:
         """Does a stack/register word inside range ``rng`` count as a frame in it?"""
         if self.conservative[rng]:
             return word < int(self.ends[rng])
-        return word in self.return_sites
+        if word in self.return_sites:
+            return True
+        # an instruction boundary that no call returns to: the interrupted ip saved in a
+        # signal frame (ucontext) of a thread running a handler on top of a busy function
+        return word in self.boundaries and word not in self.all_sites
+
+
+@dataclass
+class DecodedRange:
+    """What the stack check needs to know about one busy function's code."""
+
+    sites: dict[int, int | None]  # return site -> target of its direct call (None: indirect)
+    boundaries: set[int]  # every instruction start but the first (the entry)
+    leaf: bool  # no call, no jump out of the range, no indirect jump (no tail call)
+
+
+def decode_range(code: bytes, address: int) -> DecodedRange | None:
+    """Linear sweep of a function with capstone; None if it does not decode to its end."""
+    import capstone
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    out = DecodedRange({}, set(), True)
+    limit = address + len(code)
+    end = address
+    for insn_addr, size, mnemonic, op_str in md.disasm_lite(code, address):
+        end = insn_addr + size
+        if insn_addr != address:
+            out.boundaries.add(insn_addr)
+        op = mnemonic.split()[-1]  # "notrack jmp", "bnd jmp": the last word is the op
+        direct = op_str.startswith("0x")
+        if op.startswith("call"):
+            out.leaf = False
+            out.sites[end] = int(op_str, 16) if direct else None
+        elif op.startswith("j") and (not direct or not address <= int(op_str, 16) < limit):
+            out.leaf = False
+    if end != limit:
+        return None
+    return out
 
 
 def call_return_sites(code: bytes, address: int) -> set[int] | None:
@@ -205,6 +286,9 @@ class StopWindow:
     :param fifo: run the patcher SCHED_FIFO during the window. None = when the process has
         more threads than there are CPUs (spinning threads otherwise starve the patcher while
         it resumes them; for a few threads FIFO costs a wake-up of an idle CPU per wait).
+    :param run_out: seconds per attempt for running busy threads out of the busy code while
+        the others stay stopped (module docstring); 0 = plain retry. It bounds the extra
+        pause of an attempt that finds busy threads.
     """
 
     def __init__(
@@ -216,6 +300,7 @@ class StopWindow:
         interval: float = 1.0,
         precise: bool = True,
         fifo: bool | None = None,
+        run_out: float = 0.05,
     ) -> None:
         import numpy as np
 
@@ -223,6 +308,7 @@ class StopWindow:
         self.retries = max(1, retries)
         self.interval = interval
         self.fifo = fifo
+        self.run_out = run_out
         self.ranges = BusyRanges.build(busy_ranges, self._read_code, precise)
         self._load_maps()
         self._buf = np.empty(1 << 20, dtype=np.uint8)
@@ -275,8 +361,12 @@ class StopWindow:
             with _realtime(use_fifo), _no_gc():
                 t0 = time.perf_counter_ns()
                 t.stop()
+                ran_out = slices = 0
                 try:
                     busy = self._busy_threads()
+                    if busy and self.run_out > 0:
+                        ran_out = len(busy)
+                        busy, slices = self._run_out(busy)
                     if not busy:
                         if inside is not None:
                             inside()
@@ -290,13 +380,34 @@ class StopWindow:
                 t.resume()
                 t1 = time.perf_counter_ns()
             if not busy:
-                return PauseStats((t1 - t0) / 1000.0, attempt, nthreads)
+                return PauseStats((t1 - t0) / 1000.0, attempt, nthreads, ran_out, slices)
             self.last_busy = [
                 BusyThread(tid, t.thread_name(tid), fn, where) for tid, fn, where in busy
             ]
             if attempt < self.retries:
                 self._wait(self.interval)
         raise self._code_busy()
+
+    def _run_out(
+        self, busy: list[tuple[int, str, str]]
+    ) -> tuple[list[tuple[int, str, str]], int]:
+        """Let only the busy threads run, in slices, until none is busy or the budget is
+        spent. Returns the threads still busy (all stopped) and the number of slices."""
+        t = self.t
+        deadline = time.perf_counter() + self.run_out
+        nap = 20e-6
+        slices = 0
+        while busy and time.perf_counter() < deadline:
+            moved = [tid for tid, _, _ in busy]
+            held = set(t.threads()) - set(moved)  # stopped and found clear: they stay so
+            t.let_run(moved)
+            time.sleep(nap)
+            t.stop()  # interrupts only the threads let run (and new ones); all registers
+            slices += 1
+            nap = min(nap * 1.5, 1e-3)
+            # check the threads that ran and the ones created meanwhile
+            busy = self._busy_threads(skip=held)
+        return busy, slices
 
     def _code_busy(self) -> ThreadsBusy:
         busy = self.last_busy
@@ -328,6 +439,8 @@ class StopWindow:
             for addr, data in writes:
                 self.t.write(addr, data)
                 done += 1
+                if done == 1:
+                    checkpoint("stop:after-first-write")
         except BaseException:
             # never leave half the trampolines written
             for addr, data in reversed(originals[:done]):
@@ -337,9 +450,16 @@ class StopWindow:
 
     # ------------------------------------------------------------ the check
 
-    def _busy_threads(self) -> list[tuple[int, str, str]]:
-        """(tid, function, where) of every busy thread, from the stop's registers."""
+    def _busy_threads(self, skip: set[int] | None = None) -> list[tuple[int, str, str]]:
+        """(tid, function, where) of every busy thread, from the stop's registers.
+
+        ``skip``: threads known clear that have not run since (not checked again).
+        """
         tids, regs = self.t.stopped_regs()
+        if skip:
+            rows = [i for i, tid in enumerate(tids) if tid not in skip]
+            tids = [tids[i] for i in rows]
+            regs = regs[rows]
         r = self.ranges
         if not len(r.starts):
             return []
