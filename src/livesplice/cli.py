@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import Any
 
 from livesplice import __version__
 from livesplice.errors import ExitCode, LivespliceError, UsageError
+
+
+def _env_path(var: str) -> Path | None:
+    value = os.environ.get(var)
+    return Path(value) if value else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--description", help="one line describing the update")
     c.add_argument("-j", "--jobs", type=int, default=2, help="parallel build jobs (default 2)")
     c.add_argument("--keep-tmp", action="store_true", help="keep the build directory")
+    c.add_argument(
+        "--sign", type=Path, metavar="KEY", default=_env_path("LIVESPLICE_SIGNING_KEY"),
+        help="sign the update with this Ed25519 key (default: $LIVESPLICE_SIGNING_KEY)",
+    )
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.add_argument(
         "--kernel", action="store_true",
@@ -55,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-interval", type=float, default=1.0, help="seconds between attempts (default 1)"
     )
     a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument(
+        "--trusted-key", type=Path, action="append", metavar="PUB",
+        help="trust this public key (repeatable; also the *.pub files in "
+        "$LIVESPLICE_TRUST_DIR or /etc/livesplice/trusted-keys)",
+    )
+    a.add_argument(
+        "--allow-unsigned", action="store_true",
+        default=os.environ.get("LIVESPLICE_ALLOW_UNSIGNED") == "1",
+        help="apply an unsigned update (or one signed by an unknown key); a machine-wide "
+        "policy for labs: LIVESPLICE_ALLOW_UNSIGNED=1. A bad signature is always refused.",
+    )
+
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
+    k.add_argument("-o", "--output", type=Path, required=True,
+                   help="private key file (the public key goes to OUTPUT.pub)")
 
     v = sub.add_parser("view", help="list updates applied to running processes")
     v.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
@@ -92,6 +117,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         description=args.description,
         jobs=args.jobs,
         keep_tmp=args.keep_tmp,
+        signing_key=args.sign,
     )
     if args.json:
         out: dict[str, Any] = {
@@ -125,6 +151,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from livesplice.update.archive import read_update
 
     update = read_update(args.update)
+    signer = update.verify(args.trusted_key, allow_unsigned=args.allow_unsigned)
+    if not args.json:
+        print(f"livesplice: update {update.manifest.id} "
+              + (f"signed by key {signer}" if signer else "is NOT signed (--allow-unsigned)"))
     if any(t.kind in ("kernel", "kernel_module") for t in update.manifest.targets):
         if args.pid or args.all:
             raise UsageError("this is a kernel update: apply it without --pid/--all")
@@ -136,6 +166,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from livesplice.process.apply import cli_apply
 
     return cli_apply(args)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from livesplice.update.signing import generate_key
+
+    pub = args.output.with_name(args.output.name + ".pub")
+    for p in (args.output, pub):
+        if p.exists():
+            raise UsageError(f"{p} exists; refusing to overwrite a key")
+    pair = generate_key()
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pair.private_pem)
+        pub.write_bytes(pair.public_pem)
+    except OSError as e:
+        raise UsageError(f"cannot write the key: {e}") from None
+    print(f"livesplice: key {pair.key_id}: private {args.output}, public {pub}")
+    print("livesplice: install the .pub file in /etc/livesplice/trusted-keys on the machines "
+          "that apply your updates")
+    return ExitCode.OK
 
 
 def cmd_view(args: argparse.Namespace) -> int:
@@ -166,6 +217,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "keygen": cmd_keygen,
     "lab": cmd_lab,
     "create": cmd_create,
     "inspect": cmd_inspect,

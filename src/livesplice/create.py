@@ -48,6 +48,7 @@ def create_update(
     description: str | None = None,
     jobs: int = 2,
     keep_tmp: bool = False,
+    signing_key: Path | None = None,
 ) -> CreateResult:
     """Turn ``patch`` against the tree ``srcdir`` into an update file."""
     from livesplice.build.builder import build_pair
@@ -58,6 +59,9 @@ def create_update(
     uid = check_update_id(update_id) if update_id else new_update_id()
     out = output if output is not None else Path(f"livesplice-{uid}.update")
     check_output_writable(out)
+    if signing_key is not None and not signing_key.is_file():
+        raise UsageError(f"signing key {signing_key} does not exist",
+                         advice="make one with `livesplice keygen -o KEY`")
 
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
     try:
@@ -74,7 +78,7 @@ def create_update(
             hooks=diff.hooks,
             warnings=diff.warnings,
         )
-        write_update(out, manifest, patch_text)
+        write_update(out, manifest, patch_text, signing_key=signing_key)
         return CreateResult(manifest, out, f"wrote update {uid} to {out}")
     finally:
         if keep_tmp:

@@ -5,7 +5,7 @@ Run ``./demo.sh`` (or ``python -m livesplice.demo``). The story, as in the Kspli
 1. build and start the bundled multi-threaded server (examples/kvserver) on loopback;
 2. open a client connection that stays open for the whole demo;
 3. the exploit works: an overlong NAME overwrites the session's admin flag, SECRET leaks;
-4. ``livesplice create`` turns fix.patch into an update; ``inspect`` shows it;
+4. ``livesplice create`` turns fix.patch into a signed update; ``inspect`` shows it;
 5. ``livesplice apply`` splices it into the running server: same PID, same connection;
 6. the exploit fails; ``view`` shows the update;
 7. ``livesplice undo`` removes it; the exploit works again.
@@ -114,14 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         before = exploit(port)
         print(f"exploit -> {before}")
 
-        say("4. create the update from the source patch")
+        say("4. create a signed update from the source patch")
+        key = work / "vendor.key"
+        livesplice("keygen", "-o", str(key))
         update = work / "kvserver-fix.update"
         livesplice("create", "--patch", str(src / "fix.patch"), "--id", "kvfix001",
-                   "-o", str(update), str(src))
+                   "--sign", str(key), "-o", str(update), str(src))
         livesplice("inspect", str(update))
 
         say(f"5. apply it to the running server (pid {pid}): no restart")
-        livesplice("apply", str(update), "--pid", str(pid))
+        livesplice("apply", str(update), "--pid", str(pid), "--trusted-key", f"{key}.pub")
         print(f"same pid still running: {server.poll() is None}, "
               f"open connection: GET color -> {client.cmd(b'GET color')}")
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the patched process is marked in /proc/PID/maps:")
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
-                if "livesplice" in line:
+                if "/memfd:livesplice" in line:
                     print("   ", line.rstrip())
 
         say("7. undo it: the original code is back")

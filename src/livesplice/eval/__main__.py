@@ -37,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def use_eval_signing_key(cache: Path) -> None:
+    """Sign every update the evaluation creates with the evaluation's own key, and trust
+    only that key when applying them: the same path an operator's updates take."""
+    from livesplice.update.signing import generate_key
+
+    keys = cache / "signing"
+    key, pub = keys / "eval.key", keys / "trusted" / "eval.pub"
+    if not (key.exists() and pub.exists()):
+        pub.parent.mkdir(parents=True, exist_ok=True)
+        pair = generate_key()
+        key.write_bytes(pair.private_pem)
+        key.chmod(0o600)
+        pub.write_bytes(pair.public_pem)
+    os.environ["LIVESPLICE_SIGNING_KEY"] = str(key)
+    os.environ["LIVESPLICE_TRUST_DIR"] = str(pub.parent)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from livesplice.eval.corpus import read_corpus, select_rows
     from livesplice.eval.create_step import DEFAULT_BUILD
@@ -52,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def progress(msg: str) -> None:
         print(f"eval: {msg}", file=sys.stderr, flush=True)
+
+    if not args.table_only:
+        use_eval_signing_key(args.cache)
 
     results: list[RowResult] = []
     for row in rows:

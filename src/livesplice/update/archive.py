@@ -28,6 +28,16 @@ class UpdateFile:
     signature: bytes | None
     # target-specific members (e.g. a kernel update's livepatch.ko), by member name
     extra: dict[str, bytes] = field(default_factory=dict)
+    # every member but the signature, as stored (what the signature covers)
+    members: dict[str, bytes] = field(default_factory=dict)
+
+    def verify(
+        self, trusted: list[Path] | None = None, *, allow_unsigned: bool = False
+    ) -> str | None:
+        """Check the signature (see ``signing``); the signer's key id, None if unsigned."""
+        from livesplice.update.signing import verify
+
+        return verify(self.members, self.signature, trusted, allow_unsigned=allow_unsigned)
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -63,11 +73,27 @@ def encode_update(
     return out.getvalue()
 
 
+def unsigned_members(
+    manifest: Manifest, patch: str, extra: dict[str, bytes] | None = None
+) -> dict[str, bytes]:
+    """The members a signature covers, exactly as they are stored."""
+    return {MANIFEST: manifest.to_json().encode(), PATCH: patch.encode(), **(extra or {})}
+
+
 def write_update(
-    path: Path, manifest: Manifest, patch: str, extra: dict[str, bytes] | None = None
+    path: Path,
+    manifest: Manifest,
+    patch: str,
+    extra: dict[str, bytes] | None = None,
+    signing_key: Path | None = None,
 ) -> None:
     """Write atomically: a crash never leaves a half-written update under ``path``."""
-    payload = encode_update(manifest, patch, extra=extra)
+    signature = None
+    if signing_key is not None:
+        from livesplice.update.signing import sign
+
+        signature = sign(unsigned_members(manifest, patch, extra), signing_key)
+    payload = encode_update(manifest, patch, signature=signature, extra=extra)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UsageError(
@@ -129,9 +155,11 @@ def read_update(path: Path) -> UpdateFile:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise MalformedUpdate(f"{path}: the manifest is malformed ({type(e).__name__}: {e})") from e
+    signature = members.pop(SIGNATURE, None)
     return UpdateFile(
         manifest=manifest,
-        patch=members.pop(PATCH, b"").decode(errors="replace"),
-        signature=members.pop(SIGNATURE, None),
-        extra={k: v for k, v in members.items() if k != MANIFEST},
+        patch=members.get(PATCH, b"").decode(errors="replace"),
+        signature=signature,
+        extra={k: v for k, v in members.items() if k not in (MANIFEST, PATCH)},
+        members=members,
     )

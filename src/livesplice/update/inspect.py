@@ -16,6 +16,7 @@ def inspect_json(update: UpdateFile) -> dict[str, Any]:
         "format": m.format,
         "patch_sha256": m.patch_sha256,
         "signed": update.signature is not None,
+        "signer": _signer(update),
         "targets": [
             {
                 "name": t.name,
@@ -34,12 +35,23 @@ def inspect_json(update: UpdateFile) -> dict[str, Any]:
     }
 
 
+def _signer(update: UpdateFile) -> str | None:
+    import json
+
+    if update.signature is None:
+        return None
+    try:
+        return str(json.loads(update.signature)["key_id"])
+    except (ValueError, KeyError, TypeError):
+        return "malformed"
+
+
 def inspect_text(update: UpdateFile) -> str:
     info = inspect_json(update)
     lines = [
         f"update {info['id']}: {info['description']}",
         f"  compiler: {info['compiler']}",
-        f"  signed:   {'yes' if info['signed'] else 'no'}",
+        f"  signed:   {'by key ' + info['signer'] if info['signed'] else 'no'}",
     ]
     for t in info["targets"]:
         lines.append(f"  target {t['name']} ({t['kind']}, build-id {t['build_id'] or 'none'})")

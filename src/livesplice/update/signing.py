@@ -1,0 +1,187 @@
+"""Signed updates: who made this update, and is it the update they made?
+
+An update file carries a ``signature`` member (see :mod:`livesplice.update.archive`): an
+Ed25519 signature over a *statement* that lists the SHA-256 of every other member::
+
+    livesplice-signature/1
+    <sha256 hex> manifest.json
+    <sha256 hex> patch
+    <sha256 hex> <extra member>...        (sorted by name)
+
+so nothing in the update (code, patch text, a kernel module) can change without breaking the
+signature. The member itself is JSON: ``{"algorithm": "ed25519", "key_id": ..., "signature": ...}``
+where ``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key.
+
+``apply`` trusts the public keys in a trust directory (``/etc/livesplice/trusted-keys`` or
+``$LIVESPLICE_TRUST_DIR``, one ``*.pub`` PEM file per key) or given with ``--trusted-key``;
+an unsigned update, an unknown key or a bad signature is refused unless the operator says
+``--allow-unsigned`` (which still refuses a *bad* signature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from livesplice.errors import LivespliceError, UsageError
+
+STATEMENT_HEADER = "livesplice-signature/1"
+DEFAULT_TRUST_DIR = Path("/etc/livesplice/trusted-keys")
+
+
+class SignatureError(LivespliceError):
+    """The update is unsigned, signed by a key nobody trusts, or its signature is bad."""
+
+    code = UsageError.code
+    abort = "BAD_SIGNATURE"
+
+
+def statement(members: dict[str, bytes]) -> bytes:
+    """What is signed: a digest line per member, in a fixed order."""
+    lines = [STATEMENT_HEADER]
+    for name in sorted(members):
+        lines.append(f"{hashlib.sha256(members[name]).hexdigest()} {name}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _crypto() -> Any:
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise UsageError("signing needs the 'cryptography' package") from e
+    return serialization, ed25519
+
+
+def key_id(public_raw: bytes) -> str:
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+@dataclass
+class KeyPair:
+    private_pem: bytes
+    public_pem: bytes
+    key_id: str
+
+
+def generate_key() -> KeyPair:
+    serialization, ed25519 = _crypto()
+    key = ed25519.Ed25519PrivateKey.generate()
+    priv = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    pub = key.public_key()
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pem = pub.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return KeyPair(priv, pem, key_id(raw))
+
+
+def sign(members: dict[str, bytes], private_key: Path) -> bytes:
+    """The ``signature`` member for these members, signed with the PEM key at ``private_key``."""
+    serialization, ed25519 = _crypto()
+    try:
+        key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise UsageError(f"signing key {private_key} does not exist") from None
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(f"{private_key} is not a usable private key ({e})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise UsageError(f"{private_key} is not an Ed25519 key (make one with `livesplice keygen`)")
+    raw = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    sig = key.sign(statement(members))
+    body = {"algorithm": "ed25519", "key_id": key_id(raw), "signature": sig.hex()}
+    return (json.dumps(body, sort_keys=True) + "\n").encode()
+
+
+def load_public_keys(paths: list[Path]) -> dict[str, Any]:
+    """key_id -> public key object, from PEM files and directories of ``*.pub`` files."""
+    keys: dict[str, Any] = {}
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.pub")))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UsageError(f"trusted key {p} does not exist")
+    if not files:
+        return keys
+    serialization, ed25519 = _crypto()
+    for f in files:
+        try:
+            pub = serialization.load_pem_public_key(f.read_bytes())
+        except (ValueError, OSError) as e:
+            raise UsageError(f"{f} is not a PEM public key ({e})") from None
+        if not isinstance(pub, ed25519.Ed25519PublicKey):
+            raise UsageError(f"{f} is not an Ed25519 public key")
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        keys[key_id(raw)] = pub
+    return keys
+
+
+def trust_paths(extra: list[Path] | None) -> list[Path]:
+    env = os.environ.get("LIVESPLICE_TRUST_DIR")
+    base = Path(env) if env else DEFAULT_TRUST_DIR
+    out = list(extra or [])
+    if base.is_dir():
+        out.append(base)
+    return out
+
+
+def verify(
+    members: dict[str, bytes],
+    signature: bytes | None,
+    trusted: list[Path] | None = None,
+    *,
+    allow_unsigned: bool = False,
+) -> str | None:
+    """Check the signature; return the signer's key id (None: unsigned and allowed).
+
+    :raises SignatureError: unsigned (unless allowed), unknown key, or a bad signature.
+    """
+    if signature is None:
+        if allow_unsigned:
+            return None
+        raise SignatureError(
+            "the update is not signed",
+            advice="sign it with `livesplice create --sign KEY` (keys: `livesplice keygen`), "
+            "or pass --allow-unsigned if you built it yourself and trust it",
+        )
+    try:
+        body = json.loads(signature)
+        kid, sig = str(body["key_id"]), bytes.fromhex(body["signature"])
+        if body.get("algorithm") != "ed25519":
+            raise ValueError(f"unknown algorithm {body.get('algorithm')!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise SignatureError(f"the update's signature is malformed ({e})") from None
+    keys = load_public_keys(trust_paths(trusted))
+    pub = keys.get(kid)
+    if pub is None:
+        if allow_unsigned:
+            return None
+        where = ", ".join(str(p) for p in trust_paths(trusted)) or "no trust directory"
+        raise SignatureError(
+            f"the update is signed by key {kid}, which is not trusted here",
+            details=[f"trusted keys looked up in: {where}"],
+            advice="install the signer's public key (*.pub) in the trust directory, or pass "
+            "--trusted-key FILE",
+        )
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        pub.verify(sig, statement(members))
+    except InvalidSignature:
+        raise SignatureError(
+            f"BAD signature by key {kid}: the update was modified after it was signed",
+            advice="do not apply it; get the update again from its source",
+        ) from None
+    return kid
