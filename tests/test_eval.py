@@ -253,3 +253,20 @@ def test_run_pre_match_learns_mergeable_strings_per_entry() -> None:
         m.learn_field(Reloc(off, "R_X86_64_PC32", "src/x.c:.data.t", addend),
                       s_plus_a - (0x1000 + off), 0x1000 + off, sec, plain)
     assert m.conflicts(plain) is not None
+
+
+def test_libxml2_driver_resolves_through_a_catalog(tmp_path: Path) -> None:
+    """The libxml2 driver against the system libxml2: it counts successful resolutions."""
+    from livesplice.eval.workloads import Libxml2Workload
+
+    lib = Path("/usr/lib/x86_64-linux-gnu/libxml2.so.2")
+    if not lib.exists():
+        pytest.skip("needs libxml2")
+    (tmp_path / "lib").mkdir()
+    copy = Path(shutil.copy2(lib.resolve(), tmp_path / "lib" / "libxml2.so.2"))
+    wl = Libxml2Workload(copy, tmp_path)
+    try:
+        wl.start()
+        assert wl.stats.requests > 0 and wl.stats.failures == 0
+    finally:
+        wl.stop()

@@ -460,8 +460,10 @@ static int setup(char **argv) {
     new_catalog = sym("xmlNewCatalog");
     acatalog_add = sym("xmlACatalogAdd");
     acatalog_resolve_uri = sym("xmlACatalogResolveURI");
-    cat = new_catalog(0);
-    return acatalog_add(cat, "uri", "http://eval.test/a", "file:///eval/a");
+    CAT *(*load)(const char *) = sym("xmlLoadACatalog");
+    (void)new_catalog; (void)acatalog_add;
+    cat = load(argv[3]);
+    return cat == NULL;
 }
 static int work(void) {
     char *r = acatalog_resolve_uri(cat, "http://eval.test/a");
@@ -502,6 +504,12 @@ static int work(void) {
     return ok;
 }
 static int reproduce(void) { return 2; }
+"""
+
+URI_CATALOG = """<?xml version="1.0"?>
+<catalog xmlns="urn:oasis:names:tc:entity:xmlns:xml:catalog">
+  <uri name="http://eval.test/a" uri="file:///eval/a"/>
+</catalog>
 """
 
 LOOPING_CATALOG = """<?xml version="1.0"?>
@@ -631,7 +639,9 @@ class Libxml2Workload(LibraryWorkload):
     def driver_args(self) -> list[str]:
         loop = self.rundir / "loop-catalog.xml"
         loop.write_text(LOOPING_CATALOG.format(path=loop))
-        return [str(loop)]
+        uris = self.rundir / "catalog.xml"
+        uris.write_text(URI_CATALOG)
+        return [str(loop), str(uris)]
 
 
 class ExpatWorkload(LibraryWorkload):
