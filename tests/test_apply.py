@@ -675,3 +675,61 @@ def test_failing_pre_apply_hook_leaves_the_process_unchanged(
         prog.wait_for("value 1 errors 5")
     finally:
         prog.stop()
+
+
+ESCAPE = """\
+#include <stdio.h>
+#include <unistd.h>
+
+int base = 1;
+
+__attribute__((noinline)) int answer(int x)
+{
+\treturn x + base;
+}
+
+int (*volatile callback)(int) = answer;
+
+int main(void)
+{
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (int i = 0;; i++) {
+\t\tprintf("value %d\\n", callback(i) - i);
+\t\tusleep(2000);
+\t}
+}
+"""
+
+
+def test_pointer_to_a_replaced_function_stored_by_the_update_survives_undo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook stores the address of a replaced function into program data; after undo the
+    program keeps calling through it: it must be the original entry, not the unmapped
+    replacement."""
+    from livetest import INCLUDE
+
+    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
+    tree = write_tree(tmp_path / "src", {"prog.c": ESCAPE, "Makefile": HOOK_MAKEFILE})
+    patch = make_patch(tree, {"prog.c": [
+        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+        ("\treturn x + base;\n}\n\nint (*volatile callback)(int) = answer;",
+         "\treturn x + base + 1;\n}\n\nint (*volatile callback)(int) = answer;\n\n"
+         "static int repoint(void)\n{\n\tcallback = answer;\n\treturn 0;\n}\n"
+         "LIVESPLICE_POST_APPLY(repoint);"),
+    ]}, tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", {"prog.c": ESCAPE, "Makefile": MAKEFILE})
+    build(running)
+    update = create(tree, patch, "escape01", tmp_path)
+    prog = Running([str(running / "prog")])
+    try:
+        prog.wait_for("value 1")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("value 2")
+        livesplice("undo", "escape01", "--pid", str(prog.pid))
+        prog.drain()
+        prog.wait_for("value 1")
+        prog.wait_for("value 1")
+        assert prog.alive()
+    finally:
+        prog.stop()
