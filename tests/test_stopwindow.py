@@ -29,7 +29,8 @@ from livesplice.process.stopwindow import (
 
 # ------------------------------------------------------------------ the scanner
 
-CALL_THEN_RET = bytes.fromhex("e800000000" "c3")  # call +0; ret  -> return site at +5
+# call +1 MB (a function outside every busy range); ret  -> return site at +5
+CALL_THEN_RET = bytes.fromhex("e800001000" "c3")
 
 
 def ranges_of(spec: list[tuple[int, int, str]], code: dict[int, bytes] | None = None,
@@ -74,7 +75,7 @@ def test_scanner_precise_ignores_pointers_conservative_does_not() -> None:
     assert scan_stacks(words, bounds, ranges_of(spec, code)) == {1: 0}
     assert scan_stacks(words, bounds, ranges_of(spec, code, precise=False)) == {0: 0, 1: 0}
     # a return site at the very end (call to a noreturn function as the last instruction)
-    r = ranges_of([(0x1000, 0x1005, "f")], {0x1000: bytes.fromhex("e800000000")})
+    r = ranges_of([(0x1000, 0x1005, "f")], {0x1000: bytes.fromhex("e800001000")})
     assert scan_stacks(*stacks([0x1005]), r) == {0: 0}
 
 

@@ -27,8 +27,9 @@ Where the stub lives: the padding after the end of an executable PT_LOAD segment
 of its last page (libc, ld.so, the executable: mapped r-x with the rest of the page, never
 executed or referenced by the program). We find it from the ELF program headers read from
 the target's own memory (so a deleted/upgraded library works too), write the stub there
-through /proc/PID/mem for one hijack and put the original bytes back afterwards. A slot that
-holds some thread's ``rip`` is never reused.
+through /proc/PID/mem for one hijack and put the original bytes (zeros) back afterwards. Only
+zero-filled slots are used: a slot still holding a stub was left by a tool killed during a
+call, and its thread may yet return into it. A slot holding some thread's ``rip`` neither.
 
 When the tool is alive it stops the thread itself and restores the registers with
 ``PTRACE_SETREGS`` (exactly today's registers, restart pending as before):
@@ -123,15 +124,16 @@ def _page_up(n: int) -> int:
 
 
 @contextmanager
-def stopped(t: Tracee) -> Iterator[int]:
-    """Yield a stopped thread of ``t`` to run code on; stop/resume around it if needed."""
+def stopped(t: Tracee, thread: int | None = None) -> Iterator[int]:
+    """Yield a stopped thread of ``t`` to run code on (``thread`` if given); stop/resume
+    around it if needed."""
     if t.is_stopped():
-        yield t.pick_thread()
+        yield t.pick_thread() if thread is None else thread
         return
     t.service()
     t.stop()
     try:
-        yield t.pick_thread()
+        yield t.pick_thread() if thread is None else thread
     finally:
         t.resume()
 
@@ -319,12 +321,17 @@ def _place_stub(t: Tracee, code: bytes) -> _PlacedStub:
     from livesplice.process.ptrace import REG_INDEX
 
     rips = set(regs[:, REG_INDEX["rip"]].tolist())
+    area = t.read(lo, hi - lo)
     for at in range(hi - SLOT, lo - 1, -SLOT):
+        # a slot not all zeros holds the stub of a tool killed mid-call whose thread may
+        # still return into it (its callee runs): never reused
+        if area[at - lo : at - lo + SLOT].count(0) != SLOT:
+            continue
         if not any(at <= ip < at + SLOT for ip in rips):
-            original = t.read(at, len(code))
             t.write(at, code)
-            return _PlacedStub(at, original)
-    raise LivespliceError(f"every stub slot of process {t.pid} holds a thread's rip")
+            return _PlacedStub(at, bytes(len(code)))
+    raise LivespliceError(f"no free stub slot in process {t.pid}",
+                          details=[f"stub area {lo:#x}-{hi:#x}: no zero-filled {SLOT}-byte slot"])
 
 
 def _point(stage: str, label: str) -> None:
@@ -397,9 +404,12 @@ def _restore(t: Tracee, tid: int, saved: Regs, stub: _PlacedStub, settled: bool,
         stub.remove(t)
 
 
-def remote_syscall(t: Tracee, nr: int, *args: int) -> int:
-    """Execute system call ``nr`` in the target; return the raw ``rax`` (negative errno)."""
-    with stopped(t) as tid:
+def remote_syscall(t: Tracee, nr: int, *args: int, thread: int | None = None) -> int:
+    """Execute system call ``nr`` in the target; return the raw ``rax`` (negative errno).
+
+    ``thread``: the thread to run it on (default: :meth:`Tracee.pick_thread`).
+    """
+    with stopped(t, thread) as tid:
         return _syscall_on(t, tid, nr, args)
 
 
@@ -510,6 +520,7 @@ def remote_mmap(
     prot: int,
     near: tuple[int, int] | None = None,
     name: str | None = None,
+    thread: int | None = None,
 ) -> int:
     """Map ``size`` bytes (rounded up to pages) in the target with protection ``prot``.
 
@@ -520,7 +531,7 @@ def remote_mmap(
     MAP_PRIVATE so that a fork of the target copies it like any other private memory.
     """
     size = _page_up(max(size, 1))
-    with stopped(t) as tid:
+    with stopped(t, thread) as tid:
         fd = -1
         flags = MAP_PRIVATE
         if name is not None:
@@ -566,7 +577,9 @@ def remote_mprotect(t: Tracee, addr: int, size: int, prot: int) -> None:
     _check(t, "mprotect", remote_syscall(t, SYS_MPROTECT, addr, _page_up(size), prot))
 
 
-def remote_call(t: Tracee, func: int, *args: int, timeout: float = 5.0) -> int:
+def remote_call(
+    t: Tracee, func: int, *args: int, timeout: float = 5.0, thread: int | None = None
+) -> int:
     """Call ``func(args...)`` (integer arguments) on one thread of the target; return ``eax``.
 
     The call runs through a call stub (module docstring) on the thread's own stack below its
@@ -577,8 +590,8 @@ def remote_call(t: Tracee, func: int, *args: int, timeout: float = 5.0) -> int:
     :raises HookFailed: the callee crashed (its signal is swallowed) or ran past ``timeout``;
         the thread's registers are restored either way.
     """
-    with stopped(t) as tid:
-        saved = t.get_regs(tid)
+    with stopped(t, thread) as tid:
+        saved = _without_restart_block(t.get_regs(tid))
         fpregs = t.get_fpregs(tid)
         fx = (saved.rsp - RED_ZONE - 512) & ~0xF  # fxsave area: 512 bytes, 16-aligned
         sp = fx - 16
@@ -603,6 +616,24 @@ def remote_call(t: Tracee, func: int, *args: int, timeout: float = 5.0) -> int:
             return rv
         finally:
             _restore(t, tid, saved, stub, settled, fpregs)
+
+
+def _without_restart_block(saved: Regs) -> Regs:
+    """A pending ``-ERESTART_RESTARTBLOCK`` restart made a plain restart of the call.
+
+    ``restart_syscall`` continues from the thread's ``restart_block`` in the kernel, which a
+    callee's own interruptible sleep (nanosleep, poll with a timeout, futex) replaces: the
+    original call would then fail with EINTR (seen: a thread hijacked in nanosleep whose
+    callee slept). Re-executing the original system call instead (``rax = orig_rax``,
+    ``rip -= 2``, like the -EINTR rewind in :meth:`Tracee.stop`) is safe; its timeout starts
+    afresh.
+    """
+    if saved.orig_rax >> 63 or -_signed64(saved.rax) != ERESTART_RESTARTBLOCK:
+        return saved
+    r = saved.copy()
+    r.rax = r.orig_rax
+    r.rip -= 2
+    return r
 
 
 def _run_call(t: Tracee, tid: int, func: int, at: int, timeout: float) -> int:

@@ -40,8 +40,9 @@ in a live frame counts as busy) but never misses a real frame: every frame's ret
 is the address after a call. Precise unwinding with ``.eh_frame`` would remove the rest.
 A range capstone cannot decode completely falls back to the conservative rule.
 
-Two refinements of that rule. (1) A return site after a *direct call to a busy leaf* (a busy
-function with no call, no jump leaving it, no indirect jump) does not count: that frame is
+Two refinements of that rule. (1) A return site after a *direct call to a busy leaf* (busy
+code that runs from the call's target to its first ``ret`` with no call, no indirect jump and
+no jump leaving that run) does not count: that frame is
 live only while the thread's ip is in the leaf, which the ip check sees. Stale copies of such
 return addresses fill the live frames of functions called later from the same depth
 (``usleep`` after a loop calling ``around() -> answer()``: 60 of 64 threads looked busy
@@ -142,7 +143,7 @@ class BusyRanges:
             d = None if blob is None else decode_range(blob, start)
             decoded.append(d)
             conservative.append(d is None)
-        leaves = {r[0] for r, d in zip(rs, decoded, strict=True) if d is not None and d.leaf}
+        leaves = _leaf_entries([d for d in decoded if d is not None], code)
         sites: set[int] = set()
         all_sites: set[int] = set()
         boundaries: set[int] = set()
@@ -208,6 +209,49 @@ class DecodedRange:
     sites: dict[int, int | None]  # return site -> target of its direct call (None: indirect)
     boundaries: set[int]  # every instruction start but the first (the entry)
     leaf: bool  # no call, no jump out of the range, no indirect jump (no tail call)
+    # (address, end, kind, direct target or None): kind "call", "jump", "ret" or ""
+    insns: list[tuple[int, int, str, int | None]] = field(default_factory=list)
+
+
+def _leaf_entries(
+    decoded: list[DecodedRange], code: Callable[[int, int], bytes | None] | None = None
+) -> set[int]:
+    """Direct call targets inside the decoded code that start a leaf: from the target, a
+    linear run up to the first ``ret`` with no call, no indirect jump and no jump leaving
+    that run. While such a callee's frame is live the thread's ip is inside the run (busy
+    by ip). Works also when one busy range holds many functions (undo: the whole
+    replacement code), and through a 5-byte ``jmp rel32`` at the target (replacement code
+    calls the original entry, whose trampoline jumps to the replacement)."""
+    index: dict[int, tuple[DecodedRange, int]] = {}
+    for d in decoded:
+        for i, insn in enumerate(d.insns):
+            index[insn[0]] = (d, i)
+    out: set[int] = set()
+    for d in decoded:
+        for target in d.sites.values():
+            if target is None or target in out:
+                continue
+            start = target
+            if start not in index and code is not None:
+                head = code(start, 5)
+                if head is not None and len(head) == 5 and head[0] == 0xE9:
+                    start = start + 5 + int.from_bytes(head[1:], "little", signed=True)
+            if start not in index:
+                continue
+            rd, i = index[start]
+            end = None
+            jumps: list[int | None] = []
+            for _addr, insn_end, kind, to in rd.insns[i:]:
+                if kind == "call":
+                    break
+                if kind == "jump":
+                    jumps.append(to)
+                if kind == "ret":
+                    end = insn_end
+                    break
+            if end is not None and all(j is not None and start <= j < end for j in jumps):
+                out.add(target)
+    return out
 
 
 def decode_range(code: bytes, address: int) -> DecodedRange | None:
@@ -215,7 +259,7 @@ def decode_range(code: bytes, address: int) -> DecodedRange | None:
     import capstone
 
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    out = DecodedRange({}, set(), True)
+    out = DecodedRange({}, set(), True, [])
     limit = address + len(code)
     end = address
     for insn_addr, size, mnemonic, op_str in md.disasm_lite(code, address):
@@ -224,12 +268,22 @@ def decode_range(code: bytes, address: int) -> DecodedRange | None:
             out.boundaries.add(insn_addr)
         op = mnemonic.split()[-1]  # "notrack jmp", "bnd jmp": the last word is the op
         direct = op_str.startswith("0x")
+        to = int(op_str, 16) if direct else None
+        kind = ""
         if op.startswith("call"):
             out.leaf = False
-            out.sites[end] = int(op_str, 16) if direct else None
-        elif op.startswith("j") and (not direct or not address <= int(op_str, 16) < limit):
-            out.leaf = False
-    if end != limit:
+            out.sites[end] = to
+            kind = "call"
+        elif op.startswith("j"):
+            kind = "jump"
+            if to is None or not address <= to < limit:
+                out.leaf = False
+        elif op.startswith("ret"):
+            kind = "ret"
+        out.insns.append((insn_addr, end, kind, to))
+    # the tail of a range may be alignment padding cut mid-"instruction" (zeros decode as
+    # 2-byte adds): fine when nothing but padding bytes is left
+    if end != limit and code[end - address:].strip(b"\x00\x90\xcc"):
         return None
     return out
 
