@@ -6,6 +6,11 @@ StopWindow.run() RUNS times on tests/progs/ptrace_spin and prints median and p99
 targets (median <= 50 us at 1 thread, <= 700 us at 64, <= 5 ms at 256; p99 <= 3x median).
 The busy range is a function no thread runs, so every attempt succeeds at once; the scan
 still reads and checks every stack word and register.
+
+``--busy``: the busy path instead. Workers loop through ``hot_outer() -> hot_inner()``
+(ptrace_spin ``hot``), both busy, so at every stop some workers are inside them and the window
+runs them out (StopWindow ``run_out``) before writing; reports the pause, how many threads
+were run out and in how many slices. No target for this one: it is bounded by ``run_out``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,42 @@ TARGET_MEDIAN_US = {1: 50.0, 64: 700.0, 256: 5000.0}
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def measure_busy(exe: Path, threads: int, runs: int, fifo: bool | None
+                 ) -> tuple[list[float], list[int], list[int], int]:
+    """Pauses, threads run out and slices per successful window; windows that stayed busy."""
+    from livesplice.errors import CodeBusy
+
+    tg = Target(exe, str(threads - 1), "hot")
+    try:
+        tg.wait_threads(threads)
+        time.sleep(0.1)
+        ranges = []
+        for name in ("hot_outer", "hot_inner"):
+            fn, size = tg.symbol(name)
+            ranges.append((fn, fn + size, name))
+        fn = ranges[0][0]
+        with Tracee(tg.pid) as t:
+            w = StopWindow(t, ranges, retries=1, fifo=fifo)
+            jump = [(fn, t.read(fn, 5))]
+            pauses: list[float] = []
+            ran: list[int] = []
+            slices: list[int] = []
+            failed = 0
+            for _ in range(runs):
+                try:
+                    st = w.run(jump)
+                except CodeBusy:
+                    failed += 1
+                    continue
+                pauses.append(st.pause_us)
+                ran.append(st.ran_out)
+                slices.append(st.slices)
+                time.sleep(0.001)
+        return pauses, ran, slices, failed
+    finally:
+        tg.stop()
 
 
 def measure(exe: Path, threads: int, runs: int, blocked: bool, fifo: bool | None) -> list[float]:
@@ -63,10 +104,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 8, 64, 256])
     ap.add_argument("--blocked", action="store_true", help="threads blocked in read()")
     ap.add_argument("--fifo", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--busy", action="store_true", help="threads inside the busy code")
     a = ap.parse_args()
     fifo = {"auto": None, "on": True, "off": False}[a.fifo]
     with tempfile.TemporaryDirectory() as d:
         exe = build("ptrace_spin", Path(d))
+        if a.busy:
+            print(f"stop-window pause, busy path (workers inside the replaced code), {a.runs} "
+                  f"runs, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+            print(f"{'threads':>7} {'median us':>10} {'p95 us':>9} {'p99 us':>9} "
+                  f"{'ran out':>8} {'slices':>7} {'busy':>5}")
+            for n in a.threads:
+                xs, ran, sl, failed = measure_busy(exe, n, a.runs, fifo)
+                if not xs:
+                    print(f"{n:>7} every window stayed busy ({failed})")
+                    continue
+                print(f"{n:>7} {statistics.median(xs):10.1f} {pct(xs, 0.95):9.1f} "
+                      f"{pct(xs, 0.99):9.1f} {statistics.median(ran):8.0f} "
+                      f"{statistics.median(sl):7.0f} {failed:>5}")
+            return
         kind = "blocked" if a.blocked else "spinning"
         load = os.getloadavg()[0]
         print(f"stop-window pause, {kind} threads, {a.runs} runs, fifo={a.fifo}, "

@@ -6,6 +6,8 @@
  *   deep: a thread named "deep" sits in deep_fn -> deep_inner (blocked in pause());
  *   churn: a thread creates short-lived threads forever;
  *   sleepers: workers block in read() instead of spinning (benchmarks);
+ *   hot: workers loop through hot_outer() -> hot_inner() (nearly all their time in the two,
+ *        a short usleep every 1024 turns): the busy path of the stop window (benchmarks);
  *   holder: a thread named "holder" keeps a pointer to answer() in its stack frame and
  *           sleeps (a stale word that a conservative stack scan mistakes for a frame).
  * Commands on stdin, one per line, answered on stdout: seen, calls, usr1, counter, quit.
@@ -42,6 +44,18 @@ __attribute__((noipa)) int bump(void) { return ++counter; }
 static int *volatile bad_pointer = (int *)8;
 __attribute__((noipa)) int crash(void) { *bad_pointer = 1; return 0; }
 __attribute__((noipa)) int forever(void) { for (;;) __asm__ volatile("" ::: "memory"); }
+
+__attribute__((noipa)) int hot_inner(int x) { return x + 1; }
+__attribute__((noipa)) int hot_outer(int x) { return hot_inner(x) + hot_inner(x + 1) - x - 1; }
+
+static void *hot_worker(void *arg) {
+    long id = (long)arg;
+    for (int i = 0;; i++) {
+        calls[id] += hot_outer(i) - i;
+        if ((i & 1023) == 0) usleep(100);
+    }
+    return NULL;
+}
 
 static void on_usr1(int s) { (void)s; usr1++; }
 
@@ -139,9 +153,11 @@ int main(int argc, char **argv) {
     pthread_t th;
     signal(SIGUSR1, on_usr1);
     if (pipe(sleep_pipe)) return 1;
+    int hot = 0;
     for (int i = 2; i < argc; i++) if (!strcmp(argv[i], "sleepers")) sleepers = 1;
+    for (int i = 2; i < argc; i++) if (!strcmp(argv[i], "hot")) hot = 1;
     for (long i = 0; i < nworkers && i < MAXW - 1; i++)
-        pthread_create(&th, NULL, sleepers ? sleeper : worker, (void *)i);
+        pthread_create(&th, NULL, sleepers ? sleeper : hot ? hot_worker : worker, (void *)i);
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "stuck")) pthread_create(&th, NULL, stuck_main, NULL);
         if (!strcmp(argv[i], "deep")) pthread_create(&th, NULL, deep_main, NULL);
