@@ -154,8 +154,13 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
     shutil.rmtree(rundir, ignore_errors=True)
     (rundir / "lib").mkdir(parents=True)
     if ".so" in row.target:
-        # loaded under its soname from a directory of its own (the driver dlopen()s it)
-        binary = Path(shutil.copy2(binary, rundir / "lib" / row.target))
+        # installed as a distribution installs it: the real file plus the soname link, in a
+        # directory of its own (the driver dlopen()s the soname). The update names the
+        # target by the linked file (libxml2.so.2.9.14); /proc/PID/maps shows the real file.
+        real = Path(shutil.copy2(binary, rundir / "lib" / binary.name))
+        binary = rundir / "lib" / row.target
+        if binary != real:
+            binary.symlink_to(real.name)
     log = rundir / "livesplice.log"
     wl: Workload = factory(binary, rundir)
     try:
