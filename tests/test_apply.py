@@ -556,6 +556,7 @@ KILL_POINTS = [
     "remote:regs-set:mmap",  # the first mmap's registers set, not run yet: only the memfd
     "remote:after-syscall:mmap",  # mapped; the thread still on the stub
     "remote:before-restore:mmap",
+    "remote:after-syscall:memfd_create",  # a memfd open in the target, not yet closed
     "apply:mapped-code",
     "apply:wrote-code",
     "apply:wrote-state",
@@ -594,6 +595,8 @@ def test_tool_killed_at_each_step_of_apply(tmp_path: Path, point: str) -> None:
         prog.drain()
         prog.wait_for("value 1")
         assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+        fds = Path(f"/proc/{prog.pid}/fd")
+        assert not [os.readlink(fd) for fd in fds.iterdir() if "livesplice" in os.readlink(fd)]
         assert prog.alive()
     finally:
         prog.stop()

@@ -66,6 +66,7 @@ class ApplyReport:
     attempts: int
     threads: int
     warnings: list[str] = field(default_factory=list)
+    ran_out: int = 0  # busy threads let run out of the replaced functions
 
 
 @dataclass
@@ -281,6 +282,7 @@ def apply_to_process(
                 pid=pid, id=manifest.id,
                 functions=[tr.function for tr in record.trampolines],
                 pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
+                ran_out=stats.ran_out,
                 warnings=[w for p in prepared for w in p.warnings] + warnings,
             )
         finally:
@@ -350,6 +352,7 @@ def undo_in_process(
                 for rng in (sm.code, sm.data):
                     if rng:
                         remote_munmap(t, rng[0], rng[1] - rng[0])
+                close_stale_descriptors(t, update_id)
             finally:
                 t.detach()
             return 0.0
@@ -400,9 +403,24 @@ def undo_in_process(
             for rng in (rec.code, rec.data, sm.record):
                 if rng and rng[1] > rng[0]:
                     remote_munmap(t, rng[0], rng[1] - rng[0])
+            close_stale_descriptors(t, update_id)
             return stats.pause_us
         finally:
             t.detach()
+
+
+def close_stale_descriptors(t: Tracee, update_id: str) -> None:
+    """Close memfd descriptors an interrupted apply left open in the target.
+
+    apply closes each memfd right after mapping it; a tool killed between memfd_create and
+    close leaves one open ("/memfd:livesplice:ID (deleted)" in /proc/PID/fd).
+    """
+    from livesplice.process.remote import SYS_CLOSE, remote_syscall
+    from livesplice.process.state import update_mappings
+
+    sm = update_mappings(t.pid).get(update_id)
+    for fd in sm.fds if sm else []:
+        remote_syscall(t, SYS_CLOSE, fd)
 
 
 # ---------------------------------------------------------------- view
@@ -483,11 +501,13 @@ def cli_apply(args: argparse.Namespace) -> int:
             r = apply_to_process(manifest, pid, retries=args.retries, interval=args.retry_interval)
             reports.append({"pid": pid, "status": "applied", "pause_us": round(r.pause_us, 1),
                             "attempts": r.attempts, "threads": r.threads,
+                            "ran_out": r.ran_out,
                             "functions": r.functions, "warnings": r.warnings})
             if not args.json:
+                ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
                 print(f"livesplice: applied {manifest.id} to pid {pid}: "
                       f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
-                      f"({r.threads} threads, attempt {r.attempts})")
+                      f"({r.threads} threads{ran}, attempt {r.attempts})")
                 for w in r.warnings:
                     print(f"livesplice: warning: {w}")
         except LivespliceError as e:

@@ -87,6 +87,8 @@ class StateMapping:
     record: tuple[int, int] | None = None
     code: tuple[int, int] | None = None
     data: tuple[int, int] | None = None
+    # memfd descriptors still open in the process (only after an interrupted apply)
+    fds: list[int] = field(default_factory=list)
 
 
 def update_mappings(pid: int) -> dict[str, StateMapping]:
@@ -113,6 +115,18 @@ def update_mappings(pid: int) -> dict[str, StateMapping]:
             sm.data = (lo, hi) if sm.data is None else (min(sm.data[0], lo), max(sm.data[1], hi))
         else:
             sm.record = (lo, hi)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = []
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        m = _MAPS_NAME.match(link)
+        if m:
+            found.setdefault(m.group(1), StateMapping(m.group(1))).fds.append(int(fd))
     return found
 
 
