@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-j", "--jobs", type=int, default=2, help="parallel build jobs (default 2)")
     c.add_argument("--keep-tmp", action="store_true", help="keep the build directory")
     c.add_argument(
+        "--target", action="append", metavar="NAME",
+        help="only this linked executable/library (repeatable; default: every one the "
+        "patch changes)",
+    )
+    c.add_argument(
         "--sign", type=Path, metavar="KEY", default=_env_path("LIVESPLICE_SIGNING_KEY"),
         help="sign the update with this Ed25519 key (default: $LIVESPLICE_SIGNING_KEY)",
     )
@@ -118,6 +123,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         keep_tmp=args.keep_tmp,
         signing_key=args.sign,
+        targets=args.target,
     )
     if args.json:
         out: dict[str, Any] = {

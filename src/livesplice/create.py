@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from livesplice.build.records import BuildPair
 from livesplice.errors import UsageError
 from livesplice.update.archive import write_update
 from livesplice.update.format import Manifest
@@ -49,6 +50,7 @@ def create_update(
     jobs: int = 2,
     keep_tmp: bool = False,
     signing_key: Path | None = None,
+    targets: list[str] | None = None,
 ) -> CreateResult:
     """Turn ``patch`` against the tree ``srcdir`` into an update file."""
     from livesplice.build.builder import build_pair
@@ -66,6 +68,8 @@ def create_update(
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
     try:
         pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs)
+        if targets:
+            restrict_targets(pair, targets)
         diff = diff_build(pair)
         if not any(t.changed_functions or t.new_functions or t.new_data for t in diff.targets):
             return CreateResult(None, None, "no code changes: nothing to do (no update written)")
@@ -85,6 +89,59 @@ def create_update(
             print(f"livesplice: kept the build directory {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def restrict_targets(pair: BuildPair, names: list[str]) -> None:
+    """Keep only the named link outputs (``create --target``).
+
+    A package often links the same sources into programs nobody runs in production (a
+    coverage-instrumented test binary, say); their changes must not decide whether the
+    update for the real daemon can be made. Units linked only into other outputs are
+    dropped; shared units keep only the named targets.
+    """
+    # a library may be named by its file name or its soname (libcurl.so.4.8.0 / libcurl.so.4)
+    aliases = {link.name: link.name for link in pair.links}
+    for link in pair.links:
+        if link.kind == "shared_library":
+            soname = shared_object_name(link.output)
+            if soname:
+                aliases.setdefault(soname, link.name)
+    unknown = [n for n in names if n not in aliases]
+    if unknown:
+        raise UsageError(
+            f"--target {', '.join(unknown)}: the build links no such executable or library",
+            details=[f"it links: {', '.join(sorted(aliases)) or 'nothing'}"],
+        )
+    wanted = {aliases[n] for n in names}
+    pair.links = [link for link in pair.links if link.name in wanted]
+    kept = []
+    for unit in pair.units:
+        unit.targets = [t for t in unit.targets if t in wanted]
+        if unit.targets:
+            kept.append(unit)
+    pair.units = kept
+    pair.new_unit_targets = {
+        obj: [t for t in ts if t in wanted] for obj, ts in pair.new_unit_targets.items()
+    }
+
+
+def shared_object_name(path: Path) -> str | None:
+    """DT_SONAME of a shared library, None when it has none or cannot be read."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            dynamic = ELFFile(f).get_section_by_name(".dynamic")
+            if not isinstance(dynamic, DynamicSection):
+                return None
+            for tag in dynamic.iter_tags():
+                if tag.entry.d_tag == "DT_SONAME":
+                    return str(getattr(tag, "soname", "")) or None
+    except (OSError, ELFError):
+        return None
+    return None
 
 
 def check_source_tree(srcdir: Path) -> Path:

@@ -45,10 +45,13 @@ def livesplice_command() -> list[str]:
 
 
 def run_create(pre_tree: Path, fix_patch: Path, update: Path, update_id: str, log: Path,
-               build: str = DEFAULT_BUILD, jobs: int = 2) -> CreateOutcome:
+               build: str = DEFAULT_BUILD, jobs: int = 2,
+               target: str | None = None) -> CreateOutcome:
+    # --target: only the row's executable/library decides (a package's test binaries, e.g.
+    # memcached's gcov-instrumented memcached-debug, must not refuse the daemon's update)
     cmd = [*livesplice_command(), "create", "--build", build, "--patch", str(fix_patch),
            "--id", update_id, "-o", str(update), "-j", str(jobs), "--keep-tmp", "--json",
-           str(pre_tree)]
+           *(["--target", target] if target else []), str(pre_tree)]
     env = dict(os.environ, **BUILD_ENV)
     update.unlink(missing_ok=True)
     start = time.monotonic()

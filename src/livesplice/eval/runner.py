@@ -125,7 +125,7 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
              f"fix {' '.join(trees.fix_patches)})")
     update = rowdir / f"{row.update_id}.update"
     created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
-                         rowdir / "create.log", build=build, jobs=jobs)
+                         rowdir / "create.log", build=build, jobs=jobs, target=row.target)
     result.create_seconds = round(created.seconds, 1)
     try:
         if created.status != "created":
