@@ -16,7 +16,7 @@ import pytest
 
 from livesplice.diff.compare import LineMap
 from livesplice.errors import UsageError
-from livesplice.eval.corpus import parse_corpus, select_rows, split_series
+from livesplice.eval.corpus import parse_corpus, rules_pinned_tail, select_rows, split_series
 from livesplice.eval.create_step import parse_create_output
 from livesplice.eval.report import markdown_table, summary_line
 from livesplice.eval.runner import RowResult, find_target, verdict
@@ -89,6 +89,43 @@ def test_split_series_around_a_fix() -> None:
     assert first.pre == [] and first.fix == ["01-build.patch"]
 
 
+# curl 7.88.1-10+deb12u15's debian/rules (abridged): two bare pops before the OpenSSL copy
+CURL_RULES = """\
+override_dh_auto_configure:
+\tmkdir -p debian/build
+# pop the last patch (nss)
+\tquilt pop
+# pop the second last patch (gnutls)
+\tquilt pop
+\ttar -cf - --exclude=debian/build* --exclude=.pc . | tar -xf - -C debian/build
+\tquilt push
+\tquilt push
+"""
+
+
+def test_rules_pinned_tail_counts_pops_of_the_series_end() -> None:
+    assert rules_pinned_tail(CURL_RULES) == 2
+    assert rules_pinned_tail("%:\n\tdh $@\n") == 0
+    # -a pops everything and a named pop does not depend on order; a count pops N
+    assert rules_pinned_tail("x:\n\tquilt pop -a\n\tquilt pop foo.patch\n") == 0
+    assert rules_pinned_tail("x:\n\tQUILT_PATCHES=debian/patches quilt pop -q 3 && ls\n") == 3
+    assert rules_pinned_tail("# quilt pop\nquilt pop: a rule name, not a recipe\n") == 0
+
+
+def test_split_series_keeps_a_pinned_tail_last_in_both_trees() -> None:
+    series = SERIES + "90_gnutls.patch\n99_nss.patch\n"
+    s = split_series(series, "CVE-1.patch", "CVE-1.patch", pinned_tail=2)
+    assert s.pre == ["01-build.patch", "02-feature.patch -p0", "90_gnutls.patch",
+                     "99_nss.patch"]
+    assert s.post == ["01-build.patch", "02-feature.patch -p0", "CVE-1.patch",
+                      "90_gnutls.patch", "99_nss.patch"]
+    assert s.fix == ["CVE-1.patch"] and s.tail == ["90_gnutls.patch", "99_nss.patch"]
+    # a fix inside the tail is not duplicated
+    inside = split_series(series, "99_nss.patch", "99_nss.patch", pinned_tail=2)
+    assert inside.tail == [] and inside.fix == ["99_nss.patch"]
+    assert inside.post[-2:] == ["90_gnutls.patch", "99_nss.patch"]
+
+
 def test_split_series_errors() -> None:
     with pytest.raises(UsageError, match="not in debian/patches/series"):
         split_series(SERIES, "CVE-9.patch", "CVE-9.patch")
@@ -144,6 +181,16 @@ def test_table_and_summary() -> None:
     assert "because \\| reasons" in table  # a pipe cannot break the table
     line = summary_line(rs)
     assert "2/3" in line and "1 unsafe" in line
+
+
+def test_summary_counts_a_wrong_refusal_as_a_mismatch() -> None:
+    rs = [result("refused", "refuse"), result("refused", "nothing"),
+          result("nothing", "nothing"), result("failed", "apply")]
+    line = summary_line(rs)
+    assert "2/4" in line
+    assert "1 correctly refused" in line and "1 correctly nothing to do" in line
+    assert "1 refused where nothing was expected (mismatch)" in line
+    assert "1 failed" in line and "0 unsafe" in line
 
 
 def test_workload_lookup() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from livesplice.errors import UsageError
@@ -115,14 +115,46 @@ def select_rows(rows: Sequence[CorpusRow], spec: str | None) -> list[CorpusRow]:
 
 @dataclass(frozen=True)
 class SeriesSplit:
-    """The series lines applied in pre (before the fix) and in post (through the fix)."""
+    """The series lines applied in pre (before the fix) and in post (through the fix).
+
+    ``tail``: entries after the fix that both trees keep at the END of their series because
+    debian/rules depends on them being last (see :func:`rules_pinned_tail`).
+    """
 
     pre: list[str]
     post: list[str]
+    fix: list[str]
+    tail: list[str] = field(default_factory=list)
 
-    @property
-    def fix(self) -> list[str]:
-        return self.post[len(self.pre):]
+
+# a recipe line running ``quilt pop`` with no argument or a count: it pops the LAST entries
+# of the series, whatever they are (quilt(1): "pop [num|patch]")
+_QUILT_POP = re.compile(r"\bquilt\s+pop\b(?P<args>[^;&|\n]*)")
+
+
+def rules_pinned_tail(rules_text: str) -> int:
+    """How many entries at the end of the series debian/rules relies on being last.
+
+    curl's rules run ``quilt pop`` twice to build its OpenSSL flavour without the last two
+    series entries, 90_gnutls.patch and 99_nss.patch ("Do not add patches below. Used to
+    generate packages for the other crypto libraries.", its series file), then push them
+    back one at a time for the GnuTLS and NSS flavours. A series cut off before the fix
+    drops those two, the pops take away ordinary patches instead, and the GnuTLS flavour
+    installs libcurl.so.4 instead of libcurl-gnutls.so.4 (dh_install: "Cannot find
+    usr/lib/*/libcurl-gnutls.so.4*"). Counted: bare pops (1 each) and numeric pops (N);
+    ``-a`` and named pops do not depend on the order of the tail.
+    """
+    pops = 0
+    for line in rules_text.splitlines():
+        if not line.startswith("\t"):  # recipe lines only; comments and rules text skip
+            continue
+        for m in _QUILT_POP.finditer(line.split("#", 1)[0]):
+            args = [a for a in m["args"].split() if a not in ("-q", "--quiet", "-f")]
+            if not args:
+                pops += 1
+            elif len(args) == 1 and args[0].isdigit():
+                pops += int(args[0])
+    return pops
 
 
 def series_entries(series_text: str) -> list[str]:
@@ -138,8 +170,12 @@ def series_entries(series_text: str) -> list[str]:
     return entries
 
 
-def split_series(series_text: str, first: str, last: str) -> SeriesSplit:
-    """pre = the entries before ``first``; post = the entries up to and including ``last``."""
+def split_series(series_text: str, first: str, last: str, pinned_tail: int = 0) -> SeriesSplit:
+    """pre = the entries before ``first``; post = the entries up to and including ``last``.
+
+    ``pinned_tail``: the last N entries of the whole series stay last in both trees (those
+    after ``last`` only; a fix inside the tail is left where it is).
+    """
     entries = series_entries(series_text)
     names = [e.split()[0] for e in entries]
     for patch in (first, last):
@@ -152,4 +188,6 @@ def split_series(series_text: str, first: str, last: str) -> SeriesSplit:
     i, j = names.index(first), names.index(last)
     if j < i:
         raise UsageError(f"last_patch {last} comes before first_patch {first} in the series")
-    return SeriesSplit(pre=entries[:i], post=entries[: j + 1])
+    tail = entries[max(j + 1, len(entries) - pinned_tail):] if pinned_tail > 0 else []
+    return SeriesSplit(pre=entries[:i] + tail, post=entries[: j + 1] + tail,
+                       fix=entries[i: j + 1], tail=tail)

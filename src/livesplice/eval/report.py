@@ -32,16 +32,30 @@ def _load(r: RowResult) -> str:
 
 
 def summary_line(results: Sequence[RowResult]) -> str:
+    """One sentence: the right answers by kind, then every wrong one by kind.
+
+    A row counts under "applied"/"nothing"/"refused" only when that was the expected answer
+    (verdict ok); a refusal of a fix that should apply, or "nothing" for one that should be
+    refused, is a mismatch, listed as "outcome where expected" so it cannot read as a success.
+    """
     n = len(results)
-    ok = sum(r.verdict == "ok" for r in results)
-    by = Counter(r.outcome for r in results)
+    ok = Counter(r.outcome for r in results if r.verdict == "ok")
+    wrong = Counter((r.outcome, str(r.row["expected"])) for r in results
+                    if r.verdict == "mismatch")
+    failed = sum(r.verdict == "failed" for r in results)
     unsafe = sum(r.verdict == "UNSAFE" for r in results)
-    parts = [f"{by['applied']} applied live (same PID, 0 failed requests)",
-             f"{by['nothing']} nothing to do", f"{by['refused']} refused with the reason"]
-    if by["failed"]:
-        parts.append(f"{by['failed']} failed")
-    return (f"On {n} real Debian security fixes (bookworm), livesplice did what a careful tool "
-            f"should on {ok}/{n}: " + ", ".join(parts) + f"; {unsafe} unsafe applies.")
+    parts = [f"{ok['applied']} applied live (same PID, 0 failed requests)",
+             f"{ok['nothing']} correctly nothing to do",
+             f"{ok['refused']} correctly refused with the reason"]
+    text = (f"On {n} real Debian security fixes (bookworm), livesplice did what a careful tool "
+            f"should on {sum(ok.values())}/{n}: " + ", ".join(parts))
+    bad = [f"{c} {outcome} where {expected} was expected (mismatch)"
+           for (outcome, expected), c in sorted(wrong.items())]
+    if failed:
+        bad.append(f"{failed} failed")
+    if bad:
+        text += "; " + ", ".join(bad)
+    return text + f"; {unsafe} unsafe applies (applied where it should refuse)."
 
 
 def markdown_table(results: Sequence[RowResult]) -> str:

@@ -57,6 +57,7 @@ class RowResult:
     repro_after: str | None = None
     repro_after_undo: str | None = None
     build_command: str = ""
+    signed_by: str | None = None  # key id of the update's verified signature
     finished_at: str = ""
 
     def finish(self, outcome: str, reason: str = "", details: list[str] | None = None) -> None:
@@ -173,9 +174,14 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
         r0, f0 = wl.stats.snapshot()
 
         result.stage = "apply"
+        # signed path: create signed with $LIVESPLICE_SIGNING_KEY, apply trusts only
+        # $LIVESPLICE_TRUST_DIR (both set by the harness's __main__); apply --json does not
+        # print the signer, so the harness verifies the same way to record it
+        from livesplice.update.archive import read_update
+
+        result.signed_by = read_update(update).verify()
         t0 = time.monotonic()
-        # the harness built this update itself moments ago: it trusts it unsigned
-        code, doc, err = cli(["apply", str(update), "--json", "--allow-unsigned",
+        code, doc, err = cli(["apply", str(update), "--json",
                               *[a for p in result.pids for a in ("--pid", str(p))]], log)
         result.apply_seconds = round(time.monotonic() - t0, 2)
         r1, _ = wl.stats.snapshot()
@@ -222,7 +228,8 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
             result.finish("failed", "; ".join(problems))
         else:
             result.finish("applied", f"{len(result.functions)} function(s) replaced in "
-                          f"{len(result.pids)} process(es)")
+                          f"{len(result.pids)} process(es); update signed by key "
+                          f"{result.signed_by}")
     except WorkloadFailed as e:
         result.finish("failed", f"{result.stage}: {e.reason}", e.details)
     finally:

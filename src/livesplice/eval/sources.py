@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livesplice.errors import LivespliceError, UsageError
-from livesplice.eval.corpus import CorpusRow, split_series
+from livesplice.eval.corpus import CorpusRow, rules_pinned_tail, split_series
+
+# the content of rowdir/trees.done: trees made by an older split are made again
+TREES_VERSION = "2 pinned-tail\n"
 
 # deb-src entries for `apt-get source` when the machine has none (Debian 12 images ship
 # deb lines only). deb822 format, sources.list(5).
@@ -48,6 +51,7 @@ class Trees:
     fix_patch: Path  # empty: the fix touches only debian/
     pre_patches: int
     fix_patches: list[str]
+    tail: list[str]  # entries after the fix kept last in both trees (debian/rules pops them)
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -137,7 +141,8 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
     """pre/ and post/ trees and fix.patch under ``rowdir`` (reused when already made)."""
     pre, post, fix = rowdir / "pre", rowdir / "post", rowdir / "fix.patch"
     base = rowdir / "base"
-    if not (rowdir / "trees.done").exists():
+    done = rowdir / "trees.done"
+    if not done.exists() or done.read_text() != TREES_VERSION:
         for d in (pre, post, base):
             shutil.rmtree(d, ignore_errors=True)
         rowdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,10 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
         series_file = base / "debian" / "patches" / "series"
         if not series_file.exists():
             raise UsageError(f"{row.package} {row.version} has no debian/patches/series")
-        split = split_series(series_file.read_text(), row.first_patch, row.last_patch)
+        rules = base / "debian" / "rules"
+        pinned = rules_pinned_tail(rules.read_text(errors="replace")) if rules.exists() else 0
+        split = split_series(series_file.read_text(), row.first_patch, row.last_patch,
+                             pinned_tail=pinned)
         shutil.copytree(base, pre, symlinks=True)
         base.rename(post)
         apply_series(pre, split.pre)
@@ -161,11 +169,20 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
                                     details=[proc.stderr.decode(errors="replace")])
         fix.write_bytes(proc.stdout)
         (rowdir / "series-split").write_text(
-            "pre:\n" + "".join(f"  {e}\n" for e in split.pre)
+            "pre:\n" + "".join(f"  {e}\n" for e in split.pre[:len(split.pre) - len(split.tail)])
             + "fix:\n" + "".join(f"  {e}\n" for e in split.fix)
+            + "tail (kept last in both, debian/rules pops them):\n"
+            + "".join(f"  {e}\n" for e in split.tail)
         )
-        (rowdir / "trees.done").write_text("")
-    split = split_series((post / "debian" / "patches" / "series").read_text(),
-                         row.first_patch, row.last_patch)
-    return Trees(pre=pre, post=post, fix_patch=fix, pre_patches=len(split.pre),
-                 fix_patches=[e.split()[0] for e in split.fix])
+        done.write_text(TREES_VERSION)
+    # series-split: "pre:", "fix:", "tail ...:" headings, each followed by "  entry" lines
+    sections: dict[str, list[str]] = {}
+    key = ""
+    for ln in (rowdir / "series-split").read_text().splitlines():
+        if ln.startswith("  "):
+            sections.setdefault(key, []).append(ln.split()[0])
+        elif ln.strip():
+            key = ln.split()[0].rstrip(":")
+    return Trees(pre=pre, post=post, fix_patch=fix,
+                 pre_patches=len(sections.get("pre", [])) + len(sections.get("tail", [])),
+                 fix_patches=sections.get("fix", []), tail=sections.get("tail", []))
