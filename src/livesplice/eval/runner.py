@@ -57,6 +57,7 @@ class RowResult:
     repro_after: str | None = None
     repro_after_undo: str | None = None
     build_command: str = ""
+    jobs: int | None = None  # the -j of the create that counted (1 after a serial retry)
     signed_by: str | None = None  # key id of the update's verified signature
     finished_at: str = ""
 
@@ -127,6 +128,18 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
     update = rowdir / f"{row.update_id}.update"
     created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
                          rowdir / "create.log", build=build, jobs=jobs, target=row.target)
+    result.jobs = jobs
+    if created.status == "failed" and created.reason.startswith("BUILD_FAILED") and jobs > 1:
+        # Some packages' makefiles race under -j (libxml2 2.9.14: the python binding links
+        # ../libxml2.la before it exists). The evaluation measures live patching, not the
+        # package's parallel build, so a failed parallel build gets one serial retry.
+        progress(f"{row.package}: the build failed with -j {jobs}; retrying with -j 1")
+        if created.workdir is not None and not keep:
+            shutil.rmtree(created.workdir, ignore_errors=True)
+        (rowdir / "create.log").replace(rowdir / f"create-j{jobs}.log")
+        created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
+                             rowdir / "create.log", build=build, jobs=1, target=row.target)
+        result.jobs = 1
     result.create_seconds = round(created.seconds, 1)
     try:
         if created.status != "created":
