@@ -108,3 +108,39 @@ def test_unsigned_unknown_and_tampered_updates_are_refused(
         prog.wait_for("value 2")
     finally:
         prog.stop()
+
+
+def test_update_is_read_once_a_fifo_cannot_swap_it(
+    prepared: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The signature is checked on the bytes that are applied: a path that serves different
+    content on each read (a FIFO) is refused, and nothing is applied."""
+    import threading
+
+    tree, patch, running = prepared
+    good = tmp_path / "good.update"
+    livesplice("create", "--patch", str(patch), "--id", "fifo0001", "-o", str(good), str(tree))
+    fifo = tmp_path / "swap.update"
+    os.mkfifo(fifo)
+
+    def serve() -> None:
+        for _ in range(2):
+            try:
+                with open(fifo, "wb") as f:
+                    f.write(good.read_bytes())
+            except OSError:
+                return
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    prog = Running([str(running / "prog")])
+    try:
+        prog.wait_for("value 1")
+        r = livesplice("apply", str(fifo), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+    finally:
+        prog.stop()
+        # unblock the server thread if it still waits for a reader
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        os.close(fd)

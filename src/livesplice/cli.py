@@ -171,7 +171,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise UsageError("say which processes to patch: --pid PID (repeatable) or --all")
     from livesplice.process.apply import cli_apply
 
-    return cli_apply(args)
+    return cli_apply(args, update)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

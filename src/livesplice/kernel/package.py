@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from livesplice.errors import MalformedUpdate, UsageError
+from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Manifest
 
 MODULE_MEMBER = "livepatch.ko"
@@ -62,18 +63,10 @@ def write_kernel_update(
     os.replace(tmp, path)
 
 
-def read_kernel_members(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """The module and kernel.json of a kernel update (read_update has the manifest)."""
-    members: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, mode="r:gz") as tar:
-            for info in tar:
-                if info.name in (MODULE_MEMBER, KERNEL_MEMBER) and info.isfile():
-                    f = tar.extractfile(info)
-                    if f is not None:
-                        members[info.name] = f.read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise MalformedUpdate(f"{path}: unreadable kernel update ({e})") from e
+def read_kernel_members(update: UpdateFile, path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The module and kernel.json of a kernel update, from the update already read (and
+    signature-checked) in memory -- never from the file again."""
+    members = update.extra
     if MODULE_MEMBER not in members or KERNEL_MEMBER not in members:
         raise MalformedUpdate(
             f"{path} is a kernel update without {MODULE_MEMBER}/{KERNEL_MEMBER}",

@@ -205,7 +205,7 @@ def cli_apply_kernel(args: argparse.Namespace, update: UpdateFile) -> int:
     from livesplice.kernel.kmatch import KernelImage, run_pre_match_kernel
     from livesplice.kernel.package import read_kernel_members
 
-    module, kernel = read_kernel_members(args.update)
+    module, kernel = read_kernel_members(update, args.update)
     name = kernel["module"]
     if not LIVEPATCH.is_dir():
         raise UsageError("this kernel has no livepatch support (/sys/kernel/livepatch)")

@@ -43,7 +43,7 @@ from livesplice.process.state import (
     read_records,
     trampoline_status,
 )
-from livesplice.update.archive import read_update
+from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Manifest
 
 if TYPE_CHECKING:
@@ -488,8 +488,8 @@ def _target_pids(args: argparse.Namespace, manifest: Manifest | None) -> list[in
     return sorted(pids)
 
 
-def cli_apply(args: argparse.Namespace) -> int:
-    update = read_update(args.update)
+def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
+    """Apply ``update`` -- the object whose signature the CLI verified, never the path again."""
     manifest = update.manifest
     if any(t.kind in ("kernel", "kernel_module") for t in manifest.targets):
         raise UsageError("this is a kernel update; apply it without --pid on the patched machine")

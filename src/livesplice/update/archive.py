@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -118,18 +119,37 @@ def write_update(
 
 
 def read_update(path: Path) -> UpdateFile:
-    """Parse an update file; every malformation becomes :class:`MalformedUpdate`."""
+    """Parse an update file; every malformation becomes :class:`MalformedUpdate`.
+
+    The file is read ONCE, into memory, and everything (the signature check, apply) works
+    on those bytes: reading the path again later would let a swapped file (or a FIFO that
+    serves different content each time) get past the signature check.
+    """
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise UsageError(f"no such update file: {path}") from None
     except OSError as e:
         raise UsageError(f"cannot read the update {path}: {e.strerror}") from e
-    if size > MAX_UPDATE_BYTES:
-        raise MalformedUpdate(f"{path} is {size} bytes, too large to be a livesplice update")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file", advice="give the update file itself")
+    if st.st_size > MAX_UPDATE_BYTES:
+        raise MalformedUpdate(f"{path} is {st.st_size} bytes, too large to be a livesplice update")
+    try:
+        with open(path, "rb") as f:
+            blob = f.read(MAX_UPDATE_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read the update {path}: {e.strerror}") from e
+    if len(blob) > MAX_UPDATE_BYTES:
+        raise MalformedUpdate(f"{path} grew past {MAX_UPDATE_BYTES} bytes while being read")
+    return decode_update(blob, str(path))
+
+
+def decode_update(blob: bytes, path: str = "update") -> UpdateFile:
+    """Parse an update file's bytes (see :func:`read_update`)."""
     try:
         members: dict[str, bytes] = {}
-        with tarfile.open(path, mode="r:gz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
