@@ -739,3 +739,54 @@ def test_pointer_to_a_replaced_function_stored_by_the_update_survives_undo(
         assert prog.alive()
     finally:
         prog.stop()
+
+
+STATUS = """\
+#include <stdio.h>
+#include <unistd.h>
+
+const char *volatile status = "ok";
+
+__attribute__((noinline)) void check(int i)
+{
+\tif (i < 0)
+\t\tstatus = "negative";
+}
+
+int main(void)
+{
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (int i = 0;; i++) {
+\t\tcheck(i);
+\t\tprintf("status %s\\n", status);
+\t\tusleep(2000);
+\t}
+}
+"""
+
+
+def test_undo_keeps_memory_the_program_still_points_into(tmp_path: Path) -> None:
+    """The new code stores a pointer to its own string in a global; after undo the old code
+    keeps printing it. Unmapping the update would crash the program: undo must keep it."""
+    tree, patch = setup_prog(tmp_path, STATUS, {"prog.c": [
+        ("\tif (i < 0)\n\t\tstatus = \"negative\";",
+         "\tif (i >= 0)\n\t\tstatus = \"checked by the fix\";"),
+    ]})
+    update = create(tree, patch, "keep0001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("status ok")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("status checked by the fix")
+        r = livesplice("undo", "keep0001", "--pid", str(prog.pid))
+        assert "kept" in r.stdout + r.stderr, r.stdout + r.stderr
+        prog.drain()
+        for _ in range(5):
+            prog.wait_for("status checked by the fix")
+        assert prog.alive()
+        [entry] = livesplice_json("view", "--pid", str(prog.pid))["processes"]
+        assert entry["state"].startswith("undone")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 2 and "new id" in r.stderr, r.stdout + r.stderr
+    finally:
+        prog.stop()

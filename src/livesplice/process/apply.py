@@ -18,6 +18,7 @@ import argparse
 import fcntl
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Manifest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from livesplice.process.image import MappedImage
     from livesplice.process.load import LoadImage
@@ -183,6 +184,12 @@ def apply_to_process(
     check_process(pid)
     with process_lock(pid):
         existing = [r for r, _ in read_records(pid) if r is not None]
+        if any(r.id == manifest.id and r.reverted for r in existing):
+            raise UsageError(
+                f"update {manifest.id} was undone in process {pid}, but its memory is still "
+                "referenced by the program and stays mapped under that id",
+                advice="apply it under a new id (`livesplice create --id NEW ...`)",
+            )
         if any(r.id == manifest.id for r in existing):
             raise UsageError(
                 f"update {manifest.id} is already applied to process {pid}",
@@ -400,13 +407,88 @@ def undo_in_process(
                 raise
             for w in _late_hooks(t, rec.hooks.get("post_reverse", []), "post_reverse"):
                 print(f"livesplice: warning: pid {pid}: {w}")
-            for rng in (rec.code, rec.data, sm.record):
-                if rng and rng[1] > rng[0]:
-                    remote_munmap(t, rng[0], rng[1] - rng[0])
+            ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
+            t.stop()
+            try:
+                sps = [int(t.get_regs(tid).rsp) for tid in t.threads()]
+            finally:
+                t.resume()
+            held = pointers_into(pid, ours, exclude=[*ours, *([sm.record] if sm.record else [])],
+                                 stack_pointers=sps)
+            if held is None or held:
+                # The program still holds pointers into the update (a string the new code
+                # stored in a global, a callback registered with a new function): unmapping
+                # would crash it later. Keep the memory; the jumps are gone all the same.
+                rec.reverted = True
+                if sm.record:
+                    t.write(sm.record[0], rec.encode())
+                why = ("the program's writable memory is too large to scan" if held is None
+                       else "the program still holds pointers into it, e.g. at "
+                       + ", ".join(f"{a:#x}" for a in held[:3]))
+                print(f"livesplice: warning: pid {pid}: undo kept update {update_id}'s memory "
+                      f"mapped: {why}")
+            else:
+                for rng in (rec.code, rec.data, sm.record):
+                    if rng and rng[1] > rng[0]:
+                        remote_munmap(t, rng[0], rng[1] - rng[0])
             close_stale_descriptors(t, update_id)
             return stats.pause_us
         finally:
             t.detach()
+
+
+POINTER_SCAN_LIMIT = int(os.environ.get("LIVESPLICE_POINTER_SCAN_LIMIT", str(4 << 30)))
+
+
+def pointers_into(
+    pid: int,
+    ranges: list[tuple[int, int]],
+    exclude: list[tuple[int, int]],
+    stack_pointers: Sequence[int] = (),
+) -> list[int] | None:
+    """Addresses of 8-byte-aligned words in the process's writable memory that point into
+    ``ranges`` (first 16 found); None when there is more writable memory than we scan.
+
+    On a thread's stack only the live part (from its rsp up) is read: the dead area below
+    rsp is full of stale words (return addresses and arguments of finished calls into the
+    update) that the program can never use again.
+    """
+    import numpy as np
+
+    from livesplice.process.image import read_maps
+
+    if not ranges:
+        return []
+    areas = []
+    for m in read_maps(pid):
+        if "w" not in m.perms or any(lo <= m.start < hi for lo, hi in exclude):
+            continue
+        live_from = min((sp for sp in stack_pointers if m.start <= sp < m.end), default=None)
+        lo = m.start if live_from is None else live_from & ~7
+        areas.append((lo, m.end))
+    if sum(hi - lo for lo, hi in areas) > POINTER_SCAN_LIMIT:
+        return None
+    hits: list[int] = []
+    chunk = 16 << 20
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for lo, hi in areas:
+            for start in range(lo, hi, chunk):
+                try:
+                    blob = os.pread(fd, min(chunk, hi - start), start)
+                except OSError:
+                    break  # e.g. a guard page or a mapping that went away
+                words = np.frombuffer(blob[: len(blob) // 8 * 8], dtype=np.uint64)
+                mask = np.zeros(len(words), dtype=bool)
+                for rlo, rhi in ranges:
+                    mask |= (words >= np.uint64(rlo)) & (words < np.uint64(rhi))
+                for i in np.flatnonzero(mask)[:16]:
+                    hits.append(start + 8 * int(i))
+                if len(hits) >= 16:
+                    return hits
+    finally:
+        os.close(fd)
+    return hits
 
 
 def close_stale_descriptors(t: Tracee, update_id: str) -> None:
@@ -436,12 +518,15 @@ def view_process(pid: int) -> list[dict[str, Any]]:
             out.append({"pid": pid, "id": sm.id, "state": state})
             continue
         later = [r for r in good if r.sequence > rec.sequence]
+        state = trampoline_status(pid, rec, later)
+        if rec.reverted:
+            state = "undone (memory kept: still referenced)"
         out.append(
             {
                 "pid": pid,
                 "id": rec.id,
                 "description": rec.description,
-                "state": trampoline_status(pid, rec, later),
+                "state": state,
                 "sequence": rec.sequence,
                 "functions": [tr.function for tr in rec.trampolines],
                 "targets": rec.targets,
@@ -515,7 +600,8 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
             reports.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason,
                             "details": e.details})
             if not args.json:
-                print(e.render().replace("livesplice:", f"livesplice: pid {pid}:", 1))
+                print(e.render().replace("livesplice:", f"livesplice: pid {pid}:", 1),
+                      file=sys.stderr)
     if args.json:
         print(json.dumps({"id": manifest.id, "processes": reports}, indent=1))
     return int(worst.code) if worst else ExitCode.OK
@@ -565,7 +651,8 @@ def cli_undo(args: argparse.Namespace) -> int:
             worst = worst or e
             results.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason})
             if not args.json:
-                print(e.render().replace("livesplice:", f"livesplice: pid {pid}:", 1))
+                print(e.render().replace("livesplice:", f"livesplice: pid {pid}:", 1),
+                      file=sys.stderr)
     if args.json:
         print(json.dumps({"id": args.update_id, "processes": results}, indent=1))
     return int(worst.code) if worst else ExitCode.OK

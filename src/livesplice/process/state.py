@@ -60,6 +60,8 @@ class StateRecord:
     targets: list[str] = field(default_factory=list)
     pause_us: float | None = None
     tool_pid: int = 0
+    # undone, but its memory stays mapped because the program still points into it
+    reverted: bool = False
 
     def encode(self) -> bytes:
         payload = json.dumps(asdict(self), sort_keys=True).encode()
