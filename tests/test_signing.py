@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from livetest import Running, build, livesplice, livesplice_json, make_patch, write_tree
 from test_apply import BASIC, BASIC_FIX, MAKEFILE
 
