@@ -280,10 +280,11 @@ def apply_to_process(
             except (CodeBusy, HookFailed):
                 _safe_hooks(t, hooks.get("fail_apply", []))
                 raise
+            # The jumps are in: from here on, nothing may unmap what they point to.
+            mapped.clear()
             checkpoint("apply:after-stop")
             record.pause_us = stats.pause_us
             t.write(state, record.encode())
-            mapped.clear()  # applied: the mappings now belong to the process
             warnings = _late_hooks(t, hooks.get("post_apply", []), "post_apply")
             return ApplyReport(
                 pid=pid, id=manifest.id,

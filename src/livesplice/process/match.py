@@ -151,6 +151,17 @@ def _field(raw: bytes, pos: int, size: int, signed: bool = True) -> int:
     return _signed(v, 8 * size) if signed else v
 
 
+def _lea_adds_to_itself(ins: _Insn) -> bool:
+    """``lea N(%reg), %reg``: the only lea that equals ``add $N, %reg`` (the linker's
+    initial-exec -> local-exec relaxation); ``lea N(%rbx), %rax`` computes something else."""
+    dest, _, mem = ins.op_str.partition(",")
+    mem = mem.strip()
+    if not (mem.startswith("[") and mem.endswith("]")):
+        return False
+    base = mem[1:-1].split("+")[0].split("-")[0].strip()
+    return base == dest.strip()
+
+
 def _reg_operand(ins: _Insn) -> str:
     """The register operand of a two-operand instruction ("" if none)."""
     for op in ins.op_str.split(","):
@@ -396,7 +407,8 @@ class _Matcher:
         # (or lea tpoff(%reg), %reg); the immediate is where the displacement was
         if (x.type == "R_X86_64_GOTTPOFF" and field_at_end and p.size == r.size
                 and _reg_operand(p) == _reg_operand(r)
-                and (self._same_op_to_imm(p, r) or (p.mnemonic == "add" and r.mnemonic == "lea"))):
+                and (self._same_op_to_imm(p, r) or (p.mnemonic == "add" and r.mnemonic == "lea"
+                                                    and _lea_adds_to_itself(r)))):
             res.learned.append(_Learn("tpoff", x.symbol, _field(r.raw, pos, 4), where))
             return None
         return "different bytes"
@@ -516,6 +528,14 @@ class _Matcher:
                 ) >= 0:
                     out.append(base + cand)
                 pos = data.find(anchor, pos + 1)
+        if len(out) >= _MAX_BRUTE_CANDIDATES:
+            # The real function may be among the candidates never tried, and a lone
+            # look-alike must not be taken for it: refuse rather than guess.
+            raise NoMatch(
+                f"no match for {sec.name}: its code is too common to find without a symbol "
+                f"table ({len(out)}+ places start like it)",
+                advice="apply to an unstripped build, or one with its symbol table (.symtab)",
+            )
         return out
 
 
