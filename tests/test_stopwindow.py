@@ -265,3 +265,24 @@ def test_target_killed_inside_the_window_is_target_gone(spawn: Callable[..., Tar
     with pytest.raises(TargetGone):
         w.run([(start, b"\xcc" * 5)], inside=inside)
     t.detach()
+
+
+def test_code_changed_since_planning_aborts_with_nothing_written(
+    spawn: Callable[..., Target],
+) -> None:
+    """The caller recorded other bytes than the entry holds now (someone else wrote there):
+    the window writes nothing and says so."""
+    from livesplice.process.stopwindow import CodeChanged
+
+    tg = spawn("0")
+    start, end, _ = fn_range(tg, "target_fn")
+    other = tg.symbol("other_fn")[0]
+    with Tracee(tg.pid) as t:
+        before = t.read(start, 5)
+        w = StopWindow(t, [(start, end, "target_fn")], retries=3, interval=0.01)
+        with pytest.raises(CodeChanged):
+            w.run([(start, jmp_rel32(start, other))], expect=[b"\xcc" * 5])
+        assert t.read(start, 5) == before
+        stats = w.run([(start, jmp_rel32(start, other))], expect=[before])
+    assert stats.attempts >= 1
+    wait_for(lambda: tg.cmd("seen") == "1")

@@ -179,7 +179,7 @@ def apply_to_process(
     from livesplice.process.load import near_range
     from livesplice.process.ptrace import Tracee
     from livesplice.process.remote import remote_mmap, remote_munmap
-    from livesplice.process.stopwindow import StopWindow
+    from livesplice.process.stopwindow import CodeChanged, StopWindow
 
     check_process(pid)
     with process_lock(pid):
@@ -276,8 +276,9 @@ def apply_to_process(
                 stats = window.run(
                     [(tr.address, bytes.fromhex(tr.jump)) for tr in record.trampolines],
                     inside=(lambda: _run_hooks(t, apply_hooks, "apply")) if apply_hooks else None,
+                    expect=[bytes.fromhex(tr.original) for tr in record.trampolines],
                 )
-            except (CodeBusy, HookFailed):
+            except (CodeBusy, HookFailed, CodeChanged):
                 _safe_hooks(t, hooks.get("fail_apply", []))
                 raise
             # The jumps are in: from here on, nothing may unmap what they point to.
@@ -400,6 +401,8 @@ def undo_in_process(
             try:
                 stats = window.run(
                     writes,
+                    expect=[bytes.fromhex(tr.jump) for tr in rec.trampolines
+                            if (tr.address, bytes.fromhex(tr.original)) in writes],
                     inside=(lambda: _run_hooks(t, reverse_hooks, "reverse"))
                     if reverse_hooks else None,
                 )

@@ -116,6 +116,13 @@ class ThreadsBusy(CodeBusy):
         self.busy = busy
 
 
+class CodeChanged(LivespliceError):
+    """The bytes a jump would replace are not the ones recorded (someone else wrote there)."""
+
+    code = CodeBusy.code  # like CODE_BUSY: nothing was changed, retrying may succeed
+    abort = "CODE_CHANGED"
+
+
 @dataclass
 class BusyRanges:
     """Sorted busy ranges and the return addresses inside them, ready for numpy lookups."""
@@ -396,9 +403,16 @@ class StopWindow:
     # ------------------------------------------------------------ the window
 
     def run(
-        self, writes: list[tuple[int, bytes]], inside: Callable[[], None] | None = None
+        self,
+        writes: list[tuple[int, bytes]],
+        inside: Callable[[], None] | None = None,
+        expect: list[bytes] | None = None,
     ) -> PauseStats:
         """Try up to ``retries`` times to find no thread busy; then ``inside()``, writes.
+
+        ``expect``: the bytes each write must replace (what the caller recorded for undo).
+        They are compared inside the window, right before writing: code changed since
+        planning (another tool, a debugger's breakpoint) aborts with nothing written.
 
         :raises CodeBusy: (a :class:`ThreadsBusy`) every attempt found a busy thread; the
             process is resumed unchanged.
@@ -422,6 +436,8 @@ class StopWindow:
                         ran_out = len(busy)
                         busy, slices = self._run_out(busy)
                     if not busy:
+                        if expect is not None:
+                            self._check_expected(writes, expect)
                         if inside is not None:
                             inside()
                         self._write_all(writes, originals)
@@ -441,6 +457,17 @@ class StopWindow:
             if attempt < self.retries:
                 self._wait(self.interval)
         raise self._code_busy()
+
+    def _check_expected(self, writes: list[tuple[int, bytes]], expect: list[bytes]) -> None:
+        for (addr, _), want in zip(writes, expect, strict=True):
+            now = self.t.read(addr, len(want))
+            if now != want:
+                raise CodeChanged(
+                    f"the code at {addr:#x} changed since the update was planned",
+                    details=[f"expected {want.hex()}, found {now.hex()}"],
+                    advice="another tool or a debugger is modifying this process; "
+                    "nothing was written -- retry when it is done",
+                )
 
     def _run_out(
         self, busy: list[tuple[int, str, str]]
