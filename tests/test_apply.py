@@ -790,3 +790,72 @@ def test_undo_keeps_memory_the_program_still_points_into(tmp_path: Path) -> None
         assert r.returncode == 2 and "new id" in r.stderr, r.stdout + r.stderr
     finally:
         prog.stop()
+
+
+ALTSTACK = """\
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int base = 1;
+static volatile int handled;
+
+static void handler(int sig)
+{
+\t(void)sig;
+\tprintf("in handler\\n");
+\tsleep(3); /* the interrupted call_cb frame waits on the main stack meanwhile */
+\thandled = 1;
+}
+
+__attribute__((noinline)) void fire(void)
+{
+\traise(SIGUSR1);
+}
+
+__attribute__((noinline)) int call_cb(void (*cb)(void))
+{
+\tcb();
+\treturn base;
+}
+
+int main(void)
+{
+\tstack_t ss = { .ss_sp = malloc(1 << 16), .ss_size = 1 << 16 };
+\tstruct sigaction sa = { .sa_handler = handler, .sa_flags = SA_ONSTACK };
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tsigaltstack(&ss, NULL);
+\tsigaction(SIGUSR1, &sa, NULL);
+\tprintf("result %d\\n", call_cb(fire));
+\tfor (;;) {
+\t\tprintf("result %d\\n", call_cb(NULL == fire ? fire : (void (*)(void))getpid));
+\t\tusleep(2000);
+\t}
+}
+"""
+
+
+def test_frames_behind_a_signal_handler_on_an_alternate_stack_are_checked(
+    tmp_path: Path,
+) -> None:
+    """The handler runs on a sigaltstack; call_cb's frame waits on the main stack. A scan of
+    only the current stack would miss it and write the jump under a live frame."""
+    tree, patch = setup_prog(tmp_path, ALTSTACK,
+                             {"prog.c": [("\tcb();\n\treturn base;", "\tcb();\n\treturn base + 1;")]})
+    update = create(tree, patch, "alt00001", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("in handler")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), "--retries", "2",
+                       "--retry-interval", "0.1", check=False)
+        assert r.returncode == 6, r.stdout + r.stderr
+        assert "call_cb" in r.stderr and "signal" in r.stderr, r.stderr
+        prog.wait_for("result 1", timeout=10)  # the handler returned into intact code
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("result 2")
+        assert prog.alive()
+    finally:
+        prog.stop()

@@ -116,6 +116,22 @@ class ThreadsBusy(CodeBusy):
         self.busy = busy
 
 
+# glibc's __restore_rt: mov $__NR_rt_sigreturn, %rax; syscall
+_RESTORE_RT = b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05"
+# struct rt_sigframe from its first word (pretcode = the restorer): ucontext at +8
+# (uc_flags, uc_link, uc_stack[24]) -> uc_mcontext at +48 bytes = word 6; in struct
+# sigcontext rsp is word 15 and rip word 16 (arch/x86/include/uapi/asm/sigcontext.h).
+_SIGFRAME_RSP = 6 + 15
+_SIGFRAME_RIP = 6 + 16
+
+
+def mapping_index(starts: list[int], ends: list[int], addr: int) -> int | None:
+    import bisect
+
+    m = bisect.bisect_right(starts, addr) - 1
+    return m if m >= 0 and addr < ends[m] else None
+
+
 class CodeChanged(LivespliceError):
     """The bytes a jump would replace are not the ones recorded (someone else wrote there)."""
 
@@ -372,6 +388,7 @@ class StopWindow:
         self.run_out = run_out
         self.ranges = BusyRanges.build(busy_ranges, self._read_code, precise)
         self._load_maps()
+        self._restorers = self._find_signal_restorers()
         self._buf = np.empty(1 << 20, dtype=np.uint8)
         self._iov = np.zeros((64, 2), dtype=np.uint64)
         self._local = _IoVec()
@@ -388,6 +405,73 @@ class StopWindow:
             raise
         except LivespliceError:
             return None
+
+    def _find_signal_restorers(self) -> list[int]:
+        """Addresses of glibc's ``__restore_rt`` (``mov $15,%rax; syscall`` =
+        rt_sigreturn): the return address at the bottom of every signal frame.
+
+        A thread running a signal handler on an alternate stack (sigaltstack) has the code
+        it interrupted on ANOTHER stack; the frame pushed by the kernel (struct rt_sigframe,
+        arch/x86/include/asm/sigframe.h) holds that context, found from this address.
+        """
+        from livesplice.process.remote import read_maps
+
+        out: list[int] = []
+        for lo, hi, perms, path in read_maps(self.t.pid):
+            if "x" not in perms or "libc" not in path.rsplit("/", 1)[-1]:
+                continue
+            try:
+                data = self.t.read(lo, hi - lo)
+            except LivespliceError:
+                continue
+            at = data.find(_RESTORE_RT)
+            while at >= 0:
+                out.append(lo + at)
+                at = data.find(_RESTORE_RT, at + 1)
+        return out
+
+    def _signal_frames_busy(
+        self, words: U64, bounds: U64, rsps: list[int], skip: set[int]
+    ) -> dict[int, tuple[str, str]]:
+        """Threads interrupted by a signal inside busy code, or with busy frames on the
+        stack the signal interrupted (when the handler runs on an alternate stack)."""
+        import numpy as np
+
+        found: dict[int, tuple[str, str]] = {}
+        if not self._restorers or not len(words):
+            return found
+        r = self.ranges
+        hits = np.flatnonzero(np.isin(words, np.array(self._restorers, dtype=np.uint64)))
+        for h in hits.tolist():
+            i = int(np.searchsorted(bounds, h, side="right")) - 1
+            if i in skip or i in found or h + _SIGFRAME_RIP >= int(bounds[i + 1]):
+                continue
+            saved_rsp = int(words[h + _SIGFRAME_RSP])
+            saved_rip = int(words[h + _SIGFRAME_RIP])
+            for k in range(len(r.starts)):
+                if int(r.starts[k]) <= saved_rip < int(r.ends[k]):
+                    found[i] = (r.names[k], "ip interrupted by a signal")
+            if i in found:
+                continue
+            base = rsps[i] & ~7
+            top = base + 8 * (int(bounds[i + 1]) - int(bounds[i]))
+            if base <= saved_rsp < top:
+                continue  # the same stack: the scan above has read it
+            m = mapping_index(self._map_starts_list, self._map_ends_list, saved_rsp)
+            if m is None:
+                found[i] = ("code interrupted by a signal", "unreadable interrupted stack")
+                continue
+            lo = saved_rsp & ~7
+            try:
+                other = self.t.read(lo, self._map_ends_list[m] - lo)
+            except LivespliceError:
+                found[i] = ("code interrupted by a signal", "unreadable interrupted stack")
+                continue
+            w2 = np.frombuffer(other[: len(other) // 8 * 8], dtype=np.uint64)
+            b2 = np.array([0, len(w2)], dtype=np.uint64)
+            for _, k in scan_stacks(w2, b2, r).items():
+                found[i] = (r.names[k], "stack interrupted by a signal (sigaltstack)")
+        return found
 
     def _load_maps(self) -> None:
         import numpy as np
@@ -560,6 +644,9 @@ class StopWindow:
         for i, k in scan_stacks(words, bounds, r).items():
             if busy.get(i, ("", "register"))[1] == "register":
                 busy[i] = (r.names[k], "stack")
+        rsps = [int(x) for x in regs[:, RSP]]
+        for i, hit in self._signal_frames_busy(words, bounds, rsps, set(busy)).items():
+            busy[i] = hit
         return [(tids[i], fn, where) for i, (fn, where) in sorted(busy.items())]
 
     def _read_stacks(self, regs: U64) -> tuple[U64, U64]:
