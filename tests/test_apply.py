@@ -843,8 +843,8 @@ def test_frames_behind_a_signal_handler_on_an_alternate_stack_are_checked(
 ) -> None:
     """The handler runs on a sigaltstack; call_cb's frame waits on the main stack. A scan of
     only the current stack would miss it and write the jump under a live frame."""
-    tree, patch = setup_prog(tmp_path, ALTSTACK,
-                             {"prog.c": [("\tcb();\n\treturn base;", "\tcb();\n\treturn base + 1;")]})
+    fix = {"prog.c": [("\tcb();\n\treturn base;", "\tcb();\n\treturn base + 1;")]}
+    tree, patch = setup_prog(tmp_path, ALTSTACK, fix)
     update = create(tree, patch, "alt00001", tmp_path)
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
