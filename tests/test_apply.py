@@ -859,3 +859,34 @@ def test_frames_behind_a_signal_handler_on_an_alternate_stack_are_checked(
         assert prog.alive()
     finally:
         prog.stop()
+
+
+def test_hook_that_crashes_keeps_the_update_memory_and_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livetest import INCLUDE
+
+    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
+    tree = write_tree(tmp_path / "src", {"prog.c": HOOKED, "Makefile": HOOK_MAKEFILE})
+    patch = make_patch(tree, {"prog.c": [
+        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int crash(void)\n{\n"
+         "\treturn *(volatile int *)0;\n}\nLIVESPLICE_PRE_APPLY(crash);"),
+    ]}, tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", {"prog.c": HOOKED, "Makefile": MAKEFILE})
+    build(running)
+    update = create(tree, patch, "crash001", tmp_path)
+    prog = Running([str(running / "prog")])
+    try:
+        prog.wait_for("value 1 errors 5")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 10 and "did not finish" in r.stderr, r.stdout + r.stderr
+        assert "/memfd:livesplice:crash001" in Path(f"/proc/{prog.pid}/maps").read_text()
+        prog.drain()
+        prog.wait_for("value 1 errors 5")  # alive, old code
+        [entry] = livesplice_json("view", "--pid", str(prog.pid))["processes"]
+        assert entry["state"] == "loaded"
+        livesplice("undo", "crash001", "--pid", str(prog.pid))
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+    finally:
+        prog.stop()

@@ -153,7 +153,17 @@ def _run_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> None:
     from livesplice.process.remote import remote_call
 
     for name, addr in hooks:
-        rc = remote_call(t, addr)
+        try:
+            rc = remote_call(t, addr)
+        except HookFailed as e:
+            # It crashed or hung half-way: whatever it did so far (a lock taken, a pointer
+            # into the update stored somewhere) stays done. Keep the update's memory.
+            raise UncleanHook(
+                f"the {kind} hook {name}() did not finish: {e.reason}",
+                details=[*e.details, "the update's memory stays mapped: the hook may have "
+                         "left pointers into it; the process may be inconsistent"],
+                advice="consider restarting the process; fix the hook",
+            ) from None
         if rc != 0:
             raise HookFailed(
                 f"the {kind} hook {name}() returned {rc}",
@@ -161,6 +171,10 @@ def _run_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> None:
                 advice="the update was not applied; the hook's author decides what "
                 "a non-zero return means",
             )
+
+
+class UncleanHook(HookFailed):
+    """A hook crashed or timed out (as opposed to returning a failure code)."""
 
 
 def _late_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> list[str]:
@@ -294,6 +308,9 @@ def apply_to_process(
                 ran_out=stats.ran_out,
                 warnings=[w for p in prepared for w in p.warnings] + warnings,
             )
+        except UncleanHook:
+            mapped.clear()  # see UncleanHook: never unmap what a half-run hook may use
+            raise
         finally:
             try:
                 for addr, size in reversed(mapped):
