@@ -242,17 +242,21 @@ class _Matcher:
         for it in items:
             old = seen.get((it.kind, it.key))
             if old is not None and old.value != it.value:
-                if it.kind == "addr" and self._plt_alias(old.value, it.value):
+                if it.kind == "addr" and self._plt_alias(it.key, old.value, it.value):
                     continue
                 return (f"inconsistent addresses for {it.key}: {old.value:#x} (from "
                         f"{old.where}) vs {it.value:#x} (from {it.where})")
             seen[(it.kind, it.key)] = it
         return None
 
-    def _plt_alias(self, a: int, b: int) -> bool:
+    def _plt_alias(self, key: str, a: int, b: int) -> bool:
         # A function called through its PLT entry and loaded from its GOT slot has two
-        # correct addresses (PIE code; interposable symbols in shared libraries).
-        return self.image.in_plt(a) != self.image.in_plt(b)
+        # correct addresses (PIE code; interposable symbols in shared libraries) -- but only
+        # if the PLT address is THAT symbol's PLT entry (the image's .rela.plt says which).
+        if self.image.in_plt(a) == self.image.in_plt(b):
+            return False
+        plt = a if self.image.in_plt(a) else b
+        return self.image.plt_entry(key.rsplit(":", 1)[-1]) == plt
 
     def commit(self, items: list[_Learn]) -> None:
         for it in items:
