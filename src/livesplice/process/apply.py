@@ -238,8 +238,13 @@ def apply_to_process(
                 )
                 mapped.append((data, data_size))
             images: list[tuple[_Prepared, LoadImage]] = []
+            functions: list[tuple[int, int, str]] = []
             c, d = code, data
             for p in prepared:
+                functions.extend(
+                    (c + off, c + off + s.size, s.name)
+                    for s, off in p.plan.code_layout if s.executable
+                )
                 img = p.plan.build(c, d)
                 t.write(c, img.code)
                 if img.data:
@@ -269,6 +274,7 @@ def apply_to_process(
                 hooks=hooks,
                 targets=sorted({p.target_name for p in prepared}),
                 tool_pid=os.getpid(),
+                functions=functions,
             )
             blob = record.encode()
             state = remote_mmap(
@@ -412,7 +418,10 @@ def undo_in_process(
         t = Tracee(pid)
         try:
             _run_hooks(t, rec.hooks.get("pre_reverse", []), "pre_reverse")
-            busy = [(rec.code[0], rec.code[1], f"update {update_id} replacement code")]
+            # the loaded functions, decoded as code; an old record without them: the whole
+            # code mapping (conservatively)
+            busy = [(lo, hi, f"{name} (update {update_id})") for lo, hi, name in rec.functions] \
+                or [(rec.code[0], rec.code[1], f"update {update_id} replacement code")]
             window = StopWindow(t, busy, retries=retries, interval=interval)
             reverse_hooks = rec.hooks.get("reverse", [])
             try:

@@ -62,6 +62,9 @@ class StateRecord:
     tool_pid: int = 0
     # undone, but its memory stays mapped because the program still points into it
     reverted: bool = False
+    # [start, end, name] of every function loaded (replacements, new functions, hooks):
+    # undo's busy check decodes these as code; the rest of the code mapping is data
+    functions: list[tuple[int, int, str]] = field(default_factory=list)
 
     def encode(self) -> bytes:
         payload = json.dumps(asdict(self), sort_keys=True).encode()
@@ -76,6 +79,7 @@ class StateRecord:
         raw["trampolines"] = [TrampolineRecord(**t) for t in raw["trampolines"]]
         raw["code"] = tuple(raw["code"])
         raw["data"] = tuple(raw["data"])
+        raw["functions"] = [(int(a), int(b), str(n)) for a, b, n in raw.get("functions", [])]
         hooks = raw.get("hooks", {})
         raw["hooks"] = {k: [(str(n), int(a)) for n, a in v] for k, v in hooks.items()}
         return cls(**raw)
