@@ -890,3 +890,64 @@ def test_hook_that_crashes_keeps_the_update_memory_and_the_process(
         assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
     finally:
         prog.stop()
+
+
+SWITCH = """\
+#include <stdio.h>
+#include <unistd.h>
+
+int g;
+
+/* varied cases: gcc -O2 compiles this to a jump table of labels inside the function */
+__attribute__((noinline)) int classify(int x)
+{
+\tswitch (x % 8) {
+\tcase 0: return x * 3 + 10;
+\tcase 1: return (x ^ 5) + 11;
+\tcase 2: g++; return 12;
+\tcase 3: return x / 7 + 13;
+\tcase 4: return (x << 2) - 14;
+\tcase 5: return x % 5 + 15;
+\tcase 6: g--; return 16;
+\tdefault: return 17;
+\t}
+}
+
+/* called through a pointer: main's code must not depend on classify's (IPA-RA) */
+int (*volatile classify_fn)(int) = classify;
+
+int main(void)
+{
+\tsetvbuf(stdout, NULL, _IOLBF, 0);
+\tfor (int i = 0;; i++) {
+\t\tint sum = 0;
+\t\tfor (int k = 0; k < 8; k++)
+\t\t\tsum += classify_fn(k);
+\t\tprintf("sum %d\\n", sum);
+\t\tusleep(2000);
+\t}
+}
+"""
+
+
+def test_replaced_switch_jumps_through_its_own_new_table(tmp_path: Path) -> None:
+    """The new code's jump table names case labels inside the NEW function: they must not
+    be redirected to the old body (curl's do_SOCKS5 crashed that way)."""
+    fix = {"prog.c": [
+        ("\tswitch (x % 8) {\n\tcase 0: return x * 3 + 10;",
+         "\tif (x < 0)\n\t\treturn -1;\n\tswitch (x % 8) {\n\tcase 0: return x * 3 + 20;"),
+    ]}
+    tree, patch = setup_prog(tmp_path, SWITCH, fix)
+    update = create(tree, patch, "switch01", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("sum 100")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("sum 110")
+        for _ in range(3):
+            prog.wait_for("sum 110")
+        livesplice("undo", "switch01", "--pid", str(prog.pid))
+        prog.wait_for("sum 100")
+        assert prog.alive()
+    finally:
+        prog.stop()

@@ -17,6 +17,7 @@ so that rel32 references to the image (its functions, data, the trampolines) fit
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from livesplice.process.relocate import (
     fits,
 )
 from livesplice.process.resolve import ExternalResolver, executable_tpoff, global_in_image
-from livesplice.update.format import Section, SymbolInfo, Target
+from livesplice.update.format import Reloc, Section, SymbolInfo, Target
 
 Read = Callable[[int, int], bytes]
 
@@ -178,8 +179,8 @@ class LoadPlan:
             via_entry.update({k: entry for k, o in s.symbols.items() if o == 0})
 
         def resolve(key: str) -> int:
-            if key in via_entry:
-                return via_entry[key]
+            if key.startswith(ENTRY_PREFIX):
+                return via_entry[key[len(ENTRY_PREFIX):]]
             if key in addresses:
                 return addresses[key]
             if key in self.values:
@@ -216,7 +217,8 @@ class LoadPlan:
 
         code = bytearray(self.code_size)
         for s, off in self.code_layout:
-            out = apply_relocs(s, code_base + off, resolve, got_slot, plt_stub, tpoff)
+            out = apply_relocs(entry_references(s, via_entry), code_base + off, resolve,
+                               got_slot, plt_stub, tpoff)
             code[off : off + len(out)] = out
         for key, off in self.slots.items():
             v = tpoff(key[len(TPOFF_SLOT):]) if key.startswith(TPOFF_SLOT) else resolve(key)
@@ -228,7 +230,8 @@ class LoadPlan:
             struct.pack_into("<Q", code, off + VENEER_SIZE, resolve(key))
         data = bytearray(self.data_size)
         for s, off in self.data_layout:
-            out = apply_relocs(s, data_base + off, resolve, got_slot, plt_stub, tpoff)
+            out = apply_relocs(entry_references(s, via_entry), data_base + off, resolve,
+                               got_slot, plt_stub, tpoff)
             data[off : off + len(out)] = out
         return LoadImage(bytes(code), bytes(data), addresses,
                          self.trampolines(addresses), used_veneers)
@@ -249,6 +252,37 @@ class LoadPlan:
             out.append(Trampoline(s.name, key, entry, self.read(entry, JMP_REL32_SIZE),
                                   bytes([JMP_REL32]) + struct.pack("<i", rel), new))
         return out
+
+
+ENTRY_PREFIX = "entry:"
+_PC_RELATIVE = ("R_X86_64_PC32", "R_X86_64_PLT32")
+_ABSOLUTE = ("R_X86_64_64", "R_X86_64_32", "R_X86_64_32S")
+
+
+def entry_references(sec: Section, via_entry: dict[str, int]) -> Section:
+    """``sec`` with the references to a replaced function's START redirected to its original
+    entry (see ``via_entry`` in LoadPlan.build); references INTO its body stay on the new
+    code: a switch's jump table names case labels as section + offset, and those offsets
+    are only right in the new code (found on curl's do_SOCKS5, CVE-2023-38545).
+
+    The start is: a PC-relative field at the end of its instruction with addend -4 (a call,
+    a jmp, a lea of the function), or an absolute address with addend 0 (a function pointer
+    in data). Anything else is a reference into the body.
+    """
+    if not via_entry:
+        return sec
+    relocs = []
+    changed = False
+    for r in sec.relocs:
+        start = (r.type in _PC_RELATIVE and r.addend == -4 and sec.executable) or (
+            r.type in _ABSOLUTE and r.addend == 0
+        )
+        if start and r.symbol in via_entry:
+            relocs.append(Reloc(r.offset, r.type, ENTRY_PREFIX + r.symbol, r.addend))
+            changed = True
+        else:
+            relocs.append(r)
+    return dataclasses.replace(sec, relocs=relocs) if changed else sec
 
 
 def _name_of(key: str, info: SymbolInfo | None) -> str:
