@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "policy for labs: LIVESPLICE_ALLOW_UNSIGNED=1. A bad signature is always refused.",
     )
 
+    a.add_argument(
+        "--transition-timeout", type=float, default=60.0, metavar="S",
+        help="kernel updates: give up (and revert) when tasks have not switched in S seconds",
+    )
+
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
     k.add_argument("-o", "--output", type=Path, required=True,
                    help="private key file (the public key goes to OUTPUT.pub)")

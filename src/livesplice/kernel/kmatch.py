@@ -14,6 +14,7 @@ are accepted, each for its own reason:
 * ``call/jmp __x86_indirect_thunk_<reg>`` became an indirect call/jmp padded with nops
   (apply_retpolines);
 * a static call site may point straight at its current target (HAVE_STATIC_CALL_INLINE);
+* on a uniprocessor boot, ``lock`` prefixes became ``ds`` prefixes (alternatives_smp_unlock);
 * a branch with a rel8 displacement in one and rel32 in the other (``-ffunction-sections``
   changes some tail jumps; FINDINGS.md) when both reach the same place.
 
@@ -126,6 +127,28 @@ def _is_nop(b: bytes) -> bool:
     )
 
 
+_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+
+
+def _relock(pre: bytes, running: bytes) -> bytes:
+    """Undo the kernel's uniprocessor rewrite of ``lock`` prefixes.
+
+    On a machine with one CPU the kernel replaces every LOCK prefix listed in .smp_locks
+    by a DS segment prefix (0xf0 -> 0x3e; arch/x86/kernel/alternative.c,
+    alternatives_smp_unlock), and back when a second CPU comes up. Same length, same
+    operation on one CPU: accept it where the pre code has the lock prefix.
+    """
+    if len(pre) != len(running) or pre == running:
+        return running
+    out = bytearray(running)
+    for i, b in enumerate(pre):
+        if b not in _PREFIXES:
+            break
+        if b == 0xF0 and out[i] == 0x3E:
+            out[i] = 0xF0
+    return bytes(out)
+
+
 def compare_code(md: Any, sec: Section, running: bytes, base: int) -> dict[str, int]:
     """Compare pre code with running bytes at ``base``; return learned key -> address."""
     pre = sec.bytes
@@ -144,7 +167,7 @@ def compare_code(md: Any, sec: Section, running: bytes, base: int) -> dict[str, 
             raise _Mismatch(p, f"running code does not decode ({running[r:r + 8].hex()})")
         plen = pi.size
         rel = next((rel_at[o] for o in range(p, p + plen) if o in rel_at), None)
-        pb, rb = bytes(pi.bytes), bytes(ri.bytes)
+        pb, rb = bytes(pi.bytes), _relock(bytes(pi.bytes), bytes(ri.bytes))
         if rel is not None:
             sym = rel.symbol
             if (sym == "__fentry__" and plen == 5

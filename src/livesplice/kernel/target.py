@@ -54,6 +54,7 @@ def create_kernel_update(
     keep_tmp: bool = False,
     progress: Any = None,
     notes: list[str] | None = None,
+    signing_key: Path | None = None,
 ) -> tuple[Manifest | None, Path | None, dict[str, float]]:
     """Build a kernel update from ``patch`` against the prepared tree ``ksrc``.
 
@@ -124,7 +125,7 @@ def create_kernel_update(
                 for s in plan.klp_symbols.values()
             ],
         }
-        write_kernel_update(out, manifest, patch_text, ko, kernel)
+        write_kernel_update(out, manifest, patch_text, ko, kernel, signing_key=signing_key)
         seconds["total"] = time.monotonic() - t0
         return manifest, out, seconds
     finally:
@@ -166,7 +167,7 @@ def cli_create_kernel(args: argparse.Namespace) -> int:
     manifest, out, seconds = create_kernel_update(
         args.srcdir, args.patch, update_id=args.update_id, output=args.output,
         description=args.description, jobs=args.jobs, keep_tmp=args.keep_tmp, progress=say,
-        notes=notes,
+        notes=notes, signing_key=args.sign,
     )  # fmt: skip
     if args.json:
         print(json.dumps({
@@ -228,7 +229,7 @@ def cli_apply_kernel(args: argparse.Namespace, update: UpdateFile) -> int:
         insmod(ko, [f"sympos={','.join(sympos)}"] if sympos else [])
     t1 = time.monotonic()
     try:
-        wait_transition(name, args, TRANSITION_TIMEOUT)
+        wait_transition(name, args, getattr(args, "transition_timeout", TRANSITION_TIMEOUT))
     except CodeBusy:
         revert(name, args)
         raise
