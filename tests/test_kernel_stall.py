@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_kernel_features import CASES, _create, lab  # noqa: F401  (fixture)
 
 from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
 from livesplice.kernel.lab import LabKernel
+from test_kernel_features import CASES, _create, lab  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
