@@ -22,7 +22,7 @@ from livesplice.eval.report import markdown_table, summary_line
 from livesplice.eval.runner import RowResult, find_target, verdict
 from livesplice.eval.workloads import ExpatWorkload, workload_for
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "userspace-public.csv"
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "userspace-public.csv"
 HEADER = "package,version,first_patch,last_patch,cves,expected,target,change_class"
 
 

@@ -1,4 +1,4 @@
-"""The real kernel fixes of the corpus (/work/shared/corpus/kernel-public.csv), in the lab.
+"""The real kernel fixes of the corpus (corpus/kernel-public.csv), in the lab.
 
 Each row is the diff of the listed files between linux-source-6.1 6.1.176-1 (the prepared
 lab tree) and 6.1.187-1 (fetched once, only those files extracted; cached). Every row is
@@ -26,7 +26,7 @@ from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
 from livesplice.kernel.lab import LabKernel, missing_host_tools, prepare_lab
 
-CORPUS = Path("/work/shared/corpus/kernel-public.csv")
+CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "kernel-public.csv"
 HERE = Path(__file__).parent / "kernel"
 FORCED = os.environ.get("LIVESPLICE_KERNEL_TESTS") == "1"
 PY = "PY=$(ls /opt/livesplice/bin/python3* | head -1)"
