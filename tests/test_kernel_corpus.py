@@ -14,21 +14,19 @@ Cost: five creates (~15-35 s each) + two boots (~15 s each) ~ 2-3 min.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from kernel_support import kernel_unavailable, prepared_lab
 from livesplice.errors import PatchRefused
 from livesplice.kernel.debian import LabUnavailable
 from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
-from livesplice.kernel.lab import LabKernel, missing_host_tools, prepare_lab
+from livesplice.kernel.lab import LabKernel
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "kernel-public.csv"
 HERE = Path(__file__).parent / "kernel"
-FORCED = os.environ.get("LIVESPLICE_KERNEL_TESTS") == "1"
 PY = "PY=$(ls /opt/livesplice/bin/python3* | head -1)"
 
 # what each fix does on Debian's 6.1.176-1 cloud-amd64 kernel, and why
@@ -41,10 +39,6 @@ EXPECTED = {
 }
 
 
-def _unavailable(reason: str) -> None:
-    if FORCED:
-        pytest.fail(f"LIVESPLICE_KERNEL_TESTS=1 but {reason}")
-    pytest.skip(f"{reason} (set LIVESPLICE_KERNEL_TESTS=1 to make this a failure)")
 
 
 def _uid(cve: str) -> str:
@@ -54,15 +48,8 @@ def _uid(cve: str) -> str:
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
     if not CORPUS.exists():
-        _unavailable(f"the corpus {CORPUS} is missing")
-    missing = missing_host_tools()
-    if missing:
-        _unavailable(f"kernel lab host tools missing: {', '.join(missing)}")
-    try:
-        return prepare_lab(progress=lambda msg: print(f"lab prepare: {msg}", file=sys.stderr))
-    except LabUnavailable as e:
-        _unavailable(e.render())
-        raise
+        kernel_unavailable(f"the corpus {CORPUS} is missing")
+    return prepared_lab()  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +66,7 @@ def results(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         try:
             post = source_files(row.post_version, list(row.files))
         except LabUnavailable as e:
-            _unavailable(e.render())
+            kernel_unavailable(e.render())
             raise
         patch = out / f"{row.cves}.patch"
         patch.write_text(make_patch(lab.ksrc, post, list(row.files)))

@@ -8,39 +8,26 @@ Cost: three creates (~12-20 s each) + one boot with 2 CPUs (~20 s).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from kernel_support import kernel_unavailable, prepared_lab
 from livesplice.kernel.debian import LabUnavailable
 from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
-from livesplice.kernel.lab import LabKernel, missing_host_tools, prepare_lab
+from livesplice.kernel.lab import LabKernel
 
 CASES = Path(__file__).parent / "kernel"
-FORCED = os.environ.get("LIVESPLICE_KERNEL_TESTS") == "1"
 PEFILE = "crypto/asymmetric_keys/verify_pefile.c"
 
 
-def _unavailable(reason: str) -> None:
-    if FORCED:
-        pytest.fail(f"LIVESPLICE_KERNEL_TESTS=1 but {reason}")
-    pytest.skip(f"{reason} (set LIVESPLICE_KERNEL_TESTS=1 to make this a failure)")
 
 
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
-    missing = missing_host_tools()
-    if missing:
-        _unavailable(f"kernel lab host tools missing: {', '.join(missing)}")
-    try:
-        return prepare_lab(progress=lambda msg: print(f"lab prepare: {msg}", file=sys.stderr))
-    except LabUnavailable as e:
-        _unavailable(e.render())
-        raise
+    return prepared_lab()  # type: ignore[no-any-return]
 
 
 def _create(ksrc: Path, patch: Path, out: Path, uid: str) -> Path:
@@ -62,7 +49,7 @@ def wrong_source_update(lab: LabKernel, out: Path) -> Path:
     try:
         newer = source_files("6.1.187-1", [PEFILE])
     except LabUnavailable as e:
-        _unavailable(e.render())
+        kernel_unavailable(e.render())
         raise
     tree = out / "tree-6.1.187-pefile"
     subprocess.run(["cp", "-al", str(lab.ksrc), str(tree)], check=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_support import prepared_lab
 from livesplice.kernel.debian import DEFAULT_KERNEL, LabUnavailable, resolve_packages
 from livesplice.kernel.guest import Guest, GuestCrashed, console_excerpt
 from livesplice.kernel.initramfs import CpioWriter, GuestFile, write_payload
@@ -24,33 +25,18 @@ from livesplice.kernel.lab import (
     LabKernel,
     build_module,
     find_prepared,
-    missing_host_tools,
     prepare_lab,
 )
 
 FIXTURES = Path(__file__).parent / "kernel"
-FORCED = os.environ.get("LIVESPLICE_KERNEL_TESTS") == "1"
 DEFAULT_RELEASE = "6.1.0-50-cloud-amd64"  # what Debian 6.1.176-1 calls itself (uname -r)
 
 
-def _unavailable(reason: str) -> None:
-    if FORCED:
-        pytest.fail(f"LIVESPLICE_KERNEL_TESTS=1 but {reason}")
-    pytest.skip(f"{reason} (set LIVESPLICE_KERNEL_TESTS=1 to make this a failure)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab() -> LabKernel:
-    missing = missing_host_tools()
-    if missing:
-        _unavailable(
-            f"kernel lab host tools missing: {', '.join(missing)}; run scripts/bootstrap-kernel.sh"
-        )
-    try:
-        return prepare_lab(progress=lambda msg: print(f"lab prepare: {msg}", file=sys.stderr))
-    except LabUnavailable as e:
-        _unavailable(e.render())
-        raise  # unreachable: _unavailable always raises
+    return prepared_lab()  # type: ignore[no-any-return]
 
 
 @pytest.fixture

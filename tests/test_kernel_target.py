@@ -8,39 +8,25 @@ guest boot (the livesplice overlay is built once per kernel and cached).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from kernel_support import prepared_lab
 from livesplice.errors import PatchRefused
-from livesplice.kernel.debian import LabUnavailable
 from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
-from livesplice.kernel.lab import LabKernel, missing_host_tools, prepare_lab
+from livesplice.kernel.lab import LabKernel
 from livesplice.kernel.labcli import update_script
 
 CASES = Path(__file__).parent / "kernel"
-FORCED = os.environ.get("LIVESPLICE_KERNEL_TESTS") == "1"
 
 
-def _unavailable(reason: str) -> None:
-    if FORCED:
-        pytest.fail(f"LIVESPLICE_KERNEL_TESTS=1 but {reason}")
-    pytest.skip(f"{reason} (set LIVESPLICE_KERNEL_TESTS=1 to make this a failure)")
 
 
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
-    missing = missing_host_tools()
-    if missing:
-        _unavailable(f"kernel lab host tools missing: {', '.join(missing)}")
-    try:
-        return prepare_lab(progress=lambda msg: print(f"lab prepare: {msg}", file=sys.stderr))
-    except LabUnavailable as e:
-        _unavailable(e.render())
-        raise
+    return prepared_lab()  # type: ignore[no-any-return]
 
 
 def create(lab: LabKernel, case: str, out: Path, uid: str) -> Path:
