@@ -626,22 +626,30 @@ int main(void)
 HOOK_MAKEFILE = MAKEFILE.replace("CFLAGS ?= -O2 -g", "CFLAGS ?= -O2 -g -I$(LIVESPLICE_INCLUDE)")
 
 
-@pytest.mark.parametrize("kind", ["post_apply", "apply"])
-def test_hooks_run_inside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     kind: str) -> None:
+def hooked_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                  edits: list[tuple[str, str]], uid: str) -> tuple[Path, Path]:
+    """A tree whose patch includes livesplice.h (hooks), its update, and a running build of
+    the unpatched source (built without livesplice.h: the deployed program never had it)."""
     from livetest import INCLUDE
 
     monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
-    macro = {"post_apply": "LIVESPLICE_POST_APPLY", "apply": "LIVESPLICE_APPLY"}[kind]
-    tree = write_tree(tmp_path / "src", {"prog.c": HOOKED, "Makefile": HOOK_MAKEFILE})
+    tree = write_tree(tmp_path / "src", {"prog.c": source, "Makefile": HOOK_MAKEFILE})
     patch = make_patch(tree, {"prog.c": [
-        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"), *edits,
+    ]}, tmp_path / "fix.patch")
+    running = write_tree(tmp_path / "run", {"prog.c": source, "Makefile": MAKEFILE})
+    build(running)
+    return create(tree, patch, uid, tmp_path), running
+
+
+@pytest.mark.parametrize("kind", ["post_apply", "apply"])
+def test_hooks_run_inside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     kind: str) -> None:
+    macro = {"post_apply": "LIVESPLICE_POST_APPLY", "apply": "LIVESPLICE_APPLY"}[kind]
+    update, running = hooked_update(tmp_path, monkeypatch, HOOKED, [
         ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int reset(void)\n{\n"
          "\terrors_seen = 0;\n\treturn 0;\n}\n" + macro + "(reset);"),
-    ]}, tmp_path / "fix.patch")
-    running = write_tree(tmp_path / "run", {"prog.c": HOOKED, "Makefile": MAKEFILE})
-    build(running)
-    update = create(tree, patch, "hook0001", tmp_path)
+    ], "hook0001")
     info = livesplice_json("inspect", str(update))
     assert [(h["kind"], h["function"]) for h in info["hooks"]] == [(kind, "reset")]
     prog = Running([str(running / "prog")])
@@ -658,18 +666,10 @@ def test_hooks_run_inside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_failing_pre_apply_hook_leaves_the_process_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from livetest import INCLUDE
-
-    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
-    tree = write_tree(tmp_path / "src", {"prog.c": HOOKED, "Makefile": HOOK_MAKEFILE})
-    patch = make_patch(tree, {"prog.c": [
-        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+    update, running = hooked_update(tmp_path, monkeypatch, HOOKED, [
         ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int refuse(void)\n{\n"
          "\treturn errors_seen > 0 ? 17 : 0;\n}\nLIVESPLICE_PRE_APPLY(refuse);"),
-    ]}, tmp_path / "fix.patch")
-    running = write_tree(tmp_path / "run", {"prog.c": HOOKED, "Makefile": MAKEFILE})
-    build(running)
-    update = create(tree, patch, "hook0002", tmp_path)
+    ], "hook0002")
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1 errors 5")
@@ -713,20 +713,12 @@ def test_pointer_to_a_replaced_function_stored_by_the_update_survives_undo(
     """A hook stores the address of a replaced function into program data; after undo the
     program keeps calling through it: it must be the original entry, not the unmapped
     replacement."""
-    from livetest import INCLUDE
-
-    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
-    tree = write_tree(tmp_path / "src", {"prog.c": ESCAPE, "Makefile": HOOK_MAKEFILE})
-    patch = make_patch(tree, {"prog.c": [
-        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+    update, running = hooked_update(tmp_path, monkeypatch, ESCAPE, [
         ("\treturn x + base;\n}\n\nint (*volatile callback)(int) = answer;",
          "\treturn x + base + 1;\n}\n\nint (*volatile callback)(int) = answer;\n\n"
          "static int repoint(void)\n{\n\tcallback = answer;\n\treturn 0;\n}\n"
          "LIVESPLICE_POST_APPLY(repoint);"),
-    ]}, tmp_path / "fix.patch")
-    running = write_tree(tmp_path / "run", {"prog.c": ESCAPE, "Makefile": MAKEFILE})
-    build(running)
-    update = create(tree, patch, "escape01", tmp_path)
+    ], "escape01")
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1")
@@ -864,18 +856,10 @@ def test_frames_behind_a_signal_handler_on_an_alternate_stack_are_checked(
 def test_hook_that_crashes_keeps_the_update_memory_and_the_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from livetest import INCLUDE
-
-    monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
-    tree = write_tree(tmp_path / "src", {"prog.c": HOOKED, "Makefile": HOOK_MAKEFILE})
-    patch = make_patch(tree, {"prog.c": [
-        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+    update, running = hooked_update(tmp_path, monkeypatch, HOOKED, [
         ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int crash(void)\n{\n"
          "\treturn *(volatile int *)0;\n}\nLIVESPLICE_PRE_APPLY(crash);"),
-    ]}, tmp_path / "fix.patch")
-    running = write_tree(tmp_path / "run", {"prog.c": HOOKED, "Makefile": MAKEFILE})
-    build(running)
-    update = create(tree, patch, "crash001", tmp_path)
+    ], "crash001")
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1 errors 5")
