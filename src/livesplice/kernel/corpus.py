@@ -2,9 +2,9 @@
 
 ``corpus/kernel-public.csv`` (a copy of the shared corpus list) lists CVE fixes by the
 files they change between two ``linux-source-<series>`` versions (e.g. 6.1.176-1 ->
-6.1.187-1). The pre side is the prepared lab tree; the post side is fetched once (``apt-get download``, only the listed
-files are extracted from the tarball in ``usr/src``) and cached under
-``$LIVESPLICE_CACHE/kernel-source/<version>/``.
+6.1.187-1). The pre side is the prepared lab tree; the post side is fetched once
+(``apt-get download``, only the listed files are extracted from the tarball in
+``usr/src``) and cached under ``$LIVESPLICE_CACHE/kernel-source/<version>/``.
 """
 
 from __future__ import annotations
