@@ -609,13 +609,7 @@ class Tracee:
             # SIGKILL only). It heads for its exit stop or its end: wait for that.
             for tid in bad:
                 self._stopped.discard(tid)
-                while tid in self._tids and tid not in self._stopped:
-                    try:
-                        _, status = os.waitpid(tid, WALL)
-                    except ChildProcessError:
-                        self._forget(tid)
-                        break
-                    self._on_status(tid, status)
+                self._wait_until_in(tid, self._stopped)
             self._check_live()
             self._read_all_regs()
             return
@@ -636,13 +630,18 @@ class Tracee:
             if _task_state(self.pid, tid) == "t" and not _sigkill_pending(self.pid, tid):
                 continue
             self._stopped.discard(tid)
-            while tid in self._tids and tid not in self._exiting:
-                try:
-                    _, status = os.waitpid(tid, WALL)
-                except ChildProcessError:
-                    self._forget(tid)
-                    break
-                self._on_status(tid, status)
+            self._wait_until_in(tid, self._exiting)
+
+    def _wait_until_in(self, tid: int, reached: set[int]) -> None:
+        """Collect ``tid``'s wait statuses until it is in ``reached`` (stopped, exiting)
+        or gone."""
+        while tid in self._tids and tid not in reached:
+            try:
+                _, status = os.waitpid(tid, WALL)
+            except ChildProcessError:
+                self._forget(tid)
+                return
+            self._on_status(tid, status)
 
     def _check_live(self) -> None:
         """Raise TargetGone, letting exiting threads finish, if no thread is left."""
