@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from livesplice import __version__
-from livesplice.errors import ExitCode, LivespliceError, UsageError
+from livesplice.errors import ExitCode, LivespliceError, NotApplied, UsageError
 
 
 def _env_path(var: str) -> Path | None:
@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     uwho = u.add_mutually_exclusive_group()
     uwho.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
     uwho.add_argument("--all", action="store_true", help="every process with the update")
+    u.add_argument(
+        "--from-target", action="store_true",
+        help="no journal entry (/run/livesplice cleared): undo from the record inside the "
+        "process, after checking it against the process's own mappings",
+    )
     u.add_argument("--retries", type=int, default=5)
     u.add_argument("--retry-interval", type=float, default=1.0)
     u.add_argument("--json", action="store_true")
@@ -203,8 +208,17 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from livesplice.process.apply import cli_view
 
+    kernel = not args.pid and Path("/sys/kernel/livepatch").is_dir()
+    if args.json:
+        # one JSON document: processes and, on a machine with livepatch, the kernel
+        kernel_rows = None
+        if kernel:
+            from livesplice.kernel.target import applied_updates
+
+            kernel_rows = applied_updates()
+        return cli_view(args, kernel_rows)
     rc = cli_view(args)
-    if not args.pid and Path("/sys/kernel/livepatch").is_dir():
+    if kernel:
         from livesplice.kernel.target import cli_view_kernel
 
         rc = max(rc, cli_view_kernel(args))
@@ -213,9 +227,24 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 def cmd_undo(args: argparse.Namespace) -> int:
     if not (args.pid or args.all):
-        from livesplice.kernel.target import cli_undo_kernel
+        from livesplice.kernel.klp import module_name
 
-        return cli_undo_kernel(args)
+        if Path("/sys/kernel/livepatch", module_name(args.update_id)).exists():
+            from livesplice.kernel.target import cli_undo_kernel
+
+            return cli_undo_kernel(args)
+        from livesplice.process.apply import processes_with
+        from livesplice.text import printable
+
+        pids = processes_with(args.update_id)
+        if pids:
+            raise UsageError(
+                f"update {printable(args.update_id)} is not a kernel update; it is applied to "
+                f"process(es) {', '.join(map(str, pids))}",
+                advice="say which: --pid PID (repeatable) or --all",
+            )
+        raise NotApplied(f"update {printable(args.update_id)} is not applied to the kernel "
+                         "nor to any process")
     from livesplice.process.apply import cli_undo
 
     return cli_undo(args)

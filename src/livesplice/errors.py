@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     NOT_APPLIED = 9  # undo/view of an update that is not applied
     HOOK_FAILED = 10  # an update hook reported failure; the update was rolled back
     REMOTE_FAILED = 11  # a system call or call run inside the target failed (e.g. mmap ENOMEM)
+    PARTIAL = 12  # several targets: some succeeded, some failed or could not be inspected
 
 
 class LivespliceError(Exception):

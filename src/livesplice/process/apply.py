@@ -37,13 +37,17 @@ from livesplice.errors import (
     UsageError,
 )
 from livesplice.faults import checkpoint
+from livesplice.process import journal
+from livesplice.process.journal import run_dir
 from livesplice.process.state import (
     NAME_PREFIX,
+    StateMapping,
     StateRecord,
     TrampolineRecord,
     read_records,
     trampoline_status,
 )
+from livesplice.text import printable
 from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Manifest
 
@@ -55,7 +59,6 @@ if TYPE_CHECKING:
     from livesplice.process.ptrace import Tracee
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-LOCK_DIR = Path(os.environ.get("LIVESPLICE_RUN_DIR", "/run/livesplice"))
 
 
 @dataclass
@@ -81,12 +84,25 @@ class _Prepared:
 
 
 def check_process(pid: int) -> None:
-    if not Path(f"/proc/{pid}").is_dir():
+    """Refuse, with the right exit code, what cannot be a target: no such pid, a zombie, a
+    kernel thread (no user memory), a process we may not trace."""
+    from livesplice.process.ptrace import process_alive
+
+    if pid <= 0 or not Path(f"/proc/{pid}").is_dir():
         raise TargetGone(f"no process with PID {pid}", advice="check the PID (ps -p PID)")
+    if not process_alive(pid):
+        raise TargetGone(f"process {pid} has exited (a zombie waiting for its parent)")
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} is a kernel thread (or exited): it has no program "
+                         "to patch") from None
+    except PermissionError:
+        pass  # another user's process as non-root: opening its memory decides below
     try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         os.close(fd)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise TargetGone(f"process {pid} exited") from None
     except PermissionError:
         raise NoPermission(
@@ -98,23 +114,45 @@ def check_process(pid: int) -> None:
 
 @contextmanager
 def process_lock(pid: int) -> Iterator[None]:
-    """One livesplice at a time per process (two patchers racing on one entry would corrupt)."""
+    """One livesplice at a time per process (two patchers racing on one entry would corrupt).
+
+    The lock file is removed when we are done. A second livesplice that opened it before we
+    unlinked it finds, once it holds the lock, that the name now points elsewhere (or
+    nowhere) and starts over on the new file.
+    """
     try:
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK_DIR / f"{pid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock_dir = run_dir()
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         yield  # no lock directory we can use (not root): proceed unlocked
         return
-    try:
+    path = lock_dir / f"{pid}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise UsageError(
                 f"another livesplice is working on process {pid}",
                 advice="wait for it to finish and try again",
             ) from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # unlinked by the previous holder meanwhile: lock the new file
+    try:
         yield
     finally:
+        with suppress(OSError):
+            os.unlink(path)
         os.close(fd)
 
 
@@ -133,8 +171,10 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
 
     maps = read_maps(pid)
     prepared: list[_Prepared] = []
+    skipped: list[str] = []
     for target in manifest.targets:
-        for image in find_images(pid, target.name):
+        for image in find_images(pid, target.name, maps, build_id=target.build_id,
+                                 skipped=skipped):
             match = run_pre_match(read, image, target, maps, compiler=manifest.compiler)
             warnings = list(match.warnings)
             plan = plan_load(target, image, match, read, pid, maps)
@@ -143,6 +183,7 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
         names = ", ".join(t.name for t in manifest.targets)
         raise NoMatch(
             f"process {pid} does not run any target of update {manifest.id} ({names})",
+            details=skipped,
             advice="check the PID, or use --all to patch every process running a target",
         )
     return prepared
@@ -197,18 +238,34 @@ def apply_to_process(
 
     check_process(pid)
     with process_lock(pid):
-        existing = [r for r, _ in read_records(pid) if r is not None]
-        if any(r.id == manifest.id and r.reverted for r in existing):
+        present = {u.id: u for u in updates_in(pid)}
+        mine = present.get(manifest.id)
+        if mine is not None and mine.record is not None and mine.record.reverted:
             raise UsageError(
                 f"update {manifest.id} was undone in process {pid}, but its memory is still "
                 "referenced by the program and stays mapped under that id",
                 advice="apply it under a new id (`livesplice create --id NEW ...`)",
             )
-        if any(r.id == manifest.id for r in existing):
+        if mine is not None and not mine.verified:
+            raise UsageError(
+                f"process {pid} has a mapping named like update {manifest.id} that "
+                "livesplice's journal does not know",
+                details=[f"from the process: {mine.error or 'a record livesplice did not write'}"],
+                advice=f"check it with `livesplice view --pid {pid}`; undo it with "
+                f"`livesplice undo {manifest.id} --pid {pid} --from-target`, or restart the "
+                "process",
+            )
+        if mine is not None and state_of(pid, mine, list(present.values())) == "applied":
             raise UsageError(
                 f"update {manifest.id} is already applied to process {pid}",
                 advice=f"see `livesplice view --pid {pid}`",
             )
+        if mine is not None:
+            # an interrupted apply of this very update (journal-backed): clean it up first
+            _undo_locked(manifest.id, pid, retries=retries, interval=interval,
+                         from_target=False)
+            present.pop(manifest.id)
+        existing = [u.record for u in present.values() if u.record is not None]
         prepared = prepare(manifest, pid)
         code_size = sum(p.plan.code_size for p in prepared)
         data_size = sum(p.plan.data_size for p in prepared)
@@ -222,8 +279,10 @@ def apply_to_process(
             )
 
         mapped: list[tuple[int, int]] = []
+        keep = False  # True once the update must stay (jumps written, or a hook half-ran)
         t = Tracee(pid)
         try:
+            _journal(pid, manifest.id, "mapping", None)
             code = remote_mmap(
                 t, max(code_size, 1), PROT_READ | PROT_EXEC, near=(lo, hi),
                 name=f"{NAME_PREFIX}{manifest.id}:code",
@@ -276,6 +335,7 @@ def apply_to_process(
                 tool_pid=os.getpid(),
                 functions=functions,
             )
+            _journal(pid, manifest.id, "recorded", record)
             blob = record.encode()
             state = remote_mmap(
                 t, len(blob) + 4096, PROT_READ, name=f"{NAME_PREFIX}{manifest.id}"
@@ -303,9 +363,11 @@ def apply_to_process(
                 raise
             # The jumps are in: from here on, nothing may unmap what they point to.
             mapped.clear()
+            keep = True
             checkpoint("apply:after-stop")
             record.pause_us = stats.pause_us
             t.write(state, record.encode())
+            _journal(pid, manifest.id, "recorded", record)
             warnings = _late_hooks(t, hooks.get("post_apply", []), "post_apply")
             return ApplyReport(
                 pid=pid, id=manifest.id,
@@ -316,15 +378,31 @@ def apply_to_process(
             )
         except UncleanHook:
             mapped.clear()  # see UncleanHook: never unmap what a half-run hook may use
+            keep = True
             raise
         finally:
             try:
                 for addr, size in reversed(mapped):
                     remote_munmap(t, addr, size)
+                if not keep:  # rolled back: nothing of the update is left in the process
+                    close_stale_descriptors(t, manifest.id)
+                    journal.remove_entry(pid, manifest.id)
             except LivespliceError:
                 pass  # the process is gone; nothing left to clean
             finally:
                 t.detach()
+
+
+def _journal(pid: int, update_id: str, stage: journal.Stage, record: StateRecord | None) -> None:
+    """Write the journal entry; without it undo would have no authority, so do not go on."""
+    try:
+        journal.write_entry(pid, update_id, stage, record)
+    except OSError as e:
+        raise NoPermission(
+            f"cannot write livesplice's journal in {run_dir()}: {e.strerror or e}",
+            advice="run as root (the journal lives in /run/livesplice), or set "
+            "LIVESPLICE_RUN_DIR to a private directory",
+        ) from None
 
 
 def _busy(plan: Any, tr: Any) -> tuple[int, int]:
@@ -358,113 +436,231 @@ def _safe_hooks(t: Tracee, hooks: list[tuple[str, int]]) -> None:
             remote_call(t, addr)
 
 
+# ---------------------------------------------------------------- what is in a process
+
+INCOMPLETE = "incomplete: NOT protecting (interrupted apply; run undo or apply again)"
+
+
+@dataclass
+class Present:
+    """One update found in a process, and where each piece of knowledge about it comes from.
+
+    The journal (root's own record) is the authority; the record inside the process is
+    evidence, shown and cross-checked. Without a journal entry the target's record is all
+    there is: view shows it as unverified, undo acts on it only with ``--from-target``.
+    """
+
+    id: str
+    mapping: StateMapping | None  # what /proc/PID/maps shows under the update's name
+    entry: journal.JournalEntry | None
+    target_record: StateRecord | None  # decoded (strictly) from the process
+    error: str = ""  # why the process's record is unusable
+
+    @property
+    def verified(self) -> bool:
+        return self.entry is not None
+
+    @property
+    def record(self) -> StateRecord | None:
+        """What undo may act on: the journal's record, else the process's."""
+        return self.entry.record if self.entry is not None else self.target_record
+
+    def disagreement(self) -> str:
+        """How the process's record differs from the journal's ("" when it does not)."""
+        if self.entry is None or self.entry.record is None or self.mapping is None:
+            return ""
+        if self.target_record is None:
+            return ("the record inside the process is " + (self.error or "missing")
+                    if self.mapping.record is not None else "")
+        j, t = self.entry.record, self.target_record
+        if (j.trampolines, j.code, j.data, j.hooks) != (t.trampolines, t.code, t.data, t.hooks):
+            return "the record inside the process differs from livesplice's journal"
+        return ""
+
+
+def updates_in(pid: int) -> list[Present]:
+    """Every update in ``pid`` -- from the journal and from the process -- in stacking order."""
+    entries = journal.entries_for(pid)
+    found: dict[str, Present] = {}
+    for rec, sm in read_records(pid):
+        found[sm.id] = Present(sm.id, sm, entries.pop(sm.id, None), rec, sm.error)
+    for uid, e in entries.items():
+        # journal only: nothing of the update is mapped any more (an undo killed after
+        # unmapping) or the process unmapped it; stale unless its jumps are still there
+        found[uid] = Present(uid, None, e, None)
+    return sorted(found.values(), key=lambda u: (u.record.sequence if u.record else 1 << 30,
+                                                 u.id))
+
+
+def state_of(pid: int, u: Present, others: list[Present]) -> str:
+    """The honest word for an update: ``applied`` only when every jump is in place."""
+    rec = u.record
+    if rec is None:
+        if u.entry is not None or (u.mapping is not None and u.mapping.record is None
+                                   and not u.error):
+            return INCOMPLETE
+        return f"invalid: {u.error}"
+    if rec.reverted:
+        return "undone (memory kept: still referenced)"
+    later = [o.record for o in others
+             if o.record is not None and o.record.sequence > rec.sequence]
+    status = trampoline_status(pid, rec, later)
+    if status == "applied":
+        return "applied"
+    if u.mapping is None and status == "loaded":
+        return "gone"  # nothing mapped, no jump: a finished undo whose entry was left
+    return INCOMPLETE
+
+
 # ---------------------------------------------------------------- undo
 
 
-def undo_in_process(
-    update_id: str, pid: int, *, retries: int = 5, interval: float = 1.0
-) -> float:
-    """Restore the original bytes of every trampoline, then unmap the update. Returns pause."""
-    from livesplice.process.ptrace import Tracee
-    from livesplice.process.remote import remote_munmap
-    from livesplice.process.stopwindow import StopWindow
+@dataclass
+class UndoReport:
+    pid: int
+    id: str
+    pause_us: float
+    warnings: list[str] = field(default_factory=list)
 
+
+def undo_in_process(
+    update_id: str, pid: int, *, retries: int = 5, interval: float = 1.0,
+    from_target: bool = False,
+) -> UndoReport:
+    """Restore the original bytes of every trampoline, then unmap the update.
+
+    What is written and called comes from the journal. ``from_target``: no journal entry
+    (``/run`` was cleared), act on the record inside the process after it passed the strict
+    checks of :meth:`StateRecord.decode` and :meth:`StateRecord.check_mappings`.
+    """
     check_process(pid)
     with process_lock(pid):
-        records = read_records(pid)
-        mine = [(r, sm) for r, sm in records if sm.id == update_id]
-        if not mine:
-            raise NotApplied(f"update {update_id} is not applied to process {pid}")
-        rec, sm = mine[0]
-        if rec is None and sm.record is None:
-            # An apply was interrupted before it wrote its record: trampolines are only ever
-            # written after the record, so nothing points into these mappings. Unmap them.
-            t = Tracee(pid)
-            try:
-                for rng in (sm.code, sm.data):
-                    if rng:
-                        remote_munmap(t, rng[0], rng[1] - rng[0])
-                close_stale_descriptors(t, update_id)
-            finally:
-                t.detach()
-            return 0.0
-        if rec is None:
+        return _undo_locked(update_id, pid, retries=retries, interval=interval,
+                            from_target=from_target)
+
+
+def _undo_locked(
+    update_id: str, pid: int, *, retries: int, interval: float, from_target: bool
+) -> UndoReport:
+    from livesplice.process.ptrace import Tracee
+    from livesplice.process.remote import remote_munmap
+    from livesplice.process.state import read_memory
+    from livesplice.process.stopwindow import StopWindow
+
+    present = updates_in(pid)
+    u = next((x for x in present if x.id == update_id), None)
+    if u is None:
+        raise NotApplied(f"update {update_id} is not applied to process {pid}")
+    report = UndoReport(pid, update_id, 0.0)
+    if not u.verified and not from_target:
+        raise NoPermission(
+            f"update {update_id} in process {pid} is not in livesplice's journal "
+            f"({run_dir()}/journal): the record inside the process is not trusted",
+            details=[f"from the process: {u.error}"] if u.error else [],
+            advice="if /run was cleared after a real apply, run undo again with "
+            "--from-target (the record is then validated against the process's mappings)",
+        )
+    if disagree := u.disagreement():
+        report.warnings.append(f"{disagree}; acting on the journal")
+    rec, sm = u.record, u.mapping
+    if rec is None:
+        if u.entry is None and (sm is None or sm.record is not None):
             raise NotApplied(
-                f"update {update_id} in process {pid} has an unreadable state record",
+                f"update {update_id} in process {pid} has an unusable state record: {u.error}",
                 advice="the process may be corrupted; restart it to be safe",
             )
-        later = [r for r, _ in records if r is not None and r.sequence > rec.sequence]
-        mine_addrs = {tr.address for tr in rec.trampolines}
-        blocking = [r.id for r in later if mine_addrs & {tr.address for tr in r.trampolines}]
-        if blocking:
-            raise UsageError(
-                f"update {update_id} has later updates stacked on it: {', '.join(blocking)}",
-                advice="undo those first (undo in reverse order of apply)",
-            )
-        from livesplice.process.state import read_memory
-
-        writes: list[tuple[int, bytes]] = []
-        for tr in rec.trampolines:
-            now = read_memory(pid, tr.address, len(bytes.fromhex(tr.jump))).hex()
-            if now == tr.jump:
-                writes.append((tr.address, bytes.fromhex(tr.original)))
-            elif now != tr.original:
-                raise UsageError(
-                    f"the entry of {tr.function} at {tr.address:#x} was changed by someone "
-                    "else since the update was applied",
-                    details=[f"expected {tr.jump} or {tr.original}, found {now}"],
-                    advice="refusing to overwrite code livesplice did not write",
-                )
-        t = Tracee(pid)
-        try:
-            _run_hooks(t, rec.hooks.get("pre_reverse", []), "pre_reverse")
-            # the loaded functions, decoded as code; an old record without them: the whole
-            # code mapping (conservatively)
-            busy = [(lo, hi, f"{name} (update {update_id})") for lo, hi, name in rec.functions] \
-                or [(rec.code[0], rec.code[1], f"update {update_id} replacement code")]
-            window = StopWindow(t, busy, retries=retries, interval=interval)
-            reverse_hooks = rec.hooks.get("reverse", [])
-            try:
-                stats = window.run(
-                    writes,
-                    expect=[bytes.fromhex(tr.jump) for tr in rec.trampolines
-                            if (tr.address, bytes.fromhex(tr.original)) in writes],
-                    inside=(lambda: _run_hooks(t, reverse_hooks, "reverse"))
-                    if reverse_hooks else None,
-                )
-            except (CodeBusy, HookFailed):
-                _safe_hooks(t, rec.hooks.get("fail_reverse", []))
-                raise
-            for w in _late_hooks(t, rec.hooks.get("post_reverse", []), "post_reverse"):
-                print(f"livesplice: warning: pid {pid}: {w}")
-            ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
-            t.stop()
-            try:
-                sps = [int(t.get_regs(tid).rsp) for tid in t.threads()]
-            finally:
-                t.resume()
-            held = pointers_into(pid, ours, exclude=[*ours, *([sm.record] if sm.record else [])],
-                                 stack_pointers=sps)
-            if held is None or held:
-                # The program still holds pointers into the update (a string the new code
-                # stored in a global, a callback registered with a new function): unmapping
-                # would crash it later. Keep the memory; the jumps are gone all the same.
-                rec.reverted = True
-                if sm.record:
-                    t.write(sm.record[0], rec.encode())
-                why = ("the program's writable memory is too large to scan" if held is None
-                       else "the program still holds pointers into it, e.g. at "
-                       + ", ".join(f"{a:#x}" for a in held[:3]))
-                print(f"livesplice: warning: pid {pid}: undo kept update {update_id}'s memory "
-                      f"mapped: {why}")
-            else:
-                for rng in (rec.code, rec.data, sm.record):
-                    if rng and rng[1] > rng[0]:
-                        remote_munmap(t, rng[0], rng[1] - rng[0])
+        # An apply was interrupted before it recorded anything: trampolines are only ever
+        # written after the record, so nothing points into these mappings. Unmap them.
+        with Tracee(pid) as t:
+            for rng in (sm.code, sm.data, sm.record) if sm else ():
+                if rng:
+                    remote_munmap(t, rng[0], rng[1] - rng[0])
             close_stale_descriptors(t, update_id)
-            return stats.pause_us
+        journal.remove_entry(pid, update_id)
+        return report
+    later = [x.record for x in present
+             if x.record is not None and x.record.sequence > rec.sequence]
+    mine_addrs = {tr.address for tr in rec.trampolines}
+    blocking = [r.id for r in later if mine_addrs & {tr.address for tr in r.trampolines}]
+    if blocking:
+        raise UsageError(
+            f"update {update_id} has later updates stacked on it: {', '.join(blocking)}",
+            advice="undo those first (undo in reverse order of apply)",
+        )
+    writes: list[tuple[int, bytes]] = []
+    for tr in rec.trampolines:
+        try:
+            now = read_memory(pid, tr.address, len(bytes.fromhex(tr.jump))).hex()
+        except OSError:
+            now = ""
+        if now == tr.jump:
+            writes.append((tr.address, bytes.fromhex(tr.original)))
+        elif now != tr.original:
+            raise UsageError(
+                f"the entry of {tr.function} at {tr.address:#x} was changed by someone "
+                "else since the update was applied",
+                details=[f"expected {tr.jump} or {tr.original}, found {now or 'nothing'}"],
+                advice="refusing to overwrite code livesplice did not write",
+            )
+    if sm is None and not writes:
+        journal.remove_entry(pid, update_id)  # nothing mapped, nothing written: stale entry
+        raise NotApplied(f"update {update_id} is not applied to process {pid}")
+    t = Tracee(pid)
+    try:
+        _run_hooks(t, rec.hooks.get("pre_reverse", []), "pre_reverse")
+        # the loaded functions, decoded as code; an old record without them: the whole
+        # code mapping (conservatively)
+        busy = [(lo, hi, f"{name} (update {update_id})") for lo, hi, name in rec.functions] \
+            or [(rec.code[0], rec.code[1], f"update {update_id} replacement code")]
+        window = StopWindow(t, busy, retries=retries, interval=interval)
+        reverse_hooks = rec.hooks.get("reverse", [])
+        try:
+            stats = window.run(
+                writes,
+                expect=[bytes.fromhex(tr.jump) for tr in rec.trampolines
+                        if (tr.address, bytes.fromhex(tr.original)) in writes],
+                inside=(lambda: _run_hooks(t, reverse_hooks, "reverse"))
+                if reverse_hooks else None,
+            )
+        except (CodeBusy, HookFailed):
+            _safe_hooks(t, rec.hooks.get("fail_reverse", []))
+            raise
+        report.pause_us = stats.pause_us
+        checkpoint("undo:after-stop")
+        report.warnings.extend(_late_hooks(t, rec.hooks.get("post_reverse", []),
+                                           "post_reverse"))
+        ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
+        t.stop()
+        try:
+            sps = [int(t.get_regs(tid).rsp) for tid in t.threads()]
         finally:
-            t.detach()
+            t.resume()
+        record_map = sm.record if sm else None
+        held = pointers_into(pid, ours, exclude=[*ours, *([record_map] if record_map else [])],
+                             stack_pointers=sps)
+        if held is None or held:
+            # The program still holds pointers into the update (a string the new code
+            # stored in a global, a callback registered with a new function): unmapping
+            # would crash it later. Keep the memory; the jumps are gone all the same.
+            rec.reverted = True
+            _journal(pid, update_id, "recorded", rec)
+            blob = rec.encode()
+            if record_map and len(blob) <= record_map[1] - record_map[0]:
+                t.write(record_map[0], blob)
+            why = ("the program's writable memory is too large to scan" if held is None
+                   else "the program still holds pointers into it, e.g. at "
+                   + ", ".join(f"{a:#x}" for a in held[:3]))
+            report.warnings.append(f"undo kept update {update_id}'s memory mapped: {why}")
+        else:
+            for rng in (rec.code, rec.data, record_map):
+                if rng and rng[1] > rng[0]:
+                    remote_munmap(t, rng[0], rng[1] - rng[0])
+            checkpoint("undo:unmapped")
+            journal.remove_entry(pid, update_id)
+        close_stale_descriptors(t, update_id)
+        return report
+    finally:
+        t.detach()
 
 
 POINTER_SCAN_LIMIT = int(os.environ.get("LIVESPLICE_POINTER_SCAN_LIMIT", str(4 << 30)))
@@ -539,150 +735,244 @@ def close_stale_descriptors(t: Tracee, update_id: str) -> None:
 
 
 def view_process(pid: int) -> list[dict[str, Any]]:
-    records = read_records(pid)
-    good = [r for r, _ in records if r is not None]
+    """What is applied to ``pid``, from the journal, cross-checked with the process."""
+    present = updates_in(pid)
     out: list[dict[str, Any]] = []
-    for rec, sm in records:
-        if rec is None:
-            state = "unreadable" if sm.record else "incomplete (interrupted apply; undo cleans up)"
-            out.append({"pid": pid, "id": sm.id, "state": state})
+    for u in present:
+        state = state_of(pid, u, present)
+        if state == "gone":
             continue
-        later = [r for r in good if r.sequence > rec.sequence]
-        state = trampoline_status(pid, rec, later)
-        if rec.reverted:
-            state = "undone (memory kept: still referenced)"
-        out.append(
-            {
-                "pid": pid,
-                "id": rec.id,
-                "description": rec.description,
-                "state": state,
-                "sequence": rec.sequence,
-                "functions": [tr.function for tr in rec.trampolines],
-                "targets": rec.targets,
-                "pause_us": rec.pause_us,
-                "applied_at": rec.applied_at,
-            }
-        )
+        row: dict[str, Any] = {"pid": pid, "id": u.id, "state": state,
+                               "verified": u.verified}
+        if not u.verified:
+            row["note"] = "not in livesplice's journal: read from the process only"
+        if disagree := u.disagreement():
+            row["warning"] = disagree
+        rec = u.record
+        if rec is not None:
+            row.update(
+                description=rec.description, sequence=rec.sequence,
+                functions=[tr.function for tr in rec.trampolines], targets=rec.targets,
+                pause_us=rec.pause_us, applied_at=rec.applied_at,
+            )
+        out.append(row)
     return out
-
-
-def patched_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/maps") as f:
-                if "/memfd:livesplice:" in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return sorted(pids)
 
 
 # ---------------------------------------------------------------- CLI glue
 
 
-def _target_pids(args: argparse.Namespace, manifest: Manifest | None) -> list[int]:
+def _target_pids(args: argparse.Namespace, manifest: Manifest) -> list[int]:
     if args.pid:
         return list(dict.fromkeys(args.pid))
-    if manifest is None:
-        return patched_pids()
     from livesplice.process.image import processes_running
 
     pids: set[int] = set()
     for t in manifest.targets:
-        pids.update(processes_running(t.name))
+        pids.update(processes_running(t.name, t.build_id))
     pids.discard(os.getpid())
     if not pids:
         raise NoMatch(
             "no running process uses a target of this update: "
-            + ", ".join(t.name for t in manifest.targets)
+            + ", ".join(printable(t.name) for t in manifest.targets)
         )
     return sorted(pids)
 
 
+def _outcome(failures: list[LivespliceError], successes: int) -> int:
+    """Exit code: OK, the failure's own code when nothing succeeded, PARTIAL otherwise."""
+    if not failures:
+        return ExitCode.OK
+    return int(failures[0].code) if not successes else ExitCode.PARTIAL
+
+
+def _say_failure(pid: int, e: LivespliceError) -> None:
+    """The error's paragraph, every line from it made printable (reasons can quote what a
+    process or an update file holds)."""
+    lines = [f"livesplice: pid {pid}: {e.abort}: {printable(e.reason)}"]
+    lines.extend(f"  {printable(d)}" for d in e.details)
+    if e.advice:
+        lines.append(f"what to do: {printable(e.advice)}")
+    print("\n".join(lines), file=sys.stderr)
+
+
 def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
-    """Apply ``update`` -- the object whose signature the CLI verified, never the path again."""
+    """Apply ``update`` -- the object whose signature the CLI verified, never the path again.
+
+    With ``--all``, a process whose candidate image turns out not to be the target (not a
+    valid ELF file, or run-pre matching says it is other code) is skipped with a note: a
+    decoy named like the target must not stop the real targets from being patched.
+    """
     manifest = update.manifest
     if any(t.kind in ("kernel", "kernel_module") for t in manifest.targets):
         raise UsageError("this is a kernel update; apply it without --pid on the patched machine")
     pids = _target_pids(args, manifest)
     reports: list[dict[str, Any]] = []
-    worst: LivespliceError | None = None
+    failures: list[LivespliceError] = []
+    applied = 0
     for pid in pids:
         try:
             r = apply_to_process(manifest, pid, retries=args.retries, interval=args.retry_interval)
-            reports.append({"pid": pid, "status": "applied", "pause_us": round(r.pause_us, 1),
-                            "attempts": r.attempts, "threads": r.threads,
-                            "ran_out": r.ran_out,
-                            "functions": r.functions, "warnings": r.warnings})
-            if not args.json:
-                ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
-                print(f"livesplice: applied {manifest.id} to pid {pid}: "
-                      f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
-                      f"({r.threads} threads{ran}, attempt {r.attempts})")
-                for w in r.warnings:
-                    print(f"livesplice: warning: {w}")
+        except NoMatch as e:
+            if not args.all:
+                failures.append(e)
+            reports.append({"pid": pid, "status": "skipped" if args.all else "failed",
+                            "abort": e.abort, "reason": e.reason, "details": e.details})
+            if args.all and not args.json:
+                print(f"livesplice: note: pid {pid} skipped: {printable(e.reason)}"
+                      + "".join(f"; {printable(d)}" for d in e.details[:3]), file=sys.stderr)
+            elif not args.json:
+                _say_failure(pid, e)
+            continue
         except LivespliceError as e:
-            worst = worst or e
+            failures.append(e)
             reports.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason,
                             "details": e.details})
             if not args.json:
-                print(e.render().replace("livesplice:", f"livesplice: pid {pid}:", 1),
-                      file=sys.stderr)
+                _say_failure(pid, e)
+            continue
+        applied += 1
+        reports.append({"pid": pid, "status": "applied", "pause_us": round(r.pause_us, 1),
+                        "attempts": r.attempts, "threads": r.threads, "ran_out": r.ran_out,
+                        "functions": r.functions, "warnings": r.warnings})
+        if not args.json:
+            ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
+            print(f"livesplice: applied {printable(manifest.id)} to pid {pid}: "
+                  f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
+                  f"({r.threads} threads{ran}, attempt {r.attempts})")
+            for w in r.warnings:
+                print(f"livesplice: warning: {printable(w)}")
+    if args.all and not applied and not failures:
+        failures.append(NoMatch(f"no running process runs a target of update {manifest.id}"))
+        if not args.json:
+            print(failures[0].render(), file=sys.stderr)
     if args.json:
         print(json.dumps({"id": manifest.id, "processes": reports}, indent=1))
-    return int(worst.code) if worst else ExitCode.OK
+    return _outcome(failures, applied)
 
 
-def cli_view(args: argparse.Namespace) -> int:
-    pids = list(dict.fromkeys(args.pid)) if args.pid else patched_pids()
-    rows: list[dict[str, Any]] = []
-    for pid in pids:
-        check_process(pid)
-        rows.extend(view_process(pid))
-    if args.json:
-        print(json.dumps({"processes": rows}, indent=1))
-        return ExitCode.OK
-    if not rows:
-        print("livesplice: no updates applied" + (f" to pid {', '.join(map(str, pids))}"
-                                                 if args.pid else ""))
-    for r in rows:
-        if "functions" not in r:
-            print(f"pid {r['pid']}: {r['id']} [{r['state']}]")
+def patched_pids() -> tuple[list[int], list[int]]:
+    """(pids with a livesplice mapping or a journal entry, pids we could not inspect)."""
+    pids: set[int] = set()
+    hidden: list[int] = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
             continue
-        pause = f", pause {r['pause_us']:.0f} us" if r.get("pause_us") is not None else ""
-        print(f"pid {r['pid']}: {r['id']} [{r['state']}] {r['description']}{pause}")
-        for fn in r["functions"]:
-            print(f"    replaced: {fn}")
-    return ExitCode.OK
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                if "/memfd:livesplice:" in f.read():
+                    pids.add(int(entry))
+        except PermissionError:
+            hidden.append(int(entry))
+        except OSError:
+            continue
+    try:
+        for name in os.listdir(journal.journal_dir()):
+            head = name.split("-", 1)[0]
+            if head.isdigit() and Path(f"/proc/{head}").is_dir():
+                pids.add(int(head))
+    except OSError:
+        pass
+    return sorted(pids), sorted(hidden)
+
+
+def view_rows(pids: list[int] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows of every update, problems per process) for the given pids, or every patched
+    process. Processes that exit during the scan are left out when no pid was named."""
+    hidden: list[int] = []
+    if pids is None:
+        pids_, hidden = patched_pids()
+        named = False
+    else:
+        pids_, named = pids, True
+    rows: list[dict[str, Any]] = []
+    problems: list[dict[str, Any]] = []
+    for pid in pids_:
+        try:
+            check_process(pid)
+            rows.extend(view_process(pid))
+        except TargetGone as e:
+            if named:
+                problems.append({"pid": pid, "abort": e.abort, "reason": e.reason})
+        except LivespliceError as e:
+            problems.append({"pid": pid, "abort": e.abort, "reason": e.reason})
+    if hidden:
+        problems.append({"pids": hidden, "abort": "NO_PERMISSION",
+                         "reason": f"could not inspect {len(hidden)} process(es) of other "
+                         "users (run as root to see every patched process)"})
+    return rows, problems
+
+
+def cli_view(args: argparse.Namespace, kernel_rows: list[Any] | None = None) -> int:
+    rows, problems = view_rows(list(dict.fromkeys(args.pid)) if args.pid else None)
+    invalid = [r for r in rows if str(r["state"]).startswith("invalid")]
+    if args.json:
+        doc: dict[str, Any] = {"processes": rows, "problems": problems}
+        if kernel_rows is not None:
+            doc["kernel"] = kernel_rows
+        print(json.dumps(doc, indent=1))
+    else:
+        if not rows:
+            print("livesplice: no updates applied to processes" + (
+                f" (pid {', '.join(map(str, args.pid))})" if args.pid else ""))
+        for r in rows:
+            head = f"pid {r['pid']}: {printable(r['id'])} [{printable(r['state'])}]"
+            if "description" in r:
+                pause = f", pause {r['pause_us']:.0f} us" if r.get("pause_us") is not None else ""
+                head += f" {printable(r['description'], 200)}{pause}"
+            print(head)
+            for key in ("note", "warning"):
+                if key in r:
+                    print(f"    {key}: {printable(r[key])}")
+            for fn in r.get("functions", []):
+                print(f"    replaced: {printable(fn)}")
+        for p in problems:
+            who = f"pid {p['pid']}" if "pid" in p else "livesplice"
+            print(f"{who}: {p['abort']}: {printable(p['reason'])}", file=sys.stderr)
+    if args.pid and len(problems) == len(args.pid) and not rows:
+        return ExitCode.TARGET_GONE if problems[0]["abort"] == "TARGET_GONE" \
+            else ExitCode.NO_PERMISSION
+    return ExitCode.PARTIAL if problems or invalid else ExitCode.OK
+
+
+def processes_with(update_id: str) -> list[int]:
+    """Pids in which ``update_id`` is present (journal or mapping)."""
+    out = []
+    for pid in patched_pids()[0]:
+        with suppress(OSError):
+            if any(u.id == update_id for u in updates_in(pid)):
+                out.append(pid)
+    return out
 
 
 def cli_undo(args: argparse.Namespace) -> int:
     if args.all:
-        pids = [p for p in patched_pids()
-                if any(sm.id == args.update_id for _, sm in read_records(p))]
+        pids = processes_with(args.update_id)
         if not pids:
-            raise NotApplied(f"update {args.update_id} is not applied to any process")
+            raise NotApplied(f"update {printable(args.update_id)} is not applied to any process")
     else:
         pids = list(dict.fromkeys(args.pid))
-    worst: LivespliceError | None = None
+    failures: list[LivespliceError] = []
     results = []
     for pid in pids:
         try:
-            pause = undo_in_process(args.update_id, pid, retries=args.retries,
-                                    interval=args.retry_interval)
-            results.append({"pid": pid, "status": "undone", "pause_us": round(pause, 1)})
-            if not args.json:
-                print(f"livesplice: undid {args.update_id} in pid {pid} (pause {pause:.0f} us)")
+            rep = undo_in_process(args.update_id, pid, retries=args.retries,
+                                  interval=args.retry_interval,
+                                  from_target=getattr(args, "from_target", False))
         except LivespliceError as e:
-            worst = worst or e
+            failures.append(e)
             results.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason})
             if not args.json:
-                print(e.render().replace("livesplice:", f"livesplice: pid {pid}:", 1),
-                      file=sys.stderr)
+                _say_failure(pid, e)
+            continue
+        results.append({"pid": pid, "status": "undone", "pause_us": round(rep.pause_us, 1),
+                        "warnings": rep.warnings})
+        if not args.json:
+            print(f"livesplice: undid {printable(args.update_id)} in pid {pid} "
+                  f"(pause {rep.pause_us:.0f} us)")
+            for w in rep.warnings:
+                print(f"livesplice: warning: pid {pid}: {printable(w)}")
     if args.json:
         print(json.dumps({"id": args.update_id, "processes": results}, indent=1))
-    return int(worst.code) if worst else ExitCode.OK
+    return _outcome(failures, len(pids) - len(failures))

@@ -349,30 +349,88 @@ def _looks_like_elf(path: str) -> bool:
         return False
 
 
-def find_images(pid: int, name: str, maps: list[Mapping] | None = None) -> list[MappedImage]:
-    """Every ELF file mapped in ``pid`` whose file name or soname is ``name``."""
+_ELF_ERRORS: tuple[type[BaseException], ...] | None = None
+
+
+def _elf_errors() -> tuple[type[BaseException], ...]:
+    """What parsing a malformed ELF file can raise (any local user can map one)."""
+    global _ELF_ERRORS
+    if _ELF_ERRORS is None:
+        import struct
+
+        from elftools.common.exceptions import ELFError, ELFParseError
+
+        _ELF_ERRORS = (OSError, ValueError, ELFError, ELFParseError, struct.error,
+                       IndexError, KeyError, AssertionError)
+    return _ELF_ERRORS
+
+
+@lru_cache(maxsize=1024)
+def _build_id_cached(path: str, _dev: int, _ino: int, _mtime: int) -> str:
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return ""
+        f.seek(0)
+        elf = ELFFile(f)
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_NOTE":
+                for note in seg.iter_notes():  # type: ignore[attr-defined]
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return str(note["n_desc"])
+    return ""
+
+
+def gnu_build_id(path: str) -> str:
+    """The GNU build-id (hex) of an ELF file; "" when it has none or is not a valid ELF."""
+    try:
+        st = os.stat(path)
+        return _build_id_cached(path, st.st_dev, st.st_ino, int(st.st_mtime_ns))
+    except _elf_errors():
+        return ""
+
+
+def find_images(
+    pid: int, name: str, maps: list[Mapping] | None = None, build_id: str = "",
+    skipped: list[str] | None = None,
+) -> list[MappedImage]:
+    """Every ELF file mapped in ``pid`` that is the target ``name``.
+
+    A file is the target when its GNU build-id is ``build_id`` -- whatever its path or name
+    (symlinked names such as Debian's redis-server -> redis-check-rdb, renames, files deleted
+    by an upgrade, other mount namespaces: the file is read through /proc/PID/map_files) --
+    or when its file name or soname is ``name`` (run-pre matching then decides: a stripped
+    archive binary has another build-id than the pre build). Files with the name that are
+    not valid ELF files are left out, with a note in ``skipped``.
+    """
     maps = read_maps(pid) if maps is None else maps
     out: list[MappedImage] = []
     for path, ms in images_by_path(pid, maps).items():
+        via = f"/proc/{pid}/map_files/{ms[0].start:x}-{ms[0].end:x}"
+        readable = via if os.path.exists(via) else _clean_path(path)
         base = os.path.basename(_clean_path(path))
+        by_id = bool(build_id) and gnu_build_id(readable) == build_id
         # cheap pre-filter: libfoo.so.1 is usually a symlink to libfoo.so.1.2.3
-        if base != name and not base.startswith(name.split(".so")[0]):
+        if not by_id and base != name and not base.startswith(name.split(".so")[0]):
             continue
-        if not _looks_like_elf(_clean_path(path)) and not os.path.exists(
-            f"/proc/{pid}/map_files/{ms[0].start:x}-{ms[0].end:x}"
-        ):
+        if not by_id and not _looks_like_elf(readable):
             continue
         try:
             img = MappedImage(pid, path, ms)
-        except (OSError, ValueError):
+        except _elf_errors() as e:
+            if skipped is not None and (by_id or base == name):
+                skipped.append(f"{_clean_path(path)} in process {pid}: not a valid ELF "
+                               f"file ({type(e).__name__})")
             continue
-        if img.matches_name(name):
+        if by_id or img.matches_name(name):
             out.append(img)
     return out
 
 
-def processes_running(name: str) -> list[int]:
-    """Pids whose executable or one of whose mapped libraries is ``name`` (file or soname)."""
+def processes_running(name: str, build_id: str = "") -> list[int]:
+    """Pids whose executable or one of whose mapped libraries is ``name`` (file or soname)
+    or has the GNU build-id ``build_id``."""
     pids: list[int] = []
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -387,8 +445,21 @@ def processes_running(name: str) -> list[int]:
             pids.append(pid)
             continue
         try:
-            if find_images(pid, name):
+            maps = read_maps(pid)
+            if any(_quick_candidate(pid, m, name, build_id) for m in maps):
                 pids.append(pid)
         except OSError:
             continue
     return sorted(pids)
+
+
+def _quick_candidate(pid: int, m: Mapping, name: str, build_id: str) -> bool:
+    """Could this mapping be the target? (by name, or by build-id read through map_files)"""
+    if not _is_file_path(m.path):
+        return False
+    base = os.path.basename(_clean_path(m.path))
+    if base == name or base.startswith(name.split(".so")[0]):
+        return True
+    if not build_id or m.offset != 0:
+        return False
+    return gnu_build_id(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}") == build_id

@@ -18,11 +18,12 @@ still tells the truth by comparing the bytes at each trampoline address with the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 MAGIC = b"LIVESPLICE-STATE"  # 16 bytes
 HEADER = struct.Struct("<16sII")  # magic, version, length of the JSON that follows
@@ -72,17 +73,222 @@ class StateRecord:
 
     @classmethod
     def decode(cls, blob: bytes) -> StateRecord:
+        """Parse a record read from a target, strictly.
+
+        The bytes come from memory the process's owner controls (any local user can map a
+        file named ``/memfd:livesplice:ID``): every field is checked for type, range and
+        size before anything uses it.
+
+        :raises BadStateRecord: with what is wrong.
+        """
+        if len(blob) < HEADER.size:
+            raise BadStateRecord("shorter than the record header")
         magic, version, length = HEADER.unpack_from(blob)
-        if magic != MAGIC or version != VERSION:
-            raise ValueError("not a livesplice state record")
-        raw: dict[str, Any] = json.loads(blob[HEADER.size : HEADER.size + length])
-        raw["trampolines"] = [TrampolineRecord(**t) for t in raw["trampolines"]]
-        raw["code"] = tuple(raw["code"])
-        raw["data"] = tuple(raw["data"])
-        raw["functions"] = [(int(a), int(b), str(n)) for a, b, n in raw.get("functions", [])]
-        hooks = raw.get("hooks", {})
-        raw["hooks"] = {k: [(str(n), int(a)) for n, a in v] for k, v in hooks.items()}
-        return cls(**raw)
+        if magic != MAGIC:
+            raise BadStateRecord("no livesplice state record magic")
+        if version != VERSION:
+            raise BadStateRecord(f"unknown record version {version}")
+        if length > RECORD_MAX or HEADER.size + length > len(blob):
+            raise BadStateRecord(f"record length {length} out of range")
+        try:
+            raw = json.loads(blob[HEADER.size : HEADER.size + length])
+        except (ValueError, RecursionError) as e:
+            raise BadStateRecord(f"record is not JSON: {e}") from None
+        return cls.from_json(raw)
+
+    @classmethod
+    def from_json(cls, raw: object) -> StateRecord:
+        """Build a record from decoded JSON, checking every field (see :meth:`decode`)."""
+        r = _Fields(raw, "record")
+        trampolines = [
+            TrampolineRecord(
+                function=t.text("function"), target=t.text("target"),
+                address=t.address("address"), original=t.hexbytes("original"),
+                jump=t.hexbytes("jump"), replacement=t.address("replacement"),
+                busy_start=t.address("busy_start"), busy_end=t.address("busy_end"),
+            )
+            for t in r.objects("trampolines", MAX_TRAMPOLINES)
+        ]
+        hooks_raw = r.mapping("hooks")
+        hooks: dict[str, list[tuple[str, int]]] = {}
+        for kind, entries in hooks_raw.items():
+            if kind not in HOOK_KINDS:
+                raise BadStateRecord(f"unknown hook kind {kind!r}")
+            if not isinstance(entries, list) or len(entries) > MAX_HOOKS:
+                raise BadStateRecord(f"hooks[{kind}]: not a list of at most {MAX_HOOKS}")
+            hooks[kind] = [_pair_name_addr(e, f"hooks[{kind}]") for e in entries]
+        functions = []
+        for f in r.seq("functions", MAX_FUNCTIONS):
+            if not (isinstance(f, list) and len(f) == 3):
+                raise BadStateRecord("functions: entries must be [start, end, name]")
+            functions.append((_addr(f[0], "functions"), _addr(f[1], "functions"),
+                              _text(f[2], "functions")))
+        pause = r.get("pause_us", None)
+        if pause is not None and not (isinstance(pause, int | float) and _is_number(pause)):
+            raise BadStateRecord("pause_us: not a number")
+        rec = cls(
+            id=r.text("id"),
+            description=r.text("description", MAX_DESCRIPTION),
+            sequence=r.integer("sequence", 1, 1 << 20),
+            applied_at=r.number("applied_at"),
+            trampolines=trampolines,
+            code=r.span("code"),
+            data=r.span("data"),
+            hooks=hooks,
+            targets=[_text(x, "targets") for x in r.seq("targets", MAX_TARGETS)],
+            pause_us=None if not isinstance(pause, int | float) else float(pause),
+            tool_pid=r.integer("tool_pid", 0, 1 << 22),
+            reverted=r.boolean("reverted"),
+            functions=functions,
+        )
+        if not ID_RE.fullmatch(rec.id):
+            raise BadStateRecord(f"invalid update id {rec.id!r}")
+        return rec
+
+    def check_mappings(self, sm: StateMapping) -> None:
+        """Cross-check the record with where the process really has this update's mappings.
+
+        A record may only point into the ``code`` mapping that ``/proc/PID/maps`` shows for
+        its own id: replacement code, hooks and loaded functions outside it are lies.
+
+        :raises BadStateRecord: the first inconsistency.
+        """
+        if sm.id != self.id:
+            raise BadStateRecord(f"record of {self.id!r} in the mapping of {sm.id!r}")
+        if sm.code is None:
+            raise BadStateRecord("no code mapping for this update")
+        lo, hi = sm.code
+
+        def inside(addr: int, what: str) -> None:
+            if not lo <= addr < hi:
+                raise BadStateRecord(f"{what} at {addr:#x} is outside the update's code "
+                                     f"mapping [{lo:#x}, {hi:#x})")
+
+        if not (self.code[0] >= lo and self.code[1] <= hi and self.code[0] < self.code[1]):
+            raise BadStateRecord("recorded code range differs from the code mapping")
+        for t in self.trampolines:
+            inside(t.replacement, f"replacement of {t.function}")
+            if len(t.jump) != len(t.original) or not t.jump:
+                raise BadStateRecord(f"trampoline of {t.function}: jump and original differ "
+                                     "in size")
+        for kind, entries in self.hooks.items():
+            for name, addr in entries:
+                inside(addr, f"{kind} hook {name}")
+        for start, end, name in self.functions:
+            inside(start, f"function {name}")
+            if not start < end <= hi:
+                raise BadStateRecord(f"function {name}: bad extent")
+
+
+class BadStateRecord(ValueError):
+    """A state record read from a target (or the journal) is malformed or inconsistent."""
+
+
+RECORD_MAX = 1 << 20  # bytes of JSON a record may have (a real one is a few KiB)
+MAX_TRAMPOLINES = 4096
+MAX_FUNCTIONS = 8192
+MAX_HOOKS = 16  # per kind
+MAX_TARGETS = 64
+MAX_DESCRIPTION = 4096
+MAX_TEXT = 512
+USER_ADDR_END = 1 << 47  # x86-64 user space (4-level paging; 5-level: 1 << 56)
+HOOK_KINDS = frozenset({"pre_apply", "apply", "post_apply", "fail_apply",
+                        "pre_reverse", "reverse", "post_reverse", "fail_reverse"})
+ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _addr(v: object, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < USER_ADDR_END:
+        raise BadStateRecord(f"{what}: not a user-space address: {v!r:.40}")
+    return v
+
+
+def _text(v: object, what: str, cap: int = MAX_TEXT) -> str:
+    if not isinstance(v, str) or len(v) > cap:
+        raise BadStateRecord(f"{what}: not a string of at most {cap} characters")
+    return v
+
+
+def _pair_name_addr(v: object, what: str) -> tuple[str, int]:
+    if not (isinstance(v, list) and len(v) == 2):
+        raise BadStateRecord(f"{what}: entries must be [name, address]")
+    return _text(v[0], what), _addr(v[1], what)
+
+
+class _Fields:
+    """Typed access to one JSON object; every getter raises BadStateRecord on a wrong type."""
+
+    def __init__(self, raw: object, what: str) -> None:
+        if not isinstance(raw, dict):
+            raise BadStateRecord(f"{what}: not an object")
+        self.raw: dict[str, object] = raw
+        self.what = what
+
+    def get(self, key: str, default: object = ...) -> object:
+        if key in self.raw:
+            return self.raw[key]
+        if default is ...:
+            raise BadStateRecord(f"{self.what}: missing {key!r}")
+        return default
+
+    def text(self, key: str, cap: int = MAX_TEXT) -> str:
+        return _text(self.get(key), f"{self.what}.{key}", cap)
+
+    def address(self, key: str) -> int:
+        return _addr(self.get(key), f"{self.what}.{key}")
+
+    def integer(self, key: str, lo: int, hi: int) -> int:
+        v = self.get(key, lo)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise BadStateRecord(f"{self.what}.{key}: not an integer in [{lo}, {hi}]")
+        return v
+
+    def number(self, key: str) -> float:
+        v = self.get(key)
+        if not isinstance(v, int | float) or not _is_number(v):
+            raise BadStateRecord(f"{self.what}.{key}: not a number")
+        return float(v)
+
+    def boolean(self, key: str) -> bool:
+        v = self.get(key, False)
+        if not isinstance(v, bool):
+            raise BadStateRecord(f"{self.what}.{key}: not true/false")
+        return v
+
+    def hexbytes(self, key: str) -> str:
+        v = self.text(key, 64)
+        if len(v) % 2 or not re.fullmatch(r"[0-9a-f]*", v):
+            raise BadStateRecord(f"{self.what}.{key}: not lowercase hex bytes")
+        return v
+
+    def span(self, key: str) -> tuple[int, int]:
+        v = self.get(key)
+        if not (isinstance(v, list) and len(v) == 2):
+            raise BadStateRecord(f"{self.what}.{key}: not [start, end]")
+        lo, hi = _addr(v[0], key), _addr(v[1], key)
+        if hi < lo:
+            raise BadStateRecord(f"{self.what}.{key}: end before start")
+        return lo, hi
+
+    def seq(self, key: str, cap: int) -> list[object]:
+        v = self.get(key, [])
+        if not isinstance(v, list) or len(v) > cap:
+            raise BadStateRecord(f"{self.what}.{key}: not a list of at most {cap}")
+        return v
+
+    def objects(self, key: str, cap: int) -> list[_Fields]:
+        return [_Fields(x, f"{self.what}.{key}[{i}]")
+                for i, x in enumerate(self.seq(key, cap))]
+
+    def mapping(self, key: str) -> dict[str, object]:
+        v = self.get(key, {})
+        if not isinstance(v, dict):
+            raise BadStateRecord(f"{self.what}.{key}: not an object")
+        return v
 
 
 @dataclass
@@ -95,6 +301,8 @@ class StateMapping:
     data: tuple[int, int] | None = None
     # memfd descriptors still open in the process (only after an interrupted apply)
     fds: list[int] = field(default_factory=list)
+    # why the record could not be used (unreadable, malformed, inconsistent); "" when fine
+    error: str = ""
 
 
 def update_mappings(pid: int) -> dict[str, StateMapping]:
@@ -146,16 +354,23 @@ def read_memory(pid: int, addr: int, size: int) -> bytes:
 
 
 def read_records(pid: int) -> list[tuple[StateRecord | None, StateMapping]]:
-    """Every update present in the process, in stacking order; None: unreadable record."""
+    """Every update present in the process, in stacking order.
+
+    None: no usable record; ``StateMapping.error`` says why (none mapped yet, unreadable,
+    malformed, or pointing outside its own mappings -- see :meth:`StateRecord.decode`).
+    """
     out: list[tuple[StateRecord | None, StateMapping]] = []
     for sm in update_mappings(pid).values():
         rec: StateRecord | None = None
         if sm.record is not None:
             try:
-                blob = read_memory(pid, sm.record[0], sm.record[1] - sm.record[0])
-                rec = StateRecord.decode(blob)
-            except (OSError, ValueError, KeyError, TypeError, struct.error):
-                rec = None
+                size = min(sm.record[1] - sm.record[0], HEADER.size + RECORD_MAX)
+                rec = StateRecord.decode(read_memory(pid, sm.record[0], size))
+                rec.check_mappings(sm)
+            except BadStateRecord as e:
+                rec, sm.error = None, str(e)
+            except OSError as e:
+                rec, sm.error = None, f"unreadable: {e.strerror or e}"
         out.append((rec, sm))
     out.sort(key=lambda p: (p[0].sequence if p[0] else 1 << 30, p[1].id))
     return out
@@ -170,7 +385,10 @@ def trampoline_status(pid: int, rec: StateRecord, later: list[StateRecord]) -> S
     """
     present = 0
     for tr in rec.trampolines:
-        now = read_memory(pid, tr.address, len(bytes.fromhex(tr.jump))).hex()
+        try:
+            now = read_memory(pid, tr.address, len(bytes.fromhex(tr.jump))).hex()
+        except OSError:
+            continue  # nothing readable there: not our jump
         expected = tr.jump
         for r in sorted(later, key=lambda r: r.sequence):
             for t in r.trampolines:

@@ -1,0 +1,197 @@
+"""The root-owned journal of applies: the authority for view and undo.
+
+A patched process carries a record of each update (process/state.py), but that memory belongs
+to whoever owns the process: any local user can map a file named ``/memfd:livesplice:ID`` in
+their own process and fill it with anything. So what undo writes and calls comes from here --
+one file per (process, update) in a directory only the tool's user can write
+(``/run/livesplice/journal`` for root) -- and the record inside the target is evidence that is
+cross-checked and shown, never an instruction.
+
+Entries are keyed by pid *and* the process's start time (field 22 of ``/proc/PID/stat``, in
+clock ticks since boot), so a recycled pid never matches an old entry. Each entry is written
+atomically (temporary file, fsync, rename), opened with ``O_NOFOLLOW`` and accepted only when
+owned by the tool's own user, so a planted symlink or a file of another user is ignored.
+
+Stages: ``mapping`` (apply has started to map memory into the process; no record yet -- undo
+may unmap this update's mappings), ``recorded`` (the full record: trampolines with original
+bytes, hooks, mappings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from livesplice.process.state import ID_RE, BadStateRecord, StateRecord
+
+Stage = Literal["mapping", "recorded"]
+ENTRY_MAX = 2 << 20  # bytes; a real entry is a few KiB
+
+
+def run_dir() -> Path:
+    """Where locks and the journal live: ``$LIVESPLICE_RUN_DIR``, else ``/run/livesplice``
+    for root and ``$XDG_RUNTIME_DIR/livesplice`` (or ``/tmp/livesplice-UID``) for others."""
+    env = os.environ.get("LIVESPLICE_RUN_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/livesplice")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "livesplice" if xdg else Path(f"/tmp/livesplice-{os.geteuid()}")
+
+
+class JournalUnavailable(OSError):
+    """The journal directory is missing, not ours, or not a directory."""
+
+
+def _private_dir(path: Path, *, create: bool) -> Path:
+    """``path`` as a directory owned by us, not writable by others, not a symlink."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700, parents=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise JournalUnavailable(f"{path} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise JournalUnavailable(f"{path} is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise JournalUnavailable(f"{path} is not private to uid {os.geteuid()}")
+    return path
+
+
+def journal_dir(*, create: bool = False) -> Path:
+    base = _private_dir(run_dir(), create=create)
+    return _private_dir(base / "journal", create=create)
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
+    # fields[0] is field 3 (state); start time is field 22
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+@dataclass
+class JournalEntry:
+    pid: int
+    start: int
+    id: str
+    stage: Stage
+    record: StateRecord | None
+
+
+def _name(pid: int, start: int, update_id: str) -> str:
+    if not ID_RE.fullmatch(update_id):
+        raise ValueError(f"invalid update id {update_id!r}")
+    return f"{pid}-{start}-{update_id}.json"
+
+
+def write_entry(pid: int, update_id: str, stage: Stage, record: StateRecord | None) -> None:
+    """Record (atomically) what apply did to ``pid``. Raises OSError if it cannot."""
+    start = process_start(pid)
+    if start is None:
+        raise FileNotFoundError(f"process {pid} is gone")
+    d = journal_dir(create=True)
+    name = _name(pid, start, update_id)
+    body = json.dumps({"pid": pid, "start": start, "id": update_id, "stage": stage,
+                       "record": asdict(record) if record else None}, sort_keys=True)
+    tmp = d / f".{name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, body.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, d / name)
+
+
+def _load(path: Path) -> JournalEntry:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise BadStateRecord(f"{path} is not a regular file of uid {os.geteuid()}")
+        if st.st_size > ENTRY_MAX:
+            raise BadStateRecord(f"{path} is too large")
+        raw = json.loads(os.read(fd, ENTRY_MAX))
+    except (ValueError, RecursionError) as e:
+        raise BadStateRecord(f"{path}: {e}") from None
+    finally:
+        os.close(fd)
+    if not isinstance(raw, dict) or raw.get("stage") not in ("mapping", "recorded"):
+        raise BadStateRecord(f"{path}: not a journal entry")
+    rec = None if raw.get("record") is None else StateRecord.from_json(raw["record"])
+    if rec is None and raw["stage"] == "recorded":
+        raise BadStateRecord(f"{path}: recorded entry without a record")
+    return JournalEntry(int(raw["pid"]), int(raw["start"]), str(raw["id"]), raw["stage"], rec)
+
+
+def read_entry(pid: int, update_id: str) -> JournalEntry | None:
+    """The journal's entry for this update in this very process (start time checked)."""
+    start = process_start(pid)
+    if start is None:
+        return None
+    try:
+        path = journal_dir() / _name(pid, start, update_id)
+        return _load(path)
+    except (OSError, ValueError):
+        return None
+
+
+def entries_for(pid: int) -> dict[str, JournalEntry]:
+    """Every journal entry of this process (this start time), by update id."""
+    start = process_start(pid)
+    out: dict[str, JournalEntry] = {}
+    if start is None:
+        return out
+    try:
+        d = journal_dir()
+        names = os.listdir(d)
+    except OSError:
+        return out
+    prefix = f"{pid}-{start}-"
+    for n in names:
+        if n.startswith(prefix) and n.endswith(".json"):
+            with contextlib.suppress(OSError, ValueError):
+                e = _load(d / n)
+                out[e.id] = e
+    return out
+
+
+def remove_entry(pid: int, update_id: str) -> None:
+    start = process_start(pid)
+    if start is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        os.unlink(journal_dir() / _name(pid, start, update_id))
+
+
+def prune() -> int:
+    """Delete entries of processes that no longer exist (or whose pid was recycled)."""
+    try:
+        d = journal_dir()
+        names = os.listdir(d)
+    except OSError:
+        return 0
+    gone = 0
+    for n in names:
+        parts = n.split("-", 2)
+        if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+            continue
+        if process_start(int(parts[0])) != int(parts[1]):
+            with contextlib.suppress(OSError):
+                os.unlink(d / n)
+                gone += 1
+    return gone
