@@ -867,6 +867,7 @@ def patched_pids() -> tuple[list[int], list[int]]:
             hidden.append(int(entry))
         except OSError:
             continue
+    journal.prune()  # entries of processes that ended while patched
     try:
         for name in os.listdir(journal.journal_dir()):
             head = name.split("-", 1)[0]
