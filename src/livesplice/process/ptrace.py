@@ -297,6 +297,10 @@ class Tracee:
                     continue
                 if not process_alive(self.pid):
                     raise TargetGone(f"process {self.pid} exited while attaching")
+                if err == 1 and _is_zombie(self.pid, tid):
+                    # ptrace_attach answers EPERM for a task that has exit_state set: the
+                    # thread exited between our zombie check and the seize
+                    continue
                 who = f" (already traced by pid {tracer})" if tracer else ""
                 raise NoPermission(
                     f"cannot trace thread {tid} of process {self.pid}: "
