@@ -24,10 +24,11 @@ import sys
 import tarfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from livesplice.update.archive import encode_update
+from livesplice.update.archive import MAGIC, SIZES, encode_update, open_envelope
 from livesplice.update.format import Manifest, Section, SymbolInfo, Target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,12 +269,35 @@ def test_bad_update_id(cli: Cli) -> None:
 
 def _tar_gz(members: dict[str, bytes]) -> bytes:
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, payload in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    return gzip.compress(raw.getvalue())
+    body = gzip.compress(raw.getvalue())
+    return MAGIC + SIZES.pack(0, 0, len(body)) + body
+
+
+def _tar_gz_raw(members: list[tuple[str, bytes]]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    body = gzip.compress(raw.getvalue())
+    return MAGIC + SIZES.pack(0, 0, len(body)) + body
+
+
+def _symlink_member() -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/shadow"
+        tar.addfile(info)
+    body = gzip.compress(raw.getvalue())
+    return MAGIC + SIZES.pack(0, 0, len(body)) + body
 
 
 def _valid_update() -> bytes:
@@ -291,11 +315,29 @@ def _valid_update() -> bytes:
 
 
 def _manifest_json(**changes: object) -> bytes:
-    with tarfile.open(fileobj=io.BytesIO(_valid_update()), mode="r:gz") as tar:
+    raw = _manifest_dict()
+    raw.update(changes)
+    return json.dumps(raw).encode()
+
+
+def _manifest_dict() -> dict[str, Any]:
+    env = open_envelope(_valid_update())
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(env.payload)), mode="r:") as tar:
         member = tar.extractfile("manifest.json")
         assert member is not None
-        raw = json.loads(member.read())
-    raw.update(changes)
+        raw: dict[str, Any] = json.loads(member.read())
+    return raw
+
+
+def _target_changed(**changes: object) -> bytes:
+    raw = _manifest_dict()
+    raw["targets"][0].update(changes)
+    return json.dumps(raw).encode()
+
+
+def _section_changed(**changes: object) -> bytes:
+    raw = _manifest_dict()
+    raw["targets"][0]["sections"][0].update(changes)
     return json.dumps(raw).encode()
 
 
@@ -310,6 +352,37 @@ MALFORMED = {
     "wrong-format": _tar_gz({"manifest.json": _manifest_json(format="ksplice/1")}),
     "missing-targets": _tar_gz({"manifest.json": b'{"format": "livesplice-update/1", "id": "x"}'}),
     "target-wrong-shape": _tar_gz({"manifest.json": _manifest_json(targets=[{"name": "x"}])}),
+    "old-format-1": gzip.compress(b"a gzip'd tar of format 1"),
+    "nested-json": _tar_gz({"manifest.json": b"[" * 100000}),
+    "unknown-field": _tar_gz({"manifest.json": _manifest_json(extra=1)}),
+    "id-int": _tar_gz({"manifest.json": _manifest_json(id=7)}),
+    "id-colon": _tar_gz({"manifest.json": _manifest_json(id="x:code")}),
+    "id-space": _tar_gz({"manifest.json": _manifest_json(id="a b")}),
+    "id-path": _tar_gz({"manifest.json": _manifest_json(id="../../etc/passwd")}),
+    "id-newline": _tar_gz({"manifest.json": _manifest_json(id="ok\nnew")}),
+    "id-empty": _tar_gz({"manifest.json": _manifest_json(id="")}),
+    "id-long": _tar_gz({"manifest.json": _manifest_json(id="a" * 300)}),
+    "target-twice": _tar_gz({"manifest.json": _manifest_json(
+        targets=_manifest_dict()["targets"] * 2)}),
+    "description-list": _tar_gz({"manifest.json": _manifest_json(description=["x"])}),
+    "kind-unknown": _tar_gz({"manifest.json": _target_changed(kind="firmware")}),
+    "build-id-not-hex": _tar_gz({"manifest.json": _target_changed(build_id="zz")}),
+    "symbols-a-list": _tar_gz({"manifest.json": _target_changed(symbols=[])}),
+    "size-negative": _tar_gz({"manifest.json": _section_changed(size=-1)}),
+    "size-huge": _tar_gz({"manifest.json": _section_changed(size=2**64)}),
+    "size-string": _tar_gz({"manifest.json": _section_changed(size="4")}),
+    "data-not-hex": _tar_gz({"manifest.json": _section_changed(data="zz")}),
+    "align-3": _tar_gz({"manifest.json": _section_changed(align=3)}),
+    "role-unknown": _tar_gz({"manifest.json": _section_changed(role="payload")}),
+    "reloc-outside": _tar_gz({"manifest.json": _section_changed(
+        relocs=[{"offset": 99, "type": "R_X86_64_PC32", "symbol": "x", "addend": 0}])}),
+    "reloc-offset-string": _tar_gz({"manifest.json": _section_changed(
+        relocs=[{"offset": "1", "type": "R_X86_64_PC32", "symbol": "x", "addend": 0}])}),
+    "executable-string": _tar_gz({"manifest.json": _section_changed(executable="yes")}),
+    "member-symlink": _symlink_member(),
+    "member-twice": _tar_gz_raw([("manifest.json", _manifest_json()),
+                                 ("manifest.json", _manifest_json())]),
+    "size-header-lies": _valid_update()[:-1],
 }
 
 
@@ -330,6 +403,20 @@ def test_inspect_malformed_update(cli: Cli, kind: str) -> None:
         proc = cli.run(*args)
         expect_error(proc, EXIT_USAGE, str(bad))
         assert proc.stdout == ""
+
+
+def test_apply_refuses_every_malformed_update_with_exit_2(cli: Cli) -> None:
+    """The apply path (signature first, then capped decompression, then the strict
+    manifest) gives MALFORMED_UPDATE or BAD_SIGNATURE -- never a traceback -- for each."""
+    for kind in sorted(MALFORMED):
+        bad = cli.tmp_path / f"{kind}.update"
+        bad.write_bytes(MALFORMED[kind])
+        for extra in ([], ["--allow-unsigned"]):
+            proc = cli.run("apply", str(bad), "--pid", "1", *extra)
+            assert proc.returncode == EXIT_USAGE, (kind, extra, proc.stderr)
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert ("MALFORMED_UPDATE" in proc.stderr or "BAD_INPUT" in proc.stderr
+                    or (not extra and "BAD_SIGNATURE" in proc.stderr)), (kind, proc.stderr)
 
 
 def test_inspect_missing_update(cli: Cli) -> None:

@@ -26,16 +26,21 @@ def prepared(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def rewrite_member(update: Path, out: Path, name: str, edit: object) -> None:
     """Copy an update, changing one member (the signature is kept as it was)."""
-    with tarfile.open(update, "r:gz") as tar:
+    from livesplice.update.archive import MAGIC, SIZES, open_envelope
+
+    env = open_envelope(update.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(env.payload)), mode="r:") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
     members[name] = edit(members[name])  # type: ignore[operator]
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for n, data in members.items():
             info = tarfile.TarInfo(n)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    out.write_bytes(gzip.compress(raw.getvalue()))
+    payload = gzip.compress(raw.getvalue())
+    sig = env.signature or b""
+    out.write_bytes(MAGIC + SIZES.pack(len(sig), 0, len(payload)) + sig + payload)
 
 
 def test_signed_update_applies_and_inspect_names_the_key(
@@ -46,6 +51,8 @@ def test_signed_update_applies_and_inspect_names_the_key(
     livesplice("create", "--patch", str(patch), "--id", "sign0001", "-o", str(update), str(tree))
     info = livesplice_json("inspect", str(update))
     assert info["signed"] and len(info["signer"]) == 16
+    assert info["signature"] == {"verdict": "valid", "key": info["signer"], "reason": ""}
+    assert f"signature: valid, by key {info['signer']}" in livesplice("inspect", str(update)).stdout
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1")

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show what an update file contains")
     i.add_argument("update", metavar="UPDATE", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument(
+        "--trusted-key", type=Path, action="append", metavar="PUB",
+        help="also trust this public key when judging the signature (as apply would)",
+    )
 
     a = sub.add_parser("apply", help="splice an update into running processes")
     a.add_argument("update", metavar="UPDATE", type=Path)
@@ -157,17 +161,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     update = read_update(args.update)
     if args.json:
-        print(json.dumps(inspect_json(update), indent=1, sort_keys=True))
+        print(json.dumps(inspect_json(update, args.trusted_key), indent=1, sort_keys=True))
     else:
-        print(inspect_text(update))
+        print(inspect_text(update, args.trusted_key))
     return ExitCode.OK
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from livesplice.update.archive import read_update
+    from livesplice.update.archive import load_update
 
-    update = read_update(args.update)
-    signer = update.verify(args.trusted_key, allow_unsigned=args.allow_unsigned)
+    # the signature is checked before anything in the file is decompressed or parsed
+    update = load_update(args.update, args.trusted_key, allow_unsigned=args.allow_unsigned)
+    signer = update.signer
     if not args.json:
         print(f"livesplice: update {update.manifest.id} "
               + (f"signed by key {signer}" if signer else "is NOT signed (--allow-unsigned)"))
@@ -226,6 +231,9 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
+    from livesplice.update.format import check_update_id
+
+    check_update_id(args.update_id)
     if not (args.pid or args.all):
         from livesplice.kernel.klp import module_name
 

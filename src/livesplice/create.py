@@ -13,7 +13,7 @@ from pathlib import Path
 from livesplice.build.records import BuildPair
 from livesplice.errors import UsageError
 from livesplice.update.archive import write_update
-from livesplice.update.format import Manifest
+from livesplice.update.format import Manifest, check_update_id
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -28,15 +28,6 @@ class CreateResult:
 def new_update_id() -> str:
     """Random 8 characters, like Ksplice's update ids."""
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
-
-
-def check_update_id(update_id: str) -> str:
-    if not (1 <= len(update_id) <= 32) or any(c not in ID_ALPHABET + "_-" for c in update_id):
-        raise UsageError(
-            f"bad update id {update_id!r}",
-            advice="use 1-32 characters from a-z, 0-9, '_' and '-'",
-        )
-    return update_id
 
 
 def create_update(

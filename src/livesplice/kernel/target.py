@@ -66,7 +66,6 @@ def create_kernel_update(
     from livesplice.create import (
         check_output_writable,
         check_source_tree,
-        check_update_id,
         describe_patch,
         new_update_id,
         read_patch,
@@ -80,6 +79,8 @@ def create_kernel_update(
     t0 = time.monotonic()
     ksrc = check_source_tree(ksrc)
     patch_text = read_patch(patch)
+    from livesplice.update.format import check_update_id
+
     uid = check_update_id(update_id) if update_id else new_update_id()
     out = output if output is not None else Path(f"livesplice-{uid}.update")
     check_output_writable(out)

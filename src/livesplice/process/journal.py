@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from livesplice.process.state import ID_RE, BadStateRecord, StateRecord
+from livesplice.process.state import BadStateRecord, StateRecord
+from livesplice.update.format import ID_PATTERN
 
 Stage = Literal["mapping", "recorded"]
 ENTRY_MAX = 2 << 20  # bytes; a real entry is a few KiB
@@ -92,7 +93,7 @@ class JournalEntry:
 
 
 def _name(pid: int, start: int, update_id: str) -> str:
-    if not ID_RE.fullmatch(update_id):
+    if not ID_PATTERN.fullmatch(update_id):
         raise ValueError(f"invalid update id {update_id!r}")
     return f"{pid}-{start}-{update_id}.json"
 

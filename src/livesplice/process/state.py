@@ -25,6 +25,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from livesplice.update.format import ID_PATTERN
+
 MAGIC = b"LIVESPLICE-STATE"  # 16 bytes
 HEADER = struct.Struct("<16sII")  # magic, version, length of the JSON that follows
 VERSION = 1
@@ -141,7 +143,7 @@ class StateRecord:
             reverted=r.boolean("reverted"),
             functions=functions,
         )
-        if not ID_RE.fullmatch(rec.id):
+        if not ID_PATTERN.fullmatch(rec.id):
             raise BadStateRecord(f"invalid update id {rec.id!r}")
         return rec
 
@@ -194,7 +196,6 @@ MAX_TEXT = 512
 USER_ADDR_END = 1 << 47  # x86-64 user space (4-level paging; 5-level: 1 << 56)
 HOOK_KINDS = frozenset({"pre_apply", "apply", "post_apply", "fail_apply",
                         "pre_reverse", "reverse", "post_reverse", "fail_reverse"})
-ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 def _is_number(v: object) -> bool:

@@ -1,10 +1,15 @@
 """The update file: the contract between ``create`` (build/diff/package) and ``apply``.
 
-An update file is a deterministic gzip-compressed tar archive::
+An update file (see :mod:`livesplice.update.archive`) is a small envelope -- magic, sizes,
+an Ed25519 signature -- around a deterministic gzip-compressed tar archive::
 
     manifest.json      everything apply needs (this module's :class:`Manifest`)
     patch              the patch text, verbatim
-    signature          reserved: a detached signature over manifest.json (signing comes later)
+    <extra members>    target-specific (a kernel update's module and kernel.json)
+
+The manifest is decoded strictly (:func:`manifest_from_dict`): every field against the
+dataclasses' own type hints, then ranges and relations (one target once, sections inside
+their sizes, hex that is hex, the one update-id rule of :func:`check_update_id`).
 
 Code and data travel inside the manifest as hex strings, together with their relocations, so
 ``apply`` never needs the original object files.
@@ -30,7 +35,12 @@ diff correlates renamed static locals such as ``counter.1`` -> ``counter.2``).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -162,22 +172,147 @@ class Manifest:
         return manifest_from_dict(raw)
 
 
-def _section_from_dict(d: dict[str, Any]) -> Section:
-    d = dict(d)
-    d["relocs"] = [Reloc(**r) for r in d.get("relocs", [])]
-    return Section(**d)
+# ---------------------------------------------------------------- strict decoding
+#
+# A manifest comes from a file that may be hostile (and, under --allow-unsigned, unsigned):
+# every field is checked against the dataclass's own type hints, then against the ranges and
+# relations apply relies on, before any of it is used. One rule per idea, in one place.
+
+ID_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
+MAX_ITEMS = 1 << 16  # entries in any list or object of a manifest
+MAX_STRING = 1 << 26  # characters of any one string (hex code of a big function included)
+MAX_SECTION = 1 << 24  # bytes of one section
 
 
-def _target_from_dict(d: dict[str, Any]) -> Target:
-    d = dict(d)
-    d["sections"] = [_section_from_dict(s) for s in d["sections"]]
-    d["symbols"] = {k: SymbolInfo(**v) for k, v in d["symbols"].items()}
-    return Target(**d)
+def check_update_id(update_id: object) -> str:
+    """The one rule for update ids (create, apply, view, undo, the kernel module name):
+    1-32 characters from a-z, 0-9, '_' and '-'. Ids become memfd names (``livesplice:ID``),
+    journal file names and module names, so nothing else is allowed in them.
+
+    :raises UsageError: with the rule.
+    """
+    if not isinstance(update_id, str) or not ID_PATTERN.fullmatch(update_id):
+        from livesplice.errors import UsageError
+
+        raise UsageError(
+            f"bad update id {update_id!r:.80}",
+            advice="use 1-32 characters from a-z, 0-9, '_' and '-'",
+        )
+    return update_id
 
 
-def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
-    """Build a :class:`Manifest` from parsed JSON; raises KeyError/TypeError on bad shape."""
-    raw = dict(raw)
-    raw["targets"] = [_target_from_dict(t) for t in raw["targets"]]
-    raw["hooks"] = [Hook(**h) for h in raw.get("hooks", [])]
-    return Manifest(**raw)
+class _Bad(ValueError):
+    pass
+
+
+def _decode(tp: Any, raw: object, where: str) -> Any:
+    """``raw`` (decoded JSON) as a value of type ``tp``, or :class:`_Bad` saying where."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return raw
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _decode_dataclass(tp, raw, where)
+    if origin is Literal:
+        if raw not in typing.get_args(tp) or isinstance(raw, bool):
+            raise _Bad(f"{where}: {raw!r:.60} is not one of {typing.get_args(tp)}")
+        return raw
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if raw is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _decode(rest[0], raw, where)
+    if origin is list:
+        if not isinstance(raw, list) or len(raw) > MAX_ITEMS:
+            raise _Bad(f"{where}: not a list of at most {MAX_ITEMS} items")
+        (item,) = typing.get_args(tp)
+        return [_decode(item, x, f"{where}[{i}]") for i, x in enumerate(raw)]
+    if origin is dict:
+        if not isinstance(raw, dict) or len(raw) > MAX_ITEMS:
+            raise _Bad(f"{where}: not an object of at most {MAX_ITEMS} entries")
+        _k, v = typing.get_args(tp)
+        return {str(k): _decode(v, x, f"{where}.{k}") for k, x in raw.items()}
+    if tp is bool:
+        if not isinstance(raw, bool):
+            raise _Bad(f"{where}: not true/false")
+        return raw
+    if tp is int:
+        if not isinstance(raw, int) or isinstance(raw, bool) or abs(raw) >= 1 << 63:
+            raise _Bad(f"{where}: not a 64-bit integer")
+        return raw
+    if tp is str:
+        if not isinstance(raw, str) or len(raw) > MAX_STRING:
+            raise _Bad(f"{where}: not a string")
+        return raw
+    raise _Bad(f"{where}: cannot decode type {tp}")  # a type this decoder does not know
+
+
+@functools.cache
+def _shape(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _decode_dataclass(cls: type, raw: object, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise _Bad(f"{where}: not an object")
+    hints, fields = _shape(cls)
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise _Bad(f"{where}: unknown field(s) {sorted(unknown)!r:.80}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _Bad(f"{where}: missing field {name!r}")
+            continue
+        values[name] = _decode(hints[name], raw[name], f"{where}.{name}")
+    return cls(**values)
+
+
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+def _check_manifest(m: Manifest) -> None:
+    """Relations the types alone do not say (ranges, uniqueness, references)."""
+    if not ID_PATTERN.fullmatch(m.id):
+        raise _Bad(f"id {m.id!r:.80} breaks the rule for update ids (1-32 characters from "
+                   "a-z, 0-9, '_' and '-')")
+    names = [t.name for t in m.targets]
+    if len(set(names)) != len(names):
+        raise _Bad(f"targets: {sorted({n for n in names if names.count(n) > 1})!r:.80} listed "
+                   "twice (a function would be patched twice)")
+    for t in m.targets:
+        if t.build_id and not _HEX.fullmatch(t.build_id):
+            raise _Bad(f"target {t.name!r:.60}: build_id is not hex")
+        seen: set[tuple[str, str]] = set()
+        for s in t.sections:
+            where = f"target {t.name!r:.60} section {s.key!r:.60}"
+            if (s.key, s.role) in seen:
+                raise _Bad(f"{where}: listed twice as {s.role}")
+            seen.add((s.key, s.role))
+            if not 0 <= s.size <= MAX_SECTION or not _HEX.fullmatch(s.data) \
+                    or len(s.data) > 2 * s.size:
+                raise _Bad(f"{where}: size/data out of range or data not hex")
+            if s.align < 1 or s.align & (s.align - 1) or s.align > 1 << 16:
+                raise _Bad(f"{where}: alignment {s.align} is not a power of two <= 65536")
+            for r in s.relocs:
+                if not 0 <= r.offset <= s.size - 1:
+                    raise _Bad(f"{where}: relocation at {r.offset} outside the section")
+            for key, off in s.symbols.items():
+                if not 0 <= off <= s.size:
+                    raise _Bad(f"{where}: symbol {key!r:.60} at {off} outside the section")
+    for h in m.hooks:
+        if h.kind not in HOOK_KINDS:
+            raise _Bad(f"hook {h.function!r:.60}: unknown kind {h.kind!r:.40}")
+
+
+def manifest_from_dict(raw: object) -> Manifest:
+    """A :class:`Manifest` from decoded JSON, every field checked (see above).
+
+    :raises ValueError: what is wrong and where (the archive reader turns it into
+        MALFORMED_UPDATE).
+    """
+    m = _decode_dataclass(Manifest, raw, "manifest")
+    assert isinstance(m, Manifest)
+    _check_manifest(m)
+    return m

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from livesplice.text import printable
 from livesplice.update.archive import UpdateFile
 
 
-def inspect_json(update: UpdateFile) -> dict[str, Any]:
+def signature_verdict(update: UpdateFile, trusted: list[Path] | None = None) -> dict[str, Any]:
+    """The verdict ``apply`` would reach on this machine, without --allow-unsigned:
+    ``valid`` (by a trusted key), ``untrusted`` (signed by a key not trusted here: not
+    checked), ``INVALID`` (bad or malformed signature) or ``unsigned``."""
+    from livesplice.update.signing import SignatureError
+
+    if update.signature is None:
+        return {"verdict": "unsigned", "key": None, "reason": "the update is not signed"}
+    try:
+        kid = update.verify(trusted)
+    except SignatureError as e:
+        key = _signer(update)
+        kind = "untrusted" if "not trusted" in e.reason else "INVALID"
+        return {"verdict": kind, "key": key, "reason": e.reason}
+    return {"verdict": "valid", "key": kid, "reason": ""}
+
+
+def inspect_json(update: UpdateFile, trusted: list[Path] | None = None) -> dict[str, Any]:
     m = update.manifest
     return {
         "id": m.id,
@@ -17,6 +36,7 @@ def inspect_json(update: UpdateFile) -> dict[str, Any]:
         "patch_sha256": m.patch_sha256,
         "signed": update.signature is not None,
         "signer": _signer(update),
+        "signature": signature_verdict(update, trusted),
         "targets": [
             {
                 "name": t.name,
@@ -46,24 +66,35 @@ def _signer(update: UpdateFile) -> str | None:
         return "malformed"
 
 
-def inspect_text(update: UpdateFile) -> str:
-    info = inspect_json(update)
+_VERDICT_WORDS = {
+    "valid": "valid, by key {key}",
+    "untrusted": "by key {key}, which is NOT trusted here (apply would refuse)",
+    "INVALID": "INVALID ({reason})",
+    "unsigned": "unsigned (apply refuses it without --allow-unsigned)",
+}
+
+
+def inspect_text(update: UpdateFile, trusted: list[Path] | None = None) -> str:
+    """Every line made printable: the update may come from anyone."""
+    info = inspect_json(update, trusted)
+    sig = info["signature"]
     lines = [
-        f"update {info['id']}: {info['description']}",
-        f"  compiler: {info['compiler']}",
-        f"  signed:   {'by key ' + info['signer'] if info['signed'] else 'no'}",
+        f"update {info['id']}: {printable(info['description'])}",
+        f"  compiler:  {printable(info['compiler'])}",
+        f"  signature: {printable(_VERDICT_WORDS[sig['verdict']].format(**sig))}",
     ]
     for t in info["targets"]:
-        lines.append(f"  target {t['name']} ({t['kind']}, build-id {t['build_id'] or 'none'})")
+        lines.append(f"  target {printable(t['name'])} ({t['kind']}, "
+                     f"build-id {t['build_id'] or 'none'})")
         for label, key in (
             ("changed function", "changed_functions"),
             ("new function", "new_functions"),
             ("new data", "new_data"),
         ):
             for name in t[key]:
-                lines.append(f"    {label}: {name}")
+                lines.append(f"    {label}: {printable(name)}")
     for h in info["hooks"]:
-        lines.append(f"  hook {h['kind']}: {h['function']} ({h['target']})")
+        lines.append(f"  hook {h['kind']}: {printable(h['function'])} ({printable(h['target'])})")
     for w in info["warnings"]:
-        lines.append(f"  warning: {w}")
+        lines.append(f"  warning: {printable(w)}")
     return "\n".join(lines)

@@ -1,15 +1,15 @@
 """Signed updates: who made this update, and is it the update they made?
 
-An update file carries a ``signature`` member (see :mod:`livesplice.update.archive`): an
-Ed25519 signature over a *statement* that lists the SHA-256 of every other member::
+An update file carries a signature beside its payload (see :mod:`livesplice.update.archive`):
+an Ed25519 signature over a *statement* naming the SHA-256 of the payload's exact bytes::
 
-    livesplice-signature/1
-    <sha256 hex> manifest.json
-    <sha256 hex> patch
-    <sha256 hex> <extra member>...        (sorted by name)
+    livesplice-signature/2
+    payload sha256 <hex>
 
 so nothing in the update (code, patch text, a kernel module) can change without breaking the
-signature. The member itself is JSON: ``{"algorithm": "ed25519", "key_id": ..., "signature": ...}``
+signature, and the check needs no decompression or parsing of what it protects: an update
+from an untrusted source is refused before any of it is unpacked. The signature is JSON:
+``{"algorithm": "ed25519", "key_id": ..., "signature": ...}``
 where ``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key.
 
 ``apply`` trusts the public keys in a trust directory (``/etc/livesplice/trusted-keys`` or
@@ -23,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from livesplice.errors import LivespliceError, UsageError
 
-STATEMENT_HEADER = "livesplice-signature/1"
+STATEMENT_HEADER = "livesplice-signature/2"
 DEFAULT_TRUST_DIR = Path("/etc/livesplice/trusted-keys")
 
 
@@ -40,12 +41,9 @@ class SignatureError(LivespliceError):
     abort = "BAD_SIGNATURE"
 
 
-def statement(members: dict[str, bytes]) -> bytes:
-    """What is signed: a digest line per member, in a fixed order."""
-    lines = [STATEMENT_HEADER]
-    for name in sorted(members):
-        lines.append(f"{hashlib.sha256(members[name]).hexdigest()} {name}")
-    return ("\n".join(lines) + "\n").encode()
+def statement(payload: bytes) -> bytes:
+    """What is signed: the digest of the payload, under a versioned header."""
+    return f"{STATEMENT_HEADER}\npayload sha256 {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
 def _crypto() -> Any:
@@ -83,8 +81,8 @@ def generate_key() -> KeyPair:
     return KeyPair(priv, pem, key_id(raw))
 
 
-def sign(members: dict[str, bytes], private_key: Path) -> bytes:
-    """The ``signature`` member for these members, signed with the PEM key at ``private_key``."""
+def sign(payload: bytes, private_key: Path) -> bytes:
+    """The signature of this payload, signed with the PEM key at ``private_key``."""
     serialization, ed25519 = _crypto()
     try:
         key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
@@ -97,7 +95,7 @@ def sign(members: dict[str, bytes], private_key: Path) -> bytes:
     raw = key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
-    sig = key.sign(statement(members))
+    sig = key.sign(statement(payload))
     body = {"algorithm": "ed25519", "key_id": key_id(raw), "signature": sig.hex()}
     return (json.dumps(body, sort_keys=True) + "\n").encode()
 
@@ -138,7 +136,7 @@ def trust_paths(extra: list[Path] | None) -> list[Path]:
 
 
 def verify(
-    members: dict[str, bytes],
+    payload: bytes,
     signature: bytes | None,
     trusted: list[Path] | None = None,
     *,
@@ -159,10 +157,12 @@ def verify(
     try:
         body = json.loads(signature)
         kid, sig = str(body["key_id"]), bytes.fromhex(body["signature"])
+        if len(sig) != 64 or not re.fullmatch(r"[0-9a-f]{16}", kid):
+            raise ValueError("not an Ed25519 signature with a key id")
         if body.get("algorithm") != "ed25519":
             raise ValueError(f"unknown algorithm {body.get('algorithm')!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise SignatureError(f"the update's signature is malformed ({e})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise SignatureError(f"the update's signature is malformed ({e!s:.100})") from None
     keys = load_public_keys(trust_paths(trusted))
     pub = keys.get(kid)
     if pub is None:
@@ -178,7 +178,7 @@ def verify(
     from cryptography.exceptions import InvalidSignature
 
     try:
-        pub.verify(sig, statement(members))
+        pub.verify(sig, statement(payload))
     except InvalidSignature:
         raise SignatureError(
             f"BAD signature by key {kid}: the update was modified after it was signed",
