@@ -193,6 +193,11 @@ def test_fake_state_mappings_neither_crash_nor_steer_view_and_undo(
         assert took < 10, took
         prog.drain()
         prog.wait_for("value 1")
+        # even named explicitly with the real update as evidence, the fake is refused: the
+        # update has no hook "evil"
+        r = livesplice("undo", "host0001", "--pid", str(fpid), "--from-target", str(update),
+                       check=False)
+        assert r.returncode == 8 and "does not match the update file" in r.stderr, r.stderr
         assert not marker.exists(), "root's livesplice attached to the user's process"
         assert faker.alive()
         # the undone update left nothing behind: no journal entry, no lock file
@@ -231,13 +236,37 @@ def test_without_the_journal_view_is_read_only_and_undo_needs_from_target(
     [entry] = journal.entries_for(prog.pid).values()
     path = journal.journal_dir() / f"{prog.pid}-{entry.start}-host0001.json"
     path.unlink()
+    # what --from-target accepts: the real record; forged originals, jumps or hooks: no
+    import dataclasses
+
+    from livesplice.errors import NoPermission
+    from livesplice.process.apply import check_record_against_update
+    from livesplice.update.archive import read_update
+
+    manifest = read_update(update).manifest
+    assert entry.record is not None
+    check_record_against_update(entry.record, manifest, prog.pid)
+    tr = entry.record.trampolines[0]
+    for forged in (
+        dataclasses.replace(tr, original="cc" + tr.original[2:]),
+        dataclasses.replace(tr, jump="e9" + "00000000"),
+        dataclasses.replace(tr, function="main"),
+        dataclasses.replace(tr, address=tr.replacement),  # not in the program's code
+    ):
+        rec = dataclasses.replace(entry.record, trampolines=[forged])
+        with pytest.raises(NoPermission):
+            check_record_against_update(rec, manifest, prog.pid)
+    with pytest.raises(NoPermission):
+        check_record_against_update(
+            dataclasses.replace(entry.record, hooks={"pre_reverse": [("evil", 1)]}),
+            manifest, prog.pid)
     [row] = livesplice_json("view", "--pid", str(prog.pid))["processes"]
     assert row["state"] == "applied" and row["verified"] is False
     r = livesplice("undo", "host0001", "--pid", str(prog.pid), check=False)
     assert r.returncode == 8 and "--from-target" in r.stderr, r.stderr
     prog.drain()
     prog.wait_for("value 2")  # untouched
-    livesplice("undo", "host0001", "--pid", str(prog.pid), "--from-target")
+    livesplice("undo", "host0001", "--pid", str(prog.pid), "--from-target", str(update))
     prog.drain()
     prog.wait_for("value 1")
 
@@ -256,7 +285,7 @@ def test_journal_entry_of_a_recycled_pid_never_matches(patched: tuple[Running, P
     finally:
         if stale.exists():
             stale.rename(real)
-    livesplice("undo", "host0001", "--pid", str(prog.pid), "--from-target")
+    livesplice("undo", "host0001", "--pid", str(prog.pid), "--from-target", str(update))
 
 
 def test_kernel_threads_zombies_and_unknown_ids_are_clear_errors(tmp_path: Path) -> None:

@@ -105,9 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     uwho.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
     uwho.add_argument("--all", action="store_true", help="every process with the update")
     u.add_argument(
-        "--from-target", action="store_true",
+        "--from-target", type=Path, metavar="UPDATE",
         help="no journal entry (/run/livesplice cleared): undo from the record inside the "
-        "process, after checking it against the process's own mappings",
+        "process, after checking it against the process's mappings and this signed update",
+    )
+    u.add_argument(
+        "--trusted-key", type=Path, action="append", metavar="PUB",
+        help="trust this public key for --from-target's update (repeatable)",
+    )
+    u.add_argument(
+        "--allow-unsigned", action="store_true",
+        default=os.environ.get("LIVESPLICE_ALLOW_UNSIGNED") == "1",
+        help="accept an unsigned update for --from-target",
     )
     u.add_argument("--retries", type=int, default=5)
     u.add_argument("--retry-interval", type=float, default=1.0)
@@ -255,7 +264,13 @@ def cmd_undo(args: argparse.Namespace) -> int:
                          "nor to any process")
     from livesplice.process.apply import cli_undo
 
-    return cli_undo(args)
+    vouch = None
+    if args.from_target is not None:
+        from livesplice.update.archive import load_update
+
+        vouch = load_update(args.from_target, args.trusted_key,
+                            allow_unsigned=args.allow_unsigned).manifest
+    return cli_undo(args, vouch)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from livesplice.errors import (
     CodeBusy,
@@ -263,7 +263,7 @@ def apply_to_process(
         if mine is not None:
             # an interrupted apply of this very update (journal-backed): clean it up first
             _undo_locked(manifest.id, pid, retries=retries, interval=interval,
-                         from_target=False)
+                         from_target=None)
             present.pop(manifest.id)
         existing = [u.record for u in present.values() if u.record is not None]
         prepared = prepare(manifest, pid)
@@ -515,6 +515,49 @@ def state_of(pid: int, u: Present, others: list[Present]) -> str:
 # ---------------------------------------------------------------- undo
 
 
+def check_record_against_update(rec: StateRecord, manifest: Manifest, pid: int) -> None:
+    """Without the journal, a record read from the process is acted on only if the update
+    the operator names (signature-checked by the CLI) vouches for every field undo uses.
+
+    :raises NoPermission: the first field the update does not vouch for.
+    """
+    from livesplice.process.image import read_maps
+
+    def refuse(why: str) -> NoReturn:
+        raise NoPermission(
+            f"the record of update {rec.id} in process {pid} does not match the update file",
+            details=[why], advice="this record was not written by livesplice for this update; "
+            "do not act on it (restart the process to be rid of it)",
+        )
+
+    code = [(m.start, m.end) for m in read_maps(pid)
+            if m.executable and m.path.startswith("/") and "/memfd:" not in m.path]
+    for tr in rec.trampolines:
+        target = next((t for t in manifest.targets if t.name == tr.target), None)
+        pre = next((s for s in (target.sections if target else [])
+                    if s.role == "pre" and s.name == tr.function and s.executable), None)
+        if pre is None:
+            refuse(f"{tr.target}:{tr.function} is not a function the update replaces")
+        original, jump = bytes.fromhex(tr.original), bytes.fromhex(tr.jump)
+        wild = {o for r in pre.relocs for o in range(r.offset, r.offset + 4)}
+        body = pre.bytes
+        if len(original) > len(body) or any(
+            i not in wild and original[i] != body[i] for i in range(len(original))
+        ):
+            refuse(f"original bytes of {tr.function} ({tr.original}) are not its pre code")
+        want = b"\xe9" + (tr.replacement - tr.address - 5).to_bytes(4, "little", signed=True) \
+            if -(1 << 31) <= tr.replacement - tr.address - 5 < 1 << 31 else b""
+        if jump != want or len(original) != len(jump):
+            refuse(f"the jump at {tr.address:#x} ({tr.jump}) does not go to the replacement")
+        if not any(lo <= tr.address and tr.address + len(jump) <= hi for lo, hi in code):
+            refuse(f"{tr.function} at {tr.address:#x} is not in the program's code")
+    names = {(h.kind, h.function) for h in manifest.hooks}
+    for kind, entries in rec.hooks.items():
+        for name, _addr in entries:
+            if (kind, name) not in names:
+                refuse(f"{kind} hook {name} is not a hook of the update")
+
+
 @dataclass
 class UndoReport:
     pid: int
@@ -525,13 +568,16 @@ class UndoReport:
 
 def undo_in_process(
     update_id: str, pid: int, *, retries: int = 5, interval: float = 1.0,
-    from_target: bool = False,
+    from_target: Manifest | None = None,
 ) -> UndoReport:
     """Restore the original bytes of every trampoline, then unmap the update.
 
     What is written and called comes from the journal. ``from_target``: no journal entry
-    (``/run`` was cleared), act on the record inside the process after it passed the strict
-    checks of :meth:`StateRecord.decode` and :meth:`StateRecord.check_mappings`.
+    (``/run`` was cleared): act on the record inside the process after it passed the strict
+    checks of :meth:`StateRecord.decode` and :meth:`StateRecord.check_mappings` AND matches
+    this (signature-checked) update: same id, every trampoline's original bytes are the start
+    of that function's pre code, every jump goes to the recorded replacement, every hook is
+    one the update has (:func:`check_record_against_update`).
     """
     check_process(pid)
     with process_lock(pid):
@@ -540,7 +586,8 @@ def undo_in_process(
 
 
 def _undo_locked(
-    update_id: str, pid: int, *, retries: int, interval: float, from_target: bool
+    update_id: str, pid: int, *, retries: int, interval: float,
+    from_target: Manifest | None
 ) -> UndoReport:
     from livesplice.process.ptrace import Tracee
     from livesplice.process.remote import remote_munmap
@@ -552,14 +599,20 @@ def _undo_locked(
     if u is None:
         raise NotApplied(f"update {update_id} is not applied to process {pid}")
     report = UndoReport(pid, update_id, 0.0)
-    if not u.verified and not from_target:
+    if not u.verified and from_target is None:
         raise NoPermission(
             f"update {update_id} in process {pid} is not in livesplice's journal "
             f"({run_dir()}/journal): the record inside the process is not trusted",
             details=[f"from the process: {u.error}"] if u.error else [],
             advice="if /run was cleared after a real apply, run undo again with "
-            "--from-target (the record is then validated against the process's mappings)",
+            "--from-target UPDATE (the signed update file): the record is then checked "
+            "against the process's mappings and the update's pre code",
         )
+    if not u.verified and from_target is not None:
+        if from_target.id != update_id:
+            raise UsageError(f"--from-target names update {from_target.id}, not {update_id}")
+        if u.target_record is not None:
+            check_record_against_update(u.target_record, from_target, pid)
     if disagree := u.disagreement():
         report.warnings.append(f"{disagree}; acting on the journal")
     rec, sm = u.record, u.mapping
@@ -947,7 +1000,7 @@ def processes_with(update_id: str) -> list[int]:
     return out
 
 
-def cli_undo(args: argparse.Namespace) -> int:
+def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> int:
     if args.all:
         pids = processes_with(args.update_id)
         if not pids:
@@ -960,7 +1013,7 @@ def cli_undo(args: argparse.Namespace) -> int:
         try:
             rep = undo_in_process(args.update_id, pid, retries=args.retries,
                                   interval=args.retry_interval,
-                                  from_target=getattr(args, "from_target", False))
+                                  from_target=from_target)
         except LivespliceError as e:
             failures.append(e)
             results.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason})
