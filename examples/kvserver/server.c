@@ -94,7 +94,9 @@ static void cmd_whoami(struct session *s, char *args, size_t len)
 
 static void cmd_set(struct session *s, char *args, size_t len)
 {
-	char *key = strtok(args, " "), *val = strtok(NULL, "");
+	/* strtok_r: one connection per thread, and strtok's hidden state is shared by all */
+	char *save = NULL;
+	char *key = strtok_r(args, " ", &save), *val = strtok_r(NULL, "", &save);
 	int i;
 
 	(void)len;
