@@ -99,6 +99,12 @@ class TargetGone(LivespliceError):
     abort = "TARGET_GONE"
 
 
+class TargetStopped(UsageError):
+    """The process is job-stopped (SIGSTOP): loading needs code run in it; we do not wake it."""
+
+    abort = "TARGET_STOPPED"
+
+
 class NoPermission(LivespliceError):
     code = ExitCode.NO_PERMISSION
     abort = "NO_PERMISSION"

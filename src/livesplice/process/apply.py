@@ -34,6 +34,7 @@ from livesplice.errors import (
     NoPermission,
     NotApplied,
     TargetGone,
+    TargetStopped,
     UsageError,
 )
 from livesplice.faults import checkpoint
@@ -86,12 +87,18 @@ class _Prepared:
 def check_process(pid: int) -> None:
     """Refuse, with the right exit code, what cannot be a target: no such pid, a zombie, a
     kernel thread (no user memory), a process we may not trace."""
-    from livesplice.process.ptrace import process_alive
-
     if pid <= 0 or not Path(f"/proc/{pid}").is_dir():
         raise TargetGone(f"no process with PID {pid}", advice="check the PID (ps -p PID)")
-    if not process_alive(pid):
+    states = task_states(pid)
+    if not states - {"Z", "X"}:
         raise TargetGone(f"process {pid} has exited (a zombie waiting for its parent)")
+    if not states - {"T", "Z", "X"}:
+        raise TargetStopped(
+            f"process {pid} is stopped (SIGSTOP/SIGTSTP): livesplice must run code in it to "
+            "load or remove an update, and will not wake it",
+            advice=f"continue it (kill -CONT {pid}) and run the command again; it was left "
+            "stopped",
+        )
     try:
         os.readlink(f"/proc/{pid}/exe")
     except FileNotFoundError:
@@ -110,6 +117,36 @@ def check_process(pid: int) -> None:
             advice="run livesplice as root or as the process's user "
             "(and check kernel.yama.ptrace_scope)",
         ) from None
+
+
+@contextmanager
+def _exit_wins(pid: int, what: str) -> Iterator[None]:
+    """A target that dies half-way makes every later step fail (short reads look like a
+    code mismatch, a failed syscall like REMOTE_FAILED): report it as what it is."""
+    try:
+        yield
+    except LivespliceError as e:
+        if isinstance(e, TargetGone) or task_states(pid) - {"Z", "X"}:
+            raise
+        raise TargetGone(f"process {pid} exited during {what}",
+                         details=[f"(then: {e.abort}: {e.reason})"]) from e
+
+
+def task_states(pid: int) -> set[str]:
+    """The state letters (R, S, D, T, t, Z, ...) of every thread of ``pid``."""
+    out: set[str] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        out.add(stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3].decode())
+    return out
 
 
 @contextmanager
@@ -237,7 +274,7 @@ def apply_to_process(
     from livesplice.process.stopwindow import CodeChanged, StopWindow
 
     check_process(pid)
-    with process_lock(pid):
+    with process_lock(pid), _exit_wins(pid, "apply"):
         present = {u.id: u for u in updates_in(pid)}
         mine = present.get(manifest.id)
         if mine is not None and mine.record is not None and mine.record.reverted:
@@ -580,7 +617,7 @@ def undo_in_process(
     one the update has (:func:`check_record_against_update`).
     """
     check_process(pid)
-    with process_lock(pid):
+    with process_lock(pid), _exit_wins(pid, "undo"):
         return _undo_locked(update_id, pid, retries=retries, interval=interval,
                             from_target=from_target)
 

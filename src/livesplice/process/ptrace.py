@@ -40,7 +40,7 @@ import signal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from livesplice.errors import LivespliceError, NoPermission, TargetGone
+from livesplice.errors import LivespliceError, NoPermission, TargetGone, TargetStopped
 
 if TYPE_CHECKING:
     import numpy as np
@@ -770,6 +770,12 @@ class Tracee:
                 return tid
         if fit:
             return fit[0]
+        if self._group_stop:
+            raise TargetStopped(
+                f"process {self.pid} was stopped (SIGSTOP/SIGTSTP) while livesplice worked on "
+                "it; nothing was changed and it stays stopped",
+                advice=f"continue it (kill -CONT {self.pid}) and run the command again",
+            )
         raise TargetGone(f"process {self.pid} has no stopped thread to run code on")
 
     def let_run(self, tids: list[int]) -> None:
