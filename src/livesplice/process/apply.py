@@ -72,6 +72,11 @@ class ApplyReport:
     threads: int
     warnings: list[str] = field(default_factory=list)
     ran_out: int = 0  # busy threads let run out of the replaced functions
+    # what the target felt over the WHOLE apply (pause_us is only the final window): the
+    # longest time its threads were held stopped at once (remote mmap calls, hooks, the
+    # window, detaching), and the most threads held
+    stopped_us: float = 0.0
+    threads_stopped_max: int = 0
 
 
 @dataclass
@@ -317,6 +322,7 @@ def apply_to_process(
 
         mapped: list[tuple[int, int]] = []
         keep = False  # True once the update must stay (jumps written, or a hook half-ran)
+        report: ApplyReport | None = None
         t = Tracee(pid)
         try:
             _journal(pid, manifest.id, "mapping", None)
@@ -406,13 +412,14 @@ def apply_to_process(
             t.write(state, record.encode())
             _journal(pid, manifest.id, "recorded", record)
             warnings = _late_hooks(t, hooks.get("post_apply", []), "post_apply")
-            return ApplyReport(
+            report = ApplyReport(
                 pid=pid, id=manifest.id,
                 functions=[tr.function for tr in record.trampolines],
                 pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
                 ran_out=stats.ran_out,
                 warnings=[w for p in prepared for w in p.warnings] + warnings,
             )
+            return report
         except UncleanHook:
             mapped.clear()  # see UncleanHook: never unmap what a half-run hook may use
             keep = True
@@ -428,6 +435,9 @@ def apply_to_process(
                 pass  # the process is gone; nothing left to clean
             finally:
                 t.detach()
+                if report is not None:  # detaching stops the process once more: count it
+                    report.stopped_us = max(t.stopped_max_us, report.pause_us)
+                    report.threads_stopped_max = t.threads_stopped_max
 
 
 def _journal(pid: int, update_id: str, stage: journal.Stage, record: StateRecord | None) -> None:
@@ -601,6 +611,8 @@ class UndoReport:
     id: str
     pause_us: float
     warnings: list[str] = field(default_factory=list)
+    stopped_us: float = 0.0  # as in ApplyReport
+    threads_stopped_max: int = 0
 
 
 def undo_in_process(
@@ -751,6 +763,8 @@ def _undo_locked(
         return report
     finally:
         t.detach()
+        report.stopped_us = max(t.stopped_max_us, report.pause_us)
+        report.threads_stopped_max = t.threads_stopped_max
 
 
 POINTER_SCAN_LIMIT = int(os.environ.get("LIVESPLICE_POINTER_SCAN_LIMIT", str(4 << 30)))
@@ -923,13 +937,16 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
             continue
         applied += 1
         reports.append({"pid": pid, "status": "applied", "pause_us": round(r.pause_us, 1),
+                        "stopped_us": round(r.stopped_us, 1),
+                        "threads_stopped_max": r.threads_stopped_max,
                         "attempts": r.attempts, "threads": r.threads, "ran_out": r.ran_out,
                         "functions": r.functions, "warnings": r.warnings})
         if not args.json:
             ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
             print(f"livesplice: applied {printable(manifest.id)} to pid {pid}: "
                   f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
-                  f"({r.threads} threads{ran}, attempt {r.attempts})")
+                  f"({r.threads} threads{ran}, attempt {r.attempts}); threads held stopped "
+                  f"up to {r.stopped_us:.0f} us in all")
             for w in r.warnings:
                 print(f"livesplice: warning: {printable(w)}")
     if args.all and not applied and not failures:
@@ -1058,10 +1075,13 @@ def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> i
                 _say_failure(pid, e)
             continue
         results.append({"pid": pid, "status": "undone", "pause_us": round(rep.pause_us, 1),
+                        "stopped_us": round(rep.stopped_us, 1),
+                        "threads_stopped_max": rep.threads_stopped_max,
                         "warnings": rep.warnings})
         if not args.json:
             print(f"livesplice: undid {printable(args.update_id)} in pid {pid} "
-                  f"(pause {rep.pause_us:.0f} us)")
+                  f"(pause {rep.pause_us:.0f} us; threads held stopped up to "
+                  f"{rep.stopped_us:.0f} us in all)")
             for w in rep.warnings:
                 print(f"livesplice: warning: pid {pid}: {printable(w)}")
     if args.json:

@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -243,6 +244,15 @@ class Tracee:
         self._regs: npt.NDArray[np.uint64] | None = None
         self._regs_ptrs: list[ctypes.c_void_p] = []
         self._closed = False
+        # numpy is imported lazily by the package, but never inside a stop: its first
+        # import (~50-100 ms) used to hold every thread of the target stopped
+        import numpy  # noqa: F401
+
+        # What the target felt: every stop() .. resume()/detach() holds all its threads
+        # stopped; the longest such interval and the most threads held at once.
+        self._stop_began = 0.0
+        self.stopped_max_us = 0.0
+        self.threads_stopped_max = 0
         if not process_alive(pid):
             raise TargetGone(f"process {pid} does not exist")
         try:
@@ -338,6 +348,7 @@ class Tracee:
                 self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0)
             for tid in list(self._exiting):
                 self._reap_exit(tid)
+            self._account_stop(len(self._stopped))
             self._tids.clear()
             self._stopped.clear()
         finally:
@@ -484,6 +495,8 @@ class Tracee:
         """
         if self._closed:
             raise TargetGone(f"process {self.pid}: tracee already detached")
+        if not self._stop_began:
+            self._stop_began = time.perf_counter()
         ptrace = self._ptrace
         waitpid = os.waitpid
         # threads already in a stop we have not collected (a signal, a clone) stay stopped:
@@ -563,8 +576,24 @@ class Tracee:
             self._settle_exits()
         self._check_live()
 
+    def _account_stop(self, held_threads: int) -> None:
+        """Close the current all-threads-stopped interval (see ``stopped_max_us``): from
+        before the first interrupt to after the last thread was let go."""
+        if self._stop_began:
+            held = (time.perf_counter() - self._stop_began) * 1e6
+            self.stopped_max_us = max(self.stopped_max_us, held)
+            self.threads_stopped_max = max(self.threads_stopped_max, held_threads)
+            self._stop_began = 0.0
+
     def resume(self) -> None:
         """Let every stopped thread run; re-inject real signals caught while stopped."""
+        held = len(self._stopped)
+        try:
+            self._resume()
+        finally:
+            self._account_stop(held)
+
+    def _resume(self) -> None:
         if not (self._pending or self._group_stop or self._exiting):
             ptrace = self._ptrace
             for tid in self._tids:

@@ -130,6 +130,9 @@ def stopped(t: Tracee, thread: int | None = None) -> Iterator[int]:
     if t.is_stopped():
         yield t.pick_thread() if thread is None else thread
         return
+    # Slow reads first, while the target runs (its ELF headers do not change): the first
+    # remote call used to hold every thread stopped for tens of ms while it searched.
+    find_stub_area(t)
     t.service()
     t.stop()
     try:
