@@ -235,6 +235,11 @@ class Tracee:
         self._stopped: set[int] = set()  # threads currently in a ptrace-stop
         self._signal_stop: set[int] = set()  # ... of which in a signal-delivery-stop
         self._group_stop: set[int] = set()  # ... of which in a group-stop (resume = LISTEN)
+        # ... of which in a PTRACE_EVENT_CLONE stop: INSIDE clone()/clone3(), whose return
+        # value is not stored yet (rax reads -ENOSYS). Never run code on such a thread nor
+        # restore its registers: it would return -ENOSYS from clone3 and glibc would fall
+        # back to clone(), making a second kernel thread for one pthread (same TLS).
+        self._in_clone: set[int] = set()
         self._exiting: set[int] = set()  # threads seen in PTRACE_EVENT_EXIT, not yet reaped
         self._new: set[int] = set()  # auto-attached threads whose first stop is not reaped
         self._pending: dict[int, list[int]] = {}  # tid -> real signals to re-inject on resume
@@ -388,6 +393,7 @@ class Tracee:
         self._stopped.discard(tid)
         self._signal_stop.discard(tid)
         self._group_stop.discard(tid)
+        self._in_clone.discard(tid)
         self._new.discard(tid)
         self._pending.pop(tid, None)
 
@@ -429,6 +435,7 @@ class Tracee:
             else:
                 self._group_stop.discard(tid)
         elif event == PTRACE_EVENT_CLONE:
+            self._in_clone.add(tid)
             msg = ctypes.c_ulong()
             if self._ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.byref(msg)) == 0:
                 child = int(msg.value)
@@ -452,6 +459,7 @@ class Tracee:
             self._lib.syscall(SYS_TGKILL, self.pid, tid, later)
         req = PTRACE_LISTEN if tid in self._group_stop else PTRACE_CONT
         self._ptrace(req, tid, 0, sig)  # ESRCH: killed meanwhile; its exit is reaped later
+        self._in_clone.discard(tid)
         self._stopped.discard(tid)
         self._signal_stop.discard(tid)
         if tid in self._exiting and tid in self._tids:
@@ -601,6 +609,7 @@ class Tracee:
                     ptrace(PTRACE_CONT, tid, 0, 0)
             self._stopped.clear()
             self._signal_stop.clear()
+            self._in_clone.clear()
         for tid in list(self._tids):
             if tid in self._stopped:
                 self._cont(tid)
@@ -787,13 +796,12 @@ class Tracee:
         ran, and the fewer threads whose stop we reshape the closer the program stays to
         what it would have seen without us.
         """
-        fit = [
-            tid for tid in dict.fromkeys([self.pid, *self._tids])
-            if tid in self._tids
-            and tid in self._stopped
-            and tid not in self._exiting
-            and tid not in self._group_stop
-        ]
+        fit = self._fit_threads()
+        if not fit and self._in_clone:
+            # only threads inside clone(): let them finish the call, then stop them again
+            self.let_run(sorted(self._in_clone))
+            self.stop()
+            fit = self._fit_threads()
         for tid in fit:
             if tid not in self._pending:
                 return tid
@@ -806,6 +814,16 @@ class Tracee:
                 advice=f"continue it (kill -CONT {self.pid}) and run the command again",
             )
         raise TargetGone(f"process {self.pid} has no stopped thread to run code on")
+
+    def _fit_threads(self) -> list[int]:
+        return [
+            tid for tid in dict.fromkeys([self.pid, *self._tids])
+            if tid in self._tids
+            and tid in self._stopped
+            and tid not in self._exiting
+            and tid not in self._group_stop
+            and tid not in self._in_clone
+        ]
 
     def let_run(self, tids: list[int]) -> None:
         """Resume only ``tids`` (stopped ones), re-injecting their recorded signals; the other
@@ -862,6 +880,7 @@ class Tracee:
         """Let one stopped thread run (CONT or SINGLESTEP) without delivering any signal."""
         if self._ptrace(request, tid, 0, 0) != 0:
             self._fail("PTRACE_CONT", tid)
+        self._in_clone.discard(tid)
         self._stopped.discard(tid)
         self._signal_stop.discard(tid)
 
