@@ -1,0 +1,156 @@
+"""Soak: N apply/undo cycles on kvserver under client load with thread churn.
+
+Clients connect, PING and close in a loop (kvserver makes a thread per connection, so threads
+are created and exit all through every apply and undo). Prints cycles, tool failures, failed
+requests, client latency while the tool runs vs without it, the pause (final window) and
+stopped time (everything the target felt) distributions, and leaks (mappings, fds, journal
+entries, lock files).
+
+    .venv/bin/python benchmarks/bench_soak.py --cycles 200 [--clients 4]
+
+Goals (issue 8): 0 failures; the longest client request during apply <= 2 ms; stopped_us
+<= 1.2 x pause_us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "kvserver"
+
+
+class Clients:
+    def __init__(self, port: int, n: int) -> None:
+        self.port, self.stop = port, threading.Event()
+        self.samples: list[tuple[float, float]] = []  # (start, seconds)
+        self.failed: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    s.sendall(b"PING\n")
+                    ok = s.recv(64) == b"PONG\n"
+            except OSError as e:
+                ok = False
+                self.failed.append(str(e))
+            dt = time.perf_counter() - t0
+            with self.lock:
+                self.samples.append((t0, dt))
+            if not ok and len(self.failed) < 1000:
+                self.failed.append("bad reply")
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def leaks(pid: int) -> dict[str, int]:
+    maps = Path(f"/proc/{pid}/maps").read_text().count("/memfd:livesplice:")
+    fds = sum("/memfd:livesplice:" in os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir())
+    run = Path(os.environ.get("LIVESPLICE_RUN_DIR", "/run/livesplice"))
+    locks = len(list(run.glob(f"{pid}.lock")))
+    journal = len(list((run / "journal").glob(f"{pid}-*"))) if (run / "journal").is_dir() else 0
+    return {"maps": maps, "fds": fds, "locks": locks, "journal": journal}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cycles", type=int, default=50)
+    ap.add_argument("--clients", type=int, default=4)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="livesplice-soak-"))
+    try:
+        shutil.copytree(EXAMPLE, tmp / "src")
+        shutil.copytree(EXAMPLE, tmp / "run")
+        subprocess.run(["make", "-s", "-C", str(tmp / "run")], check=True)
+        update = tmp / "fix.update"
+        subprocess.run([sys.executable, "-m", "livesplice", "create", "--patch",
+                        str(EXAMPLE / "fix.patch"), "--id", "soak0001", "-o", str(update),
+                        str(tmp / "src")], check=True, capture_output=True)
+        port = 18500 + os.getpid() % 500
+        server = subprocess.Popen([str(tmp / "run" / "kvserver"), str(port)],
+                                  stdout=subprocess.PIPE)
+        assert server.stdout is not None
+        server.stdout.readline()
+        clients = Clients(port, args.clients)
+        time.sleep(2.0)  # baseline: the same load, no tool
+        base_end = time.perf_counter()
+        windows: list[tuple[float, float]] = []
+        pauses: dict[str, list[float]] = {"apply": [], "undo": []}
+        stopped: dict[str, list[float]] = {"apply": [], "undo": []}
+        failures: list[str] = []
+        for _ in range(args.cycles):
+            for verb, extra in (("apply", [str(update), "--allow-unsigned"]),
+                                ("undo", ["soak0001"])):
+                t0 = time.perf_counter()
+                r = subprocess.run([sys.executable, "-m", "livesplice", verb, *extra, "--pid",
+                                    str(server.pid), "--json"], capture_output=True,
+                                   text=True, timeout=120)
+                windows.append((t0, time.perf_counter()))
+                if r.returncode != 0:
+                    failures.append(f"{verb}: {r.returncode} {r.stderr.strip()[:200]}")
+                    continue
+                [rep] = json.loads(r.stdout)["processes"]
+                pauses[verb].append(rep["pause_us"])
+                stopped[verb].append(rep["stopped_us"])
+            if server.poll() is not None:
+                failures.append(f"server died: {server.returncode}")
+                break
+        time.sleep(0.5)
+        clients.close()
+        left = leaks(server.pid) if server.poll() is None else {}
+        server.kill()
+        server.wait()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def during(start: float, dt: float) -> bool:
+        return any(a <= start + dt and start <= b for a, b in windows)
+
+    base = [dt * 1e3 for s, dt in clients.samples if s + dt < base_end]
+    tool = [dt * 1e3 for s, dt in clients.samples if s >= base_end and during(s, dt)]
+    print(f"cycles {args.cycles}, tool failures {len(failures)}, "
+          f"failed client requests {len(clients.failed)} of {len(clients.samples)}")
+    for f in failures[:5]:
+        print("  ", f)
+    for name, vals in (("without the tool", base), ("while the tool runs", tool)):
+        print(f"client latency {name}: p50 {pct(vals, 50):.2f} ms, p99 {pct(vals, 99):.2f} ms, "
+              f"max {max(vals, default=float('nan')):.2f} ms ({len(vals)} requests)")
+    for verb in ("apply", "undo"):
+        p, s = pauses[verb], stopped[verb]
+        if p:
+            ratio = [b / a for a, b in zip(p, s, strict=True) if a]
+            print(f"{verb}: pause_us p50 {statistics.median(p):.0f} max {max(p):.0f}; "
+                  f"stopped_us p50 {statistics.median(s):.0f} max {max(s):.0f}; "
+                  f"stopped/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}")
+    print(f"leaks after the last undo: {left}")
+
+
+if __name__ == "__main__":
+    main()
