@@ -40,11 +40,7 @@ def open_dwarf(path: Path) -> Any:
             symtab = self.get_section_by_name(".symtab")
             if not isinstance(symtab, SymbolTableSection):
                 symtab = None
-            for rs in self.iter_sections():
-                if not isinstance(rs, RelocationSection) or rs["sh_info"] != self._index_of(
-                    section
-                ):
-                    continue
+            for rs in self._relocations_of(section):
                 for rel in rs.iter_relocations():
                     width = _WIDTH.get(rel["r_info_type"])
                     if width is None or symtab is None:
@@ -62,11 +58,23 @@ def open_dwarf(path: Path) -> Any:
                 address=desc.address,
             )
 
-        def _index_of(self, section: Any) -> int:
-            for i, s in enumerate(self.iter_sections()):
-                if s.name == section.name and s["sh_offset"] == section["sh_offset"]:
-                    return i
-            return -1
+        def _relocations_of(self, section: Any) -> list[Any]:
+            """The relocation sections applying to ``section``, from a table built once.
+
+            pyelftools' section access is linear (each ``iter_sections`` re-reads every
+            header), so looking the table up per debug section kept diffs quadratic in the
+            number of sections -- thousands with ``-ffunction-sections``.
+            """
+            table: dict[tuple[str, int], list[Any]] | None = getattr(self, "_reloc_table", None)
+            if table is None:
+                sections = list(self.iter_sections())
+                key_of = {i: (s.name, int(s["sh_offset"])) for i, s in enumerate(sections)}
+                table = defaultdict(list)
+                for rs in sections:
+                    if isinstance(rs, RelocationSection) and int(rs["sh_info"]) in key_of:
+                        table[key_of[int(rs["sh_info"])]].append(rs)
+                self._reloc_table = table
+            return table.get((section.name, int(section["sh_offset"])), [])
 
     stream = open(path, "rb")  # noqa: SIM115 - pyelftools reads lazily; kept open by DWARFInfo
     elf = _RelocatingELF(stream)

@@ -16,10 +16,11 @@ with all of them.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import os
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from livesplice.build.records import BuildPair, LinkRecord
 from livesplice.diff.compare import LineMap, MeaningContext, Verdict, compare_sections
@@ -125,17 +126,21 @@ def diff_build(pair: BuildPair) -> DiffResult:
     refuse_changed_asm(pair, refusals)
     line_map = LineMap.from_patch(pair.patch_text)
     unit_diffs: list[tuple[list[str], UnitDiff]] = []
-    for unit in sorted(pair.units, key=lambda u: u.source):
-        if unit.post is None or unit.pre.language == "asm":
-            continue
-        ud = diff_objects(unit.pre.object, unit.post.object, unit.source, line_map=line_map)
+    units = [
+        u for u in sorted(pair.units, key=lambda u: u.source)
+        if u.post is not None and u.pre.language != "asm"
+    ]  # fmt: skip
+    new_units = [r for r in sorted(pair.new_units, key=lambda r: r.source) if r.language != "asm"]
+    diffs = diff_many(
+        [DiffJob(u.pre.object, u.post.object, u.source) for u in units if u.post is not None]
+        + [DiffJob(None, r.object, r.source) for r in new_units],
+        line_map=line_map,
+    )
+    for unit, ud in zip(units, diffs, strict=False):
         refusals.extend(ud.refusals)
         warnings.extend(ud.warnings)
         unit_diffs.append((list(unit.targets), ud))
-    for rec in sorted(pair.new_units, key=lambda r: r.source):
-        if rec.language == "asm":
-            continue
-        ud = diff_objects(None, rec.object, rec.source)
+    for rec, ud in zip(new_units, diffs[len(units) :], strict=True):
         refusals.extend(ud.refusals)
         new_targets = targets_of_new_unit(ud, unit_diffs)
         if not new_targets:
@@ -352,6 +357,46 @@ def _build_id(path: Path) -> str:
 # ---------------------------------------------------------------------------------------
 # diff_objects: one unit
 # ---------------------------------------------------------------------------------------
+
+
+class DiffJob(NamedTuple):
+    """One unit for :func:`diff_many`: the arguments of :func:`diff_objects`."""
+
+    pre: Path | None
+    post: Path
+    unit: str
+    ignore_sections: tuple[str, ...] = ()
+
+
+def diff_many(
+    jobs: Sequence[DiffJob | tuple[Path | None, Path, str]],
+    *,
+    line_map: LineMap | None = None,
+    workers: int | None = None,
+) -> list[UnitDiff]:
+    """:func:`diff_objects` of every job, in order, on all cores.
+
+    A header change recompiles tens of units and each diff is pure Python on its own pair of
+    files, sharing nothing: worker processes (not threads: the GIL) turn a 40-unit diff into
+    cores-times less wall time. The results are plain data and come back pickled; an
+    exception in a worker is re-raised here, as the serial loop would. ``workers`` defaults
+    to the cores this process may run on; one job or one core runs in this process.
+    """
+    norm = [DiffJob(*job) for job in jobs]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0))
+    workers = max(1, min(workers, len(norm)))
+    if workers == 1:
+        return [_diff_job(job, line_map) for job in norm]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_diff_job, norm, [line_map] * len(norm)))
+
+
+def _diff_job(job: DiffJob, line_map: LineMap | None) -> UnitDiff:
+    return diff_objects(job.pre, job.post, job.unit, line_map=line_map,
+                        ignore_sections=job.ignore_sections)  # fmt: skip
 
 
 def diff_objects(

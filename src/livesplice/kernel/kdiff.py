@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from livesplice.diff.engine import UnitDiff, diff_objects
+from livesplice.diff.engine import DiffJob, UnitDiff, diff_many
 from livesplice.errors import PatchRefused
 from livesplice.kernel.kbuild import KernelBuild
 from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
@@ -87,12 +87,14 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
     per_obj: dict[str, list[UnitDiff]] = {}
     specials: dict[str, list[Section]] = {}
     learn: dict[str, tuple[str, int]] = {}
-    for unit in build.units:
-        if unit.post is None:
-            continue
-        ignore = sorted(set(kernel_ignored(unit.pre)) | set(kernel_ignored(unit.post)))
-        ud = diff_objects(unit.pre, unit.post, unit.source, line_map=line_map,
-                          ignore_sections=ignore)  # fmt: skip
+    units = [u for u in build.units if u.post is not None]
+    jobs = [
+        DiffJob(u.pre, u.post, u.source,
+                tuple(sorted(set(kernel_ignored(u.pre)) | set(kernel_ignored(u.post)))))
+        for u in units if u.post is not None
+    ]  # fmt: skip
+    for unit, ud in zip(units, diff_many(jobs, line_map=line_map), strict=True):
+        assert unit.post is not None
         refusals.extend(ud.refusals)
         warnings.extend(ud.warnings)
         obj = unit.module or "vmlinux"
