@@ -280,8 +280,26 @@ def compile_units(tree: Path, units: list[str], env: dict[str, str], jobs: int, 
         raise BuildFailed(
             "kbuild failed to compile the changed units",
             [" ".join(cmd), *text.splitlines()[-25:]],
-            f"full log: {log}",
+            f"full log: {keep_log(log)}",
         )
+
+
+def keep_log(log: Path) -> Path:
+    """A copy of ``log`` that outlives the build's work directory, for the error to name.
+
+    ``log`` lives in create's temporary directory, removed before the error reaches the
+    user; naming it sent users to a file that no longer exists (issue 12). The copy is made
+    with mkstemp (mode 0600, a fresh name) because /tmp is shared with untrusted users.
+    """
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="livesplice-kbuild-", suffix=".log")
+    with os.fdopen(fd, "wb") as out:
+        try:
+            out.write(log.read_bytes())
+        except OSError as e:
+            out.write(f"(build log {log} unreadable: {e})\n".encode())
+    return Path(name)
 
 
 def module_of(tree: Path, unit: str) -> str | None:
