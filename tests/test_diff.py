@@ -464,3 +464,31 @@ def test_many_sections_keep_line_rows(tmp_path: Path) -> None:
     for i in (0, 150, 299):
         lines = next(iter(rows[f".text.fn_{i}"].values()))
         assert lines[0] >= 4 * i + 1 and lines[1] <= 4 * i + 4
+
+
+COUNTER_PRE = """
+#define P2(a, b) a##b
+#define P(a, b) P2(a, b)
+#define TAG(fn) static int (*P(__UNIQUE_ID_addr_, __COUNTER__))(int) \\
+    __attribute__((used)) = fn
+int f(int x) { return x + 1; }
+TAG(f);
+int g(int x) { return x * 2; }
+TAG(g);
+"""
+
+
+def test_counter_names_renumbered_are_not_changes(tmp_path: Path) -> None:
+    """``__UNIQUE_ID_*N`` (the kernel's __COUNTER__ names) pair by content, not number.
+
+    The patch adds a tagged function before f: f's and g's tags are renumbered 0->1, 1->2.
+    Only h and its own tag are new; f, g and their tags are unchanged (issue 12 item 2).
+    """
+    post = COUNTER_PRE.replace(
+        "int f(int x)", "int h(int x) { return x - 3; }\nTAG(h);\nint f(int x)"
+    )
+    ud = diff(tmp_path, COUNTER_PRE, post)
+    assert ud.refusals == []
+    assert ud.changed_functions == []
+    assert ud.new_functions == ["h"]
+    assert ud.new_data == ["__UNIQUE_ID_addr_0"]

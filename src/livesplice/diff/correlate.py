@@ -16,13 +16,20 @@ only when the pairing is unambiguous (exactly one candidate on each side):
    (``g``): ``counter.0`` <-> ``counter.1`` because both are used by ``f``, ``counter.1`` <->
    ``counter.2`` by ``g``; post ``counter.0`` is new. When the users differ (the patch changed
    which functions touch it) but only one ``counter.N`` is left on each side, they pair.
-4. **Sections without a named symbol** (string literals ``.rodata.work.str1.1``, constant
+   Same for the kernel's ``__COUNTER__`` names (``__UNIQUE_ID___addressable_init_module717``:
+   the counter is pasted onto the name without a dot), numbers ignored.
+4. **Numbered data nothing's code uses, by content**: a ``__UNIQUE_ID_*N`` pointer table entry
+   is referenced by no function; it pairs with the one of the same base name whose bytes and
+   relocation targets (by their twins' names) are the same. A renumbering alone is then no
+   change; an entry whose content differs stays unpaired (new/removed), never claimed.
+5. **Sections without a named symbol** (string literals ``.rodata.work.str1.1``, constant
    pools ``.rodata.cst8``, switch jump tables ``.rodata.work``): by section name, clone
    numbers ignored. A section holding a named function or object takes its symbol's twin.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -43,6 +50,7 @@ def correlate(pre: ElfObject, post: ElfObject) -> None:
     _pair_by(pre_syms, post_syms, _clone_key)
     users = {**_users(pre), **_users(post)}
     _pair_by(pre_syms, post_syms, lambda s: _static_local_key(s, users))
+    _pair_by(pre_syms, post_syms, _content_key)
     _pair_by(pre_syms, post_syms, _static_local_base)
     _correlate_sections(pre, post)
 
@@ -60,8 +68,20 @@ def _named_symbols(obj: ElfObject) -> list[ObjSymbol]:
     ]
 
 
+# include/linux/compiler.h: __UNIQUE_ID(prefix) pastes __COUNTER__ onto the name.
+_COUNTER_NAME = re.compile(r"^(__UNIQUE_ID_\w*?)\d+$")
+
+
+def _numbered_base(name: str) -> str | None:
+    """The name without its compiler-given number; None for a name gcc did not number."""
+    if NUMBER_SUFFIX.search(name):
+        return NUMBER_SUFFIX.sub("", name)
+    m = _COUNTER_NAME.match(name)
+    return m.group(1) if m else None
+
+
 def _is_numbered_local(sym: ObjSymbol) -> bool:
-    return sym.bind == "local" and sym.type != "func" and bool(NUMBER_SUFFIX.search(sym.name))
+    return sym.bind == "local" and sym.type != "func" and _numbered_base(sym.name) is not None
 
 
 def _exact_name_key(sym: ObjSymbol) -> str | None:
@@ -78,7 +98,33 @@ def _clone_key(sym: ObjSymbol) -> str | None:
 def _static_local_base(sym: ObjSymbol) -> str | None:
     if not _is_numbered_local(sym):
         return None
-    return f"{sym.type}:{NUMBER_SUFFIX.sub('', sym.name)}"
+    return f"{sym.type}:{_numbered_base(sym.name)}"
+
+
+def _content_key(sym: ObjSymbol) -> str | None:
+    """Base name + bytes + relocation targets (twin names): numbered data told by content."""
+    base = _static_local_base(sym)
+    sec = sym.section
+    if base is None or sec is None:
+        return None
+    end = sym.value + sym.size
+    data = sec.data[sym.value : end].hex() if sec.data else f"nobits{sym.size}"
+    refs = [
+        f"{r.offset - sym.value}:{r.type}:{_ref_name(r.symbol)}+{r.addend}"
+        for r in sec.relocs
+        if sym.value <= r.offset < end
+    ]
+    return f"{base}={data}|{','.join(refs)}"
+
+
+def _ref_name(target: ObjSymbol) -> str:
+    """The same string on both sides for a symbol and its twin (clones are renumbered)."""
+    if target.type == "section" and target.section is not None:
+        if target.section.primary is None:
+            return target.section.name
+        target = target.section.primary
+    names = {target.name} | ({target.twin.name} if target.twin is not None else set())
+    return "/".join(sorted(names))
 
 
 def _static_local_key(sym: ObjSymbol, users: dict[ObjSymbol, frozenset[str]]) -> str | None:
