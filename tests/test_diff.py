@@ -492,3 +492,28 @@ def test_counter_names_renumbered_are_not_changes(tmp_path: Path) -> None:
     assert ud.changed_functions == []
     assert ud.new_functions == ["h"]
     assert ud.new_data == ["__UNIQUE_ID_addr_0"]
+
+
+ONCE_PRE = """
+#define ONCE() ({ static int __already_done __attribute__((section(".data.once"))); \\
+    int first = !__already_done; __already_done = 1; first; })
+int sink;
+int f(int x) { if (x < 0 && ONCE()) sink++; return x + 1; }
+int g(int x) { if (x > 9 && ONCE()) sink--; return x * 2; }
+"""
+
+
+def test_once_flag_added_before_unchanged_functions(tmp_path: Path) -> None:
+    """WARN_ONCE-like flags share one section (.data.once); a new one renumbers the others.
+
+    f and g are unchanged and must not be claimed (their flags are found by the variable at
+    the referenced offset, not the section); the refusal names the section's growth by the
+    new flag, not a size change of a 4-byte variable (issue 12 items 2 and 5).
+    """
+    post = ONCE_PRE.replace(
+        "int f(int x)", "int e(int x) { if (x == 3 && ONCE()) sink += 2; return x; }\nint f(int x)"
+    )
+    ud = diff(tmp_path, ONCE_PRE, post)
+    assert ud.changed_functions == []
+    assert len(ud.refusals) == 1
+    assert ud.refusals[0].startswith("section .data.once grew (8 -> 12 bytes) by new variable(s)")

@@ -221,6 +221,11 @@ class MeaningContext:
         offset = rel.addend + (sym.value if sym.type != "section" else 0)
         if target.is_readonly_data and not _has_global(target):
             return ("ro", self.fingerprint(target), offset)
+        holder = object_at(target, self.target_offset(sec, rel))
+        if holder is not None:
+            # A variable among others in one section (``.data.once``, ``.bss`` without
+            # -fdata-sections): a new variable before it moves its offset, not its meaning.
+            return ("sym", self.name_of(holder), offset - holder.value)
         return ("sym", self.section_name(target), offset)
 
     def fingerprint(self, sec: ObjSection) -> Meaning:
@@ -239,6 +244,15 @@ class MeaningContext:
             self._in_progress.discard(key)
         self._fingerprints[key] = result
         return result
+
+
+def object_at(sec: ObjSection, offset: int) -> ObjSymbol | None:
+    """The named data object of ``sec`` that covers ``offset``, if exactly one does."""
+    found = [
+        s for s in sec.symbols
+        if s.type in ("object", "tls") and s.size > 0 and s.value <= offset < s.value + s.size
+    ]  # fmt: skip
+    return found[0] if len(found) == 1 else None
 
 
 def _has_global(sec: ObjSection) -> bool:

@@ -159,13 +159,21 @@ def _pair_by(
 
 def _users(obj: ElfObject) -> dict[ObjSymbol, frozenset[str]]:
     """For each local data symbol: the names (pre names for post) of functions using it."""
+    from livesplice.diff.compare import MeaningContext, object_at
+
+    where = MeaningContext("users")
     users: dict[ObjSymbol, set[str]] = defaultdict(set)
     for sec in obj.sections:
         fn = sec.primary if sec.is_code else None
         if fn is None:
             continue
         for rel in sec.relocs:
-            for target in _data_symbols_of(rel.symbol):
+            # A reference through the section symbol (``.data.once + 8``) uses the one
+            # variable at that offset, not every variable of the section.
+            holder = None
+            if rel.symbol.type == "section" and rel.symbol.section is not None:
+                holder = object_at(rel.symbol.section, where.target_offset(sec, rel))
+            for target in [holder] if holder is not None else _data_symbols_of(rel.symbol):
                 users[target].add(twin_name(fn))
     return {s: frozenset(u) for s, u in users.items()}
 

@@ -587,7 +587,19 @@ class _UnitContext:
                 continue  # local read-only data ships as a private copy with its users
             pre = sec.twin
             assert pre is not None
-            if pre.size != sec.size:
+            objects = [s for s in sec.symbols if s.type in ("object", "tls")]
+            added = sorted(s.name for s in objects if s.twin is None)
+            grown = [s for s in objects if s.twin is not None and s.twin.size != s.size]
+            if pre.size != sec.size and added and not grown:
+                # The section grew, not a variable: name what was added where (issue 12).
+                refuse(
+                    f"section {sec.name} grew ({pre.size} -> {sec.size} bytes) by new "
+                    f"variable(s) {', '.join(added)} placed among existing data; every existing "
+                    "variable keeps its size [rule: changed size/layout of existing data]: the "
+                    "running section cannot grow; move the new variable out of this section "
+                    "(or use a shadow, see livesplice.h)"
+                )
+            elif pre.size != sec.size:
                 refuse(
                     f"{name}: size of existing data changed ({pre.size} -> {sec.size} bytes) "
                     "[rule: changed size/layout of existing data]: the running object keeps "
