@@ -54,15 +54,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (proc(5)): with the PID, names one process instance."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def children_of(pid: int) -> list[int]:
     kids = []
     for d in Path("/proc").iterdir():
@@ -105,7 +96,9 @@ class Workload(ABC):
         return [self.proc.pid]
 
     def identities(self) -> dict[int, int | None]:
-        return {pid: process_start_time(pid) for pid in self.pids()}
+        from livesplice.process.journal import process_start
+
+        return {pid: process_start(pid) for pid in self.pids()}
 
     def reproduce(self) -> str | None:
         """Run the fix's reproducer against the live code: "vulnerable", "fixed" or None."""
