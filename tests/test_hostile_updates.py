@@ -191,3 +191,21 @@ def test_fuzz_state_record_decoder(raw: object) -> None:
                  HEADER.pack(MAGIC, VERSION, len(body) + 7) + body, body):
         with contextlib.suppress(BadStateRecord):
             StateRecord.decode(blob)
+
+
+@pytest.mark.parametrize("kernel_json", [
+    b"[" * 100000, b"[]", b'"x"', b"{}", b'{"module": "../../x"}',
+    b'{"module": "livesplice_ok", "funcs": [{"object": 1, "name": "f"}]}',
+    b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
+    b'"count": "2"}]}',
+])
+def test_kernel_members_are_checked_before_use(kernel_json: bytes) -> None:
+    """kernel.json names the module file apply writes and the symbols it looks up."""
+    from livesplice.errors import MalformedUpdate
+    from livesplice.kernel.package import KERNEL_MEMBER, MODULE_MEMBER, read_kernel_members
+    from livesplice.update.archive import decode_update
+
+    good = decode_update(CORPUS.joinpath("valid.update").read_bytes())
+    good.extra = {MODULE_MEMBER: b"\x7fELF", KERNEL_MEMBER: kernel_json}
+    with pytest.raises(MalformedUpdate):
+        read_kernel_members(good)

@@ -14,6 +14,7 @@ Same determinism rules as the base format: fixed mtime/owner, gzip without a tim
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,40 @@ def read_kernel_members(
         )
     try:
         kernel = json.loads(members[KERNEL_MEMBER])
-    except ValueError as e:
-        raise MalformedUpdate(f"{path}: {KERNEL_MEMBER} is not JSON ({e})") from e
+    except (ValueError, RecursionError) as e:
+        raise MalformedUpdate(f"{path}: {KERNEL_MEMBER} is not JSON ({type(e).__name__})") from None
+    problem = _kernel_json_problem(kernel)
+    if problem:
+        raise MalformedUpdate(f"{path}: {KERNEL_MEMBER} is malformed: {problem}",
+                              advice="make kernel updates with `livesplice create --kernel`")
     return members[MODULE_MEMBER], kernel
+
+
+_MODULE_NAME = re.compile(r"livesplice_[a-z0-9_]{1,32}")
+_SYMBOL = re.compile(r"[A-Za-z0-9_.$-]{1,256}")
+
+
+def _kernel_json_problem(kernel: object) -> str:
+    """What is wrong with kernel.json ("" if nothing): apply uses ``module`` as a file
+    name and the entries of ``funcs``/``klp_symbols`` as symbol names and counts, so each is
+    checked before use (the file may be unsigned, under --allow-unsigned)."""
+    if not isinstance(kernel, dict):
+        return "not an object"
+    if not isinstance(kernel.get("module"), str) or not _MODULE_NAME.fullmatch(kernel["module"]):
+        return "module is not a livesplice module name"
+    if not isinstance(kernel.get("release", ""), str):
+        return "release is not a string"
+    for key, fields in (("funcs", ("object", "name")), ("klp_symbols", ("object", "name"))):
+        entries = kernel.get(key, [])
+        if not isinstance(entries, list) or len(entries) > 65536:
+            return f"{key} is not a list"
+        for e in entries:
+            if not isinstance(e, dict) or not all(
+                isinstance(e.get(f), str) and _SYMBOL.fullmatch(e[f]) for f in fields
+            ):
+                return f"an entry of {key} lacks a valid object/name"
+            count = e.get("count", 0)
+            if key == "klp_symbols" and (not isinstance(count, int) or isinstance(count, bool)
+                                         or not 0 <= count < 1 << 20):
+                return "a klp_symbols count is not a small integer"
+    return ""
