@@ -139,19 +139,13 @@ def _exit_wins(pid: int, what: str) -> Iterator[None]:
 
 def task_states(pid: int) -> set[str]:
     """The state letters (R, S, D, T, t, Z, ...) of every thread of ``pid``."""
-    out: set[str] = set()
+    from livesplice.process.ptrace import task_state
+
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        out.add(stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3].decode())
-    return out
+        return set()
+    return {task_state(pid, int(tid)) for tid in tids}
 
 
 @contextmanager

@@ -170,22 +170,18 @@ def _tracer_of(pid: int, tid: int) -> int:
     return 0
 
 
-def _is_zombie(pid: int, tid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
-
-
-def _task_state(pid: int, tid: int) -> str:
+def task_state(pid: int, tid: int) -> str:
+    """The state letter of one thread (R, S, D, T, t, Z, ...); X when it is gone."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return "X"
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3].decode()
+
+
+def _is_zombie(pid: int, tid: int) -> bool:
+    return task_state(pid, tid) in ("Z", "X")
 
 
 def _sigkill_pending(pid: int, tid: int) -> bool:
@@ -669,7 +665,7 @@ class Tracee:
             if tid in self._exiting:
                 continue
             # a thread we hold stopped but not in a ptrace-stop ("t") was woken by SIGKILL
-            if _task_state(self.pid, tid) == "t" and not _sigkill_pending(self.pid, tid):
+            if task_state(self.pid, tid) == "t" and not _sigkill_pending(self.pid, tid):
                 continue
             self._stopped.discard(tid)
             self._wait_until_in(tid, self._exiting)
