@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import time
@@ -57,6 +58,10 @@ PTRACE_SETFPREGS: Final = 15
 PTRACE_DETACH: Final = 17
 PTRACE_SYSCALL: Final = 24
 PTRACE_GETEVENTMSG: Final = 0x4201
+PTRACE_GETREGSET: Final = 0x4204
+PTRACE_SETREGSET: Final = 0x4205
+NT_X86_XSTATE: Final = 0x202  # <elf.h>: the XSAVE image (x87, SSE, AVX, AVX-512, PKRU...)
+XSTATE_MAX: Final = 1 << 16  # the image is 2,696 bytes with AVX-512, 11,008 with AMX
 PTRACE_SEIZE: Final = 0x4206
 PTRACE_INTERRUPT: Final = 0x4207
 PTRACE_LISTEN: Final = 0x4208
@@ -89,6 +94,10 @@ REG_NAMES: Final = (
     "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
     "fs_base", "gs_base", "ds", "es", "fs", "gs",
 )
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class Regs(ctypes.Structure):
@@ -871,6 +880,29 @@ class Tracee:
         buf = ctypes.create_string_buffer(image, 512)
         if self._ptrace(PTRACE_SETFPREGS, tid, 0, buf) != 0:
             self._fail("PTRACE_SETFPREGS", tid)
+
+    def get_xstate(self, tid: int) -> bytes | None:
+        """The thread's whole user FPU/vector state: the standard-format XSAVE image (x87,
+        SSE, the AVX upper halves, AVX-512, PKRU...) as ``PTRACE_GETREGSET NT_X86_XSTATE``
+        gives it, or None where the CPU has no XSAVE (then :meth:`get_fpregs` is all).
+
+        Its length is the kernel's user xstate size for this machine's XCR0 (what CPUID leaf
+        0xD reports), so it is also the size of an area ``xsave`` fills in user mode.
+        """
+        buf = ctypes.create_string_buffer(XSTATE_MAX)
+        iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), XSTATE_MAX)
+        if self._ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.byref(iov)) != 0:
+            if ctypes.get_errno() in (errno.EINVAL, errno.ENODEV, errno.EIO):
+                return None  # no XSAVE on this CPU/kernel
+            self._fail("PTRACE_GETREGSET", tid)
+        return buf.raw[: iov.iov_len]
+
+    def set_xstate(self, tid: int, image: bytes) -> None:
+        """Put back an image :meth:`get_xstate` returned."""
+        buf = ctypes.create_string_buffer(image, len(image))
+        iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), len(image))
+        if self._ptrace(PTRACE_SETREGSET, tid, NT_X86_XSTATE, ctypes.byref(iov)) != 0:
+            self._fail("PTRACE_SETREGSET", tid)
 
     def run_thread(self, tid: int, request: int = PTRACE_CONT) -> None:
         """Let one stopped thread run (CONT or SINGLESTEP) without delivering any signal."""

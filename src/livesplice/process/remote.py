@@ -12,9 +12,12 @@ changed -- the original values are immediates in the stub:
   registers, ``jmp [rip+0]`` with the original ``rip`` after it. Nothing is written at or
   above the thread's ``rsp - 128``.
 * :func:`remote_syscall`: ``syscall`` then the restore.
-* :func:`remote_call`: ``fxsave64`` (x87/SSE state, below the red zone), ``call [func]``,
-  ``mov rdi, rax`` (the result), ``fxrstor64``, ``getpid`` (a harmless system call, see
-  below), then the restore.
+* :func:`remote_call`: ``xsave64`` (the whole user FPU/vector state -- x87, SSE, the AVX
+  upper halves, AVX-512, PKRU -- into a 64-byte aligned area below the red zone; ``fxsave64``
+  on a CPU without XSAVE), ``call [func]``, ``mov rdi, rax`` (the result), ``xrstor64``,
+  ``getpid`` (a harmless system call, see below), then the restore. The tool also saves the
+  same state with ``PTRACE_GETREGSET NT_X86_XSTATE`` and puts it back when it restores the
+  registers, for a callee that never returned.
 
 Pending restarts. A thread stopped on its way out of an interrupted system call has ``rax`` =
 ``-ERESTARTSYS``/``-ERESTARTNOINTR``/``-ERESTARTNOHAND`` and ``orig_rax`` >= 0; the kernel
@@ -48,10 +51,8 @@ Fault injection: :func:`livesplice.faults.checkpoint` at ``remote:regs-set``,
 ``remote:after-syscall`` / ``remote:after-call`` and ``remote:before-restore`` (each also
 with ``:<name>`` of the system call, e.g. ``remote:regs-set:mmap``, or ``:call``).
 
-Known limits: the AVX upper halves (ymm 128-255) and AVX-512 state are not saved around a
-call (``fxsave`` covers x87/SSE only); a callee that uses AVX may change them under an
-interrupted thread. A thread with less than ~1 KB of stack left below ``rsp`` cannot host a
-call.
+Known limit: a thread with less stack left below ``rsp`` than the XSAVE area (2.7 KB with
+AVX-512) plus what the callee needs cannot host a call.
 
 If the Tracee is running, each function stops it for the duration and resumes it; if it is
 already stopped (inside a stop window), it stays stopped.
@@ -165,7 +166,7 @@ _SYSCALL_NAMES = {
     3: "close", 9: "mmap", 10: "mprotect", 11: "munmap", 39: "getpid", 77: "ftruncate",
     319: "memfd_create",
 }
-SLOT = 256  # bytes per stub slot (the call stub is 227 bytes)
+SLOT = 256  # bytes per stub slot (the xsave call stub is 243 bytes)
 PF_X = 1
 PT_LOAD = 1
 
@@ -183,9 +184,18 @@ _MOVABS_RSP = b"\x48\xbc"
 _JMP_RIP0 = b"\xff\x25\x00\x00\x00\x00"  # jmp [rip+0]; the 8-byte target follows
 _FXSAVE_RSP16 = b"\x48\x0f\xae\x44\x24\x10"  # fxsave64 [rsp+0x10]
 _FXRSTOR_RSP16 = b"\x48\x0f\xae\x4c\x24\x10"  # fxrstor64 [rsp+0x10]
+# The XSAVE form (the whole user state: x87, SSE, AVX upper halves, AVX-512, PKRU). xsave and
+# xrstor take the component mask in edx:eax (all ones: every component XCR0 enables); edx
+# holds the callee's third argument, so it is saved around the xsave on the stack.
+_PUSH_RDX, _POP_RDX = b"\x52", b"\x5a"
+_ALL_COMPONENTS = b"\x83\xc8\xff" + b"\x83\xca\xff"  # or eax, -1; or edx, -1
+_XSAVE_RSP48 = b"\x48\x0f\xae\x64\x24\x48"  # xsave64 [rsp+0x48] (rsp+0x40 before the push)
+_XRSTOR_RSP40 = b"\x48\x0f\xae\x6c\x24\x40"  # xrstor64 [rsp+0x40]
+_XOR_EAX = b"\x31\xc0"  # al = 0 vector registers for a variadic callee
+XSAVE_OFFSET = 0x40  # the save area's offset from the callee's rsp (64-byte aligned)
 _MOV_RDI_RAX = b"\x48\x89\xc7"
 _MOV_EAX_GETPID = b"\xb8" + struct.pack("<I", SYS_GETPID)
-_CALL_PREFIX = 6 + 6 + 3 + 6 + 5 + 2  # fxsave, call [rip+d], mov, fxrstor, mov eax, syscall
+_CALL_RIP = b"\xff\x15"  # call [rip+disp32]
 
 
 def resume_regs(saved: Regs) -> Regs:
@@ -223,19 +233,30 @@ def syscall_stub(r: Regs) -> bytes:
     return SYSCALL_INSN + restore_code(r)
 
 
-def call_stub(func: int, r: Regs) -> bytes:
-    """Save x87/SSE, call ``func``, keep the result in rdi, restore x87/SSE, ``getpid``,
-    restore ``r``. The thread's rsp at entry: 16-byte aligned (psABI: at the call), with
-    512 bytes for fxsave at rsp+16."""
+def call_stub(func: int, r: Regs, *, xsave: bool) -> tuple[bytes, int]:
+    """Save the vector state, call ``func``, keep the result in rdi, restore the vector state,
+    ``getpid``, restore ``r``. Returns the code and the offset just after its ``syscall``.
+
+    ``xsave``: the whole user state with xsave/xrstor into a 64-byte aligned area at
+    ``rsp + XSAVE_OFFSET`` (header zeroed by the caller: xrstor faults on a non-zero
+    XCOMP_BV or reserved bytes); otherwise x87/SSE only with fxsave at ``rsp + 0x10`` (CPUs
+    without XSAVE have nothing more). The thread's rsp at entry: 16-byte aligned (psABI: at
+    the call).
+    """
+    if xsave:
+        save = _PUSH_RDX + _ALL_COMPONENTS + _XSAVE_RSP48 + _POP_RDX + _XOR_EAX
+        restore_vec = _ALL_COMPONENTS + _XRSTOR_RSP40
+    else:
+        save, restore_vec = _FXSAVE_RSP16, _FXRSTOR_RSP16
+    tail = _MOV_RDI_RAX + restore_vec + _MOV_EAX_GETPID + SYSCALL_INSN
+    after_syscall = len(save) + len(_CALL_RIP) + 4 + len(tail)
     restore = restore_code(r)
-    # call [rip+disp32]: disp counts from the end of the call (offset 12) to func's slot
-    disp = _CALL_PREFIX + len(restore) - 12
-    code = b"".join([
-        _FXSAVE_RSP16, b"\xff\x15", struct.pack("<i", disp), _MOV_RDI_RAX, _FXRSTOR_RSP16,
-        _MOV_EAX_GETPID, SYSCALL_INSN, restore, struct.pack("<Q", func),
-    ])
-    assert len(code) <= SLOT
-    return code
+    # call [rip+disp32]: disp counts from the end of the call to func's slot after `restore`
+    disp = len(tail) + len(restore)
+    code = b"".join([save, _CALL_RIP, struct.pack("<i", disp), tail, restore,
+                     struct.pack("<Q", func)])
+    assert len(code) <= SLOT, len(code)
+    return code, after_syscall
 
 
 def _read_maps_offsets(pid: int) -> list[tuple[int, int, str, int, str]]:
@@ -396,12 +417,17 @@ def _syscall_on(t: Tracee, tid: int, nr: int, args: tuple[int, ...]) -> int:
 
 
 def _restore(t: Tracee, tid: int, saved: Regs, stub: _PlacedStub, settled: bool,
-             fpregs: bytes | None = None) -> None:
-    """Put the thread's registers back (from an event stop), then the stub slot's bytes."""
+             fpregs: bytes | None = None, xstate: bytes | None = None) -> None:
+    """Put the thread's registers back (from an event stop), then the stub slot's bytes.
+
+    The vector state too, although the stub's xrstor/fxrstor restored it already: a callee
+    that timed out or crashed never reached it."""
     with contextlib.suppress(TargetGone):  # gone: nothing left to restore
         if not settled:
             t.to_event_stop(tid)
         t.set_regs(tid, saved)
+        if xstate is not None:
+            t.set_xstate(tid, xstate)
         if fpregs is not None:
             t.set_fpregs(tid, fpregs)
         stub.remove(t)
@@ -595,11 +621,17 @@ def remote_call(
     """
     with stopped(t, thread) as tid:
         saved = _without_restart_block(t.get_regs(tid))
-        fpregs = t.get_fpregs(tid)
-        fx = (saved.rsp - RED_ZONE - 512) & ~0xF  # fxsave area: 512 bytes, 16-aligned
-        sp = fx - 16
+        xstate = t.get_xstate(tid)
+        fpregs = None if xstate is not None else t.get_fpregs(tid)
+        if xstate is not None:
+            area = (saved.rsp - RED_ZONE - len(xstate)) & ~0x3F  # xsave needs 64 alignment
+            sp = area - XSAVE_OFFSET
+            t.write(area, bytes(len(xstate)))  # zero header (and fails here if no stack)
+        else:
+            sp = ((saved.rsp - RED_ZONE - 512) & ~0xF) - 16  # fxsave area at sp + 16
         t.write(sp - 64, b"\0" * 64)  # fails here, not in the target, if the stack is full
-        stub = _place_stub(t, call_stub(func, resume_regs(saved)))
+        code, after = call_stub(func, resume_regs(saved), xsave=xstate is not None)
+        stub = _place_stub(t, code)
         r = saved.copy()
         _set_args(r, args, ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
         r.rip = stub.addr
@@ -610,15 +642,15 @@ def remote_call(
         try:
             t.set_regs(tid, r)
             _point("regs-set", "call")
-            rv = _run_call(t, tid, func, stub.addr + _CALL_PREFIX, timeout)
-            _to_syscall_stop(t, tid, stub.addr + _CALL_PREFIX, SYS_GETPID)  # its exit
+            rv = _run_call(t, tid, func, stub.addr + after, timeout)
+            _to_syscall_stop(t, tid, stub.addr + after, SYS_GETPID)  # its exit
             _point("after-call", "call")
             t.to_event_stop(tid)
             settled = True
             _point("before-restore", "call")
             return rv
         finally:
-            _restore(t, tid, saved, stub, settled, fpregs)
+            _restore(t, tid, saved, stub, settled, fpregs, xstate)
 
 
 def _without_restart_block(saved: Regs) -> Regs:
