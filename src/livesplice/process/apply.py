@@ -73,10 +73,13 @@ class ApplyReport:
     warnings: list[str] = field(default_factory=list)
     ran_out: int = 0  # busy threads let run out of the replaced functions
     # what the target felt over the WHOLE apply (pause_us is only the final window): the
-    # longest time its threads were held stopped at once (remote mmap calls, hooks, the
-    # window, detaching), and the most threads held
+    # longest time any of its threads was held stopped (remote mmap calls, hooks, the
+    # window, detaching), the same for every thread but the one hosting livesplice's remote
+    # calls (outside the window only that one stops), the host's, and the most threads held
     stopped_us: float = 0.0
     threads_stopped_max: int = 0
+    others_stopped_us: float = 0.0
+    host_stopped_us: float = 0.0
 
 
 @dataclass
@@ -429,9 +432,8 @@ def apply_to_process(
                 pass  # the process is gone; nothing left to clean
             finally:
                 t.detach()
-                if report is not None:  # detaching stops the process once more: count it
-                    report.stopped_us = max(t.stopped_max_us, report.pause_us)
-                    report.threads_stopped_max = t.threads_stopped_max
+                if report is not None:  # detaching stops each thread once more: count it
+                    _note_stops(report, t)
 
 
 def _journal(pid: int, update_id: str, stage: journal.Stage, record: StateRecord | None) -> None:
@@ -605,8 +607,33 @@ class UndoReport:
     id: str
     pause_us: float
     warnings: list[str] = field(default_factory=list)
-    stopped_us: float = 0.0  # as in ApplyReport
+    stopped_us: float = 0.0  # these four as in ApplyReport
     threads_stopped_max: int = 0
+    others_stopped_us: float = 0.0
+    host_stopped_us: float = 0.0
+
+
+def _note_stops(report: ApplyReport | UndoReport, t: Tracee) -> None:
+    """What the target felt, from the Tracee's accounting (after detach); the window is a
+    stop of every thread, so no figure is below it."""
+    report.stopped_us = max(t.stopped_max_us, report.pause_us)
+    report.others_stopped_us = max(t.others_stopped_max_us, report.pause_us)
+    report.host_stopped_us = t.host_stopped_max_us
+    report.threads_stopped_max = t.threads_stopped_max
+
+
+def stop_figures(report: ApplyReport | UndoReport) -> dict[str, Any]:
+    """The stop figures of a report for --json."""
+    return {"pause_us": round(report.pause_us, 1), "stopped_us": round(report.stopped_us, 1),
+            "others_stopped_us": round(report.others_stopped_us, 1),
+            "host_stopped_us": round(report.host_stopped_us, 1),
+            "threads_stopped_max": report.threads_stopped_max}
+
+
+def stop_words(report: ApplyReport | UndoReport) -> str:
+    """The stop figures of a report in words."""
+    return (f"other threads held stopped up to {report.others_stopped_us:.0f} us in all, the "
+            f"thread hosting livesplice's calls up to {report.host_stopped_us:.0f} us")
 
 
 def undo_in_process(
@@ -710,13 +737,22 @@ def _undo_locked(
             or [(rec.code[0], rec.code[1], f"update {update_id} replacement code")]
         window = StopWindow(t, busy, retries=retries, interval=interval)
         reverse_hooks = rec.hooks.get("reverse", [])
+        sps: list[int] = []
+
+        def inside() -> None:
+            # every thread's stack pointer for the pointer scan below, read while the window
+            # holds them all (no second stop of the whole process for it)
+            from livesplice.process.ptrace import REG_INDEX
+
+            sps[:] = t.stopped_regs()[1][:, REG_INDEX["rsp"]].tolist()
+            _run_hooks(t, reverse_hooks, "reverse")
+
         try:
             stats = window.run(
                 writes,
                 expect=[bytes.fromhex(tr.jump) for tr in rec.trampolines
                         if (tr.address, bytes.fromhex(tr.original)) in writes],
-                inside=(lambda: _run_hooks(t, reverse_hooks, "reverse"))
-                if reverse_hooks else None,
+                inside=inside,
             )
         except (CodeBusy, HookFailed):
             _safe_hooks(t, rec.hooks.get("fail_reverse", []))
@@ -726,11 +762,6 @@ def _undo_locked(
         report.warnings.extend(_late_hooks(t, rec.hooks.get("post_reverse", []),
                                            "post_reverse"))
         ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
-        t.stop()
-        try:
-            sps = [int(t.get_regs(tid).rsp) for tid in t.threads()]
-        finally:
-            t.resume()
         record_map = sm.record if sm else None
         held = pointers_into(pid, ours, exclude=[*ours, *([record_map] if record_map else [])],
                              stack_pointers=sps)
@@ -757,8 +788,7 @@ def _undo_locked(
         return report
     finally:
         t.detach()
-        report.stopped_us = max(t.stopped_max_us, report.pause_us)
-        report.threads_stopped_max = t.threads_stopped_max
+        _note_stops(report, t)
 
 
 POINTER_SCAN_LIMIT = int(os.environ.get("LIVESPLICE_POINTER_SCAN_LIMIT", str(4 << 30)))
@@ -930,17 +960,14 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
                 _say_failure(pid, e)
             continue
         applied += 1
-        reports.append({"pid": pid, "status": "applied", "pause_us": round(r.pause_us, 1),
-                        "stopped_us": round(r.stopped_us, 1),
-                        "threads_stopped_max": r.threads_stopped_max,
+        reports.append({"pid": pid, "status": "applied", **stop_figures(r),
                         "attempts": r.attempts, "threads": r.threads, "ran_out": r.ran_out,
                         "functions": r.functions, "warnings": r.warnings})
         if not args.json:
             ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
             print(f"livesplice: applied {printable(manifest.id)} to pid {pid}: "
                   f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
-                  f"({r.threads} threads{ran}, attempt {r.attempts}); threads held stopped "
-                  f"up to {r.stopped_us:.0f} us in all")
+                  f"({r.threads} threads{ran}, attempt {r.attempts}); {stop_words(r)}")
             for w in r.warnings:
                 print(f"livesplice: warning: {printable(w)}")
     if args.all and not applied and not failures:
@@ -1068,14 +1095,11 @@ def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> i
             if not args.json:
                 _say_failure(pid, e)
             continue
-        results.append({"pid": pid, "status": "undone", "pause_us": round(rep.pause_us, 1),
-                        "stopped_us": round(rep.stopped_us, 1),
-                        "threads_stopped_max": rep.threads_stopped_max,
+        results.append({"pid": pid, "status": "undone", **stop_figures(rep),
                         "warnings": rep.warnings})
         if not args.json:
             print(f"livesplice: undid {printable(args.update_id)} in pid {pid} "
-                  f"(pause {rep.pause_us:.0f} us; threads held stopped up to "
-                  f"{rep.stopped_us:.0f} us in all)")
+                  f"(pause {rep.pause_us:.0f} us; {stop_words(rep)})")
             for w in rep.warnings:
                 print(f"livesplice: warning: pid {pid}: {printable(w)}")
     if args.json:

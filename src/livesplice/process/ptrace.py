@@ -258,10 +258,15 @@ class Tracee:
         # import (~50-100 ms) used to hold every thread of the target stopped
         import numpy  # noqa: F401
 
-        # What the target felt: every stop() .. resume()/detach() holds all its threads
-        # stopped; the longest such interval and the most threads held at once.
+        # What the target felt: every stop() .. resume() holds all its threads stopped;
+        # hold_one() .. release_one() one thread (the host of a remote call); detach() each
+        # thread for a moment. The longest time any thread was held, the same without the
+        # host's holds, and the most threads held at once.
         self._stop_began = 0.0
+        self._host: tuple[int, float] | None = None  # (tid, since) of the held host thread
         self.stopped_max_us = 0.0
+        self.others_stopped_max_us = 0.0
+        self.host_stopped_max_us = 0.0
         self.threads_stopped_max = 0
         if not process_alive(pid):
             raise TargetGone(f"process {pid} does not exist")
@@ -340,29 +345,133 @@ class Tracee:
     def detach(self) -> None:
         """Detach from every thread, re-injecting recorded signals; the process runs on.
 
+        PTRACE_DETACH needs the thread in a ptrace-stop. Outside a stop window each thread
+        is stopped and let go on its own (tens of µs), never the whole process at once.
         Never raises for a process that went away.
         """
         if self._closed:
             return
         try:
-            with contextlib.suppress(LivespliceError):
-                self.stop()  # PTRACE_DETACH needs a ptrace-stop
-            for tid in self._tids:
-                sigs = self._pending.pop(tid, [])
-                if sigs and tid not in self._signal_stop:
-                    for s in sigs:
-                        self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
-                    sigs = []
-                for s in sigs[1:]:
-                    self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
-                self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0)
+            all_stopped = bool(self._stop_began)
+            done: set[int] = set()
+            while todo := [t for t in self._tids if t not in done]:
+                for tid in todo:
+                    done.add(tid)
+                    began = time.perf_counter()
+                    if tid not in self._stopped and not self._stop_thread(tid):
+                        continue  # gone
+                    self._detach_stopped(tid)
+                    if not all_stopped:
+                        self._note_hold(began, 1, hosted=False)
             for tid in list(self._exiting):
                 self._reap_exit(tid)
-            self._account_stop(len(self._stopped))
+            if all_stopped:
+                self._account_stop(len(self._stopped))
             self._tids.clear()
             self._stopped.clear()
         finally:
             self._abandon()
+
+    def _detach_stopped(self, tid: int) -> None:
+        sigs = self._pending.pop(tid, [])
+        if sigs and tid not in self._signal_stop:
+            for s in sigs:
+                self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
+            sigs = []
+        for s in sigs[1:]:
+            self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
+        self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0)
+        self._stopped.discard(tid)
+
+    def _stop_thread(self, tid: int) -> bool:
+        """Interrupt one running thread and wait for its stop; False if it is gone.
+
+        The stop may be another one that came first (a signal, a clone event, its exit):
+        recorded like any. A system call the interrupt turned into -EINTR is rewound, as
+        :meth:`stop` does for all threads.
+        """
+        if tid not in self._new:
+            self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        self._wait_until_in(tid, self._stopped)
+        if tid not in self._tids or tid not in self._stopped:
+            return False
+        if self.restart_eintr and tid not in self._exiting and tid not in self._in_clone:
+            with contextlib.suppress(LivespliceError):
+                self._rewind_eintr(tid, self.get_regs(tid))
+        return True
+
+    # ------------------------------------------------------------ one host thread
+
+    def hold_one(self, thread: int | None = None) -> int:
+        """Stop ONE thread to run code on (a remote system call or call); the others run on.
+
+        ``thread``: that one; otherwise a thread sleeping in a system call when there is one
+        (the leader first): holding a thread that was waiting anyway costs the program least.
+        Undo with :meth:`release_one`.
+
+        :raises TargetStopped: the process is job-stopped (SIGSTOP); it stays so.
+        :raises TargetGone: no thread is left.
+        """
+        assert self._host is None, "one host thread at a time"
+        self.service()
+        for _round in range(3):
+            for tid in self._host_candidates(thread):
+                began = time.perf_counter()
+                stopped = self._stop_thread(tid)
+                for _ in range(8):
+                    if not stopped or tid not in self._in_clone:
+                        break
+                    # inside clone()/clone3() (its event trap cleared our interrupt): let it
+                    # finish the call, then interrupt it again
+                    self._cont(tid)
+                    stopped = self._stop_thread(tid)
+                if not stopped:
+                    continue
+                if tid in self._fit_threads():
+                    self._host = (tid, began)
+                    self._read_all_regs()  # the stop cache: this thread's registers only
+                    return tid
+                job_stopped = tid in self._group_stop
+                self._cont(tid)  # exiting, job-stopped, or forever in clone(): not a host
+                self._note_hold(began, 1, hosted=True)
+                if job_stopped:
+                    raise TargetStopped(
+                        f"process {self.pid} is stopped (SIGSTOP/SIGTSTP); nothing was "
+                        "changed and it stays stopped",
+                        advice=f"continue it (kill -CONT {self.pid}) and run the command again",
+                    )
+            self.service()
+        self._check_live()
+        raise TargetGone(f"process {self.pid} has no thread to run code on")
+
+    def _host_candidates(self, thread: int | None) -> list[int]:
+        if thread is not None:
+            return [thread] if thread in self._tids else []
+        order = [t for t in dict.fromkeys([self.pid, *self._tids])
+                 if t in self._tids and t not in self._exiting]
+        sleeping = [t for t in order[:64] if task_state(self.pid, t) in ("S", "D")]
+        return list(dict.fromkeys([*sleeping, *order]))
+
+    def release_one(self, tid: int) -> None:
+        """Let the thread :meth:`hold_one` returned run again; pass on what the others did
+        meanwhile (signals, clone events, new threads, exits)."""
+        host, self._host = self._host, None
+        try:
+            if tid in self._stopped and tid in self._tids:
+                self._cont(tid)
+        finally:
+            if host is not None:
+                self._note_hold(host[1], 1, hosted=True)
+        self.service()
+
+    def _note_hold(self, began: float, threads: int, *, hosted: bool) -> None:
+        held = (time.perf_counter() - began) * 1e6
+        self.stopped_max_us = max(self.stopped_max_us, held)
+        if hosted:
+            self.host_stopped_max_us = max(self.host_stopped_max_us, held)
+        else:
+            self.others_stopped_max_us = max(self.others_stopped_max_us, held)
+        self.threads_stopped_max = max(self.threads_stopped_max, threads)
 
     def __enter__(self) -> Tracee:
         return self
@@ -470,17 +579,18 @@ class Tracee:
         if tid in self._exiting and tid in self._tids:
             self._tids.remove(tid)  # it is leaving: never wait for it again
 
-    def service(self) -> None:
+    def service(self, skip: int = 0) -> None:
         """Without blocking, collect stops of running threads and let them go on.
 
-        Passes signals through, starts threads created since, reaps exits.
+        Passes signals through, starts threads created since, reaps exits. ``skip``: a
+        thread running our code, whose stops its runner collects.
         """
         if self._closed:
             return
         for tid in list(self._exiting):
             self._reap_exit(tid)
         for tid in list(self._tids):
-            if tid in self._stopped:
+            if tid in self._stopped or tid == skip:
                 continue  # held stopped on purpose (inside stop() ... resume())
             while True:
                 try:
@@ -590,12 +700,10 @@ class Tracee:
         self._check_live()
 
     def _account_stop(self, held_threads: int) -> None:
-        """Close the current all-threads-stopped interval (see ``stopped_max_us``): from
-        before the first interrupt to after the last thread was let go."""
+        """Close the current all-threads-stopped interval: from before the first interrupt
+        to after the last thread was let go."""
         if self._stop_began:
-            held = (time.perf_counter() - self._stop_began) * 1e6
-            self.stopped_max_us = max(self.stopped_max_us, held)
-            self.threads_stopped_max = max(self.threads_stopped_max, held_threads)
+            self._note_hold(self._stop_began, held_threads, hosted=False)
             self._stop_began = 0.0
 
     def resume(self) -> None:
@@ -718,23 +826,26 @@ class Tracee:
         else:
             cand = np.flatnonzero(rax == np.uint64(EINTR_RAX)).tolist()
         for i in cand:
-            if int(regs[i, REG_INDEX["orig_rax"]]) >> 63:
-                continue  # orig_rax -1: not stopped in a system call
-            tid = tids[i]
-            if tid in self._pending or tid in self._exiting:
-                continue  # a real signal interrupted it: the program must see EINTR
-            if signal_pending_unblocked(self.pid, tid):
-                continue
-            r = Regs.from_buffer_copy(regs[i].tobytes())
-            try:
-                if self.read(r.rip - 2, 2) != SYSCALL_INSN:
-                    continue
-            except LivespliceError:
-                continue
-            r.rax = r.orig_rax
-            r.rip -= 2
-            self.set_regs(tid, r)
-            self.rewound.append(tid)
+            if self._rewind_eintr(tids[i], Regs.from_buffer_copy(regs[i].tobytes())):
+                self.rewound.append(tids[i])
+
+    def _rewind_eintr(self, tid: int, r: Regs) -> bool:
+        """Make a system call our interrupt failed with -EINTR run again; True if done."""
+        if r.rax != EINTR_RAX or r.orig_rax >> 63:
+            return False  # not -EINTR, or orig_rax -1: not stopped in a system call
+        if tid in self._pending or tid in self._exiting:
+            return False  # a real signal interrupted it: the program must see EINTR
+        if signal_pending_unblocked(self.pid, tid):
+            return False
+        try:
+            if self.read(r.rip - 2, 2) != SYSCALL_INSN:
+                return False
+        except LivespliceError:
+            return False
+        r.rax = r.orig_rax
+        r.rip -= 2
+        self.set_regs(tid, r)
+        return True
 
     def get_regs(self, tid: int) -> Regs:
         """The registers of a stopped thread."""
@@ -751,9 +862,19 @@ class Tracee:
             row = self._regs_tids.index(tid)
             ctypes.memmove(self._regs_ptrs[row], ctypes.byref(regs), REGS_SIZE)
 
+    def _gone(self) -> bool:
+        """The process exited, or every thread we traced is past its exit (a killed
+        process whose leader is a zombie while the others finish exiting: its memory is
+        already gone)."""
+        if not process_alive(self.pid):
+            return True
+        return bool(self._exiting or not self._tids) and not [
+            t for t in self._tids if t not in self._exiting
+        ]
+
     def _fail(self, what: str, tid: int) -> None:
         err = ctypes.get_errno()
-        if not process_alive(self.pid):
+        if self._gone():
             raise TargetGone(f"process {self.pid} exited")
         raise LivespliceError(f"{what} on thread {tid} of process {self.pid}: {os.strerror(err)}")
 
@@ -769,7 +890,7 @@ class Tracee:
         else:
             err = "short read"
         if len(data) != size:
-            if not process_alive(self.pid):
+            if self._gone():
                 raise TargetGone(f"process {self.pid} exited")
             raise LivespliceError(
                 f"cannot read {size} bytes at {addr:#x} in process {self.pid}: {err}"
@@ -786,7 +907,7 @@ class Tracee:
         else:
             err = "short write"
         if n != len(data):
-            if not process_alive(self.pid):
+            if self._gone():
                 raise TargetGone(f"process {self.pid} exited")
             raise LivespliceError(
                 f"cannot write {len(data)} bytes at {addr:#x} in process {self.pid}: {err}"

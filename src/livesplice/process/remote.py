@@ -126,20 +126,23 @@ def _page_up(n: int) -> int:
 
 @contextmanager
 def stopped(t: Tracee, thread: int | None = None) -> Iterator[int]:
-    """Yield a stopped thread of ``t`` to run code on (``thread`` if given); stop/resume
-    around it if needed."""
+    """Yield a stopped thread of ``t`` to run code on (``thread`` if given).
+
+    Inside a stop window (every thread stopped) one of them; otherwise only that thread is
+    stopped for the duration (:meth:`Tracee.hold_one`) and the program's other threads run.
+    """
     if t.is_stopped():
         yield t.pick_thread() if thread is None else thread
         return
     # Slow reads first, while the target runs (its ELF headers do not change): the first
     # remote call used to hold every thread stopped for tens of ms while it searched.
     find_stub_area(t)
-    t.service()
-    t.stop()
+    # Outside a stop window only the host thread stops; the others run on (issue 8).
+    tid = t.hold_one(thread)
     try:
-        yield t.pick_thread() if thread is None else thread
+        yield tid
     finally:
-        t.resume()
+        t.release_one(tid)
 
 
 def read_maps(pid: int) -> list[tuple[int, int, str, str]]:
@@ -681,6 +684,9 @@ def _run_call(t: Tracee, tid: int, func: int, at: int, timeout: float) -> int:
         st = t.wait_thread(tid, block=False)
         if st is None:
             if time.monotonic() < deadline:
+                # the program's other threads may run (outside a stop window): pass on their
+                # signals and clone events instead of leaving them stopped while we wait
+                t.service(skip=tid)
                 time.sleep(nap)
                 nap = min(nap * 2, 0.01)
                 continue
