@@ -36,11 +36,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from livesplice.errors import LivespliceError, NoPermission, TargetGone, TargetStopped
 
@@ -94,6 +97,26 @@ REG_NAMES: Final = (
     "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
     "fs_base", "gs_base", "ds", "es", "fs", "gs",
 )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _op(method: _F) -> _F:
+    """Mark a Tracee method that waits for or resumes threads: a SIGCHLD arriving while one
+    runs must not service the threads under it (see :meth:`Tracee._on_sigchld`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Tracee, *args: Any, **kwargs: Any) -> Any:
+        self._op_depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._op_depth -= 1
+            if not self._op_depth and self._chld_pending:
+                self._service_if_idle()
+
+    return cast(_F, wrapper)
 
 
 class _Iovec(ctypes.Structure):
@@ -254,6 +277,9 @@ class Tracee:
         self._regs: npt.NDArray[np.uint64] | None = None
         self._regs_ptrs: list[ctypes.c_void_p] = []
         self._closed = False
+        self._op_depth = 0  # inside a method that waits for/resumes threads (_op)
+        self._chld_pending = False  # a SIGCHLD came while busy: service when idle
+        self._old_sigchld: Any = None
         # numpy is imported lazily by the package, but never inside a stop: its first
         # import (~50-100 ms) used to hold every thread of the target stopped
         import numpy  # noqa: F401
@@ -284,6 +310,49 @@ class Tracee:
         except BaseException:
             self._abandon()
             raise
+        self._service_on_sigchld()
+
+    # ------------------------------------------------------------ prompt servicing
+
+    def _service_on_sigchld(self) -> None:
+        """Pass on the program's thread events as they happen, also while livesplice does
+        other work (matching, fsync, building code) between its remote calls.
+
+        With PTRACE_O_TRACECLONE a thread that creates a thread stops at the clone event
+        until its tracer collects the stop; a real signal (SIGPIPE...) stops its thread the
+        same way. Measured before this: a server's accept thread stalled for as long as the
+        tool was attached and busy (54 ms for 50 ms attached doing nothing). Each such stop
+        sends SIGCHLD to the tracer; Python runs the handler on the main thread between
+        bytecodes (also during sleeps), where -- if no Tracee operation is under way -- it
+        services the threads. ptrace requests must come from the tracing thread: only a
+        Tracee made on the main thread does this.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        with contextlib.suppress(ValueError, OSError):
+            self._old_sigchld = signal.signal(signal.SIGCHLD, self._on_sigchld)
+
+    def _on_sigchld(self, signum: int, frame: Any) -> None:
+        old = self._old_sigchld
+        if callable(old):
+            old(signum, frame)
+        self._chld_pending = True
+        self._service_if_idle()
+
+    def _service_if_idle(self) -> None:
+        """Service now unless a Tracee operation, a held host thread or a stop of every
+        thread is under way (their own waits collect the stops)."""
+        if self._closed or self._op_depth or self._host is not None or self._stop_began:
+            return
+        self._chld_pending = False
+        with contextlib.suppress(LivespliceError):
+            self.service()
+
+    def _restore_sigchld(self) -> None:
+        if self._old_sigchld is not None:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signal.SIGCHLD, self._old_sigchld)
+            self._old_sigchld = None
 
     # ------------------------------------------------------------ attach / detach
 
@@ -338,10 +407,12 @@ class Tracee:
 
     def _abandon(self) -> None:
         """Closing without ptrace: the kernel detaches our tracees when we exit."""
+        self._restore_sigchld()
         if not self._closed:
             self._closed = True
             os.close(self._mem)
 
+    @_op
     def detach(self) -> None:
         """Detach from every thread, re-injecting recorded signals; the process runs on.
 
@@ -351,6 +422,7 @@ class Tracee:
         """
         if self._closed:
             return
+        self._restore_sigchld()
         try:
             all_stopped = bool(self._stop_began)
             done: set[int] = set()
@@ -402,6 +474,7 @@ class Tracee:
 
     # ------------------------------------------------------------ one host thread
 
+    @_op
     def hold_one(self, thread: int | None = None) -> int:
         """Stop ONE thread to run code on (a remote system call or call); the others run on.
 
@@ -452,6 +525,7 @@ class Tracee:
         sleeping = [t for t in order[:64] if task_state(self.pid, t) in ("S", "D")]
         return list(dict.fromkeys([*sleeping, *order]))
 
+    @_op
     def release_one(self, tid: int) -> None:
         """Let the thread :meth:`hold_one` returned run again; pass on what the others did
         meanwhile (signals, clone events, new threads, exits)."""
@@ -579,6 +653,7 @@ class Tracee:
         if tid in self._exiting and tid in self._tids:
             self._tids.remove(tid)  # it is leaving: never wait for it again
 
+    @_op
     def service(self, skip: int = 0) -> None:
         """Without blocking, collect stops of running threads and let them go on.
 
@@ -607,6 +682,7 @@ class Tracee:
 
     # ------------------------------------------------------------ stop / resume
 
+    @_op
     def stop(self) -> None:
         """Stop every thread: interrupt all, then wait for each.
 
@@ -675,6 +751,7 @@ class Tracee:
             if pid:
                 self._on_status(tid, status)
 
+    @_op
     def check_alive(self) -> None:
         """Cheap check, while stopped, that the process is not exiting (one waitpid).
 
@@ -706,6 +783,7 @@ class Tracee:
             self._note_hold(self._stop_began, held_threads, hosted=False)
             self._stop_began = 0.0
 
+    @_op
     def resume(self) -> None:
         """Let every stopped thread run; re-inject real signals caught while stopped."""
         held = len(self._stopped)
@@ -915,6 +993,7 @@ class Tracee:
 
     # ------------------------------------------------------------ single thread control
 
+    @_op
     def pick_thread(self) -> int:
         """A stopped thread fit to run code for us (the leader when possible).
 
@@ -951,6 +1030,7 @@ class Tracee:
             and tid not in self._in_clone
         ]
 
+    @_op
     def let_run(self, tids: list[int]) -> None:
         """Resume only ``tids`` (stopped ones), re-injecting their recorded signals; the other
         threads stay stopped. :meth:`stop` stops them again."""
@@ -958,6 +1038,7 @@ class Tracee:
             if tid in self._stopped and tid in self._tids:
                 self._cont(tid)
 
+    @_op
     def to_event_stop(self, tid: int) -> None:
         """Move a thread from the stop it is in (a syscall-stop, a signal-delivery-stop of a
         trap) into a ``PTRACE_EVENT_STOP``, without running any instruction of the program.
@@ -1025,6 +1106,7 @@ class Tracee:
         if self._ptrace(PTRACE_SETREGSET, tid, NT_X86_XSTATE, ctypes.byref(iov)) != 0:
             self._fail("PTRACE_SETREGSET", tid)
 
+    @_op
     def run_thread(self, tid: int, request: int = PTRACE_CONT) -> None:
         """Let one stopped thread run (CONT or SINGLESTEP) without delivering any signal."""
         if self._ptrace(request, tid, 0, 0) != 0:
@@ -1033,6 +1115,7 @@ class Tracee:
         self._stopped.discard(tid)
         self._signal_stop.discard(tid)
 
+    @_op
     def wait_thread(self, tid: int, *, block: bool = True) -> tuple[int, int] | None:
         """Wait for the next stop of one thread we let run; (signal, event) or None.
 
