@@ -19,49 +19,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from livesplice.eval.workloads import PingClients
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kvserver"
-
-
-class Clients:
-    def __init__(self, port: int, n: int) -> None:
-        self.port, self.stop = port, threading.Event()
-        self.samples: list[tuple[float, float]] = []  # (start, seconds)
-        self.failed: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(b"PING\n")
-                    ok = s.recv(64) == b"PONG\n"
-            except OSError as e:
-                ok = False
-                self.failed.append(str(e))
-            dt = time.perf_counter() - t0
-            with self.lock:
-                self.samples.append((t0, dt))
-            if not ok and len(self.failed) < 1000:
-                self.failed.append("bad reply")
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -102,7 +70,7 @@ def main() -> None:
                                   stdout=subprocess.PIPE)
         assert server.stdout is not None
         server.stdout.readline()
-        clients = Clients(port, args.clients)
+        clients = PingClients(port, args.clients)
         time.sleep(2.0)  # baseline: the same load, no tool
         base_end = time.perf_counter()
         windows: list[tuple[float, float]] = []

@@ -935,3 +935,47 @@ def test_replaced_switch_jumps_through_its_own_new_table(tmp_path: Path) -> None
         assert prog.alive()
     finally:
         prog.stop()
+
+
+UNDO_KILL_POINTS = [
+    "undo:after-stop",  # the jumps are gone, the memory still mapped, the journal says applied
+    "stop:after-first-write",  # inside undo's window: the original bytes written back
+    "remote:after-syscall:munmap",  # the code unmapped, the thread still on the stub
+    "undo:unmapped",  # unmapped, the journal entry not yet removed
+]
+
+
+@pytest.mark.parametrize("point", UNDO_KILL_POINTS)
+def test_tool_killed_at_each_step_of_undo(tmp_path: Path, point: str) -> None:
+    """The tool SIGKILLs itself at a named step of undo: the target runs on unharmed (old or
+    new code, never a half state), `view` tells the truth, and a second undo finishes."""
+    import os
+    import sys
+
+    tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
+    update = create(tree, patch, "kill0003", tmp_path)
+    prog = Running([str(tmp_path / "run" / "prog")])
+    try:
+        prog.wait_for("value 1")
+        livesplice("apply", str(update), "--pid", str(prog.pid))
+        prog.wait_for("value 2")
+        r = subprocess.run(
+            [sys.executable, "-m", "livesplice", "undo", "kill0003", "--pid", str(prog.pid)],
+            capture_output=True, text=True, env={**os.environ, "LIVESPLICE_KILL_AT": point},
+        )
+        assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
+        prog.drain()
+        line = prog.wait_for(lambda s: s.startswith("value"))
+        assert line in ("value 1", "value 2"), line
+        [entry] = livesplice_json("view", "--pid", str(prog.pid))["processes"] or [None]
+        if entry is not None:  # killed before the journal entry went: still listed
+            assert entry["id"] == "kill0003"
+            livesplice("undo", "kill0003", "--pid", str(prog.pid))
+        prog.drain()
+        prog.wait_for("value 1")
+        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+        fds = Path(f"/proc/{prog.pid}/fd")
+        assert not [os.readlink(fd) for fd in fds.iterdir() if "livesplice" in os.readlink(fd)]
+        assert prog.alive()
+    finally:
+        prog.stop()

@@ -10,51 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from livesplice.eval.workloads import PingClients
 from livetest import create
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "kvserver"
 CYCLES = int(os.environ.get("LIVESPLICE_CHURN_CYCLES", "10"))
-
-
-class Clients:
-    """N threads, each: connect, PING, expect PONG, close -- as fast as they can."""
-
-    def __init__(self, port: int, n: int = 4) -> None:
-        self.port = port
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failed: list[str] = []
-        self.worst = 0.0
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(b"PING\n")
-                    got = s.recv(64)
-                if got != b"PONG\n":
-                    self.failed.append(repr(got))
-                else:
-                    self.ok += 1
-            except OSError as e:
-                self.failed.append(str(e))
-            self.worst = max(self.worst, time.perf_counter() - t0)
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
 
 
 def test_apply_undo_cycles_under_connection_churn(tmp_path: Path) -> None:
@@ -68,7 +33,7 @@ def test_apply_undo_cycles_under_connection_churn(tmp_path: Path) -> None:
     server = subprocess.Popen([str(run / "kvserver"), str(port)], stdout=subprocess.PIPE)
     assert server.stdout is not None
     server.stdout.readline()
-    clients = Clients(port)
+    clients = PingClients(port)
     try:
         time.sleep(0.3)
         for _ in range(CYCLES):

@@ -67,6 +67,54 @@ def children_of(pid: int) -> list[int]:
     return sorted(kids)
 
 
+class PingClients:
+    """Connection churn: N threads, each connecting, sending ``PING``, expecting ``PONG``
+    and closing, as fast as it can. Against a thread-per-connection server (examples/kvserver)
+    every request makes a thread and ends one. Records each request's (start, seconds) and
+    every failure."""
+
+    def __init__(self, port: int, n: int = 4) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, float]] = []
+        self.failed: list[str] = []
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            error = ""
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    s.sendall(b"PING\n")
+                    got = s.recv(64)
+                if got != b"PONG\n":
+                    error = f"bad reply {got!r}"
+            except OSError as e:
+                error = str(e)
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.samples.append((t0, dt))
+                if error and len(self.failed) < 1000:
+                    self.failed.append(error)
+
+    @property
+    def ok(self) -> int:
+        return len(self.samples) - len(self.failed)
+
+    @property
+    def worst(self) -> float:
+        return max((dt for _, dt in self.samples), default=0.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
 def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
     data = b""
     while not done(data):
