@@ -123,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true")
 
     from livesplice.kernel.labcli import add_lab_parser
+    from livesplice.service.cli import add_parsers as add_service_parsers
 
     add_lab_parser(sub)
+    add_service_parsers(sub)
     return p
 
 
@@ -291,6 +293,9 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from livesplice.service.cli import COMMANDS as SERVICE_COMMANDS
+
+    COMMANDS.update(SERVICE_COMMANDS)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

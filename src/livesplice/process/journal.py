@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from livesplice.private import PrivateFileError, private_dir, read_private, write_private
 from livesplice.process.state import BadStateRecord, StateRecord
 from livesplice.update.format import ID_PATTERN
 
@@ -46,29 +46,12 @@ def run_dir() -> Path:
     return Path(xdg) / "livesplice" if xdg else Path(f"/tmp/livesplice-{os.geteuid()}")
 
 
-class JournalUnavailable(OSError):
-    """The journal directory is missing, not ours, or not a directory."""
-
-
-def _private_dir(path: Path, *, create: bool) -> Path:
-    """``path`` as a directory owned by us, not writable by others, not a symlink."""
-    if create:
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700, parents=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise JournalUnavailable(f"{path} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise JournalUnavailable(f"{path} is not a directory")
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise JournalUnavailable(f"{path} is not private to uid {os.geteuid()}")
-    return path
+JournalUnavailable = PrivateFileError  # the journal directory is missing or not ours
 
 
 def journal_dir(*, create: bool = False) -> Path:
-    base = _private_dir(run_dir(), create=create)
-    return _private_dir(base / "journal", create=create)
+    base = private_dir(run_dir(), create=create)
+    return private_dir(base / "journal", create=create)
 
 
 def process_start(pid: int) -> int | None:
@@ -107,30 +90,16 @@ def write_entry(pid: int, update_id: str, stage: Stage, record: StateRecord | No
     name = _name(pid, start, update_id)
     body = json.dumps({"pid": pid, "start": start, "id": update_id, "stage": stage,
                        "record": asdict(record) if record else None}, sort_keys=True)
-    tmp = d / f".{name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        os.write(fd, body.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, d / name)
+    write_private(d / name, body.encode())
 
 
 def _load(path: Path) -> JournalEntry:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise BadStateRecord(f"{path} is not a regular file of uid {os.geteuid()}")
-        if st.st_size > ENTRY_MAX:
-            raise BadStateRecord(f"{path} is too large")
-        raw = json.loads(os.read(fd, ENTRY_MAX))
+        raw = json.loads(read_private(path, ENTRY_MAX))
+    except PrivateFileError as e:
+        raise BadStateRecord(str(e)) from None
     except (ValueError, RecursionError) as e:
         raise BadStateRecord(f"{path}: {e}") from None
-    finally:
-        os.close(fd)
     if not isinstance(raw, dict) or raw.get("stage") not in ("mapping", "recorded"):
         raise BadStateRecord(f"{path}: not a journal entry")
     rec = None if raw.get("record") is None else StateRecord.from_json(raw["record"])

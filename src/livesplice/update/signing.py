@@ -41,9 +41,14 @@ class SignatureError(LivespliceError):
     abort = "BAD_SIGNATURE"
 
 
-def statement(payload: bytes) -> bytes:
-    """What is signed: the digest of the payload, under a versioned header."""
-    return f"{STATEMENT_HEADER}\npayload sha256 {hashlib.sha256(payload).hexdigest()}\n".encode()
+# what a signature is for, named in the statement: a signature made for one kind of document
+# (an update, a repository index) is never valid for another
+HEADERS = {"update": STATEMENT_HEADER, "index": "livesplice-index-signature/1"}
+
+
+def statement(payload: bytes, kind: str = "update") -> bytes:
+    """What is signed: the digest of the payload, under a versioned header for its kind."""
+    return f"{HEADERS[kind]}\npayload sha256 {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
 def _crypto() -> Any:
@@ -81,7 +86,7 @@ def generate_key() -> KeyPair:
     return KeyPair(priv, pem, key_id(raw))
 
 
-def sign(payload: bytes, private_key: Path) -> bytes:
+def sign(payload: bytes, private_key: Path, kind: str = "update") -> bytes:
     """The signature of this payload, signed with the PEM key at ``private_key``."""
     serialization, ed25519 = _crypto()
     try:
@@ -95,7 +100,7 @@ def sign(payload: bytes, private_key: Path) -> bytes:
     raw = key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
-    sig = key.sign(statement(payload))
+    sig = key.sign(statement(payload, kind))
     body = {"algorithm": "ed25519", "key_id": key_id(raw), "signature": sig.hex()}
     return (json.dumps(body, sort_keys=True) + "\n").encode()
 
@@ -141,6 +146,7 @@ def verify(
     trusted: list[Path] | None = None,
     *,
     allow_unsigned: bool = False,
+    kind: str = "update",
 ) -> str | None:
     """Check the signature; return the signer's key id (None: unsigned and allowed).
 
@@ -150,7 +156,7 @@ def verify(
         if allow_unsigned:
             return None
         raise SignatureError(
-            "the update is not signed",
+            f"the {kind} is not signed",
             advice="sign it with `livesplice create --sign KEY` (keys: `livesplice keygen`), "
             "or pass --allow-unsigned if you built it yourself and trust it",
         )
@@ -162,7 +168,7 @@ def verify(
         if body.get("algorithm") != "ed25519":
             raise ValueError(f"unknown algorithm {body.get('algorithm')!r}")
     except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise SignatureError(f"the update's signature is malformed ({e!s:.100})") from None
+        raise SignatureError(f"the {kind}'s signature is malformed ({e!s:.100})") from None
     keys = load_public_keys(trust_paths(trusted))
     pub = keys.get(kid)
     if pub is None:
@@ -170,7 +176,7 @@ def verify(
             return None
         where = ", ".join(str(p) for p in trust_paths(trusted)) or "no trust directory"
         raise SignatureError(
-            f"the update is signed by key {kid}, which is not trusted here",
+            f"the {kind} is signed by key {kid}, which is not trusted here",
             details=[f"trusted keys looked up in: {where}"],
             advice="install the signer's public key (*.pub) in the trust directory, or pass "
             "--trusted-key FILE",
@@ -178,10 +184,10 @@ def verify(
     from cryptography.exceptions import InvalidSignature
 
     try:
-        pub.verify(sig, statement(payload))
+        pub.verify(sig, statement(payload, kind))
     except InvalidSignature:
         raise SignatureError(
-            f"BAD signature by key {kid}: the update was modified after it was signed",
+            f"BAD signature by key {kid}: the {kind} was modified after it was signed",
             advice="do not apply it; get the update again from its source",
         ) from None
     return kid

@@ -1,0 +1,301 @@
+"""The service (issue 10): a signed repository, upgrade/show/remove/uname, and the agent that
+keeps processes started later patched -- with real updates, real processes, a real HTTP
+server and the kernel's proc connector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from livetest import Running, build, create, livesplice, make_patch, write_tree
+from test_apply import BASIC, MAKEFILE
+
+
+@pytest.fixture
+def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private state directory, trust directory and /etc for this test."""
+    for name, sub in (("LIVESPLICE_STATE_DIR", "state"), ("LIVESPLICE_TRUST_DIR", "trust"),
+                      ("LIVESPLICE_ETC", "etc")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    (tmp_path / "state").chmod(0o700)
+    monkeypatch.setenv("LIVESPLICE_CMDLINE", str(tmp_path / "cmdline"))
+    (tmp_path / "cmdline").write_text("root=/dev/vda quiet\n")
+    return tmp_path
+
+
+@pytest.fixture
+def published(machine: Path) -> tuple[Path, Path]:
+    """A repository with two stacked process updates for the running build of BASIC
+    (value 1 -> 2 -> 3); returns (repository, running build)."""
+    tmp = machine
+    livesplice("keygen", "-o", str(tmp / "vendor.key"))
+    tree = write_tree(tmp / "src", {"prog.c": BASIC, "Makefile": MAKEFILE})
+    p1 = make_patch(tree, {"prog.c": [("return x + base;", "return x + base + 1;")]},
+                    tmp / "one.patch")
+    u1 = create(tree, p1, "svc-one", tmp, "--sign", str(tmp / "vendor.key"))
+    tree2 = write_tree(tmp / "src2", {"prog.c": BASIC.replace("return x + base;",
+                                                              "return x + base + 1;"),
+                                      "Makefile": MAKEFILE})
+    p2 = make_patch(tree2, {"prog.c": [("return x + base + 1;", "return x + base + 2;")]},
+                    tmp / "two.patch")
+    u2 = create(tree2, p2, "svc-two", tmp, "--sign", str(tmp / "vendor.key"))
+    running = write_tree(tmp / "run", {"prog.c": BASIC, "Makefile": MAKEFILE})
+    build(running)
+    repo = tmp / "repo"
+    livesplice("repo", "init", str(repo), "--key", str(tmp / "vendor.key"))
+    livesplice("repo", "add", str(repo), str(u1), "--key", str(tmp / "vendor.key"),
+               "--cve", "CVE-2026-1001", "--binary", str(running / "prog"))
+    # the second is stacked on the first; the running binary is the same file
+    livesplice("repo", "add", str(repo), str(u2), "--key", str(tmp / "vendor.key"),
+               "--cve", "CVE-2026-1002", "--requires", "svc-one",
+               "--binary", str(running / "prog"))
+    for pub in (repo / "keys").glob("*.pub"):
+        shutil.copy(pub, machine / "trust")
+    return repo, running
+
+
+def value(prog: Running, want: int, timeout: float = 10.0) -> None:
+    prog.drain()
+    prog.wait_for(f"value {want}", timeout=timeout)
+
+
+def test_upgrade_show_remove_from_a_file_repository(published: tuple[Path, Path]) -> None:
+    repo, running = published
+    prog = Running([str(running / "prog")])
+    try:
+        value(prog, 1)
+        dry = json.loads(livesplice("upgrade", "--repo", str(repo), "--dry-run", "--json").stdout)
+        assert [(p["id"], p["action"], p["pids"]) for p in dry["planned"]] == [
+            ("svc-one", "apply", [prog.pid]), ("svc-two", "apply", [prog.pid])]
+        value(prog, 1)  # a dry run changes nothing
+        # no terminal and no -y: refused, nothing changed
+        r = livesplice("upgrade", "--repo", str(repo), check=False)
+        assert r.returncode == 2 and "-y" in r.stderr, r.stderr
+        rep = json.loads(livesplice("upgrade", "--repo", str(repo), "-y", "--json").stdout)
+        assert [(x["id"], x["status"]) for x in rep["results"]] == [
+            ("svc-one", "applied"), ("svc-two", "applied")]
+        value(prog, 3)
+        shown = json.loads(livesplice("show", "--json").stdout)
+        assert [(a["id"], a["applied_to"]) for a in shown["accepted"]] == [
+            ("svc-one", [prog.pid]), ("svc-two", [prog.pid])]
+        text = livesplice("show").stdout
+        assert "CVE-2026-1002" in text and str(prog.pid) in text
+        again = livesplice("upgrade", "--repo", str(repo), "-y")
+        assert "already applied" in again.stdout, again.stdout
+        livesplice("remove", "--all")
+        value(prog, 1)
+        assert json.loads(livesplice("show", "--json").stdout)["accepted"] == []
+        assert livesplice("uname", "-r").stdout.strip() == os.uname().release
+    finally:
+        prog.stop()
+
+
+def test_a_tampered_or_untrusted_or_replayed_index_is_refused(
+    published: tuple[Path, Path], machine: Path
+) -> None:
+    repo, _ = published
+    index = (repo / "index.json").read_bytes()
+    sig = (repo / "index.json.sig").read_bytes()
+    # one byte changed
+    bad = bytearray(index)
+    bad[index.index(b'"serial"') + 10] ^= 1
+    (repo / "index.json").write_bytes(bytes(bad))
+    r = livesplice("upgrade", "--repo", str(repo), "-y", check=False)
+    assert r.returncode == 2 and "BAD_SIGNATURE" in r.stderr, r.stderr
+    # an update's signature is not an index signature, even by the trusted key
+    (repo / "index.json").write_bytes(index)
+    upd = (repo / "updates" / "svc-one.update").read_bytes()
+    from livesplice.update.archive import open_envelope
+    from livesplice.update.signing import sign
+
+    env = open_envelope(upd)
+    (repo / "index.json.sig").write_bytes(sign(index, machine / "vendor.key", kind="update"))
+    r = livesplice("upgrade", "--repo", str(repo), "-y", check=False)
+    assert r.returncode == 2 and "BAD_SIGNATURE" in r.stderr, r.stderr
+    assert env.signature is not None
+    # not trusted here
+    (repo / "index.json.sig").write_bytes(sig)
+    for pub in (machine / "trust").iterdir():
+        pub.unlink()
+    r = livesplice("upgrade", "--repo", str(repo), "-y", check=False)
+    assert r.returncode == 2 and "not trusted" in r.stderr, r.stderr
+    for pub in (repo / "keys").glob("*.pub"):
+        shutil.copy(pub, machine / "trust")
+    # replay: the machine saw serial N; an older (validly signed) index is refused
+    livesplice("upgrade", "--repo", str(repo), "--dry-run")
+    old_index, old_sig = index, sig
+    livesplice("repo", "add", str(repo), str(machine / "svc-one.update"), "--key",
+               str(machine / "vendor.key"), "--binary", str(machine / "run" / "prog"))
+    livesplice("upgrade", "--repo", str(repo), "--dry-run")
+    (repo / "index.json").write_bytes(old_index)
+    (repo / "index.json.sig").write_bytes(old_sig)
+    r = livesplice("upgrade", "--repo", str(repo), "-y", check=False)
+    assert r.returncode == 2 and "older than one this machine already saw" in r.stderr, r.stderr
+    # an update file that is not the one the index describes
+    livesplice("repo", "add", str(repo), str(machine / "svc-one.update"), "--key",
+               str(machine / "vendor.key"), "--binary", str(machine / "run" / "prog"))
+    f = repo / "updates" / "svc-one.update"
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    prog = Running([str(machine / "run" / "prog")])
+    try:
+        value(prog, 1)
+        r = livesplice("upgrade", "--repo", str(repo), "-y", check=False)
+        assert r.returncode == 2 and "not the file the signed index describes" in r.stderr
+        value(prog, 1)
+    finally:
+        prog.stop()
+
+
+def test_upgrade_over_http(published: tuple[Path, Path]) -> None:
+    repo, running = published
+    port = 18600 + os.getpid() % 300
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                               "127.0.0.1", "--directory", str(repo)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prog = Running([str(running / "prog")])
+    try:
+        value(prog, 1)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(50):
+            r = livesplice("upgrade", "--repo", url, "--dry-run", check=False)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)
+        livesplice("upgrade", "--repo", url, "-y")
+        value(prog, 3)
+        livesplice("remove", "svc-two")
+        value(prog, 2)
+        livesplice("remove", "svc-one")
+        value(prog, 1)
+    finally:
+        prog.stop()
+        server.kill()
+        server.wait()
+
+
+def start_agent(*extra: str) -> subprocess.Popen[str]:
+    """Start the agent and wait for its first event (started, or disabled)."""
+    agent = subprocess.Popen([sys.executable, "-m", "livesplice", "agent", "--json", *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert agent.stdout is not None
+    line = agent.stdout.readline()
+    first = json.loads(line or "{}")
+    assert first.get("event") in ("started", "disabled", "held"), first
+    agent.first = line  # type: ignore[attr-defined]
+    return agent
+
+
+def stop_agent(agent: subprocess.Popen[str]) -> list[dict[str, object]]:
+    agent.send_signal(signal.SIGTERM)
+    out, err = agent.communicate(timeout=10)
+    assert agent.returncode == 0, err
+    assert "Traceback" not in err, err
+    lines = [agent.first, *out.splitlines()]  # type: ignore[attr-defined]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_the_agent_patches_restarted_and_new_processes(published: tuple[Path, Path]) -> None:
+    repo, running = published
+    first = Running([str(running / "prog")])
+    try:
+        value(first, 1)
+        livesplice("upgrade", "--repo", str(repo), "-y")
+        value(first, 3)
+    finally:
+        first.stop()  # the service restarts: the new process runs the old code...
+    agent = start_agent()
+    progs = []
+    try:
+        for _ in range(3):  # ... until the agent patches it; also instances started later
+            progs.append(Running([str(running / "prog")]))
+        for p in progs:
+            value(p, 3)
+    finally:
+        for p in progs:
+            p.stop()
+        events = stop_agent(agent)
+    applied = [e for e in events if e.get("event") == "exec" and e.get("status") == "applied"]
+    assert sorted((e["pid"], e["id"]) for e in applied) == sorted(
+        (p.pid, uid) for p in progs for uid in ("svc-one", "svc-two"))
+    windows = [float(str(e["exec_to_patched_ms"])) for e in applied]
+    assert all(0 < w < 5000 for w in windows), windows
+    print("exec-to-patched ms:", windows)
+
+
+def test_kill_switch_and_crash_guard(published: tuple[Path, Path], machine: Path) -> None:
+    repo, running = published
+    out = livesplice("upgrade", "--repo", str(repo), "-y").stdout  # nothing runs them yet
+    assert "no process runs its target now" in out, out
+    (machine / "cmdline").write_text("root=/dev/vda livesplice=off\n")
+    agent = start_agent()
+    prog = Running([str(running / "prog")])
+    try:
+        value(prog, 1)
+        time.sleep(0.3)
+        value(prog, 1)  # not patched: switched off
+    finally:
+        prog.stop()
+        events = stop_agent(agent)
+    assert events[0]["event"] == "disabled" and "livesplice=off" in str(events[0]["why"])
+    (machine / "cmdline").write_text("root=/dev/vda\n")
+    # an apply of svc-two that never ended (the process crashed during it): held back
+    from livesplice.service.store import Store
+
+    Store().begin("svc-two", "4242:99")
+    agent = start_agent()
+    prog = Running([str(running / "prog")])
+    try:
+        value(prog, 2)  # svc-one applied; svc-two held
+        time.sleep(0.3)
+        value(prog, 2)
+        shown = json.loads(livesplice("show", "--json").stdout)
+        assert [bool(a["held"]) for a in shown["accepted"]] == [False, True]
+        assert "crashed" in livesplice("show").stdout
+    finally:
+        prog.stop()
+        events = stop_agent(agent)
+    assert any(e["event"] == "held" and e["id"] == "svc-two" for e in events), events
+    # the operator releases it: applied again
+    livesplice("upgrade", "--repo", str(repo), "-y", "--release", "svc-two")
+    agent = start_agent()
+    prog = Running([str(running / "prog")])
+    try:
+        value(prog, 3)
+    finally:
+        prog.stop()
+        stop_agent(agent)
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    units = Path(__file__).resolve().parents[1] / "dist" / "systemd"
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    for unit in units.iterdir():
+        # the units name the installed command; verify them against one that exists here
+        (tmp_path / unit.name).write_text(
+            unit.read_text().replace("/usr/bin/livesplice", shutil.which("true") or "/bin/true"))
+    r = subprocess.run(["systemd-analyze", "verify", *sorted(str(p) for p in
+                                                            tmp_path.iterdir())],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def test_config_is_strict_and_autoinstall_is_off_by_default(machine: Path) -> None:
+    r = livesplice("upgrade", "--auto", "-y", "--repo", "/nonexistent")
+    assert "autoinstall is off" in r.stdout
+    (machine / "etc" / "livesplice.conf").write_text("[livesplice]\nautoinstal = yes\n")
+    r = livesplice("upgrade", "--auto", "-y", check=False)
+    assert r.returncode == 2 and "unknown setting 'autoinstal'" in r.stderr, r.stderr
+    (machine / "etc" / "livesplice.conf").write_text("[livesplice]\nautoinstall = maybe\n")
+    r = livesplice("upgrade", "--auto", "-y", check=False)
+    assert r.returncode == 2 and "is not yes/no" in r.stderr, r.stderr
