@@ -7,7 +7,6 @@ guest boot (the livesplice overlay is built once per kernel and cached).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -145,4 +144,4 @@ def test_undo_without_livepatch_support_is_not_applied(tmp_path: Path) -> None:
     if (target.LIVEPATCH / "livesplice_nosuchid").exists():
         pytest.skip("unexpected livepatch named livesplice_nosuchid")
     with pytest.raises(NotApplied):
-        target.cli_undo_kernel(argparse.Namespace(update_id="nosuchid", json=False))
+        target.undo_kernel("nosuchid")

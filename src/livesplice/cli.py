@@ -134,7 +134,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from livesplice.create import create_update
 
     if args.kernel:
-        from livesplice.kernel.target import cli_create_kernel
+        from livesplice.cli_kernel import cli_create_kernel
 
         return cli_create_kernel(args)
 
@@ -187,10 +187,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"livesplice: update {update.manifest.id} "
               + (f"signed by key {signer}" if signer else "is NOT signed (--allow-unsigned)"))
-    if any(t.kind in ("kernel", "kernel_module") for t in update.manifest.targets):
+    if update.manifest.is_kernel:
         if args.pid or args.all:
             raise UsageError("this is a kernel update: apply it without --pid/--all")
-        from livesplice.kernel.target import cli_apply_kernel
+        from livesplice.cli_kernel import cli_apply_kernel
 
         return cli_apply_kernel(args, update)
     if not (args.pid or args.all):
@@ -229,15 +229,16 @@ def cmd_view(args: argparse.Namespace) -> int:
         # one JSON document: processes and, on a machine with livepatch, the kernel
         kernel_rows = None
         if kernel:
-            from livesplice.kernel.target import applied_updates
+            from livesplice.kernel.target import view_kernel
 
-            kernel_rows = applied_updates()
+            kernel_rows = [r.to_dict() for r in view_kernel()]
         return cli_view(args, kernel_rows)
     rc = cli_view(args)
     if kernel:
-        from livesplice.kernel.target import cli_view_kernel
+        from livesplice.cli_kernel import print_kernel_view
+        from livesplice.kernel.target import view_kernel
 
-        rc = max(rc, cli_view_kernel(args))
+        print_kernel_view(view_kernel())
     return rc
 
 
@@ -246,10 +247,10 @@ def cmd_undo(args: argparse.Namespace) -> int:
 
     check_update_id(args.update_id)
     if not (args.pid or args.all):
-        from livesplice.kernel.klp import module_name
+        from livesplice.kernel.target import is_applied_to_kernel
 
-        if Path("/sys/kernel/livepatch", module_name(args.update_id)).exists():
-            from livesplice.kernel.target import cli_undo_kernel
+        if is_applied_to_kernel(args.update_id):
+            from livesplice.cli_kernel import cli_undo_kernel
 
             return cli_undo_kernel(args)
         from livesplice.process.apply import processes_with

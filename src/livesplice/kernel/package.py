@@ -52,18 +52,21 @@ def read_kernel_members(
 
         path, update = update, read_update(update)
     members = update.extra
+    where = str(path) if path is not None else f"update {update.manifest.id}"
     if MODULE_MEMBER not in members or KERNEL_MEMBER not in members:
         raise MalformedUpdate(
-            f"{path} is a kernel update without {MODULE_MEMBER}/{KERNEL_MEMBER}",
+            f"{where} is a kernel update without {MODULE_MEMBER}/{KERNEL_MEMBER}",
             advice="make kernel updates with `livesplice create --kernel`",
         )
     try:
         kernel = json.loads(members[KERNEL_MEMBER])
     except (ValueError, RecursionError) as e:
-        raise MalformedUpdate(f"{path}: {KERNEL_MEMBER} is not JSON ({type(e).__name__})") from None
+        raise MalformedUpdate(
+            f"{where}: {KERNEL_MEMBER} is not JSON ({type(e).__name__})"
+        ) from None
     problem = _kernel_json_problem(kernel)
     if problem:
-        raise MalformedUpdate(f"{path}: {KERNEL_MEMBER} is malformed: {problem}",
+        raise MalformedUpdate(f"{where}: {KERNEL_MEMBER} is malformed: {problem}",
                               advice="make kernel updates with `livesplice create --kernel`")
     return members[MODULE_MEMBER], kernel
 

@@ -11,15 +11,14 @@ undo:    enabled=0 -> wait for the transition -> rmmod
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,14 @@ from livesplice.update.format import Manifest
 LIVEPATCH = Path("/sys/kernel/livepatch")
 TRANSITION_TIMEOUT = 60.0
 
+Progress = Callable[[str], None]
+"""Where the engine reports progress ("building ...", "transition in progress"): the CLI
+prints it, a service logs it; the engine itself never prints."""
+
+
+def _quiet(_msg: str) -> None:
+    """The progress callback when the caller wants none."""
+
 
 # ---------------------------------------------------------------------------------------
 # create
@@ -52,7 +59,7 @@ def create_kernel_update(
     description: str | None = None,
     jobs: int = 2,
     keep_tmp: bool = False,
-    progress: Any = None,
+    progress: Progress | None = None,
     notes: list[str] | None = None,
     signing_key: Path | None = None,
 ) -> tuple[Manifest | None, Path | None, dict[str, float]]:
@@ -75,7 +82,7 @@ def create_kernel_update(
     from livesplice.kernel.klp import build_module, load_symbol_tables, plan_module
     from livesplice.kernel.package import write_kernel_update
 
-    say = progress or (lambda _m: None)
+    say = progress or _quiet
     t0 = time.monotonic()
     ksrc = check_source_tree(ksrc)
     patch_text = read_patch(patch)
@@ -131,7 +138,7 @@ def create_kernel_update(
         return manifest, out, seconds
     finally:
         if keep_tmp:
-            print(f"livesplice: kept the build directory {workdir}", file=sys.stderr)
+            say(f"kept the build directory {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -159,68 +166,59 @@ def kernel_release(ksrc: Path) -> str:
         return ""
 
 
-def cli_create_kernel(args: argparse.Namespace) -> int:
-    def say(msg: str) -> None:
-        if not args.json:
-            print(f"livesplice: {msg}", file=sys.stderr, flush=True)
-
-    notes: list[str] = []
-    manifest, out, seconds = create_kernel_update(
-        args.srcdir, args.patch, update_id=args.update_id, output=args.output,
-        description=args.description, jobs=args.jobs, keep_tmp=args.keep_tmp, progress=say,
-        notes=notes, signing_key=args.sign,
-    )  # fmt: skip
-    if args.json:
-        print(json.dumps({
-            "status": "created" if manifest else "nothing_to_do",
-            "notes": notes,
-            "output": str(out) if out else None,
-            "id": manifest.id if manifest else None,
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }, indent=1))  # fmt: skip
-        return 0
-    if manifest is None:
-        print("livesplice: no code changes: nothing to do (no update written)")
-        for n in notes:
-            print(f"livesplice:   {n}")
-        return 0
-    funcs = [f for t in manifest.targets for f in t.changed_functions]
-    print(f"livesplice: wrote kernel update {manifest.id} to {out} "
-          f"({len(funcs)} function(s): {', '.join(funcs)}; {seconds['total']:.1f} s)")  # fmt: skip
-    for w in manifest.warnings:
-        print(f"livesplice: warning: {w}")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------
 # apply
 # ---------------------------------------------------------------------------------------
 
 
-def _say(args: argparse.Namespace, msg: str) -> None:
-    if not getattr(args, "json", False):
-        print(f"livesplice: {msg}", file=sys.stderr, flush=True)
+@dataclass
+class KernelApplyReport:
+    """What apply did to the running kernel; the CLI (or a service) turns it into words."""
+
+    id: str
+    module: str  # the livepatch module's name, also its /sys/kernel/livepatch directory
+    functions: list[str]
+    match_seconds: float  # run-pre matching against /proc/kcore
+    transition_seconds: float  # insmod until every task runs the new code
+    warnings: list[str] = field(default_factory=list)
 
 
-def cli_apply_kernel(args: argparse.Namespace, update: UpdateFile) -> int:
+def apply_to_kernel(
+    update: UpdateFile,
+    *,
+    transition_timeout: float = TRANSITION_TIMEOUT,
+    progress: Progress | None = None,
+) -> KernelApplyReport:
+    """Load ``update`` (already read and signature-checked) into the running kernel.
+
+    Run-pre matching happens before anything is loaded, so a mismatch (NO_MATCH) leaves the
+    kernel untouched; a transition that does not finish within ``transition_timeout`` seconds
+    is reverted and raised as CODE_BUSY, so the kernel is never left half-patched.
+    """
     from livesplice.kernel.elfedit import set_klp_sympos
     from livesplice.kernel.kmatch import KernelImage, run_pre_match_kernel
     from livesplice.kernel.package import read_kernel_members
 
-    module, kernel = read_kernel_members(update, args.update)
+    say = progress or _quiet
+    if not update.manifest.is_kernel:
+        raise UsageError(f"update {update.manifest.id} is not a kernel update",
+                         advice="apply it to processes with --pid PID or --all")  # fmt: skip
+    module, kernel = read_kernel_members(update)
     name = kernel["module"]
     if not LIVEPATCH.is_dir():
         raise UsageError("this kernel has no livepatch support (/sys/kernel/livepatch)")
     if (LIVEPATCH / name).exists():
         raise UsageError(f"update {update.manifest.id} is already applied ({name})")
+    warnings: list[str] = []
     release = Path("/proc/sys/kernel/osrelease").read_text().strip()
     if kernel.get("release") and kernel["release"] != release:
-        _say(args, f"warning: built for {kernel['release']}, running {release}")
+        warnings.append(f"built for {kernel['release']}, running {release}")
+        say(f"warning: {warnings[-1]}")
     t0 = time.monotonic()
     image = KernelImage.open()
     match = run_pre_match_kernel(image, update.manifest.targets, kernel)
-    _say(args, f"run-pre matched {len(match.functions)} function(s) "
-               f"in {time.monotonic() - t0:.2f} s")  # fmt: skip
+    match_seconds = time.monotonic() - t0
+    say(f"run-pre matched {len(match.functions)} function(s) in {match_seconds:.2f} s")
     module = set_klp_sympos(module, match.klp_sympos)
     sympos = [str(match.func_sympos.get(f"{f['object']}.{f['name']}", 0))
               for f in kernel["funcs"]]  # fmt: skip
@@ -230,27 +228,22 @@ def cli_apply_kernel(args: argparse.Namespace, update: UpdateFile) -> int:
         insmod(ko, [f"sympos={','.join(sympos)}"] if sympos else [])
     t1 = time.monotonic()
     try:
-        wait_transition(name, args, getattr(args, "transition_timeout", TRANSITION_TIMEOUT))
+        wait_transition(name, transition_timeout, say)
     except CodeBusy:
-        revert(name, args)
+        revert(name, say)
         raise
-    out = {
-        "id": update.manifest.id,
-        "module": name,
-        "functions": [f["name"] for f in kernel["funcs"]],
-        "match_seconds": round(t1 - t0, 3),
-        "transition_seconds": round(time.monotonic() - t1, 3),
-    }
-    if getattr(args, "json", False):
-        print(json.dumps(out, indent=1))
-    else:
-        funcs = ", ".join(out["functions"])
-        print(f"livesplice: applied {update.manifest.id} to the running kernel "
-              f"({funcs}; transition {out['transition_seconds']} s)")  # fmt: skip
-    return 0
+    return KernelApplyReport(
+        id=update.manifest.id,
+        module=name,
+        functions=[f["name"] for f in kernel["funcs"]],
+        match_seconds=round(match_seconds, 3),
+        transition_seconds=round(time.monotonic() - t1, 3),
+        warnings=warnings,
+    )
 
 
 def insmod(ko: Path, params: list[str]) -> None:
+    """Load a module; the kernel's refusal (with the tail of its log) becomes a typed error."""
     done = subprocess.run(["insmod", str(ko), *params], capture_output=True, text=True)
     if done.returncode != 0:
         dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
@@ -266,6 +259,8 @@ def insmod(ko: Path, params: list[str]) -> None:
 
 
 def patch_state(name: str) -> dict[str, str]:
+    """The livepatch's ``enabled`` and ``transition`` files ("?" when unreadable: it may be
+    going away while we look)."""
     d = LIVEPATCH / name
     out = {}
     for f in ("enabled", "transition"):
@@ -299,7 +294,13 @@ def blocking_tasks(name: str) -> list[str]:
     return lines
 
 
-def wait_transition(name: str, args: argparse.Namespace, timeout: float) -> None:
+def wait_transition(name: str, timeout: float, progress: Progress | None = None) -> None:
+    """Wait until livepatch ``name`` is no longer in transition.
+
+    :raises CodeBusy: after ``timeout`` seconds, naming the tasks still running old code
+        (the caller decides whether to reverse the transition).
+    """
+    say = progress or _quiet
     t0 = time.monotonic()
     last = 0.0
     while True:
@@ -309,7 +310,7 @@ def wait_transition(name: str, args: argparse.Namespace, timeout: float) -> None
         elapsed = time.monotonic() - t0
         if elapsed - last >= 2.0:
             last = elapsed
-            _say(args, f"transition of {name} in progress ({elapsed:.0f} s)")
+            say(f"transition of {name} in progress ({elapsed:.0f} s)")
         if elapsed > timeout:
             raise CodeBusy(
                 f"the livepatch transition of {name} did not finish in {timeout:.0f} s",
@@ -319,9 +320,9 @@ def wait_transition(name: str, args: argparse.Namespace, timeout: float) -> None
         time.sleep(0.1)
 
 
-def revert(name: str, args: argparse.Namespace) -> None:
+def revert(name: str, progress: Progress | None = None) -> None:
     """Reverse a stalled transition: writing 0 to enabled reverses it (livepatch.rst 3.1)."""
-    _say(args, f"reverting {name}")
+    (progress or _quiet)(f"reverting {name}")
     with contextlib.suppress(OSError):
         (LIVEPATCH / name / "enabled").write_text("0")
     t0 = time.monotonic()
@@ -337,62 +338,86 @@ def revert(name: str, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def applied_updates() -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+@dataclass
+class KernelPatchView:
+    """One livesplice livepatch loaded in the running kernel, as view shows it."""
+
+    id: str
+    module: str
+    functions: list[str]  # "object:function,sympos" as /sys/kernel/livepatch names them
+    enabled: bool
+    transition: bool
+    taint: int  # /proc/sys/kernel/tainted (livepatch sets TAINT_LIVEPATCH)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON row of ``view --json``'s "kernel" list."""
+        return asdict(self)
+
+
+def view_kernel() -> list[KernelPatchView]:
+    """The livesplice livepatches in /sys/kernel/livepatch (none without livepatch support)."""
+    out: list[KernelPatchView] = []
     if not LIVEPATCH.is_dir():
         return out
     taint = Path("/proc/sys/kernel/tainted").read_text().strip()
     for d in sorted(LIVEPATCH.glob("livesplice_*")):
-        uid = d.name.removeprefix("livesplice_")
         functions = []
         for obj in sorted(p for p in d.iterdir() if p.is_dir()):
             for fn in sorted(p for p in obj.iterdir() if p.is_dir()):
                 functions.append(f"{obj.name}:{fn.name}")
         state = patch_state(d.name)
-        out.append({
-            "id": uid,
-            "module": d.name,
-            "functions": functions,
-            "enabled": state["enabled"] == "1",
-            "transition": state["transition"] == "1",
-            "taint": int(taint),
-        })  # fmt: skip
+        out.append(KernelPatchView(
+            id=d.name.removeprefix("livesplice_"),
+            module=d.name,
+            functions=functions,
+            enabled=state["enabled"] == "1",
+            transition=state["transition"] == "1",
+            taint=int(taint),
+        ))  # fmt: skip
     return out
 
 
-def cli_view_kernel(args: argparse.Namespace) -> int:
-    ups = applied_updates()
-    if getattr(args, "json", False):
-        print(json.dumps({"kernel": ups}, indent=1))
-        return 0
-    if not ups:
-        print("livesplice: no kernel updates applied")
-    for u in ups:
-        state = "enabled" if u["enabled"] else "disabled"
-        if u["transition"]:
-            state += ", in transition"
-        print(f"kernel update {u['id']} ({u['module']}): {state}; taint {u['taint']}")
-        for f in u["functions"]:
-            print(f"  {f}")
-    return 0
-
-
-def cli_undo_kernel(args: argparse.Namespace) -> int:
+def is_applied_to_kernel(update_id: str) -> bool:
+    """Whether a livepatch of ``update_id`` is loaded (how undo tells kernel from process)."""
     from livesplice.kernel.klp import module_name
 
-    name = module_name(args.update_id)
+    return (LIVEPATCH / module_name(update_id)).exists()
+
+
+@dataclass
+class KernelUndoReport:
+    """What undo did: the livepatch was disabled, its transition finished, it was unloaded."""
+
+    id: str
+    module: str
+    transition_seconds: float
+
+
+def undo_kernel(
+    update_id: str, *, timeout: float = TRANSITION_TIMEOUT, progress: Progress | None = None
+) -> KernelUndoReport:
+    """Disable and unload the livepatch of ``update_id``.
+
+    A reverse transition that does not finish in ``timeout`` seconds is itself reversed, so
+    the update stays fully applied (CODE_BUSY) rather than half-undone.
+    """
+    from livesplice.kernel.klp import module_name
+
+    say = progress or _quiet
+    name = module_name(update_id)
     if not (LIVEPATCH / name).exists():
-        raise NotApplied(f"kernel update {args.update_id} is not applied",
+        raise NotApplied(f"kernel update {update_id} is not applied",
                          advice="`livesplice view` lists the applied updates")  # fmt: skip
     stack = sorted(p.name for p in LIVEPATCH.iterdir())
     (LIVEPATCH / name / "enabled").write_text("0")
+    t0 = time.monotonic()
     try:
-        wait_transition(name, args, TRANSITION_TIMEOUT)
+        wait_transition(name, timeout, say)
     except CodeBusy:
         (LIVEPATCH / name / "enabled").write_text("1")  # reverse the reverse: stay applied
         raise
+    seconds = time.monotonic() - t0
     done = subprocess.run(["rmmod", name], capture_output=True, text=True)
     if done.returncode != 0:
         raise UsageError(f"rmmod {name} failed", [done.stderr.strip(), f"patches: {stack}"])
-    _say(args, f"undid kernel update {args.update_id}")
-    return 0
+    return KernelUndoReport(id=update_id, module=name, transition_seconds=round(seconds, 3))

@@ -932,7 +932,7 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
     decoy named like the target must not stop the real targets from being patched.
     """
     manifest = update.manifest
-    if any(t.kind in ("kernel", "kernel_module") for t in manifest.targets):
+    if manifest.is_kernel:
         raise UsageError("this is a kernel update; apply it without --pid on the patched machine")
     pids = _target_pids(args, manifest)
     reports: list[dict[str, Any]] = []

@@ -171,6 +171,13 @@ class Manifest:
         raw = json.loads(text)
         return manifest_from_dict(raw)
 
+    @property
+    def is_kernel(self) -> bool:
+        """Whether this update is for the running kernel (vmlinux or kernel modules), applied
+        by loading a livepatch module rather than into processes: the one place that decides
+        which engine an update belongs to."""
+        return any(t.kind in ("kernel", "kernel_module") for t in self.targets)
+
 
 # ---------------------------------------------------------------- strict decoding
 #
