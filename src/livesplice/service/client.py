@@ -14,8 +14,6 @@ only (one adapter), so changes to the engine's interfaces touch one place here.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -173,18 +171,12 @@ def kernel_applied(update_id: str) -> bool:
 def apply_kernel(store: Store, acc: Accepted, trusted: list[Path] | None) -> dict[str, Any]:
     """Apply an accepted kernel update through the livepatch path (crash guard: the whole
     machine is the target -- a crash during the transition holds the update at boot)."""
-    import argparse
-
-    from livesplice.kernel.target import cli_apply_kernel
+    from livesplice.kernel.target import apply_to_kernel
 
     update = _load(store, acc.id, trusted)
-    path = store.file(acc.id)
     store.begin(acc.id, "kernel")
-    args = argparse.Namespace(update=path, json=True)
-    out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
-            cli_apply_kernel(args, update)
+        apply_to_kernel(update)
     except LivespliceError as e:
         store.done(acc.id, "kernel")
         return {"kernel": kernel_release(), "id": acc.id, "status": "failed", "abort": e.abort,
@@ -194,13 +186,10 @@ def apply_kernel(store: Store, acc: Accepted, trusted: list[Path] | None) -> dic
 
 
 def undo_kernel(update_id: str) -> dict[str, Any]:
-    import argparse
-
-    from livesplice.kernel.target import cli_undo_kernel
+    from livesplice.kernel import target
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            cli_undo_kernel(argparse.Namespace(update_id=update_id, json=True))
+        target.undo_kernel(update_id)
     except LivespliceError as e:
         return {"kernel": kernel_release(), "id": update_id, "status": "failed",
                 "abort": e.abort, "reason": e.reason}
