@@ -195,7 +195,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return cli_apply_kernel(args, update)
     if not (args.pid or args.all):
         raise UsageError("say which processes to patch: --pid PID (repeatable) or --all")
-    from livesplice.process.apply import cli_apply
+    from livesplice.cli_process import cli_apply
 
     return cli_apply(args, update)
 
@@ -222,7 +222,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from livesplice.process.apply import cli_view
+    from livesplice.cli_process import cli_view
 
     kernel = not args.pid and Path("/sys/kernel/livepatch").is_dir()
     if args.json:
@@ -265,7 +265,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
             )
         raise NotApplied(f"update {printable(args.update_id)} is not applied to the kernel "
                          "nor to any process")
-    from livesplice.process.apply import cli_undo
+    from livesplice.cli_process import cli_undo
 
     vouch = None
     if args.from_target is not None:
