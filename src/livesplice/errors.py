@@ -16,21 +16,48 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Documented exit codes of the ``livesplice`` command (see README)."""
+    """Documented exit codes of the ``livesplice`` command.
+
+    Each has its meaning in :data:`EXIT_MEANINGS`, from which scripts/gen_docs.py writes the
+    tables in README.md and docs/ARCHITECTURE.md (tests/test_docs.py checks they agree).
+    """
 
     OK = 0
-    FAILED = 1  # internal failure: a bug in livesplice, reported with a traceback hint
-    USAGE = 2  # bad usage or bad input (missing tree, malformed update, patch does not apply)
-    REFUSED = 3  # the patch contains a change that cannot be spliced safely
-    BUILD_FAILED = 4  # the project's own build failed (compiler output attached)
-    NO_MATCH = 5  # run-pre matching failed: running code is not what the update was built from
-    CODE_BUSY = 6  # a thread stayed inside a function being replaced; nothing was changed
-    TARGET_GONE = 7  # the target process exited (or never existed)
-    NO_PERMISSION = 8  # not allowed to trace/modify the target
-    NOT_APPLIED = 9  # undo/view of an update that is not applied
-    HOOK_FAILED = 10  # an update hook reported failure; the update was rolled back
-    REMOTE_FAILED = 11  # a system call or call run inside the target failed (e.g. mmap ENOMEM)
-    PARTIAL = 12  # several targets: some succeeded, some failed or could not be inspected
+    FAILED = 1
+    USAGE = 2
+    REFUSED = 3
+    BUILD_FAILED = 4
+    NO_MATCH = 5
+    CODE_BUSY = 6
+    TARGET_GONE = 7
+    NO_PERMISSION = 8
+    NOT_APPLIED = 9
+    HOOK_FAILED = 10
+    REMOTE_FAILED = 11
+    PARTIAL = 12
+
+
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: 'success (including "no code changes: nothing to do")',
+    ExitCode.FAILED: "internal error in livesplice (a bug: please report it with the output)",
+    ExitCode.USAGE: "bad usage or input (missing tree or file, patch does not apply, "
+    "malformed update)",
+    ExitCode.REFUSED: "patch refused: a change that cannot be spliced safely (each reason "
+    "listed)",
+    ExitCode.BUILD_FAILED: "the build failed (the compiler's output is shown)",
+    ExitCode.NO_MATCH: "run-pre matching failed: the running code is not what the update was "
+    "built from; nothing was changed",
+    ExitCode.CODE_BUSY: "a thread (or kernel task) stayed inside a function being replaced; "
+    "nothing changed",
+    ExitCode.TARGET_GONE: "the target process is gone (or the lab guest crashed or hung)",
+    ExitCode.NO_PERMISSION: "no permission to trace or modify the target",
+    ExitCode.NOT_APPLIED: "the update is not applied (undo/view)",
+    ExitCode.HOOK_FAILED: "a hook failed; the update was rolled back",
+    ExitCode.REMOTE_FAILED: "a system call run inside the target failed (e.g. `mmap` out of "
+    "memory); the target's registers were restored and nothing was applied",
+    ExitCode.PARTIAL: "several targets, and some failed or could not be inspected (each is "
+    "listed with what is wrong); the others succeeded",
+}
 
 
 class LivespliceError(Exception):

@@ -6,7 +6,7 @@ and ``PTRACE_O_TRACEEXIT`` (a thread that exits during a stop reports an exit st
 vanishing under us -- the thread-group leader calling ``pthread_exit`` would otherwise never
 report anything until the whole process ends).
 
-Speed (see ``/work/shared/PTRACE-FINDINGS.md``): every step is batched across threads (interrupt
+Speed (measured with benchmarks/): every step is batched across threads (interrupt
 all, then wait all, then read all registers); ``ptrace`` is called through ctypes *without*
 ``argtypes`` (about 0.5 µs less per call), so every argument wider than an int is passed as a
 prebuilt ``c_void_p``; registers of all threads land in one preallocated numpy array that the

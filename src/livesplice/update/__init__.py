@@ -1,1 +1,2 @@
-"""livesplice.update"""
+"""The update file: its format (the contract between create and apply), the signed archive,
+signing keys and ``inspect``."""
