@@ -26,6 +26,7 @@ from typing import Any
 
 from livesplice.errors import LivespliceError, NoMatch
 from livesplice.service.client import (
+    _load,
     apply_kernel,
     kernel_applied,
     kernel_release,
@@ -65,6 +66,11 @@ class Agent:
     def sweep(self) -> None:
         """Every running process with an accepted update's target, brought up to date."""
         accepted = self.store.accepted()
+        for a in accepted:  # verified and decoded once, before any exec needs them
+            try:
+                _load(self.store, a.id, self.trusted)
+            except (LivespliceError, OSError) as e:
+                self.log({"event": "unusable", "id": a.id, "reason": str(e)})
         wanted = {b for a in accepted if a.kind == "process" for b in a.build_ids}
         if not wanted:
             return

@@ -117,10 +117,22 @@ def accepted_from(entry: IndexEntry, repo: str) -> Accepted:
 
 # ------------------------------------------------------------------ the engine adapter
 
+_LOADED: dict[tuple[str, int, int, int, str], Any] = {}
+
+
 def _load(store: Store, update_id: str, trusted: list[Path] | None) -> Any:
+    """The accepted update, signature checked; kept while its file is unchanged (the agent
+    applies the same few updates over and over)."""
     from livesplice.update.archive import load_update
 
-    return load_update(store.file(update_id), trusted)
+    path = store.file(update_id)
+    st = os.stat(path)
+    key = (str(path), st.st_dev, st.st_ino, st.st_mtime_ns, repr(trusted))
+    if key not in _LOADED:
+        if len(_LOADED) > 256:
+            _LOADED.clear()
+        _LOADED[key] = load_update(path, trusted)
+    return _LOADED[key]
 
 
 def is_applied(pid: int, update_id: str) -> bool:
