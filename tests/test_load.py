@@ -22,9 +22,10 @@ from match_objsections import (
 )
 
 from livesplice.errors import NoMatch
-from livesplice.process.image import find_images, read_maps
+from livesplice.process.image import find_images
 from livesplice.process.load import LoadImage, near_range, plan_load
 from livesplice.process.match import run_pre_match
+from livesplice.process.procmaps import read_maps
 from livesplice.process.relocate import RelocationError
 from livesplice.update.format import Target
 

@@ -271,12 +271,9 @@ def masked_bytes(sec: ObjSection) -> bytes:
 
 def decode(code: bytes) -> list[Any]:
     """x86-64 instructions of ``code`` with details (capstone), from offset 0."""
-    import capstone
+    from livesplice.arch.x86_64 import disassembler
 
-    cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    cs.detail = True
-    cs.skipdata = True
-    return list(cs.disasm(code, 0))
+    return list(disassembler(detail=True, skipdata=True).disasm(code, 0))
 
 
 def compare_sections(

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# sh_flags (ELF gABI)
-SHF_WRITE = 0x1
-SHF_ALLOC = 0x2
-SHF_EXECINSTR = 0x4
-SHF_MERGE = 0x10
-SHF_STRINGS = 0x20
-SHF_GROUP = 0x200
-SHF_TLS = 0x400
+from elftools.elf.constants import SH_FLAGS
+
+# sh_flags (ELF gABI), as pyelftools names them
+SHF_WRITE = SH_FLAGS.SHF_WRITE
+SHF_ALLOC = SH_FLAGS.SHF_ALLOC
+SHF_EXECINSTR = SH_FLAGS.SHF_EXECINSTR
+SHF_MERGE = SH_FLAGS.SHF_MERGE
+SHF_STRINGS = SH_FLAGS.SHF_STRINGS
+SHF_TLS = SH_FLAGS.SHF_TLS
 
 # Width in bytes of the field each x86-64 relocation type writes (System V psABI x86-64,
 # table "Relocation Types"). The diff masks these bytes before comparing code.

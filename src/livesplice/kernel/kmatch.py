@@ -16,7 +16,7 @@ are accepted, each for its own reason:
 * a static call site may point straight at its current target (HAVE_STATIC_CALL_INLINE);
 * on a uniprocessor boot, ``lock`` prefixes became ``ds`` prefixes (alternatives_smp_unlock);
 * a branch with a rel8 displacement in one and rel32 in the other (``-ffunction-sections``
-  changes some tail jumps; FINDINGS.md) when both reach the same place.
+  changes some tail jumps) when both reach the same place.
 
 A mismatch is NO_MATCH naming the function and the offset, before anything is loaded.
 """
@@ -24,14 +24,18 @@ A mismatch is NO_MATCH naming the function and the offset, before anything is lo
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from livesplice.arch.x86_64 import (
+    Insn,
+    decode_one,
+    fields_masked,
+    reloc_field,
+    symbol_address,
+)
 from livesplice.errors import NoMatch
-from livesplice.update.format import Reloc, Section, Target
-
-NOP5_PREFIXES = (bytes.fromhex("0f1f4400"), bytes.fromhex("0f1f44"))
+from livesplice.update.format import Section, Target
 
 
 @dataclass
@@ -68,33 +72,44 @@ class KernelImage:
                 "/proc/kallsyms shows no addresses", advice="run as root (kptr_restrict)"
             )
         fd = os.open("/proc/kcore", os.O_RDONLY)
-        hdr = os.pread(fd, 64, 0)
-        phoff, phentsize, phnum = struct.unpack_from("<Q", hdr, 32)[0], hdr[54], hdr[56]
-        phentsize = struct.unpack_from("<H", hdr, 54)[0]
-        phnum = struct.unpack_from("<H", hdr, 56)[0]
-        loads = []
-        raw = os.pread(fd, phentsize * phnum, phoff)
-        for i in range(phnum):
-            p_type, _fl, off, vaddr, _pa, filesz, _msz, _al = struct.unpack_from(
-                "<IIQQQQQQ", raw, i * phentsize
-            )
-            if p_type == 1:
-                loads.append((vaddr, off, filesz))
+        try:
+            loads = _kcore_loads(fd)
+        except Exception:
+            os.close(fd)
+            raise
         return cls(syms, fd, loads)
 
     def read(self, addr: int, n: int) -> bytes:
+        """``n`` bytes of kernel memory at ``addr``, through the PT_LOAD segment holding it."""
         for vaddr, off, size in self.loads:
             if vaddr <= addr and addr + n <= vaddr + size:
                 return os.pread(self.fd, n, off + addr - vaddr)
         raise NoMatch(f"address {addr:#x} is not in /proc/kcore")
 
     def candidates(self, name: str, module: str | None) -> list[KSym]:
+        """The symbols called ``name`` in ``module`` (None: vmlinux), in kallsyms order."""
         return [s for s in self.by_name.get(name, []) if s.module == module]
 
     def sympos(self, sym: KSym) -> int:
         """Position among same-named symbols of its object (1-based), 0 when unique."""
         same = self.candidates(sym.name, sym.module)
         return 0 if len(same) <= 1 else same.index(sym) + 1
+
+
+def _kcore_loads(fd: int) -> list[tuple[int, int, int]]:
+    """(vaddr, file offset, size) of /proc/kcore's PT_LOAD segments: where each range of
+    kernel memory is in the file (pyelftools reads the ELF header and program headers)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    f = os.fdopen(os.dup(fd), "rb", buffering=0)
+    with f:
+        try:
+            elf = ELFFile(f)
+            return [(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"])
+                    for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]  # fmt: skip
+        except ELFError as e:
+            raise NoMatch(f"/proc/kcore is not readable as ELF: {e}") from None
 
 
 @dataclass
@@ -111,20 +126,6 @@ class _Mismatch(Exception):
         super().__init__(why)
         self.offset = offset
         self.why = why
-
-
-def _cs() -> Any:
-    import capstone
-
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = False
-    return md
-
-
-def _is_nop(b: bytes) -> bool:
-    return b[:1] == b"\x90" or b[:2] == b"\x0f\x1f" or b[:3] == b"\x66\x0f\x1f" or (
-        b[:1] == b"\x66" and b[1:2] == b"\x90"
-    )
 
 
 _PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
@@ -149,8 +150,18 @@ def _relock(pre: bytes, running: bytes) -> bytes:
     return bytes(out)
 
 
-def compare_code(md: Any, sec: Section, running: bytes, base: int) -> dict[str, int]:
-    """Compare pre code with running bytes at ``base``; return learned key -> address."""
+def _differ(p: int, pi: Insn, ri: Insn, rb: bytes) -> _Mismatch:
+    return _Mismatch(p, f"expected {pi.raw.hex()} ({pi.mnemonic} {pi.op_str}), "
+                        f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
+
+
+def compare_code(sec: Section, running: bytes, base: int) -> dict[str, int]:
+    """Compare pre code with running bytes at ``base``; return learned key -> address.
+
+    Decoding, branch targets, nops and relocation fields are the shared x86-64 rules
+    (livesplice.arch.x86_64); what is kernel-only is the list of boot-time rewrites in this
+    module's docstring.
+    """
     pre = sec.bytes
     rel_at = {r.offset: r for r in sec.relocs}
     learned: dict[str, int] = {}
@@ -159,19 +170,19 @@ def compare_code(md: Any, sec: Section, running: bytes, base: int) -> dict[str, 
     p = r = 0
     while p < len(pre):
         pmap[p] = r
-        pi = next(md.disasm(pre[p : p + 16], p), None)
-        ri = next(md.disasm(running[r : r + 16], base + r), None)
+        pi = decode_one(pre[p:], p)
+        ri = decode_one(running[r:], base + r)
         if pi is None:
             raise _Mismatch(p, "pre code does not decode")
         if ri is None:
             raise _Mismatch(p, f"running code does not decode ({running[r:r + 8].hex()})")
         plen = pi.size
         rel = next((rel_at[o] for o in range(p, p + plen) if o in rel_at), None)
-        pb, rb = bytes(pi.bytes), _relock(bytes(pi.bytes), bytes(ri.bytes))
+        pb, rb = pi.raw, _relock(pi.raw, ri.raw)
         if rel is not None:
             sym = rel.symbol
-            if (sym == "__fentry__" and plen == 5
-                    and (rb[:1] == b"\xe8" or rb.startswith(NOP5_PREFIXES))):  # fmt: skip
+            if (sym == "__fentry__" and plen == 5 and ri.size == 5
+                    and (rb[:1] == b"\xe8" or ri.is_nop)):  # fmt: skip
                 p, r = p + 5, r + 5
                 continue
             if sym == "__x86_return_thunk" and pb[:1] == b"\xe9" and rb[:1] in (b"\xc3", b"\xe9"):
@@ -180,57 +191,37 @@ def compare_code(md: Any, sec: Section, running: bytes, base: int) -> dict[str, 
             if sym.startswith(("__x86_indirect_thunk_", "__x86_indirect_call_thunk_")):
                 p, r = p + plen, r + plen  # rewritten into an indirect branch + padding
                 continue
-            field_off = rel.offset - p
-            size = 8 if rel.type in ("R_X86_64_64", "R_X86_64_PC64") else 4
-            if len(rb) != plen or (
-                pb[:field_off] + pb[field_off + size :] != rb[:field_off] + rb[field_off + size :]
-            ):
+            field = [(rel.offset, rel.type)]
+            if len(rb) != plen or fields_masked(pb, p, field) != fields_masked(rb, p, field):
                 if sym.startswith("__SCT__") and len(rb) == plen:
                     p, r = p + plen, r + plen
                     continue
-                raise _Mismatch(p, f"expected {pb.hex()} ({pi.mnemonic} {pi.op_str}), "
-                                   f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
-            learned[sym] = _learn(rel, rb[field_off : field_off + size], base + r + field_off)
+                raise _differ(p, pi, ri, rb)
+            pos = rel.offset - p
+            addr = symbol_address(rel.type, reloc_field(rb, pos, rel.type), base + r + pos,
+                                  rel.addend)  # fmt: skip
+            if addr is not None:
+                learned[sym] = addr
             p, r = p + plen, r + plen
             continue
         if pb == rb:
-            t = _branch_target(pi)
+            t = pi.branch_target
             if t is not None:
-                branches.append((p, t, _branch_target(ri) or 0))
+                branches.append((p, t, ri.branch_target or 0))
             p, r = p + plen, r + len(rb)
             continue
-        if pi.mnemonic == ri.mnemonic and _branch_target(pi) is not None:
-            pt, rt = _branch_target(pi), _branch_target(ri)
+        if pi.mnemonic == ri.mnemonic and pi.branch_target is not None:
+            pt, rt = pi.branch_target, ri.branch_target
             if pt is not None and rt is not None:
                 branches.append((p, pt, rt))
                 p, r = p + plen, r + len(rb)
                 continue
-        raise _Mismatch(p, f"expected {pb.hex()} ({pi.mnemonic} {pi.op_str}), "
-                           f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
+        raise _differ(p, pi, ri, rb)
     for off, pt, rt in branches:
         if pt in pmap and rt != base + pmap[pt]:
             raise _Mismatch(off, f"branch goes to running {rt:#x}, expected "
                                  f"{base + pmap[pt]:#x} (pre offset {pt:#x})")  # fmt: skip
     return learned
-
-
-def _branch_target(ins: Any) -> int | None:
-    if ins.mnemonic == "jmp" or ins.mnemonic.startswith("j") or ins.mnemonic == "call":
-        try:
-            return int(ins.op_str, 16)
-        except ValueError:
-            return None
-    return None
-
-
-def _learn(rel: Reloc, raw: bytes, place: int) -> int:
-    if len(raw) == 8:
-        v: int = struct.unpack("<q", raw)[0]
-        return (v + place - rel.addend) if rel.type == "R_X86_64_PC64" else (v - rel.addend)
-    v = int(struct.unpack("<i", raw)[0])
-    if rel.type in ("R_X86_64_PC32", "R_X86_64_PLT32"):
-        return (v + place - rel.addend) & 0xFFFFFFFFFFFFFFFF
-    return (v - rel.addend) & 0xFFFFFFFFFFFFFFFF
 
 
 def run_pre_match_kernel(
@@ -239,7 +230,6 @@ def run_pre_match_kernel(
     """Match every pre function; decide sympos of changed functions and klp symbols."""
     from livesplice.kernel.klp import object_of, running_name
 
-    md = _cs()
     result = KernelMatch()
     problems: list[str] = []
     for t in targets:
@@ -259,7 +249,7 @@ def run_pre_match_kernel(
             for c in cands:
                 try:
                     running = image.read(c.addr, sec.size + 64)
-                    ok.append((c, compare_code(md, sec, running, c.addr)))
+                    ok.append((c, compare_code(sec, running, c.addr)))
                 except _Mismatch as m:
                     fails.append(f"{name}+{m.offset:#x} at {c.addr:#x}: {m.why}")
             if len(ok) != 1:

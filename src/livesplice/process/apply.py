@@ -19,6 +19,7 @@ import os
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from mmap import PROT_EXEC, PROT_READ, PROT_WRITE
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from livesplice.process.load import LoadImage
     from livesplice.process.ptrace import Tracee
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 
 
 @dataclass
@@ -192,9 +192,10 @@ def process_lock(pid: int) -> Iterator[None]:
 
 def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
     """Steps 1-3: find targets, run-pre match, plan. Reads only; the process is untouched."""
-    from livesplice.process.image import find_images, read_maps
+    from livesplice.process.image import find_images
     from livesplice.process.load import plan_load
     from livesplice.process.match import run_pre_match
+    from livesplice.process.procmaps import read_maps
     from livesplice.process.state import read_memory
 
     def read(addr: int, size: int) -> bytes:
@@ -559,7 +560,7 @@ def check_record_against_update(rec: StateRecord, manifest: Manifest, pid: int) 
 
     :raises NoPermission: the first field the update does not vouch for.
     """
-    from livesplice.process.image import read_maps
+    from livesplice.process.procmaps import read_maps
 
     def refuse(why: str) -> NoReturn:
         raise NoPermission(
@@ -804,7 +805,7 @@ def pointers_into(
     """
     import numpy as np
 
-    from livesplice.process.image import read_maps
+    from livesplice.process.procmaps import read_maps
 
     if not ranges:
         return []
@@ -906,6 +907,8 @@ def target_processes(manifest: Manifest) -> list[int]:
 
 def patched_pids() -> tuple[list[int], list[int]]:
     """(pids with a livesplice mapping or a journal entry, pids we could not inspect)."""
+    from livesplice.process.procmaps import read_maps
+
     pids: set[int] = set()
     hidden: list[int] = []
     me = os.getpid()
@@ -913,9 +916,8 @@ def patched_pids() -> tuple[list[int], list[int]]:
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
-            with open(f"/proc/{entry}/maps") as f:
-                if "/memfd:livesplice:" in f.read():
-                    pids.add(int(entry))
+            if any(m.path.startswith(f"/memfd:{NAME_PREFIX}") for m in read_maps(int(entry))):
+                pids.add(int(entry))
         except PermissionError:
             hidden.append(int(entry))
         except OSError:

@@ -16,8 +16,9 @@ import os
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
+
+from livesplice.process.procmaps import Mapping, read_maps
 
 PAGE = 0x1000
 
@@ -33,48 +34,6 @@ R_X86_64_JUMP_SLOT = 7
 R_X86_64_DTPMOD64 = 16
 R_X86_64_TPOFF64 = 18
 R_X86_64_IRELATIVE = 37
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One line of ``/proc/PID/maps``."""
-
-    start: int
-    end: int
-    perms: str  # "r-xp"
-    offset: int
-    path: str  # "" for anonymous memory; "[stack]", "/memfd:name (deleted)", ...
-
-    @property
-    def executable(self) -> bool:
-        return "x" in self.perms
-
-    def contains(self, addr: int) -> bool:
-        return self.start <= addr < self.end
-
-
-def parse_maps(text: str) -> list[Mapping]:
-    out: list[Mapping] = []
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        lo, hi = parts[0].split("-")
-        path = parts[5].strip() if len(parts) > 5 else ""
-        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), path))
-    return out
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    """The memory map of process ``pid`` (raises OSError if it is gone)."""
-    return parse_maps(Path(f"/proc/{pid}/maps").read_text())
-
-
-def mapping_at(maps: list[Mapping], addr: int) -> Mapping | None:
-    for m in maps:
-        if m.start <= addr < m.end:
-            return m
-    return None
 
 
 @dataclass(frozen=True)
@@ -141,6 +100,7 @@ def _scan_plt(sec: Any, slot_names: dict[int, str], plt: dict[str, int]) -> None
 
 @lru_cache(maxsize=64)
 def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
+    from elftools.elf.constants import SH_FLAGS
     from elftools.elf.dynamic import DynamicSection
     from elftools.elf.elffile import ELFFile
     from elftools.elf.relocation import RelocationSection
@@ -203,7 +163,7 @@ def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
         for sec in elf.iter_sections():
             if not isinstance(sec, RelocationSection) or not sec.is_RELA():
                 continue
-            if sec["sh_flags"] & 0x2 == 0:  # not SHF_ALLOC: .rela.text of an object etc.
+            if sec["sh_flags"] & SH_FLAGS.SHF_ALLOC == 0:  # .rela.text of an object etc.
                 continue
             link = elf.get_section(sec["sh_link"]) if sec["sh_link"] else None
             symtab = link if isinstance(link, SymbolTableSection) else None

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from livesplice.errors import NoMatch
-from livesplice.process.image import MappedImage, Mapping
+from livesplice.process.image import MappedImage
 from livesplice.process.match import MatchResult
+from livesplice.process.procmaps import Mapping
 from livesplice.process.relocate import (
     TLSGD_SLOT,
     TPOFF_SLOT,

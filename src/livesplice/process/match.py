@@ -11,7 +11,7 @@ so the comparison accepts the encodings a linker or assembler legitimately chang
 
 * ``jmp``/``jcc`` ``rel8`` vs ``rel32`` to the same target: a tail jump to another function
   of the same unit is a 2-byte ``jmp`` when both share ``.text``, but a 5-byte ``jmp`` with a
-  relocation when each function has its own section (kernel-lab FINDINGS: selinux/hooks.o);
+  relocation when each function has its own section (seen in the kernel's security/selinux/hooks.o);
   intra-function branch targets are checked through a pre-offset -> running-address map;
 * nop padding of different lengths (``.p2align`` depends on the surrounding layout);
 * the linker's GOTPCRELX relaxations (x86-64 psABI appendix B.2 "Optimize GOTPCRELX
@@ -32,11 +32,23 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from livesplice.arch.x86_64 import (
+    ABSOLUTE,
+    GOT_RELATIVE,
+    PC_RELATIVE,
+    Insn,
+    decode,
+    field_size,
+    fields_masked,
+    read_field,
+    reloc_field,
+    signed,
+    symbol_address,
+)
 from livesplice.errors import NoMatch
-from livesplice.process.image import MappedImage, Mapping, mapping_at
-from livesplice.process.relocate import RELOC_TYPES
+from livesplice.process.image import MappedImage
+from livesplice.process.procmaps import Mapping, mapping_at
 from livesplice.update.format import Reloc, Section, Target
 
 Read = Callable[[int, int], bytes]
@@ -44,9 +56,6 @@ Read = Callable[[int, int], bytes]
 # where an earlier livesplice update's code lives (state/remote name their memfds this way)
 LIVESPLICE_MEMFD = "/memfd:livesplice"
 
-_PCREL = {"R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_PC64", "R_X86_64_PC16", "R_X86_64_PC8"}
-_ABS = {"R_X86_64_32", "R_X86_64_32S", "R_X86_64_64", "R_X86_64_16", "R_X86_64_8"}
-_GOTPCREL = {"R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"}
 _BRANCHES = {"jmp", "call"}
 # Mergeable sections (SHF_MERGE): gcc puts string literals in .rodata[.<fn>].str<N>.<align>
 # and constants in .rodata.cst<N>, and ld merges their entries across the whole output
@@ -79,30 +88,6 @@ class MatchResult:
 
 
 @dataclass
-class _Insn:
-    off: int  # offset (pre) or running address
-    size: int
-    mnemonic: str
-    op_str: str
-    raw: bytes
-
-    @property
-    def is_nop(self) -> bool:
-        # gcc pads with nop/nopw/nopl/"data16 cs nopw" and "xchg %ax,%ax" (66 90)
-        return self.mnemonic == "nop" or self.raw == b"\x66\x90"
-
-    @property
-    def branch_target(self) -> int | None:
-        m = self.mnemonic
-        if m in _BRANCHES or (m.startswith("j") and m != "jmp") or m.startswith("loop"):
-            try:
-                return int(self.op_str, 0)
-            except ValueError:
-                return None
-        return None
-
-
-@dataclass
 class _Learn:
     kind: str  # "addr" | "tpoff" | "tlsgd" | "got"
     key: str
@@ -123,35 +108,7 @@ class _Attempt:
     why: str = ""
 
 
-def _disasm(code: bytes, base: int) -> list[_Insn]:
-    """Decode ``code`` at ``base`` (stops at the first byte that does not decode)."""
-    return [
-        _Insn(addr, size, mnem, ops, code[addr - base : addr - base + size])
-        for addr, size, mnem, ops in _disasm_cs().disasm_lite(code, base)
-    ]
-
-
-_CS: list[Any] = []
-
-
-def _disasm_cs() -> Any:
-    if not _CS:
-        import capstone
-
-        _CS.append(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64))
-    return _CS[0]
-
-
-def _signed(v: int, bits: int) -> int:
-    return v - (1 << bits) if v & (1 << (bits - 1)) else v
-
-
-def _field(raw: bytes, pos: int, size: int, signed: bool = True) -> int:
-    v = int.from_bytes(raw[pos : pos + size], "little")
-    return _signed(v, 8 * size) if signed else v
-
-
-def _lea_adds_to_itself(ins: _Insn) -> bool:
+def _lea_adds_to_itself(ins: Insn) -> bool:
     """``lea N(%reg), %reg``: the only lea that equals ``add $N, %reg`` (the linker's
     initial-exec -> local-exec relaxation); ``lea N(%rbx), %rax`` computes something else."""
     dest, _, mem = ins.op_str.partition(",")
@@ -162,7 +119,7 @@ def _lea_adds_to_itself(ins: _Insn) -> bool:
     return base == dest.strip()
 
 
-def _reg_operand(ins: _Insn) -> str:
+def _reg_operand(ins: Insn) -> str:
     """The register operand of a two-operand instruction ("" if none)."""
     for op in ins.op_str.split(","):
         op = op.strip()
@@ -209,15 +166,14 @@ class _Matcher:
         """
         where = f"{sec.name}+{r.offset:#x} ({r.type})"
         t = r.type
-        if _MERGEABLE.search(r.symbol) and t in _PCREL | _ABS:
-            entry = value + place if t in _PCREL else value
+        if _MERGEABLE.search(r.symbol) and t in PC_RELATIVE | ABSOLUTE:
+            entry = value + place if t in PC_RELATIVE else value
             out.append(_Learn("merged", f"{r.symbol}{r.addend:+#x}", entry & (2**64 - 1), where))
             return None
-        if t in _PCREL:
-            out.append(_Learn("addr", r.symbol, value - r.addend + place, where))
-        elif t in _ABS:
-            out.append(_Learn("addr", r.symbol, (value - r.addend) & (2**64 - 1), where))
-        elif t in _GOTPCREL:
+        addr = symbol_address(t, value, place, r.addend)
+        if addr is not None:
+            out.append(_Learn("addr", r.symbol, addr, where))
+        elif t in GOT_RELATIVE:
             slot = value - r.addend + place
             s = self.read_u64(slot)
             if s is None:
@@ -231,7 +187,7 @@ class _Matcher:
             s = self.read_u64(slot)
             if s is None:
                 return f"{where}: GOT slot {slot:#x} is not readable"
-            out.append(_Learn("tpoff", r.symbol, _signed(s, 64), where))
+            out.append(_Learn("tpoff", r.symbol, signed(s, 64), where))
         elif t == "R_X86_64_TLSGD":
             out.append(_Learn("tlsgd", r.symbol, value - r.addend + place, where))
         return None
@@ -279,10 +235,10 @@ class _Matcher:
         run_code = self.read_code(address, 2 * len(pre) + 64)
         if not run_code:
             return _Attempt(False, address, entry, fail_off=0, why="not mapped")
-        pre_insns = _disasm(pre, 0)
+        pre_insns = decode(pre, 0)
         if sum(i.size for i in pre_insns) != len(pre):
             return _Attempt(False, address, entry, fail_off=0, why="pre code does not decode")
-        run_insns = _disasm(run_code, address)
+        run_insns = decode(run_code, address)
         relocs = sorted(sec.relocs, key=lambda r: r.offset)
         res = _Attempt(True, address, entry)
         offmap: dict[int, int] = {}
@@ -331,12 +287,12 @@ class _Matcher:
         return res
 
     @staticmethod
-    def _fail(res: _Attempt, p: _Insn, found: bytes, why: str) -> _Attempt:
+    def _fail(res: _Attempt, p: Insn, found: bytes, why: str) -> _Attempt:
         res.ok = False
         res.fail_off, res.expected, res.found, res.why = p.off, p.raw, found, why
         return res
 
-    def compare_insn(self, sec: Section, p: _Insn, r: _Insn, rels: list[Reloc],
+    def compare_insn(self, sec: Section, p: Insn, r: Insn, rels: list[Reloc],
                      res: _Attempt, branches: list[tuple[int, int, int]]) -> str | None:
         if not rels:
             tgt = p.branch_target
@@ -350,10 +306,8 @@ class _Matcher:
         # same encoding: bytes equal outside the relocation fields
         if p.size == r.size and self._equal_outside(p, r, rels):
             for x in rels:
-                rtype = RELOC_TYPES.get(x.type)
-                size = rtype.size if rtype else 4
                 pos = x.offset - p.off
-                value = _field(r.raw, pos, size, signed=size < 8)
+                value = reloc_field(r.raw, pos, x.type)
                 err = self.learn_field(x, value, r.off + pos, sec, res.learned)
                 if err:
                     return err
@@ -363,17 +317,11 @@ class _Matcher:
         return self.compare_alternate(sec, p, r, rels[0], res)
 
     @staticmethod
-    def _equal_outside(p: _Insn, r: _Insn, rels: list[Reloc]) -> bool:
-        mask = bytearray(p.raw)
-        run = bytearray(r.raw)
-        for x in rels:
-            rt = RELOC_TYPES.get(x.type)
-            pos = x.offset - p.off
-            for k in range(pos, min(pos + (rt.size if rt else 4), len(mask))):
-                mask[k] = run[k] = 0
-        return mask == run
+    def _equal_outside(p: Insn, r: Insn, rels: list[Reloc]) -> bool:
+        fields = [(x.offset, x.type) for x in rels]
+        return fields_masked(p.raw, p.off, fields) == fields_masked(r.raw, p.off, fields)
 
-    def compare_alternate(self, sec: Section, p: _Insn, r: _Insn, x: Reloc,
+    def compare_alternate(self, sec: Section, p: Insn, r: Insn, x: Reloc,
                           res: _Attempt) -> str | None:
         """One instruction with one relocation, encoded differently in the running code."""
         where = f"{sec.name}+{x.offset:#x} ({x.type})"
@@ -382,12 +330,12 @@ class _Matcher:
         rt = r.branch_target
         # jmp/jcc/call rel32 with a relocation vs a shorter (or longer) direct branch:
         # target T = end of insn + S + A - P, and P = end - 4, so S = T - A - 4.
-        if x.type in _PCREL and field_at_end and p.branch_target is not None:
+        if x.type in PC_RELATIVE and field_at_end and p.branch_target is not None:
             if r.mnemonic != p.mnemonic or rt is None:
                 return "different instruction"
             res.learned.append(_Learn("addr", x.symbol, rt - x.addend - 4, where))
             return None
-        if x.type in _GOTPCREL and field_at_end:
+        if x.type in GOT_RELATIVE and field_at_end:
             # call/jmp *foo@GOTPCREL(%rip) -> (addr32) call foo / jmp foo; nop: S = target
             if p.mnemonic in _BRANCHES and "[rip" in p.op_str:
                 if r.mnemonic != p.mnemonic or rt is None:
@@ -397,14 +345,14 @@ class _Matcher:
             if p.size == r.size and _reg_operand(p) == _reg_operand(r):
                 # mov -> lea foo(%rip): same field, now S + A - P instead of GOT + A - P
                 if p.mnemonic == "mov" and r.mnemonic == "lea" and "[rip" in r.op_str:
-                    value = _field(r.raw, pos, 4)
+                    value = read_field(r.raw, pos, 4)
                     res.learned.append(_Learn("addr", x.symbol, value - x.addend + r.off + pos,
                                               where))
                     return None
                 # non-PIE: mov/test/binop $foo, %reg -- imm32 where disp32 was; S + A - P
                 # becomes S alone (the linker drops the addend of the PC-relative form)
                 if self._same_op_to_imm(p, r):
-                    s = _field(r.raw, pos, 4, signed=self._rex_w(r))
+                    s = read_field(r.raw, pos, 4, is_signed=self._rex_w(r))
                     res.learned.append(_Learn("addr", x.symbol, s & (2**64 - 1), where))
                     return None
         # initial-exec -> local-exec: mov/add x@gottpoff(%rip), %reg -> mov/add $tpoff, %reg
@@ -413,16 +361,16 @@ class _Matcher:
                 and _reg_operand(p) == _reg_operand(r)
                 and (self._same_op_to_imm(p, r) or (p.mnemonic == "add" and r.mnemonic == "lea"
                                                     and _lea_adds_to_itself(r)))):
-            res.learned.append(_Learn("tpoff", x.symbol, _field(r.raw, pos, 4), where))
+            res.learned.append(_Learn("tpoff", x.symbol, read_field(r.raw, pos, 4), where))
             return None
         return "different bytes"
 
     @staticmethod
-    def _rex_w(ins: _Insn) -> bool:
+    def _rex_w(ins: Insn) -> bool:
         return bool(ins.raw) and 0x48 <= ins.raw[0] <= 0x4F
 
     @staticmethod
-    def _same_op_to_imm(p: _Insn, r: _Insn) -> bool:
+    def _same_op_to_imm(p: Insn, r: Insn) -> bool:
         ops = r.op_str.split(",")
         if len(ops) != 2 or "[" in r.op_str:
             return False
@@ -440,9 +388,7 @@ class _Matcher:
             res.ok, res.fail_off, res.why = False, 0, "not mapped"
             return res
         for x in sec.relocs:
-            rt = RELOC_TYPES.get(x.type)
-            size = rt.size if rt else 4
-            value = _field(run, x.offset, size, signed=size < 8)
+            value = reloc_field(run, x.offset, x.type)
             err = self.learn_field(x, value, address + x.offset, sec, res.learned)
             if err:
                 res.ok, res.why = False, err
@@ -458,7 +404,7 @@ class _Matcher:
             head = self.read_code(entry, 5)
             if len(head) < 5 or head[0] != 0xE9:
                 return entry
-            tgt = entry + 5 + _field(head, 1, 4)
+            tgt = entry + 5 + read_field(head, 1, 4)
             m = mapping_at(self.maps, tgt)
             if m is None or not m.path.startswith(LIVESPLICE_MEMFD):
                 return entry
@@ -489,12 +435,11 @@ class _Matcher:
         pre = sec.bytes
         fixed = [True] * len(pre)
         for x in sec.relocs:
-            rt = RELOC_TYPES.get(x.type)
-            for k in range(x.offset, min(x.offset + (rt.size if rt else 4), len(pre))):
+            for k in range(x.offset, min(x.offset + field_size(x.type), len(pre))):
                 fixed[k] = False
         stable_end = len(pre)
         if sec.executable:
-            for ins in _disasm(pre, 0):
+            for ins in decode(pre, 0):
                 has_rel = any(ins.off <= x.offset < ins.off + ins.size for x in sec.relocs)
                 if ins.is_nop or (has_rel and (ins.branch_target is not None
                                                or x_is_gotpcrel(sec, ins))):
@@ -543,9 +488,9 @@ class _Matcher:
         return out
 
 
-def x_is_gotpcrel(sec: Section, ins: _Insn) -> bool:
+def x_is_gotpcrel(sec: Section, ins: Insn) -> bool:
     return any(ins.off <= x.offset < ins.off + ins.size and
-               (x.type in _GOTPCREL or x.type == "R_X86_64_GOTTPOFF") for x in sec.relocs)
+               (x.type in GOT_RELATIVE or x.type == "R_X86_64_GOTTPOFF") for x in sec.relocs)
 
 
 def _describe(sec: Section, failures: list[_Attempt]) -> str:

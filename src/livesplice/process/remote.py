@@ -72,6 +72,8 @@ from dataclasses import dataclass
 
 from livesplice.errors import HookFailed, LivespliceError, RemoteCallFailed, TargetGone
 from livesplice.faults import checkpoint
+from livesplice.process import procmaps
+from livesplice.process.procmaps import Mapping
 from livesplice.process.ptrace import (
     PTRACE_EVENT_EXIT,
     PTRACE_SYSCALL,
@@ -88,11 +90,8 @@ SYS_MUNMAP = 11
 SYS_FTRUNCATE = 77
 SYS_MEMFD_CREATE = 319
 
-PROT_READ = 0x1
-PROT_WRITE = 0x2
-PROT_EXEC = 0x4
-MAP_PRIVATE = 0x02
-MAP_ANONYMOUS = 0x20
+PROT_READ, PROT_WRITE, PROT_EXEC = _mmap.PROT_READ, _mmap.PROT_WRITE, _mmap.PROT_EXEC
+MAP_PRIVATE, MAP_ANONYMOUS = _mmap.MAP_PRIVATE, _mmap.MAP_ANONYMOUS
 MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17; older kernels treat it as a hint (checked)
 MFD_CLOEXEC = 0x1
 MFD_EXEC = 0x10  # Linux 6.3: say so explicitly, or vm.memfd_noexec may refuse exec mappings
@@ -147,17 +146,15 @@ def stopped(t: Tracee, thread: int | None = None) -> Iterator[int]:
 
 def read_maps(pid: int) -> list[tuple[int, int, str, str]]:
     """(start, end, perms, path) of every mapping of the process."""
-    out: list[tuple[int, int, str, str]] = []
+    return [(m.start, m.end, m.perms, m.path) for m in _maps(pid)]
+
+
+def _maps(pid: int) -> list[Mapping]:
+    """The process's mappings; a process that is gone is TARGET_GONE."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                lo, hi = parts[0].split("-")
-                path = parts[5].strip() if len(parts) > 5 else ""
-                out.append((int(lo, 16), int(hi, 16), parts[1], path))
+        return procmaps.read_maps(pid)
     except FileNotFoundError:
         raise TargetGone(f"process {pid} exited") from None
-    return out
 
 
 # ------------------------------------------------------------------ the stub
@@ -264,17 +261,7 @@ def call_stub(func: int, r: Regs, *, xsave: bool) -> tuple[bytes, int]:
 
 def _read_maps_offsets(pid: int) -> list[tuple[int, int, str, int, str]]:
     """(start, end, perms, file offset, path) of every mapping."""
-    out: list[tuple[int, int, str, int, str]] = []
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                lo, hi = parts[0].split("-")
-                path = parts[5].strip() if len(parts) > 5 else ""
-                out.append((int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), path))
-    except FileNotFoundError:
-        raise TargetGone(f"process {pid} exited") from None
-    return out
+    return [(m.start, m.end, m.perms, m.offset, m.path) for m in _maps(pid)]
 
 
 def find_stub_area(t: Tracee) -> tuple[int, int]:

@@ -27,9 +27,9 @@ from livesplice.process.image import (
     STT_TLS,
     ElfSymbol,
     MappedImage,
-    Mapping,
     images_by_path,
 )
+from livesplice.process.procmaps import Mapping
 
 Read = Callable[[int, int], bytes]
 

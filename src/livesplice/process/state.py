@@ -308,21 +308,19 @@ class StateMapping:
 
 def update_mappings(pid: int) -> dict[str, StateMapping]:
     """Every livesplice mapping of a process, grouped by update id."""
+    from livesplice.process.procmaps import read_maps
+
     found: dict[str, StateMapping] = {}
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
+        maps = read_maps(pid)
     except FileNotFoundError:
         return found
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6:
-            continue
-        m = _MAPS_NAME.match(parts[5])
+    for mapping in maps:
+        m = _MAPS_NAME.match(mapping.path)
         if not m:
             continue
         uid, kind = m.group(1), m.group(2)
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        lo, hi = mapping.start, mapping.end
         sm = found.setdefault(uid, StateMapping(uid))
         if kind == "code":
             sm.code = (lo, hi) if sm.code is None else (min(sm.code[0], lo), max(sm.code[1], hi))

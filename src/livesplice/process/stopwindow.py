@@ -279,9 +279,9 @@ def _leaf_entries(
 
 def decode_range(code: bytes, address: int) -> DecodedRange | None:
     """Linear sweep of a function with capstone; None if it does not decode to its end."""
-    import capstone
+    from livesplice.arch.x86_64 import disassembler
 
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md = disassembler()
     out = DecodedRange({}, set(), True, [])
     limit = address + len(code)
     end = address
@@ -313,9 +313,9 @@ def decode_range(code: bytes, address: int) -> DecodedRange | None:
 
 def call_return_sites(code: bytes, address: int) -> set[int] | None:
     """Addresses just after every ``call`` in ``code`` (linear sweep); None if undecodable."""
-    import capstone
+    from livesplice.arch.x86_64 import disassembler
 
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md = disassembler()
     sites: set[int] = set()
     end = address
     for insn_addr, size, mnemonic, _ in md.disasm_lite(code, address):

@@ -39,7 +39,8 @@ def running_build_ids(pids: Iterable[int] | None = None) -> dict[str, set[int]]:
     Files are read through ``/proc/PID/map_files`` (deleted-and-upgraded files and other
     mount namespaces included); build-ids are cached by device and inode.
     """
-    from livesplice.process.image import gnu_build_id, read_maps
+    from livesplice.process.image import gnu_build_id
+    from livesplice.process.procmaps import read_maps
 
     out: dict[str, set[int]] = {}
     me = os.getpid()
