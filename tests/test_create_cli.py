@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,11 @@ class Cli:
         p.write_text(text)
         return p
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, wrap: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+        """``wrap``: a command that execs the rest (e.g. a private mount namespace)."""
         before = set(Path("/tmp").glob("livesplice-*"))
         proc = subprocess.run(
-            [sys.executable, "-m", "livesplice", *args],
+            [*wrap, sys.executable, "-m", "livesplice", *args],
             cwd=self.tmp_path,
             env=self.env,
             capture_output=True,
@@ -239,23 +241,37 @@ def test_unwritable_output_fails_before_building(cli: Cli, output: str) -> None:
     expect_error(proc, EXIT_USAGE, out)
 
 
+# Runs the rest of the command in a private mount namespace where $0 is a read-only bind
+# mount of itself; exits 97 if the directory is still writable there (the test would prove
+# nothing), 98 if the mount is not allowed here.
+READ_ONLY_WRAP = (
+    'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" || exit 98; '
+    'touch "$0/probe" 2>/dev/null && exit 97; exec "$@"'
+)
+
+
 def test_output_in_read_only_directory(cli: Cli) -> None:
+    """An output directory we cannot write to fails before the build. As root (how the
+    README runs the tests) mode 0555 does not stop us, so the directory is made a read-only
+    bind mount instead, in a mount namespace of the command's own."""
     tree = cli.tree()
     ro = cli.tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    try:
+    out = ro / "u.update"
+    args = ("create", "--patch", str(cli.patch(CALC_FIX)), "-o", str(out), str(tree))
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.fail("unshare (util-linux) is needed to make a read-only directory as root")
+        proc = cli.run(*args, wrap=("unshare", "--mount", "sh", "-c", READ_ONLY_WRAP, str(ro)))
+        assert proc.returncode not in (97, 98), (proc.returncode, proc.stderr)
+    else:
+        ro.chmod(0o555)
         try:
-            (ro / "probe").touch()
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("this user (root) may write into mode 0555 directories")
-        out = ro / "u.update"
-        proc = cli.run("create", "--patch", str(cli.patch(CALC_FIX)), "-o", str(out), str(tree))
-        expect_error(proc, EXIT_USAGE, str(out))
-    finally:
-        ro.chmod(0o755)
+            proc = cli.run(*args)
+        finally:
+            ro.chmod(0o755)
+    expect_error(proc, EXIT_USAGE, str(out), "read-only" if os.geteuid() == 0 else "denied")
+    assert not out.exists()
 
 
 def test_bad_update_id(cli: Cli) -> None:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
 
 from ptrace_targets import Target, build
 
-from livesplice.errors import HookFailed, NoPermission, TargetGone
+from livesplice.errors import HookFailed, LivespliceError, NoPermission, TargetGone
 from livesplice.process.ptrace import Tracee
 from livesplice.process.remote import (
     PROT_EXEC,
@@ -164,7 +164,7 @@ def test_remote_mmap_near_and_named(spawn) -> None:  # type: ignore[no-untyped-d
         maps = {m[0]: m for m in read_maps(tg.pid)}
         assert code not in maps and data not in maps and anon not in maps
         # a range with no room at all is a clear error, not a mapping elsewhere
-        with pytest.raises(Exception, match="no free"):
+        with pytest.raises(LivespliceError, match="no free"):
             remote_mmap(t, 1 << 20, PROT_READ, near=(base, base + 4096))
     assert tg.cmd("seen") == "0"
 
