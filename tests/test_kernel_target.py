@@ -7,6 +7,7 @@ guest boot (the livesplice overlay is built once per kernel and cached).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,28 @@ def lab() -> LabKernel:
     return prepared_lab()  # type: ignore[no-any-return]
 
 
+def signing_key() -> Path:
+    """The session's key (conftest.py): kernel updates are signed like any other, and the
+    guest verifies them against its public half (TRUST below)."""
+    return Path(os.environ["LIVESPLICE_SIGNING_KEY"])
+
+
+def trust_files() -> list[GuestFile]:
+    """The session's public key as the guest's trust directory, /payload/trust."""
+    trust = Path(os.environ["LIVESPLICE_TRUST_DIR"])
+    return [GuestFile(p, f"trust/{p.name}") for p in sorted(trust.glob("*.pub"))]
+
+
+# the guest applies only updates signed by a key in this directory (kernel/overlay.py)
+TRUST = "export LIVESPLICE_TRUST_DIR=/payload/trust"
+
+
 def create(lab: LabKernel, case: str, out: Path, uid: str) -> Path:
     from livesplice.kernel.target import create_kernel_update
 
     manifest, path, _ = create_kernel_update(
-        lab.ksrc, CASES / f"{case}.patch", update_id=uid, output=out / f"{uid}.update"
+        lab.ksrc, CASES / f"{case}.patch", update_id=uid, output=out / f"{uid}.update",
+        signing_key=signing_key(),
     )
     assert manifest is not None and path is not None
     return path
@@ -43,7 +61,19 @@ def updates(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     out = tmp_path_factory.mktemp("kupdates")
     body = create(lab, "cmdline-body", out, "body")
     newfn = create(lab, "cmdline-new-function", out, "newfn")
-    return {"body": body, "newfn": newfn, "tampered": tamper_pre(body, out / "tampered.update")}
+    return {"body": body, "newfn": newfn, "tampered": tamper_pre(body, out / "tampered.update"),
+            "unsigned": unsigned_copy(body, out / "unsigned.update")}
+
+
+def unsigned_copy(update: Path, out: Path) -> Path:
+    """The body update re-packed without a signature (as someone without the key could)."""
+    from livesplice.kernel.package import read_kernel_members, write_kernel_update
+    from livesplice.update.archive import read_update
+
+    u = read_update(update)
+    module, kernel = read_kernel_members(update)
+    write_kernel_update(out, u.manifest, u.patch, module, kernel)
+    return out
 
 
 def tamper_pre(update: Path, out: Path) -> Path:
@@ -62,7 +92,7 @@ def tamper_pre(update: Path, out: Path) -> Path:
     pre.data = data.hex()
     kernel = dict(kernel, module="livesplice_tampered")
     u.manifest.id = "tampered"
-    write_kernel_update(out, u.manifest, u.patch, module, kernel)
+    write_kernel_update(out, u.manifest, u.patch, module, kernel, signing_key=signing_key())
     return out
 
 
@@ -101,12 +131,15 @@ def test_create_refuses(lab: LabKernel, tmp_path: Path, case: str, rule: str) ->
 
 
 def test_apply_view_undo_stacking_and_no_match(lab: LabKernel, updates: dict[str, Path]) -> None:
-    """One boot: a wrong-source update is refused before loading anything; two updates of
+    """One boot: an unsigned update is refused (the guest verifies signatures); a wrong-source
+    update is refused before loading anything; two updates of
     the same function stack; view lists them; undo peels them off in order."""
     from livesplice.kernel.overlay import ensure_overlay
 
     files = [GuestFile(p, f"u/{k}.update") for k, p in updates.items()]
     script = "\n".join([
+        TRUST,
+        "livesplice apply u/unsigned.update; echo unsigned-rc=$?",
         "livesplice apply u/tampered.update; echo tampered-rc=$?",
         "ls /sys/kernel/livepatch | grep -c livesplice_tampered; echo after-tampered",
         update_script(["u/body.update"], "cat /proc/cmdline"),
@@ -121,10 +154,13 @@ def test_apply_view_undo_stacking_and_no_match(lab: LabKernel, updates: dict[str
         "lsmod | grep -c livesplice; echo modules-left",
     ])  # fmt: skip
     guest = Guest(lab, timeout=150, extra_initrds=[ensure_overlay(lab.dir)])
-    r = guest.run(script, files)
+    r = guest.run(script, [*files, *trust_files()])
     out = r.output
     assert r.status == 0, out
     lines = out.splitlines()
+    # the guest verified signatures: the unsigned copy is refused, the signed ones name a key
+    assert "unsigned-rc=2" in lines and "BAD_SIGNATURE" in out, out
+    assert "is NOT signed" not in out and "signed by key" in out, out
     assert "tampered-rc=5" in lines, out
     assert "NO_MATCH" in out and "cmdline_proc_show+0x" in out, out
     assert lines[lines.index("after-tampered") - 1] == "0", out

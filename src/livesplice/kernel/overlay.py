@@ -33,7 +33,9 @@ _SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to
 _ALLOWED_LIBS = ("libc.so", "libm.so", "libz.so", "libbz2.so", "liblzma.so", "libffi.so",
                  "libexpat.so", "libpython3", "ld-linux", "linux-vdso", "libpthread",
                  "libdl.so", "libutil", "librt.so", "libuuid.so")  # fmt: skip
-_PACKAGES = ("livesplice", "elftools", "capstone")
+# cryptography: apply in the guest verifies signatures (its wheel links OpenSSL statically)
+_PACKAGES = ("livesplice", "elftools", "capstone", "cryptography")
+_MODULES = ("_cffi_backend",)  # single-file extension modules (cryptography's _rust needs it)
 
 
 def overlay_path(kernel_dir: Path) -> Path:
@@ -101,6 +103,11 @@ def build_overlay(out: Path) -> None:
             shutil.copytree(_package_dir(pkg), site / pkg,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyi", "py.typed",
                                                           "include", "*.a"))  # fmt: skip
+        for name in _MODULES:
+            module = __import__(name)
+            shutil.copy2(module.__file__ or "", site / Path(module.__file__ or "").name)
+        for so in sorted(site.rglob("*.so")):
+            libs.update(_ldd(so))  # capstone, cryptography: their own shared libraries' needs
         compile_cmd = [str(python), "-m", "compileall", "-b", "-q", "-j0",
                        "--invalidation-mode", "unchecked-hash", str(lib), str(site)]  # fmt: skip
         done = subprocess.run(compile_cmd, capture_output=True, text=True)
@@ -125,9 +132,10 @@ def build_overlay(out: Path) -> None:
                 "#!/bin/sh\n"
                 f"export PYTHONHOME=/{GUEST_PREFIX} PYTHONPATH=/{GUEST_PREFIX}/site "
                 "PYTHONDONTWRITEBYTECODE=1\n"
-                # A throwaway lab VM trying updates the host just built: signatures are
-                # checked on real machines (the overlay has no trust store, no cryptography).
-                "export LIVESPLICE_ALLOW_UNSIGNED=1\n"
+                # A throwaway lab VM trying updates the host just built: without keys given
+                # to it (LIVESPLICE_TRUST_DIR) it applies unsigned updates; given keys, it
+                # verifies signatures like a real machine (the tests do that).
+                '[ -n "$LIVESPLICE_TRUST_DIR" ] || export LIVESPLICE_ALLOW_UNSIGNED=1\n'
                 f'export LD_LIBRARY_PATH=/{GUEST_PREFIX}/lib\n'
                 f'exec /{GUEST_PREFIX}/bin/{ver} -m livesplice "$@"\n'
             )
