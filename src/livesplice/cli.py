@@ -24,6 +24,7 @@ def _env_path(var: str) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and option of the livesplice command (lab: kernel/labcli.py)."""
     p = argparse.ArgumentParser(
         prog="livesplice",
         description="Rebootless, restartless updates from source patches (Ksplice-style).",
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    """create: a process update, or a kernel update with --kernel."""
     from livesplice.create import create_update
 
     if args.kernel:
@@ -167,6 +169,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """inspect: what an update file contains, judged against the trusted keys."""
     from livesplice.update.archive import read_update
     from livesplice.update.inspect import inspect_json, inspect_text
 
@@ -179,6 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    """apply: verify the signature first, then hand the update to the kernel or process target."""
     from livesplice.update.archive import load_update
 
     # the signature is checked before anything in the file is decompressed or parsed
@@ -201,6 +205,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    """keygen: a new Ed25519 key pair; never overwrites an existing key."""
     from livesplice.update.signing import generate_key
 
     pub = args.output.with_name(args.output.name + ".pub")
@@ -222,6 +227,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    """view: updates in processes and, without --pid, in the running kernel."""
     from livesplice.cli_process import cli_view
 
     kernel = not args.pid and Path("/sys/kernel/livepatch").is_dir()
@@ -243,6 +249,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
+    """undo: without --pid/--all a kernel update (or a hint naming the processes that have it)."""
     from livesplice.update.format import check_update_id
 
     check_update_id(args.update_id)
@@ -277,6 +284,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    """lab: the QEMU kernel lab."""
     from livesplice.kernel.labcli import cli_lab
 
     return cli_lab(args)
@@ -294,6 +302,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; typed errors become their paragraph on stderr and their exit code."""
     from livesplice.service.cli import COMMANDS as SERVICE_COMMANDS
 
     COMMANDS.update(SERVICE_COMMANDS)

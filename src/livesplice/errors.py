@@ -87,15 +87,18 @@ class LivespliceError(Exception):
 
 
 class UsageError(LivespliceError):
+    """Bad usage or bad input: the user can fix the command line or the file."""
     code = ExitCode.USAGE
     abort = "BAD_INPUT"
 
 
 class PatchDoesNotApply(UsageError):
+    """The patch does not apply to the source tree."""
     abort = "PATCH_DOES_NOT_APPLY"
 
 
 class MalformedUpdate(UsageError):
+    """The update file is damaged, truncated or not an update."""
     abort = "MALFORMED_UPDATE"
 
 
@@ -107,21 +110,25 @@ class PatchRefused(LivespliceError):
 
 
 class BuildFailed(LivespliceError):
+    """The project's own build failed (its compiler output is in details)."""
     code = ExitCode.BUILD_FAILED
     abort = "BUILD_FAILED"
 
 
 class NoMatch(LivespliceError):
+    """Run-pre matching failed: the running code is not what the update was built from."""
     code = ExitCode.NO_MATCH
     abort = "NO_MATCH"
 
 
 class CodeBusy(LivespliceError):
+    """A thread (or kernel task) stayed inside code being replaced; nothing was changed."""
     code = ExitCode.CODE_BUSY
     abort = "CODE_BUSY"
 
 
 class TargetGone(LivespliceError):
+    """The target process exited (or the lab guest crashed or hung)."""
     code = ExitCode.TARGET_GONE
     abort = "TARGET_GONE"
 
@@ -133,16 +140,19 @@ class TargetStopped(UsageError):
 
 
 class NoPermission(LivespliceError):
+    """Not allowed to trace or modify the target."""
     code = ExitCode.NO_PERMISSION
     abort = "NO_PERMISSION"
 
 
 class NotApplied(LivespliceError):
+    """undo/view of an update that is not applied."""
     code = ExitCode.NOT_APPLIED
     abort = "NOT_APPLIED"
 
 
 class HookFailed(LivespliceError):
+    """An update hook reported failure; the update was rolled back."""
     code = ExitCode.HOOK_FAILED
     abort = "HOOK_FAILED"
 

@@ -40,6 +40,7 @@ from livesplice.update.format import Section, Target
 
 @dataclass
 class KSym:
+    """One /proc/kallsyms line."""
     addr: int
     type: str
     name: str
@@ -59,6 +60,7 @@ class KernelImage:
 
     @classmethod
     def open(cls) -> KernelImage:
+        """Read /proc/kallsyms and open /proc/kcore (as root: kptr_restrict hides addresses)."""
         syms: list[KSym] = []
         with open("/proc/kallsyms") as f:
             for line in f:
@@ -114,6 +116,7 @@ def _kcore_loads(fd: int) -> list[tuple[int, int, int]]:
 
 @dataclass
 class KernelMatch:
+    """Where the pre code runs in the kernel, and the sympos that tell same-named symbols apart."""
     functions: dict[str, int] = field(default_factory=dict)  # "obj.name" -> address
     func_sympos: dict[str, int] = field(default_factory=dict)
     klp_sympos: dict[str, int] = field(default_factory=dict)

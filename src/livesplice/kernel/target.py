@@ -31,7 +31,7 @@ from livesplice.errors import (
     UsageError,
 )
 from livesplice.update.archive import UpdateFile
-from livesplice.update.format import Manifest
+from livesplice.update.format import Hook, Manifest
 
 LIVEPATCH = Path("/sys/kernel/livepatch")
 TRANSITION_TIMEOUT = 60.0
@@ -143,7 +143,7 @@ def create_kernel_update(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def check_hook_kinds(hooks: list[Any]) -> None:
+def check_hook_kinds(hooks: list[Hook]) -> None:
     """Only hooks with a livepatch callback (klp_callbacks) can run in the kernel."""
     from livesplice.kernel.klp import CALLBACKS
 
@@ -159,6 +159,8 @@ def check_hook_kinds(hooks: list[Any]) -> None:
 
 
 def kernel_release(ksrc: Path) -> str:
+    """The release (uname -r) a prepared tree builds, from utsrelease.h ("" if unknown):
+    apply warns when the running kernel is another."""
     try:
         text = (ksrc / "include" / "generated" / "utsrelease.h").read_text()
         return text.split('"')[1]

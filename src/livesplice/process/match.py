@@ -139,6 +139,7 @@ class _Matcher:
 
     # -- memory -------------------------------------------------------------------------
     def read_code(self, addr: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``addr``, within its mapping (b"" when unmapped or unreadable)."""
         m = mapping_at(self.maps, addr)
         if m is None:
             return b""
@@ -149,10 +150,12 @@ class _Matcher:
             return b""
 
     def read_u64(self, addr: int) -> int | None:
+        """The 8-byte word at ``addr`` (a GOT slot), None when unreadable."""
         data = self.read_code(addr, 8)
         return struct.unpack("<Q", data)[0] if len(data) == 8 else None
 
     def text(self) -> list[tuple[int, bytes]]:
+        """The image's executable ranges and their bytes, read once (for the brute-force search)."""
         if self._text is None:
             self._text = [(lo, self.read_code(lo, hi - lo)) for lo, hi in self.image.text]
         return self._text
@@ -215,6 +218,7 @@ class _Matcher:
         return self.image.plt_entry(key.rsplit(":", 1)[-1]) == plt
 
     def commit(self, items: list[_Learn]) -> None:
+        """Record what an accepted match learned (a PLT address never replaces the function)."""
         for it in items:
             old = self.learned.get((it.kind, it.key))
             if old is not None and it.kind == "addr" and self.image.in_plt(it.value):
@@ -223,11 +227,14 @@ class _Matcher:
                 self.learned[(it.kind, it.key)] = it
 
     def known(self, kind: str, key: str) -> int | None:
+        """The value learned for (kind, key), None if nothing was learned yet."""
         it = self.learned.get((kind, key))
         return None if it is None else it.value
 
     # -- comparing one candidate --------------------------------------------------------
     def attempt(self, sec: Section, entry: int) -> _Attempt:
+        """Compare ``sec`` with the running code at candidate ``entry`` (past a livesplice
+        jump when updates are stacked)."""
         address = self.follow_livesplice_jump(entry)
         if not sec.executable:
             return self.attempt_data(sec, address, entry)
@@ -294,6 +301,7 @@ class _Matcher:
 
     def compare_insn(self, sec: Section, p: Insn, r: Insn, rels: list[Reloc],
                      res: _Attempt, branches: list[tuple[int, int, int]]) -> str | None:
+        """Compare one pre instruction with its running twin; the reason they differ, or None."""
         if not rels:
             tgt = p.branch_target
             if tgt is not None and 0 <= tgt <= len(sec.bytes):
@@ -489,6 +497,7 @@ class _Matcher:
 
 
 def x_is_gotpcrel(sec: Section, ins: Insn) -> bool:
+    """Whether ``ins`` holds a GOT-relative field the linker may have relaxed (re-encoded)."""
     return any(ins.off <= x.offset < ins.off + ins.size and
                (x.type in GOT_RELATIVE or x.type == "R_X86_64_GOTTPOFF") for x in sec.relocs)
 
