@@ -226,11 +226,18 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _livepatch_dir() -> Path:
+    """/sys/kernel/livepatch, as the kernel engine names it (one place for tests to move)."""
+    from livesplice.kernel.target import LIVEPATCH
+
+    return LIVEPATCH
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     """view: updates in processes and, without --pid, in the running kernel."""
     from livesplice.cli_process import cli_view
 
-    kernel = not args.pid and Path("/sys/kernel/livepatch").is_dir()
+    kernel = not args.pid and _livepatch_dir().is_dir()
     if args.json:
         # one JSON document: processes and, on a machine with livepatch, the kernel
         kernel_rows = None
@@ -239,12 +246,16 @@ def cmd_view(args: argparse.Namespace) -> int:
 
             kernel_rows = [r.to_dict() for r in view_kernel()]
         return cli_view(args, kernel_rows)
-    rc = cli_view(args)
-    if kernel:
-        from livesplice.cli_kernel import print_kernel_view
-        from livesplice.kernel.target import view_kernel
+    if not kernel:
+        return cli_view(args)
+    from livesplice.cli_kernel import print_kernel_view
+    from livesplice.kernel.target import view_kernel
 
-        print_kernel_view(view_kernel())
+    # kernel first read, so "no updates applied to processes" is not printed above a listed
+    # kernel update as if nothing were applied
+    kernel_views = view_kernel()
+    rc = cli_view(args, say_none=not kernel_views)
+    print_kernel_view(kernel_views)
     return rc
 
 

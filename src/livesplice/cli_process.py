@@ -100,8 +100,14 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
     return _outcome(failures, applied)
 
 
-def cli_view(args: argparse.Namespace, kernel_rows: list[Any] | None = None) -> int:
-    """``view`` of processes; ``kernel_rows`` joins the kernel's rows into one JSON document."""
+def cli_view(
+    args: argparse.Namespace, kernel_rows: list[Any] | None = None, *, say_none: bool = True
+) -> int:
+    """``view`` of processes; ``kernel_rows`` joins the kernel's rows into one JSON document.
+
+    ``say_none=False``: no "no updates applied" line when there are none (the caller lists
+    kernel updates after, and the line would read as "nothing is applied at all").
+    """
     rows, problems = view_rows(list(dict.fromkeys(args.pid)) if args.pid else None)
     invalid = [r for r in rows if str(r["state"]).startswith("invalid")]
     if args.json:
@@ -110,7 +116,7 @@ def cli_view(args: argparse.Namespace, kernel_rows: list[Any] | None = None) -> 
             doc["kernel"] = kernel_rows
         print(json.dumps(doc, indent=1))
     else:
-        if not rows:
+        if not rows and say_none:
             print("livesplice: no updates applied to processes" + (
                 f" (pid {', '.join(map(str, args.pid))})" if args.pid else ""))
         for r in rows:

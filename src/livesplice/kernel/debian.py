@@ -1,10 +1,15 @@
 """Debian kernel packages: which ones make up one kernel version, and fetching them.
 
 A Debian kernel version (``6.1.176-1``) is built as an ABI (``6.1.0-50``) per flavour
-(``cloud-amd64``): ``uname -r`` = ``6.1.0-50-cloud-amd64``. The lab needs five binary packages
-of exactly that version: the image (vmlinuz), the flavour's headers (the complete ``.config``,
-``.kernelvariables`` with Debian's build identity, ``Module.symvers``), the ABI's ``-common``
-headers, ``linux-kbuild-6.1`` and ``linux-source-6.1`` (the Debian-patched tree as .tar.xz).
+(``cloud-amd64`` or ``amd64``): ``uname -r`` = ``6.1.0-50-cloud-amd64``. The lab needs four
+binary packages of exactly that version: the image (vmlinuz), the flavour's headers (the
+complete ``.config``, ``.kernelvariables`` with Debian's build identity, ``Module.symvers``),
+the ABI's ``-common`` headers and ``linux-source-6.1`` (the Debian-patched tree as .tar.xz).
+
+``linux-kbuild-6.1`` (fixdep, modpost ... prebuilt) is deliberately not one of them: Debian
+keeps it in the archive only for the newest version, so requiring it made every older kernel
+unpreparable. The lab never builds against the headers package; ``modules_prepare`` in the
+source tree compiles the same host tools from that tree's own ``scripts/``.
 
 The archive drops old ABIs from its index over time, so availability is checked from the
 local APT index first and a missing package is a clear error, not a half-prepared cache.
@@ -25,6 +30,9 @@ from livesplice.errors import UsageError
 
 DEFAULT_KERNEL = "6.1.176-1"
 DEFAULT_FLAVOUR = "cloud-amd64"
+#: Flavours the lab knows how to boot under QEMU (both build virtio and ext4 into the image or
+#: as modules of the image package).
+FLAVOURS = ("cloud-amd64", "amd64")
 
 
 class LabUnavailable(UsageError):
@@ -38,12 +46,12 @@ class KernelPackages:
     """The Debian packages of one kernel version and flavour."""
 
     version: str  # Debian package version, e.g. 6.1.176-1
-    flavour: str  # e.g. cloud-amd64
+    flavour: str  # cloud-amd64 or amd64
     abi: str  # e.g. 6.1.0-50
 
     @property
     def series(self) -> str:
-        """``6.1``: the upstream series naming linux-kbuild-6.1 and linux-source-6.1."""
+        """``6.1``: the upstream series naming linux-source-6.1."""
         return ".".join(self.version.split(".")[:2])
 
     @property
@@ -57,7 +65,6 @@ class KernelPackages:
             f"linux-image-{self.release}",
             f"linux-headers-{self.release}",
             f"linux-headers-{self.abi}-common",
-            f"linux-kbuild-{self.series}",
             f"linux-source-{self.series}",
         ]
 
@@ -98,6 +105,11 @@ def resolve_packages(version: str, flavour: str = DEFAULT_FLAVOUR) -> KernelPack
     :raises LabUnavailable: a package of that exact version is not in the index (any more).
     """
     series = _series_of(version)
+    if flavour not in FLAVOURS:
+        raise UsageError(
+            f"unknown kernel flavour {flavour!r}",
+            advice=f"use --flavour {' or --flavour '.join(FLAVOURS)}",
+        )
     pattern = rf"^linux-image-{re.escape(series)}\.0-[0-9]+-{re.escape(flavour)}$"
     images = _apt_cache("search", "--names-only", pattern).split("\n")
     names = sorted({line.split(" ")[0] for line in images if line.startswith("linux-image-")})
@@ -121,7 +133,7 @@ def resolve_packages(version: str, flavour: str = DEFAULT_FLAVOUR) -> KernelPack
         raise LabUnavailable(
             f"Debian kernel {version}: packages of that version are gone from the archive",
             [f"missing: {n}={version}" for n in missing],
-            "choose a version whose image, headers, kbuild and source are all available "
+            "choose a version whose image, headers and source are all available "
             "(--kernel), e.g. the newest linux-source version",
         )
     return pkgs

@@ -4,7 +4,7 @@ Layout of ``$LIVESPLICE_CACHE/kernel/<version>/`` (default cache: ``~/.cache/liv
 
     kernel.json        the resolved packages (version, flavour, ABI): no APT query once known
     debs/              the downloaded .deb files
-    root/              dpkg-deb -x of image, headers, kbuild, source (boot/vmlinuz-<release>)
+    root/              dpkg-deb -x of image, headers, source (boot/vmlinuz-<release>)
     src/               the prepared Debian source tree = KSRC (modules_prepare done)
     initramfs/         base.cpio.gz: busybox, /init, the exit helper
     stages/N-name.done completion markers, like klp-build's numbered stage directories
@@ -284,10 +284,33 @@ def stage_timings(lab: LabKernel) -> dict[str, float]:
     return out
 
 
+def _reuse_deb(name: str, version: str, debs: Path) -> None:
+    """Link an identical .deb another cache entry already holds into ``debs``.
+
+    A .deb is identified by name and version (the archive never reuses them), so the 139 MB
+    linux-source of a version fetched for the other flavour, or by the kernel corpus
+    (``kernel-source/<version>/``), is the same file: a second flavour costs only its image
+    and headers.
+    """
+    if any(debs.glob(f"{name}_*.deb")):
+        return
+    root = debs.parent.parent.parent  # <cache>/kernel/<dir>/debs
+    pattern = f"{name}_{version.replace(':', '%3a')}_*.deb"
+    candidates = [
+        *root.glob(f"kernel/*/debs/{pattern}"),
+        *root.glob(f"kernel-source/{version}/{pattern}"),
+    ]
+    for deb in candidates:
+        with suppress(OSError):
+            os.link(deb, debs / deb.name)
+            return
+
+
 def _download(lab: LabKernel, say: Progress) -> None:
     debs = lab.dir / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     for name in lab.packages.names:
+        _reuse_deb(name, lab.packages.version, debs)
         deb = download_package(name, lab.packages.version, debs)
         say(f"  {deb.name} ({deb.stat().st_size / 1e6:.1f} MB)")
 

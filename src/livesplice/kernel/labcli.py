@@ -1,12 +1,13 @@
 """``livesplice lab``: argument parsing (kept import-light; the lab itself loads lazily).
 
 livesplice lab prepare [--kernel 6.1.176-1]     # prints KSRC (the prepared source tree)
-livesplice lab run [--kernel V] [--file F[:DEST] ...] -- CMD ...
+livesplice lab run [--kernel V] [--flavour F] [--modules NAME ...] [--file F[:DEST] ...] -- CMD ...
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ def add_lab_parser(sub: Any) -> None:
     p = lsub.add_parser(
         "prepare",
         help="fetch and prepare a Debian kernel once (cached); prints KSRC",
-        description="Download the image, headers, kbuild and source packages of one Debian "
+        description="Download the image, headers and source packages of one Debian "
         "kernel (nothing is installed), prepare the source tree with Debian's configuration "
         "and build identity, and build the lab's initramfs. Cached under $LIVESPLICE_CACHE "
         "(default ~/.cache/livesplice)/kernel/VERSION; an interrupted prepare resumes.",
@@ -54,6 +55,11 @@ def add_lab_parser(sub: Any) -> None:
         "--file", action="append", default=[], metavar="SRC[:DEST]",
         help="copy a host file or directory into the guest (DEST relative to /payload; "
         "default its name); repeatable",
+    )  # fmt: skip
+    r.add_argument(
+        "--modules", nargs="+", action="extend", default=[], metavar="NAME",
+        help="modules of the image package to load (with modprobe, dependencies first) before "
+        "any --update and CMD; a module that fails to load ends the run with its status",
     )  # fmt: skip
     r.add_argument(
         "--update", action="append", default=[], metavar="UPDATE",
@@ -88,9 +94,11 @@ def _guest_files(specs: list[str]) -> list[GuestFile]:
     return files
 
 
-def update_script(updates: list[str], command: str) -> str:
-    """Guest shell: apply each update with livesplice (stop at the first failure), run CMD."""
-    lines = [f"livesplice apply {u} || exit $?" for u in updates]
+def update_script(updates: list[str], command: str, modules: list[str] | None = None) -> str:
+    """Guest shell: load each module, apply each update with livesplice (stop at the first
+    failure), run CMD. Modules first: a fix inside a module needs it loaded to be applied."""
+    lines = [f"modprobe {shlex.quote(m)} || exit $?" for m in modules or []]
+    lines += [f"livesplice apply {u} || exit $?" for u in updates]
     return "\n".join([*lines, command])
 
 
@@ -119,17 +127,20 @@ def cli_lab(args: argparse.Namespace) -> int:
         from livesplice.kernel.lab import prepare_lab
 
         lab = prepare_lab(args.kernel, args.flavour, progress=_progress(args.quiet))
-        command = " ".join(cmd)
         extra: list[Path] = []
+        if args.modules:
+            # the base initramfs has no /lib/modules: without this initrd busybox modprobe
+            # fails with "can't change directory to '<release>'"
+            from livesplice.kernel.modules import modules_initrd
+
+            extra.append(modules_initrd(lab, args.modules))
+        updates = [f"updates/{i}-{Path(u).name}" for i, u in enumerate(args.update)]
         if args.update:
             from livesplice.kernel.overlay import ensure_overlay
 
-            files += _guest_files([f"{u}:updates/{i}-{Path(u).name}"
-                                   for i, u in enumerate(args.update)])  # fmt: skip
+            files += _guest_files([f"{u}:{g}" for u, g in zip(args.update, updates, strict=True)])
             extra.append(ensure_overlay(lab.dir))
-            command = update_script(
-                [f"updates/{i}-{Path(u).name}" for i, u in enumerate(args.update)], command
-            )
+        command = update_script(updates, " ".join(cmd), args.modules)
         guest = Guest(
             lab, memory_mb=args.memory, cpus=args.cpus, timeout=args.timeout, append=args.append,
             extra_initrds=extra,

@@ -38,19 +38,50 @@ def module_index(lab: LabKernel) -> dict[str, Path]:
     return out
 
 
-def modinfo_depends(ko: Path) -> list[str]:
-    """The ``depends=`` field of a module's ``.modinfo`` section (comma separated)."""
+def _modinfo(ko: Path) -> list[bytes]:
+    """The ``key=value`` fields of a module's ``.modinfo`` section."""
     from livesplice.kernel.elfedit import ElfRel
 
     elf = ElfRel(ko.read_bytes())
     sec = next((s for s in elf.sections if s.name == ".modinfo"), None)
-    if sec is None:
-        return []
-    for field in sec.data.split(b"\0"):
+    return [] if sec is None else [f for f in sec.data.split(b"\0") if f]
+
+
+def modinfo_depends(ko: Path) -> list[str]:
+    """The ``depends=`` field of a module's ``.modinfo`` section (comma separated)."""
+    for field in _modinfo(ko):
         if field.startswith(b"depends="):
             deps = field[len(b"depends=") :].decode()
             return [_canonical(d) for d in deps.split(",") if d]
     return []
+
+
+def modinfo_softdeps_pre(ko: Path) -> list[str]:
+    """Names in ``softdep=pre: ...``: modules (or aliases) the module needs loaded first
+    although it links to none of their symbols. libcrc32c's ``pre: crc32c`` is why it fails
+    to load on the amd64 flavour (crc32c is a module there) when only ``depends=`` is
+    followed: its init cannot find the crc32c algorithm."""
+    out: list[str] = []
+    for field in _modinfo(ko):
+        if field.startswith(b"softdep="):
+            words = field[len(b"softdep=") :].decode().split()
+            if "pre:" in words:
+                for w in words[words.index("pre:") + 1 :]:
+                    if w.endswith(":"):  # post: ...
+                        break
+                    out.append(w)
+    return out
+
+
+def _provider(index: dict[str, Path], name: str) -> str | None:
+    """The module called ``name``, or one whose ``alias=`` is ``name`` (the ``_generic``
+    implementation first: it loads on every CPU). None: no module provides it (built in)."""
+    if _canonical(name) in index:
+        return _canonical(name)
+    needle = b"\0alias=" + name.encode() + b"\0"
+    providers = sorted(n for n, ko in index.items() if needle in ko.read_bytes())
+    generic = [n for n in providers if n.endswith("_generic")]
+    return (generic or providers)[0] if providers else None
 
 
 def resolve_modules(lab: LabKernel, names: list[str]) -> list[tuple[str, Path]]:
@@ -72,13 +103,20 @@ def resolve_modules(lab: LabKernel, names: list[str]) -> list[tuple[str, Path]]:
                 "(=y in .config) needs no module",
             )
         seen.add(name)
-        for dep in modinfo_depends(ko):
+        for dep in _dependencies(index, ko):
             visit(dep, (*chain, name))
         order.append((name, ko))
 
     for n in names:
         visit(n, ())
     return order
+
+
+def _dependencies(index: dict[str, Path], ko: Path) -> list[str]:
+    """Modules to load before ``ko``: its pre-softdeps that some module provides, then its
+    ``depends=`` (modules.dep lists both for busybox modprobe, which reads no softdeps)."""
+    soft = [p for p in (_provider(index, n) for n in modinfo_softdeps_pre(ko)) if p]
+    return list(dict.fromkeys([*soft, *modinfo_depends(ko)]))
 
 
 def modules_initrd(lab: LabKernel, names: list[str]) -> Path:
@@ -115,10 +153,11 @@ def _closure(name: str, mods: list[tuple[str, Path]]) -> list[str]:
     """All dependencies of ``name``, in the order modprobe loads them (modules.dep lists
     the direct and indirect ones, the first needed last)."""
     paths = dict(mods)
+    index = {n: ko for n, ko in mods}
     out: list[str] = []
 
     def visit(n: str) -> None:
-        for d in modinfo_depends(paths[n]):
+        for d in _dependencies(index, paths[n]):
             if d not in out:
                 visit(d)
                 out.append(d)
