@@ -102,3 +102,16 @@ def test_older_amd64_kernel_prepares_boots_and_loads_modules() -> None:
     # a module the image does not have is a clear usage error before any boot
     bad = subprocess.run([*cmd[:11], "no_such_mod", "--", "true"], capture_output=True, text=True)
     assert bad.returncode == 2 and "module no_such_mod is not in the" in bad.stderr, bad.stderr
+
+
+@pytest.mark.kernel
+def test_builtin_softdep_loads_no_module() -> None:
+    """On cloud-amd64 crc32c is built in: libcrc32c's softdep must not pull the one module
+    with that alias, crc32c-intel, which fails to load on the lab's qemu64 CPU (no SSE4.2)."""
+    from kernel_support import prepared_lab
+    from livesplice.kernel.modules import builtin_names, resolve_modules
+
+    lab = prepared_lab()
+    assert "crc32c" in builtin_names(lab)
+    names = [n for n, _ko in resolve_modules(lab, ["sctp"])]
+    assert "libcrc32c" in names and not any(n.startswith("crc32c") for n in names), names

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from contextlib import suppress
 from pathlib import Path
 
 from livesplice.errors import UsageError
@@ -73,9 +74,23 @@ def modinfo_softdeps_pre(ko: Path) -> list[str]:
     return out
 
 
+def builtin_names(lab: LabKernel) -> set[str]:
+    """Names and aliases of code built into the image (``modules.builtin.modinfo``, shipped by
+    the image package): a softdep on one of them needs no module. On cloud-amd64 crc32c is
+    built in, and the only *module* with that alias, crc32c-intel, fails on the lab's CPU."""
+    out: set[str] = set()
+    with suppress(OSError):
+        for field in (module_dir(lab) / "modules.builtin.modinfo").read_bytes().split(b"\0"):
+            mod, _, kv = field.decode(errors="replace").partition(".")
+            out.add(_canonical(mod))
+            if kv.startswith("alias="):
+                out.add(kv.removeprefix("alias="))
+    return out
+
+
 def _provider(index: dict[str, Path], name: str) -> str | None:
     """The module called ``name``, or one whose ``alias=`` is ``name`` (the ``_generic``
-    implementation first: it loads on every CPU). None: no module provides it (built in)."""
+    implementation first: it loads on every CPU). None: no module provides it."""
     if _canonical(name) in index:
         return _canonical(name)
     needle = b"\0alias=" + name.encode() + b"\0"
@@ -87,6 +102,7 @@ def _provider(index: dict[str, Path], name: str) -> str | None:
 def resolve_modules(lab: LabKernel, names: list[str]) -> list[tuple[str, Path]]:
     """``names`` and everything they depend on, dependencies first."""
     index = module_index(lab)
+    builtin = builtin_names(lab)
     order: list[tuple[str, Path]] = []
     seen: set[str] = set()
 
@@ -103,7 +119,7 @@ def resolve_modules(lab: LabKernel, names: list[str]) -> list[tuple[str, Path]]:
                 "(=y in .config) needs no module",
             )
         seen.add(name)
-        for dep in _dependencies(index, ko):
+        for dep in _dependencies(index, ko, builtin):
             visit(dep, (*chain, name))
         order.append((name, ko))
 
@@ -112,10 +128,14 @@ def resolve_modules(lab: LabKernel, names: list[str]) -> list[tuple[str, Path]]:
     return order
 
 
-def _dependencies(index: dict[str, Path], ko: Path) -> list[str]:
-    """Modules to load before ``ko``: its pre-softdeps that some module provides, then its
-    ``depends=`` (modules.dep lists both for busybox modprobe, which reads no softdeps)."""
-    soft = [p for p in (_provider(index, n) for n in modinfo_softdeps_pre(ko)) if p]
+def _dependencies(index: dict[str, Path], ko: Path, builtin: set[str] | None = None) -> list[str]:
+    """Modules to load before ``ko``: its pre-softdeps that are not built in and that some
+    module provides, then its ``depends=`` (modules.dep lists both for busybox modprobe,
+    which reads no softdeps)."""
+    wanted = [
+        n for n in modinfo_softdeps_pre(ko) if not ({n, _canonical(n)} & (builtin or set()))
+    ]
+    soft = [p for p in (_provider(index, n) for n in wanted) if p]
     return list(dict.fromkeys([*soft, *modinfo_depends(ko)]))
 
 
