@@ -13,7 +13,7 @@ from pathlib import Path
 from livesplice.build.records import BuildPair
 from livesplice.errors import UsageError
 from livesplice.update.archive import write_update
-from livesplice.update.format import Manifest, check_update_id
+from livesplice.update.format import Hook, Manifest, Target, check_update_id
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -28,6 +28,61 @@ class CreateResult:
 def new_update_id() -> str:
     """Random 8 characters, like Ksplice's update ids."""
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
+
+
+@dataclass
+class CreateInputs:
+    """What ``create`` was asked for, checked before anything slow runs."""
+
+    srcdir: Path
+    patch_text: str
+    id: str
+    output: Path
+    description: str | None
+
+
+def check_inputs(
+    srcdir: Path,
+    patch: Path,
+    update_id: str | None,
+    output: Path | None,
+    description: str | None,
+    signing_key: Path | None,
+) -> CreateInputs:
+    """The checks every ``create`` (process or kernel) makes before building: the tree, the
+    patch, the update id, a writable output and the signing key -- a mistake found here costs
+    nothing, found after the build it costs the build."""
+    srcdir = check_source_tree(srcdir)
+    patch_text = read_patch(patch)
+    uid = check_update_id(update_id) if update_id else new_update_id()
+    out = output if output is not None else Path(f"livesplice-{uid}.update")
+    check_output_writable(out)
+    if signing_key is not None and not signing_key.is_file():
+        raise UsageError(f"signing key {signing_key} does not exist",
+                         advice="make one with `livesplice keygen -o KEY`")  # fmt: skip
+    return CreateInputs(srcdir, patch_text, uid, out, description)
+
+
+def build_manifest(
+    inputs: CreateInputs,
+    compiler: str,
+    targets: list[Target],
+    hooks: list[Hook],
+    warnings: list[str],
+) -> Manifest | None:
+    """The update's manifest from the diff's results; None when they change no code (the
+    caller then says "nothing to do" and writes nothing)."""
+    if not any(t.changed_functions or t.new_functions or t.new_data for t in targets):
+        return None
+    return Manifest(
+        id=inputs.id,
+        description=inputs.description or describe_patch(inputs.patch_text),
+        compiler=compiler,
+        patch_sha256=hashlib.sha256(inputs.patch_text.encode()).hexdigest(),
+        targets=targets,
+        hooks=hooks,
+        warnings=warnings,
+    )
 
 
 def create_update(
@@ -47,14 +102,8 @@ def create_update(
     from livesplice.build.builder import build_pair
     from livesplice.diff.engine import diff_build
 
-    srcdir = check_source_tree(srcdir)
-    patch_text = read_patch(patch)
-    uid = check_update_id(update_id) if update_id else new_update_id()
-    out = output if output is not None else Path(f"livesplice-{uid}.update")
-    check_output_writable(out)
-    if signing_key is not None and not signing_key.is_file():
-        raise UsageError(f"signing key {signing_key} does not exist",
-                         advice="make one with `livesplice keygen -o KEY`")
+    inputs = check_inputs(srcdir, patch, update_id, output, description, signing_key)
+    srcdir, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
 
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
     try:
@@ -62,17 +111,9 @@ def create_update(
         if targets:
             restrict_targets(pair, targets)
         diff = diff_build(pair)
-        if not any(t.changed_functions or t.new_functions or t.new_data for t in diff.targets):
+        manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings)
+        if manifest is None:
             return CreateResult(None, None, "no code changes: nothing to do (no update written)")
-        manifest = Manifest(
-            id=uid,
-            description=description or describe_patch(patch_text),
-            compiler=pair.compiler,
-            patch_sha256=hashlib.sha256(patch_text.encode()).hexdigest(),
-            targets=diff.targets,
-            hooks=diff.hooks,
-            warnings=diff.warnings,
-        )
         write_update(out, manifest, patch_text, signing_key=signing_key)
         return CreateResult(manifest, out, f"wrote update {uid} to {out}")
     finally:

@@ -12,7 +12,6 @@ undo:    enabled=0 -> wait for the transition -> rmmod
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -70,13 +69,7 @@ def create_kernel_update(
     :returns: (manifest, output path, seconds per step); (None, None, ...) when the patch
         changes no code of this kernel.
     """
-    from livesplice.create import (
-        check_output_writable,
-        check_source_tree,
-        describe_patch,
-        new_update_id,
-        read_patch,
-    )
+    from livesplice.create import build_manifest, check_inputs
     from livesplice.kernel.kbuild import build_kernel_pair, make_env
     from livesplice.kernel.kdiff import diff_kernel_build
     from livesplice.kernel.klp import build_module, load_symbol_tables, plan_module
@@ -84,14 +77,8 @@ def create_kernel_update(
 
     say = progress or _quiet
     t0 = time.monotonic()
-    ksrc = check_source_tree(ksrc)
-    patch_text = read_patch(patch)
-    from livesplice.update.format import check_update_id
-
-    uid = check_update_id(update_id) if update_id else new_update_id()
-    out = output if output is not None else Path(f"livesplice-{uid}.update")
-    check_output_writable(out)
-    desc = description or describe_patch(patch_text)
+    inputs = check_inputs(ksrc, patch, update_id, output, description, signing_key)
+    ksrc, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-kcreate-"))
     try:
         say("building the changed units (pre, post) ...")
@@ -103,25 +90,17 @@ def create_kernel_update(
         kd = diff_kernel_build(build, patch_text)
         targets, warnings = kd.targets, kd.warnings
         seconds["diff"] = time.monotonic() - t1
-        if not any(t.changed_functions or t.new_functions or t.new_data for t in targets):
+        manifest = build_manifest(inputs, build.compiler, targets, kd.hooks, warnings)
+        if manifest is None:
             return None, None, seconds
         check_hook_kinds(kd.hooks)
-        manifest = Manifest(
-            id=uid,
-            description=desc,
-            compiler=build.compiler,
-            patch_sha256=hashlib.sha256(patch_text.encode()).hexdigest(),
-            targets=targets,
-            hooks=kd.hooks,
-            warnings=warnings,
-        )
         t2 = time.monotonic()
         say("building the livepatch module ...")
         modules = [t.name for t in targets if t.kind == "kernel_module"]
         tables = load_symbol_tables(build.tree, modules)
         plan = plan_module(uid, targets, tables, kd.specials, kd.learn)
         ko = build_module(build.tree, workdir / "module", plan, targets, manifest.hooks, uid,
-                          desc, make_env(ksrc), kd.specials)  # fmt: skip
+                          manifest.description, make_env(ksrc), kd.specials)  # fmt: skip
         seconds["module"] = time.monotonic() - t2
         kernel = {
             "module": plan.name,
