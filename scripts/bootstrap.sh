@@ -7,7 +7,7 @@ cd "$top"
 
 need=()
 for pkg in gcc g++ make cmake autoconf automake libtool quilt dpkg-dev debhelper build-essential patch binutils \
-           python3-venv; do
+           python3-venv chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

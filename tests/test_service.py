@@ -299,3 +299,72 @@ def test_config_is_strict_and_autoinstall_is_off_by_default(machine: Path) -> No
     (machine / "etc" / "livesplice.conf").write_text("[livesplice]\nautoinstall = maybe\n")
     r = livesplice("upgrade", "--auto", "-y", check=False)
     assert r.returncode == 2 and "is not yes/no" in r.stderr, r.stderr
+
+
+def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: Path) -> None:
+    """The manager page end to end in headless Chromium: it lists what the repository has,
+    "Install all" patches the running program, "Remove" undoes one update; changes need the
+    token, the right Host and a JSON body."""
+    import urllib.error
+    import urllib.request
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium package is not installed (scripts/bootstrap.sh does)")
+    repo, running = published
+    (machine / "etc" / "livesplice.conf").write_text(f"[livesplice]\nrepo = {repo}\n")
+    agent = subprocess.Popen([sys.executable, "-m", "livesplice", "agent", "--json", "--http",
+                              "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert agent.stdout is not None
+    event = json.loads(agent.stdout.readline())
+    assert event["event"] == "manager", event
+    url = event["url"]
+    assert json.loads(agent.stdout.readline())["event"] == "started"
+    token = (machine / "state" / "manager-token").read_text().strip()
+    prog = Running([str(running / "prog")])
+
+    def post(path: str, body: bytes, headers: dict[str, str]) -> int:
+        req = urllib.request.Request(url.rstrip("/") + path, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    try:
+        value(prog, 1)
+        js = {"Content-Type": "application/json"}
+        assert post("/api/upgrade", b"{}", js) == 403  # no token
+        assert post("/api/upgrade", b"{}", {**js, "X-Livesplice-Token": "x" * 43}) == 403
+        assert post("/api/upgrade", b"id=1", {"Content-Type":
+                    "application/x-www-form-urlencoded", "X-Livesplice-Token": token}) == 415
+        assert post("/api/upgrade", b"{}", {**js, "X-Livesplice-Token": token,
+                                            "Host": "evil.example:80"}) == 403
+        value(prog, 1)  # none of those changed anything
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--no-first-run", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1100, "height": 560})
+            page.goto(f"{url}#token={token}")
+            page.wait_for_selector("body[data-ready='1']")
+            assert "svc-one" in page.inner_text("#available")
+            page.click("#upgrade")
+            page.wait_for_selector("#message.ok", timeout=60000)
+            value(prog, 3)
+            page.wait_for_selector("#installed tr[data-id='svc-two']")
+            assert f"pid {prog.pid}" in page.inner_text("#installed")
+            docs = Path(__file__).resolve().parents[1] / "docs"
+            if os.environ.get("LIVESPLICE_SCREENSHOT"):
+                page.screenshot(path=str(docs / "manager.png"))
+            page.click("#installed tr[data-id='svc-two'] button.remove")
+            page.wait_for_selector("#installed tr[data-id='svc-two']", state="detached",
+                                   timeout=60000)
+            value(prog, 2)
+            browser.close()
+    finally:
+        prog.stop()
+        agent.send_signal(signal.SIGTERM)
+        agent.communicate(timeout=10)

@@ -208,7 +208,8 @@ def _log_stderr(event: dict[str, Any]) -> None:
 
 
 def run_agent(store: Store, trusted: list[Path] | None, *, force_poll: bool = False,
-              once: bool = False, boot: bool = False, log_json: bool = False) -> int:
+              once: bool = False, boot: bool = False, log_json: bool = False,
+              http: tuple[str, int] | None = None) -> int:
     """The ``livesplice agent`` command; SIGTERM/SIGINT stop it cleanly."""
     log = None
     if log_json:
@@ -223,4 +224,17 @@ def run_agent(store: Store, trusted: list[Path] | None, *, force_poll: bool = Fa
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return agent.run(force_poll=force_poll, once=once)
+    manager = None
+    if http is not None:
+        from livesplice.service.manager import Manager
+
+        cfg = load_config()
+        manager = Manager(store, http[0], http[1], cfg.repo, cfg.channel, trusted)
+        manager.start()
+        agent.log({"event": "manager", "url": manager.url,
+                   "token": f"in {store.root / 'manager-token'} (open URL#token=TOKEN)"})
+    try:
+        return agent.run(force_poll=force_poll, once=once)
+    finally:
+        if manager is not None:
+            manager.stop()

@@ -71,6 +71,8 @@ def add_parsers(sub: Any) -> None:
     ag.add_argument("--poll", action="store_true", help="use the /proc poller, not netlink")
     ag.add_argument("--trusted-key", type=Path, action="append", metavar="PUB")
     ag.add_argument("--json", action="store_true", help="log JSON lines to stdout")
+    ag.add_argument("--http", metavar="HOST:PORT",
+                    help="serve the manager page (loopback only), e.g. 127.0.0.1:8011")
 
 
 def _repo_url(args: argparse.Namespace) -> tuple[str, str]:
@@ -231,8 +233,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from livesplice.service.agent import run_agent
     from livesplice.service.store import Store
 
+    http = None
+    if args.http:
+        host, _, port = args.http.rpartition(":")
+        if not port.isdigit():
+            raise UsageError(f"--http {args.http}: say HOST:PORT, e.g. 127.0.0.1:8011")
+        http = (host or "127.0.0.1", int(port))
     return run_agent(Store(), args.trusted_key, force_poll=args.poll, once=args.once,
-                     boot=args.boot, log_json=args.json)
+                     boot=args.boot, log_json=args.json, http=http)
 
 
 COMMANDS = {"repo": cmd_repo, "upgrade": cmd_upgrade, "show": cmd_show, "remove": cmd_remove,
