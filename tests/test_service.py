@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,25 +184,44 @@ def test_upgrade_over_http(published: tuple[Path, Path]) -> None:
         server.wait()
 
 
-def start_agent(*extra: str) -> subprocess.Popen[str]:
-    """Start the agent and wait for its first event (started, or disabled)."""
-    agent = subprocess.Popen([sys.executable, "-m", "livesplice", "agent", "--json", *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert agent.stdout is not None
-    line = agent.stdout.readline()
-    first = json.loads(line or "{}")
-    assert first.get("event") in ("started", "disabled", "held"), first
-    agent.first = line  # type: ignore[attr-defined]
-    return agent
+class Agent:
+    """``livesplice agent --json`` running, its events collected by a reader thread."""
 
+    def __init__(self, *extra: str) -> None:
+        import threading
 
-def stop_agent(agent: subprocess.Popen[str]) -> list[dict[str, object]]:
-    agent.send_signal(signal.SIGTERM)
-    out, err = agent.communicate(timeout=10)
-    assert agent.returncode == 0, err
-    assert "Traceback" not in err, err
-    lines = [agent.first, *out.splitlines()]  # type: ignore[attr-defined]
-    return [json.loads(line) for line in lines if line.strip()]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "livesplice", "agent", "--json", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: list[dict[str, Any]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        # until the initial sweep is done (or the agent says it is switched off)
+        self.wait(lambda seen: any(e.get("event") in ("ready", "disabled") for e in seen))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip():
+                self.events.append(json.loads(line))
+
+    def wait(self, done: Any, timeout: float = 30) -> None:
+        """Until ``done(events so far)`` (the agent may report an apply a little after the
+        program shows the new code: the state record is written after the jumps)."""
+        deadline = time.monotonic() + timeout
+        while not done(list(self.events)):
+            assert time.monotonic() < deadline, self.events
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            time.sleep(0.02)
+
+    def stop(self) -> list[dict[str, Any]]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+        self.reader.join(10)
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        assert self.proc.returncode == 0, err
+        assert "Traceback" not in err, err
+        return list(self.events)
 
 
 def test_the_agent_patches_restarted_and_new_processes(published: tuple[Path, Path]) -> None:
@@ -213,20 +233,23 @@ def test_the_agent_patches_restarted_and_new_processes(published: tuple[Path, Pa
         value(first, 3)
     finally:
         first.stop()  # the service restarts: the new process runs the old code...
-    agent = start_agent()
+    agent = Agent()
     progs = []
     try:
         for _ in range(3):  # ... until the agent patches it; also instances started later
             progs.append(Running([str(running / "prog")]))
         for p in progs:
             value(p, 3)
+        want = {(p.pid, uid) for p in progs for uid in ("svc-one", "svc-two")}
+        agent.wait(lambda seen: want <= {
+            (e.get("pid"), e.get("id")) for e in seen if e.get("status") == "applied"})
     finally:
         for p in progs:
             p.stop()
-        events = stop_agent(agent)
+        events = agent.stop()
     applied = [e for e in events if e.get("event") == "exec" and e.get("status") == "applied"]
     assert sorted((e["pid"], e["id"]) for e in applied) == sorted(
-        (p.pid, uid) for p in progs for uid in ("svc-one", "svc-two"))
+        (p.pid, uid) for p in progs for uid in ("svc-one", "svc-two")), events
     windows = [float(str(e["exec_to_patched_ms"])) for e in applied]
     assert all(0 < w < 5000 for w in windows), windows
     print("exec-to-patched ms:", windows)
@@ -237,7 +260,7 @@ def test_kill_switch_and_crash_guard(published: tuple[Path, Path], machine: Path
     out = livesplice("upgrade", "--repo", str(repo), "-y").stdout  # nothing runs them yet
     assert "no process runs its target now" in out, out
     (machine / "cmdline").write_text("root=/dev/vda livesplice=off\n")
-    agent = start_agent()
+    agent = Agent()
     prog = Running([str(running / "prog")])
     try:
         value(prog, 1)
@@ -245,14 +268,14 @@ def test_kill_switch_and_crash_guard(published: tuple[Path, Path], machine: Path
         value(prog, 1)  # not patched: switched off
     finally:
         prog.stop()
-        events = stop_agent(agent)
+        events = agent.stop()
     assert events[0]["event"] == "disabled" and "livesplice=off" in str(events[0]["why"])
     (machine / "cmdline").write_text("root=/dev/vda\n")
     # an apply of svc-two that never ended (the process crashed during it): held back
     from livesplice.service.store import Store
 
     Store().begin("svc-two", "4242:99")
-    agent = start_agent()
+    agent = Agent()
     prog = Running([str(running / "prog")])
     try:
         value(prog, 2)  # svc-one applied; svc-two held
@@ -263,17 +286,17 @@ def test_kill_switch_and_crash_guard(published: tuple[Path, Path], machine: Path
         assert "crashed" in livesplice("show").stdout
     finally:
         prog.stop()
-        events = stop_agent(agent)
+        events = agent.stop()
     assert any(e["event"] == "held" and e["id"] == "svc-two" for e in events), events
     # the operator releases it: applied again
     livesplice("upgrade", "--repo", str(repo), "-y", "--release", "svc-two")
-    agent = start_agent()
+    agent = Agent()
     prog = Running([str(running / "prog")])
     try:
         value(prog, 3)
     finally:
         prog.stop()
-        stop_agent(agent)
+        agent.stop()
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
@@ -322,6 +345,7 @@ def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: P
     assert event["event"] == "manager", event
     url = event["url"]
     assert json.loads(agent.stdout.readline())["event"] == "started"
+    assert json.loads(agent.stdout.readline())["event"] == "ready"
     token = (machine / "state" / "manager-token").read_text().strip()
     prog = Running([str(running / "prog")])
 

@@ -131,6 +131,7 @@ class TargetGone(LivespliceError):
     """The target process exited (or the lab guest crashed or hung)."""
     code = ExitCode.TARGET_GONE
     abort = "TARGET_GONE"
+    crash_signal = 0  # set when the process died of a crash signal while being patched
 
 
 class TargetStopped(UsageError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
     from livesplice.process.load import LoadImage
     from livesplice.process.ptrace import Tracee
 
+
+
+# a process killed by one of these while it was being patched may have been harmed by it
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                           signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS})
 
 
 @dataclass
@@ -416,6 +422,13 @@ def apply_to_process(
         except UncleanHook:
             mapped.clear()  # see UncleanHook: never unmap what a half-run hook may use
             keep = True
+            raise
+        except TargetGone as e:
+            t.detach()  # collects the end of the process, and with it how it ended
+            if t.killed_by in CRASH_SIGNALS:
+                e.crash_signal = t.killed_by  # the service's crash guard holds the update
+                e.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) while "
+                                 "it was being patched")
             raise
         finally:
             try:

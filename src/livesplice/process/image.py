@@ -325,8 +325,7 @@ def _elf_errors() -> tuple[type[BaseException], ...]:
     return _ELF_ERRORS
 
 
-@lru_cache(maxsize=1024)
-def _build_id_cached(path: str, _dev: int, _ino: int, _mtime: int) -> str:
+def _read_build_id(path: str) -> str:
     from elftools.elf.elffile import ELFFile
 
     with open(path, "rb") as f:
@@ -342,11 +341,22 @@ def _build_id_cached(path: str, _dev: int, _ino: int, _mtime: int) -> str:
     return ""
 
 
+# build-id by file identity (device, inode, ctime, size), whatever path reached the file
+# (/proc/PID/map_files/... differs for every process): the agent looks at every exec on the
+# machine, mostly the same few programs. ctime, not mtime: a user can set mtime, not ctime.
+_BUILD_IDS: dict[tuple[int, int, int, int], str] = {}
+
+
 def gnu_build_id(path: str) -> str:
     """The GNU build-id (hex) of an ELF file; "" when it has none or is not a valid ELF."""
     try:
         st = os.stat(path)
-        return _build_id_cached(path, st.st_dev, st.st_ino, int(st.st_mtime_ns))
+        key = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+        if key not in _BUILD_IDS:
+            if len(_BUILD_IDS) >= 4096:
+                _BUILD_IDS.clear()
+            _BUILD_IDS[key] = _read_build_id(path)
+        return _BUILD_IDS[key]
     except _elf_errors():
         return ""
 

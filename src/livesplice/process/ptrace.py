@@ -277,6 +277,7 @@ class Tracee:
         self._regs: npt.NDArray[np.uint64] | None = None
         self._regs_ptrs: list[ctypes.c_void_p] = []
         self._closed = False
+        self.killed_by = 0  # the signal that ended the process, if we saw it die
         self._op_depth = 0  # inside a method that waits for/resumes threads (_op)
         self._chld_pending = False  # a SIGCHLD came while busy: service when idle
         self._old_sigchld: Any = None
@@ -405,9 +406,24 @@ class Tracee:
         if not self._tids:
             raise TargetGone(f"process {self.pid} has no live thread")
 
+    def _reap_exiting(self, timeout: float = 2.0) -> None:
+        """Collect the end of every thread let go past its exit stop.
+
+        Until its tracer collects it, an exited tracee's end is not reported to its real
+        parent: a dying target would stay a zombie its parent cannot reap -- for as long as
+        livesplice runs, which for the agent is forever. A thread past its exit stop ends
+        within moments; wait for that (bounded)."""
+        deadline = time.monotonic() + timeout
+        while self._exiting and time.monotonic() < deadline:
+            for tid in list(self._exiting):
+                self._reap_exit(tid)
+            if self._exiting:
+                time.sleep(0.001)
+
     def _abandon(self) -> None:
         """Closing without ptrace: the kernel detaches our tracees when we exit."""
         self._restore_sigchld()
+        self._reap_exiting()
         if not self._closed:
             self._closed = True
             os.close(self._mem)
@@ -435,8 +451,7 @@ class Tracee:
                     self._detach_stopped(tid)
                     if not all_stopped:
                         self._note_hold(began, 1, hosted=False)
-            for tid in list(self._exiting):
-                self._reap_exit(tid)
+            self._reap_exiting()
             if all_stopped:
                 self._account_stop(len(self._stopped))
             self._tids.clear()
@@ -587,10 +602,12 @@ class Tracee:
 
     def _reap_exit(self, tid: int) -> None:
         try:
-            pid, _ = os.waitpid(tid, os.WNOHANG | WALL)
+            pid, status = os.waitpid(tid, os.WNOHANG | WALL)
         except ChildProcessError:
-            pid = tid
+            pid, status = tid, 0
         if pid:
+            if os.WIFSIGNALED(status):
+                self.killed_by = os.WTERMSIG(status)
             self._exiting.discard(tid)
 
     # ------------------------------------------------------------ wait-status handling
@@ -601,6 +618,8 @@ class Tracee:
         Returns the tids of threads this event created (their first stop comes separately).
         """
         if not os.WIFSTOPPED(status):  # exited or killed
+            if os.WIFSIGNALED(status):
+                self.killed_by = os.WTERMSIG(status)
             self._forget(tid)
             self._exiting.discard(tid)
             return []

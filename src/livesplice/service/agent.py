@@ -50,6 +50,8 @@ class Agent:
         self.stopping = False
         self.windows_ms: list[float] = []
         self.pending: dict[int, tuple[int, float]] = {}  # pid -> (exec ns, give up at)
+        # what earlier attempts for a pending process did (reported when it is finished)
+        self.done_so_far: dict[int, list[dict[str, Any]]] = {}
 
     # -------------------------------------------------------------- steps
 
@@ -107,6 +109,7 @@ class Agent:
         if not found:
             if late or not mapped or not _dynamic(pid):
                 self.pending.pop(pid, None)  # not a target (or gone)
+                self.done_so_far.pop(pid, None)
             return
         try:
             results = patch_process(self.store, pid, mapped, self.trusted, accepted)
@@ -115,8 +118,13 @@ class Agent:
         waiting = [r for r in results if r.get("abort") == NoMatch.abort
                    and "cannot find symbol" in r.get("reason", "")]
         if waiting and not late:
-            return  # the loader has not mapped what the new code calls yet: next tick
+            # the loader has not mapped what the new code calls yet: next tick (what this
+            # attempt applied is reported with the rest)
+            self.done_so_far.setdefault(pid, []).extend(
+                r for r in results if r["status"] != "failed")
+            return
         self.pending.pop(pid, None)
+        results = [*self.done_so_far.pop(pid, []), *results]
         window = (time.monotonic_ns() - at_ns) / 1e6
         for r in results:
             if r["status"] == "applied":
@@ -133,6 +141,7 @@ class Agent:
             self.log({"event": "started", "watcher": w.kind, "pid": os.getpid(),
                       "accepted": [a.id for a in self.store.accepted()]})
             self.sweep()
+            self.log({"event": "ready"})  # running processes done; now each exec as it comes
             if once:
                 return 0
             last = time.monotonic()

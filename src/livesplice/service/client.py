@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from livesplice.errors import LivespliceError, UsageError
+from livesplice.errors import LivespliceError, TargetGone, UsageError
 from livesplice.service.index import INDEX, INDEX_MAX, SIGNATURE, BadIndex, Index, IndexEntry
 from livesplice.service.store import Accepted, Store
 
@@ -156,6 +156,12 @@ def apply_one(store: Store, acc: Accepted, pid: int, trusted: list[Path] | None)
     try:
         rep = apply_to_process(update.manifest, pid)
     except LivespliceError as e:
+        if isinstance(e, TargetGone) and e.crash_signal:
+            # crash guard: never again automatically (the inflight mark stays as evidence)
+            store.hold(acc.id, f"process {pid} crashed (signal {e.crash_signal}) while it "
+                       "was being patched")
+            return {"pid": pid, "id": acc.id, "status": "held", "abort": e.abort,
+                    "reason": e.reason, "details": e.details}
         store.done(acc.id, key)  # refused or failed cleanly: the process survived it
         return {"pid": pid, "id": acc.id, "status": "failed", "abort": e.abort,
                 "reason": e.reason}
