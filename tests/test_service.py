@@ -392,3 +392,15 @@ def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: P
         prog.stop()
         agent.send_signal(signal.SIGTERM)
         agent.communicate(timeout=10)
+
+
+def test_service_demo_runs() -> None:
+    """./demo.sh --service: the lifecycle end to end (the exploit works, is denied after
+    upgrade, still denied after a restart under the agent, works again after remove)."""
+    r = subprocess.run([sys.executable, "-m", "livesplice.demo", "--service"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if "exploit:" in line]
+    assert [line.split("exploit: ")[1].split()[0] for line in lines] == [
+        "SECRET", "DENIED", "DENIED", "SECRET"], r.stdout
+    assert "agent says applied kvfix" in r.stdout, r.stdout

@@ -82,7 +82,13 @@ def livesplice(*args: str) -> subprocess.CompletedProcess[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--service", action="store_true",
+                    help="the service lifecycle instead: publish, upgrade, restart, remove")
     args = ap.parse_args(argv)
+    if args.service:
+        from livesplice.service.demo import main as service_demo
+
+        return service_demo()
 
     # `livesplice` on PATH: the venv's own, next to this interpreter.
     import os
