@@ -135,3 +135,11 @@ def test_every_table_entry_is_named_as_the_abi_spells_it() -> None:
 
     for name in RELOC_TYPES:
         assert name in ENUM_RELOC_TYPE_x64 or name.endswith("GOTPCRELX"), name
+
+
+def test_loader_and_field_widths_agree() -> None:
+    """The loader's table and the architecture's field widths (used by the diff and both
+    matchers) must say the same width for every type the loader implements."""
+    from livesplice.arch.x86_64 import FIELD_SIZE
+
+    assert {n: t.size for n, t in RELOC_TYPES.items()} == {n: FIELD_SIZE[n] for n in RELOC_TYPES}

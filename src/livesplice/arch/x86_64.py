@@ -4,10 +4,9 @@ and what a relocation field in running code says about its symbol.
 The process matcher (process/match.py) and the kernel matcher (kernel/kmatch.py) compare
 ``pre`` code with running code instruction by instruction; what counts as padding, where a
 branch goes and how a relocation field's running value turns into the address of its symbol
-are facts about the architecture, not about either target, so they live here once. Field
-widths come from the loader's relocation table (process/relocate.py ``RELOC_TYPES``), the one
-list of the relocation types livesplice knows. Another architecture gets its own module beside
-this one with the same functions.
+are facts about the architecture, not about either target, so they live here once, with the
+width of every relocation type's field (also used by the diff). Another architecture gets its
+own module beside this one with the same functions.
 
 capstone is set up here only (:func:`disassembler`); every user of it asks this module.
 """
@@ -18,9 +17,41 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from livesplice.process.relocate import RELOC_TYPES
-
 MASK64 = (1 << 64) - 1
+
+# Width in bytes of the field each x86-64 relocation type writes (System V psABI x86-64,
+# table "Relocation Types"), for every type an object file may hold: the diff masks these
+# bytes before comparing code, the matchers treat them as wildcards. The loader's table
+# (process/relocate.py) implements a subset; tests/test_relocate.py checks their widths agree.
+FIELD_SIZE: dict[str, int] = {
+    "R_X86_64_NONE": 0,
+    "R_X86_64_64": 8,
+    "R_X86_64_PC32": 4,
+    "R_X86_64_GOT32": 4,
+    "R_X86_64_PLT32": 4,
+    "R_X86_64_GOTPCREL": 4,
+    "R_X86_64_32": 4,
+    "R_X86_64_32S": 4,
+    "R_X86_64_16": 2,
+    "R_X86_64_PC16": 2,
+    "R_X86_64_8": 1,
+    "R_X86_64_PC8": 1,
+    "R_X86_64_DTPMOD64": 8,
+    "R_X86_64_DTPOFF64": 8,
+    "R_X86_64_TPOFF64": 8,
+    "R_X86_64_TLSGD": 4,
+    "R_X86_64_TLSLD": 4,
+    "R_X86_64_DTPOFF32": 4,
+    "R_X86_64_GOTTPOFF": 4,
+    "R_X86_64_TPOFF32": 4,
+    "R_X86_64_PC64": 8,
+    "R_X86_64_GOTOFF64": 8,
+    "R_X86_64_GOTPC32": 4,
+    "R_X86_64_SIZE32": 4,
+    "R_X86_64_SIZE64": 8,
+    "R_X86_64_GOTPCRELX": 4,
+    "R_X86_64_REX_GOTPCRELX": 4,
+}
 
 # S + A - P: the field holds the distance from itself to the symbol (psABI "Relocation Types")
 PC_RELATIVE = frozenset(
@@ -117,8 +148,7 @@ def signed(value: int, bits: int) -> int:
 def field_size(rtype: str) -> int:
     """Bytes of the field a relocation type writes (4 for a type the table does not know:
     every x86-64 instruction relocation not in it is 32-bit)."""
-    rt = RELOC_TYPES.get(rtype)
-    return rt.size if rt else 4
+    return FIELD_SIZE.get(rtype, 4)
 
 
 def read_field(raw: bytes, pos: int, size: int, *, is_signed: bool = True) -> int:

@@ -20,6 +20,8 @@ from typing import Any
 
 from elftools.elf.constants import SH_FLAGS
 
+from livesplice.arch.x86_64 import field_size
+
 # sh_flags (ELF gABI), as pyelftools names them
 SHF_WRITE = SH_FLAGS.SHF_WRITE
 SHF_ALLOC = SH_FLAGS.SHF_ALLOC
@@ -27,37 +29,6 @@ SHF_EXECINSTR = SH_FLAGS.SHF_EXECINSTR
 SHF_MERGE = SH_FLAGS.SHF_MERGE
 SHF_STRINGS = SH_FLAGS.SHF_STRINGS
 SHF_TLS = SH_FLAGS.SHF_TLS
-
-# Width in bytes of the field each x86-64 relocation type writes (System V psABI x86-64,
-# table "Relocation Types"). The diff masks these bytes before comparing code.
-RELOC_FIELD_SIZE: dict[str, int] = {
-    "R_X86_64_64": 8,
-    "R_X86_64_PC32": 4,
-    "R_X86_64_GOT32": 4,
-    "R_X86_64_PLT32": 4,
-    "R_X86_64_GOTPCREL": 4,
-    "R_X86_64_32": 4,
-    "R_X86_64_32S": 4,
-    "R_X86_64_16": 2,
-    "R_X86_64_PC16": 2,
-    "R_X86_64_8": 1,
-    "R_X86_64_PC8": 1,
-    "R_X86_64_DTPMOD64": 8,
-    "R_X86_64_DTPOFF64": 8,
-    "R_X86_64_TPOFF64": 8,
-    "R_X86_64_TLSGD": 4,
-    "R_X86_64_TLSLD": 4,
-    "R_X86_64_DTPOFF32": 4,
-    "R_X86_64_GOTTPOFF": 4,
-    "R_X86_64_TPOFF32": 4,
-    "R_X86_64_PC64": 8,
-    "R_X86_64_GOTOFF64": 8,
-    "R_X86_64_GOTPC32": 4,
-    "R_X86_64_SIZE32": 4,
-    "R_X86_64_SIZE64": 8,
-    "R_X86_64_GOTPCRELX": 4,
-    "R_X86_64_REX_GOTPCRELX": 4,
-}
 
 # Relocation types whose value is relative to the relocated field (S + A - P): for these the
 # assembler folds "distance from the field to the end of the instruction" into the addend, so
@@ -100,7 +71,7 @@ class ObjReloc:
 
     @property
     def size(self) -> int:
-        return RELOC_FIELD_SIZE.get(self.type, 4)
+        return field_size(self.type)
 
 
 @dataclass(eq=False)
