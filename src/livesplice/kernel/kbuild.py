@@ -10,12 +10,15 @@ touches. Sources that are only read stay shared.
 Per changed unit ``dir/unit.c`` the build runs ``make dir/unit.o`` with
 ``KCFLAGS=-ffunction-sections -fdata-sections`` (one section per function and object: the
 diff's unit of comparison) once before and once after applying the patch. A changed header
-recompiles every unit that includes it (found by a ``#include`` scan of the tree; kbuild's
-``.cmd`` dependency files only exist for units that were built before).
+recompiles every unit that includes it, directly or through other headers: candidates from
+the tree's transitive ``#include`` graph (kbuild's ``.cmd`` dependency files only exist for
+units built before), then only those whose ``.cmd`` from the pre build names a changed file
+are compiled again (the compiler's own record; the others cannot have changed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -161,45 +164,141 @@ def units_for(tree: Path, touched: list[str]) -> list[str]:
             units.append(rel)
         elif rel.endswith(".h"):
             headers.append(rel)
+    index = include_index(tree) if headers else {}
     for h in headers:
-        for user in header_users(tree, h):
+        for user in header_users(tree, h, index):
             if user not in units:
                 units.append(user)
     return units
 
 
-def header_users(tree: Path, header: str) -> list[str]:
-    """Units that include ``header`` directly, or through a header in the same directory.
+#: Directories kbuild passes with ``-I`` to every unit (x86): ``<x/y.h>`` is looked up there.
+_INCLUDE_DIRS = (
+    "include",
+    "arch/x86/include",
+    "arch/x86/include/generated",
+    "include/uapi",
+    "arch/x86/include/uapi",
+    "arch/x86/include/generated/uapi",
+    "include/generated/uapi",
+)
+_INCLUDE_LINE = r'^\s*#\s*include\s*[<"][^>"]+[>"]'
 
-    ``include/linux/x.h`` is included as ``<linux/x.h>``; a header elsewhere is included by
-    name from its own directory (``"x.h"``).
-    """
-    spellings = []
-    if header.startswith("include/"):
-        spellings.append(header.removeprefix("include/"))
-    spellings.append(Path(header).name)
-    pattern = r'#\s*include\s*[<"](' + "|".join(re.escape(s) for s in spellings) + r')[>"]'
-    cmd = ["grep", "-rlE", "--include=*.c", "--exclude-dir=Documentation",
-           "--exclude-dir=tools", "--exclude-dir=samples", pattern, "."]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
-    users = []
+
+def include_index(tree: Path) -> dict[str, list[tuple[str, bool]]]:
+    """Spelling in ``#include`` -> the files (``.c`` and ``.h``) that use it, with whether
+    they use the quoted form. One ``grep`` over the tree (~2-7 s): the includers of every
+    header, direct or not, are looked up here instead of grepping once per header."""
+    cmd = ["grep", "-rEo", "--include=*.c", "--include=*.h", "--exclude-dir=Documentation",
+           "--exclude-dir=tools", "--exclude-dir=samples", "--exclude-dir=.git",
+           _INCLUDE_LINE, "."]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, errors="replace")
+    index: dict[str, list[tuple[str, bool]]] = {}
     for line in done.stdout.splitlines():
-        rel = line.removeprefix("./")
-        if not header.startswith("include/") and Path(rel).parent != Path(header).parent:
+        path, _, directive = line.partition(":")
+        m = re.search(r'([<"])([^>"]+)[>"]', directive)
+        if m:
+            index.setdefault(m.group(2), []).append((path.removeprefix("./"), m.group(1) == '"'))
+    return index
+
+
+def direct_includers(index: dict[str, list[tuple[str, bool]]], header: str) -> set[str]:
+    """Files whose ``#include`` resolves to ``header``: ``<x/y.h>`` through an include
+    directory, ``"y.h"`` relative to the includer (or through the include directories, as gcc
+    falls back). Over-approximates (a spelling two directories share counts for both): an
+    extra unit costs a compile, a missed one an unsafe update."""
+    out: set[str] = set()
+    for d in _INCLUDE_DIRS:
+        if header.startswith(d + "/"):
+            out.update(f for f, _quoted in index.get(header.removeprefix(d + "/"), []))
+    name = Path(header).name
+    for spelled, users in index.items():
+        if spelled != name and not spelled.endswith("/" + name):
             continue
-        if (tree / rel).with_suffix(".o").name and _is_built(tree, rel):
-            users.append(rel)
-    return sorted(users)
+        for f, quoted in users:
+            if quoted and os.path.normpath(os.path.join(os.path.dirname(f), spelled)) == header:
+                out.add(f)
+    return out
+
+
+def header_users(
+    tree: Path, header: str, index: dict[str, list[tuple[str, bool]]] | None = None
+) -> list[str]:
+    """Units that include ``header``, directly or through any chain of other headers.
+
+    kbuild's ``.cmd`` dependency files would say it exactly, but a prepared tree has them only
+    for the few objects ``modules_prepare`` built; so the candidates come from the transitive
+    ``#include`` graph (a superset), and :func:`unit_depends_on` narrows them with the
+    ``.cmd`` file the pre build writes. A header-only change to an inline function reaches
+    every unit that can see it.
+    """
+    index = include_index(tree) if index is None else index
+    seen = {header}
+    todo = [header]
+    units: set[str] = set()
+    while todo:
+        for f in direct_includers(index, todo.pop()):
+            if f.endswith(".c"):
+                units.add(f)
+            elif f not in seen:
+                seen.add(f)
+                todo.append(f)
+    return sorted(u for u in units if _is_built(tree, u))
+
+
+def cmd_dependencies(tree: Path, unit: str) -> set[str] | None:
+    """The files the compiler read for ``unit`` (``source_`` and ``deps_`` of kbuild's
+    ``dir/.unit.o.cmd``, from gcc's -MMD), relative to the tree; None when there is none."""
+    obj = Path(unit).with_suffix(".o")
+    cmd = tree / obj.parent / f".{obj.name}.cmd"
+    try:
+        text = cmd.read_text(errors="replace")
+    except OSError:
+        return None
+    deps: set[str] = set()
+    in_deps = False
+    for line in text.splitlines():
+        if line.startswith("source_"):
+            deps.add(line.partition(":=")[2].strip())
+        elif line.startswith("deps_"):
+            in_deps = True
+        elif in_deps:
+            item = line.strip().removesuffix("\\").strip()
+            if not line.startswith((" ", "\t")):
+                in_deps = False
+            elif item and not item.startswith("$(wildcard"):
+                deps.add(
+                    os.path.normpath(os.path.relpath(item, tree) if item.startswith("/") else item)
+                )
+    return deps
+
+
+def unit_depends_on(tree: Path, unit: str, files: list[str]) -> bool:
+    """Did the compiler read any of ``files`` for ``unit`` (its ``.cmd`` file)? True when
+    unknown: only the compiler's own record may rule a unit out."""
+    deps = cmd_dependencies(tree, unit)
+    return deps is None or any(os.path.normpath(f) in deps for f in files)
 
 
 def _is_built(tree: Path, unit: str) -> bool:
-    """Is ``unit`` named by its directory's Makefile? (whether the configuration builds it
-    is :func:`not_configured`)"""
-    mk = tree / Path(unit).parent / "Makefile"
-    if not mk.exists():
-        return False
-    obj = Path(unit).with_suffix(".o").name
-    return obj in mk.read_text(errors="replace")
+    """Is ``unit`` named by the Makefile of its directory or of a directory above it
+    (``dccp-y += ccids/lib/tfrc.o`` in net/dccp/Makefile names net/dccp/ccids/lib/tfrc.c,
+    whose directory has no Makefile)? Whether the configuration builds it is
+    :func:`not_configured`."""
+    obj = Path(unit).with_suffix(".o")
+    for parent in obj.parents:
+        if str(parent) == ".":
+            break
+        rel = str(obj.relative_to(parent))
+        for name in ("Makefile", "Kbuild"):
+            with contextlib.suppress(OSError):
+                if re.search(
+                    rf"(^|[\s=]){re.escape(rel)}(\s|$)",
+                    (tree / parent / name).read_text(errors="replace"),
+                    re.M,
+                ):
+                    return True
+    return False
 
 
 def _config(tree: Path) -> dict[str, str]:
@@ -268,6 +367,8 @@ def not_configured(tree: Path, unit: str) -> str | None:
 
 
 def compile_units(tree: Path, units: list[str], env: dict[str, str], jobs: int, log: Path) -> None:
+    if not units:  # make with no target would build the whole kernel
+        return
     objs = [str(Path(u).with_suffix(".o")) for u in units]
     for o in objs:  # force the rebuild; never through a shared inode
         (tree / o).unlink(missing_ok=True)
@@ -369,11 +470,16 @@ def build_kernel_pair(
     seconds["pre"] = time.monotonic() - t1
     apply_patch(tree, patch, touched)
     units_after = [u for u in units_for(tree, touched) if not_configured(tree, u) is None]
+    # a unit the compiler read none of the patched files for is the same object again
+    same_as_pre = {u for u in units_after if u in pre and not unit_depends_on(tree, u, touched)}
     t2 = time.monotonic()
-    compile_units(tree, units_after, env, jobs, log)
+    compile_units(tree, [u for u in units_after if u not in same_as_pre], env, jobs, log)
     seconds["post"] = time.monotonic() - t2
     out: list[KernelUnit] = []
     for u in units_after:
+        if u in same_as_pre:
+            out.append(KernelUnit(u, pre[u], None, modules[u]))
+            continue
         post = _save(tree, u, workdir / "post")
         if u not in pre:
             out.append(KernelUnit(u, post, post, module_of(tree, u)))  # new unit: all new
