@@ -404,3 +404,39 @@ def test_service_demo_runs() -> None:
     assert [line.split("exploit: ")[1].split()[0] for line in lines] == [
         "SECRET", "DENIED", "DENIED", "SECRET"], r.stdout
     assert "agent says applied kvfix" in r.stdout, r.stdout
+
+
+def test_channels_and_a_cumulative_update(published: tuple[Path, Path], machine: Path) -> None:
+    """svc-two moves to the testing channel: a stable machine gets svc-one only, a testing
+    one both; then a cumulative update (built from the original source) supersedes both:
+    upgrade takes them out, latest first, and applies it; show lists all three accepted."""
+    repo, running = published
+    key = str(machine / "vendor.key")
+    livesplice("repo", "add", str(repo), str(machine / "svc-two.update"), "--key", key,
+               "--channel", "testing", "--requires", "svc-one",
+               "--binary", str(running / "prog"))
+    tree = machine / "src"
+    p3 = make_patch(tree, {"prog.c": [("return x + base;", "return x + base + 5;")]},
+                    machine / "three.patch")
+    u3 = create(tree, p3, "svc-three", machine, "--sign", key)
+    prog = Running([str(running / "prog")])
+    try:
+        value(prog, 1)
+        livesplice("upgrade", "--repo", str(repo), "-y")
+        value(prog, 2)  # stable: svc-one only
+        livesplice("upgrade", "--repo", str(repo), "-y", "--channel", "testing")
+        value(prog, 3)
+        livesplice("repo", "add", str(repo), str(u3), "--key", key, "--supersedes", "svc-one",
+                   "--supersedes", "svc-two", "--binary", str(running / "prog"))
+        rep = json.loads(livesplice("upgrade", "--repo", str(repo), "-y", "--channel",
+                                    "testing", "--json").stdout)
+        assert [(r["id"], r["status"]) for r in rep["results"]] == [
+            ("svc-two", "undone"), ("svc-one", "undone"), ("svc-three", "applied")], rep
+        value(prog, 6)
+        shown = json.loads(livesplice("show", "--json").stdout)
+        assert {a["id"]: a["applied_to"] for a in shown["accepted"]} == {
+            "svc-one": [], "svc-two": [], "svc-three": [prog.pid]}
+        livesplice("remove", "--all")
+        value(prog, 1)
+    finally:
+        prog.stop()

@@ -235,10 +235,13 @@ def patch_process(
     held = store.held() if held is None else held
     results: list[dict[str, Any]] = []
     wanted = relevant(accepted, build_ids)
-    for a in wanted:
-        for old in a.supersedes:
-            if is_applied(pid, old):
-                results.append(undo_one(old, pid))
+    # what a cumulative update replaces comes out first, the latest first (stacked order)
+    order = {a.id: a.order for a in accepted}
+    replaced = {old for a in wanted for old in a.supersedes if is_applied(pid, old)}
+    for old in sorted(replaced, key=lambda u: order.get(u, 0), reverse=True):
+        results.append(undo_one(old, pid))
+        if results[-1]["status"] != "undone":
+            return results  # never stack a cumulative update on what it replaces
     for a in wanted:
         if is_applied(pid, a.id):
             continue
