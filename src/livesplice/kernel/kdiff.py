@@ -136,8 +136,9 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
     for s in ud.sections:
         sec = s.key.split(":", 1)[1].removesuffix("#post")
         if sec.startswith((".init.", ".exit.")) and s.role != "pre":
+            fns = ", ".join(changed_functions(s, ud)) or s.name
             out.append(
-                f"{s.unit}: {s.name}: __init/__exit code changed [rule: __init code]: init "
+                f"{s.unit}: {fns}: __init/__exit code changed [rule: __init code]: init "
                 "code has run and been freed; the change cannot take effect live"
             )
         if s.role == "replacement" and not is_cold(s.name) and not has_fentry(s, ud):
@@ -151,6 +152,8 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
         if special not in REFUSED_SPECIAL and special != ".altinstr_replacement":
             continue
         for user in sorted(users & names):
+            if user.startswith((".init.", ".exit.")):
+                continue  # refused as __init code already; its tables are beside the point
             hit = shipped.get(user) or shipped.get(user + "#post")
             fn = hit.name if hit is not None else user
             out.append(
@@ -160,6 +163,39 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
                 f"{_what(special)}"
             )
     return out
+
+
+def _symbol_ranges(s: Section) -> dict[str, tuple[bytes, list[tuple[int, str, str, int]]]]:
+    """Function name -> its bytes and relocations (offsets relative to the function) within
+    a section holding several functions, split at the symbol offsets."""
+    syms = sorted(
+        (off, key.rsplit(":", 1)[-1]) for key, off in s.symbols.items()
+        if not key.rsplit(":", 1)[-1].startswith(".")
+    )  # fmt: skip
+    data = s.bytes
+    out: dict[str, tuple[bytes, list[tuple[int, str, str, int]]]] = {}
+    for i, (start, name) in enumerate(syms):
+        end = next((o for o, _n in syms[i + 1 :] if o > start), s.size)
+        # by symbol name: pre and post spell the keys of the same target differently
+        # (the post copy of a section is "<name>#post")
+        relocs = [(r.offset - start, r.type, r.symbol.rsplit(":", 1)[-1].removesuffix("#post"),
+                   r.addend)
+                  for r in s.relocs if start <= r.offset < end]  # fmt: skip
+        out[name] = (data[start:end], relocs)
+    return out
+
+
+def changed_functions(s: Section, ud: UnitDiff) -> list[str]:
+    """The functions of a changed multi-function section (gcc puts every ``__init`` function
+    of a unit in one ``.init.text``, whatever -ffunction-sections says) whose bytes or
+    relocations differ from the pre object's, or that are new: the refusal names them, not
+    the section. Empty when the pre section is unknown (the caller names the section)."""
+    base = s.key.removesuffix("#post")
+    pre = next((p for p in ud.sections if p.role == "pre" and p.key in (base, s.replaces)), None)
+    if pre is None:
+        return []
+    before = _symbol_ranges(pre)
+    return sorted(n for n, v in _symbol_ranges(s).items() if before.get(n) != v)
 
 
 def _what(special: str) -> str:
