@@ -116,13 +116,13 @@ def build_pair(
     applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
     run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
     post = collect_build(workdir, tree, "post", archives=pre.archives)
-    missed = sources_not_recompiled(applied.touched, pre, post)
+    missed = _missed(tree, applied.touched, pre, post, jobs)
     if missed and post_build_command(build_cmd) != build_cmd:
         # dpkg-buildpackage -nc skipped work hidden behind stamps (debian/rules that copy
         # the sources once, build directories made by a stamp target): build clean instead.
         run_build(build_cmd, tree, shims, workdir, jobs, "post")
         post = collect_build(workdir, tree, "post", archives=pre.archives)
-        missed = sources_not_recompiled(applied.touched, pre, post)
+        missed = _missed(tree, applied.touched, pre, post, jobs)
     if missed:
         raise BuildFailed(
             "the build did not recompile what the patch changed",
@@ -603,6 +603,18 @@ def make_newer(tree: Path, files: Iterable[str], newer_than_ns: int) -> None:
 
 
 C_FAMILY_SUFFIXES = (".c", ".cc", ".cpp", ".cxx", ".C", ".c++", ".m")
+
+
+def _missed(
+    tree: Path, touched: list[str], pre: BuildResult, post: BuildResult, jobs: int
+) -> list[str]:
+    """Patched sources, and units reading a patched header (build/headerdeps.py), that the
+    post build did not compile again."""
+    from livesplice.build.headerdeps import headers_not_recompiled
+
+    return sources_not_recompiled(touched, pre, post) + headers_not_recompiled(
+        tree, touched, pre, post, jobs
+    )
 
 
 def sources_not_recompiled(touched: list[str], pre: BuildResult, post: BuildResult) -> list[str]:
