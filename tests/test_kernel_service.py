@@ -1,5 +1,5 @@
 """The service's kernel side in the lab: accepted kernel updates re-applied at boot from the
-local store (Uptrack's install_on_reboot; what dist/systemd/livesplice-boot.service runs), not
+local store (Uptrack's install_on_reboot; what packaging/systemd/livesplice-boot.service runs), not
 with ``livesplice=off`` on the kernel command line, and not when the crash guard holds it.
 
 Each boot is a fresh guest whose store is the one the host prepared -- as after a reboot.

@@ -300,9 +300,12 @@ def test_kill_switch_and_crash_guard(published: tuple[Path, Path], machine: Path
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
-    units = Path(__file__).resolve().parents[1] / "dist" / "systemd"
+    units = Path(__file__).resolve().parents[1] / "packaging" / "systemd"
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
+    assert sorted(p.name for p in units.iterdir()) == [
+        "livesplice-agent.service", "livesplice-boot.service", "livesplice-upgrade.service",
+        "livesplice-upgrade.timer"]
     for unit in units.iterdir():
         # the units name the installed command; verify them against one that exists here
         (tmp_path / unit.name).write_text(
