@@ -593,14 +593,21 @@ def test_tool_killed_at_each_step_of_apply(tmp_path: Path, point: str) -> None:
             prog.drain()
             prog.wait_for("value 2")
         livesplice("undo", "kill0002", "--pid", str(prog.pid))
-        prog.drain()
-        prog.wait_for("value 1")
-        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
-        fds = Path(f"/proc/{prog.pid}/fd")
-        assert not [os.readlink(fd) for fd in fds.iterdir() if "livesplice" in os.readlink(fd)]
-        assert prog.alive()
+        assert_back_to_original(prog)
     finally:
         prog.stop()
+
+
+def assert_back_to_original(prog: Running) -> None:
+    """The program runs its original code, alive, with nothing of livesplice left in it."""
+    import os
+
+    prog.drain()
+    prog.wait_for("value 1")
+    assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
+    fds = Path(f"/proc/{prog.pid}/fd")
+    assert not [os.readlink(fd) for fd in fds.iterdir() if "livesplice" in os.readlink(fd)]
+    assert prog.alive()
 
 
 HOOKED = """\
@@ -972,11 +979,6 @@ def test_tool_killed_at_each_step_of_undo(tmp_path: Path, point: str) -> None:
         if entry is not None:  # killed before the journal entry went: still listed
             assert entry["id"] == "kill0003"
             livesplice("undo", "kill0003", "--pid", str(prog.pid))
-        prog.drain()
-        prog.wait_for("value 1")
-        assert "livesplice" not in Path(f"/proc/{prog.pid}/maps").read_text()
-        fds = Path(f"/proc/{prog.pid}/fd")
-        assert not [os.readlink(fd) for fd in fds.iterdir() if "livesplice" in os.readlink(fd)]
-        assert prog.alive()
+        assert_back_to_original(prog)
     finally:
         prog.stop()
