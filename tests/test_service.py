@@ -224,7 +224,10 @@ class Agent:
         return list(self.events)
 
 
-def test_the_agent_patches_restarted_and_new_processes(published: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("watcher", ["proc connector", "/proc poller"])
+def test_the_agent_patches_restarted_and_new_processes(
+    published: tuple[Path, Path], watcher: str
+) -> None:
     repo, running = published
     first = Running([str(running / "prog")])
     try:
@@ -233,7 +236,8 @@ def test_the_agent_patches_restarted_and_new_processes(published: tuple[Path, Pa
         value(first, 3)
     finally:
         first.stop()  # the service restarts: the new process runs the old code...
-    agent = Agent()
+    agent = Agent(*(["--poll"] if watcher == "/proc poller" else []))
+    assert agent.events[0]["watcher"] == watcher
     progs = []
     try:
         for _ in range(3):  # ... until the agent patches it; also instances started later
