@@ -58,11 +58,6 @@ if TYPE_CHECKING:
 
 
 
-# a process killed by one of these while it was being patched may have been harmed by it
-CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
-                           signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS})
-
-
 @dataclass
 class ApplyReport:
     pid: int
@@ -273,7 +268,7 @@ def apply_to_process(
     manifest: Manifest, pid: int, *, retries: int = 5, interval: float = 1.0
 ) -> ApplyReport:
     from livesplice.process.load import near_range
-    from livesplice.process.ptrace import Tracee
+    from livesplice.process.ptrace import CRASH_SIGNALS, Tracee
     from livesplice.process.remote import remote_mmap, remote_munmap
     from livesplice.process.stopwindow import CodeChanged, StopWindow
 
@@ -425,6 +420,8 @@ def apply_to_process(
             raise
         except TargetGone as e:
             t.detach()  # collects the end of the process, and with it how it ended
+            # a process killed by a crash signal while it was being patched may have been
+            # harmed by it
             if t.killed_by in CRASH_SIGNALS:
                 e.crash_signal = t.killed_by  # the service's crash guard holds the update
                 e.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) while "

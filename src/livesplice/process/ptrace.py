@@ -87,6 +87,11 @@ SYS_TGKILL: Final = 234
 # wait status of the stop PTRACE_INTERRUPT causes: WIFSTOPPED, SIGTRAP, PTRACE_EVENT_STOP
 _INTERRUPT_STOP: Final = (PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7F
 
+# the signals that mean a program crashed (a callee run inside it, or the program itself)
+CRASH_SIGNALS: Final = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+     signal.SIGTRAP, signal.SIGSYS}
+)
 _STOP_SIGNALS: Final = frozenset(
     {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 )

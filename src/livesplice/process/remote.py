@@ -75,6 +75,7 @@ from livesplice.faults import checkpoint
 from livesplice.process import procmaps
 from livesplice.process.procmaps import Mapping
 from livesplice.process.ptrace import (
+    CRASH_SIGNALS,
     PTRACE_EVENT_EXIT,
     PTRACE_SYSCALL,
     SYSCALL_INSN,
@@ -107,10 +108,6 @@ MMAP_MIN = 0x10000  # vm.mmap_min_addr default
 STACK_RESERVE = 16 << 20
 HEAP_RESERVE = 256 << 20
 
-_CRASH_SIGNALS = frozenset(
-    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
-     signal.SIGTRAP, signal.SIGSYS}
-)
 _MASK64 = (1 << 64) - 1
 
 
@@ -692,7 +689,7 @@ def _run_call(t: Tracee, tid: int, func: int, at: int, timeout: float) -> int:
             if now.rip == at and now.orig_rax == SYS_GETPID:
                 edi = now.rdi & 0xFFFFFFFF
                 return edi - (1 << 32) if edi >> 31 else edi
-        elif event == 0 and sig in _CRASH_SIGNALS:
+        elif event == 0 and sig in CRASH_SIGNALS:
             now = t.get_regs(tid)
             t.take_signal(tid, sig)
             t.to_event_stop(tid)  # out of the signal-delivery-stop before anything else
