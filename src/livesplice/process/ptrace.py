@@ -456,7 +456,6 @@ class Tracee:
                     self._detach_stopped(tid)
                     if not all_stopped:
                         self._note_hold(began, 1, hosted=False)
-            self._reap_exiting()
             if all_stopped:
                 self._account_stop(len(self._stopped))
             self._tids.clear()
@@ -970,9 +969,7 @@ class Tracee:
         already gone)."""
         if not process_alive(self.pid):
             return True
-        return bool(self._exiting or not self._tids) and not [
-            t for t in self._tids if t not in self._exiting
-        ]
+        return all(t in self._exiting for t in self._tids)
 
     def _fail(self, what: str, tid: int) -> None:
         err = ctypes.get_errno()

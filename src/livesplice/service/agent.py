@@ -26,15 +26,16 @@ from typing import Any
 
 from livesplice.errors import LivespliceError, NoMatch
 from livesplice.service.client import (
-    _load,
     apply_kernel,
     kernel_applied,
     kernel_release,
+    load_accepted,
     patch_process,
+    process_build_ids,
     running_build_ids,
 )
 from livesplice.service.config import disabled, load_config
-from livesplice.service.store import Store
+from livesplice.service.store import Accepted, Store
 
 LOADER_WAIT = 0.5  # seconds the agent waits for ld.so to map an update's target library
 RESCAN = 30.0  # a full /proc rescan this often (and after lost events)
@@ -70,10 +71,10 @@ class Agent:
         accepted = self.store.accepted()
         for a in accepted:  # verified and decoded once, before any exec needs them
             try:
-                _load(self.store, a.id, self.trusted)
+                load_accepted(self.store, a.id, self.trusted)
             except (LivespliceError, OSError) as e:
                 self.log({"event": "unusable", "id": a.id, "reason": str(e)})
-        wanted = {b for a in accepted if a.kind == "process" for b in a.build_ids}
+        wanted = process_build_ids(accepted)
         if not wanted:
             return
         running = running_build_ids()
@@ -87,20 +88,19 @@ class Agent:
     def on_exec(self, pid: int, at_ns: int) -> None:
         """A process exec'd: patch it now if it runs a target, else watch it for a moment
         while the dynamic loader maps libraries (never blocking the other events)."""
-        if pid == os.getpid() or not self._wanted():
+        if pid == os.getpid():
+            return
+        accepted = self.store.accepted()
+        if not process_build_ids(accepted):
             return
         self.pending[pid] = (at_ns, time.monotonic() + LOADER_WAIT)
-        self._try(pid)
+        self._try(pid, accepted)
 
-    def _wanted(self) -> set[str]:
-        """Build-ids of the accepted process updates' targets."""
-        return {b for a in self.store.accepted() if a.kind == "process" for b in a.build_ids}
-
-    def _try(self, pid: int) -> None:
+    def _try(self, pid: int, accepted: list[Accepted] | None = None) -> None:
         at_ns, give_up = self.pending[pid]
         late = time.monotonic() >= give_up
-        accepted = self.store.accepted()
-        wanted = self._wanted()
+        accepted = self.store.accepted() if accepted is None else accepted
+        wanted = process_build_ids(accepted)
         try:
             mapped = set(running_build_ids([pid]))
         except OSError:

@@ -121,7 +121,7 @@ def accepted_from(entry: IndexEntry, repo: str) -> Accepted:
 _LOADED: dict[tuple[str, int, int, int, str], Any] = {}
 
 
-def _load(store: Store, update_id: str, trusted: list[Path] | None) -> Any:
+def load_accepted(store: Store, update_id: str, trusted: list[Path] | None) -> Any:
     """The accepted update, signature checked; kept while its file is unchanged (the agent
     applies the same few updates over and over)."""
     from livesplice.update.archive import load_update
@@ -134,6 +134,11 @@ def _load(store: Store, update_id: str, trusted: list[Path] | None) -> Any:
             _LOADED.clear()
         _LOADED[key] = load_update(path, trusted)
     return _LOADED[key]
+
+
+def process_build_ids(accepted: list[Accepted]) -> set[str]:
+    """Build-ids of the accepted process updates' targets."""
+    return {b for a in accepted if a.kind == "process" for b in a.build_ids}
 
 
 def is_applied(pid: int, update_id: str) -> bool:
@@ -151,7 +156,7 @@ def apply_one(store: Store, acc: Accepted, pid: int, trusted: list[Path] | None)
 
     start = process_start(pid)
     key = f"{pid}:{start}"
-    update = _load(store, acc.id, trusted)
+    update = load_accepted(store, acc.id, trusted)
     store.begin(acc.id, key)
     try:
         rep = apply_to_process(update.manifest, pid)
@@ -182,9 +187,9 @@ def undo_one(update_id: str, pid: int) -> dict[str, Any]:
 
 
 def kernel_applied(update_id: str) -> bool:
-    from livesplice.kernel.klp import module_name
+    from livesplice.kernel.target import is_applied_to_kernel
 
-    return Path("/sys/kernel/livepatch", module_name(update_id)).exists()
+    return is_applied_to_kernel(update_id)
 
 
 def apply_kernel(store: Store, acc: Accepted, trusted: list[Path] | None) -> dict[str, Any]:
@@ -192,7 +197,7 @@ def apply_kernel(store: Store, acc: Accepted, trusted: list[Path] | None) -> dic
     machine is the target -- a crash during the transition holds the update at boot)."""
     from livesplice.kernel.target import apply_to_kernel
 
-    update = _load(store, acc.id, trusted)
+    update = load_accepted(store, acc.id, trusted)
     store.begin(acc.id, "kernel")
     try:
         apply_to_kernel(update)

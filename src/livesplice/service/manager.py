@@ -43,8 +43,7 @@ def token(store: Store) -> str:
     except (FileNotFoundError, PrivateFileError, UnicodeDecodeError):
         pass
     value = secrets.token_urlsafe(32)
-    store._dir()  # the store directory, private
-    write_private(path, value.encode())
+    write_private(store.private_path("manager-token"), value.encode())
     return value
 
 

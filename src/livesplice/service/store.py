@@ -106,6 +106,10 @@ class Store:
             d = private_dir(d / p, create=create)
         return d
 
+    def private_path(self, name: str) -> Path:
+        """Where the store keeps a root-only file of its own (its directory made private)."""
+        return self._dir() / name
+
     def _read_json(self, name: str, default: Any) -> Any:
         try:
             raw = read_private(self._dir(create=False) / name, STATE_MAX)
