@@ -161,6 +161,7 @@ def diff_build(pair: BuildPair) -> DiffResult:
         )
     targets = assign_targets(pair, unit_diffs)
     for t in targets:
+        warnings.extend(ship_internal_references(pair, t))
         refusals.extend(unresolvable_keys(t))
     if refusals:
         raise PatchRefused(
@@ -262,18 +263,163 @@ def assign_targets(
     return targets
 
 
+@dataclass
+class _Reach:
+    """Which symbol keys of a target apply finds without its symbol table."""
+
+    shipped: set[str] = field(default_factory=set)  # code or data the update loads (rule 1)
+    matched: set[str] = field(default_factory=set)  # a pre section or its symbols (rule 2)
+    learned: set[str] = field(default_factory=set)  # a relocation field of pre code (rule 3)
+
+    @classmethod
+    def of(cls, target: Target) -> _Reach:
+        r = cls()
+        for s in target.sections:
+            names = {s.key, *s.symbols}
+            if s.role == "pre":
+                r.matched.update(names)
+                r.learned.update(x.symbol for x in s.relocs)
+            else:
+                r.shipped.update(names)
+        return r
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.shipped or key in self.matched or key in self.learned
+
+
+def ship_internal_references(pair: BuildPair, target: Target) -> list[str]:
+    """Ship the pre code that locates every internal symbol the new code references.
+
+    New code may call a function of another unit, or read a global, that no pre function of
+    the update references: ``Curl_auth_allowed_to_host`` in a libcurl fix. Rule 5 (the
+    target's symbol table) cannot find it in a stripped image, nor -- even unstripped -- a
+    hidden-visibility global, which the linker turns into a local symbol. As Ksplice did, the
+    update carries the pre code of such a function (from the pre object of the unit that
+    defines it), and for data the smallest pre function that references it; apply finds that
+    code by run-pre matching like a replaced function (the symbol table only proposes
+    candidates) and learns the address from it. Symbols the linked target exports in its
+    dynamic symbol table keep rule 5: stripping does not remove them.
+
+    Returns warnings for the symbols only a symbol table can locate (no code reveals them).
+    """
+    reach = _Reach.of(target)
+    wanted: dict[str, SymbolInfo] = {}
+    for s in target.sections:
+        if s.role == "pre":
+            continue
+        for r in s.relocs:
+            info = target.symbols.get(r.symbol)
+            if r.symbol in reach or info is None or not info.defined or info.unit is None:
+                continue
+            if info.binding != "local" and info.kind != "tls":
+                wanted[r.symbol] = info
+    link = next((lk for lk in pair.links if lk.name == target.name), None)
+    if link is not None:
+        exported = _dynamic_exports(link.output)
+        wanted = {k: v for k, v in wanted.items() if k not in exported}
+    if not wanted:
+        return []
+    objects = _PreObjects(pair, target.name)
+    added: list[Section] = []
+    warnings: list[str] = []
+    # functions first: a helper's own code often reveals the data it uses
+    for key, info in sorted(wanted.items(), key=lambda kv: (kv[1].kind != "func", kv[0])):
+        if key in reach:
+            continue
+        found = objects.defining_code(key, info.unit or "")
+        if found is None:
+            found = objects.smallest_user(key, info.unit or "")
+        if found is None:
+            warnings.append(
+                f"{target.name}: {key} is located by the symbol table only (no pre code "
+                "reveals it): the update cannot be applied to a stripped build"
+            )
+            continue
+        unit, obj, sec = found
+        for shipped in _ship_pre(obj, sec, unit, target.symbols):
+            if (shipped.key, "pre") not in {(x.key, x.role) for x in target.sections}:
+                target.sections.append(shipped)
+                added.append(shipped)
+                reach.matched.update({shipped.key, *shipped.symbols})
+                reach.learned.update(x.symbol for x in shipped.relocs)
+    if added:
+        target.sections.sort(key=lambda s: (_ROLE_ORDER[s.role], s.key))
+    return warnings
+
+
+class _PreObjects:
+    """The pre objects of a target's units, loaded once each."""
+
+    def __init__(self, pair: BuildPair, target: str) -> None:
+        self.paths = {u.source: u.pre.object for u in pair.units
+                      if target in u.targets and u.pre.language != "asm"}
+        self._loaded: dict[str, ElfObject] = {}
+
+    def load(self, unit: str) -> ElfObject | None:
+        if unit not in self._loaded:
+            path = self.paths.get(unit)
+            if path is None:
+                return None
+            self._loaded[unit] = load_object(path, unit)
+        return self._loaded[unit]
+
+    def defining_code(self, name: str, unit: str) -> tuple[str, ElfObject, ObjSection] | None:
+        """The code section of ``unit``'s pre object that defines function ``name``."""
+        obj = self.load(unit)
+        sym = obj.symbol(name) if obj is not None else None
+        if obj is None or sym is None or sym.section is None or not sym.section.is_code:
+            return None
+        return unit, obj, sym.section
+
+    def smallest_user(self, name: str, unit: str) -> tuple[str, ElfObject, ObjSection] | None:
+        """The smallest pre function (its own unit's first) with a relocation to ``name``."""
+        for u in [unit, *sorted(self.paths)]:
+            obj = self.load(u)
+            if obj is None:
+                continue
+            users = [s for s in obj.sections if s.is_code and s.primary is not None
+                     and any(r.symbol.name == name and r.symbol.bind != "local"
+                             for r in s.relocs)]
+            if users:
+                return u, obj, min(users, key=lambda s: (s.size, s.name))
+        return None
+
+
+def _ship_pre(obj: ElfObject, sec: ObjSection, unit: str,
+              symbols: dict[str, SymbolInfo]) -> list[Section]:
+    """``sec`` of ``obj`` as a ``pre`` section, its relocations keyed as the diff keys them
+    (what they reveal is learned at apply; the keys they name are noted in ``symbols``)."""
+    ud = UnitDiff(unit=unit)
+    ctx = _UnitContext(obj, ElfObject(obj.path, unit, obj.machine, [], []), ud, None)
+    ctx.ship(sec, "pre")
+    while ctx.queue:
+        s, role = ctx.queue.pop(0)
+        ctx.resolve_relocs(s, role)
+    for k, info in ud.symbols.items():
+        symbols.setdefault(k, info)
+    return ud.sections
+
+
+def _dynamic_exports(path: Path) -> set[str]:
+    """Names the linked file defines in ``.dynsym`` (kept by strip, bound by ld.so)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    try:
+        with open(path, "rb") as f:
+            dynsym = ELFFile(f).get_section_by_name(".dynsym")
+            if not isinstance(dynsym, SymbolTableSection):
+                return set()
+            return {s.name for s in dynsym.iter_symbols()
+                    if s["st_shndx"] != "SHN_UNDEF" and s.name}
+    except OSError:
+        return set()
+
+
 def unresolvable_keys(target: Target) -> list[str]:
     """Check Contract 2's resolution order for every relocation of shipped post code."""
-    shipped: set[str] = set()
-    matched: set[str] = set()
-    learned: set[str] = set()
-    for s in target.sections:
-        names = {s.key, *s.symbols}
-        if s.role == "pre":
-            matched |= names
-            learned |= {r.symbol for r in s.relocs}
-        else:
-            shipped |= names
+    reach = _Reach.of(target)
+    shipped, matched, learned = reach.shipped, reach.matched, reach.learned
     problems: list[str] = []
     for s in target.sections:
         if s.role == "pre":
