@@ -11,11 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from livesplice import __version__
 from livesplice.errors import ExitCode, LivespliceError, NotApplied, UsageError
+from livesplice.text import printable
 
 
 def _env_path(var: str) -> Path | None:
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--sign", type=Path, metavar="KEY", default=_env_path("LIVESPLICE_SIGNING_KEY"),
         help="sign the update with this Ed25519 key (default: $LIVESPLICE_SIGNING_KEY)",
+    )
+    c.add_argument(
+        "--verify-against", action="append", type=Path, metavar="FILE",
+        help="run-pre match the update against this shipped binary, directory or .deb and "
+        "record the build-ids that match, so apply knows them under any name (repeatable)",
     )
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.add_argument(
@@ -151,6 +158,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         keep_tmp=args.keep_tmp,
         signing_key=args.sign,
         targets=args.target,
+        verify_against=args.verify_against,
     )
     if args.json:
         out: dict[str, Any] = {
@@ -158,11 +166,17 @@ def cmd_create(args: argparse.Namespace) -> int:
             "message": result.message,
             "output": str(result.output) if result.output else None,
             "id": result.manifest.id if result.manifest else None,
+            "verified": [asdict(v) | {"target": t.name} for t in
+                         (result.manifest.targets if result.manifest else []) for v in t.verified],
         }
         print(json.dumps(out, indent=1))
     else:
         print(f"livesplice: {result.message}")
         if result.manifest:
+            from livesplice.process.verify import describe
+
+            for line in describe({t.name: t.verified for t in result.manifest.targets}):
+                print(f"livesplice:   {printable(line)}")
             for w in result.manifest.warnings:
                 print(f"livesplice: warning: {w}")
     return ExitCode.OK
@@ -272,7 +286,6 @@ def cmd_undo(args: argparse.Namespace) -> int:
 
             return cli_undo_kernel(args)
         from livesplice.process.apply import processes_with
-        from livesplice.text import printable
 
         pids = processes_with(args.update_id)
         if pids:

@@ -83,12 +83,15 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
         applied += 1
         reports.append({"pid": pid, "status": "applied", **stop_figures(r),
                         "attempts": r.attempts, "threads": r.threads, "ran_out": r.ran_out,
-                        "functions": r.functions, "warnings": r.warnings})
+                        "functions": r.functions, "images": r.images,
+                        "warnings": r.warnings})
         if not args.json:
             ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
             print(f"livesplice: applied {printable(manifest.id)} to pid {pid}: "
                   f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
                   f"({r.threads} threads{ran}, attempt {r.attempts}); {stop_words(r)}")
+            for line in r.images:
+                print(f"livesplice:   {printable(line)}")
             for w in r.warnings:
                 print(f"livesplice: warning: {printable(w)}")
     if args.all and not applied and not failures:

@@ -97,14 +97,21 @@ def create_update(
     keep_tmp: bool = False,
     signing_key: Path | None = None,
     targets: list[str] | None = None,
+    verify_against: list[Path] | None = None,
 ) -> CreateResult:
-    """Turn ``patch`` against the tree ``srcdir`` into an update file."""
+    """Turn ``patch`` against the tree ``srcdir`` into an update file.
+
+    ``verify_against``: shipped binaries (files, directories, .debs) the update must fit:
+    run-pre matched now, their build-ids recorded (:mod:`livesplice.process.verify`)."""
     from livesplice.build.builder import build_pair
     from livesplice.diff.engine import diff_build
 
     inputs = check_inputs(srcdir, patch, update_id, output, description, signing_key)
     srcdir, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
 
+    for path in verify_against or []:
+        if not path.exists():
+            raise UsageError(f"--verify-against {path}: no such file or directory")
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
     try:
         pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs)
@@ -114,6 +121,10 @@ def create_update(
         manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings)
         if manifest is None:
             return CreateResult(None, None, "no code changes: nothing to do (no update written)")
+        if verify_against:
+            from livesplice.process.verify import verify_targets
+
+            manifest.warnings.extend(verify_targets(manifest, verify_against).warnings)
         write_update(out, manifest, patch_text, signing_key=signing_key)
         return CreateResult(manifest, out, f"wrote update {uid} to {out}")
     finally:

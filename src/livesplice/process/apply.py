@@ -47,7 +47,7 @@ from livesplice.process.state import (
     trampoline_status,
 )
 from livesplice.text import printable
-from livesplice.update.format import Manifest
+from livesplice.update.format import Manifest, Target
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -76,6 +76,8 @@ class ApplyReport:
     threads_stopped_max: int = 0
     others_stopped_us: float = 0.0
     host_stopped_us: float = 0.0
+    # per patched image: which file it is and why it is the target (see identify())
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class _Prepared:
     image: MappedImage
     plan: Any  # livesplice.process.load.LoadPlan
     warnings: list[str]
+    identity: str = ""
 
 
 def check_process(pid: int) -> None:
@@ -193,7 +196,7 @@ def process_lock(pid: int) -> Iterator[None]:
 
 def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
     """Steps 1-3: find targets, run-pre match, plan. Reads only; the process is untouched."""
-    from livesplice.process.image import find_images
+    from livesplice.process.image import find_images, main_executable
     from livesplice.process.load import plan_load
     from livesplice.process.match import run_pre_match
     from livesplice.process.procmaps import read_maps
@@ -209,12 +212,28 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
     prepared: list[_Prepared] = []
     skipped: list[str] = []
     for target in manifest.targets:
-        for image in find_images(pid, target.name, maps, build_id=target.build_id,
-                                 skipped=skipped):
-            match = run_pre_match(read, image, target, maps, compiler=manifest.compiler)
+        images = find_images(pid, target.name, maps, build_ids=target.build_ids,
+                             skipped=skipped)
+        by_code = False
+        if not images and target.kind == "executable":
+            # a program runs under any name (Debian's redis-server is a symlink to
+            # redis-check-rdb): its code decides, not its name
+            exe = main_executable(pid, maps)
+            if exe is not None:
+                images, by_code = [exe], True
+        for image in images:
+            try:
+                match = run_pre_match(read, image, target, maps, compiler=manifest.compiler)
+            except NoMatch as e:
+                if not by_code:
+                    raise
+                skipped.append(f"{image.path} in process {pid} is not named {target.name} and "
+                               f"its code is not the update's pre code: {e.reason}")
+                continue
             warnings = list(match.warnings)
             plan = plan_load(target, image, match, read, pid, maps)
-            prepared.append(_Prepared(target.name, image, plan, warnings))
+            prepared.append(_Prepared(target.name, image, plan, warnings,
+                                      identify(target, image, by_code, len(match.functions))))
     if not prepared:
         names = ", ".join(t.name for t in manifest.targets)
         raise NoMatch(
@@ -223,6 +242,21 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
             advice="check the PID, or use --all to patch every process running a target",
         )
     return prepared
+
+
+def identify(target: Target, image: MappedImage, by_code: bool, functions: int) -> str:
+    """Why ``image`` is ``target``, in words for the apply report."""
+    bid = image.build_id or "none"
+    for v in target.verified:
+        if v.build_id == image.build_id:
+            origin = f" {v.origin}" if v.origin else ""
+            return (f"{target.name}: {image.path} is the binary verified at create time"
+                    f"{origin} ({v.file}, build-id {bid})")
+    if image.build_id and image.build_id == target.build_id:
+        return f"{target.name}: {image.path} is the update's own pre build (build-id {bid})"
+    how = "by its code (its name differs)" if by_code else "by name"
+    return (f"{target.name}: {image.path} found {how}; its {functions} pre function(s) matched "
+            f"the update's (build-id {bid})")
 
 
 def _run_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> None:
@@ -412,6 +446,7 @@ def apply_to_process(
                 pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
                 ran_out=stats.ran_out,
                 warnings=[w for p in prepared for w in p.warnings] + warnings,
+                images=[p.identity for p in prepared],
             )
             return report
         except UncleanHook:
@@ -905,7 +940,7 @@ def target_processes(manifest: Manifest) -> list[int]:
 
     pids: set[int] = set()
     for t in manifest.targets:
-        pids.update(processes_running(t.name, t.build_id))
+        pids.update(processes_running(t.name, t.build_ids))
     pids.discard(os.getpid())
     if not pids:
         raise NoMatch(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -309,20 +310,20 @@ def _looks_like_elf(path: str) -> bool:
         return False
 
 
-_ELF_ERRORS: tuple[type[BaseException], ...] | None = None
+ELF_ERRORS_CACHE: tuple[type[BaseException], ...] | None = None
 
 
-def _elf_errors() -> tuple[type[BaseException], ...]:
+def elf_errors() -> tuple[type[BaseException], ...]:
     """What parsing a malformed ELF file can raise (any local user can map one)."""
-    global _ELF_ERRORS
-    if _ELF_ERRORS is None:
+    global ELF_ERRORS_CACHE
+    if ELF_ERRORS_CACHE is None:
         import struct
 
         from elftools.common.exceptions import ELFError, ELFParseError
 
-        _ELF_ERRORS = (OSError, ValueError, ELFError, ELFParseError, struct.error,
+        ELF_ERRORS_CACHE = (OSError, ValueError, ELFError, ELFParseError, struct.error,
                        IndexError, KeyError, AssertionError)
-    return _ELF_ERRORS
+    return ELF_ERRORS_CACHE
 
 
 def _read_build_id(path: str) -> str:
@@ -357,17 +358,17 @@ def gnu_build_id(path: str) -> str:
                 _BUILD_IDS.clear()
             _BUILD_IDS[key] = _read_build_id(path)
         return _BUILD_IDS[key]
-    except _elf_errors():
+    except elf_errors():
         return ""
 
 
 def find_images(
-    pid: int, name: str, maps: list[Mapping] | None = None, build_id: str = "",
-    skipped: list[str] | None = None,
+    pid: int, name: str, maps: list[Mapping] | None = None,
+    build_ids: Collection[str] = (), skipped: list[str] | None = None,
 ) -> list[MappedImage]:
     """Every ELF file mapped in ``pid`` that is the target ``name``.
 
-    A file is the target when its GNU build-id is ``build_id`` -- whatever its path or name
+    A file is the target when its GNU build-id is one of ``build_ids`` -- whatever its path or name
     (symlinked names such as Debian's redis-server -> redis-check-rdb, renames, files deleted
     by an upgrade, other mount namespaces: the file is read through /proc/PID/map_files) --
     or when its file name or soname is ``name`` (run-pre matching then decides: a stripped
@@ -380,7 +381,7 @@ def find_images(
         via = f"/proc/{pid}/map_files/{ms[0].start:x}-{ms[0].end:x}"
         readable = via if os.path.exists(via) else _clean_path(path)
         base = os.path.basename(_clean_path(path))
-        by_id = bool(build_id) and gnu_build_id(readable) == build_id
+        by_id = bool(build_ids) and gnu_build_id(readable) in build_ids
         # cheap pre-filter: libfoo.so.1 is usually a symlink to libfoo.so.1.2.3
         if not by_id and base != name and not base.startswith(name.split(".so")[0]):
             continue
@@ -388,7 +389,7 @@ def find_images(
             continue
         try:
             img = MappedImage(pid, path, ms)
-        except _elf_errors() as e:
+        except elf_errors() as e:
             if skipped is not None and (by_id or base == name):
                 skipped.append(f"{_clean_path(path)} in process {pid}: not a valid ELF "
                                f"file ({type(e).__name__})")
@@ -398,9 +399,25 @@ def find_images(
     return out
 
 
-def processes_running(name: str, build_id: str = "") -> list[int]:
+def main_executable(pid: int, maps: list[Mapping]) -> MappedImage | None:
+    """The program file ``pid`` runs (what /proc/PID/exe names), as mapped; None if it is
+    not a readable ELF file."""
+    try:
+        exe = _clean_path(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
+    for path, ms in images_by_path(pid, maps).items():
+        if _clean_path(path) == exe:
+            try:
+                return MappedImage(pid, path, ms)
+            except elf_errors():
+                return None
+    return None
+
+
+def processes_running(name: str, build_ids: Collection[str] = ()) -> list[int]:
     """Pids whose executable or one of whose mapped libraries is ``name`` (file or soname)
-    or has the GNU build-id ``build_id``."""
+    or has one of the GNU build-ids ``build_ids``."""
     pids: list[int] = []
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -416,20 +433,69 @@ def processes_running(name: str, build_id: str = "") -> list[int]:
             continue
         try:
             maps = read_maps(pid)
-            if any(_quick_candidate(pid, m, name, build_id) for m in maps):
+            if any(_quick_candidate(pid, m, name, build_ids) for m in maps):
                 pids.append(pid)
         except OSError:
             continue
     return sorted(pids)
 
 
-def _quick_candidate(pid: int, m: Mapping, name: str, build_id: str) -> bool:
+def _quick_candidate(pid: int, m: Mapping, name: str, build_ids: Collection[str]) -> bool:
     """Could this mapping be the target? (by name, or by build-id read through map_files)"""
     if not _is_file_path(m.path):
         return False
     base = os.path.basename(_clean_path(m.path))
     if base == name or base.startswith(name.split(".so")[0]):
         return True
-    if not build_id or m.offset != 0:
+    if not build_ids or m.offset != 0:
         return False
-    return gnu_build_id(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}") == build_id
+    return gnu_build_id(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}") in build_ids
+
+
+# Where a file image is placed when it is not loaded (ET_DYN): any page-aligned base works,
+# as run-pre matching compares code and learns addresses relative to it.
+FILE_IMAGE_BASE = 0x555555554000
+_PF_X, _PF_W, _PF_R = 1, 2, 4
+
+
+def file_image(path: str) -> tuple[MappedImage, list[Mapping], Callable[[int, int], bytes]]:
+    """An ELF file on disk as the loader would map it, for run-pre matching without a process
+    (``create --verify-against``): the image, its mappings, and a memory reader.
+
+    Memory is the file's bytes at each PT_LOAD's place (zeros past p_filesz, as for .bss).
+    Nothing is relocated, so GOT slots hold what the file holds, not what ld.so writes:
+    the matcher is told not to learn from them (``offline``).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    facts = elf_facts(path)
+    base = 0 if facts.etype == "ET_EXEC" else FILE_IMAGE_BASE
+    maps: list[Mapping] = []
+    for vaddr, memsz, off, _filesz, flags in facts.loads:
+        start = base + (vaddr & ~(PAGE - 1))
+        end = base + ((vaddr + memsz + PAGE - 1) & ~(PAGE - 1))
+        perms = ("r" if flags & _PF_R else "-") + ("w" if flags & _PF_W else "-") + \
+            ("x" if flags & _PF_X else "-") + "p"
+        maps.append(Mapping(start, end, perms, off & ~(PAGE - 1), path))
+    if not maps:
+        raise ValueError(f"{path} has no loadable segment")
+
+    def read(addr: int, n: int) -> bytes:
+        out = bytearray()
+        while n > 0:
+            for vaddr, memsz, off, filesz, _flags in facts.loads:
+                rel = addr - base - vaddr
+                if 0 <= rel < memsz:
+                    take = min(n, memsz - rel)
+                    chunk = data[off + rel: off + min(rel + take, filesz)] if rel < filesz \
+                        else b""
+                    out += chunk + b"\0" * (take - len(chunk))
+                    addr, n = addr + take, n - take
+                    break
+            else:
+                if not out:
+                    raise OSError(f"address {addr:#x} is not in {path}")
+                break
+        return bytes(out)
+
+    return MappedImage(0, path, maps), maps, read

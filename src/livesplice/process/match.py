@@ -129,11 +129,14 @@ def _reg_operand(ins: Insn) -> str:
 
 
 class _Matcher:
-    def __init__(self, read: Read, image: MappedImage, target: Target, maps: list[Mapping]):
+    def __init__(self, read: Read, image: MappedImage, target: Target, maps: list[Mapping],
+                 offline: bool = False):
         self.read = read
         self.image = image
         self.target = target
         self.maps = maps
+        # a file on disk (not a process): GOT slots are not filled in, learn nothing from them
+        self.offline = offline
         self.learned: dict[tuple[str, str], _Learn] = {}
         self._text: list[tuple[int, bytes]] | None = None
 
@@ -176,6 +179,10 @@ class _Matcher:
         addr = symbol_address(t, value, place, r.addend)
         if addr is not None:
             out.append(_Learn("addr", r.symbol, addr, where))
+        elif t in GOT_RELATIVE and self.offline:
+            out.append(_Learn("got", r.symbol, value - r.addend + place, where))
+        elif t == "R_X86_64_GOTTPOFF" and self.offline:
+            pass
         elif t in GOT_RELATIVE:
             slot = value - r.addend + place
             s = self.read_u64(slot)
@@ -514,13 +521,14 @@ def _describe(sec: Section, failures: list[_Attempt]) -> str:
 
 
 def run_pre_match(read: Read, image: MappedImage, target: Target, maps: list[Mapping],
-                  *, compiler: str = "") -> MatchResult:
+                  *, compiler: str = "", offline: bool = False) -> MatchResult:
     """Find every ``pre`` section of ``target`` in ``image``; raise NoMatch on any doubt.
 
     ``read(addr, n)`` reads the process's memory; ``compiler`` is the update's compiler
-    identity (Manifest.compiler) to compare with the image's ``.comment``.
+    identity (Manifest.compiler) to compare with the image's ``.comment``. ``offline``: the
+    image is a file on disk (:func:`livesplice.process.image.file_image`), not relocated.
     """
-    m = _Matcher(read, image, target, maps)
+    m = _Matcher(read, image, target, maps, offline)
     result = MatchResult({}, {}, {})
     compiler = compiler or str(getattr(target, "compiler", "") or "")
     if compiler and compiler not in image.comment:
@@ -599,3 +607,18 @@ def _accept(m: _Matcher, result: MatchResult, sec: Section, a: _Attempt) -> None
             continue  # checked for consistency only: no section base to resolve against
         {"addr": result.learned, "tpoff": result.tpoff, "got": result.got_slots,
          "tlsgd": result.tlsgd}[kind][key] = it.value
+
+
+def match_file(path: str, target: Target, *, compiler: str = "") -> MatchResult:
+    """Run-pre matching of ``target`` against an ELF file on disk (a shipped binary), as
+    apply would do against it running: ``create --verify-against``.
+
+    :raises NoMatch: the file's code is not what the update's pre code was built from.
+    """
+    from livesplice.process.image import elf_errors, file_image
+
+    try:
+        image, maps, read = file_image(path)
+    except elf_errors() as e:
+        raise NoMatch(f"{path} is not a usable ELF file ({e})") from None
+    return run_pre_match(read, image, target, maps, compiler=compiler, offline=True)

@@ -336,16 +336,30 @@ def repo_add(
     for other in [*(supersedes or []), *(requires or [])]:
         if index.entry(other) is None:
             raise UsageError(f"update {other} is not in the repository")
-    shipped: dict[str, list[str]] = {}
+    # the binaries the update was verified against when it was made (signed with it), then
+    # those given here: each run-pre matched now unless the update already vouches for it
+    shipped: dict[str, list[str]] = {t.name: [v.build_id for v in t.verified]
+                                     for t in m.targets}
+    by_name = {t.name: t for t in m.targets}
+    programs = [t.name for t in m.targets if t.kind == "executable"]
     for b in binaries or []:
-        names = {t.name for t in m.targets}
-        name = b.name if b.name in names else _soname(b)
-        if name not in names:
-            raise UsageError(f"{b} is none of the update's targets ({', '.join(sorted(names))})")
+        name = b.name if b.name in by_name else _soname(b)
+        if name not in by_name and len(programs) == 1:
+            name = programs[0]  # a program shipped under another name: its code decides
+        if name not in by_name:
+            raise UsageError(f"{b} is none of the update's targets "
+                             f"({', '.join(sorted(by_name))})")
         bid = gnu_build_id(str(b))
         if not bid:
             raise UsageError(f"{b} has no GNU build-id: machines could not be matched to it")
-        shipped.setdefault(name, []).append(bid)
+        target = by_name[name]
+        # a stacked update's pre code is the required update's post code: not in the file
+        if not kernel and not requires and bid not in target.build_ids:
+            from livesplice.process.match import match_file
+
+            match_file(str(b), target, compiler=m.compiler)  # NoMatch: it does not fit
+        if bid not in shipped[name]:
+            shipped[name].append(bid)
     old = index.entry(m.id)
     order = old.order if old else max((e.order for e in index.updates), default=0) + 1
     entry = IndexEntry(

@@ -128,6 +128,20 @@ class SymbolInfo:
 
 
 @dataclass
+class Verified:
+    """A shipped binary this target's pre code was run-pre matched against when the update
+    was created (``create --verify-against``): a Debian archive build of the same source has
+    another build-id than livesplice's pre build, and may run under another name (Debian's
+    redis-server is a symlink to redis-check-rdb). apply takes an image with one of these
+    build-ids for the target, whatever its path."""
+
+    file: str  # the file's name where it was found ("usr/bin/redis-check-rdb")
+    build_id: str  # its GNU build-id (hex)
+    origin: str = ""  # what it came from ("redis-server_5%3a7.0.15-1~deb12u7_amd64.deb")
+    functions: int = 0  # pre sections matched in it
+
+
+@dataclass
 class Target:
     """One executable or shared library that the update changes."""
 
@@ -140,6 +154,13 @@ class Target:
     sections: list[Section]
     symbols: dict[str, SymbolInfo]
     units: list[str] = field(default_factory=list)  # changed units (source paths)
+    verified: list[Verified] = field(default_factory=list)
+
+    @property
+    def build_ids(self) -> set[str]:
+        """Every build-id that identifies this target: the pre build's, and those of the
+        shipped binaries its pre code was verified against."""
+        return {b for b in (self.build_id, *(v.build_id for v in self.verified)) if b}
 
 
 @dataclass
@@ -291,6 +312,10 @@ def _check_manifest(m: Manifest) -> None:
     for t in m.targets:
         if t.build_id and not _HEX.fullmatch(t.build_id):
             raise _Bad(f"target {t.name!r:.60}: build_id is not hex")
+        for v in t.verified:
+            if not v.build_id or not _HEX.fullmatch(v.build_id) or v.functions < 0:
+                raise _Bad(f"target {t.name!r:.60}: verified binary {v.file!r:.60} has no "
+                           "hex build-id")
         seen: set[tuple[str, str]] = set()
         for s in t.sections:
             where = f"target {t.name!r:.60} section {s.key!r:.60}"

@@ -1,0 +1,176 @@
+"""``create --verify-against``: run-pre matching against shipped binaries, at create time.
+
+An update is built from livesplice's own build of the pre source. Users run the archive's
+binaries: built elsewhere (Debian's buildds), stripped, with another build-id, sometimes
+under another name (Debian's ``/usr/bin/redis-server`` is a symlink to ``redis-check-rdb``).
+Matching the update's pre code against those files when the update is made tells the
+security team at once whether the update fits what the archive ships, and records each
+matching file's build-id in the target (:class:`livesplice.update.format.Verified`): apply
+then recognises the running image by identity, whatever its path.
+
+Inputs are ELF files, directories, or Debian packages (``.deb``, unpacked with
+``dpkg-deb -x`` into a private temporary directory). A file is tried for a target when its
+name, a symlink's name to it, or its soname is the target's name; an executable target is
+also tried against every executable by its code (a rename). A file named like the target
+whose code does not match is an error: the update does not fit it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from livesplice.errors import NoMatch, UsageError
+from livesplice.update.format import Manifest, Verified
+
+
+@dataclass
+class Candidate:
+    path: Path  # a regular ELF file
+    shown: str  # how it is named in reports: "usr/bin/redis-check-rdb"
+    origin: str  # the argument it came from (a .deb's file name, or the path)
+    names: set[str] = field(default_factory=set)  # its file name and symlinks' names
+
+
+@dataclass
+class VerifyReport:
+    verified: dict[str, list[Verified]]  # target name -> files that matched
+    warnings: list[str]
+
+
+def verify_targets(manifest: Manifest, inputs: list[Path]) -> VerifyReport:
+    """Match every process target of ``manifest`` against the files of ``inputs``; record the
+    matching files in ``target.verified``.
+
+    :raises NoMatch: a file named like a target does not match it, or a target matched no
+        file at all.
+    :raises UsageError: an input does not exist or cannot be unpacked.
+    """
+    from livesplice.process.image import elf_errors, elf_facts, gnu_build_id
+    from livesplice.process.match import match_file
+
+    with _Unpacked(inputs) as candidates:
+        report = VerifyReport({}, [])
+        problems: list[str] = []
+        for target in manifest.targets:
+            found: list[Verified] = []
+            tried: list[str] = []
+            for c in candidates:
+                try:
+                    facts = elf_facts(str(c.path))
+                except elf_errors():
+                    continue
+                named = target.name in c.names or target.name == facts.soname
+                is_program = facts.etype == "ET_EXEC" or not facts.soname
+                if not named and not (target.kind == "executable" and is_program
+                                      and facts.etype in ("ET_EXEC", "ET_DYN")):
+                    continue
+                try:
+                    match = match_file(str(c.path), target, compiler=manifest.compiler)
+                except NoMatch as e:
+                    if named:
+                        problems.append(f"{c.origin}: {c.shown} is {target.name} but its code "
+                                        f"is not the update's pre code: {e.reason}")
+                    else:
+                        tried.append(c.shown)
+                    continue
+                bid = gnu_build_id(str(c.path))
+                if not bid:
+                    report.warnings.append(
+                        f"{c.origin}: {c.shown} matches {target.name} but has no build-id: "
+                        "apply finds it by name or by its code only")
+                    continue
+                if bid not in {v.build_id for v in found}:
+                    found.append(Verified(file=c.shown, build_id=bid, origin=c.origin,
+                                          functions=len(match.functions)))
+            if not found and not any(target.name in p for p in problems):
+                names = ", ".join(tried[:6]) or "no file named like it"
+                problems.append(f"{target.name}: no given file matched it (tried: {names})")
+            target.verified = sorted(found, key=lambda v: (v.origin, v.file))
+            report.verified[target.name] = target.verified
+        if problems:
+            raise NoMatch(
+                f"the update does not fit the given binaries ({len(problems)} problem(s))",
+                details=problems,
+                advice="build the update from the exact source and build configuration of "
+                "those binaries (for a Debian package: its source package version and flags)",
+            )
+        return report
+
+
+class _Unpacked:
+    """The candidates of ``inputs``; unpacked packages are removed on exit."""
+
+    def __init__(self, inputs: list[Path]) -> None:
+        self.inputs = inputs
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> list[Candidate]:
+        out: list[Candidate] = []
+        for arg in self.inputs:
+            if not arg.exists():
+                raise UsageError(f"--verify-against {arg}: no such file or directory")
+            if arg.is_dir():
+                out.extend(_walk(arg, str(arg)))
+            elif arg.name.endswith((".deb", ".ddeb")):
+                if self.tmp is None:
+                    self.tmp = Path(tempfile.mkdtemp(prefix="livesplice-verify-"))
+                dest = self.tmp / str(len(os.listdir(self.tmp)))
+                r = subprocess.run(["dpkg-deb", "-x", str(arg), str(dest)],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise UsageError(f"--verify-against {arg}: not a Debian package "
+                                     f"({r.stderr.strip()[:200]})")
+                out.extend(_walk(dest, arg.name))
+            else:
+                out.append(Candidate(arg, arg.name, str(arg), {arg.name}))
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _walk(root: Path, origin: str) -> Iterator[Candidate]:
+    """Regular ELF files under ``root`` with their names, symlinks' names included (resolved
+    inside ``root`` only: a package's absolute link /usr/bin/x means ROOT/usr/bin/x)."""
+    files: dict[Path, Candidate] = {}
+    links: list[Path] = []
+    real_root = root.resolve()
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            if p.is_symlink():
+                links.append(p)
+            elif p.is_file() and _is_elf(p):
+                files[p.resolve()] = Candidate(p, str(p.relative_to(root)), origin, {n})
+    for link in links:
+        target = os.readlink(link)
+        dest = real_root / target.lstrip("/") if target.startswith("/") else link.parent / target
+        try:
+            real = dest.resolve()
+        except OSError:
+            continue
+        if real.is_relative_to(real_root) and real in files:
+            files[real].names.add(link.name)
+    yield from files.values()
+
+
+def _is_elf(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def describe(verified: dict[str, list[Verified]]) -> list[str]:
+    """One line per verified file, for the create report."""
+    return [f"{name}: verified against {v.origin}: {v.file} (build-id {v.build_id}, "
+            f"{v.functions} pre function(s) matched)"
+            for name, vs in verified.items() for v in vs]
