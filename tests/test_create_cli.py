@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,12 +107,17 @@ class Cli:
         return proc
 
 
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ livesplice: .*\n", re.MULTILINE)
+
+
 def expect_error(proc: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
     report = f"-> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert proc.returncode == code, report
-    assert proc.stderr.startswith("livesplice: "), report
+    # the stages run before the error are logged first (cli_progress.LogLines)
+    error = PROGRESS_LINE.sub("", proc.stderr)
+    assert error.startswith("livesplice: "), report
     for w in words:
-        assert w.lower() in proc.stderr.lower(), f"stderr does not mention {w!r}:\n{report}"
+        assert w.lower() in error.lower(), f"stderr does not mention {w!r}:\n{report}"
 
 
 @pytest.fixture

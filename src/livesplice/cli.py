@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--description", help="one line describing the update")
     c.add_argument("-j", "--jobs", type=int, default=2, help="parallel build jobs (default 2)")
     c.add_argument("--keep-tmp", action="store_true", help="keep the build directory")
+    c.add_argument("-q", "--quiet", action="store_true",
+                   help="do not show the stages on stderr (shown live at a terminal, as "
+                   "timestamped lines otherwise)")  # fmt: skip
     c.add_argument(
         "--target", action="append", metavar="NAME",
         help="only this linked executable/library (repeatable; default: every one the "
@@ -147,19 +150,23 @@ def cmd_create(args: argparse.Namespace) -> int:
 
         return cli_create_kernel(args)
 
-    result = create_update(
-        args.srcdir,
-        args.patch,
-        build_cmd=args.build,
-        update_id=args.update_id,
-        output=args.output,
-        description=args.description,
-        jobs=args.jobs,
-        keep_tmp=args.keep_tmp,
-        signing_key=args.sign,
-        targets=args.target,
-        verify_against=args.verify_against,
-    )
+    from livesplice.cli_progress import create_progress
+
+    with create_progress(args.quiet) as progress:
+        result = create_update(
+            args.srcdir,
+            args.patch,
+            build_cmd=args.build,
+            update_id=args.update_id,
+            output=args.output,
+            description=args.description,
+            jobs=args.jobs,
+            keep_tmp=args.keep_tmp,
+            signing_key=args.sign,
+            targets=args.target,
+            verify_against=args.verify_against,
+            progress=progress,
+        )
     if args.json:
         out: dict[str, Any] = {
             "status": "created" if result.manifest else "nothing_to_do",

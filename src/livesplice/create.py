@@ -12,6 +12,7 @@ from pathlib import Path
 
 from livesplice.build.records import BuildPair
 from livesplice.errors import UsageError
+from livesplice.progress import ProgressCallback, Stages
 from livesplice.update.archive import write_update
 from livesplice.update.format import Hook, Manifest, Target, check_update_id
 
@@ -98,11 +99,14 @@ def create_update(
     signing_key: Path | None = None,
     targets: list[str] | None = None,
     verify_against: list[Path] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> CreateResult:
     """Turn ``patch`` against the tree ``srcdir`` into an update file.
 
     ``verify_against``: shipped binaries (files, directories, .debs) the update must fit:
-    run-pre matched now, their build-ids recorded (:mod:`livesplice.process.verify`)."""
+    run-pre matched now, their build-ids recorded (:mod:`livesplice.process.verify`).
+    ``progress`` hears each stage as it starts and ends: pre build, patch, post build, diff
+    (n/N objects), verify, package (:mod:`livesplice.progress`)."""
     from livesplice.build.builder import build_pair
     from livesplice.diff.engine import diff_build
 
@@ -114,18 +118,23 @@ def create_update(
             raise UsageError(f"--verify-against {path}: no such file or directory")
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
     try:
-        pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs)
+        stages = Stages(progress)
+        pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
+                          progress=progress)  # fmt: skip
         if targets:
             restrict_targets(pair, targets)
-        diff = diff_build(pair)
+        with stages.stage("diff") as advance:
+            diff = diff_build(pair, on_unit=advance)
         manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings)
         if manifest is None:
             return CreateResult(None, None, "no code changes: nothing to do (no update written)")
         if verify_against:
             from livesplice.process.verify import verify_targets
 
-            manifest.warnings.extend(verify_targets(manifest, verify_against).warnings)
-        write_update(out, manifest, patch_text, signing_key=signing_key)
+            with stages.stage("verify"):
+                manifest.warnings.extend(verify_targets(manifest, verify_against).warnings)
+        with stages.stage("package"):
+            write_update(out, manifest, patch_text, signing_key=signing_key)
         return CreateResult(manifest, out, f"wrote update {uid} to {out}")
     finally:
         if keep_tmp:

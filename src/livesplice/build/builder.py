@@ -32,6 +32,7 @@ from typing import Any, Literal, cast
 from livesplice.build import wrapper
 from livesplice.build.records import BuildPair, CompileRecord, LinkRecord, UnitPair
 from livesplice.errors import BuildFailed, PatchDoesNotApply, UsageError
+from livesplice.progress import ProgressCallback, Stages
 
 Stage = Literal["pre", "post"]
 
@@ -89,31 +90,65 @@ class AppliedPatch:
 
 
 def build_pair(
-    srcdir: Path, patch: Path, *, build_cmd: str, workdir: Path, jobs: int
+    srcdir: Path,
+    patch: Path,
+    *,
+    build_cmd: str,
+    workdir: Path,
+    jobs: int,
+    progress: ProgressCallback | None = None,
 ) -> BuildPair:
     """Build ``srcdir`` unpatched and patched; return the compiled units before and after.
 
     Units whose compile did not rerun in the post build, and units that recompiled into a
     byte-identical object (a header touched but nothing in this unit changed), have
-    ``post=None``: the diff treats both as unchanged.
+    ``post=None``: the diff treats both as unchanged. ``progress`` hears the stages
+    "pre build", "patch" and "post build" (:mod:`livesplice.progress`).
 
     :raises BuildFailed: the unpatched or the patched tree does not build (compiler output in
         ``details``).
-    :raises UsageError: the build compiled nothing through the wrapper (an already-built tree).
+    :raises UsageError: the build compiled nothing through the compiler wrapper (an
+        already-built tree).
     :raises PatchDoesNotApply: the patch does not apply, or is already applied / reversed.
     """
+    stages = Stages(progress)
     workdir = workdir.resolve()
     patch = patch.resolve()
     patch_text = patch.read_text(errors="surrogateescape")
-    tree = copy_source_tree(srcdir, workdir / "tree", skip=workdir)
-    shims = install_shims(workdir / "shims")
-    (workdir / "tmp").mkdir(exist_ok=True)
+    with stages.stage("pre build"):
+        tree = copy_source_tree(srcdir, workdir / "tree", skip=workdir)
+        shims = install_shims(workdir / "shims")
+        (workdir / "tmp").mkdir(exist_ok=True)
+        run_build(build_cmd, tree, shims, workdir, jobs, "pre")
+        pre = collect_build(workdir, tree, "pre")
+        require_compiled_units(pre, build_cmd)
 
-    run_build(build_cmd, tree, shims, workdir, jobs, "pre")
-    pre = collect_build(workdir, tree, "pre")
-    require_compiled_units(pre, build_cmd)
+    with stages.stage("patch"):
+        applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
+    with stages.stage("post build"):
+        post = build_post(build_cmd, tree, shims, workdir, jobs, pre, applied)
+    units, new_units, removed = pair_units(pre, post, tree)
+    links = link_records(pre)
+    assign_targets(units, pre)
+    touched_sources = {u.source for u in units} | {u.source for u in new_units} | set(removed)
+    return BuildPair(
+        workdir=workdir,
+        units=units,
+        links=links,
+        compiler=compiler_identity(units, new_units),
+        patch_text=patch_text,
+        new_units=new_units,
+        new_unit_targets=new_unit_targets(new_units, pre, post),
+        removed_units=removed,
+        changed_asm=[f for f in applied.touched if f.endswith(ASM_SOURCE_SUFFIXES)],
+        touched_files=[f for f in applied.touched if f not in touched_sources],
+    )
 
-    applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
+
+def build_post(build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: int,
+               pre: BuildResult, applied: AppliedPatch) -> BuildResult:
+    """The incremental rebuild of the patched tree, checked to have recompiled what the patch
+    changed (else a clean rebuild for dpkg, else :class:`BuildFailed`)."""
     run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
     post = collect_build(workdir, tree, "post", archives=pre.archives)
     missed = _missed(tree, applied.touched, pre, post, jobs)
@@ -131,23 +166,7 @@ def build_pair(
             "the build); pass a --build command that rebuilds them, e.g. one that cleans "
             "first; otherwise the update would wrongly say there is nothing to do",
         )
-
-    units, new_units, removed = pair_units(pre, post, tree)
-    links = link_records(pre)
-    assign_targets(units, pre)
-    touched_sources = {u.source for u in units} | {u.source for u in new_units} | set(removed)
-    return BuildPair(
-        workdir=workdir,
-        units=units,
-        links=links,
-        compiler=compiler_identity(units, new_units),
-        patch_text=patch_text,
-        new_units=new_units,
-        new_unit_targets=new_unit_targets(new_units, pre, post),
-        removed_units=removed,
-        changed_asm=[f for f in applied.touched if f.endswith(ASM_SOURCE_SUFFIXES)],
-        touched_files=[f for f in applied.touched if f not in touched_sources],
-    )
+    return post
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ with all of them.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -119,8 +119,12 @@ class UnitDiff:
 # ---------------------------------------------------------------------------------------
 
 
-def diff_build(pair: BuildPair) -> DiffResult:
-    """Diff every recompiled unit of ``pair`` and group the result by link output."""
+def diff_build(
+    pair: BuildPair, *, on_unit: Callable[[int, int], None] | None = None
+) -> DiffResult:
+    """Diff every recompiled unit of ``pair`` and group the result by link output.
+
+    ``on_unit(done, total)`` is told as units finish (create's progress display)."""
     refusals: list[str] = []
     warnings: list[str] = []
     refuse_changed_asm(pair, refusals)
@@ -135,6 +139,7 @@ def diff_build(pair: BuildPair) -> DiffResult:
         [DiffJob(u.pre.object, u.post.object, u.source) for u in units if u.post is not None]
         + [DiffJob(None, r.object, r.source) for r in new_units],
         line_map=line_map,
+        on_done=on_unit,
     )
     for unit, ud in zip(units, diffs, strict=False):
         refusals.extend(ud.refusals)
@@ -519,6 +524,7 @@ def diff_many(
     *,
     line_map: LineMap | None = None,
     workers: int | None = None,
+    on_done: Callable[[int, int], None] | None = None,
 ) -> list[UnitDiff]:
     """:func:`diff_objects` of every job, in order, on all cores.
 
@@ -527,17 +533,29 @@ def diff_many(
     cores-times less wall time. The results are plain data and come back pickled; an
     exception in a worker is re-raised here, as the serial loop would. ``workers`` defaults
     to the cores this process may run on; one job or one core runs in this process.
+    ``on_done(done, total)`` is called in this process as results arrive (in job order).
     """
     norm = [DiffJob(*job) for job in jobs]
     if workers is None:
         workers = len(os.sched_getaffinity(0))
     workers = max(1, min(workers, len(norm)))
     if workers == 1:
-        return [_diff_job(job, line_map) for job in norm]
+        return _counted((_diff_job(job, line_map) for job in norm), len(norm), on_done)
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_diff_job, norm, [line_map] * len(norm)))
+        results = pool.map(_diff_job, norm, [line_map] * len(norm))
+        return _counted(results, len(norm), on_done)
+
+
+def _counted(results: Iterable[UnitDiff], total: int,
+             on_done: Callable[[int, int], None] | None) -> list[UnitDiff]:
+    out: list[UnitDiff] = []
+    for ud in results:
+        out.append(ud)
+        if on_done is not None:
+            on_done(len(out), total)
+    return out
 
 
 def _diff_job(job: DiffJob, line_map: LineMap | None) -> UnitDiff:
