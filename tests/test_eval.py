@@ -317,3 +317,35 @@ def test_libxml2_driver_resolves_through_a_catalog(tmp_path: Path) -> None:
         assert wl.stats.requests > 0 and wl.stats.failures == 0
     finally:
         wl.stop()
+
+
+def test_rows_on_shipped_binaries() -> None:
+    header = HEADER + ",shipped_version,binaries"
+    rows = parse_corpus([
+        header,
+        "redis,5:7.0.15-1~deb12u10,A.patch,B.patch,CVE-1,apply,redis-server,x,"
+        "5:7.0.15-1~deb12u7,redis-server redis-tools",
+        "curl,1,C.patch,C.patch,CVE-2,apply,libcurl.so.4,y,,",
+    ])
+    assert rows[0].on_shipped_binaries and rows[0].binaries == "redis-server redis-tools"
+    assert not rows[1].on_shipped_binaries
+    with pytest.raises(UsageError, match="1 bad row"):
+        parse_corpus([header, "curl,1,C.patch,C.patch,CVE-2,apply,libcurl.so.4,y,1,"])
+    shipped = Path(__file__).resolve().parents[1] / "corpus" / "debian-shipped.csv"
+    assert all(r.on_shipped_binaries for r in parse_corpus(shipped.read_text().splitlines()))
+    r = RowResult(row={"number": 1, "package": "redis", "version": "2", "cves": "CVE-1",
+                       "target": "redis-server", "expected": "apply", "shipped_version": "1",
+                       "binaries": "redis-tools"},
+                  binary="Debian redis-tools_1_amd64.deb: usr/bin/redis-check-rdb")
+    table = markdown_table([r])
+    assert "redis 1 → 2" in table and "Debian's: Debian redis-tools_1_amd64.deb" in table
+
+
+def test_dsc_checksums_are_read() -> None:
+    from livesplice.eval.sources import _dsc_files
+
+    text = ("Format: 3.0 (quilt)\nSource: curl\nChecksums-Sha256:\n"
+            " " + "a" * 64 + " 10 curl_1.orig.tar.gz\n " + "b" * 64 + " 20 curl_1-1.debian.tar.xz\n"
+            "Files:\n " + "c" * 32 + " 10 curl_1.orig.tar.gz\n")
+    assert _dsc_files(text) == {"curl_1.orig.tar.gz": "a" * 64,
+                                "curl_1-1.debian.tar.xz": "b" * 64}

@@ -117,7 +117,8 @@ def test_verify_against_deb_records_the_archive_build_ids(tmp_path: Path) -> Non
                    "--verify-against", str(deb), "--json", str(tree))
     verified = json.loads(r.stdout)["verified"]
     assert [(v["target"], v["file"], v["build_id"], v["origin"]) for v in verified] == [
-        ("redis-server", "usr/bin/redis-check-rdb", shipped_id, deb.name)]
+        ("redis-server", "usr/bin/redis-check-rdb (<- usr/bin/redis-server)", shipped_id,
+         deb.name)]
     assert verified[0]["functions"] >= 1
 
     # --all finds the process by the recorded build-id, whatever the file is called
@@ -144,7 +145,8 @@ def test_verify_against_a_binary_the_update_does_not_fit_refuses(tmp_path: Path)
     r = livesplice("create", "--patch", str(patch), "--id", "ident4", "-o", str(out),
                    "--verify-against", str(root), str(tree), check=False)
     assert r.returncode == 5, r.stderr
-    assert "usr/bin/redis-check-rdb is redis-server but its code" in r.stderr, r.stderr
+    assert "usr/bin/redis-check-rdb (<- usr/bin/redis-server) is redis-server but its code" \
+        in r.stderr, r.stderr
     assert not out.exists()
     r = livesplice("create", "--patch", str(patch), "-o", str(out), "--verify-against",
                    str(tmp_path / "nope.deb"), str(tree), check=False)

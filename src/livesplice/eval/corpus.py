@@ -12,8 +12,10 @@ from livesplice.errors import UsageError
 
 COLUMNS = (
     "package", "version", "first_patch", "last_patch", "cves", "expected", "target",
-    "change_class",
+    "change_class", "shipped_version", "binaries",
 )
+# columns a corpus may leave out (older CSVs end at change_class)
+OPTIONAL_COLUMNS = ("change_class", "shipped_version", "binaries")
 # what a careful tool should do with the fix (the `expected` column)
 EXPECTED = ("apply", "nothing", "refuse")
 
@@ -31,6 +33,15 @@ class CorpusRow:
     expected: str
     target: str  # executable or library (soname) the fix lands in
     change_class: str = ""
+    # A row on Debian's own binaries: the released version whose .debs users run (the pre
+    # source is that version, as shipped; the fix is first..last of ``version``'s series)
+    # and the binary packages that carry the target (``redis-server redis-tools``).
+    shipped_version: str = ""
+    binaries: str = ""
+
+    @property
+    def on_shipped_binaries(self) -> bool:
+        return bool(self.shipped_version)
 
     @property
     def upstream_free_version(self) -> str:
@@ -63,7 +74,7 @@ def read_corpus(path: Path) -> list[CorpusRow]:
 def parse_corpus(lines: Iterable[str], source: str = "CSV") -> list[CorpusRow]:
     reader = csv.DictReader(lines)
     header = reader.fieldnames or []
-    missing = [c for c in COLUMNS[:-1] if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     if missing:
         raise UsageError(
             f"{source}: missing column(s) {', '.join(missing)}",
@@ -79,6 +90,9 @@ def parse_corpus(lines: Iterable[str], source: str = "CSV") -> list[CorpusRow]:
         empty = [k for k in (*COLUMNS[:5], "expected", "target") if not values[k]]
         if empty:
             problems.append(f"{line}: empty {', '.join(empty)}")
+            continue
+        if bool(values["shipped_version"]) != bool(values["binaries"]):
+            problems.append(f"{line}: shipped_version and binaries go together")
             continue
         if values["expected"] not in EXPECTED:
             problems.append(

@@ -38,6 +38,7 @@ class CreateOutcome:
     update: Path | None = None
     workdir: Path | None = None  # the kept build directory (pre outputs under pre/)
     warnings: list[str] = field(default_factory=list)
+    verified: list[dict[str, object]] = field(default_factory=list)  # create --verify-against
 
 
 def livesplice_command() -> list[str]:
@@ -46,12 +47,13 @@ def livesplice_command() -> list[str]:
 
 def run_create(pre_tree: Path, fix_patch: Path, update: Path, update_id: str, log: Path,
                build: str = DEFAULT_BUILD, jobs: int = 2,
-               target: str | None = None) -> CreateOutcome:
+               target: str | None = None, verify: list[Path] | None = None) -> CreateOutcome:
     # --target: only the row's executable/library decides (a package's test binaries, e.g.
     # memcached's gcov-instrumented memcached-debug, must not refuse the daemon's update)
     cmd = [*livesplice_command(), "create", "--build", build, "--patch", str(fix_patch),
            "--id", update_id, "-o", str(update), "-j", str(jobs), "--keep-tmp", "--json",
-           *(["--target", target] if target else []), str(pre_tree)]
+           *(["--target", target] if target else []),
+           *[a for v in verify or [] for a in ("--verify-against", str(v))], str(pre_tree)]
     env = dict(os.environ, **BUILD_ENV)
     update.unlink(missing_ok=True)
     start = time.monotonic()
@@ -83,7 +85,8 @@ def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
             return CreateOutcome("nothing", seconds, code, doc.get("message", ""),
                                  workdir=workdir)
         return CreateOutcome("created", seconds, code, doc.get("message", ""),
-                             update=update, workdir=workdir)
+                             update=update, workdir=workdir,
+                             verified=list(doc.get("verified", [])))
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     head = next((ln for ln in lines if ln.startswith("livesplice: ")), lines[0] if lines else "")
     reason = head.removeprefix("livesplice: ")

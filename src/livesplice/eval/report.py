@@ -31,6 +31,13 @@ def _load(r: RowResult) -> str:
     return f"{r.requests_during_apply} / {r.failed_requests}"
 
 
+def _binary(r: RowResult) -> str:
+    """What the live step ran: Debian's own binary (verified at create) or the pre build."""
+    if not r.row.get("shipped_version"):
+        return "livesplice's pre build"
+    return f"Debian's: {r.binary}" if r.binary else f"Debian's {r.row.get('binaries', '')}"
+
+
 def summary_line(results: Sequence[RowResult]) -> str:
     """One sentence: the right answers by kind, then every wrong one by kind.
 
@@ -60,10 +67,10 @@ def summary_line(results: Sequence[RowResult]) -> str:
 
 def markdown_table(results: Sequence[RowResult]) -> str:
     lines = [
-        "| # | package | fix | target | expected | outcome | verdict | create (s) | "
-        "functions | pause (µs) | requests during apply / failed | PID kept | "
+        "| # | package | fix | target | running binary | expected | outcome | verdict | "
+        "create (s) | functions | pause (µs) | requests during apply / failed | PID kept | "
         "reproducer before → after apply → after undo | why |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         row = r.row
@@ -73,9 +80,11 @@ def markdown_table(results: Sequence[RowResult]) -> str:
             why += ": " + "; ".join(r.details[:3])
         if len(why) > 300:
             why = why[:297] + "..."
+        shipped = row.get("shipped_version") or ""
+        version = f"{shipped} → {row['version']}" if shipped else row["version"]
         lines.append("| " + " | ".join(_cell(c) for c in (
-            str(row["number"]), f"{row['package']} {row['version']}", row["cves"],
-            row["target"], row["expected"], r.outcome, r.verdict,
+            str(row["number"]), f"{row['package']} {version}", row["cves"],
+            row["target"], _binary(r), row["expected"], r.outcome, r.verdict,
             _num(r.create_seconds) + (" (-j 1)" if r.jobs == 1 else ""),
             str(len(r.functions)) if r.functions else "–", _num(r.pause_us), _load(r),
             pid, _repro(r), why)) + " |")

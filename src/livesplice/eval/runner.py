@@ -13,7 +13,15 @@ from typing import Any
 from livesplice.errors import LivespliceError
 from livesplice.eval.corpus import CorpusRow
 from livesplice.eval.create_step import DEFAULT_BUILD, livesplice_command, run_create
-from livesplice.eval.sources import fetch_source, install_build_deps, make_trees
+from livesplice.eval.sources import (
+    fetch_binaries,
+    fetch_source,
+    fetch_source_version,
+    install_build_deps,
+    make_shipped_trees,
+    make_trees,
+    unverified_downloads,
+)
 from livesplice.eval.workloads import Workload, WorkloadFailed, workload_for
 
 SETTLE = 1.0  # seconds of load before and after each live step
@@ -58,6 +66,10 @@ class RowResult:
     repro_after_undo: str | None = None
     build_command: str = ""
     jobs: int | None = None  # the -j of the create that counted (1 after a serial retry)
+    # what ran: "livesplice's pre build", or Debian's binary ("redis-server: usr/bin/...")
+    binary: str = ""
+    # files fetched from Debian's pools by URL, not through apt's signed index
+    unverified: list[str] = field(default_factory=list)
     signed_by: str | None = None  # key id of the update's verified signature
     finished_at: str = ""
 
@@ -82,6 +94,20 @@ def find_target(pre_outputs: Path, target: str) -> Path | None:
                     found.append(p)
     found.sort(key=lambda p: (p.name != target, len(p.parts), str(p)))
     return found[0] if found else None
+
+
+def shipped_target(debs: list[Path], root: Path, target: str) -> Path | None:
+    """Unpack Debian's packages under ``root`` and return the target as the package
+    installs it: a program by its installed name (a symlink stays a symlink: Debian's
+    /usr/bin/redis-server -> redis-check-rdb), a library by its soname link."""
+    for deb in debs:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True,
+                       capture_output=True)
+    for d in ("usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"):
+        p = root / d / target
+        if p.exists():
+            return p
+    return None
 
 
 def cli(args: list[str], log: Path) -> tuple[int, dict[str, Any], str]:
@@ -115,8 +141,18 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
     result.stage = "fetch"
     progress(f"{row.package} {row.version}: fetching the source")
     dsc = fetch_source(row, cache)
+    debs: list[Path] = []
     result.stage = "trees"
-    trees = make_trees(row, dsc, rowdir)
+    if row.on_shipped_binaries:
+        # Debian's own binaries: pre is the shipped version as built, the fix comes from the
+        # newer version; create verifies the update against the .debs users have installed
+        shipped = fetch_source_version(row.package, row.shipped_version, cache)
+        debs = fetch_binaries(row, cache)
+        trees = make_shipped_trees(row, shipped, dsc, rowdir)
+        result.unverified = unverified_downloads(row, cache)
+        dsc = shipped
+    else:
+        trees = make_trees(row, dsc, rowdir)
     install_build_deps(dsc, trees.pre)
     if not trees.fix_patch.read_bytes().strip():
         result.finish("nothing", "the fix changes only debian/ (no source file)")
@@ -127,7 +163,8 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
              f"fix {' '.join(trees.fix_patches)})")
     update = rowdir / f"{row.update_id}.update"
     created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
-                         rowdir / "create.log", build=build, jobs=jobs, target=row.target)
+                         rowdir / "create.log", build=build, jobs=jobs, target=row.target,
+                         verify=debs)
     result.jobs = jobs
     if created.status == "failed" and created.reason.startswith("BUILD_FAILED") and jobs > 1:
         # Some packages' makefiles race under -j (libxml2 2.9.14: the python binding links
@@ -138,7 +175,8 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
             shutil.rmtree(created.workdir, ignore_errors=True)
         (rowdir / "create.log").replace(rowdir / f"create-j{jobs}.log")
         created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
-                             rowdir / "create.log", build=build, jobs=1, target=row.target)
+                             rowdir / "create.log", build=build, jobs=1, target=row.target,
+                             verify=debs)
         result.jobs = 1
     result.create_seconds = round(created.seconds, 1)
     try:
@@ -146,28 +184,40 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
             result.finish(created.status, created.reason, created.details)
             return
         assert created.workdir is not None
-        live(row, rowdir, created.workdir, update, result, progress)
+        if debs:
+            result.binary = "; ".join(
+                f"Debian {v['origin']}: {v['file']} (build-id {v['build_id']}, "
+                f"{v['functions']} pre functions matched at create)" for v in created.verified)
+        else:
+            result.binary = "livesplice's pre build"
+        live(row, rowdir, created.workdir, update, result, progress, debs)
     finally:
         if created.workdir is not None and not keep:
             shutil.rmtree(created.workdir, ignore_errors=True)
 
 
 def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowResult,
-         progress: Any) -> None:
+         progress: Any, debs: list[Path] | None = None) -> None:
     result.stage = "start"
     factory = workload_for(row.target)
     if factory is None:
         result.finish("failed", f"update created, but no workload knows how to run "
                       f"{row.target} (add one to livesplice.eval.workloads.WORKLOADS)")
         return
-    binary = find_target(workdir / "pre", row.target)
-    if binary is None:
-        result.finish("failed", f"the pre build has no linked output named {row.target}")
-        return
     rundir = rowdir / "run"
     shutil.rmtree(rundir, ignore_errors=True)
     (rundir / "lib").mkdir(parents=True)
-    if ".so" in row.target:
+    if debs:
+        binary = shipped_target(debs, rundir / "root", row.target)
+        if binary is None:
+            result.finish("failed", f"the packages {row.binaries} install no {row.target}")
+            return
+    else:
+        binary = find_target(workdir / "pre", row.target)
+        if binary is None:
+            result.finish("failed", f"the pre build has no linked output named {row.target}")
+            return
+    if ".so" in row.target and not debs:
         # installed as a distribution installs it: the real file plus the soname link, in a
         # directory of its own (the driver dlopen()s the soname). The update names the
         # target by the linked file (libxml2.so.2.9.14); /proc/PID/maps shows the real file.
@@ -177,6 +227,9 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
             binary.symlink_to(real.name)
     log = rundir / "livesplice.log"
     wl: Workload = factory(binary, rundir)
+    if debs:
+        # the workloads' reproducers are for the corpus's own CVEs, not this fix's
+        wl.has_reproducer = False
     try:
         wl.start()
         progress(f"{row.package}: {binary.name} running (pids {wl.pids()}), under load")

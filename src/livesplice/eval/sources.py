@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livesplice.errors import LivespliceError, UsageError
-from livesplice.eval.corpus import CorpusRow, rules_pinned_tail, split_series
+from livesplice.eval.corpus import CorpusRow, rules_pinned_tail, series_entries, split_series
 
 # the content of rowdir/trees.done: trees made by an older split are made again
 TREES_VERSION = "2 pinned-tail\n"
@@ -93,24 +93,130 @@ def ensure_deb_src() -> None:
 
 def fetch_source(row: CorpusRow, cache: Path) -> Path:
     """The .dsc of ``row.package=row.version``, downloaded once into the cache."""
-    where = cache / "downloads" / row.package
-    dsc = where / f"{row.package}_{row.upstream_free_version}.dsc"
+    return fetch_source_version(row.package, row.version, cache)
+
+
+def _no_epoch(version: str) -> str:
+    return version.split(":", 1)[1] if ":" in version else version
+
+
+def fetch_source_version(package: str, version: str, cache: Path) -> Path:
+    """The .dsc of source ``package=version``, downloaded once into the cache: with apt
+    (checked against the archive's signed index), else from the pool by URL (versions the
+    index no longer lists; see :func:`_pool_fetch`)."""
+    where = cache / "downloads" / package
+    dsc = where / f"{package}_{_no_epoch(version)}.dsc"
     if dsc.exists():
         return dsc
     where.mkdir(parents=True, exist_ok=True)
     ensure_deb_src()
-    spec = f"{row.package}={row.version}"
+    spec = f"{package}={version}"
     try:
         run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
             what=f"apt-get source {spec}")
     except SourceUnavailable:
-        # the lists may predate the version in the row
-        run(["apt-get", "update", "-qq"], what="apt-get update")
-        run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
-            what=f"apt-get source {spec}")
+        try:
+            # the lists may predate the version in the row
+            run(["apt-get", "update", "-qq"], what="apt-get update")
+            run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
+                what=f"apt-get source {spec}")
+        except SourceUnavailable:
+            _pool_fetch(package, dsc.name, where)
+            for name, sha in _dsc_files(dsc.read_text()).items():
+                _pool_fetch(package, name, where, sha256=sha)
     if not dsc.exists():
         raise SourceUnavailable(f"apt-get source {spec} did not produce {dsc.name}")
     return dsc
+
+
+POOLS = ("http://deb.debian.org/debian/pool/main",
+         "http://deb.debian.org/debian-security/pool/updates/main")
+
+
+def _pool_fetch(source: str, name: str, where: Path, sha256: str = "") -> Path:
+    """Download ``name`` of source package ``source`` from Debian's pools.
+
+    Superseded versions stay in the pool for a while after the index drops them (libcurl4
+    7.88.1-10+deb12u14 after deb12u15). NOT checked against a signed index: the .dsc's own
+    checksums are checked for the files it lists, nothing vouches for the .dsc itself or for
+    a .deb; the evaluation notes it (``unverified`` in the row's result).
+    """
+    import hashlib
+
+    import requests
+
+    out = where / name
+    if out.exists():
+        return out
+    prefix = source[:4] if source.startswith("lib") else source[0]
+    errors = []
+    for pool in POOLS:
+        url = f"{pool}/{prefix}/{source}/{name}"
+        try:
+            r = requests.get(url, timeout=60)
+        except requests.RequestException as e:
+            errors.append(f"{url}: {e}")
+            continue
+        if r.status_code != 200:
+            errors.append(f"{url}: HTTP {r.status_code}")
+            continue
+        if sha256 and hashlib.sha256(r.content).hexdigest() != sha256:
+            raise SourceUnavailable(f"{url}: SHA-256 differs from the .dsc's")
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_bytes(r.content)
+        tmp.replace(out)
+        (where / "UNVERIFIED").open("a").write(f"{name} from {url}\n")
+        return out
+    raise SourceUnavailable(f"{name} is not in the archive index nor in its pools",
+                            details=errors)
+
+
+def _dsc_files(text: str) -> dict[str, str]:
+    """File name -> SHA-256 of a .dsc's Checksums-Sha256 field (deb822, dsc(5))."""
+    out: dict[str, str] = {}
+    inside = False
+    for line in text.splitlines():
+        if line.startswith("Checksums-Sha256:"):
+            inside = True
+            continue
+        if inside and line.startswith(" "):
+            sha, _size, name = line.split()
+            out[name] = sha
+        elif inside:
+            break
+    return out
+
+
+def fetch_binaries(row: CorpusRow, cache: Path) -> list[Path]:
+    """The amd64 .debs of ``row.binaries`` at ``row.shipped_version``: what users run."""
+    where = cache / "downloads" / row.package / "binaries"
+    where.mkdir(parents=True, exist_ok=True)
+    debs = []
+    for pkg in row.binaries.split():
+        found = sorted(where.glob(f"{pkg}_*{_no_epoch(row.shipped_version)}_amd64.deb"))
+        if not found:
+            spec = f"{pkg}={row.shipped_version}"
+            try:
+                run(["apt-get", "download", "-qq", spec], cwd=where,
+                    what=f"apt-get download {spec}")
+            except SourceUnavailable:
+                _pool_fetch(row.package, f"{pkg}_{_no_epoch(row.shipped_version)}_amd64.deb",
+                            where)
+            found = sorted(where.glob(f"{pkg}_*{_no_epoch(row.shipped_version)}_amd64.deb"))
+        if not found:
+            raise SourceUnavailable(f"no .deb of {pkg} {row.shipped_version}")
+        debs.append(found[0])
+    return debs
+
+
+def unverified_downloads(row: CorpusRow, cache: Path) -> list[str]:
+    """Files of this row fetched from a pool by URL (not through apt's signed index)."""
+    out = []
+    for d in (cache / "downloads" / row.package, cache / "downloads" / row.package / "binaries"):
+        f = d / "UNVERIFIED"
+        if f.exists():
+            out.extend(f.read_text().splitlines())
+    return out
 
 
 def install_build_deps(dsc: Path, tree: Path) -> None:
@@ -175,7 +281,58 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
             + "".join(f"  {e}\n" for e in split.tail)
         )
         done.write_text(TREES_VERSION)
-    # series-split: "pre:", "fix:", "tail ...:" headings, each followed by "  entry" lines
+    return _read_split(rowdir)
+
+
+def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path,
+                       rowdir: Path) -> Trees:
+    """A row on shipped binaries: pre = ``row.shipped_version`` exactly as Debian built it
+    (its whole series); post = pre plus the fix (``first..last`` of ``row.version``'s
+    series), inserted before the entries debian/rules pops (curl's crypto flavours)."""
+    pre, post, fix = rowdir / "pre", rowdir / "post", rowdir / "fix.patch"
+    done = rowdir / "trees.done"
+    stamp = f"shipped {TREES_VERSION}"
+    if not done.exists() or done.read_text() != stamp:
+        newer = rowdir / "newer"
+        for d in (pre, post, newer):
+            shutil.rmtree(d, ignore_errors=True)
+        rowdir.mkdir(parents=True, exist_ok=True)
+        run(["dpkg-source", "--skip-patches", "-x", str(shipped_dsc), str(pre)],
+            what=f"dpkg-source -x {shipped_dsc.name}")
+        run(["dpkg-source", "--skip-patches", "-x", str(fix_dsc), str(newer)],
+            what=f"dpkg-source -x {fix_dsc.name}")
+        series = pre / "debian" / "patches" / "series"
+        entries = series_entries(series.read_text()) if series.exists() else []
+        newer_series = (newer / "debian" / "patches" / "series").read_text()
+        fix_entries = split_series(newer_series, row.first_patch, row.last_patch).fix
+        rules = (pre / "debian" / "rules").read_text(errors="replace")
+        pinned = min(rules_pinned_tail(rules), len(entries))
+        head, tail = entries[:len(entries) - pinned], entries[len(entries) - pinned:]
+        shutil.copytree(pre, post, symlinks=True)
+        for e in fix_entries:
+            shutil.copy(newer / "debian" / "patches" / e.split()[0],
+                        post / "debian" / "patches" / e.split()[0])
+        apply_series(pre, entries)
+        apply_series(post, [*head, *fix_entries, *tail])
+        shutil.rmtree(newer)
+        proc = subprocess.run(["diff", "-ruN", "-x", "debian", "-x", ".pc", "pre", "post"],
+                              cwd=rowdir, capture_output=True, check=False)
+        if proc.returncode > 1:
+            raise SourceUnavailable("diff of the pre and post trees failed",
+                                    details=[proc.stderr.decode(errors="replace")])
+        fix.write_bytes(proc.stdout)
+        (rowdir / "series-split").write_text(
+            "pre:\n" + "".join(f"  {e}\n" for e in head) + "fix:\n"
+            + "".join(f"  {e}\n" for e in fix_entries)
+            + "tail (kept last in both, debian/rules pops them):\n"
+            + "".join(f"  {e}\n" for e in tail))
+        done.write_text(stamp)
+    return _read_split(rowdir)
+
+
+def _read_split(rowdir: Path) -> Trees:
+    """The trees of ``rowdir`` as its series-split file describes them ("pre:", "fix:",
+    "tail ...:" headings, each followed by "  entry" lines)."""
     sections: dict[str, list[str]] = {}
     key = ""
     for ln in (rowdir / "series-split").read_text().splitlines():
@@ -183,6 +340,6 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
             sections.setdefault(key, []).append(ln.split()[0])
         elif ln.strip():
             key = ln.split()[0].rstrip(":")
-    return Trees(pre=pre, post=post, fix_patch=fix,
+    return Trees(pre=rowdir / "pre", post=rowdir / "post", fix_patch=rowdir / "fix.patch",
                  pre_patches=len(sections.get("pre", [])) + len(sections.get("tail", [])),
                  fix_patches=sections.get("fix", []), tail=sections.get("tail", []))

@@ -128,6 +128,8 @@ def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
 class Workload(ABC):
     """A target process (or processes) under load. ``start`` -> ``pids`` ... ``stop``."""
 
+    has_reproducer = False  # reproduce() tells vulnerable from fixed (a corpus CVE's own)
+
     def __init__(self, binary: Path, rundir: Path) -> None:
         self.binary = binary
         self.rundir = rundir

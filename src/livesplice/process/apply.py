@@ -222,8 +222,12 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
             if exe is not None:
                 images, by_code = [exe], True
         for image in images:
+            # a binary verified at create has no .comment (dh_strip) but needs no warning:
+            # its code was compared with the update's then, and is again now
+            verified = image.build_id in {v.build_id for v in target.verified}
             try:
-                match = run_pre_match(read, image, target, maps, compiler=manifest.compiler)
+                match = run_pre_match(read, image, target, maps,
+                                      compiler="" if verified else manifest.compiler)
             except NoMatch as e:
                 if not by_code:
                     raise

@@ -58,7 +58,7 @@ def verify_targets(manifest: Manifest, inputs: list[Path]) -> VerifyReport:
         report = VerifyReport({}, [])
         problems: list[str] = []
         for target in manifest.targets:
-            found: list[Verified] = []
+            found: dict[str, Verified] = {}  # build-id -> the files that have it
             tried: list[str] = []
             for c in candidates:
                 try:
@@ -70,6 +70,11 @@ def verify_targets(manifest: Manifest, inputs: list[Path]) -> VerifyReport:
                 if not named and not (target.kind == "executable" and is_program
                                       and facts.etype in ("ET_EXEC", "ET_DYN")):
                     continue
+                bid = gnu_build_id(str(c.path))
+                if bid and bid in found:  # the same file again (Debian's redis-check-*)
+                    v = found[bid]
+                    v.file = f"{v.file}, {c.shown}"
+                    continue
                 try:
                     match = match_file(str(c.path), target, compiler=manifest.compiler)
                 except NoMatch as e:
@@ -79,19 +84,17 @@ def verify_targets(manifest: Manifest, inputs: list[Path]) -> VerifyReport:
                     else:
                         tried.append(c.shown)
                     continue
-                bid = gnu_build_id(str(c.path))
                 if not bid:
                     report.warnings.append(
                         f"{c.origin}: {c.shown} matches {target.name} but has no build-id: "
                         "apply finds it by name or by its code only")
                     continue
-                if bid not in {v.build_id for v in found}:
-                    found.append(Verified(file=c.shown, build_id=bid, origin=c.origin,
-                                          functions=len(match.functions)))
+                found[bid] = Verified(file=c.shown, build_id=bid, origin=c.origin,
+                                      functions=len(match.functions))
             if not found and not any(target.name in p for p in problems):
                 names = ", ".join(tried[:6]) or "no file named like it"
                 problems.append(f"{target.name}: no given file matched it (tried: {names})")
-            target.verified = sorted(found, key=lambda v: (v.origin, v.file))
+            target.verified = sorted(found.values(), key=lambda v: (v.origin, v.file))
             report.verified[target.name] = target.verified
         if problems:
             raise NoMatch(
@@ -149,7 +152,7 @@ def _walk(root: Path, origin: str) -> Iterator[Candidate]:
                 links.append(p)
             elif p.is_file() and _is_elf(p):
                 files[p.resolve()] = Candidate(p, str(p.relative_to(root)), origin, {n})
-    for link in links:
+    for link in sorted(links):
         target = os.readlink(link)
         dest = real_root / target.lstrip("/") if target.startswith("/") else link.parent / target
         try:
@@ -158,7 +161,8 @@ def _walk(root: Path, origin: str) -> Iterator[Candidate]:
             continue
         if real.is_relative_to(real_root) and real in files:
             files[real].names.add(link.name)
-    yield from files.values()
+            files[real].shown += f" (<- {link.relative_to(root)})"
+    yield from sorted(files.values(), key=lambda c: c.shown)
 
 
 def _is_elf(p: Path) -> bool:
