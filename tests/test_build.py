@@ -266,6 +266,36 @@ def test_debian_native_package(tmp_path: Path) -> None:
     assert list(pair.workdir.glob("tick_1.0_*.deb"))
 
 
+@pytest.mark.slow
+@needs("dpkg-buildpackage", "dh")
+def test_debian_post_build_compiles_like_the_pre_build(tmp_path: Path) -> None:
+    """dh skips its build step when debian/debhelper-build-stamp is left from the first
+    build; `make install` then recompiles the changed unit without what debian/rules'
+    build step passes (tree 2.1.0-1 lost -D_FORTIFY_SOURCE=2 that way)."""
+    src = fixture_tree("debian", tmp_path)
+    (src / "debian" / "rules").write_text(
+        "#!/usr/bin/make -f\n%:\n\tdh $@\n"
+        "override_dh_auto_build:\n\tdh_auto_build -- CFLAGS=\"$(CFLAGS) -DFROM_BUILD_STEP\"\n")
+    pair = build(src, FIXTURES / "debian" / "clock.patch", tmp_path,
+                 cmd="dpkg-buildpackage -b -uc -us")
+    clock = unit(pair, "clock.c")
+    assert clock.post is not None
+    assert "-DFROM_BUILD_STEP" in clock.pre.argv and "-DFROM_BUILD_STEP" in clock.post.argv
+
+
+def test_post_build_with_other_options_is_refused(tmp_path: Path) -> None:
+    """A unit compiled with other options after the patch: its new code would not be built
+    like the running code. A clean rebuild cannot help here: refuse, naming the options."""
+    src = fixture_tree("plain", tmp_path)
+    mk = src / "Makefile"
+    mk.write_text(mk.read_text().replace(
+        "CFLAGS ?= -O2", "CFLAGS ?= -O2\nCFLAGS += -DBUILT_AT=$(shell date +%s%N)", 1))
+    with pytest.raises(BuildFailed) as info:
+        build(src, FIXTURES / "plain" / "scale.patch", tmp_path)
+    assert "other options" in info.value.reason
+    assert any("lost -DBUILT_AT=" in d and "added -DBUILT_AT=" in d for d in info.value.details)
+
+
 # ---------------------------------------------------------------------------------------------
 # patch problems: a clear message, and nothing touched
 

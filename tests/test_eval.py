@@ -342,7 +342,7 @@ def test_rows_on_shipped_binaries() -> None:
 
 
 def test_dsc_checksums_are_read() -> None:
-    from livesplice.eval.sources import _dsc_files
+    from livesplice.build.debian import _dsc_files
 
     text = ("Format: 3.0 (quilt)\nSource: curl\nChecksums-Sha256:\n"
             " " + "a" * 64 + " 10 curl_1.orig.tar.gz\n " + "b" * 64 + " 20 curl_1-1.debian.tar.xz\n"

@@ -118,7 +118,9 @@ def test_verify_against_deb_records_the_archive_build_ids(tmp_path: Path) -> Non
     verified = json.loads(r.stdout)["verified"]
     assert [(v["target"], v["file"], v["build_id"], v["origin"]) for v in verified] == [
         ("redis-server", "usr/bin/redis-check-rdb (<- usr/bin/redis-server)", shipped_id,
-         deb.name)]
+         "Debian redis-server 5:7.0.15-1~deb12u1 (amd64)")]
+    info = json.loads(livesplice("inspect", str(out), "--json").stdout)
+    assert info["targets"][0]["verified"][0]["build_id"] == shipped_id
     assert verified[0]["functions"] >= 1
 
     # --all finds the process by the recorded build-id, whatever the file is called

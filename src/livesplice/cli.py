@@ -35,9 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("create", help="turn a source patch into an update file")
-    c.add_argument("srcdir", metavar="SRCDIR", type=Path, help="source tree (unpatched)")
+    c.add_argument("srcdir", metavar="SRCDIR", type=Path, nargs="?",
+                   help="source tree (unpatched); or give --debian")
     c.add_argument("--patch", required=True, type=Path, help="the fix, as a unified diff")
-    c.add_argument("--build", default="make", help="build command (default: make)")
+    c.add_argument("--build", help="build command (default: make; with --debian: "
+                   "dpkg-buildpackage -B)")
+    c.add_argument(
+        "--debian", metavar="SOURCE=VERSION",
+        help="instead of SRCDIR: this Debian source package version (e.g. "
+        "redis=5:7.0.15-1~deb12u7), fetched and built as Debian did, the update verified "
+        "against the binary packages of that version from the archive",
+    )
+    c.add_argument("--clean-env", action="store_true",
+                   help="build in a clean environment, as Debian's buildds do (implied by "
+                   "--debian)")
     c.add_argument("--id", dest="update_id", help="update id (default: random 8 characters)")
     c.add_argument("-o", "--output", type=Path, help="update file (default: livesplice-ID.update)")
     c.add_argument("--description", help="one line describing the update")
@@ -148,6 +159,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.kernel:
         from livesplice.cli_kernel import cli_create_kernel
 
+        if args.srcdir is None or args.debian:
+            raise UsageError("a kernel update is made from a prepared kernel tree (SRCDIR)",
+                             advice="see `livesplice lab prepare`")
         return cli_create_kernel(args)
 
     from livesplice.cli_progress import create_progress
@@ -165,6 +179,8 @@ def cmd_create(args: argparse.Namespace) -> int:
             signing_key=args.sign,
             targets=args.target,
             verify_against=args.verify_against,
+            debian=args.debian,
+            clean_env=args.clean_env,
             progress=progress,
         )
     if args.json:

@@ -87,10 +87,10 @@ def build_manifest(
 
 
 def create_update(
-    srcdir: Path,
+    srcdir: Path | None,
     patch: Path,
     *,
-    build_cmd: str = "make",
+    build_cmd: str | None = None,
     update_id: str | None = None,
     output: Path | None = None,
     description: str | None = None,
@@ -99,6 +99,8 @@ def create_update(
     signing_key: Path | None = None,
     targets: list[str] | None = None,
     verify_against: list[Path] | None = None,
+    debian: str | None = None,
+    clean_env: bool = False,
     progress: ProgressCallback | None = None,
 ) -> CreateResult:
     """Turn ``patch`` against the tree ``srcdir`` into an update file.
@@ -106,21 +108,55 @@ def create_update(
     ``verify_against``: shipped binaries (files, directories, .debs) the update must fit:
     run-pre matched now, their build-ids recorded (:mod:`livesplice.process.verify`).
     ``progress`` hears each stage as it starts and ends: pre build, patch, post build, diff
-    (n/N objects), verify, package (:mod:`livesplice.progress`)."""
+    (n/N objects), verify, package (:mod:`livesplice.progress`).
+
+    ``debian`` (``SOURCE=VERSION``, instead of ``srcdir``): the source package version as
+    Debian built it -- fetched from the archive, built with ``dpkg-buildpackage -B`` in a clean
+    environment -- and verified against that version's binary packages; targets it does not
+    ship are left out. ``clean_env``: build in a clean environment (as sbuild does)."""
     from livesplice.build.builder import build_pair
     from livesplice.diff.engine import diff_build
-
-    inputs = check_inputs(srcdir, patch, update_id, output, description, signing_key)
-    srcdir, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
 
     for path in verify_against or []:
         if not path.exists():
             raise UsageError(f"--verify-against {path}: no such file or directory")
+    srcroot: Path | None = None
+    source = ""
+    notes: list[str] = []
+    verify = list(verify_against or [])
+    if debian is not None:
+        from livesplice.build.debian import DEBIAN_BUILD, parse_spec, prepare_source
+
+        if srcdir is not None:
+            raise UsageError("give either SRCDIR or --debian SOURCE=VERSION, not both")
+        parse_spec(debian)
+        read_patch(patch)  # a bad patch path costs nothing now, a download later
+        srcroot = Path(tempfile.mkdtemp(prefix="livesplice-debian-"))
+        try:
+            deb = prepare_source(debian, srcroot / "src")
+        except BaseException:
+            shutil.rmtree(srcroot, ignore_errors=True)
+            raise
+        srcdir, source, notes = deb.tree, deb.label, deb.notes
+        build_cmd = build_cmd or DEBIAN_BUILD
+        clean_env = True
+        verify = [*deb.debs, *verify]
+    elif srcdir is None:
+        raise UsageError("no source tree given (SRCDIR, or --debian SOURCE=VERSION)")
+    try:
+        inputs = check_inputs(srcdir, patch, update_id, output, description, signing_key)
+    except BaseException:
+        if srcroot is not None:
+            shutil.rmtree(srcroot, ignore_errors=True)
+        raise
+    srcdir, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
+    build_cmd = build_cmd or "make"
+
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
     try:
         stages = Stages(progress)
         pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
-                          progress=progress)  # fmt: skip
+                          clean_env=clean_env, progress=progress)
         if targets:
             restrict_targets(pair, targets)
         with stages.stage("diff") as advance:
@@ -128,11 +164,14 @@ def create_update(
         manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings)
         if manifest is None:
             return CreateResult(None, None, "no code changes: nothing to do (no update written)")
-        if verify_against:
+        manifest.source = source
+        manifest.warnings.extend(notes)
+        if verify:
             from livesplice.process.verify import verify_targets
 
             with stages.stage("verify"):
-                manifest.warnings.extend(verify_targets(manifest, verify_against).warnings)
+                manifest.warnings.extend(verify_targets(
+                    manifest, verify, only_shipped=debian is not None).warnings)
         with stages.stage("package"):
             write_update(out, manifest, patch_text, signing_key=signing_key)
         return CreateResult(manifest, out, f"wrote update {uid} to {out}")
@@ -141,6 +180,8 @@ def create_update(
             print(f"livesplice: kept the build directory {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+        if srcroot is not None:
+            shutil.rmtree(srcroot, ignore_errors=True)
 
 
 def restrict_targets(pair: BuildPair, names: list[str]) -> None:

@@ -97,6 +97,11 @@ class PatchDoesNotApply(UsageError):
     abort = "PATCH_DOES_NOT_APPLY"
 
 
+class SourceUnavailable(UsageError):
+    """A Debian source or binary package version cannot be fetched from the archive."""
+    abort = "SOURCE_UNAVAILABLE"
+
+
 class MalformedUpdate(UsageError):
     """The update file is damaged, truncated or not an update."""
     abort = "MALFORMED_UPDATE"

@@ -53,6 +53,26 @@ FAILURE_TAIL_LINES = 40
 class ShimDir:
     path: Path
     tools: dict[str, str]  # shim name -> real tool found when the shims were made
+    base_env: dict[str, str] = field(default_factory=dict)  # the build's environment
+
+
+# A clean build environment, as Debian's buildds have (sbuild): its default PATH, the
+# locale, and only the variables that control a Debian build. The caller's environment
+# otherwise leaks into the build: a pyenv python3 on PATH without the package's
+# build-depends failed haproxy's documentation step.
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CLEAN_KEEP = ("HOME", "USER", "LOGNAME", "SOURCE_DATE_EPOCH")
+CLEAN_KEEP_PREFIXES = ("DEB_", "DPKG_")
+
+
+def caller_environment(clean: bool) -> dict[str, str]:
+    """The environment a build starts from: the caller's, or a clean one."""
+    if not clean:
+        return dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if k in CLEAN_KEEP or k.startswith(CLEAN_KEEP_PREFIXES)}
+    env.update(PATH=CLEAN_PATH, LANG="C.UTF-8", LC_ALL="C.UTF-8")
+    return env
 
 
 @dataclass
@@ -97,6 +117,7 @@ def build_pair(
     workdir: Path,
     jobs: int,
     progress: ProgressCallback | None = None,
+    clean_env: bool = False,
 ) -> BuildPair:
     """Build ``srcdir`` unpatched and patched; return the compiled units before and after.
 
@@ -110,6 +131,8 @@ def build_pair(
     :raises UsageError: the build compiled nothing through the compiler wrapper (an
         already-built tree).
     :raises PatchDoesNotApply: the patch does not apply, or is already applied / reversed.
+
+    ``clean_env``: build in a clean environment (:func:`caller_environment`).
     """
     stages = Stages(progress)
     workdir = workdir.resolve()
@@ -117,7 +140,7 @@ def build_pair(
     patch_text = patch.read_text(errors="surrogateescape")
     with stages.stage("pre build"):
         tree = copy_source_tree(srcdir, workdir / "tree", skip=workdir)
-        shims = install_shims(workdir / "shims")
+        shims = install_shims(workdir / "shims", caller_environment(clean_env))
         (workdir / "tmp").mkdir(exist_ok=True)
         run_build(build_cmd, tree, shims, workdir, jobs, "pre")
         pre = collect_build(workdir, tree, "pre")
@@ -152,12 +175,24 @@ def build_post(build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: 
     run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
     post = collect_build(workdir, tree, "post", archives=pre.archives)
     missed = _missed(tree, applied.touched, pre, post, jobs)
-    if missed and post_build_command(build_cmd) != build_cmd:
+    drift = flag_drift(pre, post)
+    if (missed or drift) and post_build_command(build_cmd) != build_cmd:
         # dpkg-buildpackage -nc skipped work hidden behind stamps (debian/rules that copy
-        # the sources once, build directories made by a stamp target): build clean instead.
+        # the sources once, build directories made by a stamp target), or something other
+        # than the build step recompiled (`make install`, with the Makefile's own flags):
+        # build clean instead.
         run_build(build_cmd, tree, shims, workdir, jobs, "post")
         post = collect_build(workdir, tree, "post", archives=pre.archives)
         missed = _missed(tree, applied.touched, pre, post, jobs)
+        drift = flag_drift(pre, post)
+    if drift:
+        raise BuildFailed(
+            "the patched tree was compiled with other options than the unpatched one",
+            details=drift,
+            advice="the update's code must be built exactly like the running code (a lost "
+            "-D_FORTIFY_SOURCE or -O level changes every function); use a --build command "
+            "that passes the same flags on every run",
+        )
     if missed:
         raise BuildFailed(
             "the build did not recompile what the patch changed",
@@ -229,12 +264,14 @@ def age_build_outputs(tree: Path) -> None:
 # step 2: the compiler wrapper
 
 
-def install_shims(shim_dir: Path) -> ShimDir:
-    """One shell-script shim per compiler/archiver name found in PATH (none for absent tools,
-    so configure does not find e.g. a ``clang`` that would fail)."""
+def install_shims(shim_dir: Path, base_env: dict[str, str] | None = None) -> ShimDir:
+    """One shell-script shim per compiler/archiver name found in the build's PATH (none for
+    absent tools, so configure does not find e.g. a ``clang`` that would fail)."""
+    base_env = dict(os.environ) if base_env is None else base_env
+    path = base_env.get("PATH", os.defpath)
     shim_dir.mkdir(parents=True, exist_ok=True)
     found: dict[str, str] = {}
-    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+    for d in path.split(os.pathsep):
         try:
             names = sorted(os.listdir(d or "."))
         except OSError:
@@ -247,7 +284,7 @@ def install_shims(shim_dir: Path) -> ShimDir:
                 found[n] = full
     for n in ALWAYS_SHIMMED:
         if n not in found:
-            real = shutil.which(n)
+            real = shutil.which(n, path=path)
             if real:
                 found[n] = real
     wrapper_py = Path(wrapper.__file__).resolve()
@@ -261,11 +298,11 @@ def install_shims(shim_dir: Path) -> ShimDir:
             '"$0" "$@"\n'
         )
         shim.chmod(0o755)
-    return ShimDir(shim_dir, found)
+    return ShimDir(shim_dir, found, base_env)
 
 
 def build_environment(shims: ShimDir, workdir: Path, jobs: int, log: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(shims.base_env or os.environ)
     # Debug info (and so the GNU build-id) records the directory of each compile; mapping the
     # random work directory away makes the same inputs give a byte-identical update.
     env[wrapper.PREFIX_MAP_ENV] = f"{workdir / 'tree'}=."
@@ -319,13 +356,57 @@ def run_build(
 
 
 def post_build_command(build_cmd: str) -> str:
-    """The incremental rebuild: dpkg-buildpackage must not clean the tree (``-nc``)."""
+    """The incremental rebuild: dpkg-buildpackage must not clean the tree (``-nc``), and dh
+    must run its build step again: with debian/debhelper-build-stamp left from the first
+    build it skips dh_auto_build, and the changed units are recompiled by ``make install``
+    with the Makefile's own flags instead of dpkg-buildflags' (seen with tree 2.1.0-1:
+    ``-O3`` without ``-D_FORTIFY_SOURCE=2``)."""
     words = shlex.split(build_cmd) if build_cmd.strip() else []
     if "dpkg-buildpackage" in build_cmd and not any(
         w in ("-nc", "--no-pre-clean") for w in words
     ):
-        return re.sub(r"\bdpkg-buildpackage\b", "dpkg-buildpackage -nc", build_cmd, count=1)
+        incremental = re.sub(r"\bdpkg-buildpackage\b", "dpkg-buildpackage -nc", build_cmd,
+                             count=1)
+        return f"rm -f debian/debhelper-build-stamp; {incremental}"
     return build_cmd
+
+
+# options that do not change the code of a unit: where its output and dependency files go
+_NAMING_OPTIONS = ("-o", "-MF", "-MT", "-MQ")
+_NAMING_FLAGS = ("-MD", "-MMD", "-MP", "-M", "-MM", "-c")
+
+
+def code_options(argv: list[str]) -> list[str]:
+    """The options of a compile command that decide its code (input and output names, and
+    dependency-file options, left out)."""
+    out: list[str] = []
+    skip = False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+        elif a in _NAMING_OPTIONS:
+            skip = True
+        elif a.startswith("-") and not a.startswith(_NAMING_OPTIONS) \
+                and a not in _NAMING_FLAGS:
+            out.append(a)
+    return out
+
+
+def flag_drift(pre: BuildResult, post: BuildResult) -> list[str]:
+    """Units the post build compiled with other code options than the pre build."""
+    out: list[str] = []
+    for built, saved in sorted(post.compiles.items()):
+        before = pre.compiles.get(built)
+        if before is None:
+            continue
+        a, b = code_options(before.record.argv), code_options(saved.record.argv)
+        if a != b:
+            lost = [o for o in a if o not in b]
+            added = [o for o in b if o not in a]
+            out.append(f"{saved.record.source}: lost {' '.join(lost) or '(none)'}; added "
+                       f"{' '.join(added) or '(none)'}" + ("" if lost or added else
+                                                          " (same options, other order)"))
+    return out
 
 
 def failure_excerpt(output: Path) -> list[str]:

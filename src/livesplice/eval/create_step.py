@@ -52,6 +52,8 @@ def run_create(pre_tree: Path, fix_patch: Path, update: Path, update_id: str, lo
     # memcached's gcov-instrumented memcached-debug, must not refuse the daemon's update)
     cmd = [*livesplice_command(), "create", "--build", build, "--patch", str(fix_patch),
            "--id", update_id, "-o", str(update), "-j", str(jobs), "--keep-tmp", "--json",
+           # as Debian's buildds: a pyenv python3 on the caller's PATH broke haproxy's build
+           "--clean-env",
            *(["--target", target] if target else []),
            *[a for v in verify or [] for a in ("--verify-against", str(v))], str(pre_tree)]
     env = dict(os.environ, **BUILD_ENV)

@@ -10,17 +10,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from livesplice.build.debian import fetch_binaries, fetch_source_version, unverified_downloads
 from livesplice.errors import LivespliceError
 from livesplice.eval.corpus import CorpusRow
 from livesplice.eval.create_step import DEFAULT_BUILD, livesplice_command, run_create
 from livesplice.eval.sources import (
-    fetch_binaries,
     fetch_source,
-    fetch_source_version,
     install_build_deps,
     make_shipped_trees,
     make_trees,
-    unverified_downloads,
 )
 from livesplice.eval.workloads import Workload, WorkloadFailed, workload_for
 
@@ -147,9 +145,9 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
         # Debian's own binaries: pre is the shipped version as built, the fix comes from the
         # newer version; create verifies the update against the .debs users have installed
         shipped = fetch_source_version(row.package, row.shipped_version, cache)
-        debs = fetch_binaries(row, cache)
+        debs = fetch_binaries(row.package, row.shipped_version, row.binaries.split(), cache)
         trees = make_shipped_trees(row, shipped, dsc, rowdir)
-        result.unverified = unverified_downloads(row, cache)
+        result.unverified = unverified_downloads(row.package, cache)
         dsc = shipped
     else:
         trees = make_trees(row, dsc, rowdir)

@@ -15,34 +15,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from livesplice.errors import LivespliceError, UsageError
+from livesplice.build.debian import fetch_source_version, run
+from livesplice.errors import SourceUnavailable, UsageError
 from livesplice.eval.corpus import CorpusRow, rules_pinned_tail, series_entries, split_series
 
 # the content of rowdir/trees.done: trees made by an older split are made again
 TREES_VERSION = "2 pinned-tail\n"
-
-# deb-src entries for `apt-get source` when the machine has none (Debian 12 images ship
-# deb lines only). deb822 format, sources.list(5).
-DEB_SRC_FILE = Path("/etc/apt/sources.list.d/livesplice-eval-src.sources")
-DEB_SRC_TEXT = """\
-# added by livesplice.eval: source packages for the evaluation (apt-get source)
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-
-
-class SourceUnavailable(LivespliceError):
-    abort = "SOURCE_UNAVAILABLE"
-
 
 @dataclass(frozen=True)
 class Trees:
@@ -54,169 +32,9 @@ class Trees:
     tail: list[str]  # entries after the fix kept last in both trees (debian/rules pops them)
 
 
-def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
-        what: str = "") -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise SourceUnavailable(f"{what or cmd[0]} failed (exit {proc.returncode})",
-                                details=[f"$ {' '.join(cmd)}", *tail])
-    return proc.stdout
-
-
-def has_deb_src() -> bool:
-    lists = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
-    for f in lists:
-        try:
-            text = f.read_text()
-        except OSError:
-            continue
-        if f.suffix in (".list", "") and any(
-            line.split()[:1] == ["deb-src"] for line in text.splitlines()
-        ):
-            return True
-        if f.suffix == ".sources" and any(
-            line.startswith("Types:") and "deb-src" in line for line in text.splitlines()
-        ):
-            return True
-    return False
-
-
-def ensure_deb_src() -> None:
-    """Add deb-src entries for bookworm and bookworm-security if apt has none."""
-    if has_deb_src():
-        return
-    DEB_SRC_FILE.write_text(DEB_SRC_TEXT)
-    run(["apt-get", "update", "-qq"], what="apt-get update")
-
-
 def fetch_source(row: CorpusRow, cache: Path) -> Path:
     """The .dsc of ``row.package=row.version``, downloaded once into the cache."""
     return fetch_source_version(row.package, row.version, cache)
-
-
-def _no_epoch(version: str) -> str:
-    return version.split(":", 1)[1] if ":" in version else version
-
-
-def fetch_source_version(package: str, version: str, cache: Path) -> Path:
-    """The .dsc of source ``package=version``, downloaded once into the cache: with apt
-    (checked against the archive's signed index), else from the pool by URL (versions the
-    index no longer lists; see :func:`_pool_fetch`)."""
-    where = cache / "downloads" / package
-    dsc = where / f"{package}_{_no_epoch(version)}.dsc"
-    if dsc.exists():
-        return dsc
-    where.mkdir(parents=True, exist_ok=True)
-    ensure_deb_src()
-    spec = f"{package}={version}"
-    try:
-        run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
-            what=f"apt-get source {spec}")
-    except SourceUnavailable:
-        try:
-            # the lists may predate the version in the row
-            run(["apt-get", "update", "-qq"], what="apt-get update")
-            run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
-                what=f"apt-get source {spec}")
-        except SourceUnavailable:
-            _pool_fetch(package, dsc.name, where)
-            for name, sha in _dsc_files(dsc.read_text()).items():
-                _pool_fetch(package, name, where, sha256=sha)
-    if not dsc.exists():
-        raise SourceUnavailable(f"apt-get source {spec} did not produce {dsc.name}")
-    return dsc
-
-
-POOLS = ("http://deb.debian.org/debian/pool/main",
-         "http://deb.debian.org/debian-security/pool/updates/main")
-
-
-def _pool_fetch(source: str, name: str, where: Path, sha256: str = "") -> Path:
-    """Download ``name`` of source package ``source`` from Debian's pools.
-
-    Superseded versions stay in the pool for a while after the index drops them (libcurl4
-    7.88.1-10+deb12u14 after deb12u15). NOT checked against a signed index: the .dsc's own
-    checksums are checked for the files it lists, nothing vouches for the .dsc itself or for
-    a .deb; the evaluation notes it (``unverified`` in the row's result).
-    """
-    import hashlib
-
-    import requests
-
-    out = where / name
-    if out.exists():
-        return out
-    prefix = source[:4] if source.startswith("lib") else source[0]
-    errors = []
-    for pool in POOLS:
-        url = f"{pool}/{prefix}/{source}/{name}"
-        try:
-            r = requests.get(url, timeout=60)
-        except requests.RequestException as e:
-            errors.append(f"{url}: {e}")
-            continue
-        if r.status_code != 200:
-            errors.append(f"{url}: HTTP {r.status_code}")
-            continue
-        if sha256 and hashlib.sha256(r.content).hexdigest() != sha256:
-            raise SourceUnavailable(f"{url}: SHA-256 differs from the .dsc's")
-        tmp = out.with_name(out.name + ".part")
-        tmp.write_bytes(r.content)
-        tmp.replace(out)
-        (where / "UNVERIFIED").open("a").write(f"{name} from {url}\n")
-        return out
-    raise SourceUnavailable(f"{name} is not in the archive index nor in its pools",
-                            details=errors)
-
-
-def _dsc_files(text: str) -> dict[str, str]:
-    """File name -> SHA-256 of a .dsc's Checksums-Sha256 field (deb822, dsc(5))."""
-    out: dict[str, str] = {}
-    inside = False
-    for line in text.splitlines():
-        if line.startswith("Checksums-Sha256:"):
-            inside = True
-            continue
-        if inside and line.startswith(" "):
-            sha, _size, name = line.split()
-            out[name] = sha
-        elif inside:
-            break
-    return out
-
-
-def fetch_binaries(row: CorpusRow, cache: Path) -> list[Path]:
-    """The amd64 .debs of ``row.binaries`` at ``row.shipped_version``: what users run."""
-    where = cache / "downloads" / row.package / "binaries"
-    where.mkdir(parents=True, exist_ok=True)
-    debs = []
-    for pkg in row.binaries.split():
-        found = sorted(where.glob(f"{pkg}_*{_no_epoch(row.shipped_version)}_amd64.deb"))
-        if not found:
-            spec = f"{pkg}={row.shipped_version}"
-            try:
-                run(["apt-get", "download", "-qq", spec], cwd=where,
-                    what=f"apt-get download {spec}")
-            except SourceUnavailable:
-                _pool_fetch(row.package, f"{pkg}_{_no_epoch(row.shipped_version)}_amd64.deb",
-                            where)
-            found = sorted(where.glob(f"{pkg}_*{_no_epoch(row.shipped_version)}_amd64.deb"))
-        if not found:
-            raise SourceUnavailable(f"no .deb of {pkg} {row.shipped_version}")
-        debs.append(found[0])
-    return debs
-
-
-def unverified_downloads(row: CorpusRow, cache: Path) -> list[str]:
-    """Files of this row fetched from a pool by URL (not through apt's signed index)."""
-    out = []
-    for d in (cache / "downloads" / row.package, cache / "downloads" / row.package / "binaries"):
-        f = d / "UNVERIFIED"
-        if f.exists():
-            out.extend(f.read_text().splitlines())
-    return out
 
 
 def install_build_deps(dsc: Path, tree: Path) -> None:

@@ -41,11 +41,16 @@ class Candidate:
 class VerifyReport:
     verified: dict[str, list[Verified]]  # target name -> files that matched
     warnings: list[str]
+    dropped: list[str] = field(default_factory=list)  # targets left out (only_shipped)
 
 
-def verify_targets(manifest: Manifest, inputs: list[Path]) -> VerifyReport:
+def verify_targets(manifest: Manifest, inputs: list[Path], *,
+                   only_shipped: bool = False) -> VerifyReport:
     """Match every process target of ``manifest`` against the files of ``inputs``; record the
     matching files in ``target.verified``.
+
+    ``only_shipped`` (``create --debian``): a target no input file is named like (a test
+    program the package builds but does not ship) is left out of the update, with a warning.
 
     :raises NoMatch: a file named like a target does not match it, or a target matched no
         file at all.
@@ -91,11 +96,20 @@ def verify_targets(manifest: Manifest, inputs: list[Path]) -> VerifyReport:
                     continue
                 found[bid] = Verified(file=c.shown, build_id=bid, origin=c.origin,
                                       functions=len(match.functions))
+            named_any = any(target.name in c.names for c in candidates)
+            if not found and only_shipped and not named_any:
+                report.warnings.append(f"{target.name}: no binary package ships it; left out "
+                                       "of the update")
+                report.dropped.append(target.name)
+                continue
             if not found and not any(target.name in p for p in problems):
                 names = ", ".join(tried[:6]) or "no file named like it"
                 problems.append(f"{target.name}: no given file matched it (tried: {names})")
             target.verified = sorted(found.values(), key=lambda v: (v.origin, v.file))
             report.verified[target.name] = target.verified
+        manifest.targets = [t for t in manifest.targets if t.name not in report.dropped]
+        if not manifest.targets:
+            problems.append("no target of the update is in the given packages")
         if problems:
             raise NoMatch(
                 f"the update does not fit the given binaries ({len(problems)} problem(s))",
@@ -129,7 +143,7 @@ class _Unpacked:
                 if r.returncode != 0:
                     raise UsageError(f"--verify-against {arg}: not a Debian package "
                                      f"({r.stderr.strip()[:200]})")
-                out.extend(_walk(dest, arg.name))
+                out.extend(_walk(dest, _deb_label(arg)))
             else:
                 out.append(Candidate(arg, arg.name, str(arg), {arg.name}))
         return out
@@ -163,6 +177,17 @@ def _walk(root: Path, origin: str) -> Iterator[Candidate]:
             files[real].names.add(link.name)
             files[real].shown += f" (<- {link.relative_to(root)})"
     yield from sorted(files.values(), key=lambda c: c.shown)
+
+
+def _deb_label(deb: Path) -> str:
+    """"Debian redis-tools 5:7.0.15-1~deb12u7 (amd64)" from the package's control data."""
+    r = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Version", "Architecture"],
+                       capture_output=True, text=True, check=False)
+    fields = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    if r.returncode != 0 or "Package" not in fields:
+        return deb.name
+    return (f"Debian {fields['Package']} {fields.get('Version', '?')} "
+            f"({fields.get('Architecture', '?')})")
 
 
 def _is_elf(p: Path) -> bool:

@@ -182,6 +182,8 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)
     format: str = FORMAT
     created_by: str = "livesplice"
+    # what the update was built from when create knew it ("Debian redis 5:7.0.15-1~deb12u7")
+    source: str = ""
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, fixed separators -> byte-identical for same inputs."""

@@ -32,6 +32,7 @@ def inspect_json(update: UpdateFile, trusted: list[Path] | None = None) -> dict[
         "id": m.id,
         "description": m.description,
         "compiler": m.compiler,
+        "source": m.source,
         "format": m.format,
         "patch_sha256": m.patch_sha256,
         "signed": update.signature is not None,
@@ -47,6 +48,8 @@ def inspect_json(update: UpdateFile, trusted: list[Path] | None = None) -> dict[
                 "new_functions": t.new_functions,
                 "new_data": t.new_data,
                 "pre_functions": sorted(s.name for s in t.sections if s.role == "pre"),
+                "verified": [{"file": v.file, "build_id": v.build_id, "origin": v.origin,
+                              "functions": v.functions} for v in t.verified],
             }
             for t in m.targets
         ],
@@ -81,6 +84,7 @@ def inspect_text(update: UpdateFile, trusted: list[Path] | None = None) -> str:
     lines = [
         f"update {info['id']}: {printable(info['description'])}",
         f"  compiler:  {printable(info['compiler'])}",
+        *([f"  source:    {printable(info['source'])}"] if info["source"] else []),
         f"  signature: {printable(_VERDICT_WORDS[sig['verdict']].format(**sig))}",
     ]
     for t in info["targets"]:
@@ -93,6 +97,9 @@ def inspect_text(update: UpdateFile, trusted: list[Path] | None = None) -> str:
         ):
             for name in t[key]:
                 lines.append(f"    {label}: {printable(name)}")
+        for v in t["verified"]:
+            lines.append(f"    verified against {printable(v['origin'])}: "
+                         f"{printable(v['file'])} (build-id {v['build_id']})")
     for h in info["hooks"]:
         lines.append(f"  hook {h['kind']}: {printable(h['function'])} ({printable(h['target'])})")
     for w in info["warnings"]:
