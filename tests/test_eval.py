@@ -336,9 +336,9 @@ def test_rows_on_shipped_binaries() -> None:
     r = RowResult(row={"number": 1, "package": "redis", "version": "2", "cves": "CVE-1",
                        "target": "redis-server", "expected": "apply", "shipped_version": "1",
                        "binaries": "redis-tools"},
-                  binary="Debian redis-tools_1_amd64.deb: usr/bin/redis-check-rdb")
+                  binary="Debian redis-tools 1 (amd64): usr/bin/redis-check-rdb")
     table = markdown_table([r])
-    assert "redis 1 → 2" in table and "Debian's: Debian redis-tools_1_amd64.deb" in table
+    assert "redis 1 → 2" in table and "| Debian redis-tools 1 (amd64): usr/bin/" in table
 
 
 def test_dsc_checksums_are_read() -> None:

@@ -35,7 +35,7 @@ def _binary(r: RowResult) -> str:
     """What the live step ran: Debian's own binary (verified at create) or the pre build."""
     if not r.row.get("shipped_version"):
         return "livesplice's pre build"
-    return f"Debian's: {r.binary}" if r.binary else f"Debian's {r.row.get('binaries', '')}"
+    return r.binary or f"Debian's {r.row.get('binaries', '')}"
 
 
 def summary_line(results: Sequence[RowResult]) -> str:

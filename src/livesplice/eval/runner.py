@@ -184,7 +184,7 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
         assert created.workdir is not None
         if debs:
             result.binary = "; ".join(
-                f"Debian {v['origin']}: {v['file']} (build-id {v['build_id']}, "
+                f"{v['origin']}: {v['file']} (build-id {v['build_id']}, "
                 f"{v['functions']} pre functions matched at create)" for v in created.verified)
         else:
             result.binary = "livesplice's pre build"
