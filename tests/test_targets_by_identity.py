@@ -176,3 +176,49 @@ def test_repo_add_binary_is_matched_before_it_is_published(tmp_path: Path) -> No
     index = json.loads((repo / "index.json").read_text())
     (entry,) = index["updates"]
     assert entry["targets"][0]["shipped"] == [_build_id(good)]
+
+
+def test_binary_replaced_on_disk_by_an_upgrade(tmp_path: Path) -> None:
+    """dpkg installs a new version by renaming over the old file: the running process maps
+    a "(deleted)" file. The update is for what runs, read through /proc/PID/map_files."""
+    tree = write_tree(tmp_path / "src", FILES)
+    patch = make_patch(tree, EDITS, tmp_path / "fix.patch")
+    update = create(tree, patch, "ident6", tmp_path)
+    root = _archive_build(tree, tmp_path / "archive")
+    prog = Running([str(root / "usr/bin/redis-server")])
+    try:
+        prog.wait_for("reply=14")
+        newer = root / "usr/bin/redis-check-rdb.dpkg-new"
+        newer.write_bytes(b"\x7fELF not the program any more")
+        newer.rename(root / "usr/bin/redis-check-rdb")
+        assert os.readlink(f"/proc/{prog.pid}/exe").endswith(" (deleted)")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid))
+        assert "redis-check-rdb" in r.stdout, r.stdout
+        prog.wait_for("reply=21", timeout=5)
+    finally:
+        prog.stop()
+
+
+def test_program_in_another_mount_namespace(tmp_path: Path) -> None:
+    """A container's program: its file is not visible at its path from here."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs unshare and root")
+    tree = write_tree(tmp_path / "src", FILES)
+    patch = make_patch(tree, EDITS, tmp_path / "fix.patch")
+    update = create(tree, patch, "ident7", tmp_path)
+    root = _archive_build(tree, tmp_path / "archive")
+    inside = tmp_path / "container"
+    inside.mkdir()
+    script = (f"mount -t tmpfs none {inside} && cp {root}/usr/bin/redis-check-rdb "
+              f"{inside}/redis-server && exec {inside}/redis-server")
+    prog = Running(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    try:
+        prog.wait_for("reply=14")
+        assert not (inside / "redis-server").exists()  # not in our mount namespace
+        r = livesplice("apply", str(update), "--pid", str(prog.pid))
+        assert "redis-server" in r.stdout, r.stdout
+        prog.wait_for("reply=21", timeout=5)
+    finally:
+        prog.stop()
