@@ -6,7 +6,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
 need=()
-for pkg in gcc g++ make cmake autoconf automake libtool quilt dpkg-dev debhelper build-essential patch binutils \
+for pkg in gcc g++ make cmake autoconf automake libtool quilt dpkg-dev debhelper debian-keyring build-essential patch binutils \
            python3-venv chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,25 @@ def test_create_for_a_version_the_archive_does_not_have(tmp_path: Path) -> None:
     r = livesplice("create", "--debian", "tree=2.1.0-1", "--patch", str(patch),
                    str(tmp_path), check=False)
     assert r.returncode == 2 and "not both" in r.stderr, r.stderr
+
+
+def test_a_source_fetched_by_url_must_be_signed(tmp_path: Path) -> None:
+    """A version the archive index no longer lists comes from the pool by plain URL: its
+    .dsc must carry a valid Debian uploader's signature before livesplice builds from it."""
+    from livesplice.build.debian import debian_cache, fetch_source_version, unpack_source
+    from livesplice.errors import SourceUnavailable
+
+    dsc = fetch_source_version("tree", "2.1.0-1", debian_cache())  # through apt: trusted
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for f in dsc.parent.glob("tree_2.1.0*"):
+        shutil.copy(f, pool / f.name)
+    (pool / "UNVERIFIED").write_text(f"{dsc.name} from http://deb.debian.org/...\n")
+    unpack_source(pool / dsc.name, tmp_path / "good")  # signed by its uploader
+    assert (tmp_path / "good" / "tree.c").exists()
+    text = (pool / dsc.name).read_text()
+    tampered = text.replace("Standards-Version:", "Homepage: x\nStandards-Version:")
+    (pool / dsc.name).write_text(tampered)
+    with pytest.raises(SourceUnavailable, match="signature could not be verified"):
+        unpack_source(pool / dsc.name, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "tree.c").exists()

@@ -77,6 +77,36 @@ def _no_epoch(version: str) -> str:
     return version.split(":", 1)[1] if ":" in version else version
 
 
+def unpack_source(dsc: Path, dest: Path, *, skip_patches: bool = False) -> None:
+    """``dpkg-source -x``. A .dsc apt fetched was checked against the archive's signed
+    index; one fetched from a pool by URL (:func:`_pool_fetch`) must carry a valid signature
+    by a Debian uploader (debian-keyring): livesplice builds and runs what it unpacks, as root.
+
+    :raises SourceUnavailable: the signature cannot be verified, or unpacking failed.
+    """
+    from_pool = any(line.startswith(f"{dsc.name} from ")
+                    for line in _unverified_lines(dsc.parent))
+    cmd = ["dpkg-source", *(["--skip-patches"] if skip_patches else []),
+           *(["--require-valid-signature"] if from_pool else []), "-x", str(dsc), str(dest)]
+    try:
+        run(cmd, what=f"dpkg-source -x {dsc.name}")
+    except SourceUnavailable as e:
+        if from_pool:
+            raise SourceUnavailable(
+                f"{dsc.name} came from Debian's pool by URL (the archive index no longer lists "
+                "it) and its signature could not be verified",
+                details=e.details,
+                advice="install debian-keyring (the uploaders' keys), or use a version the "
+                "archive index lists",
+            ) from None
+        raise
+
+
+def _unverified_lines(where: Path) -> list[str]:
+    f = where / "UNVERIFIED"
+    return f.read_text().splitlines() if f.exists() else []
+
+
 def fetch_source_version(package: str, version: str, cache: Path) -> Path:
     """The .dsc of source ``package=version``, downloaded once into the cache: with apt
     (checked against the archive's signed index), else from the pool by URL (versions the
@@ -222,12 +252,9 @@ def _fetch_binary(source: str, version: str, pkg: str, where: Path) -> Path:
 
 def unverified_downloads(source: str, cache: Path) -> list[str]:
     """Files of this row fetched from a pool by URL (not through apt's signed index)."""
-    out = []
-    for d in (cache / "downloads" / source, cache / "downloads" / source / "binaries"):
-        f = d / "UNVERIFIED"
-        if f.exists():
-            out.extend(f.read_text().splitlines())
-    return out
+    return [line for d in (cache / "downloads" / source,
+                            cache / "downloads" / source / "binaries")
+            for line in _unverified_lines(d)]
 
 
 
@@ -278,7 +305,7 @@ def prepare_source(spec: str, dest: Path, cache: Path | None = None) -> DebianSo
     package, version = parse_spec(spec)
     cache = cache or debian_cache()
     dsc = fetch_source_version(package, version, cache)
-    run(["dpkg-source", "-x", str(dsc), str(dest)], what=f"dpkg-source -x {dsc.name}")
+    unpack_source(dsc, dest)
     check = subprocess.run(["dpkg-checkbuilddeps", "-B"], cwd=dest, capture_output=True,
                            text=True, check=False)
     if check.returncode != 0:

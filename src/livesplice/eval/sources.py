@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from livesplice.build.debian import fetch_source_version, run
+from livesplice.build.debian import fetch_source_version, run, unpack_source
 from livesplice.errors import SourceUnavailable, UsageError
 from livesplice.eval.corpus import CorpusRow, rules_pinned_tail, series_entries, split_series
 
@@ -70,8 +70,7 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
         for d in (pre, post, base):
             shutil.rmtree(d, ignore_errors=True)
         rowdir.mkdir(parents=True, exist_ok=True)
-        run(["dpkg-source", "--skip-patches", "-x", str(dsc), str(base)],
-            what=f"dpkg-source -x {dsc.name}")
+        unpack_source(dsc, base, skip_patches=True)
         series_file = base / "debian" / "patches" / "series"
         if not series_file.exists():
             raise UsageError(f"{row.package} {row.version} has no debian/patches/series")
@@ -115,10 +114,8 @@ def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path,
         for d in (pre, post, newer):
             shutil.rmtree(d, ignore_errors=True)
         rowdir.mkdir(parents=True, exist_ok=True)
-        run(["dpkg-source", "--skip-patches", "-x", str(shipped_dsc), str(pre)],
-            what=f"dpkg-source -x {shipped_dsc.name}")
-        run(["dpkg-source", "--skip-patches", "-x", str(fix_dsc), str(newer)],
-            what=f"dpkg-source -x {fix_dsc.name}")
+        unpack_source(shipped_dsc, pre, skip_patches=True)
+        unpack_source(fix_dsc, newer, skip_patches=True)
         series = pre / "debian" / "patches" / "series"
         entries = series_entries(series.read_text()) if series.exists() else []
         newer_series = (newer / "debian" / "patches" / "series").read_text()
