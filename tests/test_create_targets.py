@@ -1,4 +1,5 @@
-"""`create --target`: only the named link outputs decide what the update is."""
+"""`create --target`: only the named link outputs decide what the update is, and the other
+outputs the patch changes are still reported (a refusal there is a note, not a stop)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def test_target_limits_what_is_diffed(tmp_path: Path) -> None:
     r = livesplice("create", "--patch", str(patch), "-o", str(out), str(tree), check=False)
     assert r.returncode == 3 and "debug_level" in r.stderr, r.stderr
 
-    livesplice("create", "--patch", str(patch), "-o", str(out), "--target", "prog", str(tree))
+    r = livesplice("create", "--patch", str(patch), "-o", str(out), "--target", "prog",
+                   str(tree))
+    # prog-debug is not in the update, but what the patch does to it is said, refusal included
+    note = r.stdout[r.stdout.index("also changes"):]
+    assert "prog-debug (executable): changed calc" in note, r.stdout
+    assert "debug_level" in note and "initial value" in note, r.stdout
     info = json.loads(livesplice("inspect", str(out), "--json").stdout)
     assert [(t["name"], t["changed_functions"]) for t in info["targets"]] == [("prog", ["calc"])]
 

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "timestamped lines otherwise)")  # fmt: skip
     c.add_argument(
         "--target", action="append", metavar="NAME",
-        help="only this linked executable/library (repeatable; default: every one the "
-        "patch changes)",
+        help="build the update for this linked executable/library only (repeatable; default: "
+        "every one the patch changes); the other outputs the patch changes are listed",
     )
     c.add_argument(
         "--sign", type=Path, metavar="KEY", default=_env_path("LIVESPLICE_SIGNING_KEY"),
@@ -165,30 +165,43 @@ def cmd_create(args: argparse.Namespace) -> int:
         return cli_create_kernel(args)
 
     from livesplice.cli_progress import create_progress
+    from livesplice.errors import TargetUnchanged
 
-    with create_progress(args.quiet) as progress:
-        result = create_update(
-            args.srcdir,
-            args.patch,
-            build_cmd=args.build,
-            update_id=args.update_id,
-            output=args.output,
-            description=args.description,
-            jobs=args.jobs,
-            keep_tmp=args.keep_tmp,
-            signing_key=args.sign,
-            targets=args.target,
-            verify_against=args.verify_against,
-            debian=args.debian,
-            clean_env=args.clean_env,
-            progress=progress,
-        )
+    try:
+        with create_progress(args.quiet) as progress:
+            result = create_update(
+                args.srcdir,
+                args.patch,
+                build_cmd=args.build,
+                update_id=args.update_id,
+                output=args.output,
+                description=args.description,
+                jobs=args.jobs,
+                keep_tmp=args.keep_tmp,
+                signing_key=args.sign,
+                targets=args.target,
+                verify_against=args.verify_against,
+                debian=args.debian,
+                clean_env=args.clean_env,
+                progress=progress,
+            )
+    except TargetUnchanged as e:
+        if args.json:  # the list for scripts too; the paragraph still goes to stderr
+            print(json.dumps({"status": "target_unchanged", "message": e.reason, "id": None,
+                              "output": None, "other_outputs": e.outputs}, indent=1))
+        raise
+    others = [o.to_dict() for o in result.other_outputs]
     if args.json:
         out: dict[str, Any] = {
             "status": "created" if result.manifest else "nothing_to_do",
             "message": result.message,
             "output": str(result.output) if result.output else None,
             "id": result.manifest.id if result.manifest else None,
+            "targets": [{"name": t.name, "kind": t.kind,
+                         "changed_functions": t.changed_functions,
+                         "new_functions": t.new_functions, "new_data": t.new_data}
+                        for t in (result.manifest.targets if result.manifest else [])],
+            "other_outputs": others,
             "verified": [asdict(v) | {"target": t.name} for t in
                          (result.manifest.targets if result.manifest else []) for v in t.verified],
         }
@@ -198,10 +211,20 @@ def cmd_create(args: argparse.Namespace) -> int:
         if result.manifest:
             from livesplice.process.verify import describe
 
+            for t in result.manifest.targets:
+                changed = ", ".join([*t.changed_functions, *t.new_functions]) or "data only"
+                print(f"livesplice:   {printable(t.name)} ({t.kind}): {printable(changed)}")
             for line in describe({t.name: t.verified for t in result.manifest.targets}):
                 print(f"livesplice:   {printable(line)}")
             for w in result.manifest.warnings:
                 print(f"livesplice: warning: {w}")
+        if result.other_outputs:
+            print("livesplice: note: the patch also changes outputs that are not in this "
+                  "update (--target left them out):")
+            for o in result.other_outputs:
+                print(f"livesplice:   {printable(o.describe())}")
+            print("livesplice:   build an update for them with --target NAME (or without "
+                  "--target: every changed output)")
     return ExitCode.OK
 
 

@@ -7,16 +7,64 @@ import secrets
 import shutil
 import string
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from livesplice.build.records import BuildPair
-from livesplice.errors import UsageError
+from livesplice.build.records import BuildPair, LinkRecord
+from livesplice.errors import TargetUnchanged, UsageError
 from livesplice.progress import ProgressCallback, Stages
 from livesplice.update.archive import write_update
 from livesplice.update.format import Hook, Manifest, Target, check_update_id
 
+if TYPE_CHECKING:
+    from livesplice.diff.engine import DiffResult
+
 ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+@dataclass
+class OutputChange:
+    """A link output the patch changes that ``--target`` left out of the update.
+
+    Reported so that "the update is for X" never hides "the fix also lands in Y" (nginx built
+    ``--with-mail=dynamic``: a src/mail/ fix changes ngx_mail_module.so, not nginx).
+    ``refusals``: what would refuse an update for this output; they did not stop the update
+    for the selected ones (a test binary's changes must not decide the daemon's update).
+    """
+
+    name: str
+    kind: str  # "executable" | "shared_library"
+    soname: str | None  # None for a shared object loaded with dlopen (a module)
+    changed_functions: list[str] = field(default_factory=list)
+    new_functions: list[str] = field(default_factory=list)
+    new_data: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for a person: what it is and what changed in it."""
+        what = {"executable": "executable", "shared_library": "shared library"}.get(
+            self.kind, self.kind)
+        if self.kind == "shared_library" and self.soname is None:
+            what = "module: shared object without soname, loaded with dlopen"
+        parts = []
+        if self.changed_functions:
+            parts.append("changed " + ", ".join(self.changed_functions))
+        if self.new_functions:
+            parts.append("new " + ", ".join(self.new_functions))
+        if self.new_data:
+            parts.append("new data " + ", ".join(self.new_data))
+        if self.refusals:
+            parts.append(f"{len(self.refusals)} change(s) an update for it would refuse: "
+                         + "; ".join(self.refusals))
+        return f"{self.name} ({what}): " + ("; ".join(parts) or "changed")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "kind": self.kind, "soname": self.soname,
+                "changed_functions": self.changed_functions,
+                "new_functions": self.new_functions, "new_data": self.new_data,
+                "refusals": self.refusals}  # fmt: skip
 
 
 @dataclass
@@ -24,6 +72,8 @@ class CreateResult:
     manifest: Manifest | None  # None: the patch changes no code ("nothing to do")
     output: Path | None
     message: str
+    # outputs the patch changes that are not in the update (create --target left them out)
+    other_outputs: list[OutputChange] = field(default_factory=list)
 
 
 def new_update_id() -> str:
@@ -157,12 +207,17 @@ def create_update(
         stages = Stages(progress)
         pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
                           clean_env=clean_env, progress=progress)
-        if targets:
-            restrict_targets(pair, targets)
+        selected = restrict_targets(pair, targets) if targets else pair
         with stages.stage("diff") as advance:
-            diff = diff_build(pair, on_unit=advance)
+            diff = diff_build(selected, on_unit=advance)
+        others: list[OutputChange] = []
+        if targets:
+            with stages.stage("diff (outputs not selected)") as advance:
+                others = other_changed_outputs(pair, selected, diff, on_unit=advance)
         manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings)
         if manifest is None:
+            if others:
+                raise_target_unchanged(targets or [], others)
             return CreateResult(None, None, "no code changes: nothing to do (no update written)")
         manifest.source = source
         manifest.warnings.extend(notes)
@@ -174,7 +229,7 @@ def create_update(
                     manifest, verify, only_shipped=debian is not None).warnings)
         with stages.stage("package"):
             write_update(out, manifest, patch_text, signing_key=signing_key)
-        return CreateResult(manifest, out, f"wrote update {uid} to {out}")
+        return CreateResult(manifest, out, f"wrote update {uid} to {out}", others)
     finally:
         if keep_tmp:
             print(f"livesplice: kept the build directory {workdir}")
@@ -184,13 +239,15 @@ def create_update(
             shutil.rmtree(srcroot, ignore_errors=True)
 
 
-def restrict_targets(pair: BuildPair, names: list[str]) -> None:
-    """Keep only the named link outputs (``create --target``).
+def restrict_targets(pair: BuildPair, names: list[str]) -> BuildPair:
+    """The build as seen by the named link outputs only (``create --target``).
 
     A package often links the same sources into programs nobody runs in production (a
     coverage-instrumented test binary, say); their changes must not decide whether the
-    update for the real daemon can be made. Units linked only into other outputs are
-    dropped; shared units keep only the named targets.
+    update for the real daemon can be made. The returned pair keeps only the named links,
+    the units linked into them (each with only the named targets) and the changed assembly
+    sources of those units; ``pair`` itself is left whole, for
+    :func:`other_changed_outputs` to report what the patch does to the rest.
     """
     # a library may be named by its file name or its soname (libcurl.so.4.8.0 / libcurl.so.4)
     aliases = {link.name: link.name for link in pair.links}
@@ -206,16 +263,108 @@ def restrict_targets(pair: BuildPair, names: list[str]) -> None:
             details=[f"it links: {', '.join(sorted(aliases)) or 'nothing'}"],
         )
     wanted = {aliases[n] for n in names}
-    pair.links = [link for link in pair.links if link.name in wanted]
-    kept = []
+    units = [replace(u, targets=[t for t in u.targets if t in wanted]) for u in pair.units]
+    kept = [u for u in units if u.targets]
+    left_out_asm = {u.source for u in units if u.pre.language == "asm" and not u.targets}
+    return replace(
+        pair,
+        links=[link for link in pair.links if link.name in wanted],
+        units=kept,
+        new_unit_targets={
+            obj: [t for t in ts if t in wanted] for obj, ts in pair.new_unit_targets.items()
+        },
+        changed_asm=[a for a in pair.changed_asm if a not in left_out_asm],
+    )
+
+
+def other_changed_outputs(
+    pair: BuildPair, selected: BuildPair, diff: DiffResult,
+    on_unit: Callable[[int, int], None] | None = None,
+) -> list[OutputChange]:
+    """What the patch changes in the link outputs ``--target`` did not select.
+
+    Every output is diffed, selected or not: units of the selected outputs were diffed for
+    the update (their changes are read back from ``diff``'s sections, by unit), the others
+    are diffed here. A refusal in an unselected output is reported as a note of that
+    output, never raised: it must not stop the update for the selected one.
+    """
+    from livesplice.diff.compare import LineMap
+    from livesplice.diff.elfmodel import strip_clone_numbers
+    from livesplice.diff.engine import DiffJob, diff_many
+
+    chosen = {link.name for link in selected.links}
+    outputs = {link.name: _output_change(link) for link in pair.links if link.name not in chosen}
+    if not outputs:
+        return []
+    diffed = {u.source for u in selected.units}
+    rest = [u for u in sorted(pair.units, key=lambda u: u.source)
+            if u.post is not None and u.source not in diffed and u.pre.language != "asm"
+            and any(t in outputs for t in u.targets)]  # fmt: skip
+    unit_diffs = diff_many([DiffJob(u.pre.object, u.post.object, u.source)
+                            for u in rest if u.post is not None],
+                           line_map=LineMap.from_patch(pair.patch_text),
+                           on_done=on_unit)  # fmt: skip
+    for unit, ud in zip(rest, unit_diffs, strict=True):
+        for name in unit.targets:
+            if name in outputs:
+                out = outputs[name]
+                out.changed_functions.extend(ud.changed_functions)
+                out.new_functions.extend(ud.new_functions)
+                out.new_data.extend(ud.new_data)
+                out.refusals.extend(ud.refusals)
+    # units shared with a selected output: the update's own diff says what changed in them
+    shipped = [s for t in diff.targets for s in t.sections]
     for unit in pair.units:
-        unit.targets = [t for t in unit.targets if t in wanted]
-        if unit.targets:
-            kept.append(unit)
-    pair.units = kept
-    pair.new_unit_targets = {
-        obj: [t for t in ts if t in wanted] for obj, ts in pair.new_unit_targets.items()
-    }
+        if unit.source not in diffed:
+            continue
+        for name in unit.targets:
+            if name not in outputs:
+                continue
+            for s in shipped:
+                if s.unit != unit.source:
+                    continue
+                if s.role == "replacement" and not strip_clone_numbers(s.name).endswith(".cold"):
+                    outputs[name].changed_functions.append(s.name)
+                elif s.role == "new_function":
+                    outputs[name].new_functions.append(s.name)
+                elif s.role == "new_data":
+                    outputs[name].new_data.append(s.name)
+    for unit in pair.units:  # a changed assembly source is a refusal of its outputs
+        if unit.pre.language == "asm" and unit.source in pair.changed_asm:
+            for name in unit.targets:
+                if name in outputs:
+                    outputs[name].refusals.append(
+                        f"{unit.source}: assembly source changed [rule: changed assembly "
+                        "sources]")
+    changed = []
+    for out in outputs.values():
+        out.changed_functions = sorted(set(out.changed_functions))
+        out.new_functions = sorted(set(out.new_functions))
+        out.new_data = sorted(set(out.new_data))
+        out.refusals = sorted(set(out.refusals))
+        if out.changed_functions or out.new_functions or out.new_data or out.refusals:
+            changed.append(out)
+    return sorted(changed, key=lambda o: o.name)
+
+
+def _output_change(link: LinkRecord) -> OutputChange:
+    soname = shared_object_name(link.output) if link.kind == "shared_library" else None
+    return OutputChange(name=link.name, kind=link.kind, soname=soname)
+
+
+def raise_target_unchanged(names: list[str], others: list[OutputChange]) -> None:
+    """The named outputs are unchanged, others are not: say so, never "nothing to do"."""
+    buildable = [o.name for o in others if not o.refusals]
+    how = " ".join(f"--target {n}" for n in buildable)
+    advice = (f"build the update for them: {how} (or no --target: every changed output)"
+              if buildable else "an update for them would be refused (see each output)")
+    raise TargetUnchanged(
+        f"the patch does not change {', '.join(names)} (--target), but it changes "
+        f"{len(others)} other output(s) of the build",
+        details=[o.describe() for o in others],
+        advice=advice,
+        outputs=[o.to_dict() for o in others],
+    )
 
 
 def shared_object_name(path: Path) -> str | None:

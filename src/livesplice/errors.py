@@ -35,6 +35,7 @@ class ExitCode(IntEnum):
     HOOK_FAILED = 10
     REMOTE_FAILED = 11
     PARTIAL = 12
+    TARGET_UNCHANGED = 13
 
 
 EXIT_MEANINGS: dict[ExitCode, str] = {
@@ -57,6 +58,9 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     "memory); the target's registers were restored and nothing was applied",
     ExitCode.PARTIAL: "several targets, and some failed or could not be inspected (each is "
     "listed with what is wrong); the others succeeded",
+    ExitCode.TARGET_UNCHANGED: "create --target: the named outputs are unchanged but the patch "
+    "changes other outputs of the build (each listed, with how to build for them); no update "
+    "written. Not \"nothing to do\": the patch does change shipped code",
 }
 
 
@@ -112,6 +116,24 @@ class PatchRefused(LivespliceError):
 
     code = ExitCode.REFUSED
     abort = "REFUSED"
+
+
+class TargetUnchanged(LivespliceError):
+    """``create --target``: the named outputs did not change, other outputs did.
+
+    Deliberately not "nothing to do" (exit 0): a security team reads that as "this package is
+    not affected", while the fix lands in another output (nginx's src/mail/ in the dynamic
+    module ngx_mail_module.so). ``outputs`` holds the changed outputs as plain data (name,
+    kind, functions, notes) for ``create --json``.
+    """
+
+    code = ExitCode.TARGET_UNCHANGED
+    abort = "TARGET_UNCHANGED"
+
+    def __init__(self, reason: str, details: Iterable[str] = (), advice: str = "",
+                 outputs: Iterable[dict[str, object]] = ()) -> None:
+        super().__init__(reason, details, advice)
+        self.outputs = list(outputs)
 
 
 class BuildFailed(LivespliceError):
