@@ -38,3 +38,19 @@ def signing_key() -> Iterator[Path]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prebuild_cache() -> Iterator[Path]:
+    """Every ``create`` of the session shares one private prebuild cache: nothing is left in
+    the user's ~/.cache, and no other run's entries can make a test pass."""
+    with tempfile.TemporaryDirectory(prefix="livesplice-test-prebuild-") as d:
+        saved = os.environ.get("LIVESPLICE_PREBUILD_CACHE")
+        os.environ["LIVESPLICE_PREBUILD_CACHE"] = str(Path(d) / "prebuild")
+        try:
+            yield Path(d) / "prebuild"
+        finally:
+            if saved is None:
+                os.environ.pop("LIVESPLICE_PREBUILD_CACHE", None)
+            else:
+                os.environ["LIVESPLICE_PREBUILD_CACHE"] = saved

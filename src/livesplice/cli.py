@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not show the stages on stderr (shown live at a terminal, as "
                    "timestamped lines otherwise)")  # fmt: skip
     c.add_argument(
+        "--no-prebuild-cache", action="store_true",
+        help="build the unpatched tree afresh and keep nothing (default: reuse the pre build "
+        "of the same tree, build command, toolchain and environment from "
+        "~/.cache/livesplice/prebuild, or $LIVESPLICE_PREBUILD_CACHE)",
+    )
+    c.add_argument(
         "--target", action="append", metavar="NAME",
         help="build the update for this linked executable/library only (repeatable; default: "
         "every one the patch changes); the other outputs the patch changes are listed",
@@ -164,9 +170,11 @@ def cmd_create(args: argparse.Namespace) -> int:
                              advice="see `livesplice lab prepare`")
         return cli_create_kernel(args)
 
+    from livesplice.build.prebuild import PrebuildCache
     from livesplice.cli_progress import create_progress
     from livesplice.errors import TargetUnchanged
 
+    prebuild = None if args.no_prebuild_cache else PrebuildCache()
     try:
         with create_progress(args.quiet) as progress:
             result = create_update(
@@ -184,6 +192,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                 debian=args.debian,
                 clean_env=args.clean_env,
                 progress=progress,
+                prebuild=prebuild,
             )
     except TargetUnchanged as e:
         if args.json:  # the list for scripts too; the paragraph still goes to stderr

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from livesplice.build.prebuild import PrebuildCache
 from livesplice.build.records import BuildPair, LinkRecord
 from livesplice.errors import TargetUnchanged, UsageError
 from livesplice.progress import ProgressCallback, Stages
@@ -152,6 +153,7 @@ def create_update(
     debian: str | None = None,
     clean_env: bool = False,
     progress: ProgressCallback | None = None,
+    prebuild: PrebuildCache | None = None,
 ) -> CreateResult:
     """Turn ``patch`` against the tree ``srcdir`` into an update file.
 
@@ -163,7 +165,9 @@ def create_update(
     ``debian`` (``SOURCE=VERSION``, instead of ``srcdir``): the source package version as
     Debian built it -- fetched from the archive, built with ``dpkg-buildpackage -B`` in a clean
     environment -- and verified against that version's binary packages; targets it does not
-    ship are left out. ``clean_env``: build in a clean environment (as sbuild does)."""
+    ship are left out. ``clean_env``: build in a clean environment (as sbuild does).
+    ``prebuild``: reuse (and keep) the pre build of the same tree there
+    (:mod:`livesplice.build.prebuild`)."""
     from livesplice.build.builder import build_pair
     from livesplice.diff.engine import diff_build
 
@@ -206,7 +210,7 @@ def create_update(
     try:
         stages = Stages(progress)
         pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
-                          clean_env=clean_env, progress=progress)
+                          clean_env=clean_env, progress=progress, prebuild=prebuild)
         selected = restrict_targets(pair, targets) if targets else pair
         with stages.stage("diff") as advance:
             diff = diff_build(selected, on_unit=advance)

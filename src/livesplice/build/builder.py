@@ -16,6 +16,7 @@ Work directory layout (the caller owns ``workdir`` and deletes it)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,14 +25,16 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from livesplice.build import wrapper
+from livesplice.build.prebuild import CACHE_ENV, BuildSite, PrebuildCache, prebuild_key
 from livesplice.build.records import BuildPair, CompileRecord, LinkRecord, UnitPair
 from livesplice.errors import BuildFailed, PatchDoesNotApply, UsageError
+from livesplice.private import PrivateFileError
 from livesplice.progress import ProgressCallback, Stages
 
 Stage = Literal["pre", "post"]
@@ -118,13 +121,16 @@ def build_pair(
     jobs: int,
     progress: ProgressCallback | None = None,
     clean_env: bool = False,
+    prebuild: PrebuildCache | None = None,
 ) -> BuildPair:
     """Build ``srcdir`` unpatched and patched; return the compiled units before and after.
 
     Units whose compile did not rerun in the post build, and units that recompiled into a
     byte-identical object (a header touched but nothing in this unit changed), have
     ``post=None``: the diff treats both as unchanged. ``progress`` hears the stages
-    "pre build", "patch" and "post build" (:mod:`livesplice.progress`).
+    "pre build", "patch" and "post build" (:mod:`livesplice.progress`). With ``prebuild``
+    the pre build of the same tree, command, toolchain and environment is reused when the
+    cache has it, and kept for the next create when not (:mod:`livesplice.build.prebuild`).
 
     :raises BuildFailed: the unpatched or the patched tree does not build (compiler output in
         ``details``).
@@ -138,13 +144,29 @@ def build_pair(
     workdir = workdir.resolve()
     patch = patch.resolve()
     patch_text = patch.read_text(errors="surrogateescape")
-    with stages.stage("pre build"):
-        tree = copy_source_tree(srcdir, workdir / "tree", skip=workdir)
-        shims = install_shims(workdir / "shims", caller_environment(clean_env))
-        (workdir / "tmp").mkdir(exist_ok=True)
-        run_build(build_cmd, tree, shims, workdir, jobs, "pre")
+    base_env = caller_environment(clean_env)
+    tools = find_tools(base_env)
+    with build_site(srcdir, build_cmd, base_env, tools, workdir, prebuild) as site:
+        return build_in(site, srcdir, patch, patch_text, build_cmd, workdir, jobs, stages)
+
+
+def build_in(site: Site, srcdir: Path, patch: Path, patch_text: str, build_cmd: str,
+             workdir: Path, jobs: int, stages: Stages) -> BuildPair:
+    """:func:`build_pair`'s steps, in ``site.path`` (tree/, shims/, tmp/)."""
+    tree = site.path / "tree"
+    shims = install_shims(site.path / "shims", site.base_env, site.tools)
+    (site.path / "tmp").mkdir(exist_ok=True)
+    reused = site.cached is not None and site.cached.hit
+    with stages.stage("pre build", note="reused from the prebuild cache" if reused else ""):
+        if site.cached is not None and site.cached.hit:
+            site.cached.restore(tree, workdir)
+        else:
+            copy_source_tree(srcdir, tree, skip=workdir)
+            run_build(build_cmd, tree, shims, workdir, jobs, "pre")
         pre = collect_build(workdir, tree, "pre")
         require_compiled_units(pre, build_cmd)
+        if site.cached is not None and not site.cached.hit:
+            site.cached.store(tree, workdir)
 
     with stages.stage("patch"):
         applied = apply_patch_in_place(patch, tree, newest_output_mtime(pre))
@@ -166,6 +188,47 @@ def build_pair(
         changed_asm=[f for f in applied.touched if f.endswith(ASM_SOURCE_SUFFIXES)],
         touched_files=[f for f in applied.touched if f not in touched_sources],
     )
+
+
+@dataclass
+class Site:
+    """Where a create builds: ``path`` holds tree/, shims/ and tmp/. ``cached``: the prebuild
+    cache's entry when the build runs in one (its fixed path is what lets a cached tree work)."""
+
+    path: Path
+    cached: BuildSite | None
+    base_env: dict[str, str]  # the environment the build starts from
+    tools: dict[str, str]  # shim name -> real tool
+
+
+@contextlib.contextmanager
+def build_site(srcdir: Path, build_cmd: str, base_env: dict[str, str], tools: dict[str, str],
+               workdir: Path, prebuild: PrebuildCache | None) -> Iterator[Site]:
+    """The prebuild cache's entry for this tree when there is a cache and the entry is free,
+    else the work directory. A cached tree is moved into the work directory at the end (so
+    ``--keep-tmp`` keeps it; the entry's snapshot is what the next create reuses)."""
+    if prebuild is None:
+        yield Site(workdir, None, base_env, tools)
+        return
+    key = prebuild_key(srcdir, build_cmd, tools, base_env)
+    with contextlib.ExitStack() as stack:
+        try:
+            cached = stack.enter_context(prebuild.site(key))
+        except PrivateFileError as e:
+            raise UsageError(
+                f"the prebuild cache {prebuild.root} cannot be trusted: {e}",
+                advice="only livesplice's user may be able to write it and every directory "
+                f"above it: fix that, point ${CACHE_ENV} elsewhere, or pass "
+                "--no-prebuild-cache",
+            ) from None
+        if cached is None:  # another create of the same tree holds the entry
+            yield Site(workdir, None, base_env, tools)
+            return
+        try:
+            yield Site(cached.path, cached, base_env, tools)
+        finally:
+            with contextlib.suppress(OSError):
+                os.rename(cached.path / "tree", workdir / "tree")
 
 
 def build_post(build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: int,
@@ -264,12 +327,10 @@ def age_build_outputs(tree: Path) -> None:
 # step 2: the compiler wrapper
 
 
-def install_shims(shim_dir: Path, base_env: dict[str, str] | None = None) -> ShimDir:
-    """One shell-script shim per compiler/archiver name found in the build's PATH (none for
+def find_tools(base_env: dict[str, str]) -> dict[str, str]:
+    """The compilers and archivers in the build's PATH: shim name -> real tool (none for
     absent tools, so configure does not find e.g. a ``clang`` that would fail)."""
-    base_env = dict(os.environ) if base_env is None else base_env
     path = base_env.get("PATH", os.defpath)
-    shim_dir.mkdir(parents=True, exist_ok=True)
     found: dict[str, str] = {}
     for d in path.split(os.pathsep):
         try:
@@ -287,6 +348,16 @@ def install_shims(shim_dir: Path, base_env: dict[str, str] | None = None) -> Shi
             real = shutil.which(n, path=path)
             if real:
                 found[n] = real
+    return found
+
+
+def install_shims(shim_dir: Path, base_env: dict[str, str] | None = None,
+                  found: dict[str, str] | None = None) -> ShimDir:
+    """One shell-script shim per tool of :func:`find_tools` (or ``found``) for a build in
+    ``base_env`` (default: ours)."""
+    base_env = dict(os.environ) if base_env is None else base_env
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    found = find_tools(base_env) if found is None else found
     wrapper_py = Path(wrapper.__file__).resolve()
     for name, real in found.items():
         shim = shim_dir / name
@@ -301,18 +372,20 @@ def install_shims(shim_dir: Path, base_env: dict[str, str] | None = None) -> Shi
     return ShimDir(shim_dir, found, base_env)
 
 
-def build_environment(shims: ShimDir, workdir: Path, jobs: int, log: Path) -> dict[str, str]:
+def build_environment(shims: ShimDir, tree: Path, jobs: int, log: Path) -> dict[str, str]:
+    """The build's environment with the shims first in PATH and as CC/CXX; TMPDIR beside
+    the tree (nothing is left in /tmp)."""
     env = dict(shims.base_env or os.environ)
     # Debug info (and so the GNU build-id) records the directory of each compile; mapping the
     # random work directory away makes the same inputs give a byte-identical update.
-    env[wrapper.PREFIX_MAP_ENV] = f"{workdir / 'tree'}=."
+    env[wrapper.PREFIX_MAP_ENV] = f"{tree}=."
     env["PATH"] = f"{shims.path}{os.pathsep}{env.get('PATH', os.defpath)}"
     # CMake records these absolute paths in its cache at configure time, so the post build
     # (same workdir, same paths) still goes through the shims.
     env["CC"] = str(shims.path / "gcc") if "gcc" in shims.tools else str(shims.path / "cc")
     env["CXX"] = str(shims.path / "g++") if "g++" in shims.tools else str(shims.path / "c++")
     env[wrapper.LOG_ENV] = str(log)
-    env["TMPDIR"] = str(workdir / "tmp")
+    env["TMPDIR"] = str(tree.parent / "tmp")
     env.setdefault("MAKEFLAGS", f"-j{jobs}")
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(jobs))
     # dh reads parallel=N from DEB_BUILD_OPTIONS (debhelper(7), "parallel")
@@ -334,7 +407,7 @@ def run_build(
     log = workdir / f"build-{stage}.jsonl"
     log.unlink(missing_ok=True)
     log.touch()
-    env = build_environment(shims, workdir, jobs, log)
+    env = build_environment(shims, tree, jobs, log)
     with output.open("wb") as out:
         proc = subprocess.run(
             ["bash", "-c", build_cmd], cwd=tree, env=env, stdin=subprocess.DEVNULL,
