@@ -10,6 +10,10 @@ Order of work (DESIGN.md): everything slow happens before the stop window --
 6. the stop window: check no thread is in a replaced function, run the apply hook, write the
    jumps; busy -> resume, retry, then abort (fail_apply hooks, unmap, process as before);
 7. post_apply hooks; record the pause in the state record; detach.
+
+:func:`apply_to_process` is that list: ``prepare`` (1-3), then :class:`_Splice`'s steps
+``map`` / ``write`` / ``record`` (4), ``pre_hooks`` (5), ``switch`` (6), ``finish`` (7); the
+``_Splice`` object holds what was mapped and takes it back on any failure before ``switch``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from livesplice.process.image import MappedImage
     from livesplice.process.load import LoadImage
     from livesplice.process.ptrace import Tracee
+    from livesplice.process.stopwindow import PauseStats
 
 
 
@@ -305,180 +310,270 @@ def _late_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> list[str]
 def apply_to_process(
     manifest: Manifest, pid: int, *, retries: int = 5, interval: float = 1.0
 ) -> ApplyReport:
-    from livesplice.process.load import near_range
-    from livesplice.process.ptrace import CRASH_SIGNALS, Tracee
-    from livesplice.process.remote import remote_mmap, remote_munmap
-    from livesplice.process.stopwindow import CodeChanged, StopWindow
+    """Splice ``manifest`` into process ``pid``: the steps of this module's docstring.
 
+    Steps 1-3 only read the process. From step 4 on, :class:`_Splice` holds what was mapped
+    and undoes it on any failure, until the jumps are written (after that the update stays).
+    """
     check_process(pid)
     with process_lock(pid), _exit_wins(pid, "apply"):
-        present = {u.id: u for u in updates_in(pid)}
-        mine = present.get(manifest.id)
-        if mine is not None and mine.record is not None and mine.record.reverted:
-            raise UsageError(
-                f"update {manifest.id} was undone in process {pid}, but its memory is still "
-                "referenced by the program and stays mapped under that id",
-                advice="apply it under a new id (`livesplice create --id NEW ...`)",
-            )
-        if mine is not None and not mine.verified:
-            raise UsageError(
-                f"process {pid} has a mapping named like update {manifest.id} that "
-                "livesplice's journal does not know",
-                details=[f"from the process: {mine.error or 'a record livesplice did not write'}"],
-                advice=f"check it with `livesplice view --pid {pid}`; undo it with "
-                f"`livesplice undo {manifest.id} --pid {pid} --from-target`, or restart the "
-                "process",
-            )
-        if mine is not None and state_of(pid, mine, list(present.values())) == "applied":
-            raise UsageError(
-                f"update {manifest.id} is already applied to process {pid}",
-                advice=f"see `livesplice view --pid {pid}`",
-            )
-        if mine is not None:
-            # an interrupted apply of this very update (journal-backed): clean it up first
-            _undo_locked(manifest.id, pid, retries=retries, interval=interval,
-                         from_target=None)
-            present.pop(manifest.id)
-        existing = [u.record for u in present.values() if u.record is not None]
-        prepared = prepare(manifest, pid)
-        code_size = sum(p.plan.code_size for p in prepared)
-        data_size = sum(p.plan.data_size for p in prepared)
-        # One code region must reach every image it patches with rel32 jumps.
-        lo = max(near_range(p.image)[0] for p in prepared)
-        hi = min(near_range(p.image)[1] for p in prepared)
-        if lo >= hi:
-            raise NoMatch(
-                "the patched images are too far apart for one update region",
-                advice="split the update per library",
-            )
+        existing = _clear_the_way(manifest, pid, retries=retries, interval=interval)
+        prepared = prepare(manifest, pid)  # steps 1-3
+        near = _reach(prepared)
+        with _Splice(pid, manifest.id) as run:
+            regions = run.map(prepared, near)  # step 4
+            images = run.write(prepared, regions)
+            run.record(manifest, prepared, images, regions, existing)
+            run.pre_hooks()  # step 5
+            stats = run.switch(retries=retries, interval=interval)  # step 6
+            return run.finish(prepared, stats)  # step 7
 
-        mapped: list[tuple[int, int]] = []
-        keep = False  # True once the update must stay (jumps written, or a hook half-ran)
-        report: ApplyReport | None = None
-        t = Tracee(pid)
-        try:
-            _journal(pid, manifest.id, "mapping", None)
-            code = remote_mmap(
-                t, max(code_size, 1), PROT_READ | PROT_EXEC, near=(lo, hi),
-                name=f"{NAME_PREFIX}{manifest.id}:code",
-            )
-            mapped.append((code, max(code_size, 1)))
-            checkpoint("apply:mapped-code")
-            data = 0
-            if data_size:
-                data = remote_mmap(
-                    t, data_size, PROT_READ | PROT_WRITE, near=(lo, hi),
-                    name=f"{NAME_PREFIX}{manifest.id}:data",
-                )
-                mapped.append((data, data_size))
-            images: list[tuple[_Prepared, LoadImage]] = []
-            functions: list[tuple[int, int, str]] = []
-            c, d = code, data
-            for p in prepared:
-                functions.extend(
-                    (c + off, c + off + s.size, s.name)
-                    for s, off in p.plan.code_layout if s.executable
-                )
-                img = p.plan.build(c, d)
-                t.write(c, img.code)
-                if img.data:
-                    t.write(d, img.data)
-                images.append((p, img))
-                c += p.plan.code_size
-                d += p.plan.data_size
-            checkpoint("apply:wrote-code")
-            hooks = _hook_addresses(manifest, images)
-            record = StateRecord(
-                id=manifest.id,
-                description=manifest.description,
-                sequence=max((r.sequence for r in existing), default=0) + 1,
-                applied_at=time.time(),
-                trampolines=[
-                    TrampolineRecord(
-                        function=tr.function, target=p.target_name, address=tr.address,
-                        original=tr.original.hex(), jump=tr.jump.hex(),
-                        replacement=tr.target,
-                        busy_start=_busy(p.plan, tr)[0], busy_end=_busy(p.plan, tr)[1],
-                    )
-                    for p, img in images
-                    for tr in img.trampolines
-                ],
-                code=(code, code + max(code_size, 1)),
-                data=(data, data + data_size) if data_size else (0, 0),
-                hooks=hooks,
-                targets=sorted({p.target_name for p in prepared}),
-                tool_pid=os.getpid(),
-                functions=functions,
-            )
-            _journal(pid, manifest.id, "recorded", record)
-            blob = record.encode()
-            state = remote_mmap(
-                t, len(blob) + 4096, PROT_READ, name=f"{NAME_PREFIX}{manifest.id}"
-            )
-            mapped.append((state, len(blob) + 4096))
-            t.write(state, blob)
-            checkpoint("apply:wrote-state")
 
-            _run_hooks(t, hooks.get("pre_apply", []), "pre_apply")
-            window = StopWindow(
-                t,
-                [(tr.busy_start, tr.busy_end, tr.function) for tr in record.trampolines],
-                retries=retries,
-                interval=interval,
-            )
-            apply_hooks = hooks.get("apply", [])
-            try:
-                stats = window.run(
-                    [(tr.address, bytes.fromhex(tr.jump)) for tr in record.trampolines],
-                    inside=(lambda: _run_hooks(t, apply_hooks, "apply")) if apply_hooks else None,
-                    expect=[bytes.fromhex(tr.original) for tr in record.trampolines],
-                )
-            except (CodeBusy, HookFailed, CodeChanged):
-                _safe_hooks(t, hooks.get("fail_apply", []))
-                raise
-            # The jumps are in: from here on, nothing may unmap what they point to.
-            mapped.clear()
-            keep = True
-            checkpoint("apply:after-stop")
-            record.pause_us = stats.pause_us
-            t.write(state, record.encode())
-            _journal(pid, manifest.id, "recorded", record)
-            warnings = _late_hooks(t, hooks.get("post_apply", []), "post_apply")
-            report = ApplyReport(
-                pid=pid, id=manifest.id,
-                functions=[tr.function for tr in record.trampolines],
-                pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
-                ran_out=stats.ran_out,
-                warnings=[w for p in prepared for w in p.warnings] + warnings,
-                images=[p.identity for p in prepared],
-            )
-            return report
-        except UncleanHook:
-            mapped.clear()  # see UncleanHook: never unmap what a half-run hook may use
-            keep = True
-            raise
-        except TargetGone as e:
+def _clear_the_way(manifest: Manifest, pid: int, *, retries: int,
+                   interval: float) -> list[StateRecord]:
+    """Refuse what must not be applied again; clean up an interrupted apply of this very
+    update. Returns the records of the other updates in the process (for the sequence)."""
+    present = {u.id: u for u in updates_in(pid)}
+    mine = present.get(manifest.id)
+    if mine is not None and mine.record is not None and mine.record.reverted:
+        raise UsageError(
+            f"update {manifest.id} was undone in process {pid}, but its memory is still "
+            "referenced by the program and stays mapped under that id",
+            advice="apply it under a new id (`livesplice create --id NEW ...`)",
+        )
+    if mine is not None and not mine.verified:
+        raise UsageError(
+            f"process {pid} has a mapping named like update {manifest.id} that "
+            "livesplice's journal does not know",
+            details=[f"from the process: {mine.error or 'a record livesplice did not write'}"],
+            advice=f"check it with `livesplice view --pid {pid}`; undo it with "
+            f"`livesplice undo {manifest.id} --pid {pid} --from-target`, or restart the "
+            "process",
+        )
+    if mine is not None and state_of(pid, mine, list(present.values())) == "applied":
+        raise UsageError(
+            f"update {manifest.id} is already applied to process {pid}",
+            advice=f"see `livesplice view --pid {pid}`",
+        )
+    if mine is not None:
+        # an interrupted apply of this very update (journal-backed): clean it up first
+        _undo_locked(manifest.id, pid, retries=retries, interval=interval, from_target=None)
+        present.pop(manifest.id)
+    return [u.record for u in present.values() if u.record is not None]
+
+
+def _reach(prepared: list[_Prepared]) -> tuple[int, int]:
+    """Where the update's code may go: within rel32 reach of every image it patches."""
+    from livesplice.process.load import near_range
+
+    lo = max(near_range(p.image)[0] for p in prepared)
+    hi = min(near_range(p.image)[1] for p in prepared)
+    if lo >= hi:
+        raise NoMatch(
+            "the patched images are too far apart for one update region",
+            advice="split the update per library",
+        )
+    return lo, hi
+
+
+@dataclass
+class _Regions:
+    """The update's memory in the process: code (r-x) and data (rw-), one block each."""
+
+    code: int
+    code_size: int
+    data: int = 0
+    data_size: int = 0
+
+
+class _Splice:
+    """One apply, from attaching to detaching, and everything it must undo on failure.
+
+    What is mapped is remembered until the jumps are written (:meth:`switch`); any failure
+    before that unmaps it, closes descriptors left open and removes the journal entry, so
+    the process is as it was. A hook that crashed half-way (:class:`UncleanHook`) keeps the
+    memory (the hook may have stored pointers into it). A target that died is detached
+    first, so that how it ended (a crash signal: the service's crash guard) is known.
+    """
+
+    def __init__(self, pid: int, update_id: str) -> None:
+        self.pid = pid
+        self.id = update_id
+        self.mapped: list[tuple[int, int]] = []
+        self.keep = False  # the update must stay: jumps written, or a hook half-ran
+        self.hooks: dict[str, list[tuple[str, int]]] = {}
+        self.state_addr = 0
+        self._record: StateRecord | None = None
+        self.report: ApplyReport | None = None
+        self.t: Tracee
+
+    def __enter__(self) -> _Splice:
+        from livesplice.process.ptrace import Tracee
+
+        self.t = Tracee(self.pid)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        from livesplice.process.ptrace import CRASH_SIGNALS
+        from livesplice.process.remote import remote_munmap
+
+        t = self.t
+        if isinstance(exc, UncleanHook):
+            self.mapped.clear()  # never unmap what a half-run hook may use
+            self.keep = True
+        elif isinstance(exc, TargetGone):
             t.detach()  # collects the end of the process, and with it how it ended
             # a process killed by a crash signal while it was being patched may have been
             # harmed by it
             if t.killed_by in CRASH_SIGNALS:
-                e.crash_signal = t.killed_by  # the service's crash guard holds the update
-                e.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) while "
-                                 "it was being patched")
-            raise
+                exc.crash_signal = t.killed_by  # the service's crash guard holds the update
+                exc.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) while "
+                                   "it was being patched")
+        try:
+            for addr, size in reversed(self.mapped):
+                remote_munmap(t, addr, size)
+            if not self.keep:  # rolled back: nothing of the update is left in the process
+                close_stale_descriptors(t, self.id)
+                journal.remove_entry(self.pid, self.id)
+        except LivespliceError:
+            pass  # the process is gone; nothing left to clean
         finally:
-            try:
-                for addr, size in reversed(mapped):
-                    remote_munmap(t, addr, size)
-                if not keep:  # rolled back: nothing of the update is left in the process
-                    close_stale_descriptors(t, manifest.id)
-                    journal.remove_entry(pid, manifest.id)
-            except LivespliceError:
-                pass  # the process is gone; nothing left to clean
-            finally:
-                t.detach()
-                if report is not None:  # detaching stops each thread once more: count it
-                    _note_stops(report, t)
+            t.detach()
+            if self.report is not None:  # detaching stops each thread once more: count it
+                _note_stops(self.report, t)
+
+    def _mmap(self, size: int, prot: int, name: str, near: tuple[int, int] | None) -> int:
+        from livesplice.process.remote import remote_mmap
+
+        addr = remote_mmap(self.t, size, prot, near=near, name=name)
+        self.mapped.append((addr, size))
+        return addr
+
+    def map(self, prepared: list[_Prepared], near: tuple[int, int]) -> _Regions:
+        """Step 4a: the journal entry first (undo's authority), then code and data memory."""
+        _journal(self.pid, self.id, "mapping", None)
+        code_size = sum(p.plan.code_size for p in prepared)
+        data_size = sum(p.plan.data_size for p in prepared)
+        regions = _Regions(self._mmap(max(code_size, 1), PROT_READ | PROT_EXEC,
+                                      f"{NAME_PREFIX}{self.id}:code", near), code_size)
+        checkpoint("apply:mapped-code")
+        if data_size:
+            regions.data = self._mmap(data_size, PROT_READ | PROT_WRITE,
+                                      f"{NAME_PREFIX}{self.id}:data", near)
+            regions.data_size = data_size
+        return regions
+
+    def write(self, prepared: list[_Prepared],
+              regions: _Regions) -> list[tuple[_Prepared, LoadImage]]:
+        """Step 4b: each image's code and data, relocated for where they were mapped."""
+        images: list[tuple[_Prepared, LoadImage]] = []
+        c, d = regions.code, regions.data
+        for p in prepared:
+            img = p.plan.build(c, d)
+            self.t.write(c, img.code)
+            if img.data:
+                self.t.write(d, img.data)
+            images.append((p, img))
+            c += p.plan.code_size
+            d += p.plan.data_size
+        checkpoint("apply:wrote-code")
+        return images
+
+    def record(self, manifest: Manifest, prepared: list[_Prepared],
+               images: list[tuple[_Prepared, LoadImage]], regions: _Regions,
+               existing: list[StateRecord]) -> StateRecord:
+        """Step 4c: the state record, in the journal and in the process (view and undo read
+        it): every trampoline with its original bytes, hooks, what was loaded where."""
+        self.hooks = _hook_addresses(manifest, images)
+        functions: list[tuple[int, int, str]] = []
+        c = regions.code
+        for p in prepared:
+            functions.extend((c + off, c + off + s.size, s.name)
+                             for s, off in p.plan.code_layout if s.executable)
+            c += p.plan.code_size
+        record = StateRecord(
+            id=manifest.id,
+            description=manifest.description,
+            sequence=max((r.sequence for r in existing), default=0) + 1,
+            applied_at=time.time(),
+            trampolines=[
+                TrampolineRecord(
+                    function=tr.function, target=p.target_name, address=tr.address,
+                    original=tr.original.hex(), jump=tr.jump.hex(), replacement=tr.target,
+                    busy_start=_busy(p.plan, tr)[0], busy_end=_busy(p.plan, tr)[1],
+                )
+                for p, img in images
+                for tr in img.trampolines
+            ],
+            code=(regions.code, regions.code + max(regions.code_size, 1)),
+            data=(regions.data, regions.data + regions.data_size) if regions.data_size
+            else (0, 0),
+            hooks=self.hooks,
+            targets=sorted({p.target_name for p in prepared}),
+            tool_pid=os.getpid(),
+            functions=functions,
+        )
+        _journal(self.pid, self.id, "recorded", record)
+        blob = record.encode()
+        self.state_addr = self._mmap(len(blob) + 4096, PROT_READ, f"{NAME_PREFIX}{self.id}",
+                                     None)
+        self.t.write(self.state_addr, blob)
+        checkpoint("apply:wrote-state")
+        self._record = record
+        return record
+
+    def pre_hooks(self) -> None:
+        """Step 5: pre_apply hooks (a non-zero return refuses the update)."""
+        _run_hooks(self.t, self.hooks.get("pre_apply", []), "pre_apply")
+
+    def switch(self, *, retries: int, interval: float) -> PauseStats:
+        """Step 6: the stop window -- no thread in replaced code, the apply hooks, the jumps.
+        Busy -> resume and retry, then abort (fail_apply hooks; everything unmapped)."""
+        from livesplice.process.stopwindow import CodeChanged, StopWindow
+
+        assert self._record is not None
+        record, t = self._record, self.t
+        window = StopWindow(
+            t,
+            [(tr.busy_start, tr.busy_end, tr.function) for tr in record.trampolines],
+            retries=retries,
+            interval=interval,
+        )
+        apply_hooks = self.hooks.get("apply", [])
+        try:
+            stats = window.run(
+                [(tr.address, bytes.fromhex(tr.jump)) for tr in record.trampolines],
+                inside=(lambda: _run_hooks(t, apply_hooks, "apply")) if apply_hooks else None,
+                expect=[bytes.fromhex(tr.original) for tr in record.trampolines],
+            )
+        except (CodeBusy, HookFailed, CodeChanged):
+            _safe_hooks(t, self.hooks.get("fail_apply", []))
+            raise
+        # The jumps are in: from here on, nothing may unmap what they point to.
+        self.mapped.clear()
+        self.keep = True
+        checkpoint("apply:after-stop")
+        return stats
+
+    def finish(self, prepared: list[_Prepared], stats: PauseStats) -> ApplyReport:
+        """Step 7: the pause into the record, post_apply hooks (a failure is a warning: the
+        change is in place), the report."""
+        assert self._record is not None
+        record = self._record
+        record.pause_us = stats.pause_us
+        self.t.write(self.state_addr, record.encode())
+        _journal(self.pid, self.id, "recorded", record)
+        warnings = _late_hooks(self.t, self.hooks.get("post_apply", []), "post_apply")
+        self.report = ApplyReport(
+            pid=self.pid, id=self.id,
+            functions=[tr.function for tr in record.trampolines],
+            pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
+            ran_out=stats.ran_out,
+            warnings=[w for p in prepared for w in p.warnings] + warnings,
+            images=[p.identity for p in prepared],
+        )
+        return self.report
 
 
 def _journal(pid: int, update_id: str, stage: journal.Stage, record: StateRecord | None) -> None:
