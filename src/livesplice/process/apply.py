@@ -14,6 +14,8 @@ Order of work (DESIGN.md): everything slow happens before the stop window --
 :func:`apply_to_process` is that list: ``prepare`` (1-3), then :class:`_Splice`'s steps
 ``map`` / ``write`` / ``record`` (4), ``pre_hooks`` (5), ``switch`` (6), ``finish`` (7); the
 ``_Splice`` object holds what was mapped and takes it back on any failure before ``switch``.
+Undo (:func:`_undo_locked`) reads the same way: find and trust the record, refuse a stacked
+one, then :class:`_Unsplice`'s ``pre_hooks`` / ``switch`` / ``post_hooks`` / ``release``.
 """
 
 from __future__ import annotations
@@ -799,16 +801,37 @@ def _undo_locked(
     update_id: str, pid: int, *, retries: int, interval: float,
     from_target: Manifest | None
 ) -> UndoReport:
-    from livesplice.process.ptrace import Tracee
-    from livesplice.process.remote import remote_munmap
-    from livesplice.process.state import read_memory
-    from livesplice.process.stopwindow import StopWindow
-
+    """Undo as a list of steps: find and trust the record; an apply interrupted before it
+    recorded anything is only unmapped; refuse if a later update is stacked on this one;
+    then, stopped once: pre_reverse hooks, the original bytes back (stop window), post_reverse
+    hooks, and the memory released unless the program still points into it."""
     present = updates_in(pid)
+    report = UndoReport(pid, update_id, 0.0)
+    u = _trusted_entry(present, update_id, pid, from_target, report)
+    rec = u.record
+    if rec is None:
+        _unmap_unrecorded(u, update_id, pid)
+        return report
+    _refuse_stacked_on(rec, present, update_id)
+    writes = _restoring_writes(rec, pid)
+    if u.mapping is None and not writes:
+        journal.remove_entry(pid, update_id)  # nothing mapped, nothing written: stale entry
+        raise NotApplied(f"update {update_id} is not applied to process {pid}")
+    with _Unsplice(pid, update_id, rec, u.mapping, report) as run:
+        run.pre_hooks()
+        run.switch(writes, retries=retries, interval=interval)
+        run.post_hooks()
+        run.release()
+    return report
+
+
+def _trusted_entry(present: list[Present], update_id: str, pid: int,
+                   from_target: Manifest | None, report: UndoReport) -> Present:
+    """The update's entry, if livesplice may act on it: journal-backed, or (``from_target``)
+    a record inside the process that the signed update vouches for."""
     u = next((x for x in present if x.id == update_id), None)
     if u is None:
         raise NotApplied(f"update {update_id} is not applied to process {pid}")
-    report = UndoReport(pid, update_id, 0.0)
     if not u.verified and from_target is None:
         raise NoPermission(
             f"update {update_id} in process {pid} is not in livesplice's journal "
@@ -825,22 +848,31 @@ def _undo_locked(
             check_record_against_update(u.target_record, from_target, pid)
     if disagree := u.disagreement():
         report.warnings.append(f"{disagree}; acting on the journal")
-    rec, sm = u.record, u.mapping
-    if rec is None:
-        if u.entry is None and (sm is None or sm.record is not None):
-            raise NotApplied(
-                f"update {update_id} in process {pid} has an unusable state record: {u.error}",
-                advice="the process may be corrupted; restart it to be safe",
-            )
-        # An apply was interrupted before it recorded anything: trampolines are only ever
-        # written after the record, so nothing points into these mappings. Unmap them.
-        with Tracee(pid) as t:
-            for rng in (sm.code, sm.data, sm.record) if sm else ():
-                if rng:
-                    remote_munmap(t, rng[0], rng[1] - rng[0])
-            close_stale_descriptors(t, update_id)
-        journal.remove_entry(pid, update_id)
-        return report
+    if u.record is None and u.entry is None and (u.mapping is None
+                                                 or u.mapping.record is not None):
+        raise NotApplied(
+            f"update {update_id} in process {pid} has an unusable state record: {u.error}",
+            advice="the process may be corrupted; restart it to be safe",
+        )
+    return u
+
+
+def _unmap_unrecorded(u: Present, update_id: str, pid: int) -> None:
+    """An apply interrupted before it recorded anything: trampolines are only ever written
+    after the record, so nothing points into these mappings. Unmap them."""
+    from livesplice.process.ptrace import Tracee
+    from livesplice.process.remote import remote_munmap
+
+    sm = u.mapping
+    with Tracee(pid) as t:
+        for rng in (sm.code, sm.data, sm.record) if sm else ():
+            if rng:
+                remote_munmap(t, rng[0], rng[1] - rng[0])
+        close_stale_descriptors(t, update_id)
+    journal.remove_entry(pid, update_id)
+
+
+def _refuse_stacked_on(rec: StateRecord, present: list[Present], update_id: str) -> None:
     later = [x.record for x in present
              if x.record is not None and x.record.sequence > rec.sequence]
     mine_addrs = {tr.address for tr in rec.trampolines}
@@ -850,6 +882,13 @@ def _undo_locked(
             f"update {update_id} has later updates stacked on it: {', '.join(blocking)}",
             advice="undo those first (undo in reverse order of apply)",
         )
+
+
+def _restoring_writes(rec: StateRecord, pid: int) -> list[tuple[int, bytes]]:
+    """The original bytes to put back where our jump still is; refuse if someone else
+    changed an entry since (never overwrite code livesplice did not write)."""
+    from livesplice.process.state import read_memory
+
     writes: list[tuple[int, bytes]] = []
     for tr in rec.trampolines:
         try:
@@ -865,26 +904,51 @@ def _undo_locked(
                 details=[f"expected {tr.jump} or {tr.original}, found {now or 'nothing'}"],
                 advice="refusing to overwrite code livesplice did not write",
             )
-    if sm is None and not writes:
-        journal.remove_entry(pid, update_id)  # nothing mapped, nothing written: stale entry
-        raise NotApplied(f"update {update_id} is not applied to process {pid}")
-    t = Tracee(pid)
-    try:
-        _run_hooks(t, rec.hooks.get("pre_reverse", []), "pre_reverse")
+    return writes
+
+
+class _Unsplice:
+    """One undo, from attaching to detaching (the stop figures counted at the end)."""
+
+    def __init__(self, pid: int, update_id: str, rec: StateRecord, sm: StateMapping | None,
+                 report: UndoReport) -> None:
+        self.pid, self.id, self.rec, self.sm, self.report = pid, update_id, rec, sm, report
+        self.sps: list[int] = []  # every thread's stack pointer, read inside the window
+        self.t: Tracee
+
+    def __enter__(self) -> _Unsplice:
+        from livesplice.process.ptrace import Tracee
+
+        self.t = Tracee(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.t.detach()
+        _note_stops(self.report, self.t)
+
+    def pre_hooks(self) -> None:
+        _run_hooks(self.t, self.rec.hooks.get("pre_reverse", []), "pre_reverse")
+
+    def switch(self, writes: list[tuple[int, bytes]], *, retries: int,
+               interval: float) -> None:
+        """The stop window: no thread in the update's code, the reverse hooks, the original
+        bytes back. Busy -> retry, then abort (fail_reverse hooks; the update stays)."""
+        from livesplice.process.stopwindow import StopWindow
+
+        rec, t = self.rec, self.t
         # the loaded functions, decoded as code; an old record without them: the whole
         # code mapping (conservatively)
-        busy = [(lo, hi, f"{name} (update {update_id})") for lo, hi, name in rec.functions] \
-            or [(rec.code[0], rec.code[1], f"update {update_id} replacement code")]
+        busy = [(lo, hi, f"{name} (update {self.id})") for lo, hi, name in rec.functions] \
+            or [(rec.code[0], rec.code[1], f"update {self.id} replacement code")]
         window = StopWindow(t, busy, retries=retries, interval=interval)
         reverse_hooks = rec.hooks.get("reverse", [])
-        sps: list[int] = []
 
         def inside() -> None:
-            # every thread's stack pointer for the pointer scan below, read while the window
-            # holds them all (no second stop of the whole process for it)
+            # every thread's stack pointer for the pointer scan of release(), read while the
+            # window holds them all (no second stop of the whole process for it)
             from livesplice.process.ptrace import REG_INDEX
 
-            sps[:] = t.stopped_regs()[1][:, REG_INDEX["rsp"]].tolist()
+            self.sps[:] = t.stopped_regs()[1][:, REG_INDEX["rsp"]].tolist()
             _run_hooks(t, reverse_hooks, "reverse")
 
         try:
@@ -897,38 +961,43 @@ def _undo_locked(
         except (CodeBusy, HookFailed):
             _safe_hooks(t, rec.hooks.get("fail_reverse", []))
             raise
-        report.pause_us = stats.pause_us
+        self.report.pause_us = stats.pause_us
         checkpoint("undo:after-stop")
-        report.warnings.extend(_late_hooks(t, rec.hooks.get("post_reverse", []),
-                                           "post_reverse"))
+
+    def post_hooks(self) -> None:
+        """post_reverse hooks: a failure is a warning (the original code is back)."""
+        self.report.warnings.extend(_late_hooks(self.t, self.rec.hooks.get("post_reverse", []),
+                                                "post_reverse"))
+
+    def release(self) -> None:
+        """Unmap the update -- unless the program still holds pointers into it (a string
+        the new code stored in a global, a callback it registered): unmapping would crash it
+        later, so the memory stays, marked reverted; the jumps are gone all the same."""
+        from livesplice.process.remote import remote_munmap
+
+        rec, t = self.rec, self.t
         ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
-        record_map = sm.record if sm else None
-        held = pointers_into(pid, ours, exclude=[*ours, *([record_map] if record_map else [])],
-                             stack_pointers=sps)
+        record_map = self.sm.record if self.sm else None
+        held = pointers_into(self.pid, ours,
+                             exclude=[*ours, *([record_map] if record_map else [])],
+                             stack_pointers=self.sps)
         if held is None or held:
-            # The program still holds pointers into the update (a string the new code
-            # stored in a global, a callback registered with a new function): unmapping
-            # would crash it later. Keep the memory; the jumps are gone all the same.
             rec.reverted = True
-            _journal(pid, update_id, "recorded", rec)
+            _journal(self.pid, self.id, "recorded", rec)
             blob = rec.encode()
             if record_map and len(blob) <= record_map[1] - record_map[0]:
                 t.write(record_map[0], blob)
             why = ("the program's writable memory is too large to scan" if held is None
                    else "the program still holds pointers into it, e.g. at "
                    + ", ".join(f"{a:#x}" for a in held[:3]))
-            report.warnings.append(f"undo kept update {update_id}'s memory mapped: {why}")
+            self.report.warnings.append(f"undo kept update {self.id}'s memory mapped: {why}")
         else:
             for rng in (rec.code, rec.data, record_map):
                 if rng and rng[1] > rng[0]:
                     remote_munmap(t, rng[0], rng[1] - rng[0])
             checkpoint("undo:unmapped")
-            journal.remove_entry(pid, update_id)
-        close_stale_descriptors(t, update_id)
-        return report
-    finally:
-        t.detach()
-        _note_stops(report, t)
+            journal.remove_entry(self.pid, self.id)
+        close_stale_descriptors(t, self.id)
 
 
 POINTER_SCAN_LIMIT = int(os.environ.get("LIVESPLICE_POINTER_SCAN_LIMIT", str(4 << 30)))
