@@ -119,6 +119,7 @@ def check_expected_shape(name: str, expected: dict[str, Any]) -> None:
     assert expected.get("exit") in (0, 3), f"{name}: exit must be 0 or 3"
     if name.endswith("-FAIL"):
         assert expected["exit"] == 3 and expected.get("reason"), f"{name}: needs exit 3 + reason"
+        assert set(expected) <= {"exit", "reason", "refusal_items"}, f"{name}: unknown key"
     elif expected.get("nothing_to_do"):
         assert expected["exit"] == 0 and "targets" not in expected
     else:
@@ -126,6 +127,13 @@ def check_expected_shape(name: str, expected: dict[str, Any]) -> None:
         for tname, t in expected["targets"].items():
             assert set(t) <= {*FUNCTION_KEYS, "units", "kind"}, f"{name}/{tname}: unknown key"
             assert any(k in t for k in FUNCTION_KEYS), f"{name}/{tname}: checks nothing"
+
+
+def refusal_items(stderr: str) -> int:
+    """How many items the REFUSED paragraph lists (its indented detail lines)."""
+    lines = stderr.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "REFUSED" in ln)
+    return sum(1 for ln in lines[start + 1:] if ln.startswith("  "))
 
 
 def compare_targets(expected: dict[str, Any], info: dict[str, Any]) -> list[str]:
@@ -193,6 +201,8 @@ def test_case(case: Path, tmp_path: Path) -> None:
         text = text.replace(str(tmp_path), "<tmp>").lower()
         missing = [r for r in expected["reason"] if r.lower() not in text]
         assert not missing, f"refusal does not mention {missing}:\n{report}"
+        if "refusal_items" in expected:
+            assert refusal_items(create.stderr) == expected["refusal_items"], report
         assert list(out.parent.iterdir()) == [], "a refused patch must not write an update"
         return
 

@@ -16,7 +16,7 @@ import pytest
 
 from livesplice.diff.compare import LineMap
 from livesplice.diff.elfmodel import Status, load_object
-from livesplice.diff.engine import UnitDiff, diff_objects, unresolvable_keys
+from livesplice.diff.engine import UnitDiff, diff_objects, refusals_once_per_type, unresolvable_keys
 from livesplice.update.format import Target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -517,3 +517,29 @@ def test_once_flag_added_before_unchanged_functions(tmp_path: Path) -> None:
     assert ud.changed_functions == []
     assert len(ud.refusals) == 1
     assert ud.refusals[0].startswith("section .data.once grew (8 -> 12 bytes) by new variable(s)")
+
+
+def test_layout_change_is_said_once_per_type_over_units(tmp_path: Path) -> None:
+    """Two units using one grown header struct: one item, both units, what changed."""
+    h_pre = "struct req { int id; unsigned a : 3; unsigned b : 5; char name[8]; };\n"
+    h_post = "struct req { long id; unsigned a : 3; unsigned c : 2; char name[8]; };\n"
+    src = '#include "u.h"\nint {}(struct req *r) {{ return r->a; }}\n'
+    uds = [diff(_mkdir(tmp_path / unit), src.format(fn), src.format(fn), name=unit,
+                header=(h_pre, h_post))
+           for unit, fn in (("one.c", "first"), ("two.c", "second"))]  # fmt: skip
+    assert all(len(ud.refusals) == 1 and len(ud.layout_changes) == 1 for ud in uds)
+    other = "x: initial value of existing data changed [rule: changed initial value]"
+    merged = refusals_once_per_type([other, *uds[0].refusals, *uds[1].refusals], uds)
+    assert merged[0] == other and len(merged) == 2, merged
+    text = merged[1]
+    assert text.startswith("struct req: memory layout changed [rule: changed struct layouts]")
+    assert "size 16 -> 24 bytes" in text, text
+    assert "added c (unsigned int:4 at bit67:2b); removed b" in text, text
+    assert "moved a bit32:3b -> bit64:3b, name 5 -> 9" in text, text
+    assert "retyped id int:4 -> long int:8" in text, text
+    assert "2 unit(s) (one.c, two.c) by functions first, second" in text, text
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path

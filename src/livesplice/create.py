@@ -20,7 +20,7 @@ from livesplice.update.archive import write_update
 from livesplice.update.format import Hook, Manifest, Target, check_update_id
 
 if TYPE_CHECKING:
-    from livesplice.diff.engine import DiffResult
+    from livesplice.diff.engine import DiffResult, UnitDiff
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -42,6 +42,8 @@ class OutputChange:
     new_functions: list[str] = field(default_factory=list)
     new_data: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    # the diffs of its units not in the update (their refusals are said once per type)
+    unit_diffs: list[UnitDiff] = field(default_factory=list, repr=False)
 
     def describe(self) -> str:
         """One line for a person: what it is and what changed in it."""
@@ -294,7 +296,7 @@ def other_changed_outputs(
     """
     from livesplice.diff.compare import LineMap
     from livesplice.diff.elfmodel import strip_clone_numbers
-    from livesplice.diff.engine import DiffJob, diff_many
+    from livesplice.diff.engine import DiffJob, diff_many, refusals_once_per_type
 
     chosen = {link.name for link in selected.links}
     outputs = {link.name: _output_change(link) for link in pair.links if link.name not in chosen}
@@ -315,7 +317,7 @@ def other_changed_outputs(
                 out.changed_functions.extend(ud.changed_functions)
                 out.new_functions.extend(ud.new_functions)
                 out.new_data.extend(ud.new_data)
-                out.refusals.extend(ud.refusals)
+                out.unit_diffs.append(ud)
     # units shared with a selected output: the update's own diff says what changed in them
     shipped = [s for t in diff.targets for s in t.sections]
     for unit in pair.units:
@@ -345,7 +347,8 @@ def other_changed_outputs(
         out.changed_functions = sorted(set(out.changed_functions))
         out.new_functions = sorted(set(out.new_functions))
         out.new_data = sorted(set(out.new_data))
-        out.refusals = sorted(set(out.refusals))
+        out.refusals = sorted(set(refusals_once_per_type(
+            [*out.refusals, *(r for ud in out.unit_diffs for r in ud.refusals)], out.unit_diffs)))
         if out.changed_functions or out.new_functions or out.new_data or out.refusals:
             changed.append(out)
     return sorted(changed, key=lambda o: o.name)

@@ -36,6 +36,7 @@ from livesplice.diff.elfmodel import (
     load_object,
     strip_clone_numbers,
 )
+from livesplice.diff.layout import LayoutChange
 from livesplice.errors import PatchRefused
 from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
 
@@ -98,6 +99,8 @@ class UnitDiff:
     hooks: list[UnitHook] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    # the layout refusals of ``refusals`` as data, to be said once per type over all units
+    layout_changes: list[LayoutChange] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -157,6 +160,7 @@ def diff_build(
         unit_diffs.append((new_targets, ud))
     for removed in sorted(pair.removed_units):
         warnings.append(f"{removed}: unit removed by the patch; its running code stays as is")
+    refusals = refusals_once_per_type(refusals, diffs)
     if refusals:
         raise PatchRefused(
             f"the patch has {len(refusals)} change(s) that cannot be applied live",
@@ -193,6 +197,60 @@ def refuse_changed_asm(pair: BuildPair, refusals: list[str]) -> None:
             f"{path}: assembly source changed [rule: changed assembly sources]: livesplice "
             "correlates compiler output only; move the change into C code"
         )
+
+
+LAYOUT_ADVICE = (
+    "objects in the running program keep the old layout; add a shadow variable for the new "
+    "field (see livesplice.h) instead of changing the type"
+)
+
+
+def unit_layout_refusal(unit: str, change: LayoutChange) -> str:
+    """The layout refusal of one unit, as :func:`diff_objects` reports it."""
+    return (f"{unit}: {change.type_key}: memory layout changed [rule: changed struct "
+            f"layouts] ({change.what}); used by {_some(change.users, 6)}: {LAYOUT_ADVICE}")
+
+
+def refusals_once_per_type(refusals: list[str], diffs: Iterable[UnitDiff]) -> list[str]:
+    """``refusals`` with the units' layout items replaced by one item per changed type.
+
+    A grown struct in a header is seen by every unit that includes it (nghttp2: 5 items for
+    2 structs; libwebp: 10 for 2 types), each with the whole layout inline; the author needs
+    it once: what changed, in which units, used by which functions and data.
+    """
+    diffs = list(diffs)
+    per_unit = {unit_layout_refusal(ud.unit, c) for ud in diffs for c in ud.layout_changes}
+    if not per_unit:
+        return refusals
+    return [r for r in refusals if r not in per_unit] + layout_refusals(diffs)
+
+
+def layout_refusals(diffs: Iterable[UnitDiff]) -> list[str]:
+    """One refusal per changed type (and per distinct change of it) over all ``diffs``."""
+    groups: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+    for ud in diffs:
+        for c in ud.layout_changes:
+            units, users = groups.setdefault((c.type_key, c.what), (set(), set()))
+            units.add(ud.unit)
+            users.update(c.users)
+    out = []
+    for (type_key, what), (units, users) in sorted(groups.items()):
+        functions = sorted(u.removeprefix("function ") for u in users if u.startswith("function "))
+        data = sorted(u.removeprefix("data ") for u in users if u.startswith("data "))
+        used = [f"{label} {_some(names, 8)}" for label, names in
+                (("functions", functions), ("data", data)) if names]  # fmt: skip
+        out.append(
+            f"{type_key}: memory layout changed [rule: changed struct layouts]: {what}; "
+            f"used in {len(units)} unit(s) ({_some(sorted(units), 10)})"
+            + (f" by {' and '.join(used)}" if used else "") + f": {LAYOUT_ADVICE}"
+        )
+    return out
+
+
+def _some(names: Sequence[str], limit: int) -> str:
+    """The first ``limit`` names, and how many more there are."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def targets_of_new_unit(
@@ -822,13 +880,16 @@ class _UnitContext:
             )
             return
         for change in compare_layouts(pre_types, post_types):
-            users = ", ".join(change.users[:6]) + (" ..." if len(change.users) > 6 else "")
-            self.ud.refusals.append(
-                f"{self.unit}: {change.type_key}: memory layout changed [rule: changed struct "
-                f"layouts] (pre {change.pre} -> post {change.post}); used by {users}: objects "
-                "in the running program keep the old layout; add a shadow variable for the "
-                "new field (see livesplice.h) instead of changing the type"
-            )
+            variable = change.type_key.removeprefix("variable ")
+            if variable != change.type_key and any(
+                r.startswith(f"{variable}: size of existing data changed")
+                for r in self.ud.refusals
+            ):
+                continue  # the data rule already said it, with the sizes
+            # the unit's own item (a caller diffing one unit needs it); diff_build says it
+            # once per type over every unit (refusals_once_per_type)
+            self.ud.layout_changes.append(change)
+            self.ud.refusals.append(unit_layout_refusal(self.unit, change))
 
     # -- selection ------------------------------------------------------------------------
     def select_sections(self) -> None:

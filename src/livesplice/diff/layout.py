@@ -40,12 +40,32 @@ _QUALIFIERS = (
 )
 
 
+@dataclass(frozen=True)
+class Member:
+    """One member of an aggregate as the layout sees it."""
+
+    name: str  # "" for an anonymous member
+    where: str  # byte offset ("8"), or bit offset and width of a bit-field ("bit33:3b")
+    layout: str  # the member type's layout text
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Size and members of an aggregate: what a person is told changed, beyond "differs"."""
+
+    size: int | None
+    members: tuple[Member, ...] = ()
+
+
 @dataclass
 class UnitTypes:
     """The layouts of the named types of one object and who uses them."""
 
     layouts: dict[str, str] = field(default_factory=dict)  # type key -> layout text
+    shapes: dict[str, Shape] = field(default_factory=dict)  # type key -> size and members
     variables: dict[str, str] = field(default_factory=dict)  # variable -> layout of its type
+    # variable -> the named type it is an object of ("struct session"), when it is one
+    variable_types: dict[str, str] = field(default_factory=dict)
     users: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
@@ -54,7 +74,9 @@ class LayoutChange:
     type_key: str  # "struct req", "typedef cfg_t", or "variable table"
     pre: str
     post: str
-    users: list[str]
+    users: list[str]  # "function f", "data v"
+    # what changed, for a person: "size 16 -> 24 bytes; added started (long:8 at 8); ..."
+    what: str = ""
 
 
 def read_unit_types(path: Path) -> UnitTypes | None:
@@ -78,13 +100,46 @@ def compare_layouts(pre: UnitTypes, post: UnitTypes) -> list[LayoutChange]:
             continue
         users = sorted(post.users.get(key, set()) | pre.users.get(key, set()))
         if users:
-            changes.append(LayoutChange(key, pre.layouts[key], post.layouts[key], users))
+            what = describe_change(pre.shapes.get(key), post.shapes.get(key),
+                                   pre.layouts[key], post.layouts[key])  # fmt: skip
+            changes.append(LayoutChange(key, pre.layouts[key], post.layouts[key], users, what))
+    refused = {c.type_key for c in changes}
     for var in sorted(set(pre.variables) & set(post.variables)):
+        if post.variable_types.get(var) in refused:
+            continue  # said once, with the type: the variable is among its users
         if pre.variables[var] != post.variables[var]:
-            changes.append(
-                LayoutChange(f"variable {var}", pre.variables[var], post.variables[var], [var])
-            )
+            a, b = pre.variables[var], post.variables[var]
+            changes.append(LayoutChange(f"variable {var}", a, b, [f"data {var}"],
+                                        f"type {_short(a)} -> {_short(b)}"))
     return changes
+
+
+def describe_change(pre: Shape | None, post: Shape | None, pre_text: str, post_text: str) -> str:
+    """What differs between two layouts of one type, in words: the size, then members added,
+    removed, moved (offset) and retyped. The whole layout text only when nothing more
+    specific can be said (a change inside an anonymous member, an enum's size)."""
+    parts: list[str] = []
+    if pre is not None and post is not None:
+        if pre.size != post.size:
+            parts.append(f"size {pre.size} -> {post.size} bytes")
+        before = {m.name or f"(anonymous #{i})": m for i, m in enumerate(pre.members)}
+        after = {m.name or f"(anonymous #{i})": m for i, m in enumerate(post.members)}
+        added = [f"{n} ({_short(m.layout)} at {m.where})" for n, m in after.items()
+                 if n not in before]
+        removed = [n for n in before if n not in after]
+        moved = [f"{n} {before[n].where} -> {m.where}" for n, m in after.items()
+                 if n in before and before[n].where != m.where]
+        retyped = [f"{n} {_short(before[n].layout)} -> {_short(m.layout)}"
+                   for n, m in after.items() if n in before and before[n].layout != m.layout]
+        for label, items in (("added", added), ("removed", removed), ("moved", moved),
+                             ("retyped", retyped)):
+            if items:
+                parts.append(f"{label} " + ", ".join(items))
+    return "; ".join(parts) or f"layout {_short(pre_text)} -> {_short(post_text)}"
+
+
+def _short(text: str, limit: int = 48) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _name(die: Any) -> str | None:
@@ -162,26 +217,47 @@ def layout_of(die: Any | None, depth: int = 0) -> str:
         for m in die.iter_children():
             if m.tag not in ("DW_TAG_member", "DW_TAG_inheritance"):
                 continue
-            off = _int_attr(m, "DW_AT_data_member_location")
-            bit_off = _int_attr(m, "DW_AT_data_bit_offset")
-            bits = _int_attr(m, "DW_AT_bit_size")
-            where = f"{off}" if bit_off is None else f"bit{bit_off}"
-            if bits is not None:
-                where += f":{bits}b"
-            members.append(f"{_name(m) or ''}@{where}={layout_of(_type_of(m), depth + 1)}")
+            members.append(f"{_name(m) or ''}@{_where(m)}={layout_of(_type_of(m), depth + 1)}")
         decl = " decl" if "DW_AT_declaration" in die.attributes else ""
         return f"{{{size}{decl};{';'.join(members)}}}"
     return str(tag).removeprefix("DW_TAG_")
+
+
+def _where(member: Any) -> str:
+    """A member's place: its byte offset, or bit offset and width for a bit-field."""
+    off = _int_attr(member, "DW_AT_data_member_location")
+    bit_off = _int_attr(member, "DW_AT_data_bit_offset")
+    bits = _int_attr(member, "DW_AT_bit_size")
+    where = f"{off}" if bit_off is None else f"bit{bit_off}"
+    return where + (f":{bits}b" if bits is not None else "")
+
+
+def shape_of(die: Any) -> Shape:
+    """Size and members of a type (through qualifiers and typedefs), as :func:`layout_of`
+    sees them; an enum or a base type has a size and no members."""
+    while die is not None and die.tag in _QUALIFIERS:
+        die = _type_of(die)
+    if die is None:
+        return Shape(None)
+    members = []
+    if die.tag in _AGGREGATES:
+        for m in die.iter_children():
+            if m.tag not in ("DW_TAG_member", "DW_TAG_inheritance"):
+                continue
+            members.append(Member(_name(m) or "", _where(m), layout_of(_type_of(m), 1)))
+    return Shape(_int_attr(die, "DW_AT_byte_size"), tuple(members))
 
 
 def _visit_top(die: Any, out: UnitTypes) -> None:
     key = _type_key(die)
     if key is not None and "DW_AT_declaration" not in die.attributes:
         out.layouts[key] = layout_of(die)
+        out.shapes[key] = shape_of(die)
     if die.tag == "DW_TAG_variable" and "DW_AT_location" in die.attributes:
         name = _name(die) or _name_via_specification(die)
         if name and not _is_const(_type_of(die)):
             out.variables[name] = layout_of(_type_of(die))
+            _note_variable_type(out, name, _type_of(die))
             for k in _reachable_type_keys(_type_of(die)):
                 out.users[k].add(f"data {name}")
     if die.tag == "DW_TAG_subprogram" and "DW_AT_declaration" not in die.attributes:
@@ -192,10 +268,22 @@ def _visit_top(die: Any, out: UnitTypes) -> None:
                 if _is_static_location(loc) and not _is_const(_type_of(child)):
                     var = f"{name}::{_name(child)}"
                     out.variables[var] = layout_of(_type_of(child))
+                    _note_variable_type(out, var, _type_of(child))
             for k in _reachable_type_keys(_type_of(child)):
                 out.users[k].add(f"function {name}")
         for k in _reachable_type_keys(_type_of(die)):
             out.users[k].add(f"function {name}")
+
+
+def _note_variable_type(out: UnitTypes, var: str, die: Any | None) -> None:
+    """Record the named type ``var`` is an object (or an array) of, through qualifiers and
+    typedefs: ``static struct conn pool[4]`` changes exactly when struct conn does."""
+    while die is not None:
+        key = _type_key(die)
+        if key is not None:
+            out.variable_types[var] = key
+            return
+        die = _type_of(die) if die.tag in (*_QUALIFIERS, "DW_TAG_array_type") else None
 
 
 def _is_const(die: Any | None) -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from livesplice.diff.engine import DiffJob, UnitDiff, diff_many
+from livesplice.diff.engine import DiffJob, UnitDiff, diff_many, refusals_once_per_type
 from livesplice.errors import PatchRefused
 from livesplice.kernel.kbuild import KernelBuild
 from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
@@ -93,7 +93,8 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
                 tuple(sorted(set(kernel_ignored(u.pre)) | set(kernel_ignored(u.post)))))
         for u in units if u.post is not None
     ]  # fmt: skip
-    for unit, ud in zip(units, diff_many(jobs, line_map=line_map), strict=True):
+    diffs = diff_many(jobs, line_map=line_map)
+    for unit, ud in zip(units, diffs, strict=True):
         assert unit.post is not None
         refusals.extend(ud.refusals)
         warnings.extend(ud.warnings)
@@ -108,6 +109,7 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
             specials.setdefault(obj, []).extend(tables)
         if ud.changed:
             per_obj.setdefault(obj, []).append(ud)
+    refusals = refusals_once_per_type(refusals, diffs)
     if refusals:
         raise PatchRefused(
             f"the patch has {len(refusals)} change(s) that cannot be applied to a live kernel",
