@@ -349,3 +349,15 @@ def test_dsc_checksums_are_read() -> None:
             "Files:\n " + "c" * 32 + " 10 curl_1.orig.tar.gz\n")
     assert _dsc_files(text) == {"curl_1.orig.tar.gz": "a" * 64,
                                 "curl_1-1.debian.tar.xz": "b" * 64}
+
+
+def test_a_pre_tree_that_does_not_build_is_the_harness_failure(tmp_path: Path) -> None:
+    out = parse_create_output(4, "", "livesplice: BUILD_FAILED: the unpatched tree does not "
+                              "build ('make' exited with status 2)\n", 1.0, tmp_path / "u")
+    assert out.status == "harness"
+    assert verdict("harness", "apply") == "harness"
+    post = parse_create_output(4, "", "livesplice: BUILD_FAILED: the patched tree does not "
+                               "build\n", 1.0, tmp_path / "u")
+    assert post.status == "failed"  # the patch broke the build: that is an answer
+    r = RowResult(row={"expected": "apply"}, outcome="harness", verdict="harness")
+    assert "did not build here" in summary_line([r])

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "LIVESPLICE_EVAL_CACHE", Path.home() / ".cache" / "livesplice" / "eval")),
         help="downloads, trees, updates and per-row results (default ~/.cache/livesplice/eval)")
     p.add_argument("--build", help="build command for create (default: a clean "
-                   "dpkg-buildpackage -b -uc -us on each side)")
+                   "dpkg-buildpackage -B -uc -us on each side)")
     p.add_argument("-j", "--jobs", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep create's build directories")
     p.add_argument("--table-only", action="store_true",

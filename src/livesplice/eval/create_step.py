@@ -23,7 +23,7 @@ from livesplice.errors import ExitCode
 # config-common-stamp), so an incremental post build can compile nothing and report a false
 # "nothing to do". Units that recompile into identical objects still count as unchanged
 # (the build is reproducible: same paths, SOURCE_DATE_EPOCH from debian/changelog).
-DEFAULT_BUILD = "debian/rules clean >/dev/null && dpkg-buildpackage -nc -b -uc -us"
+DEFAULT_BUILD = "debian/rules clean >/dev/null && dpkg-buildpackage -nc -B -uc -us"
 BUILD_ENV = {"DEB_BUILD_OPTIONS": "nocheck", "DPKG_GENSYMBOLS_CHECK_LEVEL": "0"}
 KEPT_PREFIX = "livesplice: kept the build directory "
 
@@ -94,4 +94,8 @@ def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
     reason = head.removeprefix("livesplice: ")
     details = [ln.strip() for ln in lines if ln is not head][:40]
     status = "refused" if code == ExitCode.REFUSED else "failed"
+    if code == ExitCode.BUILD_FAILED and "the unpatched tree does not build" in reason:
+        # the package's own build failed before livesplice had anything to answer: the
+        # harness's failure (a build-dependency, the machine), not the tool's
+        status = "harness"
     return CreateOutcome(status, seconds, code, reason, details, workdir=workdir)

@@ -50,6 +50,7 @@ def summary_line(results: Sequence[RowResult]) -> str:
     wrong = Counter((r.outcome, str(r.row["expected"])) for r in results
                     if r.verdict == "mismatch")
     failed = sum(r.verdict == "failed" for r in results)
+    harness = sum(r.verdict == "harness" for r in results)
     unsafe = sum(r.verdict == "UNSAFE" for r in results)
     parts = [f"{ok['applied']} applied live (same PID, 0 failed requests)",
              f"{ok['nothing']} correctly nothing to do",
@@ -60,6 +61,9 @@ def summary_line(results: Sequence[RowResult]) -> str:
            for (outcome, expected), c in sorted(wrong.items())]
     if failed:
         bad.append(f"{failed} failed")
+    if harness:
+        bad.append(f"{harness} whose unpatched package did not build here (the harness's "
+                   "failure, no answer from livesplice)")
     if bad:
         text += "; " + ", ".join(bad)
     return text + f"; {unsafe} unsafe applies (applied where it should refuse)."

@@ -35,9 +35,10 @@ VERDICTS = {
 
 
 def verdict(outcome: str, expected: str) -> str:
-    """``ok``, ``UNSAFE`` (applied when it should be refused), ``failed`` or ``mismatch``."""
-    if outcome == "failed":
-        return "failed"
+    """``ok``, ``UNSAFE`` (applied when it should be refused), ``failed``, ``mismatch``, or
+    ``harness`` (the package's own pre tree did not build here: no answer from livesplice)."""
+    if outcome in ("failed", "harness"):
+        return outcome
     return VERDICTS.get((outcome, expected), "mismatch")
 
 
