@@ -361,3 +361,37 @@ def test_a_pre_tree_that_does_not_build_is_the_harness_failure(tmp_path: Path) -
     assert post.status == "failed"  # the patch broke the build: that is an answer
     r = RowResult(row={"expected": "apply"}, outcome="harness", verdict="harness")
     assert "did not build here" in summary_line([r])
+
+
+def test_generic_library_workload_calls_the_changed_call_graph(tmp_path: Path) -> None:
+    """A library no workload knows: the driver calls an exported caller of the changed
+    (hidden) function with zero arguments; one that crashes on NULL is skipped."""
+    from livesplice.eval.workloads import GenericLibraryWorkload, generic_candidates
+
+    src = tmp_path / "lib.c"
+    src.write_text(
+        "#include <string.h>\n"
+        "__attribute__((visibility(\"hidden\"), noinline)) int helper(const char *s)\n"
+        "{ return s ? (int)strlen(s) : -1; }\n"
+        "int deref_first(int *p) { return *p + helper(\"x\"); }\n"
+        "int safe_entry(const char *s) { return helper(s) + 1; }\n")
+    obj, lib = tmp_path / "lib.o", tmp_path / "libgen.so.1"
+    subprocess.run(["gcc", "-O2", "-fPIC", "-ffunction-sections", "-c", str(src), "-o",
+                    str(obj)], check=True)
+    subprocess.run(["gcc", "-shared", "-Wl,-soname,libgen.so.1", "-o", str(lib), str(obj)],
+                   check=True)
+    candidates = generic_candidates(lib, ["helper"], [obj])
+    assert set(candidates) == {"deref_first", "safe_entry"}
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    wl = GenericLibraryWorkload(lib, rundir, sorted(candidates))  # deref_first tried first
+    try:
+        wl.start()
+        assert wl.function == "safe_entry"
+        first = wl.stats.requests
+        import time
+
+        time.sleep(0.3)
+        assert wl.stats.requests > first and wl.stats.failures == 0
+    finally:
+        wl.stop()

@@ -20,7 +20,13 @@ from livesplice.eval.sources import (
     make_shipped_trees,
     make_trees,
 )
-from livesplice.eval.workloads import Workload, WorkloadFailed, workload_for
+from livesplice.eval.workloads import (
+    GenericLibraryWorkload,
+    Workload,
+    WorkloadFailed,
+    generic_candidates,
+    workload_for,
+)
 
 SETTLE = 1.0  # seconds of load before and after each live step
 
@@ -199,7 +205,7 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
          progress: Any, debs: list[Path] | None = None) -> None:
     result.stage = "start"
     factory = workload_for(row.target)
-    if factory is None:
+    if factory is None and ".so" not in row.target:
         result.finish("failed", f"update created, but no workload knows how to run "
                       f"{row.target} (add one to livesplice.eval.workloads.WORKLOADS)")
         return
@@ -225,7 +231,15 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
         if binary != real:
             binary.symlink_to(real.name)
     log = rundir / "livesplice.log"
-    wl: Workload = factory(binary, rundir)
+    wl: Workload
+    if factory is not None:
+        wl = factory(binary, rundir)
+    else:  # a library no workload knows: call its changed call graph (GenericLibraryWorkload)
+        from livesplice.update.archive import read_update
+
+        changed = [f for t in read_update(update).manifest.targets for f in t.changed_functions]
+        wl = GenericLibraryWorkload(binary, rundir, generic_candidates(
+            binary.resolve(), changed, sorted((workdir / "pre").rglob("*.o"))))
     if debs:
         # the workloads' reproducers are for the corpus's own CVEs, not this fix's
         wl.has_reproducer = False

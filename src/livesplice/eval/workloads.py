@@ -638,6 +638,110 @@ class LibraryWorkload(Workload):
         return self._repro[-1]
 
 
+# Any library: call one exported function with all-zero arguments, over and over. Which
+# one is decided from the update (see GenericLibraryWorkload); the argument count is not
+# known, so six zero registers (the psABI's integer argument registers) are passed.
+DRIVER_GENERIC = r"""
+typedef long (*ANYFN)(long, long, long, long, long, long);
+static ANYFN fn;
+static int setup(char **argv) { fn = (ANYFN)sym(argv[2]); return 0; }
+static int work(void) { fn(0, 0, 0, 0, 0, 0); return 1; }
+static int reproduce(void) { return 0; }
+"""
+
+
+class GenericLibraryWorkload(LibraryWorkload):
+    """A library no dedicated workload knows: the driver keeps calling an exported function
+    of the changed call graph (``candidates``, best first) with zero arguments -- the first
+    that survives such calls in a probe run (a function that dereferences its NULL argument
+    is skipped). It keeps the patched code hot while apply runs; it checks survival, not
+    answers."""
+
+    driver_source = DRIVER_GENERIC
+
+    def __init__(self, binary: Path, rundir: Path, candidates: list[str]) -> None:
+        super().__init__(binary, rundir)
+        self.candidates = candidates
+        self.function = ""
+
+    def driver_args(self) -> list[str]:
+        return [self.function]
+
+    def start(self) -> None:
+        src, exe = self.rundir / "driver.c", self.rundir / "driver"
+        src.write_text(DRIVER_MAIN + self.driver_source)
+        cc = subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), "-ldl"],
+                            capture_output=True, text=True, check=False)
+        if cc.returncode != 0:
+            raise WorkloadFailed("the library driver does not compile",
+                                 details=cc.stderr.splitlines()[-10:])
+        tried = []
+        for name in self.candidates:
+            probe = subprocess.Popen([str(exe), str(self.binary), name],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     cwd=self.rundir, start_new_session=True)
+            time.sleep(0.3)  # thousands of calls
+            alive = probe.poll() is None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(probe.pid, signal.SIGKILL)
+            probe.wait()
+            if probe.stdout is not None:
+                probe.stdout.close()
+            if alive:
+                self.function = name
+                break
+            tried.append(f"{name}: exit {probe.returncode}")
+        if not self.function:
+            raise WorkloadFailed(
+                f"no exported function of {self.binary.name}'s changed call graph survives "
+                "calls with zero arguments", details=tried or ["no candidate"])
+        super().start()
+
+
+def generic_candidates(library: Path, changed: list[str], pre_objects: list[Path]) -> list[str]:
+    """Exported functions of ``library`` to call: the changed functions it exports, then
+    exported functions whose pre code calls a changed function (one level of the call graph,
+    from the pre build's objects)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+    from elftools.elf.sections import SymbolTableSection
+
+    exported: set[str] = set()
+    with open(library, "rb") as f:
+        dynsym = ELFFile(f).get_section_by_name(".dynsym")
+        if isinstance(dynsym, SymbolTableSection):
+            exported = {s.name for s in dynsym.iter_symbols()
+                        if s["st_info"]["type"] == "STT_FUNC" and s["st_shndx"] != "SHN_UNDEF"
+                        and s["st_info"]["bind"] != "STB_LOCAL"}
+    bases = {c.split(".")[0] for c in changed}
+    out = [c for c in sorted(bases) if c in exported]
+    for obj in pre_objects:
+        try:
+            with open(obj, "rb") as f:
+                elf = ELFFile(f)
+                symtab = elf.get_section_by_name(".symtab")
+                if not isinstance(symtab, SymbolTableSection):
+                    continue
+                by_section: dict[int, list[str]] = {}
+                for sym in symtab.iter_symbols():
+                    if sym["st_info"]["type"] == "STT_FUNC" and sym.name in exported \
+                            and isinstance(sym["st_shndx"], int):
+                        by_section.setdefault(sym["st_shndx"], []).append(sym.name)
+                for sec in elf.iter_sections():
+                    if not isinstance(sec, RelocationSection):
+                        continue
+                    callers = by_section.get(sec["sh_info"], [])
+                    if not callers:
+                        continue
+                    targets = {symtab.get_symbol(r["r_info_sym"]).name
+                               for r in sec.iter_relocations()}
+                    if targets & bases:
+                        out.extend(c for c in callers if c not in out)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 class CurlWorkload(LibraryWorkload):
     driver_source = DRIVER_CURL
     has_reproducer = True
