@@ -8,6 +8,9 @@ needs, collected into ONE :class:`PatchRefused`:
 * a replaced function without the ``call __fentry__`` at its entry (``notrace``, and all of
   ``lib/``, whose Makefile removes the ftrace flags): livepatch redirects through ftrace and
   cannot reach it;
+* patch sites: every ``pre`` section carries the ``.parainstructions`` and
+  ``.altinstructions`` sites of the pre object inside it (:func:`attach_patch_sites`), so
+  run-pre matching accepts the kernel's boot-time rewrites there and nowhere else;
 * special sections, entry by entry: the kernel's tables are never compared as data (the
   engine ignores them); instead every entry of ``__bug_table``, ``__jump_table`` and
   ``__ex_table`` whose code address lies in shipped code is copied into the livepatch module
@@ -103,6 +106,7 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
             refusals.extend(kernel_refusals(ud, unit.post))
             pre_obj = load_object(unit.pre, unit.source) if unit.pre != unit.post else None
             post_obj = load_object(unit.post, unit.source)
+            attach_patch_sites(ud, pre_obj or post_obj)
             refusals.extend(symbolize_multi_object_refs(ud, pre_obj, post_obj, learn))
             tables, problems = copy_special_entries(ud, pre_obj, post_obj, obj)
             refusals.extend(problems)
@@ -130,6 +134,20 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
     )  # fmt: skip
     return KernelDiff(targets, sorted(set(warnings)), hooks,
                       {k: v for k, v in specials.items() if k in per_obj}, learn)  # fmt: skip
+
+
+def attach_patch_sites(ud: UnitDiff, pre: ElfObject) -> None:
+    """Give every ``pre`` code section of the unit the paravirt and alternative sites the
+    pre object's tables list inside it: the running kernel rewrote those bytes at boot, and
+    run-pre matching accepts there exactly what it may have written (kernel/kmatch.py)."""
+    from livesplice.kernel.patchsites import read_sites
+
+    by_section = read_sites(pre)
+    for s in ud.sections:
+        if s.role == "pre" and s.executable:
+            name = s.key.split(":", 1)[1]
+            s.sites = [x for x in by_section.get(name, ())
+                       if x.offset >= 0 and x.offset + x.length <= s.size]  # fmt: skip
 
 
 def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:

@@ -16,7 +16,13 @@ are accepted, each for its own reason:
 * a static call site may point straight at its current target (HAVE_STATIC_CALL_INLINE);
 * on a uniprocessor boot, ``lock`` prefixes became ``ds`` prefixes (alternatives_smp_unlock);
 * a branch with a rel8 displacement in one and rel32 in the other (``-ffunction-sections``
-  changes some tail jumps) when both reach the same place.
+  changes some tail jumps) when both reach the same place;
+* at the paravirt and alternative sites the pre section lists (``Section.sites``, read from
+  the pre object's ``.parainstructions``/``.altinstructions`` at create): exactly the forms
+  apply_paravirt/apply_alternatives may have written (livesplice.kernel.patchsites): a
+  direct call of the function the running ``pv_ops`` slot holds, the replacement with the
+  kernel's nops, or the original with its nop padding optimized. Not a wildcard: a site
+  showing anything else is NO_MATCH naming the site kind and what was found.
 
 A mismatch is NO_MATCH naming the function and the offset, before anything is loaded.
 """
@@ -28,14 +34,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livesplice.arch.x86_64 import (
+    MASK64,
+    PC_RELATIVE,
     Insn,
+    decode,
     decode_one,
     fields_masked,
     reloc_field,
+    signed,
     symbol_address,
 )
 from livesplice.errors import NoMatch
-from livesplice.update.format import Section, Target
+from livesplice.kernel.patchsites import (
+    X86_NOPS,
+    BootFacts,
+    Form,
+    describe,
+    original_form,
+    site_forms,
+)
+from livesplice.update.format import PatchSite, Reloc, Section, Target
 
 
 @dataclass
@@ -91,6 +109,27 @@ class KernelImage:
     def candidates(self, name: str, module: str | None) -> list[KSym]:
         """The symbols called ``name`` in ``module`` (None: vmlinux), in kallsyms order."""
         return [s for s in self.by_name.get(name, []) if s.module == module]
+
+    def boot_facts(self) -> BootFacts:
+        """The running ``pv_ops`` table and the paravirt special targets (kcore), which
+        decide what apply_paravirt wrote at each site; a kernel without ``pv_ops``
+        (no CONFIG_PARAVIRT) gets none, so its sites must show the original code."""
+        def unique(name: str) -> int | None:
+            c = self.candidates(name, None)
+            return c[0].addr if len(c) == 1 else None
+
+        table = unique("pv_ops")
+        if table is None:
+            return BootFacts()
+        cache: dict[int, int] = {}
+
+        def pv_op(slot: int) -> int:
+            if slot not in cache:
+                cache[slot] = int.from_bytes(self.read(table + 8 * slot, 8), "little")
+            return cache[slot]
+
+        return BootFacts(pv_op=pv_op, paravirt_nop=unique("_paravirt_nop"),
+                         paravirt_bug=unique("paravirt_BUG"), symbol=unique)  # fmt: skip
 
     def sympos(self, sym: KSym) -> int:
         """Position among same-named symbols of its object (1-based), 0 when unique."""
@@ -158,73 +197,194 @@ def _differ(p: int, pi: Insn, ri: Insn, rb: bytes) -> _Mismatch:
                         f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
 
 
-def compare_code(sec: Section, running: bytes, base: int) -> dict[str, int]:
+def compare_code(
+    sec: Section, running: bytes, base: int, facts: BootFacts | None = None
+) -> dict[str, int]:
     """Compare pre code with running bytes at ``base``; return learned key -> address.
 
     Decoding, branch targets, nops and relocation fields are the shared x86-64 rules
     (livesplice.arch.x86_64); what is kernel-only is the list of boot-time rewrites in this
-    module's docstring.
+    module's docstring. ``facts`` (the running pv_ops table) decides the paravirt forms.
     """
+    facts = facts or BootFacts()
+    groups = _site_groups(sec.sites)
     pre = sec.bytes
+    for off, sites in groups.items():  # an unpatched alternative has its nops optimized
+        n = _group_length(sites)
+        pre = pre[:off] + original_form(sites, pre[off : off + n]) + pre[off + n :]
     rel_at = {r.offset: r for r in sec.relocs}
     learned: dict[str, int] = {}
     pmap: dict[int, int] = {}  # pre offset -> running offset (instruction starts)
     branches: list[tuple[int, int, int]] = []  # (pre off, pre target, running target)
     p = r = 0
+    site: tuple[int, int, int] | None = None  # (pre offset, end, running offset) of the
+    # site whose original code is being compared: a mismatch inside it names the site
     while p < len(pre):
         pmap[p] = r
-        pi = decode_one(pre[p:], p)
-        ri = decode_one(running[r:], base + r)
-        if pi is None:
-            raise _Mismatch(p, "pre code does not decode")
-        if ri is None:
-            raise _Mismatch(p, f"running code does not decode ({running[r:r + 8].hex()})")
-        plen = pi.size
-        rel = next((rel_at[o] for o in range(p, p + plen) if o in rel_at), None)
-        pb, rb = pi.raw, _relock(pi.raw, ri.raw)
-        if rel is not None:
-            sym = rel.symbol
-            if (sym == "__fentry__" and plen == 5 and ri.size == 5
-                    and (rb[:1] == b"\xe8" or ri.is_nop)):  # fmt: skip
-                p, r = p + 5, r + 5
+        if p in groups:
+            n = _group_length(groups[p])
+            hit = _match_rewritten(sec, groups[p], pre[p : p + n], running[r : r + n],
+                                   base + r, facts, learned)  # fmt: skip
+            if hit is not None:
+                if hit[0] is not None:
+                    branches.append((p, hit[0], hit[1]))
+                p, r = p + n, r + n
                 continue
-            if sym == "__x86_return_thunk" and pb[:1] == b"\xe9" and rb[:1] in (b"\xc3", b"\xe9"):
-                p, r = p + 5, r + 5
-                continue
-            if sym.startswith(("__x86_indirect_thunk_", "__x86_indirect_call_thunk_")):
-                p, r = p + plen, r + plen  # rewritten into an indirect branch + padding
-                continue
-            field = [(rel.offset, rel.type)]
-            if len(rb) != plen or fields_masked(pb, p, field) != fields_masked(rb, p, field):
-                if sym.startswith("__SCT__") and len(rb) == plen:
-                    p, r = p + plen, r + plen
-                    continue
-                raise _differ(p, pi, ri, rb)
-            pos = rel.offset - p
-            addr = symbol_address(rel.type, reloc_field(rb, pos, rel.type), base + r + pos,
-                                  rel.addend)  # fmt: skip
-            if addr is not None:
-                learned[sym] = addr
-            p, r = p + plen, r + plen
-            continue
-        if pb == rb:
-            t = pi.branch_target
-            if t is not None:
-                branches.append((p, t, ri.branch_target or 0))
-            p, r = p + plen, r + len(rb)
-            continue
-        if pi.mnemonic == ri.mnemonic and pi.branch_target is not None:
-            pt, rt = pi.branch_target, ri.branch_target
-            if pt is not None and rt is not None:
-                branches.append((p, pt, rt))
-                p, r = p + plen, r + len(rb)
-                continue
-        raise _differ(p, pi, ri, rb)
+            site = (p, p + n, r)
+        try:
+            p, r = _compare_insn(pre, running, base, p, r, rel_at, learned, branches)
+        except _Mismatch as m:
+            if site is None or not site[0] <= m.offset < site[1]:
+                raise
+            raise _site_mismatch(groups[site[0]], site[0], pre, running, site[2], base,
+                                 facts) from None  # fmt: skip
     for off, pt, rt in branches:
         if pt in pmap and rt != base + pmap[pt]:
             raise _Mismatch(off, f"branch goes to running {rt:#x}, expected "
                                  f"{base + pmap[pt]:#x} (pre offset {pt:#x})")  # fmt: skip
     return learned
+
+
+def _compare_insn(
+    pre: bytes, running: bytes, base: int, p: int, r: int, rel_at: dict[int, Reloc],
+    learned: dict[str, int], branches: list[tuple[int, int, int]],
+) -> tuple[int, int]:  # fmt: skip
+    """One pre instruction against the running code: the offsets after both."""
+    pi = decode_one(pre[p:], p)
+    ri = decode_one(running[r:], base + r)
+    if pi is None:
+        raise _Mismatch(p, "pre code does not decode")
+    if ri is None:
+        raise _Mismatch(p, f"running code does not decode ({running[r:r + 8].hex()})")
+    plen = pi.size
+    rel = next((rel_at[o] for o in range(p, p + plen) if o in rel_at), None)
+    pb, rb = pi.raw, _relock(pi.raw, ri.raw)
+    if rel is not None:
+        sym = rel.symbol
+        if (sym == "__fentry__" and plen == 5 and ri.size == 5
+                and (rb[:1] == b"\xe8" or ri.is_nop)):  # fmt: skip
+            return p + 5, r + 5
+        if sym == "__x86_return_thunk" and pb[:1] == b"\xe9" and rb[:1] in (b"\xc3", b"\xe9"):
+            return p + 5, r + 5
+        if sym.startswith(("__x86_indirect_thunk_", "__x86_indirect_call_thunk_")):
+            return p + plen, r + plen  # rewritten into an indirect branch + padding
+        field = [(rel.offset, rel.type)]
+        if len(rb) != plen or fields_masked(pb, p, field) != fields_masked(rb, p, field):
+            if sym.startswith("__SCT__") and len(rb) == plen:
+                return p + plen, r + plen
+            raise _differ(p, pi, ri, rb)
+        pos = rel.offset - p
+        addr = symbol_address(rel.type, reloc_field(rb, pos, rel.type), base + r + pos,
+                              rel.addend)  # fmt: skip
+        if addr is not None:
+            learned[sym] = addr
+        return p + plen, r + plen
+    if pb == rb:
+        t = pi.branch_target
+        if t is not None:
+            branches.append((p, t, ri.branch_target or 0))
+        return p + plen, r + len(rb)
+    if pi.mnemonic == ri.mnemonic and pi.branch_target is not None:
+        pt, rt = pi.branch_target, ri.branch_target
+        if pt is not None and rt is not None:
+            branches.append((p, pt, rt))
+            return p + plen, r + len(rb)
+    raise _differ(p, pi, ri, rb)
+
+
+# ---------------------------------------------------------------------------------------
+# patch sites (livesplice.kernel.patchsites has the kernel's rules)
+# ---------------------------------------------------------------------------------------
+
+
+def _site_groups(sites: list[PatchSite]) -> dict[int, list[PatchSite]]:
+    """Sites by offset: a paravirt call inside an ALTERNATIVE is listed by both tables,
+    ALTERNATIVE_2 twice by .altinstructions; all of them rewrite the same bytes."""
+    out: dict[int, list[PatchSite]] = {}
+    for s in sites:
+        out.setdefault(s.offset, []).append(s)
+    return out
+
+
+def _group_length(sites: list[PatchSite]) -> int:
+    return max(s.length for s in sites)
+
+
+def _match_rewritten(
+    sec: Section, sites: list[PatchSite], pre: bytes, window: bytes, addr: int,
+    facts: BootFacts, learned: dict[str, int],
+) -> tuple[int | None, int] | None:  # fmt: skip
+    """The first rewritten form of the sites that ``window`` (running bytes at ``addr``)
+    shows, or None. A form whose branch must reach a place in this same section returns
+    (pre offset of that place, running target) for the caller's branch check, otherwise
+    (None, 0); learned relocation fields go into ``learned``."""
+    for form in site_forms(sites, pre, facts):
+        hit = _form_matches(sec, form, window, addr, facts)
+        if hit is not None:
+            check, more = hit
+            learned.update({k: v for k, v in more.items() if k not in learned})
+            return check
+    return None
+
+
+def _form_matches(
+    sec: Section, form: Form, window: bytes, addr: int, facts: BootFacts
+) -> tuple[tuple[int | None, int], dict[str, int]] | None:
+    code = bytearray(form.code)
+    got = bytearray(window)
+    if len(got) != len(code):
+        return None
+    target: int | None = None
+    if form.branch is not None:
+        pos, width = form.branch
+        if code[0] == 0xE9 and got[0] == 0xEB and got[2:5] == X86_NOPS[3]:
+            # recompute_jump chose the 2-byte jmp (+ a 3-byte nop)
+            target = addr + 2 + signed(got[1], 8)
+            got[1:5] = code[1:5]
+            got[0] = 0xE9
+        elif got[:1] == code[:1]:
+            target = (addr + pos + width + signed(int.from_bytes(got[pos:pos + width],
+                                                                 "little"), 32)) & MASK64
+            got[pos : pos + width] = code[pos : pos + width]
+        else:
+            return None
+    masks = [(r.offset, r.type) for r in form.masked]
+    if fields_masked(bytes(got), 0, masks) != fields_masked(bytes(code), 0, masks):
+        return None
+    learned: dict[str, int] = {}
+    for r in form.masked:
+        a = symbol_address(r.type, reloc_field(window, r.offset, r.type), addr + r.offset,
+                           r.addend)  # fmt: skip
+        if a is not None and r.type not in PC_RELATIVE:  # PC-relative ones were not re-aimed
+            learned[r.symbol] = a
+    if target is None:
+        return (None, 0), learned
+    if form.target is not None:
+        return ((None, 0), learned) if target == form.target else None
+    rel = form.target_reloc
+    assert rel is not None
+    # the replacement's call/jmp field: S + A - P with P = field, so it reaches S + A + 4
+    reach = rel.addend + 4
+    if rel.symbol == sec.key:
+        return (reach, target), learned
+    known = facts.symbol(rel.symbol) if facts.symbol is not None else None
+    if known is not None and (known + reach) & MASK64 != target:
+        return None
+    learned[rel.symbol] = (target - reach) & MASK64
+    return (None, 0), learned
+
+
+def _site_mismatch(
+    sites: list[PatchSite], off: int, pre: bytes, running: bytes, r: int, base: int,
+    facts: BootFacts,
+) -> _Mismatch:  # fmt: skip
+    n = _group_length(sites)
+    found = running[r : r + n]
+    insns = ", ".join(f"{i.mnemonic} {i.op_str}".strip() for i in decode(found, base + r))
+    accepted = ["the original " + pre[off : off + n].hex()]
+    accepted += [f.what for f in site_forms(sites, pre[off : off + n], facts)]
+    return _Mismatch(off, f"{describe(sites)}, {n} bytes: found {found.hex()} ({insns}); "
+                          f"the kernel may write there only: {'; '.join(accepted)}")  # fmt: skip
 
 
 def run_pre_match_kernel(
@@ -235,6 +395,7 @@ def run_pre_match_kernel(
 
     result = KernelMatch()
     problems: list[str] = []
+    facts = image.boot_facts()
     for t in targets:
         obj = object_of(t)
         module = None if obj == "vmlinux" else obj
@@ -252,7 +413,7 @@ def run_pre_match_kernel(
             for c in cands:
                 try:
                     running = image.read(c.addr, sec.size + 64)
-                    ok.append((c, compare_code(sec, running, c.addr)))
+                    ok.append((c, compare_code(sec, running, c.addr, facts)))
                 except _Mismatch as m:
                     fails.append(f"{name}+{m.offset:#x} at {c.addr:#x}: {m.why}")
             if len(ok) != 1:

@@ -70,6 +70,33 @@ class Reloc:
     addend: int
 
 
+PatchSiteKind = Literal["paravirt", "alternative"]
+
+
+@dataclass
+class PatchSite:
+    """A place in ``pre`` code that the kernel rewrites at boot (or when a module loads),
+    read from the pre object's patch-site tables: run-pre matching accepts there exactly what
+    the kernel may have written (livesplice.kernel.patchsites) and compares the rest as usual.
+
+    * ``paravirt``: a ``.parainstructions`` entry (``call *pv_ops+8*pv_type(%rip)``, which
+      apply_paravirt turns into a direct call of the slot's function or nops);
+    * ``alternative``: an ``.altinstructions`` entry: the original instructions or, when the
+      CPU ``feature`` (word*32+bit, 0x8000 = "when absent") says so, ``replacement`` padded
+      with nops.
+
+    Updates made before this field existed have no sites: their sections match as before.
+    """
+
+    kind: PatchSiteKind
+    offset: int  # within the section
+    length: int  # bytes the kernel may rewrite
+    pv_type: int = 0  # paravirt: slot of struct paravirt_patch_template
+    feature: int = 0  # alternative: X86_FEATURE_* number, | 0x8000 for ALT_NOT
+    replacement: str = ""  # alternative: hex bytes of the replacement
+    relocs: list[Reloc] = field(default_factory=list)  # alternative: of the replacement
+
+
 @dataclass
 class Section:
     """A piece of code or data that travels in the update.
@@ -106,6 +133,8 @@ class Section:
     replaces: str | None = None
     # for role="hook": which hook it is
     hook: str | None = None
+    # for role="pre" of a kernel target: where the kernel rewrites this code at boot
+    sites: list[PatchSite] = field(default_factory=list)
 
     @property
     def bytes(self) -> bytes:
@@ -335,9 +364,31 @@ def _check_manifest(m: Manifest) -> None:
             for key, off in s.symbols.items():
                 if not 0 <= off <= s.size:
                     raise _Bad(f"{where}: symbol {key!r:.60} at {off} outside the section")
+            for site in s.sites:
+                _check_site(site, s, where)
     for h in m.hooks:
         if h.kind not in HOOK_KINDS:
             raise _Bad(f"hook {h.function!r:.60}: unknown kind {h.kind!r:.40}")
+
+
+MAX_PATCH_LEN = 255  # struct paravirt_patch_site.len and alt_instr.instrlen are u8
+
+
+def _check_site(site: PatchSite, s: Section, where: str) -> None:
+    """A patch site lies inside its section, its replacement fits in it, and the
+    replacement's relocations lie inside the replacement."""
+    if not 0 < site.length <= MAX_PATCH_LEN or not 0 <= site.offset <= s.size - site.length:
+        raise _Bad(f"{where}: {site.kind} site at {site.offset} (+{site.length}) outside the "
+                   "section")
+    if not 0 <= site.pv_type <= 0xFF or not 0 <= site.feature <= 0xFFFF:
+        raise _Bad(f"{where}: {site.kind} site at {site.offset}: type or feature out of range")
+    if not _HEX.fullmatch(site.replacement) or len(site.replacement) > 2 * site.length:
+        raise _Bad(f"{where}: {site.kind} site at {site.offset}: replacement not hex or longer "
+                   "than the site")
+    for r in site.relocs:
+        if not 0 <= r.offset < len(site.replacement) // 2:
+            raise _Bad(f"{where}: {site.kind} site at {site.offset}: relocation at {r.offset} "
+                       "outside the replacement")
 
 
 def manifest_from_dict(raw: object) -> Manifest:
