@@ -7,8 +7,10 @@ units each create compiled, outside anything livesplice reports about itself.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +120,27 @@ def test_the_cache_is_bounded_and_private(tmp_path: Path) -> None:
     (p.tree / "main.c").write_text(FILES["main.c"] + "/* another version */\n")
     p.create(FIX_B, "four", env={**p.env, "LIVESPLICE_PREBUILD_CACHE_MAX": "1"})
     assert [e.name for e in p.entries()] != [entry.name] and len(p.entries()) == 1
+
+
+def test_an_entry_in_use_is_not_waited_for_and_keep_tmp_keeps_the_tree(tmp_path: Path) -> None:
+    p = Project(tmp_path)
+    p.create(FIX_A, "one")
+    entry = p.entries()[0]
+    used = os.stat(entry / "meta.json").st_mtime_ns
+    fd = os.open(entry / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another create of this tree is running
+        p.create(FIX_B, "two")
+        assert p.compiled() == ["a.c", "b.c", "b.c", "main.c"], "built without the cache"
+        assert os.stat(entry / "meta.json").st_mtime_ns == used, "the entry was used"
+    finally:
+        os.close(fd)
+
+    r = p.create(FIX_B, "three", "--keep-tmp")
+    assert p.compiled() == ["b.c"]
+    kept = Path(r.stdout.split("kept the build directory ", 1)[1].split()[0])
+    try:
+        assert (kept / "tree" / "b.o").is_file() and (kept / "tree" / "prog").is_file()
+        assert not (entry / "site").exists()
+    finally:
+        shutil.rmtree(kept)
