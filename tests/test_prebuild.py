@@ -85,6 +85,12 @@ def test_a_second_fix_reuses_the_pre_build_and_makes_the_same_update(tmp_path: P
     assert (tmp_path / "fixb.update").read_bytes() == (tmp_path / "fixb-fresh.update").read_bytes()
     assert len(p.entries()) == 1  # --no-prebuild-cache kept nothing
 
+    # version-control metadata is not: a new branch in .git still reuses the pre build
+    (p.tree / ".git" / "refs" / "heads").mkdir(parents=True)
+    (p.tree / ".git" / "refs" / "heads" / "fix-b").write_text("0" * 40 + "\n")
+    p.create(FIX_B, "fixb-branch")
+    assert p.compiled() == ["b.c"]
+
     # the source is part of the key: another tree content builds afresh
     (p.tree / "main.c").write_text(FILES["main.c"] + "/* changed */\n")
     p.create(FIX_B, "fixb2")

@@ -6,7 +6,8 @@ shipped, unpatched) is the same for all of them and is most of a create's time (
 wrapper's records and the build log, is kept under a key that names everything the pre build
 depends on:
 
-- the source tree's contents (every path, its type, mode, and bytes or link target);
+- the source tree's contents (every path, its type, mode, and bytes or link target;
+  version-control metadata such as .git/ aside);
 - the build command;
 - the toolchain: each compiler and archiver the shims wrap (its real path and ``-v``
   output), ``ld -v``, and the installed Debian packages with their versions (system headers
@@ -67,6 +68,7 @@ DEFAULT_MAX_BYTES = 20 * 2**30
 FORMAT = "livesplice-prebuild 1"
 META_LIMIT = 1 << 20
 DPKG_STATUS = Path("/var/lib/dpkg/status")
+VCS_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "_darcs"})
 
 # Variables that cannot change what a build produces (the terminal, the login session, the
 # test runner), and those build_environment() sets itself whatever the caller had.
@@ -140,11 +142,15 @@ def prebuild_key(srcdir: Path, build_cmd: str, tools: dict[str, str],
 def source_tree_digest(srcdir: Path) -> str:
     """sha256 over every entry of the tree in a fixed order: relative path, type, permission
     bits, and the content's sha256 (files) or the target (symlinks). FIFOs, sockets and
-    devices are skipped, as the copy skips them."""
+    devices are skipped, as the copy skips them, and so is version-control metadata: a team
+    that keeps the tree in git makes each fix on a branch, and a new ref must not cost the
+    next fix its pre build (a version string a build takes from git can only be in code the
+    fix does not replace, or the fix changed it and it is in the post build)."""
     h = hashlib.sha256()
     srcdir = srcdir.resolve()
     for root, dirs, files in os.walk(srcdir):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if d not in VCS_DIRS)
+        files = [f for f in files if f not in VCS_DIRS]  # a submodule's .git is a file
         rel_root = os.path.relpath(root, srcdir)
         for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(root, d))]):
             path = os.path.join(root, name)
