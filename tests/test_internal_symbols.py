@@ -190,3 +190,44 @@ def test_fix_reading_another_units_global_applies_to_stripped_executable(
         prog.wait_for("got=-5", timeout=5)
     finally:
         prog.stop()
+
+
+WEAK = {
+    "a_default.c": "/* library default, overridable */\n"
+                   "__attribute__((weak)) int policy(int n) { return n + 1000; }\n",
+    "b_app.c": "/* the application's override */\nint policy(int n) { return n * 7 + 1; }\n",
+    "c_handler.c": "int handled;\nint handle(int n)\n{\n\thandled++;\n\treturn n;\n}\n",
+    "main.c": (
+        "#include <stdio.h>\n#include <unistd.h>\nint handle(int n);\nint policy(int n);\n"
+        "int main(void)\n{\n\tprintf(\"ready %d\\n\", policy(1)); fflush(stdout);\n"
+        "\tfor (;;) { printf(\"got=%d\\n\", handle(3)); fflush(stdout); usleep(20000); }\n}\n"
+    ),
+    "Makefile": (
+        "CFLAGS ?= -O2 -g\nOBJS = main.o a_default.o b_app.o c_handler.o\n"
+        "server: $(OBJS)\n\t$(CC) -o $@ $(OBJS)\n"
+        "%.o: %.c\n\t$(CC) $(CFLAGS) $(EXTRA) -c -o $@ $<\n"
+    ),
+}
+WEAK_EDITS = {"c_handler.c": [("int handled;", "int policy(int n);\nint handled;"),
+                              ("\treturn n;", "\treturn policy(n);")]}
+
+
+def test_a_weak_function_overridden_at_link_time_is_found_through_its_callers(
+        tmp_path: Path) -> None:
+    """The overridden weak copy is still in the file: its pre code would match there, and
+    the process would call dead code. A caller's relocation shows the linker's choice."""
+    tree = write_tree(tmp_path / "src", WEAK)
+    patch = make_patch(tree, WEAK_EDITS, tmp_path / "fix.patch")
+    update = create(tree, patch, "weak1", tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(tree, run)
+    build(run, "EXTRA=-fno-function-sections")
+    subprocess.run(["strip", "--strip-all", str(run / "server")], check=True)
+    prog = Running([str(run / "server")])
+    try:
+        prog.wait_for("ready 8")
+        r = livesplice("apply", str(update), "--pid", str(prog.pid), check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        prog.wait_for("got=22", timeout=5)  # the override: 3 * 7 + 1, never 1003
+    finally:
+        prog.stop()

@@ -427,12 +427,32 @@ class _PreObjects:
         return self._loaded[unit]
 
     def defining_code(self, name: str, unit: str) -> tuple[str, ElfObject, ObjSection] | None:
-        """The code section of ``unit``'s pre object that defines function ``name``."""
+        """The code section of ``unit``'s pre object that defines function ``name`` -- only
+        when that is the one strong definition in the target. A weak definition may have
+        been overridden at link time (its code is still in the file: matching would find
+        the dead copy), and with several definitions which one the linker kept is not known
+        here; a caller's relocation tells (:meth:`smallest_user`)."""
+        definitions = self.definitions(name)
+        if len(definitions) != 1 or definitions[0] != (unit, "global"):
+            return None
         obj = self.load(unit)
         sym = obj.symbol(name) if obj is not None else None
         if obj is None or sym is None or sym.section is None or not sym.section.is_code:
             return None
         return unit, obj, sym.section
+
+    def definitions(self, name: str) -> list[tuple[str, str]]:
+        """(unit, binding) of every non-local definition of ``name`` in the target's units
+        (a COMMON symbol counts as weak: the linker merges it)."""
+        out = []
+        for u in sorted(self.paths):
+            obj = self.load(u)
+            sym = obj.symbol(name) if obj is not None else None
+            if sym is not None and sym.bind != "local" and (sym.section is not None
+                                                            or sym.type == "object"):
+                common = sym.section is None
+                out.append((u, "weak" if common or sym.bind == "weak" else "global"))
+        return out
 
     def smallest_user(self, name: str, unit: str) -> tuple[str, ElfObject, ObjSection] | None:
         """The smallest pre function (its own unit's first) with a relocation to ``name``."""
