@@ -228,6 +228,55 @@ def test_decoy_named_like_the_target_does_not_stop_apply_all(
         faker.stop()
 
 
+def _malformed_program(src_dir: Path, out: Path) -> None:
+    """A program that runs fine but whose ELF metadata trips parsers: the build-id note's
+    name is not "GNU", and .comment claims 2^45 bytes."""
+    from elftools.elf.elffile import ELFFile
+
+    c = src_dir / "decoy.c"
+    c.write_text("#include <unistd.h>\nint main(void) { for (;;) pause(); }\n")
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(c)], check=True)
+    data = bytearray(out.read_bytes())
+    with open(out, "rb") as f:
+        elf = ELFFile(f)
+        for i, sec in enumerate(elf.iter_sections()):
+            if sec.name == ".note.gnu.build-id":
+                data[sec["sh_offset"] + 12 + 3] = ord("X")
+            if sec.name == ".comment":
+                hdr = elf["e_shoff"] + i * elf["e_shentsize"]
+                data[hdr + 32: hdr + 40] = (1 << 45).to_bytes(8, "little")
+    out.write_bytes(data)
+
+
+def test_a_running_decoy_with_malformed_elf_metadata_does_not_stop_apply_all(
+    user: pwd.struct_passwd, tmp_path: Path, patched: tuple[Running, Path]
+) -> None:
+    """Found by review: pyelftools' construct errors and a 2^45-byte section were not
+    among the errors a hostile file may cause: root's `apply --all` died with a traceback
+    before it reached the real target, and the agent with it."""
+    prog, update = patched
+    home = Path(user.pw_dir)
+    decoy = home / "prog"
+    _malformed_program(tmp_path, decoy)
+    shutil.chown(decoy, USER)
+    runner = Running(["runuser", "-u", USER, "--", str(decoy)])
+    try:
+        time.sleep(0.3)
+        assert runner.alive()
+        r = livesplice("apply", str(update), "--all", "--allow-unsigned", check=False)
+        assert "Traceback" not in r.stderr
+        assert f"applied host0001 to pid {prog.pid}" in r.stdout, r.stdout + r.stderr
+        prog.drain()
+        prog.wait_for("value 2")
+        from livesplice.service.client import running_build_ids
+
+        running_build_ids()  # the agent's scan of every process: no exception
+        livesplice("undo", "host0001", "--all")
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", USER, "-f", str(decoy)], capture_output=True)
+        runner.stop()
+
+
 def test_without_the_journal_view_is_read_only_and_undo_needs_from_target(
     patched: tuple[Running, Path]
 ) -> None:

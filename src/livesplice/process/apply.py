@@ -424,15 +424,15 @@ class _Splice:
         if isinstance(exc, UncleanHook):
             self.mapped.clear()  # never unmap what a half-run hook may use
             self.keep = True
-        elif isinstance(exc, TargetGone):
-            t.detach()  # collects the end of the process, and with it how it ended
-            # a process killed by a crash signal while it was being patched may have been
-            # harmed by it
-            if t.killed_by in CRASH_SIGNALS:
-                exc.crash_signal = t.killed_by  # the service's crash guard holds the update
-                exc.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) while "
-                                   "it was being patched")
         try:
+            if isinstance(exc, TargetGone):
+                t.detach()  # collects the end of the process, and with it how it ended
+                # a process killed by a crash signal while it was being patched may have
+                # been harmed by it
+                if t.killed_by in CRASH_SIGNALS:
+                    exc.crash_signal = t.killed_by  # the service's crash guard holds it
+                    exc.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) "
+                                       "while it was being patched")
             for addr, size in reversed(self.mapped):
                 remote_munmap(t, addr, size)
             if not self.keep:  # rolled back: nothing of the update is left in the process

@@ -22,6 +22,7 @@ from typing import Any
 from livesplice.process.procmaps import Mapping, read_maps
 
 PAGE = 0x1000
+COMMENT_MAX = 1 << 16  # a .comment larger than this is not a compiler's (read none of it)
 
 # Symbol types we keep (gABI st_info low nibble). STT_GNU_IFUNC (10) is a GNU extension:
 # the symbol's value is the address of a *resolver*, never of the function itself.
@@ -131,7 +132,7 @@ def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
                 for note in sec.iter_notes():
                     if note["n_type"] == "NT_GNU_BUILD_ID":
                         build_id = note["n_desc"]
-            elif sec.name == ".comment":
+            elif sec.name == ".comment" and sec["sh_size"] <= COMMENT_MAX:
                 comment = "\n".join(
                     s.decode(errors="replace") for s in sec.data().split(b"\0") if s
                 )
@@ -320,9 +321,13 @@ def elf_errors() -> tuple[type[BaseException], ...]:
         import struct
 
         from elftools.common.exceptions import ELFError, ELFParseError
+        from elftools.construct import ConstructError
 
-        ELF_ERRORS_CACHE = (OSError, ValueError, ELFError, ELFParseError, struct.error,
-                       IndexError, KeyError, AssertionError)
+        # pyelftools' construct errors are not ELFErrors; a size field of 2^45 is a
+        # MemoryError or an OverflowError; a name that is not text, a UnicodeError
+        ELF_ERRORS_CACHE = (OSError, ValueError, ELFError, ELFParseError, ConstructError,
+                            struct.error, IndexError, KeyError, AssertionError, MemoryError,
+                            OverflowError, UnicodeError, TypeError, RecursionError)
     return ELF_ERRORS_CACHE
 
 

@@ -82,7 +82,11 @@ class Agent:
         held = self.store.held()
         for pid in pids:
             bids = {b for b, ps in running.items() if pid in ps}
-            for r in patch_process(self.store, pid, bids, self.trusted, accepted, held):
+            try:
+                results = patch_process(self.store, pid, bids, self.trusted, accepted, held)
+            except Exception as e:  # one process (any user's) must never stop the agent
+                results = [_unexpected(pid, e)]
+            for r in results:
                 self.log({"event": "sweep", **r})
 
     def on_exec(self, pid: int, at_ns: int) -> None:
@@ -103,7 +107,7 @@ class Agent:
         wanted = process_build_ids(accepted)
         try:
             mapped = set(running_build_ids([pid]))
-        except OSError:
+        except Exception:  # gone, or files no ELF parser should choke the agent on
             mapped = set()
         found = mapped & wanted
         if not found:
@@ -115,6 +119,8 @@ class Agent:
             results = patch_process(self.store, pid, mapped, self.trusted, accepted)
         except LivespliceError as e:
             results = [{"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason}]
+        except Exception as e:  # one process (any user's) must never stop the agent
+            results = [_unexpected(pid, e)]
         waiting = [r for r in results if r.get("abort") == NoMatch.abort
                    and "cannot find symbol" in r.get("reason", "")]
         if waiting and not late:
@@ -193,6 +199,13 @@ def _warm_up() -> None:
     import livesplice.process.match
     import livesplice.process.remote
     import livesplice.process.stopwindow  # noqa: F401
+
+
+def _unexpected(pid: int, e: Exception) -> dict[str, Any]:
+    """An error livesplice did not foresee, while handling one process: reported for that
+    process (a bug to report), and the agent goes on with the others."""
+    return {"pid": pid, "status": "failed", "abort": "FAILED",
+            "reason": f"unexpected {type(e).__name__}: {e}"[:300]}
 
 
 def _dynamic(pid: int) -> bool:
