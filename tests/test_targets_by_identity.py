@@ -222,3 +222,45 @@ def test_program_in_another_mount_namespace(tmp_path: Path) -> None:
         prog.wait_for("reply=21", timeout=5)
     finally:
         prog.stop()
+
+
+def test_a_program_sharing_code_with_the_target_is_never_taken_for_it(tmp_path: Path) -> None:
+    """redis-benchmark links files redis-server does: its code matches the update's pre
+    code, but it is not the target. --verify-against records only the file installed under
+    the target's name, and `apply --all` patches only the target (found by review: both
+    build-ids were recorded, and --all patched the benchmark)."""
+    files = dict(FILES)
+    files["bench.c"] = (
+        "#include <stdio.h>\n#include <unistd.h>\nint reply(int n);\n"
+        "int main(void)\n{\n\tfor (;;) {\n\t\tprintf(\"bench=%d\\n\", reply(100));\n"
+        "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n")
+    files["Makefile"] = FILES["Makefile"].replace(
+        "redis-server: server.o reply.o", "all: redis-server redis-benchmark\n"
+        "redis-benchmark: bench.o reply.o\n\t$(CC) -o $@ bench.o reply.o\n"
+        "redis-server: server.o reply.o")
+    tree = write_tree(tmp_path / "src", files)
+    patch = make_patch(tree, EDITS, tmp_path / "fix.patch")
+    work = tmp_path / "archive"
+    shutil.copytree(tree, work)
+    build(work, "EXTRA=-fno-function-sections -fstack-protector-strong")
+    for name in ("redis-server", "redis-benchmark"):
+        subprocess.run(["strip", "--strip-all", str(work / name)], check=True)
+    out = tmp_path / "v.update"
+    r = livesplice("create", "--patch", str(patch), "--id", "ident8", "-o", str(out),
+                   "--target", "redis-server", "--verify-against", str(work), "--json",
+                   str(tree))
+    verified = json.loads(r.stdout)["verified"]
+    assert [v["file"] for v in verified] == ["redis-server"], verified
+    server = Running([str(work / "redis-server")])
+    bench = Running([str(work / "redis-benchmark")])
+    try:
+        server.wait_for("reply=14")
+        bench.wait_for("bench=200")
+        r = livesplice("apply", str(out), "--all")
+        assert f"pid {server.pid}" in r.stdout and f"pid {bench.pid}" not in r.stdout, r.stdout
+        server.wait_for("reply=21", timeout=5)
+        bench.drain()
+        bench.wait_for("bench=200")
+    finally:
+        server.stop()
+        bench.stop()

@@ -61,7 +61,8 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
     applied = 0
     for pid in pids:
         try:
-            r = apply_to_process(manifest, pid, retries=args.retries, interval=args.retry_interval)
+            r = apply_to_process(manifest, pid, retries=args.retries, interval=args.retry_interval,
+                                 by_code=not args.all)
         except NoMatch as e:
             if not args.all:
                 failures.append(e)

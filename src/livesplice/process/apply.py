@@ -201,8 +201,13 @@ def process_lock(pid: int) -> Iterator[None]:
         os.close(fd)
 
 
-def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
-    """Steps 1-3: find targets, run-pre match, plan. Reads only; the process is untouched."""
+def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Prepared]:
+    """Steps 1-3: find targets, run-pre match, plan. Reads only; the process is untouched.
+
+    ``by_code``: the user named this process (``--pid``): a program running under another
+    name than the update's executable target is tried by its code. Never for processes
+    found by a scan (``--all``, the agent): a program that merely shares code with the
+    target must not be patched because some user runs it."""
     from livesplice.process.image import find_images, main_executable
     from livesplice.process.load import plan_load
     from livesplice.process.match import run_pre_match
@@ -222,7 +227,7 @@ def prepare(manifest: Manifest, pid: int) -> list[_Prepared]:
         images = find_images(pid, target.name, maps, build_ids=target.build_ids,
                              skipped=skipped)
         by_code = False
-        if not images and target.kind == "executable":
+        if not images and target.kind == "executable" and by_code:
             # a program runs under any name (Debian's redis-server is a symlink to
             # redis-check-rdb): its code decides, not its name
             exe = main_executable(pid, maps)
@@ -310,7 +315,8 @@ def _late_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> list[str]
 
 
 def apply_to_process(
-    manifest: Manifest, pid: int, *, retries: int = 5, interval: float = 1.0
+    manifest: Manifest, pid: int, *, retries: int = 5, interval: float = 1.0,
+    by_code: bool = False,
 ) -> ApplyReport:
     """Splice ``manifest`` into process ``pid``: the steps of this module's docstring.
 
@@ -320,7 +326,7 @@ def apply_to_process(
     check_process(pid)
     with process_lock(pid), _exit_wins(pid, "apply"):
         existing = _clear_the_way(manifest, pid, retries=retries, interval=interval)
-        prepared = prepare(manifest, pid)  # steps 1-3
+        prepared = prepare(manifest, pid, by_code=by_code)  # steps 1-3
         near = _reach(prepared)
         with _Splice(pid, manifest.id) as run:
             regions = run.map(prepared, near)  # step 4

@@ -485,15 +485,25 @@ def file_image(path: str) -> tuple[MappedImage, list[Mapping], Callable[[int, in
     if not maps:
         raise ValueError(f"{path} has no loadable segment")
 
+    # what mmap maps for each PT_LOAD: whole pages of the file from p_offset's page, up to
+    # the end of its file part (the rest of the segment: zeros, as for .bss); a segment need
+    # not start on a page boundary (lld's layouts)
+    pieces = []
+    for vaddr, memsz, off, filesz, _flags in facts.loads:
+        lo = base + (vaddr & ~(PAGE - 1))
+        hi = base + ((vaddr + memsz + PAGE - 1) & ~(PAGE - 1))
+        file_lo = off & ~(PAGE - 1)
+        file_hi = off + filesz
+        pieces.append((lo, hi, file_lo, file_hi))
+
     def read(addr: int, n: int) -> bytes:
         out = bytearray()
         while n > 0:
-            for vaddr, memsz, off, filesz, _flags in facts.loads:
-                rel = addr - base - vaddr
-                if 0 <= rel < memsz:
-                    take = min(n, memsz - rel)
-                    chunk = data[off + rel: off + min(rel + take, filesz)] if rel < filesz \
-                        else b""
+            for lo, hi, file_lo, file_hi in pieces:
+                if lo <= addr < hi:
+                    take = min(n, hi - addr)
+                    pos = file_lo + (addr - lo)
+                    chunk = data[pos: min(pos + take, file_hi)] if pos < file_hi else b""
                     out += chunk + b"\0" * (take - len(chunk))
                     addr, n = addr + take, n - take
                     break

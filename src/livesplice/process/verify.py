@@ -9,10 +9,13 @@ matching file's build-id in the target (:class:`livesplice.update.format.Verifie
 then recognises the running image by identity, whatever its path.
 
 Inputs are ELF files, directories, or Debian packages (``.deb``, unpacked with
-``dpkg-deb -x`` into a private temporary directory). A file is tried for a target when its
-name, a symlink's name to it, or its soname is the target's name; an executable target is
-also tried against every executable by its code (a rename). A file named like the target
-whose code does not match is an error: the update does not fit it.
+``dpkg-deb -x`` into a private temporary directory; several packages form one tree, as once
+installed). A file in a directory or package is tried for a target only when its name, a
+symlink's name to it, or its soname is the target's name -- never by its code alone: a
+program that merely shares code with the target (redis-benchmark and redis-server share
+files) must not be recorded as the target, or apply and the agent would patch it. A file
+given on its own is the user's word: it is also tried for the update's only executable.
+A file tried whose code does not match is an error: the update does not fit it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ class Candidate:
     shown: str  # how it is named in reports: "usr/bin/redis-check-rdb"
     origin: str  # the argument it came from (a .deb's file name, or the path)
     names: set[str] = field(default_factory=set)  # its file name and symlinks' names
+    explicit: bool = False  # given on its own on the command line
 
 
 @dataclass
@@ -62,19 +65,18 @@ def verify_targets(manifest: Manifest, inputs: list[Path], *,
     with _Unpacked(inputs) as candidates:
         report = VerifyReport({}, [])
         problems: list[str] = []
+        programs = [t.name for t in manifest.targets if t.kind == "executable"]
         for target in manifest.targets:
             found: dict[str, Verified] = {}  # build-id -> the files that have it
-            tried: list[str] = []
             for c in candidates:
                 try:
                     facts = elf_facts(str(c.path))
                 except elf_errors():
                     continue
                 named = target.name in c.names or target.name == facts.soname
-                is_program = facts.etype == "ET_EXEC" or not facts.soname
-                if not named and not (target.kind == "executable" and is_program
-                                      and facts.etype in ("ET_EXEC", "ET_DYN")):
-                    continue
+                only_program = c.explicit and programs == [target.name] and not facts.soname
+                if not named and not only_program:
+                    continue  # only the file the package installs under the target's name
                 bid = gnu_build_id(str(c.path))
                 if bid and bid in found:  # the same file again (Debian's redis-check-*)
                     v = found[bid]
@@ -83,11 +85,8 @@ def verify_targets(manifest: Manifest, inputs: list[Path], *,
                 try:
                     match = match_file(str(c.path), target, compiler=manifest.compiler)
                 except NoMatch as e:
-                    if named:
-                        problems.append(f"{c.origin}: {c.shown} is {target.name} but its code "
-                                        f"is not the update's pre code: {e.reason}")
-                    else:
-                        tried.append(c.shown)
+                    problems.append(f"{c.origin}: {c.shown} is {target.name} but its code "
+                                    f"is not the update's pre code: {e.reason}")
                     continue
                 if not bid:
                     report.warnings.append(
@@ -103,8 +102,8 @@ def verify_targets(manifest: Manifest, inputs: list[Path], *,
                 report.dropped.append(target.name)
                 continue
             if not found and not any(target.name in p for p in problems):
-                names = ", ".join(tried[:6]) or "no file named like it"
-                problems.append(f"{target.name}: no given file matched it (tried: {names})")
+                problems.append(f"{target.name}: no given file is named like it (its file "
+                                "name, a symlink's name, or its soname)")
             target.verified = sorted(found.values(), key=lambda v: (v.origin, v.file))
             report.verified[target.name] = target.verified
         manifest.targets = [t for t in manifest.targets if t.name not in report.dropped]
@@ -128,12 +127,13 @@ class _Unpacked:
         self.tmp: Path | None = None
 
     def __enter__(self) -> list[Candidate]:
-        out: list[Candidate] = []
+        plain: list[Candidate] = []
+        roots: list[tuple[Path, str]] = []  # (tree, what it came from)
         for arg in self.inputs:
             if not arg.exists():
                 raise UsageError(f"--verify-against {arg}: no such file or directory")
             if arg.is_dir():
-                out.extend(_walk(arg, str(arg)))
+                roots.append((arg, str(arg)))
             elif arg.name.endswith((".deb", ".ddeb")):
                 if self.tmp is None:
                     self.tmp = Path(tempfile.mkdtemp(prefix="livesplice-verify-"))
@@ -143,40 +143,44 @@ class _Unpacked:
                 if r.returncode != 0:
                     raise UsageError(f"--verify-against {arg}: not a Debian package "
                                      f"({r.stderr.strip()[:200]})")
-                out.extend(_walk(dest, _deb_label(arg)))
+                roots.append((dest, _deb_label(arg)))
             else:
-                out.append(Candidate(arg, arg.name, str(arg), {arg.name}))
-        return out
+                plain.append(Candidate(arg, arg.name, str(arg), {arg.name}, explicit=True))
+        return plain + _walk(roots)
 
     def __exit__(self, *exc: object) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _walk(root: Path, origin: str) -> Iterator[Candidate]:
-    """Regular ELF files under ``root`` with their names, symlinks' names included (resolved
-    inside ``root`` only: a package's absolute link /usr/bin/x means ROOT/usr/bin/x)."""
-    files: dict[Path, Candidate] = {}
-    links: list[Path] = []
-    real_root = root.resolve()
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            p = Path(dirpath) / n
-            if p.is_symlink():
-                links.append(p)
-            elif p.is_file() and _is_elf(p):
-                files[p.resolve()] = Candidate(p, str(p.relative_to(root)), origin, {n})
+def _walk(roots: list[tuple[Path, str]]) -> list[Candidate]:
+    """Regular ELF files under the roots, with their names and the names of symlinks to
+    them. The roots are one file system, as the packages are once installed: Debian's
+    /usr/bin/redis-server (package redis-server) links to redis-check-rdb (redis-tools).
+    Links are resolved by path inside that union only, never through the host's files."""
+    files: dict[str, Candidate] = {}  # path relative to the roots -> its candidate
+    links: dict[str, str] = {}  # link path -> its target, both relative to the roots
+    for root, origin in roots:
+        for dirpath, _dirs, names in os.walk(root):
+            for n in names:
+                p = Path(dirpath) / n
+                rel = str(p.relative_to(root))
+                if p.is_symlink():
+                    target = os.readlink(p)
+                    base = "/" if target.startswith("/") else "/" + os.path.dirname(rel)
+                    links.setdefault(rel, os.path.normpath(os.path.join(base, target))[1:])
+                elif p.is_file() and rel not in files and _is_elf(p):
+                    files[rel] = Candidate(p, rel, origin, {n})
     for link in sorted(links):
-        target = os.readlink(link)
-        dest = real_root / target.lstrip("/") if target.startswith("/") else link.parent / target
-        try:
-            real = dest.resolve()
-        except OSError:
-            continue
-        if real.is_relative_to(real_root) and real in files:
-            files[real].names.add(link.name)
-            files[real].shown += f" (<- {link.relative_to(root)})"
-    yield from sorted(files.values(), key=lambda c: c.shown)
+        dest = links[link]
+        for _ in range(8):  # a link to a link
+            if dest not in links:
+                break
+            dest = links[dest]
+        if dest in files:
+            files[dest].names.add(os.path.basename(link))
+            files[dest].shown += f" (<- {link})"
+    return sorted(files.values(), key=lambda c: c.shown)
 
 
 def _deb_label(deb: Path) -> str:
