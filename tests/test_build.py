@@ -491,3 +491,23 @@ def test_rebuild_that_misses_the_patch_is_an_error_not_nothing_to_do(tmp_path: P
         build(src, patch, tmp_path)
     assert "did not recompile" in info.value.reason
     assert any("orig/calc.c" in d for d in info.value.details)
+
+
+def test_code_options_see_what_changes_code(tmp_path: Path) -> None:
+    """Found by review: two-word options, response files and the compiler itself were not
+    compared; the order of macro definitions does not matter."""
+    from livesplice.build.builder import code_options
+
+    def same(a: list[str], b: list[str]) -> bool:
+        return code_options(a) == code_options(b)
+
+    assert not same(["gcc", "-D", "_FORTIFY_SOURCE=2", "x.c"], ["gcc", "-D", "_FORTIFY_SOURCE=3"])
+    assert not same(["gcc", "-include", "a.h"], ["gcc", "-include", "b.h"])
+    assert not same(["gcc", "-I", "inc1"], ["gcc", "-I", "inc2"])
+    assert not same(["gcc-12", "-O2"], ["gcc-13", "-O2"])
+    one, two = tmp_path / "one.rsp", tmp_path / "two.rsp"
+    one.write_text("-O2 -DX=1\n")
+    two.write_text("-O3 -DX=1\n")
+    assert not same(["gcc", f"@{one}"], ["gcc", f"@{two}"])
+    assert same(["gcc", "-DA", "-DB", "-c", "x.c", "-o", "x.o", "-MD", "-MF", "x.d"],
+                ["/usr/bin/gcc", "-DB", "-DA", "-c", "y.c", "-o", "y.o"])

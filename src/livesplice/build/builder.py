@@ -248,13 +248,16 @@ def build_post(build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: 
         post = collect_build(workdir, tree, "post", archives=pre.archives)
         missed = _missed(tree, applied.touched, pre, post, jobs)
         drift = flag_drift(pre, post)
-    if drift:
+    if drift and not any(_is_build_file(f) for f in applied.touched):
+        # (a patch that edits the build itself changes options on purpose: the diff then
+        # shows every function they change)
         raise BuildFailed(
             "the patched tree was compiled with other options than the unpatched one",
             details=drift,
             advice="the update's code must be built exactly like the running code (a lost "
-            "-D_FORTIFY_SOURCE or -O level changes every function); use a --build command "
-            "that passes the same flags on every run",
+            "-D_FORTIFY_SOURCE or -O level changes every function); options that change on "
+            "every build (a -D with the date) make that impossible; use a --build command "
+            "that passes the same options on every run",
         )
     if missed:
         raise BuildFailed(
@@ -447,22 +450,53 @@ def post_build_command(build_cmd: str) -> str:
 # options that do not change the code of a unit: where its output and dependency files go
 _NAMING_OPTIONS = ("-o", "-MF", "-MT", "-MQ")
 _NAMING_FLAGS = ("-MD", "-MMD", "-MP", "-M", "-MM", "-c")
+# options whose value may be the next word (gcc(1): -D NAME, -include FILE, ...)
+_PAIRED = ("-D", "-U", "-I", "-include", "-imacros", "-isystem", "-iquote", "-idirafter",
+           "-x", "--param", "-Xassembler", "-Xpreprocessor", "-Xlinker", "-MF", "-MT", "-MQ",
+           "-o")
 
 
 def code_options(argv: list[str]) -> list[str]:
-    """The options of a compile command that decide its code (input and output names, and
-    dependency-file options, left out)."""
-    out: list[str] = []
-    skip = False
+    """What of a compile command decides its code: the compiler, its options in order (a
+    two-word option as one: ``-D X`` is ``-DX``; the contents of ``@file`` response files
+    expanded), with the macro definitions as a sorted set; input and output names and
+    dependency-file options left out."""
+    words: list[str] = []
     for a in argv[1:]:
-        if skip:
-            skip = False
-        elif a in _NAMING_OPTIONS:
-            skip = True
-        elif a.startswith("-") and not a.startswith(_NAMING_OPTIONS) \
-                and a not in _NAMING_FLAGS:
-            out.append(a)
-    return out
+        if a.startswith("@") and os.path.isfile(a[1:]):
+            try:
+                words.extend(shlex.split(Path(a[1:]).read_text(errors="replace")))
+                continue
+            except (OSError, ValueError):
+                pass
+        words.append(a)
+    joined: list[str] = []
+    k = 0
+    while k < len(words):
+        w = words[k]
+        if w in _PAIRED and k + 1 < len(words):
+            joined.append(w + words[k + 1] if w.startswith("-") and len(w) == 2 else
+                          f"{w} {words[k + 1]}")
+            k += 2
+            continue
+        joined.append(w)
+        k += 1
+    out = [os.path.basename(argv[0]) if argv else ""]
+    defines: list[str] = []
+    for w in joined:
+        if w.startswith(_NAMING_OPTIONS) or w in _NAMING_FLAGS or not w.startswith("-"):
+            continue
+        (defines if w.startswith(("-D", "-U")) else out).append(w)
+    return out + sorted(defines)
+
+
+_BUILD_FILES = re.compile(
+    r"(^|/)(GNUmakefile|[Mm]akefile(\.\w+)?|[^/]*\.mk|CMakeLists\.txt|[^/]*\.cmake|"
+    r"configure(\.ac|\.in)?|meson\.build|meson_options\.txt|debian/rules)$")
+
+
+def _is_build_file(path: str) -> bool:
+    return bool(_BUILD_FILES.search(path))
 
 
 def flag_drift(pre: BuildResult, post: BuildResult) -> list[str]:
