@@ -84,3 +84,8 @@ def test_a_source_fetched_by_url_must_be_signed(tmp_path: Path) -> None:
     with pytest.raises(SourceUnavailable, match="signature could not be verified"):
         unpack_source(pool / dsc.name, tmp_path / "bad")
     assert not (tmp_path / "bad" / "tree.c").exists()
+    # a validly signed .dsc of another version, served under the requested name
+    other = pool / "tree_2.1.1-1.dsc"
+    other.write_text(text)
+    with pytest.raises(SourceUnavailable, match="not the version its name says"):
+        unpack_source(other, tmp_path / "other")

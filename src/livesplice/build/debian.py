@@ -84,11 +84,25 @@ def unpack_source(dsc: Path, dest: Path, *, skip_patches: bool = False) -> None:
 
     :raises SourceUnavailable: the signature cannot be verified, or unpacking failed.
     """
-    from_pool = any(line.startswith(f"{dsc.name} from ")
-                    for line in _unverified_lines(dsc.parent))
+    from_pool = fetched_by_url(dsc)
     cmd = ["dpkg-source", *(["--skip-patches"] if skip_patches else []),
            *(["--require-valid-signature"] if from_pool else []), "-x", str(dsc), str(dest)]
+    fields = dict(line.split(": ", 1) for line in dsc.read_text(errors="replace").splitlines()
+                  if ": " in line and not line.startswith((" ", "-")))
+    source, _, version = dsc.name.removesuffix(".dsc").partition("_")
+    if fields.get("Source") != source or _no_epoch(fields.get("Version", "")) != version:
+        raise SourceUnavailable(
+            f"{dsc.name} describes {fields.get('Source', '?')} {fields.get('Version', '?')}, "
+            "not the version its name says")
     try:
+        if from_pool:
+            # Debian developers' keys only (not dpkg's default keyrings, which add Debian
+            # Maintainers' and root's own trusted keys)
+            if not DEBIAN_KEYRING.exists():
+                raise SourceUnavailable(f"{DEBIAN_KEYRING} is missing",
+                                        details=[f"cannot check {dsc.name}'s signature"])
+            run(["gpgv", "--keyring", str(DEBIAN_KEYRING), str(dsc)],
+                what=f"gpgv {dsc.name}")
         run(cmd, what=f"dpkg-source -x {dsc.name}")
     except SourceUnavailable as e:
         if from_pool:
@@ -100,6 +114,14 @@ def unpack_source(dsc: Path, dest: Path, *, skip_patches: bool = False) -> None:
                 "archive index lists",
             ) from None
         raise
+
+
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-keyring.gpg")
+
+
+def fetched_by_url(path: Path) -> bool:
+    """Whether ``path`` came from a pool by URL (not through apt's signed index)."""
+    return any(line.startswith(f"{path.name} from ") for line in _unverified_lines(path.parent))
 
 
 def _unverified_lines(where: Path) -> list[str]:
@@ -136,17 +158,20 @@ def fetch_source_version(package: str, version: str, cache: Path) -> Path:
     return dsc
 
 
-POOLS = ("http://deb.debian.org/debian/pool/main",
-         "http://deb.debian.org/debian-security/pool/updates/main")
+POOLS = ("https://deb.debian.org/debian/pool/main",
+         "https://deb.debian.org/debian-security/pool/updates/main")
 
 
 def _pool_fetch(source: str, name: str, where: Path, sha256: str = "") -> Path:
     """Download ``name`` of source package ``source`` from Debian's pools.
 
     Superseded versions stay in the pool for a while after the index drops them (libcurl4
-    7.88.1-10+deb12u14 after deb12u15). NOT checked against a signed index: the .dsc's own
-    checksums are checked for the files it lists, nothing vouches for the .dsc itself or for
-    a .deb; the evaluation notes it (``unverified`` in the row's result).
+    7.88.1-10+deb12u14 after deb12u15). NOT checked against a signed index (over HTTPS, but
+    a mirror can serve anything): the .dsc's checksums are checked for the files it lists,
+    :func:`unpack_source` requires the .dsc's own uploader signature and its Source/Version;
+    nothing vouches for a .deb (used only to verify an update against; apply still matches
+    what runs). Each such file is noted in ``UNVERIFIED`` before it is written, so an
+    interrupted download is never taken for a verified one.
     """
     import hashlib
 
@@ -169,10 +194,11 @@ def _pool_fetch(source: str, name: str, where: Path, sha256: str = "") -> Path:
             continue
         if sha256 and hashlib.sha256(r.content).hexdigest() != sha256:
             raise SourceUnavailable(f"{url}: SHA-256 differs from the .dsc's")
+        with (where / "UNVERIFIED").open("a") as note:
+            note.write(f"{name} from {url}\n")
         tmp = out.with_name(out.name + ".part")
         tmp.write_bytes(r.content)
         tmp.replace(out)
-        (where / "UNVERIFIED").open("a").write(f"{name} from {url}\n")
         return out
     raise SourceUnavailable(f"{name} is not in the archive index nor in its pools",
                             details=errors)

@@ -190,8 +190,11 @@ def _deb_label(deb: Path) -> str:
     fields = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     if r.returncode != 0 or "Package" not in fields:
         return deb.name
+    from livesplice.build.debian import fetched_by_url
+
+    how = ", fetched by URL: not vouched for by the archive index" if fetched_by_url(deb) else ""
     return (f"Debian {fields['Package']} {fields.get('Version', '?')} "
-            f"({fields.get('Architecture', '?')})")
+            f"({fields.get('Architecture', '?')}{how})")
 
 
 def _is_elf(p: Path) -> bool:
