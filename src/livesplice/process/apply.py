@@ -226,13 +226,13 @@ def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Pre
     for target in manifest.targets:
         images = find_images(pid, target.name, maps, build_ids=target.build_ids,
                              skipped=skipped)
-        by_code = False
+        found_by_code = False
         if not images and target.kind == "executable" and by_code:
             # a program runs under any name (Debian's redis-server is a symlink to
             # redis-check-rdb): its code decides, not its name
             exe = main_executable(pid, maps)
             if exe is not None:
-                images, by_code = [exe], True
+                images, found_by_code = [exe], True
         for image in images:
             # a binary verified at create has no .comment (dh_strip) but needs no warning:
             # its code was compared with the update's then, and is again now
@@ -241,7 +241,7 @@ def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Pre
                 match = run_pre_match(read, image, target, maps,
                                       compiler="" if verified else manifest.compiler)
             except NoMatch as e:
-                if not by_code:
+                if not found_by_code:
                     raise
                 skipped.append(f"{image.path} in process {pid} is not named {target.name} and "
                                f"its code is not the update's pre code: {e.reason}")
@@ -249,7 +249,7 @@ def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Pre
             warnings = list(match.warnings)
             plan = plan_load(target, image, match, read, pid, maps)
             prepared.append(_Prepared(target.name, image, plan, warnings,
-                                      identify(target, image, by_code, len(match.functions))))
+                                      identify(target, image, found_by_code, len(match.functions))))
     if not prepared:
         names = ", ".join(t.name for t in manifest.targets)
         raise NoMatch(
