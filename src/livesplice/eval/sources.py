@@ -124,9 +124,10 @@ def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path,
         pinned = min(rules_pinned_tail(rules), len(entries))
         head, tail = entries[:len(entries) - pinned], entries[len(entries) - pinned:]
         shutil.copytree(pre, post, symlinks=True)
-        for e in fix_entries:
-            shutil.copy(newer / "debian" / "patches" / e.split()[0],
-                        post / "debian" / "patches" / e.split()[0])
+        for e in fix_entries:  # a series entry may be in a subdirectory (CVE-X/01-….patch)
+            dest = post / "debian" / "patches" / e.split()[0]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(newer / "debian" / "patches" / e.split()[0], dest)
         apply_series(pre, entries)
         apply_series(post, [*head, *fix_entries, *tail])
         shutil.rmtree(newer)
