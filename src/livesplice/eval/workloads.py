@@ -589,15 +589,20 @@ class LibraryWorkload(Workload):
     def driver_args(self) -> list[str]:
         return []
 
+    def compile_driver(self) -> Path:
+        """The driver program (built once per run directory)."""
+        src, exe = self.rundir / "driver.c", self.rundir / "driver"
+        if not exe.exists():
+            src.write_text(DRIVER_MAIN + self.driver_source)
+            cc = subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), "-ldl"],
+                                capture_output=True, text=True, check=False)
+            if cc.returncode != 0:
+                raise WorkloadFailed("the library driver does not compile",
+                                     details=cc.stderr.splitlines()[-10:])
+        return exe
+
     def start(self) -> None:
-        src = self.rundir / "driver.c"
-        exe = self.rundir / "driver"
-        src.write_text(DRIVER_MAIN + self.driver_source)
-        cc = subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), "-ldl"],
-                            capture_output=True, text=True, check=False)
-        if cc.returncode != 0:
-            raise WorkloadFailed("the library driver does not compile",
-                                 details=cc.stderr.splitlines()[-10:])
+        exe = self.compile_driver()
         lib = self.binary  # the runner copies it under its soname into a directory of its own
         errlog = self.log.open("ab")
         self.proc = subprocess.Popen([str(exe), str(lib), *self.driver_args()],
@@ -668,13 +673,7 @@ class GenericLibraryWorkload(LibraryWorkload):
         return [self.function]
 
     def start(self) -> None:
-        src, exe = self.rundir / "driver.c", self.rundir / "driver"
-        src.write_text(DRIVER_MAIN + self.driver_source)
-        cc = subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), "-ldl"],
-                            capture_output=True, text=True, check=False)
-        if cc.returncode != 0:
-            raise WorkloadFailed("the library driver does not compile",
-                                 details=cc.stderr.splitlines()[-10:])
+        exe = self.compile_driver()
         tried = []
         for name in self.candidates:
             probe = subprocess.Popen([str(exe), str(self.binary), name],
