@@ -94,6 +94,8 @@ def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
     reason = head.removeprefix("livesplice: ")
     details = [ln.strip() for ln in lines if ln is not head][:40]
     status = "refused" if code == ExitCode.REFUSED else "failed"
+    if code == ExitCode.TARGET_UNCHANGED:
+        status = "other-output"  # the fix changes code, but not in the row's target
     if code == ExitCode.BUILD_FAILED and "the unpatched tree does not build" in reason:
         # the package's own build failed before livesplice had anything to answer: the
         # harness's failure (a build-dependency, the machine), not the tool's
