@@ -5,9 +5,9 @@ groups the result by patched object (``vmlinux`` or a module) and adds what only
 needs, collected into ONE :class:`PatchRefused`:
 
 * ``__init``/``__exit`` code (``.init.text``, ``.exit.text``): already freed or never run again;
-* a replaced function without the ``call __fentry__`` at its entry (``notrace``, and all of
-  ``lib/``, whose Makefile removes the ftrace flags): livepatch redirects through ftrace and
-  cannot reach it;
+* (a replaced function without the ``call __fentry__`` at its entry -- ``notrace``, all of
+  ``lib/`` -- is not refused here: livepatch cannot reach it, so create switches it with
+  Ksplice's own mechanism, :mod:`livesplice.kernel.ksplice`)
 * patch sites: every ``pre`` section carries the ``.parainstructions`` and
   ``.altinstructions`` sites of the pre object inside it (:func:`attach_patch_sites`), so
   run-pre matching accepts the kernel's boot-time rewrites there and nowhere else;
@@ -161,12 +161,9 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
                 f"{s.unit}: {fns}: __init/__exit code changed [rule: __init code]: init "
                 "code has run and been freed; the change cannot take effect live"
             )
-        if s.role == "replacement" and not is_cold(s.name) and not has_fentry(s, ud):
-            out.append(
-                f"{s.unit}: {s.name}: no ftrace entry (call __fentry__) [rule: functions "
-                "without fentry]: notrace code (all of lib/ and some of arch/) cannot be "
-                "redirected by livepatch; patch its callers instead"
-            )
+        # a replaced function without an ftrace entry is not refused here: create sends
+        # it through Ksplice's own mechanism (livesplice.kernel.ksplice), which refuses
+        # what it cannot switch
     names = set(shipped) | {k.removesuffix("#post") for k in shipped}
     for special, users in special_entries(post).items():
         if special not in REFUSED_SPECIAL and special != ".altinstr_replacement":

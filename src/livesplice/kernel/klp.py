@@ -77,6 +77,9 @@ class ModulePlan:
     name: str  # module name: livesplice_<id>
     klp_symbols: dict[str, KlpSymbol]  # base -> symbol
     funcs: list[tuple[str, str, str]]  # (obj, function name, label) in sympos order
+    # functions without an ftrace entry, switched by Ksplice's own mechanism
+    # (livesplice.kernel.ksplice): (obj, function name, label, size) in ksplice_addr= order
+    ksplice: list[tuple[str, str, str, int]] = field(default_factory=list)
 
 
 def module_name(update_id: str) -> str:
@@ -309,7 +312,11 @@ def write_glue_c(plan: ModulePlan, targets: list[Target], hooks: list[Hook],
         hook_labels[h.kind] = label
         ret = "int" if h.kind == "pre_apply" else "void"
         out.append(f"extern {ret} {label}(void);")
-    objs = sorted({o for o, _, _ in plan.funcs})
+    objs = sorted({o for o, _, _ in plan.funcs} | ({"vmlinux"} if plan.ksplice else set()))
+    if plan.ksplice:
+        from livesplice.kernel.ksplice import glue_tables
+
+        out += glue_tables(plan.ksplice)
     for oi, obj in enumerate(objs):
         out.append(f"static struct klp_func lsp_funcs_{oi}[] = {{")
         for obj2, name, label in plan.funcs:
@@ -334,6 +341,8 @@ def write_glue_c(plan: ModulePlan, targets: list[Target], hooks: list[Hook],
             if k in CALLBACKS
         )
         cb = f" .callbacks = {{{cbs} }}," if cbs and oi == 0 else ""
+        if plan.ksplice and obj == "vmlinux":  # create refuses hooks beside the Ksplice path
+            cb = " .callbacks = { .pre_patch = lsp_ksplice_apply },"
         out.append(f"\t{{ .name = {name}, .funcs = lsp_funcs_{oi},{cb} }},")
     out += ["\t{ }", "};", ""]
     out += [
@@ -382,9 +391,14 @@ def build_module(tree: Path, moddir: Path, plan: ModulePlan, targets: list[Targe
     sympos = {b: 0 for b, s in plan.klp_symbols.items() if s.count <= 1}
     (moddir / "code.S").write_text(write_code_asm(plan, targets, sympos, specials))
     (moddir / "glue.c").write_text(write_glue_c(plan, targets, hooks, update_id, description))
+    extra = ""
+    if plan.ksplice:
+        from livesplice.kernel.ksplice import copy_module_source
+
+        extra = " " + copy_module_source(moddir)
     (moddir / "Kbuild").write_text(
         f"obj-m := {plan.name}.o\n"
-        f"{plan.name}-y := glue.o code.o\n"
+        f"{plan.name}-y := glue.o code.o{extra}\n"
         "# compiler output objtool has already processed once\n"
         "OBJECT_FILES_NON_STANDARD_code.o := y\n"
     )

@@ -39,7 +39,13 @@ _MODULES = ("_cffi_backend",)  # single-file extension modules (cryptography's _
 
 
 def overlay_path(kernel_dir: Path) -> Path:
-    return kernel_dir / "overlay.cpio.gz"
+    """One overlay per livesplice source tree: the kernel cache is shared by every checkout
+    (worktrees of several people on one machine), and an overlay built from another tree's
+    newer sources would otherwise pass the mtime check and run that tree's code."""
+    import hashlib
+
+    src = str(Path(__file__).resolve().parents[1])
+    return kernel_dir / f"overlay-{hashlib.sha256(src.encode()).hexdigest()[:12]}.cpio.gz"
 
 
 def ensure_overlay(kernel_dir: Path) -> Path:

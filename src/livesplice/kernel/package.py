@@ -85,7 +85,8 @@ def _kernel_json_problem(kernel: object) -> str:
         return "module is not a livesplice module name"
     if not isinstance(kernel.get("release", ""), str):
         return "release is not a string"
-    for key, fields in (("funcs", ("object", "name")), ("klp_symbols", ("object", "name"))):
+    for key, fields in (("funcs", ("object", "name")), ("klp_symbols", ("object", "name")),
+                        ("ksplice", ("object", "name"))):
         entries = kernel.get(key, [])
         if not isinstance(entries, list) or len(entries) > 65536:
             return f"{key} is not a list"

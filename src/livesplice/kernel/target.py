@@ -29,6 +29,7 @@ from livesplice.errors import (
     PatchRefused,
     UsageError,
 )
+from livesplice.kernel import ksplice
 from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Hook, Manifest
 
@@ -99,6 +100,12 @@ def create_kernel_update(
         modules = [t.name for t in targets if t.kind == "kernel_module"]
         tables = load_symbol_tables(build.tree, modules)
         plan = plan_module(uid, targets, tables, kd.specials, kd.learn)
+        # path selection: an ftrace entry -> livepatch; none -> Ksplice's own jump
+        ksplice_funcs = ksplice.select_functions(targets)
+        refused = ksplice.refusals(ksplice_funcs, manifest.hooks)
+        if refused:
+            raise PatchRefused("livesplice cannot make this update", refused)
+        ksplice.split_plan(plan, ksplice_funcs)
         ko = build_module(build.tree, workdir / "module", plan, targets, manifest.hooks, uid,
                           manifest.description, make_env(ksrc), kd.specials)  # fmt: skip
         seconds["module"] = time.monotonic() - t2
@@ -106,6 +113,7 @@ def create_kernel_update(
             "module": plan.name,
             "release": kernel_release(ksrc),
             "funcs": [{"object": o, "name": n} for o, n, _ in plan.funcs],
+            "ksplice": [{"object": o, "name": n} for o, n, _, _ in plan.ksplice],
             "klp_symbols": [
                 {"object": s.obj, "name": s.name, "count": s.count, "key": s.key,
                  "learn": list(s.learn) if s.learn else None}
@@ -203,10 +211,12 @@ def apply_to_kernel(
     module = set_klp_sympos(module, match.klp_sympos)
     sympos = [str(match.func_sympos.get(f"{f['object']}.{f['name']}", 0))
               for f in kernel["funcs"]]  # fmt: skip
+    params = [f"sympos={','.join(sympos)}"] if sympos else []
+    params += ksplice.module_params(kernel, match.functions, image.read)
     with tempfile.TemporaryDirectory(prefix="livesplice-kapply-") as tmp:
         ko = Path(tmp) / f"{name}.ko"
         ko.write_bytes(module)
-        insmod(ko, [f"sympos={','.join(sympos)}"] if sympos else [])
+        ksplice.load_retrying(lambda: insmod(ko, params), say)
     t1 = time.monotonic()
     try:
         wait_transition(name, transition_timeout, say)
@@ -216,7 +226,7 @@ def apply_to_kernel(
     return KernelApplyReport(
         id=update.manifest.id,
         module=name,
-        functions=[f["name"] for f in kernel["funcs"]],
+        functions=[f["name"] for f in [*kernel["funcs"], *kernel.get("ksplice", [])]],
         match_seconds=round(match_seconds, 3),
         transition_seconds=round(time.monotonic() - t1, 3),
         warnings=warnings,
@@ -346,6 +356,7 @@ def view_kernel() -> list[KernelPatchView]:
         for obj in sorted(p for p in d.iterdir() if p.is_dir()):
             for fn in sorted(p for p in obj.iterdir() if p.is_dir()):
                 functions.append(f"{obj.name}:{fn.name}")
+        functions += [f"vmlinux:{f} (jump)" for f in ksplice.spliced(d.name)]
         state = patch_state(d.name)
         out.append(KernelPatchView(
             id=d.name.removeprefix("livesplice_"),
@@ -390,12 +401,17 @@ def undo_kernel(
         raise NotApplied(f"kernel update {update_id} is not applied",
                          advice="`livesplice view` lists the applied updates")  # fmt: skip
     stack = sorted(p.name for p in LIVEPATCH.iterdir())
-    (LIVEPATCH / name / "enabled").write_text("0")
     t0 = time.monotonic()
+    jumps = ksplice.spliced(name)
+    if jumps:
+        ksplice.unsplice(name, say)  # CODE_BUSY here: nothing changed yet
+    (LIVEPATCH / name / "enabled").write_text("0")
     try:
         wait_transition(name, timeout, say)
     except CodeBusy:
         (LIVEPATCH / name / "enabled").write_text("1")  # reverse the reverse: stay applied
+        if jumps:
+            ksplice.resplice(name, say)
         raise
     seconds = time.monotonic() - t0
     done = subprocess.run(["rmmod", name], capture_output=True, text=True)
