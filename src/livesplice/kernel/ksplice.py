@@ -134,11 +134,14 @@ def glue_tables(entries: list[tuple[str, str, str, int]]) -> list[str]:
         "int lsp_ksplice_apply(struct klp_object *obj);",
         f"const int lsp_ksplice_n = {len(entries)};",
         "char *const lsp_ksplice_new[] = { "
-        + ", ".join(label for _o, _n, label, _s in entries) + " };",
+        + ", ".join(label for _o, _n, label, _s in entries)
+        + " };",
         "const unsigned long lsp_ksplice_new_size[] = { "
-        + ", ".join(str(size) for _o, _n, _l, size in entries) + " };",
+        + ", ".join(str(size) for _o, _n, _l, size in entries)
+        + " };",
         "const char *const lsp_ksplice_name[] = { "
-        + ", ".join(f'"{name}"' for _o, name, _l, _s in entries) + " };",
+        + ", ".join(f'"{name}"' for _o, name, _l, _s in entries)
+        + " };",
         "",
     ]
     return out

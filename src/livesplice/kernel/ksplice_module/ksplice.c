@@ -161,8 +161,9 @@ static int lsp_check_stacks(bool undo)
 	for_each_process_thread(g, t) {
 		ret = lsp_check_task(t, undo);
 		if (ret)
-			break;
+			goto out;	/* two nested loops: a break would only end the inner */
 	}
+out:
 	rcu_read_unlock();
 	return ret;
 }
