@@ -213,6 +213,8 @@ def test_ksplice_apply_busy_undo_in_the_guest(updates: dict[str, Path]) -> None:
                                                        signed=True)  # fmt: skip
     assert target >= 0xFFFFFFFFA0000000, (hex(target), out)  # the module area, not vmlinux
     assert "netlink-read" in lines, out
+    stops = [float(ln.split()[-2]) for ln in lines if "the machine was stopped for" in ln]
+    assert len(stops) == 2 and all(0 < us < 5_000_000 for us in stops), out  # rht, iov
     assert f"vmlinux:{rht}@{before[1][2:]} (jump)" in out, out
     assert "rmmod-while-spliced=1" in lines, out
     assert lines[lines.index("rht-left") - 1] == "0", out

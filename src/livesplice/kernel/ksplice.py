@@ -182,32 +182,54 @@ def _refusals_in_log() -> list[tuple[str, int, str]]:
     return [(m[1], int(m[2]), m[3]) for m in _REFUSED.finditer(log)]
 
 
+def _retry_while_busy(attempt: Callable[[], str | None], progress: Progress, retries: int,
+                      delay: float, what: str, advice: str) -> None:  # fmt: skip
+    """Run ``attempt`` (None: done; a string: why it was busy) up to ``retries`` times,
+    ``delay`` seconds apart, then raise CODE_BUSY with the last reason: a busy task usually
+    leaves the code soon (Ksplice and Uptrack retried the same way)."""
+    reason = ""
+    for n in range(1, retries + 1):
+        busy = attempt()
+        if busy is None:
+            return
+        reason = busy
+        if n < retries:
+            progress(f"busy: {reason}; retrying in {delay:.0f} s ({n}/{retries})")
+            time.sleep(delay)
+    raise CodeBusy(f"{what} through {retries} attempts", [reason], advice)
+
+
 def load_retrying(load: Callable[[], None], progress: Progress,
                   retries: int = RETRIES, delay: float = RETRY_DELAY) -> None:  # fmt: skip
     """Load the module; while its stop finds a task in the old code (-EBUSY), wait and
     retry, then raise CODE_BUSY naming the task (the module has unloaded itself: the
     kernel is untouched)."""
-    for attempt in range(1, retries + 1):
+
+    def attempt() -> str | None:
         before = len(_refusals_in_log())
         try:
             load()
-            return
+            return None
         except LivespliceError as e:
             new = _refusals_in_log()[before:]
             if not new or new[-1][1] != -errno.EBUSY:
                 if new:
                     e.details = [*e.details, f"Ksplice path: {new[-1][2]}"]
                 raise
-            reason = new[-1][2]
-        if attempt < retries:
-            progress(f"busy: {reason}; retrying in {delay:.0f} s ({attempt}/{retries})")
-            time.sleep(delay)
-    raise CodeBusy(
-        f"a task stayed inside code being replaced through {retries} attempts",
-        [reason],
-        "the task sleeps in a function the update replaces; retry when it is idle "
-        "(the kernel was not changed)",
-    )
+            return new[-1][2]
+
+    _retry_while_busy(attempt, progress, retries, delay,
+                      "a task stayed inside code being replaced",
+                      "the task sleeps in a function the update replaces; retry when it is "
+                      "idle (the kernel was not changed)")  # fmt: skip
+
+
+def stop_microseconds(module: str) -> float | None:
+    """How long the module's last stop_machine lasted (µs), as it measured it."""
+    try:
+        return int((SYSFS_MODULE / module / "parameters" / "stop_ns").read_text()) / 1000
+    except (OSError, ValueError):
+        return None
 
 
 def spliced(module: str) -> list[str]:
@@ -223,27 +245,23 @@ def spliced(module: str) -> list[str]:
 def _write_spliced(module: str, value: str, progress: Progress,
                    retries: int, delay: float) -> None:  # fmt: skip
     param = SYSFS_MODULE / module / "parameters" / "spliced"
-    reason = ""
-    for attempt in range(1, retries + 1):
+
+    def attempt() -> str | None:
         try:
             param.write_text(value)
-            return
+            return None
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise UsageError(f"writing {value} to {param} failed: {e.strerror}") from None
-            try:
-                reason = (SYSFS_MODULE / module / "parameters" / "busy").read_text().strip()
-            except OSError:
-                reason = "a task is inside the code"
-        if attempt < retries:
-            progress(f"busy: {reason}; retrying in {delay:.0f} s ({attempt}/{retries})")
-            time.sleep(delay)
-    raise CodeBusy(
-        f"a task stayed inside the replaced or replacement code through {retries} attempts",
-        [reason],
-        "the task sleeps in a function the update replaces; retry when it is idle "
-        "(the update stays applied)",
-    )
+        try:
+            return (SYSFS_MODULE / module / "parameters" / "busy").read_text().strip()
+        except OSError:
+            return "a task is inside the code"
+
+    _retry_while_busy(attempt, progress, retries, delay,
+                      "a task stayed inside the replaced or replacement code",
+                      "the task sleeps in a function the update replaces; retry when it is "
+                      "idle (the update stays applied)")  # fmt: skip
 
 
 def unsplice(module: str, progress: Progress,

@@ -217,6 +217,9 @@ def apply_to_kernel(
         ko = Path(tmp) / f"{name}.ko"
         ko.write_bytes(module)
         ksplice.load_retrying(lambda: insmod(ko, params), say)
+    stop_us = ksplice.stop_microseconds(name) if kernel.get("ksplice") else None
+    if stop_us is not None:
+        say(f"Ksplice path: the machine was stopped for {stop_us:.0f} µs")
     t1 = time.monotonic()
     try:
         wait_transition(name, transition_timeout, say)

@@ -23,8 +23,8 @@
  *  - while spliced the module holds a reference to itself, so rmmod cannot free the new
  *    code under the jumps.
  *
- * text_poke(), text_mutex and stop_machine_cpuslocked() are not exported to modules in 6.1; as the replacement code
- * does, they are reached through livepatch relocations (.klp.sym.vmlinux.NAME,0), applied
+ * text_poke(), text_mutex, stop_machine_cpuslocked() and idle_task() are not exported to
+ * modules in 6.1; as the replacement code does, they are reached through livepatch relocations (.klp.sym.vmlinux.NAME,0), applied
  * by the kernel when it loads this livepatch module. text_poke() is safe with interrupts
  * off and the other CPUs stopped (kgdb calls it that way: text_poke_kgdb); text_mutex is
  * taken around the stop so no other text poker is half-way through a write.
@@ -34,6 +34,7 @@
 #include <linux/moduleparam.h>
 #include <linux/cpu.h>
 #include <linux/kallsyms.h>
+#include <linux/ktime.h>
 #include <linux/livepatch.h>
 #include <linux/mutex.h>
 #include <linux/percpu.h>
@@ -64,11 +65,14 @@ asm(".pushsection .data..lsp_klp,\"aw\",@progbits\n"
     "lsp_stop_machine_cpuslocked_ptr: .quad 0\n"
     ".reloc lsp_stop_machine_cpuslocked_ptr, R_X86_64_64, "
     "\".klp.sym.vmlinux.stop_machine_cpuslocked,0\"\n"
+    "lsp_idle_task_ptr: .quad 0\n"
+    ".reloc lsp_idle_task_ptr, R_X86_64_64, \".klp.sym.vmlinux.idle_task,0\"\n"
     ".popsection\n");
 extern void *(*lsp_text_poke_ptr)(void *addr, const void *opcode, size_t len);
 extern struct mutex *lsp_text_mutex_ptr;
 extern int (*lsp_stop_machine_cpuslocked_ptr)(cpu_stop_fn_t fn, void *data,
 					      const struct cpumask *cpus);
+extern struct task_struct *(*lsp_idle_task_ptr)(int cpu);
 
 static unsigned long lsp_addr[LSP_MAX];
 static int lsp_naddr;
@@ -91,6 +95,9 @@ struct lsp_func {
 static struct lsp_func lsp_funcs[LSP_MAX];
 static bool lsp_spliced;
 static char lsp_busy[256];
+static unsigned long lsp_stop_ns;
+module_param_named(stop_ns, lsp_stop_ns, ulong, 0400);
+MODULE_PARM_DESC(stop_ns, "how long the last stop_machine lasted (ns, measured around it)");
 static DEFINE_PER_CPU(unsigned long, lsp_cpu_sp);
 static DEFINE_MUTEX(lsp_lock);	/* one apply/undo of this module at a time */
 
@@ -155,8 +162,14 @@ static int lsp_check_task(struct task_struct *t, bool undo)
 static int lsp_check_stacks(bool undo)
 {
 	struct task_struct *g, *t;
-	int ret = 0;
+	int cpu, ret = 0;
 
+	/* the idle tasks are not on the task list; one may be interrupted (not asleep) */
+	for_each_online_cpu(cpu) {
+		ret = lsp_check_task(lsp_idle_task_ptr(cpu), undo);
+		if (ret)
+			return ret;
+	}
 	rcu_read_lock();
 	for_each_process_thread(g, t) {
 		ret = lsp_check_task(t, undo);
@@ -217,6 +230,7 @@ static int lsp_stop_fn(void *data)
 static int lsp_stop_and_switch(bool undo)
 {
 	struct lsp_stop st = { .undo = undo };
+	u64 t0;
 	int ret;
 
 	lsp_busy[0] = '\0';
@@ -225,7 +239,9 @@ static int lsp_stop_and_switch(bool undo)
 	/* the kernel's order (kprobes, jump labels): hotplug lock, then text_mutex */
 	cpus_read_lock();
 	mutex_lock(lsp_text_mutex_ptr);
+	t0 = ktime_get_ns();
 	ret = lsp_stop_machine_cpuslocked_ptr(lsp_stop_fn, &st, cpu_online_mask);
+	lsp_stop_ns = ktime_get_ns() - t0;
 	mutex_unlock(lsp_text_mutex_ptr);
 	cpus_read_unlock();
 	if (ret)
