@@ -94,8 +94,11 @@ def test_module_params_carry_what_matching_read() -> None:
     assert params == ["ksplice_addr=0xffff0010,0xffff0020",
                       "ksplice_head=0x90e5894855,0x441f0f"]  # fmt: skip
     assert module_params({"ksplice": []}, {}, lambda a, n: b"") == []
-    table = "\n".join(glue_tables([("vmlinux", "f", "lsp_vmlinux_0", 40)]))
-    assert "lsp_ksplice_n = 1;" in table and '{ "f" }' in table and "{ 40 }" in table
+    table = "\n".join(glue_tables([("vmlinux", "f", "lsp_vmlinux_0", 40)],
+                                  [("lsp_vmlinux_0", 40), ("lsp_vmlinux_1", 12)]))  # fmt: skip
+    assert "lsp_ksplice_n = 1;" in table and '{ "f" }' in table, table
+    assert "lsp_code[] = { lsp_vmlinux_0, lsp_vmlinux_1 }" in table and "{ 40, 12 }" in table
+    assert table.count("extern char lsp_vmlinux_0[];") == 1, table
     assert JMP_LEN == 5
 
 

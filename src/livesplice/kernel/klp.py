@@ -316,7 +316,9 @@ def write_glue_c(plan: ModulePlan, targets: list[Target], hooks: list[Hook],
     if plan.ksplice:
         from livesplice.kernel.ksplice import glue_tables
 
-        out += glue_tables(plan.ksplice)
+        code = [(f"lsp_{_ident(t.name)}_{i}", s.size)
+                for t in targets for i, s in enumerate(_module_sections(t, [])) if s.executable]
+        out += glue_tables(plan.ksplice, code)
     for oi, obj in enumerate(objs):
         out.append(f"static struct klp_func lsp_funcs_{oi}[] = {{")
         for obj2, name, label in plan.funcs:

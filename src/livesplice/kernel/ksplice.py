@@ -127,21 +127,26 @@ def split_plan(plan: Any, chosen: list[tuple[Target, Section, Section | None]]) 
     plan.funcs = keep
 
 
-def glue_tables(entries: list[tuple[str, str, str, int]]) -> list[str]:
-    """The C tables ``ksplice.c`` reads, in ``ksplice_addr=`` order."""
-    out = [f"extern char {label}[];" for _o, _n, label, _s in entries]
+def glue_tables(entries: list[tuple[str, str, str, int]],
+                code: list[tuple[str, int]]) -> list[str]:  # fmt: skip
+    """The C tables ``ksplice.c`` reads: the switched functions in ``ksplice_addr=``
+    order, and every piece of shipped code (label, size) -- undo must find no task in any
+    of it, ``.cold`` parts and new functions (reached by a tail call) included, because
+    rmmod frees it all."""
+    labels = dict.fromkeys([*(label for _o, _n, label, _s in entries), *(c for c, _ in code)])
+    out = [f"extern char {label}[];" for label in labels]
     out += [
         "int lsp_ksplice_apply(struct klp_object *obj);",
         f"const int lsp_ksplice_n = {len(entries)};",
         "char *const lsp_ksplice_new[] = { "
         + ", ".join(label for _o, _n, label, _s in entries)
         + " };",
-        "const unsigned long lsp_ksplice_new_size[] = { "
-        + ", ".join(str(size) for _o, _n, _l, size in entries)
-        + " };",
         "const char *const lsp_ksplice_name[] = { "
         + ", ".join(f'"{name}"' for _o, name, _l, _s in entries)
         + " };",
+        f"const int lsp_code_n = {len(code)};",
+        "char *const lsp_code[] = { " + ", ".join(c for c, _ in code) + " };",
+        "const unsigned long lsp_code_size[] = { " + ", ".join(str(n) for _, n in code) + " };",
         "",
     ]
     return out

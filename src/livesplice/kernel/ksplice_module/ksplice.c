@@ -52,8 +52,11 @@
 /* from glue.c: the replaced functions, in `ksplice_addr=` order */
 extern const int lsp_ksplice_n;
 extern char *const lsp_ksplice_new[];
-extern const unsigned long lsp_ksplice_new_size[];
 extern const char *const lsp_ksplice_name[];
+/* from glue.c: every piece of shipped code (what rmmod frees) */
+extern const int lsp_code_n;
+extern char *const lsp_code[];
+extern const unsigned long lsp_code_size[];
 
 /* not exported in 6.1: reached through livepatch relocations (see the top comment) */
 asm(".pushsection .data..lsp_klp,\"aw\",@progbits\n"
@@ -87,7 +90,6 @@ struct lsp_func {
 	unsigned long old;	/* where the jump goes: the old entry */
 	unsigned long old_size;	/* kallsyms' size of the old function */
 	unsigned long new;
-	unsigned long new_size;
 	u8 saved[LSP_JMP_LEN];	/* the bytes the jump replaces, restored at undo */
 	u8 jmp[LSP_JMP_LEN];
 };
@@ -113,17 +115,21 @@ static bool lsp_in(unsigned long v, unsigned long start, unsigned long size)
 	return v >= start && v < start + size;
 }
 
-/* Whether a stack word points into code being replaced (apply) or removed (undo). */
+/*
+ * Whether a stack word points into code being replaced (apply) or removed (undo: the old
+ * functions, and all the shipped code -- .cold parts, new functions reached by a tail
+ * call -- since rmmod frees it).
+ */
 static bool lsp_hits(unsigned long v, bool undo)
 {
 	int i;
 
-	for (i = 0; i < lsp_ksplice_n; i++) {
+	for (i = 0; i < lsp_ksplice_n; i++)
 		if (lsp_in(v, lsp_funcs[i].old, lsp_funcs[i].old_size))
 			return true;
-		if (undo && lsp_in(v, lsp_funcs[i].new, lsp_funcs[i].new_size))
+	for (i = 0; undo && i < lsp_code_n; i++)
+		if (lsp_in(v, (unsigned long)lsp_code[i], lsp_code_size[i]))
 			return true;
-	}
 	return false;
 }
 
@@ -280,7 +286,6 @@ static int lsp_prepare(void)
 		f->old = lsp_addr[i];
 		f->old_size = size;
 		f->new = (unsigned long)lsp_ksplice_new[i];
-		f->new_size = lsp_ksplice_new_size[i];
 		memcpy(f->saved, &lsp_head[i], LSP_JMP_LEN);
 		rel = (long)f->new - (long)(f->old + LSP_JMP_LEN);
 		if (rel != (long)(s32)rel) {
