@@ -171,7 +171,8 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
                          rowdir / "create.log", build=build, jobs=jobs, target=row.target,
                          verify=debs)
     result.jobs = jobs
-    if created.status == "failed" and created.reason.startswith("BUILD_FAILED") and jobs > 1:
+    if created.status in ("failed", "harness") and created.reason.startswith("BUILD_FAILED") \
+            and jobs > 1:
         # Some packages' makefiles race under -j (libxml2 2.9.14: the python binding links
         # ../libxml2.la before it exists). The evaluation measures live patching, not the
         # package's parallel build, so a failed parallel build gets one serial retry.
