@@ -285,15 +285,7 @@ def assign_targets(
     for name in sorted(by_target):
         uds = by_target[name]
         link = links.get(name)
-        # a replacement has the key of the pre section it replaces: both ship
-        sections: dict[tuple[str, str], Section] = {}
-        symbols: dict[str, SymbolInfo] = {}
-        for ud in uds:
-            for s in ud.sections:
-                sections.setdefault((s.key, s.role), s)
-            for k, info in ud.symbols.items():
-                if k not in symbols or (info.defined and not symbols[k].defined):
-                    symbols[k] = info
+        sections, symbols = merge_units(uds)
         defined_elsewhere = _globals_defined_in_target(pair, name)
         for ud in uds:  # globals the update itself defines (new units, new functions)
             for s in ud.sections:
@@ -497,6 +489,23 @@ def _dynamic_exports(path: Path) -> set[str]:
                     if s["st_shndx"] != "SHN_UNDEF" and s.name}
     except OSError:
         return set()
+
+
+def merge_units(uds: Sequence[UnitDiff]) -> tuple[dict[tuple[str, str], Section],
+                                                  dict[str, SymbolInfo]]:
+    """The sections and symbol facts of several units' diffs, for one target (user space and
+    kernel alike). A section is identified by (key, role): a replacement has the key of the
+    pre section it replaces, and both ship. A symbol one unit defines and another only
+    references keeps the defining unit's facts, whatever order the units come in."""
+    sections: dict[tuple[str, str], Section] = {}
+    symbols: dict[str, SymbolInfo] = {}
+    for ud in uds:
+        for s in ud.sections:
+            sections.setdefault((s.key, s.role), s)
+        for k, info in ud.symbols.items():
+            if k not in symbols or (info.defined and not symbols[k].defined):
+                symbols[k] = info
+    return sections, symbols
 
 
 def unresolvable_keys(target: Target) -> list[str]:

@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from livesplice.diff.engine import DiffJob, UnitDiff, diff_many, refusals_once_per_type
+from livesplice.diff.engine import (
+    DiffJob,
+    UnitDiff,
+    diff_many,
+    merge_units,
+    refusals_once_per_type,
+)
 from livesplice.errors import PatchRefused
 from livesplice.kernel.kbuild import KernelBuild
 from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
@@ -413,13 +419,7 @@ def symbolize_multi_object_refs(
 
 
 def make_target(obj: str, uds: list[UnitDiff]) -> Target:
-    sections: dict[tuple[str, str], Section] = {}
-    symbols: dict[str, SymbolInfo] = {}
-    for ud in uds:
-        for s in ud.sections:
-            sections.setdefault((s.key, s.role), s)
-        for k, info in ud.symbols.items():
-            symbols.setdefault(k, info)
+    sections, symbols = merge_units(uds)
     return Target(
         name=obj,
         kind="kernel" if obj == "vmlinux" else "kernel_module",
