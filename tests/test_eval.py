@@ -395,3 +395,12 @@ def test_generic_library_workload_calls_the_changed_call_graph(tmp_path: Path) -
         assert wl.stats.requests > first and wl.stats.failures == 0
     finally:
         wl.stop()
+
+
+def test_progress_lines_are_not_part_of_a_refusal(tmp_path: Path) -> None:
+    out = parse_create_output(3, "", "2026-12-05T18:12:01Z livesplice: pre build ...\n"
+                              "livesplice: REFUSED: the patch has 1 change(s)\n"
+                              "2026-12-05T18:18:45Z livesplice: diff failed after 6.6 s\n"
+                              "  struct x: memory layout changed\n", 1.0, tmp_path / "u")
+    assert out.status == "refused" and out.reason.startswith("REFUSED")
+    assert out.details == ["struct x: memory layout changed"]

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from livesplice.eval.corpus import read_corpus, select_rows
     from livesplice.eval.create_step import DEFAULT_BUILD
     from livesplice.eval.report import render, summary_line
-    from livesplice.eval.runner import RowResult, run_row
+    from livesplice.eval.runner import RowResult, run_row, verdict
 
     args = build_parser().parse_args(argv)
     try:
@@ -78,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cached = args.cache / "rows" / row.slug / "result.json"
         if args.table_only:
             if cached.exists():
-                results.append(RowResult(**json.loads(cached.read_text())))
+                # what livesplice did, judged by the corpus as it is now (the row's
+                # `expected` may have been corrected since the run)
+                r = RowResult(**json.loads(cached.read_text()))
+                r.row = asdict(row)
+                r.verdict = verdict(r.outcome, row.expected)
+                results.append(r)
             continue
         r = run_row(row, args.cache, build=args.build or DEFAULT_BUILD, jobs=args.jobs,
                     keep=args.keep, progress=progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,6 +68,15 @@ def run_create(pre_tree: Path, fix_patch: Path, update: Path, update_id: str, lo
     return parse_create_output(proc.returncode, proc.stdout, proc.stderr, seconds, update)
 
 
+_PROGRESS = re.compile(r"^\s*\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ livesplice: ")
+
+
+def is_progress(line: str) -> bool:
+    """A create progress line ("2026-12-05T18:12:01Z livesplice: pre build ..."), not part
+    of an error."""
+    return bool(_PROGRESS.match(line))
+
+
 def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
                         update: Path) -> CreateOutcome:
     """Classify ``livesplice create --json --keep-tmp`` output (see README exit codes)."""
@@ -89,7 +99,7 @@ def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
         return CreateOutcome("created", seconds, code, doc.get("message", ""),
                              update=update, workdir=workdir,
                              verified=list(doc.get("verified", [])))
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not is_progress(ln)]
     head = next((ln for ln in lines if ln.startswith("livesplice: ")), lines[0] if lines else "")
     reason = head.removeprefix("livesplice: ")
     details = [ln.strip() for ln in lines if ln is not head][:40]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from livesplice.eval.create_step import is_progress
 from livesplice.eval.runner import RowResult
 
 
@@ -80,8 +81,9 @@ def markdown_table(results: Sequence[RowResult]) -> str:
         row = r.row
         pid = "–" if r.same_pids is None else ("yes" if r.same_pids else "NO")
         why = r.reason
-        if r.outcome == "refused" and r.details:
-            why += ": " + "; ".join(r.details[:3])
+        details = [d for d in r.details if not is_progress(d)]
+        if r.outcome == "refused" and details:
+            why += ": " + "; ".join(details[:3])
         if len(why) > 300:
             why = why[:297] + "..."
         shipped = row.get("shipped_version") or ""
