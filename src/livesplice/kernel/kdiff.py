@@ -15,8 +15,12 @@ needs, collected into ONE :class:`PatchRefused`:
   engine ignores them); instead every entry of ``__bug_table``, ``__jump_table`` and
   ``__ex_table`` whose code address lies in shipped code is copied into the livepatch module
   (:class:`Special`), so WARN/BUG, static keys and user-memory fixups work in the new code.
-  ``.altinstructions`` entries are refused (the replacement instructions would have to
-  travel too). ``.static_call_sites`` entries are not needed: without one the call stays a
+  So are the ``.parainstructions`` and ``.altinstructions`` entries of shipped code, each
+  alternative with its replacement bytes (``.altinstr_replacement``): the module loader's
+  ``module_finalize`` patches the new code for this CPU exactly as the boot patched the old.
+  A relocation inside such a site or replacement must be resolved before that, so it may
+  only point into the module or at an exported symbol (livepatch writes the others later).
+  ``.static_call_sites`` entries are not needed: without one the call stays a
   call of the ``__SCT__`` trampoline, which jumps to the current target.
   ``.return_sites``/``.retpoline_sites``/``.call_sites`` (the code still goes through the
   thunks, which is correct, only not rewritten), ``__mcount_loc`` (the fentry call becomes a
@@ -29,6 +33,7 @@ needs, collected into ONE :class:`PatchRefused`:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +47,8 @@ from livesplice.diff.engine import (
 )
 from livesplice.errors import PatchRefused
 from livesplice.kernel.kbuild import KernelBuild
+from livesplice.kernel.klp import load_exports
+from livesplice.kernel.patchsites import ALT_INSTR_SIZE, PARAVIRT_SITE_SIZE
 from livesplice.update.format import HOOK_KINDS, Hook, Reloc, Section, SymbolInfo, Target
 
 if TYPE_CHECKING:
@@ -51,8 +58,10 @@ if TYPE_CHECKING:
 # struct bug_entry with GENERIC_BUG_RELATIVE_POINTERS {s32 addr, s32 file, u16 line, u16
 # flags}; struct jump_entry with JUMP_LABEL_RELATIVE {s32 code, s32 target, long key};
 # struct exception_table_entry {int insn, fixup, data} (arch/x86/include/asm/extable.h).
-COPIED_TABLES = {"__bug_table": 12, "__jump_table": 16, "__ex_table": 12}
-REFUSED_SPECIAL = (".altinstructions",)
+# struct paravirt_patch_site and struct alt_instr: see kernel/patchsites.py
+COPIED_TABLES = {"__bug_table": 12, "__jump_table": 16, "__ex_table": 12,
+                 ".parainstructions": PARAVIRT_SITE_SIZE, ".altinstructions": ALT_INSTR_SIZE}
+REFUSED_SPECIAL: tuple[str, ...] = ()
 # tables not needed for correctness (module docstring), never compared
 UNNEEDED_TABLES = (".static_call_sites", ".return_sites", ".retpoline_sites", ".call_sites",
                    ".ibt_endbr_seal", ".orc_unwind", ".orc_unwind_ip", ".printk_index",
@@ -96,6 +105,7 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
     per_obj: dict[str, list[UnitDiff]] = {}
     specials: dict[str, list[Section]] = {}
     learn: dict[str, tuple[str, int]] = {}
+    exports = load_exports(build.tree)
     units = [u for u in build.units if u.post is not None]
     jobs = [
         DiffJob(u.pre, u.post, u.source,
@@ -114,9 +124,11 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
             post_obj = load_object(unit.post, unit.source)
             attach_patch_sites(ud, pre_obj or post_obj)
             refusals.extend(symbolize_multi_object_refs(ud, pre_obj, post_obj, learn))
-            tables, problems = copy_special_entries(ud, pre_obj, post_obj, obj)
+            aux, problems = ship_aux_fragments(ud, pre_obj, post_obj, obj)
             refusals.extend(problems)
-            specials.setdefault(obj, []).extend(tables)
+            tables, problems = copy_special_entries(ud, pre_obj, post_obj, obj, exports, aux)
+            refusals.extend(problems)
+            specials.setdefault(obj, []).extend([*aux, *tables])
         if ud.changed:
             per_obj.setdefault(obj, []).append(ud)
     refusals = refusals_once_per_type(refusals, diffs)
@@ -172,7 +184,7 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
         # what it cannot switch
     names = set(shipped) | {k.removesuffix("#post") for k in shipped}
     for special, users in special_entries(post).items():
-        if special not in REFUSED_SPECIAL and special != ".altinstr_replacement":
+        if special not in REFUSED_SPECIAL:
             continue
         for user in sorted(users & names):
             if user.startswith((".init.", ".exit.")):
@@ -290,10 +302,16 @@ def _c_string(sec: ObjSection, offset: int) -> bytes:
 
 
 def copy_special_entries(
-    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, obj: str
-) -> tuple[list[Section], list[str]]:
-    """The entries of the copied tables that belong to shipped code, as module sections."""
+    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, obj: str,
+    exports: Collection[str] = (), aux: list[Section] | None = None,
+) -> tuple[list[Section], list[str]]:  # fmt: skip
+    """The entries of the copied tables that belong to shipped code, as module sections.
+
+    ``exports``: the symbols Module.symvers lists (normal relocations of the module, written
+    before module_finalize patches the paravirt and alternative sites); ``aux``: the
+    ``.altinstr_aux`` fragments the module carries (:func:`ship_aux_fragments`)."""
     code = _shipped_code(ud)
+    extra = aux or []
     out: list[Section] = []
     problems: list[str] = []
     strings: dict[bytes, Section] = {}
@@ -313,7 +331,11 @@ def copy_special_entries(
             for rel in sec.relocs:
                 if not start <= rel.offset < start + size:
                     continue
-                key, addend, why = _entry_reloc(ud, pre, rel, code, strings, obj, table)
+                if table == ".altinstructions" and rel.offset == start + 4:
+                    key, addend, why = _alt_replacement(ud, pre, post, rel, sec.data[start + 11],
+                                                    code, strings, obj, exports, out, extra)
+                else:
+                    key, addend, why = _entry_reloc(ud, pre, rel, code, strings, obj, table)
                 if why:
                     owner = next((r for r in sec.relocs if r.offset == start), rel)
                     fn = owner.symbol.section.name if owner.symbol.section else "?"
@@ -322,12 +344,146 @@ def copy_special_entries(
                     continue
                 relocs.append(Reloc(rel.offset - start, rel.type, key, addend))
             data = sec.data[start : start + size]
+            if table in (".parainstructions", ".altinstructions"):
+                problems.extend(_late_relocations(ud, sec, start, table, code, exports, extra))
             out.append(Section(
                 key=f"{ud.unit}:{table}@{start}", role="copied_rodata", name=table,
                 unit=ud.unit, align=max(sec.align, 1), size=size, data=data.hex(),
                 relocs=relocs, readonly=False, executable=False,
             ))  # fmt: skip
     return [*strings.values(), *out], problems
+
+
+def ship_aux_fragments(
+    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, obj: str
+) -> tuple[list[Section], list[str]]:
+    """``static_cpu_has()`` code in shipped functions: its original ``jmp 6f`` leads into
+    the unit's ``.altinstr_aux`` (``testb $bit, boot_cpu_data+N(%rip); jnz t_yes; jmp t_no``,
+    arch/x86/include/asm/cpufeature.h _static_cpu_has). The module carries the fragment
+    each such jump reaches, up to its closing ``jmp``, and the jump is re-pointed at it:
+    the whole section would drag in the labels of every other function of the unit. (The
+    loader's apply_alternatives replaces the jump before the code runs: X86_FEATURE_ALWAYS.)
+    """
+    from livesplice.arch.x86_64 import decode_one
+
+    aux = post.section(".altinstr_aux")
+    if aux is None:
+        return [], []
+    code = _shipped_code(ud)
+    key_of_aux = f"{ud.unit}:.altinstr_aux"
+    frags: dict[int, Section] = {}
+    problems: list[str] = []
+    strings: dict[bytes, Section] = {}
+    for s in ud.sections:
+        if s.role == "pre":
+            continue
+        for i, r in enumerate(s.relocs):
+            if r.symbol != key_of_aux:
+                continue
+            data = s.bytes
+            if r.type not in ("R_X86_64_PC32", "R_X86_64_PLT32") or r.offset < 1 \
+                    or data[r.offset - 1] != 0xE9:
+                problems.append(f"{ud.unit}: {s.name}: refers to .altinstr_aux other than by a "
+                                "jmp [rule: special sections]")
+                continue
+            start = r.addend + 4  # jmp rel32: the field + 4 is where it lands
+            frag = frags.get(start)
+            if frag is None:
+                end = start
+                while end < aux.size:
+                    insn = decode_one(aux.data[end:], end)
+                    if insn is None:
+                        break
+                    end += insn.size
+                    if insn.mnemonic == "jmp":
+                        break
+                relocs: list[Reloc] = []
+                for ar in aux.relocs:
+                    if start <= ar.offset < end:
+                        k, a, why = _entry_reloc(ud, pre, ar, code, strings, obj,
+                                                 ".altinstr_aux")  # fmt: skip
+                        if why:
+                            problems.append(f"{ud.unit}: {s.name}: static_cpu_has() code: "
+                                            f"{why} [rule: special sections]")  # fmt: skip
+                            continue
+                        relocs.append(Reloc(ar.offset - start, ar.type, k, a))
+                frag = Section(key=f"{key_of_aux}@{start}", role="copied_rodata",
+                               name=".altinstr_aux", unit=ud.unit, align=1, size=end - start,
+                               data=aux.data[start:end].hex(), relocs=relocs, readonly=True,
+                               executable=True)  # fmt: skip
+                frags[start] = frag
+            s.relocs[i] = Reloc(r.offset, r.type, frag.key, -4)
+    if frags and not any(r.symbol == key_of_aux for s in ud.sections if s.role != "pre"
+                         for r in s.relocs):  # fmt: skip
+        # nothing shipped reaches the section itself any more: no run-pre match of it
+        ud.sections[:] = [s for s in ud.sections if not (s.role == "pre" and s.key == key_of_aux)]
+    return [*strings.values(), *frags.values()], problems
+
+
+SITE_LENGTH_AT = {".parainstructions": 9, ".altinstructions": 10}  # the u8 length fields
+
+
+def _module_defined(key: str, ud: UnitDiff, extra: list[Section]) -> bool:
+    """Whether the livepatch module itself defines ``key`` (shipped, not matched pre code)."""
+    return any(key == c.key or key in c.symbols
+               for c in [*ud.sections, *extra] if c.role != "pre")  # fmt: skip
+
+
+def _late_relocations(
+    ud: UnitDiff, table_sec: ObjSection, start: int, table: str, code: dict[str, Section],
+    exports: Collection[str], extra: list[Section],
+) -> list[str]:  # fmt: skip
+    """Relocations of shipped code inside the site an entry names that livepatch would
+    write after the loader patched the site (a klp symbol): they would corrupt it."""
+    from livesplice.diff.elfmodel import ObjReloc
+
+    rel = next(r for r in table_sec.relocs if r.offset == start)
+    assert isinstance(rel, ObjReloc) and rel.symbol.section is not None
+    shipped = code[rel.symbol.section.name]
+    off = rel.addend + (rel.symbol.value if rel.symbol.type != "section" else 0)
+    length = table_sec.data[start + SITE_LENGTH_AT[table]]
+    out = []
+    for r in shipped.relocs:
+        if off <= r.offset < off + length and not _module_defined(r.symbol, ud, extra) \
+                and r.symbol not in exports:
+            out.append(f"{ud.unit}: {shipped.name}: the {table} site at +{off:#x} refers to "
+                       f"{r.symbol.rsplit(':', 1)[-1]}, which livepatch resolves only after the "
+                       "module loader patched the site [rule: special sections]")
+    return out
+
+
+def _alt_replacement(
+    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, rel: object, length: int,
+    code: dict[str, Section], strings: dict[bytes, Section], obj: str,
+    exports: Collection[str], out: list[Section], extra: list[Section],
+) -> tuple[str, int, str]:  # fmt: skip
+    """An alternative's replacement bytes as a module section of their own (appended to
+    ``out``); (its key, 0, refusal reason or "")."""
+    from livesplice.diff.elfmodel import ObjReloc
+
+    assert isinstance(rel, ObjReloc)
+    sec = rel.symbol.section
+    if sec is None or sec.name != ".altinstr_replacement":
+        return "", 0, "the replacement is not in .altinstr_replacement"
+    off = rel.addend + (rel.symbol.value if rel.symbol.type != "section" else 0)
+    relocs: list[Reloc] = []
+    for r in sec.relocs:
+        if not off <= r.offset < off + length:
+            continue
+        key, addend, why = _entry_reloc(ud, pre, r, code, strings, obj, ".altinstructions")
+        if not why and not _module_defined(key, ud, extra) and key not in exports:
+            why = (f"its replacement refers to {key.rsplit(':', 1)[-1]}, which livepatch "
+                   "resolves only after the module loader copied the replacement")
+        if why:
+            return "", 0, why
+        relocs.append(Reloc(r.offset - off, r.type, key, addend))
+    key = f"{ud.unit}:.altinstr_replacement@{off}"
+    if not any(s.key == key for s in out):
+        out.append(Section(key=key, role="copied_rodata", name=".altinstr_replacement",
+                           unit=ud.unit, align=1, size=length,
+                           data=sec.data[off : off + length].hex(), relocs=relocs,
+                           readonly=False, executable=False))  # fmt: skip
+    return key, 0, ""
 
 
 def _entry_reloc(

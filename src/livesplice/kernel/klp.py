@@ -35,7 +35,9 @@ from livesplice.errors import BuildFailed, PatchRefused
 from livesplice.update.format import Hook, Section, Target
 
 FENTRY = "__fentry__"
-SPECIAL_TABLES = ("__bug_table", "__jump_table", "__ex_table")
+# sections the loader finds by name (module_finalize: the paravirt and alternative sites)
+SPECIAL_TABLES = ("__bug_table", "__jump_table", "__ex_table", ".parainstructions",
+                  ".altinstructions", ".altinstr_replacement")
 NOP5 = bytes.fromhex("0f1f440000")  # the nop ftrace writes over call __fentry__ (x86 ideal nop)
 
 # livesplice hook kinds -> klp_callbacks members (include/linux/livepatch.h)
@@ -86,13 +88,20 @@ def module_name(update_id: str) -> str:
     return "livesplice_" + update_id.replace("-", "_")
 
 
-def load_symbol_tables(ksrc: Path, modules: list[str]) -> SymbolTables:
+def load_exports(ksrc: Path) -> dict[str, str]:
+    """Exported symbol -> the object exporting it ("vmlinux" or a module), from
+    Module.symvers: what the module loader resolves by itself, without livepatch."""
     exports: dict[str, str] = {}
     symvers = ksrc / "Module.symvers"
     for line in symvers.read_text(errors="replace").splitlines():
         parts = line.split("\t")
         if len(parts) >= 3:
             exports[parts[1]] = Path(parts[2]).name
+    return exports
+
+
+def load_symbol_tables(ksrc: Path, modules: list[str]) -> SymbolTables:
+    exports = load_exports(ksrc)
     vmlinux: dict[str, int] = {}
     smap = find_system_map(ksrc)
     if smap is not None:

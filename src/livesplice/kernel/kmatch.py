@@ -25,11 +25,15 @@ are accepted, each for its own reason:
   showing anything else is NO_MATCH naming the site kind and what was found.
 
 A mismatch is NO_MATCH naming the function and the offset, before anything is loaded.
+Two or more candidates that match are ambiguous (NO_MATCH), except copies of one function
+the update does not replace whose every relocation field reaches the same address in all
+of them (``static inline`` code emitted in several units: :func:`_interchangeable`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,9 +202,13 @@ def _differ(p: int, pi: Insn, ri: Insn, rb: bytes) -> _Mismatch:
 
 
 def compare_code(
-    sec: Section, running: bytes, base: int, facts: BootFacts | None = None
+    sec: Section, running: bytes, base: int, facts: BootFacts | None = None,
+    trail: list[tuple[int, str, int]] | None = None,
 ) -> dict[str, int]:
     """Compare pre code with running bytes at ``base``; return learned key -> address.
+
+    ``trail``, when given, receives every learned field in order (pre offset, key,
+    address): the returned map keeps one address per key, the trail each reference.
 
     Decoding, branch targets, nops and relocation fields are the shared x86-64 rules
     (livesplice.arch.x86_64); what is kernel-only is the list of boot-time rewrites in this
@@ -214,6 +222,7 @@ def compare_code(
         pre = pre[:off] + original_form(sites, pre[off : off + n]) + pre[off + n :]
     rel_at = {r.offset: r for r in sec.relocs}
     learned: dict[str, int] = {}
+    trail = trail if trail is not None else []
     pmap: dict[int, int] = {}  # pre offset -> running offset (instruction starts)
     branches: list[tuple[int, int, int]] = []  # (pre off, pre target, running target)
     p = r = 0
@@ -224,7 +233,7 @@ def compare_code(
         if p in groups:
             n = _group_length(groups[p])
             hit = _match_rewritten(sec, groups[p], pre[p : p + n], running[r : r + n],
-                                   base + r, facts, learned)  # fmt: skip
+                                   base + r, facts, learned, trail)  # fmt: skip
             if hit is not None:
                 if hit[0] is not None:
                     branches.append((p, hit[0], hit[1]))
@@ -232,7 +241,7 @@ def compare_code(
                 continue
             site = (p, p + n, r)
         try:
-            p, r = _compare_insn(pre, running, base, p, r, rel_at, learned, branches)
+            p, r = _compare_insn(pre, running, base, p, r, rel_at, learned, branches, trail)
         except _Mismatch as m:
             if site is None or not site[0] <= m.offset < site[1]:
                 raise
@@ -248,6 +257,7 @@ def compare_code(
 def _compare_insn(
     pre: bytes, running: bytes, base: int, p: int, r: int, rel_at: dict[int, Reloc],
     learned: dict[str, int], branches: list[tuple[int, int, int]],
+    trail: list[tuple[int, str, int]],
 ) -> tuple[int, int]:  # fmt: skip
     """One pre instruction against the running code: the offsets after both."""
     pi = decode_one(pre[p:], p)
@@ -278,6 +288,7 @@ def _compare_insn(
                               rel.addend)  # fmt: skip
         if addr is not None:
             learned[sym] = addr
+            trail.append((rel.offset, sym, addr))
         return p + plen, r + plen
     if pb == rb:
         t = pi.branch_target
@@ -312,7 +323,7 @@ def _group_length(sites: list[PatchSite]) -> int:
 
 def _match_rewritten(
     sec: Section, sites: list[PatchSite], pre: bytes, window: bytes, addr: int,
-    facts: BootFacts, learned: dict[str, int],
+    facts: BootFacts, learned: dict[str, int], trail: list[tuple[int, str, int]],
 ) -> tuple[int | None, int] | None:  # fmt: skip
     """The first rewritten form of the sites that ``window`` (running bytes at ``addr``)
     shows, or None. A form whose branch must reach a place in this same section returns
@@ -323,6 +334,7 @@ def _match_rewritten(
         if hit is not None:
             check, more = hit
             learned.update({k: v for k, v in more.items() if k not in learned})
+            trail.extend((sites[0].offset, k, v) for k, v in sorted(more.items()))
             return check
     return None
 
@@ -387,6 +399,24 @@ def _site_mismatch(
                           f"the kernel may write there only: {'; '.join(accepted)}")  # fmt: skip
 
 
+Trail = list[tuple[int, str, int]]  # every learned relocation field: (pre offset, key, address)
+
+
+def _interchangeable(sec: Section, replaced: Collection[str | None], trails: list[Trail]) -> bool:
+    """Whether same-named functions that all matched ``sec`` are copies of one another, so
+    that shipped code may call any of them: a ``static inline`` function gcc emitted out of
+    line in several units (``pfn_swap_entry_to_page``). Matching already showed that every
+    copy has ``sec``'s bytes outside relocation fields; they behave the same only if, in
+    addition, every relocation field reaches the same address in all of them (``trails``,
+    one per copy, compared field by field). A copy that reads its own unit's data (static
+    locals, strings, jump tables) has fields that differ: refused. Never for a function
+    the update replaces (``replaced``: the pre keys replacement sections name): which copy
+    livepatch redirects is then the point, so an ambiguity stays an error."""
+    if sec.key in replaced or len(trails) < 2:
+        return False
+    return all(t == trails[0] for t in trails[1:])
+
+
 def run_pre_match_kernel(
     image: KernelImage, targets: list[Target], kernel: dict[str, Any]
 ) -> KernelMatch:
@@ -402,6 +432,7 @@ def run_pre_match_kernel(
         if module is not None and not any(s.module == module for s in image.syms):
             result.skipped.append(f"{obj}: not loaded; livepatch patches it when it loads")
             continue
+        replaced = {s.replaces for s in t.sections if s.role == "replacement"}
         for sec in (s for s in t.sections if s.role == "pre" and s.executable):
             name = running_name(t, sec.key)
             cands = [c for c in image.candidates(name, module) if c.type in "tT"]
@@ -409,13 +440,18 @@ def run_pre_match_kernel(
                 problems.append(f"{obj}: {name}: no such function in the running kernel")
                 continue
             ok: list[tuple[KSym, dict[str, int]]] = []
+            trails: list[Trail] = []
             fails: list[str] = []
             for c in cands:
                 try:
                     running = image.read(c.addr, sec.size + 64)
-                    ok.append((c, compare_code(sec, running, c.addr, facts)))
+                    trail: Trail = []
+                    ok.append((c, compare_code(sec, running, c.addr, facts, trail)))
+                    trails.append(trail)
                 except _Mismatch as m:
                     fails.append(f"{name}+{m.offset:#x} at {c.addr:#x}: {m.why}")
+            if len(ok) > 1 and _interchangeable(sec, replaced, trails):
+                ok = ok[:1]  # the first copy in kallsyms order; any would do
             if len(ok) != 1:
                 if not ok:
                     problems.extend(fails[:3])
