@@ -477,7 +477,9 @@ def _alt_replacement(
         if why:
             return "", 0, why
         relocs.append(Reloc(r.offset - off, r.type, key, addend))
-    key = f"{ud.unit}:.altinstr_replacement@{off}"
+    # by offset AND length: an empty replacement (static_cpu_has) shares its offset with
+    # the next one
+    key = f"{ud.unit}:.altinstr_replacement@{off}+{length}"
     if not any(s.key == key for s in out):
         out.append(Section(key=key, role="copied_rodata", name=".altinstr_replacement",
                            unit=ud.unit, align=1, size=length,
