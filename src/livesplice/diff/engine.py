@@ -16,6 +16,7 @@ with all of them.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -375,6 +376,7 @@ def ship_internal_references(pair: BuildPair, target: Target) -> list[str]:
     if not wanted:
         return []
     objects = _PreObjects(pair, target.name)
+    present = {(x.key, x.role) for x in target.sections}
     added: list[Section] = []
     warnings: list[str] = []
     # functions first: a helper's own code often reveals the data it uses
@@ -392,7 +394,8 @@ def ship_internal_references(pair: BuildPair, target: Target) -> list[str]:
             continue
         unit, obj, sec = found
         for shipped in _ship_pre(obj, sec, unit, target.symbols):
-            if (shipped.key, "pre") not in {(x.key, x.role) for x in target.sections}:
+            if (shipped.key, "pre") not in present:
+                present.add((shipped.key, "pre"))
                 target.sections.append(shipped)
                 added.append(shipped)
                 reach.matched.update({shipped.key, *shipped.symbols})
@@ -409,6 +412,7 @@ class _PreObjects:
         self.paths = {u.source: u.pre.object for u in pair.units
                       if target in u.targets and u.pre.language != "asm"}
         self._loaded: dict[str, ElfObject] = {}
+        self._definitions = _global_definitions(pair, target)
 
     def load(self, unit: str) -> ElfObject | None:
         if unit not in self._loaded:
@@ -424,7 +428,7 @@ class _PreObjects:
         been overridden at link time (its code is still in the file: matching would find
         the dead copy), and with several definitions which one the linker kept is not known
         here; a caller's relocation tells (:meth:`smallest_user`)."""
-        definitions = self.definitions(name)
+        definitions = self._definitions.get(name, [])
         if len(definitions) != 1 or definitions[0] != (unit, "global"):
             return None
         obj = self.load(unit)
@@ -432,19 +436,6 @@ class _PreObjects:
         if obj is None or sym is None or sym.section is None or not sym.section.is_code:
             return None
         return unit, obj, sym.section
-
-    def definitions(self, name: str) -> list[tuple[str, str]]:
-        """(unit, binding) of every non-local definition of ``name`` in the target's units
-        (a COMMON symbol counts as weak: the linker merges it)."""
-        out = []
-        for u in sorted(self.paths):
-            obj = self.load(u)
-            sym = obj.symbol(name) if obj is not None else None
-            if sym is not None and sym.bind != "local" and (sym.section is not None
-                                                            or sym.type == "object"):
-                common = sym.section is None
-                out.append((u, "weak" if common or sym.bind == "weak" else "global"))
-        return out
 
     def smallest_user(self, name: str, unit: str) -> tuple[str, ElfObject, ObjSection] | None:
         """The smallest pre function (its own unit's first) with a relocation to ``name``."""
@@ -531,25 +522,48 @@ def unresolvable_keys(target: Target) -> list[str]:
 
 
 def _globals_defined_in_target(pair: BuildPair, target: str) -> dict[str, str]:
-    """Global symbol name -> unit, over the pre objects of every unit linked into target."""
+    """Global symbol name -> unit (the first in source order), over the pre objects of every
+    unit linked into target."""
+    return {name: defs[0][0] for name, defs in _global_definitions(pair, target).items()}
+
+
+def _global_definitions(pair: BuildPair, target: str) -> dict[str, list[tuple[str, str]]]:
+    """Every non-local definition in the pre objects of ``target``'s units: name ->
+    [(unit, "global" | "weak")] in source order; a COMMON symbol counts as weak (the linker
+    merges it). Read once per set of objects (the caller must not change the result)."""
+    units = tuple(sorted((u.source, str(u.pre.object), _identity(u.pre.object))
+                         for u in pair.units if target in u.targets))
+    return _definitions_in(units)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What tells a file apart from another one at the same path (a cache key)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _definitions_in(units: tuple[tuple[str, str, tuple[int, int, int]], ...]
+                    ) -> dict[str, list[tuple[str, str]]]:
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
 
-    out: dict[str, str] = {}
-    for unit in sorted(pair.units, key=lambda u: u.source):
-        if target not in unit.targets:
-            continue
+    out: dict[str, list[tuple[str, str]]] = {}
+    for source, obj, _identity_key in units:
         try:
-            with open(unit.pre.object, "rb") as f:
+            with open(obj, "rb") as f:
                 symtab = ELFFile(f).get_section_by_name(".symtab")
                 if not isinstance(symtab, SymbolTableSection):
                     continue
                 for sym in symtab.iter_symbols():
-                    if (
-                        sym["st_info"]["bind"] in ("STB_GLOBAL", "STB_WEAK")
-                        and sym["st_shndx"] != "SHN_UNDEF"
-                    ):
-                        out.setdefault(sym.name, unit.source)
+                    bind, shndx = sym["st_info"]["bind"], sym["st_shndx"]
+                    if bind in ("STB_GLOBAL", "STB_WEAK") and shndx != "SHN_UNDEF":
+                        weak = bind == "STB_WEAK" or shndx == "SHN_COMMON"
+                        out.setdefault(sym.name, []).append(
+                            (source, "weak" if weak else "global"))
         except OSError:
             continue
     return out
