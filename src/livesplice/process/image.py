@@ -303,7 +303,8 @@ def images_by_path(pid: int, maps: list[Mapping]) -> dict[str, list[Mapping]]:
     return out
 
 
-def _looks_like_elf(path: str) -> bool:
+def looks_like_elf(path: str) -> bool:
+    """Whether ``path`` starts with the ELF magic (cheap, before any parsing)."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
@@ -311,13 +312,13 @@ def _looks_like_elf(path: str) -> bool:
         return False
 
 
-ELF_ERRORS_CACHE: tuple[type[BaseException], ...] | None = None
+_ELF_ERRORS: tuple[type[BaseException], ...] | None = None
 
 
 def elf_errors() -> tuple[type[BaseException], ...]:
     """What parsing a malformed ELF file can raise (any local user can map one)."""
-    global ELF_ERRORS_CACHE
-    if ELF_ERRORS_CACHE is None:
+    global _ELF_ERRORS
+    if _ELF_ERRORS is None:
         import struct
 
         from elftools.common.exceptions import ELFError, ELFParseError
@@ -325,10 +326,10 @@ def elf_errors() -> tuple[type[BaseException], ...]:
 
         # pyelftools' construct errors are not ELFErrors; a size field of 2^45 is a
         # MemoryError or an OverflowError; a name that is not text, a UnicodeError
-        ELF_ERRORS_CACHE = (OSError, ValueError, ELFError, ELFParseError, ConstructError,
+        _ELF_ERRORS = (OSError, ValueError, ELFError, ELFParseError, ConstructError,
                             struct.error, IndexError, KeyError, AssertionError, MemoryError,
                             OverflowError, UnicodeError, TypeError, RecursionError)
-    return ELF_ERRORS_CACHE
+    return _ELF_ERRORS
 
 
 def _read_build_id(path: str) -> str:
@@ -390,7 +391,7 @@ def find_images(
         # cheap pre-filter: libfoo.so.1 is usually a symlink to libfoo.so.1.2.3
         if not by_id and base != name and not base.startswith(name.split(".so")[0]):
             continue
-        if not by_id and not _looks_like_elf(readable):
+        if not by_id and not looks_like_elf(readable):
             continue
         try:
             img = MappedImage(pid, path, ms)
@@ -475,26 +476,20 @@ def file_image(path: str) -> tuple[MappedImage, list[Mapping], Callable[[int, in
         data = f.read()
     facts = elf_facts(path)
     base = 0 if facts.etype == "ET_EXEC" else FILE_IMAGE_BASE
-    maps: list[Mapping] = []
-    for vaddr, memsz, off, _filesz, flags in facts.loads:
-        start = base + (vaddr & ~(PAGE - 1))
-        end = base + ((vaddr + memsz + PAGE - 1) & ~(PAGE - 1))
-        perms = ("r" if flags & _PF_R else "-") + ("w" if flags & _PF_W else "-") + \
-            ("x" if flags & _PF_X else "-") + "p"
-        maps.append(Mapping(start, end, perms, off & ~(PAGE - 1), path))
-    if not maps:
-        raise ValueError(f"{path} has no loadable segment")
-
     # what mmap maps for each PT_LOAD: whole pages of the file from p_offset's page, up to
     # the end of its file part (the rest of the segment: zeros, as for .bss); a segment need
     # not start on a page boundary (lld's layouts)
-    pieces = []
-    for vaddr, memsz, off, filesz, _flags in facts.loads:
+    maps: list[Mapping] = []
+    pieces = []  # (lo, hi, file_lo, file_hi) of each mapping
+    for vaddr, memsz, off, filesz, flags in facts.loads:
         lo = base + (vaddr & ~(PAGE - 1))
         hi = base + ((vaddr + memsz + PAGE - 1) & ~(PAGE - 1))
-        file_lo = off & ~(PAGE - 1)
-        file_hi = off + filesz
-        pieces.append((lo, hi, file_lo, file_hi))
+        perms = ("r" if flags & _PF_R else "-") + ("w" if flags & _PF_W else "-") + \
+            ("x" if flags & _PF_X else "-") + "p"
+        maps.append(Mapping(lo, hi, perms, off & ~(PAGE - 1), path))
+        pieces.append((lo, hi, off & ~(PAGE - 1), off + filesz))
+    if not maps:
+        raise ValueError(f"{path} has no loadable segment")
 
     def read(addr: int, n: int) -> bytes:
         out = bytearray()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from livesplice.errors import NoMatch, UsageError
+from livesplice.process.image import looks_like_elf
 from livesplice.update.format import Manifest, Verified
 
 
@@ -169,7 +170,7 @@ def _walk(roots: list[tuple[Path, str]]) -> list[Candidate]:
                     target = os.readlink(p)
                     base = "/" if target.startswith("/") else "/" + os.path.dirname(rel)
                     links.setdefault(rel, os.path.normpath(os.path.join(base, target))[1:])
-                elif p.is_file() and rel not in files and _is_elf(p):
+                elif p.is_file() and rel not in files and looks_like_elf(str(p)):
                     files[rel] = Candidate(p, rel, origin, {n})
     for link in sorted(links):
         dest = links[link]
@@ -196,13 +197,6 @@ def _deb_label(deb: Path) -> str:
     return (f"Debian {fields['Package']} {fields.get('Version', '?')} "
             f"({fields.get('Architecture', '?')}{how})")
 
-
-def _is_elf(p: Path) -> bool:
-    try:
-        with open(p, "rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
 
 
 def describe(verified: dict[str, list[Verified]]) -> list[str]:
