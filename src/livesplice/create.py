@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import shutil
@@ -176,73 +177,66 @@ def create_update(
     for path in verify_against or []:
         if not path.exists():
             raise UsageError(f"--verify-against {path}: no such file or directory")
-    srcroot: Path | None = None
     source = ""
     notes: list[str] = []
     verify = list(verify_against or [])
-    if debian is not None:
-        from livesplice.build.debian import DEBIAN_BUILD, parse_spec, prepare_source
+    # what the Debian source needs (its unpacked tree) is removed however create ends
+    with contextlib.ExitStack() as cleanup:
+        if debian is not None:
+            from livesplice.build.debian import DEBIAN_BUILD, parse_spec, prepare_source
 
-        if srcdir is not None:
-            raise UsageError("give either SRCDIR or --debian SOURCE=VERSION, not both")
-        parse_spec(debian)
-        read_patch(patch)  # a bad patch path costs nothing now, a download later
-        srcroot = Path(tempfile.mkdtemp(prefix="livesplice-debian-"))
-        try:
+            if srcdir is not None:
+                raise UsageError("give either SRCDIR or --debian SOURCE=VERSION, not both")
+            parse_spec(debian)
+            read_patch(patch)  # a bad patch path costs nothing now, a download later
+            srcroot = Path(cleanup.enter_context(tempfile.TemporaryDirectory(
+                prefix="livesplice-debian-", ignore_cleanup_errors=True)))
             deb = prepare_source(debian, srcroot / "src")
-        except BaseException:
-            shutil.rmtree(srcroot, ignore_errors=True)
-            raise
-        srcdir, source, notes = deb.tree, deb.label, deb.notes
-        build_cmd = build_cmd or DEBIAN_BUILD
-        clean_env = True
-        verify = [*deb.debs, *verify]
-    elif srcdir is None:
-        raise UsageError("no source tree given (SRCDIR, or --debian SOURCE=VERSION)")
-    try:
+            srcdir, source, notes = deb.tree, deb.label, deb.notes
+            build_cmd = build_cmd or DEBIAN_BUILD
+            clean_env = True
+            verify = [*deb.debs, *verify]
+        elif srcdir is None:
+            raise UsageError("no source tree given (SRCDIR, or --debian SOURCE=VERSION)")
         inputs = check_inputs(srcdir, patch, update_id, output, description, signing_key)
-    except BaseException:
-        if srcroot is not None:
-            shutil.rmtree(srcroot, ignore_errors=True)
-        raise
-    srcdir, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
-    build_cmd = build_cmd or "make"
+        srcdir, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
+        build_cmd = build_cmd or "make"
 
-    workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
-    try:
-        stages = Stages(progress)
-        pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
-                          clean_env=clean_env, progress=progress, prebuild=prebuild)
-        selected = restrict_targets(pair, targets) if targets else pair
-        with stages.stage("diff") as advance:
-            diff = diff_build(selected, on_unit=advance)
-        others: list[OutputChange] = []
-        if targets:
-            with stages.stage("diff (outputs not selected)") as advance:
-                others = other_changed_outputs(pair, selected, diff, on_unit=advance)
-        manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings)
-        if manifest is None:
-            if others:
-                raise_target_unchanged(targets or [], others)
-            return CreateResult(None, None, "no code changes: nothing to do (no update written)")
-        manifest.source = source
-        manifest.warnings.extend(notes)
-        if verify:
-            from livesplice.process.verify import verify_targets
+        workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
+        try:
+            stages = Stages(progress)
+            pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
+                              clean_env=clean_env, progress=progress, prebuild=prebuild)
+            selected = restrict_targets(pair, targets) if targets else pair
+            with stages.stage("diff") as advance:
+                diff = diff_build(selected, on_unit=advance)
+            others: list[OutputChange] = []
+            if targets:
+                with stages.stage("diff (outputs not selected)") as advance:
+                    others = other_changed_outputs(pair, selected, diff, on_unit=advance)
+            manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks,
+                                      diff.warnings)
+            if manifest is None:
+                if others:
+                    raise_target_unchanged(targets or [], others)
+                return CreateResult(None, None,
+                                    "no code changes: nothing to do (no update written)")
+            manifest.source = source
+            manifest.warnings.extend(notes)
+            if verify:
+                from livesplice.process.verify import verify_targets
 
-            with stages.stage("verify"):
-                manifest.warnings.extend(verify_targets(
-                    manifest, verify, only_shipped=debian is not None).warnings)
-        with stages.stage("package"):
-            write_update(out, manifest, patch_text, signing_key=signing_key)
-        return CreateResult(manifest, out, f"wrote update {uid} to {out}", others)
-    finally:
-        if keep_tmp:
-            print(f"livesplice: kept the build directory {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        if srcroot is not None:
-            shutil.rmtree(srcroot, ignore_errors=True)
+                with stages.stage("verify"):
+                    manifest.warnings.extend(verify_targets(
+                        manifest, verify, only_shipped=debian is not None).warnings)
+            with stages.stage("package"):
+                write_update(out, manifest, patch_text, signing_key=signing_key)
+            return CreateResult(manifest, out, f"wrote update {uid} to {out}", others)
+        finally:
+            if keep_tmp:
+                print(f"livesplice: kept the build directory {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def restrict_targets(pair: BuildPair, names: list[str]) -> BuildPair:
