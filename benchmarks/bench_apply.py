@@ -54,21 +54,56 @@ def main() -> int:
         server.stdout.readline()
         update = work / "u.update"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "livesplice", "create", "--patch",
-                        str(src / "fix.patch"), "--id", "bench001", "-o", str(update), str(src)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "livesplice",
+                "create",
+                "--patch",
+                str(src / "fix.patch"),
+                "--id",
+                "bench001",
+                "-o",
+                str(update),
+                str(src),
+            ],
+            check=True,
+            capture_output=True,
+        )
         create_s = time.perf_counter() - t0
 
         cmd_apply, cmd_undo, lib_read, lib_prepare, lib_apply, lib_undo, pauses = (
-            [], [], [], [], [], [], [])  # type: ignore[var-annotated]
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )  # type: ignore[var-annotated]
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "livesplice", "apply", str(update), "--pid",
-                            str(server.pid)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "livesplice",
+                    "apply",
+                    str(update),
+                    "--pid",
+                    str(server.pid),
+                ],
+                check=True,
+                capture_output=True,
+            )
             cmd_apply.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "livesplice", "undo", "bench001", "--pid",
-                            str(server.pid)], check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "livesplice", "undo", "bench001", "--pid", str(server.pid)],
+                check=True,
+                capture_output=True,
+            )
             cmd_undo.append(time.perf_counter() - t0)
 
             t0 = time.perf_counter()

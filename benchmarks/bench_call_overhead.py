@@ -28,8 +28,9 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         exe = build("call_overhead", Path(d))
-        out = subprocess.run([str(exe), str(a.calls), str(a.rounds)], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [str(exe), str(a.calls), str(a.rounds)], check=True, capture_output=True, text=True
+        ).stdout
     direct, jumped = [], []
     print(f"{'round':>5} {'direct ns':>10} {'via jmp ns':>11} {'ratio':>7}")
     for line in out.split("\n"):

@@ -41,8 +41,9 @@ from livesplice.eval.sources import fetch_source, install_build_deps, make_trees
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = 'DEB_BUILD_OPTIONS="nocheck $DEB_BUILD_OPTIONS" dpkg-buildpackage -B -uc -us'
-EVAL_CACHE = Path(os.environ.get("LIVESPLICE_EVAL_CACHE",
-                                 Path.home() / ".cache" / "livesplice" / "eval"))  # fmt: skip
+EVAL_CACHE = Path(
+    os.environ.get("LIVESPLICE_EVAL_CACHE", Path.home() / ".cache" / "livesplice" / "eval")
+)
 GOALS = {"body fix": 1.3, "header fix": 2.0}
 
 
@@ -68,8 +69,7 @@ HEADER_FIXES = {
     "curl": HeaderFix(
         "lib/urldata.h",
         "#define CURL_MAX_INPUT_LENGTH 8000000\n",
-        "/* a lower bound on any single input string */\n"
-        "#define CURL_MAX_INPUT_LENGTH 4000000\n",
+        "/* a lower bound on any single input string */\n#define CURL_MAX_INPUT_LENGTH 4000000\n",
         "Curl_setstropt",
     ),
 }
@@ -84,8 +84,9 @@ class Timed:
 
 
 def corpus_row(package: str) -> CorpusRow:
-    rows = [r for r in read_corpus(REPO / "corpus" / "userspace-public.csv")
-            if r.package == package]  # fmt: skip
+    rows = [
+        r for r in read_corpus(REPO / "corpus" / "userspace-public.csv") if r.package == package
+    ]
     if not rows:
         sys.exit(f"bench_create: no row for {package} in corpus/userspace-public.csv")
     return rows[0]
@@ -102,8 +103,13 @@ def header_patch(pre: Path, fix: HeaderFix, out: Path) -> Path:
             sys.exit(f"bench_create: {fix.path} has no line {fix.old!r}")
         (a / fix.path).write_text(text)
         (b / fix.path).write_text(text.replace(fix.old, fix.new, 1))
-        r = subprocess.run(["diff", "-u", f"a/{fix.path}", f"b/{fix.path}"], cwd=d,
-                           capture_output=True, text=True, check=False)  # fmt: skip
+        r = subprocess.run(
+            ["diff", "-u", f"a/{fix.path}", f"b/{fix.path}"],
+            cwd=d,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     out.write_text(r.stdout)
     return out
 
@@ -114,12 +120,20 @@ def own_build(pre: Path, scratch: Path, jobs: int) -> Timed:
     shutil.copytree(pre, tree, symlinks=True)
     env = dict(os.environ, DEB_BUILD_OPTIONS=f"parallel={jobs}")
     start = time.monotonic()
-    r = subprocess.run(["bash", "-c", BUILD], cwd=tree, env=env, capture_output=True,
-                       text=True, check=False, stdin=subprocess.DEVNULL)  # fmt: skip
+    r = subprocess.run(
+        ["bash", "-c", BUILD],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     seconds = time.monotonic() - start
     if r.returncode != 0:
-        sys.exit(f"bench_create: the package's own build failed:\n{r.stdout[-3000:]}"
-                 f"{r.stderr[-3000:]}")  # fmt: skip
+        sys.exit(
+            f"bench_create: the package's own build failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+        )
     shutil.rmtree(scratch / "own")
     return Timed("own build", seconds)
 
@@ -132,17 +146,38 @@ def create(what: str, pre: Path, patch: Path, scratch: Path, cache: Path, jobs: 
     out.unlink(missing_ok=True)
     env = dict(os.environ, LIVESPLICE_PREBUILD_CACHE=str(cache))
     env.pop("LIVESPLICE_SIGNING_KEY", None)
-    cmd = [sys.executable, "-m", "livesplice", "create", "--build", BUILD, "--patch",
-           str(patch), "--id", "bench", "-o", str(out), "-j", str(jobs), "--json", str(pre)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "livesplice",
+        "create",
+        "--build",
+        BUILD,
+        "--patch",
+        str(patch),
+        "--id",
+        "bench",
+        "-o",
+        str(out),
+        "-j",
+        str(jobs),
+        "--json",
+        str(pre),
+    ]
     start = time.monotonic()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                       stdin=subprocess.DEVNULL)  # fmt: skip
+    r = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
     seconds = time.monotonic() - start
     if r.returncode != 0 or not out.exists():
         sys.exit(f"bench_create: {what}: create exited {r.returncode}\n{r.stderr[-5000:]}")
     stages = [(m["stage"], float(m["s"])) for m in STAGE_DONE.finditer(r.stderr)]
-    inspect = subprocess.run([sys.executable, "-m", "livesplice", "inspect", "--json", str(out)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+    inspect = subprocess.run(
+        [sys.executable, "-m", "livesplice", "inspect", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     info = json.loads(inspect.stdout)
     changed = sorted({f for t in info["targets"] for f in t["changed_functions"]})
     return Timed(what, seconds, stages, changed)
@@ -158,8 +193,11 @@ def main() -> int:
     dsc = fetch_source(row, EVAL_CACHE)
     trees = make_trees(row, dsc, EVAL_CACHE / "rows" / row.slug)
     install_build_deps(dsc, trees.pre)
-    print(f"bench_create: {row.package} {row.version}, fix {row.first_patch}; "
-          f"build: {BUILD} (-j{args.jobs})", flush=True)
+    print(
+        f"bench_create: {row.package} {row.version}, fix {row.first_patch}; "
+        f"build: {BUILD} (-j{args.jobs})",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-create-") as d:
         scratch = Path(d)
@@ -167,13 +205,18 @@ def main() -> int:
         header = header_patch(trees.pre, HEADER_FIXES[args.package], scratch / "header.patch")
         results = [own_build(trees.pre, scratch, args.jobs)]
         print(f"  {results[0].what}: {results[0].seconds:.1f} s", flush=True)
-        for what, patch in (("body fix, no cache", trees.fix_patch),
-                            ("body fix", trees.fix_patch), ("header fix", header)):
+        for what, patch in (
+            ("body fix, no cache", trees.fix_patch),
+            ("body fix", trees.fix_patch),
+            ("header fix", header),
+        ):
             t = create(what, trees.pre, patch, scratch, cache, args.jobs)
             results.append(t)
             stages = ", ".join(f"{s} {sec:.1f}" for s, sec in t.stages)
-            print(f"  create, {what}: {t.seconds:.1f} s ({stages}); changed: "
-                  f"{', '.join(t.changed)}", flush=True)
+            print(
+                f"  create, {what}: {t.seconds:.1f} s ({stages}); changed: {', '.join(t.changed)}",
+                flush=True,
+            )
     build = results[0].seconds
     fix = HEADER_FIXES[args.package]
     if fix.changed not in results[3].changed:

@@ -47,8 +47,17 @@ def _compile(d: Path, name: str, n: int, changed: bool) -> Path:
     src.write_text(_source(n, changed))
     obj = d / f"{name}.o"
     subprocess.run(
-        ["gcc", "-O2", "-g", "-ffunction-sections", "-fdata-sections", "-c", str(src), "-o",
-         str(obj)],
+        [
+            "gcc",
+            "-O2",
+            "-g",
+            "-ffunction-sections",
+            "-fdata-sections",
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+        ],
         check=True,
     )
     return obj
@@ -80,8 +89,9 @@ def main() -> None:
         little = _pair(d, "little", small)
         units = [_pair(d, f"u{i}", small) for i in range(a.units)]
         sections = int(
-            subprocess.run(["readelf", "-S", "-W", str(big[0])], capture_output=True,
-                           text=True, check=True).stdout.count("] .")
+            subprocess.run(
+                ["readelf", "-S", "-W", str(big[0])], capture_output=True, text=True, check=True
+            ).stdout.count("] .")
         )
         t_big = _timed_diff(*big, n)
         t_little = _timed_diff(*little, small)
@@ -97,8 +107,10 @@ def main() -> None:
         t_parallel = time.perf_counter() - t0
         if [u.changed_functions for u in serial] != [u.changed_functions for u in parallel]:
             sys.exit("parallel diff disagrees with the serial diff")
-        print(f"{a.units} units serial: {t_serial:.2f} s, {a.jobs} workers: {t_parallel:.2f} s, "
-              f"speed-up {t_serial / t_parallel:.2f} (cores: {os.cpu_count()})")
+        print(
+            f"{a.units} units serial: {t_serial:.2f} s, {a.jobs} workers: {t_parallel:.2f} s, "
+            f"speed-up {t_serial / t_parallel:.2f} (cores: {os.cpu_count()})"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ EXAMPLE = ROOT / "examples" / "kvserver"
 
 
 def ls(*args: str, env: dict[str, str]) -> str:
-    r = subprocess.run([sys.executable, "-m", "livesplice", *args], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "livesplice", *args], capture_output=True, text=True, env=env
+    )
     if r.returncode != 0:
         raise SystemExit(f"livesplice {args[0]}: {r.stderr}")
     return r.stdout
@@ -61,25 +62,53 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="livesplice-execbench-"))
-    env = {**os.environ, "LIVESPLICE_STATE_DIR": str(tmp / "state"),
-           "LIVESPLICE_TRUST_DIR": str(tmp / "trust"), "LIVESPLICE_ETC": str(tmp / "etc")}
+    env = {
+        **os.environ,
+        "LIVESPLICE_STATE_DIR": str(tmp / "state"),
+        "LIVESPLICE_TRUST_DIR": str(tmp / "trust"),
+        "LIVESPLICE_ETC": str(tmp / "etc"),
+    }
     agent = None
     try:
         shutil.copytree(EXAMPLE, tmp / "src")
         shutil.copytree(EXAMPLE, tmp / "run")
         subprocess.run(["make", "-s", "-C", str(tmp / "run")], check=True)
         ls("keygen", "-o", str(tmp / "vendor.key"), env=env)
-        ls("create", "--patch", str(EXAMPLE / "fix.patch"), "--id", "execbench", "-o",
-           str(tmp / "fix.update"), "--sign", str(tmp / "vendor.key"), str(tmp / "src"), env=env)
+        ls(
+            "create",
+            "--patch",
+            str(EXAMPLE / "fix.patch"),
+            "--id",
+            "execbench",
+            "-o",
+            str(tmp / "fix.update"),
+            "--sign",
+            str(tmp / "vendor.key"),
+            str(tmp / "src"),
+            env=env,
+        )
         ls("repo", "init", str(tmp / "repo"), "--key", str(tmp / "vendor.key"), env=env)
-        ls("repo", "add", str(tmp / "repo"), str(tmp / "fix.update"), "--key",
-           str(tmp / "vendor.key"), "--binary", str(tmp / "run" / "kvserver"), env=env)
+        ls(
+            "repo",
+            "add",
+            str(tmp / "repo"),
+            str(tmp / "fix.update"),
+            "--key",
+            str(tmp / "vendor.key"),
+            "--binary",
+            str(tmp / "run" / "kvserver"),
+            env=env,
+        )
         (tmp / "trust").mkdir()
         for pub in (tmp / "repo" / "keys").glob("*.pub"):
             shutil.copy(pub, tmp / "trust")
         ls("upgrade", "--repo", str(tmp / "repo"), "-y", env=env)
-        agent = subprocess.Popen([sys.executable, "-m", "livesplice", "agent", "--json"],
-                                 stdout=subprocess.PIPE, text=True, env=env)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "livesplice", "agent", "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert agent.stdout is not None
         started = json.loads(agent.stdout.readline())
         windows: list[float] = []
@@ -87,8 +116,9 @@ def main() -> None:
         missed = 0
         for run in range(args.runs):
             port = 18000 + (os.getpid() * 7 + run) % 1000
-            server = subprocess.Popen([str(tmp / "run" / "kvserver"), str(port)],
-                                      stdout=subprocess.DEVNULL)
+            server = subprocess.Popen(
+                [str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.DEVNULL
+            )
             ev: dict[str, object] = {}
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
@@ -107,12 +137,16 @@ def main() -> None:
             server.send_signal(signal.SIGKILL)
             server.wait()
         w = sorted(windows)
-        print(f"agent watcher: {started['watcher']}; {args.runs} starts of kvserver, "
-              f"{len(windows)} patched by the agent, {unpatched} answered with the old code, "
-              f"{missed} not reported by the agent within 5 s")
+        print(
+            f"agent watcher: {started['watcher']}; {args.runs} starts of kvserver, "
+            f"{len(windows)} patched by the agent, {unpatched} answered with the old code, "
+            f"{missed} not reported by the agent within 5 s"
+        )
         if w:
-            print(f"exec-to-patched: p50 {statistics.median(w):.1f} ms, "
-                  f"p90 {w[int(0.9 * (len(w) - 1))]:.1f} ms, max {w[-1]:.1f} ms")
+            print(
+                f"exec-to-patched: p50 {statistics.median(w):.1f} ms, "
+                f"p90 {w[int(0.9 * (len(w) - 1))]:.1f} ms, max {w[-1]:.1f} ms"
+            )
     finally:
         if agent is not None:
             agent.send_signal(signal.SIGTERM)

@@ -38,8 +38,9 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def measure_busy(exe: Path, threads: int, runs: int, fifo: bool | None
-                 ) -> tuple[list[float], list[int], list[int], int]:
+def measure_busy(
+    exe: Path, threads: int, runs: int, fifo: bool | None
+) -> tuple[list[float], list[int], list[int], int]:
     """Pauses, threads run out and slices per successful window; windows that stayed busy."""
     from livesplice.errors import CodeBusy
 
@@ -110,25 +111,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         exe = build("ptrace_spin", Path(d))
         if a.busy:
-            print(f"stop-window pause, busy path (workers inside the replaced code), {a.runs} "
-                  f"runs, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-            print(f"{'threads':>7} {'median us':>10} {'p95 us':>9} {'p99 us':>9} "
-                  f"{'ran out':>8} {'slices':>7} {'busy':>5}")
+            print(
+                f"stop-window pause, busy path (workers inside the replaced code), {a.runs} "
+                f"runs, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+            )
+            print(
+                f"{'threads':>7} {'median us':>10} {'p95 us':>9} {'p99 us':>9} "
+                f"{'ran out':>8} {'slices':>7} {'busy':>5}"
+            )
             for n in a.threads:
                 xs, ran, sl, failed = measure_busy(exe, n, a.runs, fifo)
                 if not xs:
                     print(f"{n:>7} every window stayed busy ({failed})")
                     continue
-                print(f"{n:>7} {statistics.median(xs):10.1f} {pct(xs, 0.95):9.1f} "
-                      f"{pct(xs, 0.99):9.1f} {statistics.median(ran):8.0f} "
-                      f"{statistics.median(sl):7.0f} {failed:>5}")
+                print(
+                    f"{n:>7} {statistics.median(xs):10.1f} {pct(xs, 0.95):9.1f} "
+                    f"{pct(xs, 0.99):9.1f} {statistics.median(ran):8.0f} "
+                    f"{statistics.median(sl):7.0f} {failed:>5}"
+                )
             return
         kind = "blocked" if a.blocked else "spinning"
         load = os.getloadavg()[0]
-        print(f"stop-window pause, {kind} threads, {a.runs} runs, fifo={a.fifo}, "
-              f"{os.cpu_count()} CPUs, load average {load:.1f} (other work skews the tail)")
-        print(f"{'threads':>7} {'median us':>10} {'p95 us':>9} {'p99 us':>9} {'p99/med':>8} "
-              f"{'target us':>10} {'med/target':>10}")
+        print(
+            f"stop-window pause, {kind} threads, {a.runs} runs, fifo={a.fifo}, "
+            f"{os.cpu_count()} CPUs, load average {load:.1f} (other work skews the tail)"
+        )
+        print(
+            f"{'threads':>7} {'median us':>10} {'p95 us':>9} {'p99 us':>9} {'p99/med':>8} "
+            f"{'target us':>10} {'med/target':>10}"
+        )
         for n in a.threads:
             xs = measure(exe, n, a.runs, a.blocked, fifo)
             med = statistics.median(xs)
@@ -136,8 +147,10 @@ def main() -> None:
             target = TARGET_MEDIAN_US.get(n)
             tcol = f"{target:10.0f}" if target else f"{'-':>10}"
             rcol = f"{med / target:10.2f}" if target else f"{'-':>10}"
-            print(f"{n:>7} {med:10.1f} {pct(xs, 0.95):9.1f} {tail:9.1f} {tail / med:8.2f} "
-                  f"{tcol} {rcol}")
+            print(
+                f"{n:>7} {med:10.1f} {pct(xs, 0.95):9.1f} {tail:9.1f} {tail / med:8.2f} "
+                f"{tcol} {rcol}"
+            )
 
 
 if __name__ == "__main__":

@@ -73,11 +73,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--warm", action="store_true",
-                    help="apply/undo from one long-running process (as the agent does) instead "
-                    "of a livesplice command per step")
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run livesplice (and the control command) at this nice level")
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="apply/undo from one long-running process (as the agent does) instead "
+        "of a livesplice command per step",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run livesplice (and the control command) at this nice level",
+    )
     args = ap.parse_args()
     nice = ["nice", "-n", str(args.nice)] if args.nice else []
     tmp = Path(tempfile.mkdtemp(prefix="livesplice-soak-"))
@@ -86,12 +93,27 @@ def main() -> None:
         shutil.copytree(EXAMPLE, tmp / "run")
         subprocess.run(["make", "-s", "-C", str(tmp / "run")], check=True)
         update = tmp / "fix.update"
-        subprocess.run([sys.executable, "-m", "livesplice", "create", "--patch",
-                        str(EXAMPLE / "fix.patch"), "--id", "soak0001", "-o", str(update),
-                        str(tmp / "src")], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "livesplice",
+                "create",
+                "--patch",
+                str(EXAMPLE / "fix.patch"),
+                "--id",
+                "soak0001",
+                "-o",
+                str(update),
+                str(tmp / "src"),
+            ],
+            check=True,
+            capture_output=True,
+        )
         port = 18500 + os.getpid() % 500
-        server = subprocess.Popen([str(tmp / "run" / "kvserver"), str(port)],
-                                  stdout=subprocess.PIPE)
+        server = subprocess.Popen(
+            [str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.PIPE
+        )
         assert server.stdout is not None
         server.stdout.readline()
         clients = PingClients(port, args.clients)
@@ -107,14 +129,19 @@ def main() -> None:
         if args.warm:
             # one long-running process applies and undoes (as the agent does): no
             # interpreter start-up or first imports inside the measured spans
-            warm = subprocess.Popen([*nice, sys.executable, "-c", WARM_WORKER, str(update),
-                                     str(server.pid)], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
+            warm = subprocess.Popen(
+                [*nice, sys.executable, "-c", WARM_WORKER, str(update), str(server.pid)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert warm.stdout is not None and warm.stdin is not None
             warm.stdout.readline()
         for _ in range(args.cycles):
-            for verb, extra in (("apply", [str(update), "--allow-unsigned"]),
-                                ("undo", ["soak0001"])):
+            for verb, extra in (
+                ("apply", [str(update), "--allow-unsigned"]),
+                ("undo", ["soak0001"]),
+            ):
                 t0 = time.perf_counter()
                 if warm is not None:
                     assert warm.stdin is not None and warm.stdout is not None
@@ -127,9 +154,22 @@ def main() -> None:
                         continue
                     rep = answer
                 else:
-                    r = subprocess.run([*nice, sys.executable, "-m", "livesplice", verb, *extra,
-                                        "--pid", str(server.pid), "--json"],
-                                       capture_output=True, text=True, timeout=120)
+                    r = subprocess.run(
+                        [
+                            *nice,
+                            sys.executable,
+                            "-m",
+                            "livesplice",
+                            verb,
+                            *extra,
+                            "--pid",
+                            str(server.pid),
+                            "--json",
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
                     windows.append((t0, time.perf_counter()))
                     if r.returncode != 0:
                         failures.append(f"{verb}: {r.returncode} {r.stderr.strip()[:200]}")
@@ -148,8 +188,11 @@ def main() -> None:
         control: list[tuple[float, float]] = []
         for _ in range(min(2 * args.cycles, 40)):
             t0 = time.perf_counter()
-            subprocess.run([*nice, sys.executable, "-m", "livesplice", "inspect", str(update)],
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [*nice, sys.executable, "-m", "livesplice", "inspect", str(update)],
+                capture_output=True,
+                timeout=120,
+            )
             control.append((t0, time.perf_counter()))
         if warm is not None:
             warm.kill()
@@ -168,24 +211,32 @@ def main() -> None:
     base = [dt * 1e3 for s, dt in clients.samples if s + dt < base_end]
     tool = [dt * 1e3 for s, dt in clients.samples if s >= base_end and during(s, dt, windows)]
     ctrl = [dt * 1e3 for s, dt in clients.samples if during(s, dt, control)]
-    print(f"cycles {args.cycles}, tool failures {len(failures)}, "
-          f"failed client requests {len(clients.failed)} of {len(clients.samples)}")
+    print(
+        f"cycles {args.cycles}, tool failures {len(failures)}, "
+        f"failed client requests {len(clients.failed)} of {len(clients.samples)}"
+    )
     for f in failures[:5]:
         print("  ", f)
-    for name, vals in (("without the tool", base),
-                       ("while `livesplice inspect` runs (CPU contention only)", ctrl),
-                       ("while apply/undo run", tool)):
-        print(f"client latency {name}: p50 {pct(vals, 50):.2f} ms, p99 {pct(vals, 99):.2f} ms, "
-              f"max {max(vals, default=float('nan')):.2f} ms ({len(vals)} requests)")
+    for name, vals in (
+        ("without the tool", base),
+        ("while `livesplice inspect` runs (CPU contention only)", ctrl),
+        ("while apply/undo run", tool),
+    ):
+        print(
+            f"client latency {name}: p50 {pct(vals, 50):.2f} ms, p99 {pct(vals, 99):.2f} ms, "
+            f"max {max(vals, default=float('nan')):.2f} ms ({len(vals)} requests)"
+        )
     for verb in ("apply", "undo"):
         p, s, o, h = pauses[verb], stopped[verb], others[verb], host[verb]
         if p:
             ratio = [b / a for a, b in zip(p, o, strict=True) if a]
-            print(f"{verb}: pause_us p50 {statistics.median(p):.0f} max {max(p):.0f}; "
-                  f"stopped_us (any thread) p50 {statistics.median(s):.0f} max {max(s):.0f}; "
-                  f"others_stopped_us p50 {statistics.median(o):.0f} max {max(o):.0f}; "
-                  f"host_stopped_us p50 {statistics.median(h):.0f} max {max(h):.0f}; "
-                  f"others/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}")
+            print(
+                f"{verb}: pause_us p50 {statistics.median(p):.0f} max {max(p):.0f}; "
+                f"stopped_us (any thread) p50 {statistics.median(s):.0f} max {max(s):.0f}; "
+                f"others_stopped_us p50 {statistics.median(o):.0f} max {max(o):.0f}; "
+                f"host_stopped_us p50 {statistics.median(h):.0f} max {max(h):.0f}; "
+                f"others/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}"
+            )
     print(f"leaks after the last undo: {left}")
 
 

@@ -64,7 +64,9 @@ def livesplice(
 ) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
         [sys.executable, "-m", "livesplice", *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert "Traceback" not in r.stderr, r.stderr
     if check:
@@ -84,18 +86,24 @@ def build(tree: Path, *make_args: str) -> None:
 
 def create(tree: Path, patch: Path, update_id: str, out_dir: Path, *extra: str) -> Path:
     out = out_dir / f"{update_id}.update"
-    livesplice("create", "--patch", str(patch), "--id", update_id, "-o", str(out), *extra,
-               str(tree))
+    livesplice(
+        "create", "--patch", str(patch), "--id", update_id, "-o", str(out), *extra, str(tree)
+    )
     return out
 
 
 class Running:
     """A started program whose stdout lines are collected in the background."""
 
-    def __init__(self, argv: list[str], cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, **(env or {})},
         )
         self.pid = self.proc.pid

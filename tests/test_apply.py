@@ -44,8 +44,9 @@ int main(void)
 BASIC_FIX = {"prog.c": [("return x + base;", "return x + base + 1;")]}
 
 
-def setup_prog(tmp_path: Path, source: str, edits: dict[str, list[tuple[str, str]]],
-               *make_args: str) -> tuple[Path, Path]:
+def setup_prog(
+    tmp_path: Path, source: str, edits: dict[str, list[tuple[str, str]]], *make_args: str
+) -> tuple[Path, Path]:
     tree = write_tree(tmp_path / "src", {"prog.c": source, "Makefile": MAKEFILE})
     patch = make_patch(tree, edits, tmp_path / "fix.patch")
     running = write_tree(tmp_path / "run", {"prog.c": source, "Makefile": MAKEFILE})
@@ -170,8 +171,17 @@ def test_thread_that_never_leaves_is_code_busy(tmp_path: Path) -> None:
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
         prog.wait_for("tick 3")
-        r = livesplice("apply", str(update), "--pid", str(prog.pid), "--retries", "3",
-                       "--retry-interval", "0.1", check=False)
+        r = livesplice(
+            "apply",
+            str(update),
+            "--pid",
+            str(prog.pid),
+            "--retries",
+            "3",
+            "--retry-interval",
+            "0.1",
+            check=False,
+        )
         assert r.returncode == 6, r.stdout + r.stderr
         text = r.stdout + r.stderr
         assert "CODE_BUSY" in text and "spin" in text and "spinner" in text
@@ -237,13 +247,29 @@ def test_64_threads_in_and_around_patched_function(tmp_path: Path) -> None:
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
         prog.wait_for("range 2 2")
-        out = livesplice_json("apply", str(update), "--pid", str(prog.pid),
-                              "--retries", "20", "--retry-interval", "0.05")
+        out = livesplice_json(
+            "apply",
+            str(update),
+            "--pid",
+            str(prog.pid),
+            "--retries",
+            "20",
+            "--retry-interval",
+            "0.05",
+        )
         assert out["processes"][0]["status"] == "applied", out
         assert out["processes"][0]["threads"] >= 65
         prog.wait_for("range 4 4", timeout=20)
-        livesplice("undo", "thr00064", "--pid", str(prog.pid), "--retries", "20",
-                   "--retry-interval", "0.05")
+        livesplice(
+            "undo",
+            "thr00064",
+            "--pid",
+            str(prog.pid),
+            "--retries",
+            "20",
+            "--retry-interval",
+            "0.05",
+        )
         prog.wait_for("range 2 2", timeout=20)
         assert prog.alive()
     finally:
@@ -254,12 +280,18 @@ def test_stacking_and_undo_in_reverse_order(tmp_path: Path) -> None:
     tree, patch = setup_prog(tmp_path, BASIC, BASIC_FIX)
     first = create(tree, patch, "stack001", tmp_path)
     # The second update is made against the tree with the first fix applied.
-    tree2 = write_tree(tmp_path / "src2", {
-        "prog.c": BASIC.replace("return x + base;", "return x + base + 1;"),
-        "Makefile": MAKEFILE,
-    })
-    patch2 = make_patch(tree2, {"prog.c": [("return x + base + 1;", "return x + base + 5;")]},
-                        tmp_path / "fix2.patch")
+    tree2 = write_tree(
+        tmp_path / "src2",
+        {
+            "prog.c": BASIC.replace("return x + base;", "return x + base + 1;"),
+            "Makefile": MAKEFILE,
+        },
+    )
+    patch2 = make_patch(
+        tree2,
+        {"prog.c": [("return x + base + 1;", "return x + base + 5;")]},
+        tmp_path / "fix2.patch",
+    )
     second = create(tree2, patch2, "stack002", tmp_path)
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
@@ -273,7 +305,9 @@ def test_stacking_and_undo_in_reverse_order(tmp_path: Path) -> None:
         prog.wait_for("value 6")
         view = livesplice_json("view", "--pid", str(prog.pid))
         assert [(p["id"], p["state"]) for p in view["processes"]] == [
-            ("stack001", "applied"), ("stack002", "applied")]
+            ("stack001", "applied"),
+            ("stack002", "applied"),
+        ]
         r = livesplice("undo", "stack001", "--pid", str(prog.pid), check=False)
         assert r.returncode == 2 and "stack002" in r.stderr + r.stdout
         livesplice("undo", "stack002", "--pid", str(prog.pid))
@@ -328,8 +362,11 @@ prog: main.c libcalc.so.1
 def test_shared_library_in_several_processes(tmp_path: Path) -> None:
     files = {"calc.c": LIB_C, "main.c": LIB_MAIN, "Makefile": LIB_MAKEFILE}
     tree = write_tree(tmp_path / "src", files)
-    patch = make_patch(tree, {"calc.c": [("return x * scale + 1;", "return x * scale + 2;")]},
-                       tmp_path / "fix.patch")
+    patch = make_patch(
+        tree,
+        {"calc.c": [("return x * scale + 1;", "return x * scale + 2;")]},
+        tmp_path / "fix.patch",
+    )
     running = write_tree(tmp_path / "run", files)
     build(running)
     update = create(tree, patch, "shlib001", tmp_path)
@@ -338,8 +375,9 @@ def test_shared_library_in_several_processes(tmp_path: Path) -> None:
         for p in progs:
             p.wait_for("lib 1")
         out = livesplice_json("apply", str(update), "--all")
-        assert sorted(p["pid"] for p in out["processes"] if p["status"] == "applied") == \
-            sorted(p.pid for p in progs)
+        assert sorted(p["pid"] for p in out["processes"] if p["status"] == "applied") == sorted(
+            p.pid for p in progs
+        )
         for p in progs:
             p.wait_for("lib 2")
         livesplice("undo", "shlib001", "--all")
@@ -395,14 +433,26 @@ int main(void)
 def test_function_pointers_tls_and_ifunc(tmp_path: Path) -> None:
     """A callback reached through a function pointer in data; a changed function that uses an
     existing TLS variable; a new call to an IFUNC-resolved libc function (memchr)."""
-    tree, patch = setup_prog(tmp_path, FEATURES, {"prog.c": [
-        ("static int op_inc(int x) { return x + base; }",
-         "static int op_inc(int x) { return x + base + 1; }"),
-        ("\treturn x + tls_calls - tls_calls;",
-         "\treturn x + (tls_calls > 0) + tls_calls - tls_calls;"),
-        ("\treturn (int)strlen(s);",
-         "\tconst char *dash = memchr(s, '-', strlen(s));\n\treturn dash ? (int)(dash - s) : -1;"),
-    ]})
+    tree, patch = setup_prog(
+        tmp_path,
+        FEATURES,
+        {
+            "prog.c": [
+                (
+                    "static int op_inc(int x) { return x + base; }",
+                    "static int op_inc(int x) { return x + base + 1; }",
+                ),
+                (
+                    "\treturn x + tls_calls - tls_calls;",
+                    "\treturn x + (tls_calls > 0) + tls_calls - tls_calls;",
+                ),
+                (
+                    "\treturn (int)strlen(s);",
+                    "\tconst char *dash = memchr(s, '-', strlen(s));\n\treturn dash ? (int)(dash - s) : -1;",  # noqa: E501
+                ),
+            ]
+        },
+    )
     update = create(tree, patch, "feat0001", tmp_path)
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
@@ -485,11 +535,17 @@ int main(void)
 
 
 def test_threads_blocked_in_read_and_epoll_see_no_eintr(tmp_path: Path) -> None:
-    tree, patch = setup_prog(tmp_path, BLOCKED,
-                             {"prog.c": [("return c + base;", "return c + base + 1;")]})
+    tree, patch = setup_prog(
+        tmp_path, BLOCKED, {"prog.c": [("return c + base;", "return c + base + 1;")]}
+    )
     update = create(tree, patch, "block001", tmp_path)
-    prog = subprocess.Popen([str(tmp_path / "run" / "prog")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    prog = subprocess.Popen(
+        [str(tmp_path / "run" / "prog")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     assert prog.stdin is not None and prog.stdout is not None
     try:
         assert prog.stdout.readline().strip() == "ready"
@@ -528,7 +584,8 @@ def test_tool_killed_at_random_points_of_apply(tmp_path: Path) -> None:
         for _ in range(12):
             tool = subprocess.Popen(
                 [sys.executable, "-m", "livesplice", "apply", str(update), "--pid", str(prog.pid)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             time.sleep(rng.uniform(0.0, span))
             tool.kill()
@@ -580,7 +637,9 @@ def test_tool_killed_at_each_step_of_apply(tmp_path: Path, point: str) -> None:
         prog.wait_for("value 1")
         r = subprocess.run(
             [sys.executable, "-m", "livesplice", "apply", str(update), "--pid", str(prog.pid)],
-            capture_output=True, text=True, env={**os.environ, "LIVESPLICE_KILL_AT": point},
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LIVESPLICE_KILL_AT": point},
         )
         assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
         prog.drain()
@@ -634,30 +693,52 @@ int main(void)
 HOOK_MAKEFILE = MAKEFILE.replace("CFLAGS ?= -O2 -g", "CFLAGS ?= -O2 -g -I$(LIVESPLICE_INCLUDE)")
 
 
-def hooked_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
-                  edits: list[tuple[str, str]], uid: str) -> tuple[Path, Path]:
+def hooked_update(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+    edits: list[tuple[str, str]],
+    uid: str,
+) -> tuple[Path, Path]:
     """A tree whose patch includes livesplice.h (hooks), its update, and a running build of
     the unpatched source (built without livesplice.h: the deployed program never had it)."""
     from livetest import INCLUDE
 
     monkeypatch.setenv("LIVESPLICE_INCLUDE", str(INCLUDE))
     tree = write_tree(tmp_path / "src", {"prog.c": source, "Makefile": HOOK_MAKEFILE})
-    patch = make_patch(tree, {"prog.c": [
-        ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"), *edits,
-    ]}, tmp_path / "fix.patch")
+    patch = make_patch(
+        tree,
+        {
+            "prog.c": [
+                ("#include <stdio.h>", "#include <livesplice.h>\n#include <stdio.h>"),
+                *edits,
+            ]
+        },
+        tmp_path / "fix.patch",
+    )
     running = write_tree(tmp_path / "run", {"prog.c": source, "Makefile": MAKEFILE})
     build(running)
     return create(tree, patch, uid, tmp_path), running
 
 
 @pytest.mark.parametrize("kind", ["post_apply", "apply"])
-def test_hooks_run_inside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     kind: str) -> None:
+def test_hooks_run_inside_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
     macro = {"post_apply": "LIVESPLICE_POST_APPLY", "apply": "LIVESPLICE_APPLY"}[kind]
-    update, running = hooked_update(tmp_path, monkeypatch, HOOKED, [
-        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int reset(void)\n{\n"
-         "\terrors_seen = 0;\n\treturn 0;\n}\n" + macro + "(reset);"),
-    ], "hook0001")
+    update, running = hooked_update(
+        tmp_path,
+        monkeypatch,
+        HOOKED,
+        [
+            (
+                "\treturn x + base;\n}",
+                "\treturn x + base + 1;\n}\n\nstatic int reset(void)\n{\n"
+                "\terrors_seen = 0;\n\treturn 0;\n}\n" + macro + "(reset);",
+            ),
+        ],
+        "hook0001",
+    )
     info = livesplice_json("inspect", str(update))
     assert [(h["kind"], h["function"]) for h in info["hooks"]] == [(kind, "reset")]
     prog = Running([str(running / "prog")])
@@ -674,10 +755,19 @@ def test_hooks_run_inside_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_failing_pre_apply_hook_leaves_the_process_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    update, running = hooked_update(tmp_path, monkeypatch, HOOKED, [
-        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int refuse(void)\n{\n"
-         "\treturn errors_seen > 0 ? 17 : 0;\n}\nLIVESPLICE_PRE_APPLY(refuse);"),
-    ], "hook0002")
+    update, running = hooked_update(
+        tmp_path,
+        monkeypatch,
+        HOOKED,
+        [
+            (
+                "\treturn x + base;\n}",
+                "\treturn x + base + 1;\n}\n\nstatic int refuse(void)\n{\n"
+                "\treturn errors_seen > 0 ? 17 : 0;\n}\nLIVESPLICE_PRE_APPLY(refuse);",
+            ),
+        ],
+        "hook0002",
+    )
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1 errors 5")
@@ -721,12 +811,20 @@ def test_pointer_to_a_replaced_function_stored_by_the_update_survives_undo(
     """A hook stores the address of a replaced function into program data; after undo the
     program keeps calling through it: it must be the original entry, not the unmapped
     replacement."""
-    update, running = hooked_update(tmp_path, monkeypatch, ESCAPE, [
-        ("\treturn x + base;\n}\n\nint (*volatile callback)(int) = answer;",
-         "\treturn x + base + 1;\n}\n\nint (*volatile callback)(int) = answer;\n\n"
-         "static int repoint(void)\n{\n\tcallback = answer;\n\treturn 0;\n}\n"
-         "LIVESPLICE_POST_APPLY(repoint);"),
-    ], "escape01")
+    update, running = hooked_update(
+        tmp_path,
+        monkeypatch,
+        ESCAPE,
+        [
+            (
+                "\treturn x + base;\n}\n\nint (*volatile callback)(int) = answer;",
+                "\treturn x + base + 1;\n}\n\nint (*volatile callback)(int) = answer;\n\n"
+                "static int repoint(void)\n{\n\tcallback = answer;\n\treturn 0;\n}\n"
+                "LIVESPLICE_POST_APPLY(repoint);",
+            ),
+        ],
+        "escape01",
+    )
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1")
@@ -768,10 +866,18 @@ int main(void)
 def test_undo_keeps_memory_the_program_still_points_into(tmp_path: Path) -> None:
     """The new code stores a pointer to its own string in a global; after undo the old code
     keeps printing it. Unmapping the update would crash the program: undo must keep it."""
-    tree, patch = setup_prog(tmp_path, STATUS, {"prog.c": [
-        ("\tif (i < 0)\n\t\tstatus = \"negative\";",
-         "\tif (i >= 0)\n\t\tstatus = \"checked by the fix\";"),
-    ]})
+    tree, patch = setup_prog(
+        tmp_path,
+        STATUS,
+        {
+            "prog.c": [
+                (
+                    '\tif (i < 0)\n\t\tstatus = "negative";',
+                    '\tif (i >= 0)\n\t\tstatus = "checked by the fix";',
+                ),
+            ]
+        },
+    )
     update = create(tree, patch, "keep0001", tmp_path)
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
@@ -849,8 +955,17 @@ def test_frames_behind_a_signal_handler_on_an_alternate_stack_are_checked(
     prog = Running([str(tmp_path / "run" / "prog")])
     try:
         prog.wait_for("in handler")
-        r = livesplice("apply", str(update), "--pid", str(prog.pid), "--retries", "2",
-                       "--retry-interval", "0.1", check=False)
+        r = livesplice(
+            "apply",
+            str(update),
+            "--pid",
+            str(prog.pid),
+            "--retries",
+            "2",
+            "--retry-interval",
+            "0.1",
+            check=False,
+        )
         assert r.returncode == 6, r.stdout + r.stderr
         assert "call_cb" in r.stderr and "signal" in r.stderr, r.stderr
         prog.wait_for("result 1", timeout=10)  # the handler returned into intact code
@@ -864,10 +979,19 @@ def test_frames_behind_a_signal_handler_on_an_alternate_stack_are_checked(
 def test_hook_that_crashes_keeps_the_update_memory_and_the_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    update, running = hooked_update(tmp_path, monkeypatch, HOOKED, [
-        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n\nstatic int crash(void)\n{\n"
-         "\treturn *(volatile int *)0;\n}\nLIVESPLICE_PRE_APPLY(crash);"),
-    ], "crash001")
+    update, running = hooked_update(
+        tmp_path,
+        monkeypatch,
+        HOOKED,
+        [
+            (
+                "\treturn x + base;\n}",
+                "\treturn x + base + 1;\n}\n\nstatic int crash(void)\n{\n"
+                "\treturn *(volatile int *)0;\n}\nLIVESPLICE_PRE_APPLY(crash);",
+            ),
+        ],
+        "crash001",
+    )
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1 errors 5")
@@ -925,10 +1049,14 @@ int main(void)
 def test_replaced_switch_jumps_through_its_own_new_table(tmp_path: Path) -> None:
     """The new code's jump table names case labels inside the NEW function: they must not
     be redirected to the old body (curl's do_SOCKS5 crashed that way)."""
-    fix = {"prog.c": [
-        ("\tswitch (x % 8) {\n\tcase 0: return x * 3 + 10;",
-         "\tif (x < 0)\n\t\treturn -1;\n\tswitch (x % 8) {\n\tcase 0: return x * 3 + 20;"),
-    ]}
+    fix = {
+        "prog.c": [
+            (
+                "\tswitch (x % 8) {\n\tcase 0: return x * 3 + 10;",
+                "\tif (x < 0)\n\t\treturn -1;\n\tswitch (x % 8) {\n\tcase 0: return x * 3 + 20;",
+            ),
+        ]
+    }
     tree, patch = setup_prog(tmp_path, SWITCH, fix)
     update = create(tree, patch, "switch01", tmp_path)
     prog = Running([str(tmp_path / "run" / "prog")])
@@ -969,7 +1097,9 @@ def test_tool_killed_at_each_step_of_undo(tmp_path: Path, point: str) -> None:
         prog.wait_for("value 2")
         r = subprocess.run(
             [sys.executable, "-m", "livesplice", "undo", "kill0003", "--pid", str(prog.pid)],
-            capture_output=True, text=True, env={**os.environ, "LIVESPLICE_KILL_AT": point},
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LIVESPLICE_KILL_AT": point},
         )
         assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
         prog.drain()

@@ -16,17 +16,28 @@ from livesplice.update.format import Manifest, Reloc, Section, SymbolInfo, Targe
 
 def sample_manifest() -> Manifest:
     sec = Section(
-        key="a.c:.text.f", role="replacement", name="f", unit="a.c", align=16, size=3,
-        data="c3c3c3", relocs=[Reloc(1, "R_X86_64_PLT32", "printf", -4)],
-        executable=True, replaces="a.c:.text.f",
+        key="a.c:.text.f",
+        role="replacement",
+        name="f",
+        unit="a.c",
+        align=16,
+        size=3,
+        data="c3c3c3",
+        relocs=[Reloc(1, "R_X86_64_PLT32", "printf", -4)],
+        executable=True,
+        replaces="a.c:.text.f",
     )
     tgt = Target(
-        name="prog", kind="executable", build_id="ab", changed_functions=["f"],
-        new_functions=[], new_data=[], sections=[sec],
+        name="prog",
+        kind="executable",
+        build_id="ab",
+        changed_functions=["f"],
+        new_functions=[],
+        new_data=[],
+        sections=[sec],
         symbols={"printf": SymbolInfo("printf", "printf", "global", "notype", False)},
     )
-    return Manifest(id="abcdefgh", description="d", compiler="GCC", patch_sha256="0",
-                    targets=[tgt])
+    return Manifest(id="abcdefgh", description="d", compiler="GCC", patch_sha256="0", targets=[tgt])
 
 
 def test_roundtrip_and_determinism(tmp_path: Path) -> None:
@@ -59,8 +70,9 @@ def test_missing_update(tmp_path: Path) -> None:
 def test_cli_inspect_bad_file_has_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.update"
     bad.write_bytes(b"xx")
-    r = subprocess.run([sys.executable, "-m", "livesplice", "inspect", str(bad)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "livesplice", "inspect", str(bad)], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert "MALFORMED_UPDATE" in r.stderr
     assert "Traceback" not in r.stderr

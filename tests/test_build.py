@@ -42,8 +42,9 @@ GCC_COMMENT = "GCC: " + GCC_VERSION.split(" ", 1)[-1]
 
 def needs(*tools: str) -> pytest.MarkDecorator:
     missing = [t for t in tools if shutil.which(t) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} "
-                              "(scripts/bootstrap.sh installs it)")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)} (scripts/bootstrap.sh installs it)"
+    )
 
 
 def fixture_tree(name: str, tmp_path: Path) -> Path:
@@ -102,7 +103,8 @@ def test_plain_makefile_pairs_units_and_targets(tmp_path: Path) -> None:
     assert unit(pair, "greet.c").pre.object.is_file()
 
     assert {(lk.name, lk.kind) for lk in pair.links} == {
-        ("server", "executable"), ("greet", "executable")
+        ("server", "executable"),
+        ("greet", "executable"),
     }
     for lk in pair.links:
         assert lk.output.is_file() and lk.output.is_relative_to(pair.workdir / "pre")
@@ -140,8 +142,9 @@ def test_header_only_change_keeps_units_unchanged(tmp_path: Path) -> None:
 
 def test_triplet_compiler_name_is_wrapped(tmp_path: Path) -> None:
     """debian/rules may call x86_64-linux-gnu-gcc by name instead of $CC."""
-    triplet = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    triplet = subprocess.run(
+        ["gcc", "-dumpmachine"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if shutil.which(f"{triplet}-gcc") is None:
         pytest.skip(f"no {triplet}-gcc")
     src = fixture_tree("plain", tmp_path)
@@ -162,13 +165,17 @@ def test_parallel_build_log_is_intact(tmp_path: Path) -> None:
     (src / "main.c").write_text("int main(void) { return 0; }\n")
     objs = " ".join(f"u{i}.o" for i in range(n))
     (src / "Makefile").write_text(f"prog: main.o {objs}\n\t$(CC) -o $@ $^\n")
-    patch = write_patch(tmp_path, "u7.patch", """\
+    patch = write_patch(
+        tmp_path,
+        "u7.patch",
+        """\
 --- a/u7.c
 +++ b/u7.c
 @@ -1 +1 @@
 -int f7(int x) { return x + 7; }
 +int f7(int x) { return x - 7; }
-""")
+""",
+    )
     pair = build(src, patch, tmp_path, jobs=4)
     lines = (pair.workdir / "build-pre.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in lines]
@@ -224,8 +231,9 @@ def test_assembly_unit_and_changed_asm(tmp_path: Path) -> None:
 def test_autotools_libtool_tree(tmp_path: Path) -> None:
     src = fixture_tree("autotools", tmp_path)
     subprocess.run(["autoreconf", "-fi"], cwd=src, check=True, capture_output=True)
-    pair = build(src, FIXTURES / "autotools" / "loud.patch", tmp_path,
-                 cmd="./configure --quiet && make")
+    pair = build(
+        src, FIXTURES / "autotools" / "loud.patch", tmp_path, cmd="./configure --quiet && make"
+    )
     loud = unit(pair, "loud.c")
     assert loud.post is not None
     assert loud.pre.built_object.endswith("/.libs/loud.o")  # libtool's PIC object
@@ -240,8 +248,12 @@ def test_autotools_libtool_tree(tmp_path: Path) -> None:
 @needs("cmake")
 def test_cmake_tree(tmp_path: Path) -> None:
     src = fixture_tree("cmake", tmp_path)
-    pair = build(src, FIXTURES / "cmake" / "count.patch", tmp_path,
-                 cmd="cmake -S . -B build >/dev/null && cmake --build build")
+    pair = build(
+        src,
+        FIXTURES / "cmake" / "count.patch",
+        tmp_path,
+        cmd="cmake -S . -B build >/dev/null && cmake --build build",
+    )
     cache = (pair.workdir / "tree" / "build" / "CMakeCache.txt").read_text()
     assert f"CMAKE_C_COMPILER:FILEPATH={pair.workdir / 'shims'}/gcc" in cache
     assert unit(pair, "src/count.c").post is not None
@@ -255,8 +267,9 @@ def test_cmake_tree(tmp_path: Path) -> None:
 @needs("dpkg-buildpackage", "dh")
 def test_debian_native_package(tmp_path: Path) -> None:
     src = fixture_tree("debian", tmp_path)
-    pair = build(src, FIXTURES / "debian" / "clock.patch", tmp_path,
-                 cmd="dpkg-buildpackage -b -uc -us")
+    pair = build(
+        src, FIXTURES / "debian" / "clock.patch", tmp_path, cmd="dpkg-buildpackage -b -uc -us"
+    )
     clock = unit(pair, "clock.c")
     assert clock.post is not None and clock.targets == ["tick"]
     assert unit(pair, "tick.c").post is None  # -nc: the post build did not clean
@@ -275,9 +288,11 @@ def test_debian_post_build_compiles_like_the_pre_build(tmp_path: Path) -> None:
     src = fixture_tree("debian", tmp_path)
     (src / "debian" / "rules").write_text(
         "#!/usr/bin/make -f\n%:\n\tdh $@\n"
-        "override_dh_auto_build:\n\tdh_auto_build -- CFLAGS=\"$(CFLAGS) -DFROM_BUILD_STEP\"\n")
-    pair = build(src, FIXTURES / "debian" / "clock.patch", tmp_path,
-                 cmd="dpkg-buildpackage -b -uc -us")
+        'override_dh_auto_build:\n\tdh_auto_build -- CFLAGS="$(CFLAGS) -DFROM_BUILD_STEP"\n'
+    )
+    pair = build(
+        src, FIXTURES / "debian" / "clock.patch", tmp_path, cmd="dpkg-buildpackage -b -uc -us"
+    )
     clock = unit(pair, "clock.c")
     assert clock.post is not None
     assert "-DFROM_BUILD_STEP" in clock.pre.argv and "-DFROM_BUILD_STEP" in clock.post.argv
@@ -288,8 +303,11 @@ def test_post_build_with_other_options_is_refused(tmp_path: Path) -> None:
     like the running code. A clean rebuild cannot help here: refuse, naming the options."""
     src = fixture_tree("plain", tmp_path)
     mk = src / "Makefile"
-    mk.write_text(mk.read_text().replace(
-        "CFLAGS ?= -O2", "CFLAGS ?= -O2\nCFLAGS += -DBUILT_AT=$(shell date +%s%N)", 1))
+    mk.write_text(
+        mk.read_text().replace(
+            "CFLAGS ?= -O2", "CFLAGS ?= -O2\nCFLAGS += -DBUILT_AT=$(shell date +%s%N)", 1
+        )
+    )
     with pytest.raises(BuildFailed) as info:
         build(src, FIXTURES / "plain" / "scale.patch", tmp_path)
     assert "other options" in info.value.reason
@@ -315,8 +333,9 @@ def test_patch_that_does_not_apply_names_file_and_hunk(tmp_path: Path) -> None:
 
 def test_already_applied_patch_is_refused(tmp_path: Path) -> None:
     src = fixture_tree("plain", tmp_path)
-    subprocess.run(["patch", "-s", "-p1", "-i", str(FIXTURES / "plain" / "scale.patch")],
-                   cwd=src, check=True)
+    subprocess.run(
+        ["patch", "-s", "-p1", "-i", str(FIXTURES / "plain" / "scale.patch")], cwd=src, check=True
+    )
     with pytest.raises(PatchDoesNotApply) as info:
         build(src, FIXTURES / "plain" / "scale.patch", tmp_path)
     assert "already" in info.value.reason and "util.c" in info.value.reason
@@ -324,13 +343,17 @@ def test_already_applied_patch_is_refused(tmp_path: Path) -> None:
 
 def test_patch_naming_a_missing_file(tmp_path: Path) -> None:
     src = fixture_tree("plain", tmp_path)
-    patch = write_patch(tmp_path, "gone.patch", """\
+    patch = write_patch(
+        tmp_path,
+        "gone.patch",
+        """\
 --- a/src/nothere.c
 +++ b/src/nothere.c
 @@ -1 +1 @@
 -int a;
 +int b;
-""")
+""",
+    )
     with pytest.raises(PatchDoesNotApply) as info:
         build(src, patch, tmp_path)
     assert "src/nothere.c" in info.value.reason
@@ -421,9 +444,21 @@ def test_wrapper_script_runs_without_site_packages(tmp_path: Path) -> None:
     (tmp_path / "x.c").write_text("int x(void) { return 1; }\n")
     env = {**os.environ, wrapper.LOG_ENV: str(log)}
     subprocess.run(
-        [sys.executable, "-I", "-S", wrapper.__file__, "gcc", "/usr/bin/gcc", str(tmp_path),
-         "gcc", "-c", "x.c"],
-        cwd=tmp_path, env=env, check=True,
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            wrapper.__file__,
+            "gcc",
+            "/usr/bin/gcc",
+            str(tmp_path),
+            "gcc",
+            "-c",
+            "x.c",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
     )
     (event,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert event["kind"] == "compile" and event["object"] == str(tmp_path / "x.o")
@@ -432,8 +467,15 @@ def test_wrapper_script_runs_without_site_packages(tmp_path: Path) -> None:
 
 def test_wrapper_json_reads_back() -> None:
     """The wrapper encodes its events by hand (import json is slow): json.loads must agree."""
-    event = {"kind": "compile", "argv": ["gcc", '-DMSG="a\\b"', "-Dtab=\t", "é", "\x7f\x01"],
-             "split": False, "shared": True, "n": 3, "none": None, "inputs": []}
+    event = {
+        "kind": "compile",
+        "argv": ["gcc", '-DMSG="a\\b"', "-Dtab=\t", "é", "\x7f\x01"],
+        "split": False,
+        "shared": True,
+        "n": 3,
+        "none": None,
+        "inputs": [],
+    }
     assert json.loads(wrapper.to_json(event)) == event
 
 
@@ -463,8 +505,9 @@ def test_workdir_inside_the_source_tree_is_not_copied(tmp_path: Path) -> None:
     src = fixture_tree("plain", tmp_path)
     workdir = src / ".livesplice-work"
     workdir.mkdir()
-    pair = build_pair(src, FIXTURES / "plain" / "scale.patch", build_cmd="make",
-                      workdir=workdir, jobs=2)
+    pair = build_pair(
+        src, FIXTURES / "plain" / "scale.patch", build_cmd="make", workdir=workdir, jobs=2
+    )
     assert not (pair.workdir / "tree" / ".livesplice-work").exists()
     assert unit(pair, "util.c").post is not None
 
@@ -475,18 +518,19 @@ def test_rebuild_that_misses_the_patch_is_an_error_not_nothing_to_do(tmp_path: P
     src = tmp_path / "src"
     (src / "orig").mkdir(parents=True)
     (src / "orig" / "calc.c").write_text("int calc(int x)\n{\n\treturn x + 1;\n}\n")
-    (src / "main.c").write_text(
-        "int calc(int x);\nint main(void)\n{\n\treturn calc(1) - 2;\n}\n")
+    (src / "main.c").write_text("int calc(int x);\nint main(void)\n{\n\treturn calc(1) - 2;\n}\n")
     (src / "Makefile").write_text(
         "prog: copied.stamp main.o\n"
         "\t$(CC) -O2 -c -o build/calc.o build/calc.c\n"
         "\t$(CC) -o prog main.o build/calc.o\n"
         "copied.stamp:\n\tmkdir -p build && cp orig/calc.c build/calc.c && touch $@\n"
-        "main.o: main.c\n\t$(CC) -O2 -c -o $@ main.c\n")
+        "main.o: main.c\n\t$(CC) -O2 -c -o $@ main.c\n"
+    )
     patch = tmp_path / "fix.patch"
     patch.write_text(
         "--- a/orig/calc.c\n+++ b/orig/calc.c\n@@ -1,4 +1,4 @@\n int calc(int x)\n {\n"
-        "-\treturn x + 1;\n+\treturn x + 2;\n }\n")
+        "-\treturn x + 1;\n+\treturn x + 2;\n }\n"
+    )
     with pytest.raises(BuildFailed) as info:
         build(src, patch, tmp_path)
     assert "did not recompile" in info.value.reason
@@ -509,5 +553,7 @@ def test_code_options_see_what_changes_code(tmp_path: Path) -> None:
     one.write_text("-O2 -DX=1\n")
     two.write_text("-O3 -DX=1\n")
     assert not same(["gcc", f"@{one}"], ["gcc", f"@{two}"])
-    assert same(["gcc", "-DA", "-DB", "-c", "x.c", "-o", "x.o", "-MD", "-MF", "x.d"],
-                ["/usr/bin/gcc", "-DB", "-DA", "-c", "y.c", "-o", "y.o"])
+    assert same(
+        ["gcc", "-DA", "-DB", "-c", "x.c", "-o", "x.o", "-MD", "-MF", "x.d"],
+        ["/usr/bin/gcc", "-DB", "-DA", "-c", "y.c", "-o", "y.o"],
+    )

@@ -31,9 +31,18 @@ CASE_META = ("expected.json", "fix.patch", "case.json", "README.md")
 # Variables from the caller's environment that would change how a case builds (a case's
 # Makefile says `CFLAGS ?= -O2 -g`: an exported CFLAGS would silently replace it).
 BUILD_ENV_NOISE = (
-    "CC", "CXX", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "LDLIBS", "MAKEFLAGS", "MFLAGS",
-    "MAKELEVEL", "GNUMAKEFLAGS",
-)  # fmt: skip
+    "CC",
+    "CXX",
+    "CFLAGS",
+    "CXXFLAGS",
+    "CPPFLAGS",
+    "LDFLAGS",
+    "LDLIBS",
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKELEVEL",
+    "GNUMAKEFLAGS",
+)
 CREATE_TIMEOUT = 300
 FUNCTION_KEYS = ("changed_functions", "new_functions", "new_data")
 
@@ -133,7 +142,7 @@ def refusal_items(stderr: str) -> int:
     """How many items the REFUSED paragraph lists (its indented detail lines)."""
     lines = stderr.splitlines()
     start = next(i for i, ln in enumerate(lines) if "REFUSED" in ln)
-    return sum(1 for ln in lines[start + 1:] if ln.startswith("  "))
+    return sum(1 for ln in lines[start + 1 :] if ln.startswith("  "))
 
 
 def compare_targets(expected: dict[str, Any], info: dict[str, Any]) -> list[str]:
@@ -184,10 +193,22 @@ def test_case(case: Path, tmp_path: Path) -> None:
     shutil.copyfile(case / "fix.patch", patch)
 
     create = livesplice(
-        ["create", "--id", "testcase", "--patch", str(patch), "--build", build,
-         "-o", str(out), "--json", str(tree)],
-        cwd=tmp_path, env=env,
-    )  # fmt: skip
+        [
+            "create",
+            "--id",
+            "testcase",
+            "--patch",
+            str(patch),
+            "--build",
+            build,
+            "-o",
+            str(out),
+            "--json",
+            str(tree),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     report = create.describe()
 
     assert "Traceback" not in create.stderr, report
@@ -252,14 +273,25 @@ def test_compare_targets_reports_every_difference() -> None:
     }
     info: dict[str, Any] = {
         "targets": [
-            {"name": "prog", "kind": "executable", "units": ["w.c"],
-             "changed_functions": ["w.c:work", "main"], "new_functions": [],
-             "new_data": ["w.c:calls.0"]},
-            {"name": "other", "kind": "executable", "units": [], "changed_functions": [],
-             "new_functions": [], "new_data": []},
+            {
+                "name": "prog",
+                "kind": "executable",
+                "units": ["w.c"],
+                "changed_functions": ["w.c:work", "main"],
+                "new_functions": [],
+                "new_data": ["w.c:calls.0"],
+            },
+            {
+                "name": "other",
+                "kind": "executable",
+                "units": [],
+                "changed_functions": [],
+                "new_functions": [],
+                "new_data": [],
+            },
         ],
         "hooks": [],
-    }  # fmt: skip
+    }
     problems = compare_targets(expected, info)
     assert len(problems) == 4, problems
     info["targets"] = info["targets"][:1]

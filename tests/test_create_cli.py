@@ -324,14 +324,26 @@ def _symlink_member() -> bytes:
 
 def _valid_update() -> bytes:
     sec = Section(
-        key="calc.c:.text.compute", role="replacement", name="compute", unit="calc.c",
-        align=16, size=4, data="8d47ffc3", executable=True, replaces="calc.c:.text.compute",
-    )  # fmt: skip
+        key="calc.c:.text.compute",
+        role="replacement",
+        name="compute",
+        unit="calc.c",
+        align=16,
+        size=4,
+        data="8d47ffc3",
+        executable=True,
+        replaces="calc.c:.text.compute",
+    )
     tgt = Target(
-        name="prog", kind="executable", build_id="", changed_functions=["compute"],
-        new_functions=[], new_data=[], sections=[sec],
+        name="prog",
+        kind="executable",
+        build_id="",
+        changed_functions=["compute"],
+        new_functions=[],
+        new_data=[],
+        sections=[sec],
         symbols={"compute": SymbolInfo("compute", "compute", "global", "func", True, "calc.c")},
-    )  # fmt: skip
+    )
     m = Manifest(id="valid", description="d", compiler="GCC", patch_sha256="0", targets=[tgt])
     return encode_update(m, CALC_FIX)
 
@@ -384,8 +396,9 @@ MALFORMED = {
     "id-newline": _tar_gz({"manifest.json": _manifest_json(id="ok\nnew")}),
     "id-empty": _tar_gz({"manifest.json": _manifest_json(id="")}),
     "id-long": _tar_gz({"manifest.json": _manifest_json(id="a" * 300)}),
-    "target-twice": _tar_gz({"manifest.json": _manifest_json(
-        targets=_manifest_dict()["targets"] * 2)}),
+    "target-twice": _tar_gz(
+        {"manifest.json": _manifest_json(targets=_manifest_dict()["targets"] * 2)}
+    ),
     "description-list": _tar_gz({"manifest.json": _manifest_json(description=["x"])}),
     "kind-unknown": _tar_gz({"manifest.json": _target_changed(kind="firmware")}),
     "build-id-not-hex": _tar_gz({"manifest.json": _target_changed(build_id="zz")}),
@@ -396,14 +409,25 @@ MALFORMED = {
     "data-not-hex": _tar_gz({"manifest.json": _section_changed(data="zz")}),
     "align-3": _tar_gz({"manifest.json": _section_changed(align=3)}),
     "role-unknown": _tar_gz({"manifest.json": _section_changed(role="payload")}),
-    "reloc-outside": _tar_gz({"manifest.json": _section_changed(
-        relocs=[{"offset": 99, "type": "R_X86_64_PC32", "symbol": "x", "addend": 0}])}),
-    "reloc-offset-string": _tar_gz({"manifest.json": _section_changed(
-        relocs=[{"offset": "1", "type": "R_X86_64_PC32", "symbol": "x", "addend": 0}])}),
+    "reloc-outside": _tar_gz(
+        {
+            "manifest.json": _section_changed(
+                relocs=[{"offset": 99, "type": "R_X86_64_PC32", "symbol": "x", "addend": 0}]
+            )
+        }
+    ),
+    "reloc-offset-string": _tar_gz(
+        {
+            "manifest.json": _section_changed(
+                relocs=[{"offset": "1", "type": "R_X86_64_PC32", "symbol": "x", "addend": 0}]
+            )
+        }
+    ),
     "executable-string": _tar_gz({"manifest.json": _section_changed(executable="yes")}),
     "member-symlink": _symlink_member(),
-    "member-twice": _tar_gz_raw([("manifest.json", _manifest_json()),
-                                 ("manifest.json", _manifest_json())]),
+    "member-twice": _tar_gz_raw(
+        [("manifest.json", _manifest_json()), ("manifest.json", _manifest_json())]
+    ),
     "size-header-lies": _valid_update()[:-1],
 }
 
@@ -437,8 +461,11 @@ def test_apply_refuses_every_malformed_update_with_exit_2(cli: Cli) -> None:
             proc = cli.run("apply", str(bad), "--pid", "1", *extra)
             assert proc.returncode == EXIT_USAGE, (kind, extra, proc.stderr)
             assert "Traceback" not in proc.stderr, proc.stderr
-            assert ("MALFORMED_UPDATE" in proc.stderr or "BAD_INPUT" in proc.stderr
-                    or (not extra and "BAD_SIGNATURE" in proc.stderr)), (kind, proc.stderr)
+            assert (
+                "MALFORMED_UPDATE" in proc.stderr
+                or "BAD_INPUT" in proc.stderr
+                or (not extra and "BAD_SIGNATURE" in proc.stderr)
+            ), (kind, proc.stderr)
 
 
 def test_inspect_missing_update(cli: Cli) -> None:

@@ -35,15 +35,18 @@ def test_each_stage_is_logged_in_order_with_its_time_and_quiet_logs_none(tmp_pat
         assert m, f"not a progress line: {line!r}\n{r.stderr}"
         events.append((m["stage"], "done" if m["seconds"] else "start", m["extra"]))
     assert events == [
-        ev for stage in STAGES for ev in (
+        ev
+        for stage in STAGES
+        for ev in (
             (stage, "start", None),
             (stage, "done", "2/2 objects" if stage == "diff" else None),
         )
     ], r.stderr
     assert r.stdout.startswith("livesplice: wrote update"), r.stdout
 
-    q = livesplice("create", "-q", "--patch", str(patch), "-o", str(tmp_path / "b.update"),
-                   str(tree))  # fmt: skip
+    q = livesplice(
+        "create", "-q", "--patch", str(patch), "-o", str(tmp_path / "b.update"), str(tree)
+    )
     assert q.stderr == "", q.stderr
     assert q.stdout.startswith("livesplice: wrote update"), q.stdout
 
@@ -52,13 +55,16 @@ def test_a_failing_stage_is_logged_as_failed_before_the_error(tmp_path: Path) ->
     tree, _ = tree_and_patch(tmp_path)
     bad = tmp_path / "bad.patch"
     bad.write_text((CASE / "fix.patch").read_text().replace("x + 11", "x +"))  # does not compile
-    r = livesplice("create", "--patch", str(bad), "-o", str(tmp_path / "u"), str(tree),
-                   check=False)  # fmt: skip
+    r = livesplice("create", "--patch", str(bad), "-o", str(tmp_path / "u"), str(tree), check=False)
     assert r.returncode == 4, r.stderr
     lines = r.stderr.splitlines()
     failed = [i for i, ln in enumerate(lines) if re.search(r"post build failed after \d", ln)]
-    error = [i for i, ln in enumerate(lines) if ln.startswith("livesplice: BUILD_FAILED")
-             or ln.startswith("livesplice: the patched tree")]  # fmt: skip
+    error = [
+        i
+        for i, ln in enumerate(lines)
+        if ln.startswith("livesplice: BUILD_FAILED")
+        or ln.startswith("livesplice: the patched tree")
+    ]
     assert failed and error and failed[0] < error[0], r.stderr
 
 

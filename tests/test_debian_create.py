@@ -16,31 +16,43 @@ import pytest
 
 from livetest import livesplice
 
-FIX = "\n".join([  # context lines keep their leading space (blank ones too)
-    "--- a/json.c",
-    "+++ b/json.c",
-    "@@ -165,7 +165,7 @@",
-    " ",
-    " int json_error(char *error)",
-    " {",
-    '-  fprintf(outfile,"{\\"error\\": \\"%s\\"}%s",error, noindent?"":"\\n");',
-    '+  fprintf(outfile,"{\\"error\\": \\"%s\\", \\"live\\": true}%s",error, noindent?"":"\\n");',
-    "   return 0;",
-    " }",
-    " ",
-    "",
-])
+FIX = "\n".join(
+    [  # context lines keep their leading space (blank ones too)
+        "--- a/json.c",
+        "+++ b/json.c",
+        "@@ -165,7 +165,7 @@",
+        " ",
+        " int json_error(char *error)",
+        " {",
+        '-  fprintf(outfile,"{\\"error\\": \\"%s\\"}%s",error, noindent?"":"\\n");',
+        '+  fprintf(outfile,"{\\"error\\": \\"%s\\", \\"live\\": true}%s",error, noindent?"":"\\n");',  # noqa: E501
+        "   return 0;",
+        " }",
+        " ",
+        "",
+    ]
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="apt needs root")
 
 
-def test_create_for_a_debian_version_is_verified_against_the_archive_binary(
-        tmp_path: Path) -> None:
+def test_create_for_a_debian_version_is_verified_against_the_archive_binary(tmp_path: Path) -> None:
     patch = tmp_path / "fix.patch"
     patch.write_text(FIX)
     out = tmp_path / "tree.update"
-    r = livesplice("create", "--debian", "tree=2.1.0-1", "--patch", str(patch), "-o", str(out),
-                   "--id", "tree1", "--json", timeout=900)
+    r = livesplice(
+        "create",
+        "--debian",
+        "tree=2.1.0-1",
+        "--patch",
+        str(patch),
+        "-o",
+        str(out),
+        "--id",
+        "tree1",
+        "--json",
+        timeout=900,
+    )
     (v,) = json.loads(r.stdout)["verified"]
     assert v["target"] == "tree" and v["file"] == "usr/bin/tree", v
     assert v["origin"] == "Debian tree 2.1.0-1 (amd64)" and v["functions"] >= 1
@@ -54,13 +66,23 @@ def test_create_for_a_debian_version_is_verified_against_the_archive_binary(
 def test_create_for_a_version_the_archive_does_not_have(tmp_path: Path) -> None:
     patch = tmp_path / "fix.patch"
     patch.write_text(FIX)
-    r = livesplice("create", "--debian", "tree=0.0.1-1", "--patch", str(patch), "-o",
-                   str(tmp_path / "u.update"), check=False, timeout=300)
+    r = livesplice(
+        "create",
+        "--debian",
+        "tree=0.0.1-1",
+        "--patch",
+        str(patch),
+        "-o",
+        str(tmp_path / "u.update"),
+        check=False,
+        timeout=300,
+    )
     assert r.returncode == 2 and "SOURCE_UNAVAILABLE" in r.stderr, r.stderr
     r = livesplice("create", "--debian", "tree", "--patch", str(patch), check=False)
     assert r.returncode == 2 and "SOURCE=VERSION" in r.stderr, r.stderr
-    r = livesplice("create", "--debian", "tree=2.1.0-1", "--patch", str(patch),
-                   str(tmp_path), check=False)
+    r = livesplice(
+        "create", "--debian", "tree=2.1.0-1", "--patch", str(patch), str(tmp_path), check=False
+    )
     assert r.returncode == 2 and "not both" in r.stderr, r.stderr
 
 

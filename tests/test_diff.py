@@ -47,9 +47,7 @@ def build(
     files = [(name, pre, post)] + ([("u.h", *header)] if header else [])
     for fname, a, b in files:
         patch += "".join(
-            difflib.unified_diff(
-                a.splitlines(True), b.splitlines(True), f"a/{fname}", f"b/{fname}"
-            )
+            difflib.unified_diff(a.splitlines(True), b.splitlines(True), f"a/{fname}", f"b/{fname}")
         )
     return objs[0], objs[1], LineMap.from_patch(patch)
 
@@ -61,10 +59,15 @@ def diff(tmp: Path, pre: str, post: str, **kw: object) -> UnitDiff:
     ud = diff_objects(pre_o, post_o, name, line_map=lm)
     # every diff must be self-consistent: each key of shipped code resolvable at apply
     target = Target(
-        name="t", kind="executable", build_id="", changed_functions=ud.changed_functions,
-        new_functions=ud.new_functions, new_data=ud.new_data, sections=ud.sections,
+        name="t",
+        kind="executable",
+        build_id="",
+        changed_functions=ud.changed_functions,
+        new_functions=ud.new_functions,
+        new_data=ud.new_data,
+        sections=ud.sections,
         symbols=ud.symbols,
-    )  # fmt: skip
+    )
     assert unresolvable_keys(target) == []
     return ud
 
@@ -524,9 +527,16 @@ def test_layout_change_is_said_once_per_type_over_units(tmp_path: Path) -> None:
     h_pre = "struct req { int id; unsigned a : 3; unsigned b : 5; char name[8]; };\n"
     h_post = "struct req { long id; unsigned a : 3; unsigned c : 2; char name[8]; };\n"
     src = '#include "u.h"\nint {}(struct req *r) {{ return r->a; }}\n'
-    uds = [diff(_mkdir(tmp_path / unit), src.format(fn), src.format(fn), name=unit,
-                header=(h_pre, h_post))
-           for unit, fn in (("one.c", "first"), ("two.c", "second"))]  # fmt: skip
+    uds = [
+        diff(
+            _mkdir(tmp_path / unit),
+            src.format(fn),
+            src.format(fn),
+            name=unit,
+            header=(h_pre, h_post),
+        )
+        for unit, fn in (("one.c", "first"), ("two.c", "second"))
+    ]
     assert all(len(ud.refusals) == 1 and len(ud.layout_changes) == 1 for ud in uds)
     other = "x: initial value of existing data changed [rule: changed initial value]"
     merged = refusals_once_per_type([other, *uds[0].refusals, *uds[1].refusals], uds)

@@ -20,13 +20,16 @@ ROUNDS = int(os.environ.get("LIVESPLICE_DYING_ROUNDS", "8"))
 
 
 def tool(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "livesplice", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "livesplice", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_during(tmp_path: Path, update: Path, verb: str, rng: random.Random) -> None:
-    prog = subprocess.Popen([str(tmp_path / "run" / "prog")], stdout=subprocess.PIPE,
-                            text=True)
+    prog = subprocess.Popen([str(tmp_path / "run" / "prog")], stdout=subprocess.PIPE, text=True)
     assert prog.stdout is not None
     prog.stdout.readline()
     if verb == "undo":
@@ -65,8 +68,9 @@ def test_job_stopped_target_is_refused_and_left_stopped(tmp_path: Path) -> None:
         prog.wait_for("value 1")
         os.kill(prog.pid, signal.SIGSTOP)
         time.sleep(0.1)
-        r = livesplice("apply", str(update), "--pid", str(prog.pid), "--allow-unsigned",
-                       check=False)
+        r = livesplice(
+            "apply", str(update), "--pid", str(prog.pid), "--allow-unsigned", check=False
+        )
         assert r.returncode == 2 and "TARGET_STOPPED" in r.stderr, r.stderr
         assert "kill -CONT" in r.stderr
         state = Path(f"/proc/{prog.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -29,10 +29,10 @@ FILES = {
         "int host_scale(int x)\n{\n\treturn x * 10;\n}\n"
         "int main(int argc, char **argv)\n{\n"
         "\tvoid *m = dlopen(argv[1], RTLD_NOW);\n"
-        "\tif (!m) {\n\t\tprintf(\"dlopen: %s\\n\", dlerror());\n\t\treturn 1;\n\t}\n"
-        "\tint (*reply)(int) = (int (*)(int))dlsym(m, \"mail_reply\");\n"
-        "\tprintf(\"ready\\n\");\n\tfflush(stdout);\n"
-        "\tfor (;;) {\n\t\tprintf(\"reply=%d\\n\", reply(7));\n"
+        '\tif (!m) {\n\t\tprintf("dlopen: %s\\n", dlerror());\n\t\treturn 1;\n\t}\n'
+        '\tint (*reply)(int) = (int (*)(int))dlsym(m, "mail_reply");\n'
+        '\tprintf("ready\\n");\n\tfflush(stdout);\n'
+        '\tfor (;;) {\n\t\tprintf("reply=%d\\n", reply(7));\n'
         "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n"
     ),
     "mail.c": (
@@ -61,16 +61,27 @@ def test_target_unchanged_names_the_changed_module(tmp_path: Path) -> None:
     tree, patch = _project(tmp_path)
     out = tmp_path / "out" / "u.update"
     out.parent.mkdir()
-    r = livesplice("create", "--patch", str(patch), "-o", str(out), "--target", "host",
-                   "--json", str(tree), check=False)
+    r = livesplice(
+        "create",
+        "--patch",
+        str(patch),
+        "-o",
+        str(out),
+        "--target",
+        "host",
+        "--json",
+        str(tree),
+        check=False,
+    )
     assert r.returncode == 13, r.stdout + r.stderr
     assert "nothing to do" not in r.stdout + r.stderr
     assert "TARGET_UNCHANGED" in r.stderr and MODULE in r.stderr, r.stderr
     assert "mail_reply" in r.stderr and f"--target {MODULE}" in r.stderr, r.stderr
     doc = json.loads(r.stdout)
     assert doc["status"] == "target_unchanged"
-    assert [(o["name"], o["kind"], o["soname"], o["changed_functions"])
-            for o in doc["other_outputs"]] == [(MODULE, "shared_library", None, ["mail_reply"])]
+    assert [
+        (o["name"], o["kind"], o["soname"], o["changed_functions"]) for o in doc["other_outputs"]
+    ] == [(MODULE, "shared_library", None, ["mail_reply"])]
     assert list(out.parent.iterdir()) == [], "no update may be written"
 
 
@@ -81,7 +92,8 @@ def test_module_update_applies_to_the_process_that_dlopened_it(tmp_path: Path) -
     doc = json.loads(r.stdout)
     assert doc["status"] == "created" and doc["other_outputs"] == [], r.stdout
     assert [(t["name"], t["kind"], t["changed_functions"]) for t in doc["targets"]] == [
-        (MODULE, "shared_library", ["mail_reply"])]
+        (MODULE, "shared_library", ["mail_reply"])
+    ]
 
     # the deployed build: the project's own make, installed where nginx keeps its modules
     deployed = tmp_path / "deployed"

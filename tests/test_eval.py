@@ -38,10 +38,12 @@ def test_public_corpus_parses() -> None:
 
 
 def test_quoted_fields_and_epochs() -> None:
-    rows = parse_corpus([
-        HEADER,
-        'openssh,1:9.2p1-2+deb12u10,A.patch,B.patch,CVE-1 CVE-2,refuse,sshd,"x, y"',
-    ])
+    rows = parse_corpus(
+        [
+            HEADER,
+            'openssh,1:9.2p1-2+deb12u10,A.patch,B.patch,CVE-1 CVE-2,refuse,sshd,"x, y"',
+        ]
+    )
     (r,) = rows
     assert r.change_class == "x, y" and r.upstream_free_version == "9.2p1-2+deb12u10"
     assert r.slug == "openssh_9.2p1-2+deb12u10_A.patch"
@@ -115,10 +117,14 @@ def test_rules_pinned_tail_counts_pops_of_the_series_end() -> None:
 def test_split_series_keeps_a_pinned_tail_last_in_both_trees() -> None:
     series = SERIES + "90_gnutls.patch\n99_nss.patch\n"
     s = split_series(series, "CVE-1.patch", "CVE-1.patch", pinned_tail=2)
-    assert s.pre == ["01-build.patch", "02-feature.patch -p0", "90_gnutls.patch",
-                     "99_nss.patch"]
-    assert s.post == ["01-build.patch", "02-feature.patch -p0", "CVE-1.patch",
-                      "90_gnutls.patch", "99_nss.patch"]
+    assert s.pre == ["01-build.patch", "02-feature.patch -p0", "90_gnutls.patch", "99_nss.patch"]
+    assert s.post == [
+        "01-build.patch",
+        "02-feature.patch -p0",
+        "CVE-1.patch",
+        "90_gnutls.patch",
+        "99_nss.patch",
+    ]
     assert s.fix == ["CVE-1.patch"] and s.tail == ["90_gnutls.patch", "99_nss.patch"]
     # a fix inside the tail is not duplicated
     inside = split_series(series, "99_nss.patch", "99_nss.patch", pinned_tail=2)
@@ -133,12 +139,20 @@ def test_split_series_errors() -> None:
         split_series(SERIES, "later.patch", "CVE-1.patch")
 
 
-@pytest.mark.parametrize(("outcome", "expected", "want"), [
-    ("applied", "apply", "ok"), ("nothing", "nothing", "ok"), ("refused", "refuse", "ok"),
-    ("applied", "refuse", "UNSAFE"), ("refused", "apply", "mismatch"),
-    ("nothing", "refuse", "mismatch"), ("applied", "nothing", "mismatch"),
-    ("failed", "apply", "failed"), ("failed", "refuse", "failed"),
-])
+@pytest.mark.parametrize(
+    ("outcome", "expected", "want"),
+    [
+        ("applied", "apply", "ok"),
+        ("nothing", "nothing", "ok"),
+        ("refused", "refuse", "ok"),
+        ("applied", "refuse", "UNSAFE"),
+        ("refused", "apply", "mismatch"),
+        ("nothing", "refuse", "mismatch"),
+        ("applied", "nothing", "mismatch"),
+        ("failed", "apply", "failed"),
+        ("failed", "refuse", "failed"),
+    ],
+)
 def test_verdicts(outcome: str, expected: str, want: str) -> None:
     assert verdict(outcome, expected) == want
 
@@ -146,16 +160,20 @@ def test_verdicts(outcome: str, expected: str, want: str) -> None:
 def test_parse_create_output(tmp_path: Path) -> None:
     upd = tmp_path / "u"
     kept = "livesplice: kept the build directory /tmp/livesplice-create-x\n"
-    ok = parse_create_output(0, kept + '{\n "status": "created",\n "message": "wrote"\n}\n',
-                             "", 3.0, upd)
-    assert (ok.status, ok.update, str(ok.workdir)) == ("created", upd,
-                                                       "/tmp/livesplice-create-x")
-    none = parse_create_output(0, '{"status": "nothing_to_do", "message": "no code"}', "",
-                               1.0, upd)
+    ok = parse_create_output(
+        0, kept + '{\n "status": "created",\n "message": "wrote"\n}\n', "", 3.0, upd
+    )
+    assert (ok.status, ok.update, str(ok.workdir)) == ("created", upd, "/tmp/livesplice-create-x")
+    none = parse_create_output(0, '{"status": "nothing_to_do", "message": "no code"}', "", 1.0, upd)
     assert none.status == "nothing" and none.update is None
     refused = parse_create_output(
-        3, kept, "livesplice: REFUSED: 2 changes\n  a.c: struct s grew\n  b.c: x\n"
-        "what to do: use a shadow variable\n", 1.0, upd)
+        3,
+        kept,
+        "livesplice: REFUSED: 2 changes\n  a.c: struct s grew\n  b.c: x\n"
+        "what to do: use a shadow variable\n",
+        1.0,
+        upd,
+    )
     assert refused.status == "refused" and refused.reason == "REFUSED: 2 changes"
     assert refused.details[0] == "a.c: struct s grew"
     failed = parse_create_output(4, "", "livesplice: BUILD_FAILED: boom\n", 1.0, upd)
@@ -163,18 +181,40 @@ def test_parse_create_output(tmp_path: Path) -> None:
 
 
 def result(outcome: str, expected: str, **kw: object) -> RowResult:
-    r = RowResult(row={"number": 1, "package": "p", "version": "1", "cves": "CVE-1",
-                       "target": "t", "expected": expected}, **kw)  # type: ignore[arg-type]
+    r = RowResult(
+        row={
+            "number": 1,
+            "package": "p",
+            "version": "1",
+            "cves": "CVE-1",
+            "target": "t",
+            "expected": expected,
+        },
+        **kw,
+    )  # type: ignore[arg-type]
     r.finish(outcome, "because | reasons")
     return r
 
 
 def test_table_and_summary() -> None:
-    rs = [result("applied", "apply", create_seconds=12.3, pause_us=250.0,
-                 functions=["f"], requests_total=900, requests_during_apply=300,
-                 failed_requests=0, same_pids=True, repro_before="vulnerable",
-                 repro_after="fixed", repro_after_undo="vulnerable"),
-          result("refused", "refuse"), result("applied", "refuse")]
+    rs = [
+        result(
+            "applied",
+            "apply",
+            create_seconds=12.3,
+            pause_us=250.0,
+            functions=["f"],
+            requests_total=900,
+            requests_during_apply=300,
+            failed_requests=0,
+            same_pids=True,
+            repro_before="vulnerable",
+            repro_after="fixed",
+            repro_after_undo="vulnerable",
+        ),
+        result("refused", "refuse"),
+        result("applied", "refuse"),
+    ]
     table = markdown_table(rs)
     assert table.count("\n") == 5
     assert "vulnerable → fixed → vulnerable" in table and "300 / 0" in table
@@ -184,8 +224,12 @@ def test_table_and_summary() -> None:
 
 
 def test_summary_counts_a_wrong_refusal_as_a_mismatch() -> None:
-    rs = [result("refused", "refuse"), result("refused", "nothing"),
-          result("nothing", "nothing"), result("failed", "apply")]
+    rs = [
+        result("refused", "refuse"),
+        result("refused", "nothing"),
+        result("nothing", "nothing"),
+        result("failed", "apply"),
+    ]
     line = summary_line(rs)
     assert "2/4" in line
     assert "1 correctly refused" in line and "1 correctly nothing to do" in line
@@ -202,8 +246,9 @@ def test_workload_lookup() -> None:
 
 def test_line_map_matches_a_compiled_copy_by_name() -> None:
     """Debian's expat compiles src/lib/xmlparse.c, a copy of the patched expat/lib/..."""
-    patch = ("--- a/expat/lib/xmlparse.c\n+++ b/expat/lib/xmlparse.c\n@@ -10,2 +10,3 @@\n"
-             " a\n+b\n c\n")
+    patch = (
+        "--- a/expat/lib/xmlparse.c\n+++ b/expat/lib/xmlparse.c\n@@ -10,2 +10,3 @@\n a\n+b\n c\n"
+    )
     lm = LineMap.from_patch(patch)
     assert lm.files_matching("/build/tree/expat/lib/xmlparse.c") == ["expat/lib/xmlparse.c"]
     assert lm.files_matching("src/lib/xmlparse.c") == ["expat/lib/xmlparse.c"]
@@ -217,8 +262,18 @@ def test_find_target_prefers_the_exact_name(tmp_path: Path) -> None:
     src.write_text("int f(void) { return 1; }\n")
     lib = tmp_path / "pre" / "lib" / ".libs"
     lib.mkdir(parents=True)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libx.so.1", "-o",
-                    str(lib / "libx.so.1.2.3"), str(src)], check=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-shared",
+            "-fPIC",
+            "-Wl,-soname,libx.so.1",
+            "-o",
+            str(lib / "libx.so.1.2.3"),
+            str(src),
+        ],
+        check=True,
+    )
     (lib / "libx.so.1.2.3.txt").write_text("not elf")
     assert find_target(tmp_path / "pre", "libx.so.1") == lib / "libx.so.1.2.3"
     assert find_target(tmp_path / "pre", "libx.so.2") is None
@@ -260,13 +315,19 @@ def test_library_driver_counts_uses_of_a_real_library(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LIVESPLICE_EVAL_SLOW") != "1",
-                    reason="builds a real Debian package twice: set LIVESPLICE_EVAL_SLOW=1")
+@pytest.mark.skipif(
+    os.environ.get("LIVESPLICE_EVAL_SLOW") != "1",
+    reason="builds a real Debian package twice: set LIVESPLICE_EVAL_SLOW=1",
+)
 @pytest.mark.parametrize("row", ["expat", "libxml2"])
 def test_real_row(row: str, tmp_path: Path) -> None:
     out = tmp_path / "results.md"
-    proc = subprocess.run([sys.executable, "-m", "livesplice.eval", str(CORPUS), "--rows", row,
-                           "--out", str(out)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "livesplice.eval", str(CORPUS), "--rows", row, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| ok |" in out.read_text()
 
@@ -280,15 +341,22 @@ def test_run_pre_match_learns_mergeable_strings_per_entry() -> None:
     m = object.__new__(_Matcher)
     m.learned = {}
     m.image = SimpleNamespace(in_plt=lambda addr: False)  # type: ignore[assignment]
-    sec = Section(key="f", role="pre", name="f", unit="src/x.c", align=16, size=16,
-                  data="00" * 16)
+    sec = Section(key="f", role="pre", name="f", unit="src/x.c", align=16, size=16, data="00" * 16)
     out: list[Any] = []
     key = "src/x.c:.rodata.f.str1.1"
     # lea .LC(%rip): value = S + A - P; two strings at section offsets 0 and 0x10 placed
     # 0x2c17 bytes apart by the linker's string merging
-    for off, addend, s_plus_a in ((3, -4, 0x5000), (10, 0x10 - 4, 0x7c17)):
-        assert m.learn_field(Reloc(off, "R_X86_64_PC32", key, addend),
-                             s_plus_a - (0x1000 + off), 0x1000 + off, sec, out) is None
+    for off, addend, s_plus_a in ((3, -4, 0x5000), (10, 0x10 - 4, 0x7C17)):
+        assert (
+            m.learn_field(
+                Reloc(off, "R_X86_64_PC32", key, addend),
+                s_plus_a - (0x1000 + off),
+                0x1000 + off,
+                sec,
+                out,
+            )
+            is None
+        )
     assert {it.kind for it in out} == {"merged"}
     assert m.conflicts(out) is None
     # the same string seen at two places is still checked
@@ -296,9 +364,14 @@ def test_run_pre_match_learns_mergeable_strings_per_entry() -> None:
     assert m.conflicts(clash) is not None
     # an ordinary data section keeps one base
     plain: list[Any] = []
-    for off, addend, s_plus_a in ((3, -4, 0x5000), (10, 0x10 - 4, 0x7c17)):
-        m.learn_field(Reloc(off, "R_X86_64_PC32", "src/x.c:.data.t", addend),
-                      s_plus_a - (0x1000 + off), 0x1000 + off, sec, plain)
+    for off, addend, s_plus_a in ((3, -4, 0x5000), (10, 0x10 - 4, 0x7C17)):
+        m.learn_field(
+            Reloc(off, "R_X86_64_PC32", "src/x.c:.data.t", addend),
+            s_plus_a - (0x1000 + off),
+            0x1000 + off,
+            sec,
+            plain,
+        )
     assert m.conflicts(plain) is not None
 
 
@@ -321,22 +394,33 @@ def test_libxml2_driver_resolves_through_a_catalog(tmp_path: Path) -> None:
 
 def test_rows_on_shipped_binaries() -> None:
     header = HEADER + ",shipped_version,binaries"
-    rows = parse_corpus([
-        header,
-        "redis,5:7.0.15-1~deb12u10,A.patch,B.patch,CVE-1,apply,redis-server,x,"
-        "5:7.0.15-1~deb12u7,redis-server redis-tools",
-        "curl,1,C.patch,C.patch,CVE-2,apply,libcurl.so.4,y,,",
-    ])
+    rows = parse_corpus(
+        [
+            header,
+            "redis,5:7.0.15-1~deb12u10,A.patch,B.patch,CVE-1,apply,redis-server,x,"
+            "5:7.0.15-1~deb12u7,redis-server redis-tools",
+            "curl,1,C.patch,C.patch,CVE-2,apply,libcurl.so.4,y,,",
+        ]
+    )
     assert rows[0].on_shipped_binaries and rows[0].binaries == "redis-server redis-tools"
     assert not rows[1].on_shipped_binaries
     with pytest.raises(UsageError, match="1 bad row"):
         parse_corpus([header, "curl,1,C.patch,C.patch,CVE-2,apply,libcurl.so.4,y,1,"])
     shipped = Path(__file__).resolve().parents[1] / "corpus" / "debian-shipped.csv"
     assert all(r.on_shipped_binaries for r in parse_corpus(shipped.read_text().splitlines()))
-    r = RowResult(row={"number": 1, "package": "redis", "version": "2", "cves": "CVE-1",
-                       "target": "redis-server", "expected": "apply", "shipped_version": "1",
-                       "binaries": "redis-tools"},
-                  binary="Debian redis-tools 1 (amd64): usr/bin/redis-check-rdb")
+    r = RowResult(
+        row={
+            "number": 1,
+            "package": "redis",
+            "version": "2",
+            "cves": "CVE-1",
+            "target": "redis-server",
+            "expected": "apply",
+            "shipped_version": "1",
+            "binaries": "redis-tools",
+        },
+        binary="Debian redis-tools 1 (amd64): usr/bin/redis-check-rdb",
+    )
     table = markdown_table([r])
     assert "redis 1 → 2" in table and "| Debian redis-tools 1 (amd64): usr/bin/" in table
 
@@ -344,20 +428,28 @@ def test_rows_on_shipped_binaries() -> None:
 def test_dsc_checksums_are_read() -> None:
     from livesplice.build.debian import _dsc_files
 
-    text = ("Format: 3.0 (quilt)\nSource: curl\nChecksums-Sha256:\n"
-            " " + "a" * 64 + " 10 curl_1.orig.tar.gz\n " + "b" * 64 + " 20 curl_1-1.debian.tar.xz\n"
-            "Files:\n " + "c" * 32 + " 10 curl_1.orig.tar.gz\n")
-    assert _dsc_files(text) == {"curl_1.orig.tar.gz": "a" * 64,
-                                "curl_1-1.debian.tar.xz": "b" * 64}
+    text = (
+        "Format: 3.0 (quilt)\nSource: curl\nChecksums-Sha256:\n"
+        " " + "a" * 64 + " 10 curl_1.orig.tar.gz\n " + "b" * 64 + " 20 curl_1-1.debian.tar.xz\n"
+        "Files:\n " + "c" * 32 + " 10 curl_1.orig.tar.gz\n"
+    )
+    assert _dsc_files(text) == {"curl_1.orig.tar.gz": "a" * 64, "curl_1-1.debian.tar.xz": "b" * 64}
 
 
 def test_a_pre_tree_that_does_not_build_is_the_harness_failure(tmp_path: Path) -> None:
-    out = parse_create_output(4, "", "livesplice: BUILD_FAILED: the unpatched tree does not "
-                              "build ('make' exited with status 2)\n", 1.0, tmp_path / "u")
+    out = parse_create_output(
+        4,
+        "",
+        "livesplice: BUILD_FAILED: the unpatched tree does not "
+        "build ('make' exited with status 2)\n",
+        1.0,
+        tmp_path / "u",
+    )
     assert out.status == "harness"
     assert verdict("harness", "apply") == "harness"
-    post = parse_create_output(4, "", "livesplice: BUILD_FAILED: the patched tree does not "
-                               "build\n", 1.0, tmp_path / "u")
+    post = parse_create_output(
+        4, "", "livesplice: BUILD_FAILED: the patched tree does not build\n", 1.0, tmp_path / "u"
+    )
     assert post.status == "failed"  # the patch broke the build: that is an answer
     r = RowResult(row={"expected": "apply"}, outcome="harness", verdict="harness")
     assert "did not build here" in summary_line([r])
@@ -371,15 +463,18 @@ def test_generic_library_workload_calls_the_changed_call_graph(tmp_path: Path) -
     src = tmp_path / "lib.c"
     src.write_text(
         "#include <string.h>\n"
-        "__attribute__((visibility(\"hidden\"), noinline)) int helper(const char *s)\n"
+        '__attribute__((visibility("hidden"), noinline)) int helper(const char *s)\n'
         "{ return s ? (int)strlen(s) : -1; }\n"
-        "int deref_first(int *p) { return *p + helper(\"x\"); }\n"
-        "int safe_entry(const char *s) { return helper(s) + 1; }\n")
+        'int deref_first(int *p) { return *p + helper("x"); }\n'
+        "int safe_entry(const char *s) { return helper(s) + 1; }\n"
+    )
     obj, lib = tmp_path / "lib.o", tmp_path / "libgen.so.1"
-    subprocess.run(["gcc", "-O2", "-fPIC", "-ffunction-sections", "-c", str(src), "-o",
-                    str(obj)], check=True)
-    subprocess.run(["gcc", "-shared", "-Wl,-soname,libgen.so.1", "-o", str(lib), str(obj)],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-fPIC", "-ffunction-sections", "-c", str(src), "-o", str(obj)], check=True
+    )
+    subprocess.run(
+        ["gcc", "-shared", "-Wl,-soname,libgen.so.1", "-o", str(lib), str(obj)], check=True
+    )
     candidates = generic_candidates(lib, ["helper"], [obj])
     assert set(candidates) == {"deref_first", "safe_entry"}
     rundir = tmp_path / "run"
@@ -398,9 +493,15 @@ def test_generic_library_workload_calls_the_changed_call_graph(tmp_path: Path) -
 
 
 def test_progress_lines_are_not_part_of_a_refusal(tmp_path: Path) -> None:
-    out = parse_create_output(3, "", "2026-12-05T18:12:01Z livesplice: pre build ...\n"
-                              "livesplice: REFUSED: the patch has 1 change(s)\n"
-                              "2026-12-05T18:18:45Z livesplice: diff failed after 6.6 s\n"
-                              "  struct x: memory layout changed\n", 1.0, tmp_path / "u")
+    out = parse_create_output(
+        3,
+        "",
+        "2026-12-05T18:12:01Z livesplice: pre build ...\n"
+        "livesplice: REFUSED: the patch has 1 change(s)\n"
+        "2026-12-05T18:18:45Z livesplice: diff failed after 6.6 s\n"
+        "  struct x: memory layout changed\n",
+        1.0,
+        tmp_path / "u",
+    )
     assert out.status == "refused" and out.reason.startswith("REFUSED")
     assert out.details == ["struct x: memory layout changed"]

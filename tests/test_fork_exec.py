@@ -97,8 +97,9 @@ def children_of(pid: int) -> dict[int, str]:
 
 def test_apply_undo_while_other_threads_fork_exec_and_spawn(tmp_path: Path) -> None:
     tree = write_tree(tmp_path / "src", {"prog.c": SOURCE, "Makefile": MAKEFILE})
-    patch = make_patch(tree, {"prog.c": [("return x + base;", "return x + base + 1;")]},
-                       tmp_path / "fix.patch")
+    patch = make_patch(
+        tree, {"prog.c": [("return x + base;", "return x + base + 1;")]}, tmp_path / "fix.patch"
+    )
     running = write_tree(tmp_path / "run", {"prog.c": SOURCE, "Makefile": MAKEFILE})
     build(running)
     update = create(tree, patch, "fork0001", tmp_path)

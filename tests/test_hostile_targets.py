@@ -88,20 +88,34 @@ def raw_record(payload: object) -> str:
 
 def plausible(uid: str, description: str) -> str:
     """A well-formed record whose hooks would run code of the user's choosing."""
-    return json.dumps({
-        "id": uid, "description": description, "sequence": 1, "applied_at": 1.0,
-        "trampolines": [], "code": ["@LO@", "@HI@"], "data": [0, 0],
-        "hooks": {"pre_reverse": [["evil", "@LO@"]] * 3, "reverse": [["evil", "@LO@"]]},
-        "targets": ["prog"], "pause_us": 1.0, "tool_pid": 1, "reverted": False,
-        "functions": [],
-    })
+    return json.dumps(
+        {
+            "id": uid,
+            "description": description,
+            "sequence": 1,
+            "applied_at": 1.0,
+            "trampolines": [],
+            "code": ["@LO@", "@HI@"],
+            "data": [0, 0],
+            "hooks": {"pre_reverse": [["evil", "@LO@"]] * 3, "reverse": [["evil", "@LO@"]]},
+            "targets": ["prog"],
+            "pause_us": 1.0,
+            "tool_pid": 1,
+            "reverted": False,
+            "functions": [],
+        }
+    )
 
 
 class Faker:
     """The user's process holding fake mappings; ``traced`` tells whether root attached."""
 
-    def __init__(self, user: pwd.struct_passwd, maps: list[tuple[str, str, str, int]],
-                 files: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        user: pwd.struct_passwd,
+        maps: list[tuple[str, str, str, int]],
+        files: tuple[str, ...] = (),
+    ) -> None:
         home = Path(user.pw_dir)
         script = home / "faker.py"
         script.write_text(FAKER)
@@ -110,11 +124,13 @@ class Faker:
         spec = {"maps": maps, "marker": str(self.marker), "files": list(files)}
         spec_file = home / "spec.json"
         spec_file.write_text(json.dumps(spec))
-        self.proc = Running(["runuser", "-u", USER, "--", "/usr/bin/python3", str(script),
-                             str(spec_file)], cwd=home)
+        self.proc = Running(
+            ["runuser", "-u", USER, "--", "/usr/bin/python3", str(script), str(spec_file)], cwd=home
+        )
         self.proc.wait_for("ready")
-        out = subprocess.run(["pgrep", "-u", USER, "-f", "faker.py"], capture_output=True,
-                             text=True).stdout.split()
+        out = subprocess.run(
+            ["pgrep", "-u", USER, "-f", "faker.py"], capture_output=True, text=True
+        ).stdout.split()
         assert out, "faker not running"
         self.pid = int(out[-1])
 
@@ -152,18 +168,29 @@ def test_fake_state_mappings_neither_crash_nor_steer_view_and_undo(
 
     rx = mmap.PROT_READ | mmap.PROT_EXEC
     ro = mmap.PROT_READ
-    faker = Faker(user, [
-        # same id as the real update, well-formed, hooks in its own code: undo --all must
-        # neither call them nor give up on the real process
-        ("livesplice:host0001:code", "hex", "c3", rx),
-        ("livesplice:host0001", "record", plausible("host0001", "\x1b[2K\rpid 1: CVE-1 "
-                                                    "[applied]"), ro),
-        ("livesplice:badtypes", "hex", raw_record({"id": "badtypes", "sequence": "1",
-                                                   "trampolines": [{"jump": "zz"}]}), ro),
-        ("livesplice:huge", "hex", raw_record({"id": "huge", "code": [2**64, 2**64 + 1]}), ro),
-        ("livesplice:nested", "hex", raw_record(b"[" * 100000), ro),
-        ("livesplice:garbage", "hex", os.urandom(64).hex(), ro),
-    ])
+    faker = Faker(
+        user,
+        [
+            # same id as the real update, well-formed, hooks in its own code: undo --all must
+            # neither call them nor give up on the real process
+            ("livesplice:host0001:code", "hex", "c3", rx),
+            (
+                "livesplice:host0001",
+                "record",
+                plausible("host0001", "\x1b[2K\rpid 1: CVE-1 [applied]"),
+                ro,
+            ),
+            (
+                "livesplice:badtypes",
+                "hex",
+                raw_record({"id": "badtypes", "sequence": "1", "trampolines": [{"jump": "zz"}]}),
+                ro,
+            ),
+            ("livesplice:huge", "hex", raw_record({"id": "huge", "code": [2**64, 2**64 + 1]}), ro),
+            ("livesplice:nested", "hex", raw_record(b"[" * 100000), ro),
+            ("livesplice:garbage", "hex", os.urandom(64).hex(), ro),
+        ],
+    )
     fpid, marker = faker.pid, faker.marker
     try:
         livesplice("apply", str(update), "--pid", str(prog.pid), "--allow-unsigned")
@@ -195,8 +222,9 @@ def test_fake_state_mappings_neither_crash_nor_steer_view_and_undo(
         prog.wait_for("value 1")
         # even named explicitly with the real update as evidence, the fake is refused: the
         # update has no hook "evil"
-        r = livesplice("undo", "host0001", "--pid", str(fpid), "--from-target", str(update),
-                       check=False)
+        r = livesplice(
+            "undo", "host0001", "--pid", str(fpid), "--from-target", str(update), check=False
+        )
         assert r.returncode == 8 and "does not match the update file" in r.stderr, r.stderr
         assert not marker.exists(), "root's livesplice attached to the user's process"
         assert faker.alive()
@@ -244,7 +272,7 @@ def _malformed_program(src_dir: Path, out: Path) -> None:
                 data[sec["sh_offset"] + 12 + 3] = ord("X")
             if sec.name == ".comment":
                 hdr = elf["e_shoff"] + i * elf["e_shentsize"]
-                data[hdr + 32: hdr + 40] = (1 << 45).to_bytes(8, "little")
+                data[hdr + 32 : hdr + 40] = (1 << 45).to_bytes(8, "little")
     out.write_bytes(data)
 
 
@@ -278,7 +306,7 @@ def test_a_running_decoy_with_malformed_elf_metadata_does_not_stop_apply_all(
 
 
 def test_without_the_journal_view_is_read_only_and_undo_needs_from_target(
-    patched: tuple[Running, Path]
+    patched: tuple[Running, Path],
 ) -> None:
     prog, update = patched
     livesplice("apply", str(update), "--pid", str(prog.pid), "--allow-unsigned")
@@ -308,7 +336,9 @@ def test_without_the_journal_view_is_read_only_and_undo_needs_from_target(
     with pytest.raises(NoPermission):
         check_record_against_update(
             dataclasses.replace(entry.record, hooks={"pre_reverse": [("evil", 1)]}),
-            manifest, prog.pid)
+            manifest,
+            prog.pid,
+        )
     [row] = livesplice_json("view", "--pid", str(prog.pid))["processes"]
     assert row["state"] == "applied" and row["verified"] is False
     r = livesplice("undo", "host0001", "--pid", str(prog.pid), check=False)

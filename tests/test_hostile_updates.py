@@ -34,9 +34,12 @@ from livesplice.update.archive import SIZES, decode_update
 CORPUS = Path(__file__).parent / "fuzz" / "corpus"
 EXAMPLES = int(os.environ.get("LIVESPLICE_FUZZ_EXAMPLES", "400"))
 # the default run is the same every time (CI stays deterministic); a long run explores
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                derandomize="LIVESPLICE_FUZZ_EXAMPLES" not in os.environ,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize="LIVESPLICE_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def envelope(payload: bytes, sig: bytes = b"") -> bytes:
@@ -77,16 +80,18 @@ def measure(update: Path, *args: str) -> dict[str, float | str]:
         "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base\n"
         "print(json.dumps({'abort': abort, 'ms': ms, 'rss_kib': grew}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(update), *args],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(update), *args], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     out: dict[str, float | str] = json.loads(r.stdout)
     return out
 
 
 @pytest.mark.parametrize("allow_unsigned", ["0", "1"])
-def test_decompression_bomb_and_huge_pax_header_cost_little(tmp_path: Path,
-                                                            allow_unsigned: str) -> None:
+def test_decompression_bomb_and_huge_pax_header_cost_little(
+    tmp_path: Path, allow_unsigned: str
+) -> None:
     bomb = tmp_path / "bomb.update"
     bomb.write_bytes(envelope(gzip_bomb(1 << 30)))  # 1 GiB of zeros, ~1 MB on disk
     pax = tmp_path / "pax.update"
@@ -120,7 +125,7 @@ def mutated_updates(draw: st.DrawFn) -> bytes:
             i = draw(st.integers(0, len(blob) - 1))
             blob[i] ^= 1 << draw(st.integers(0, 7))
         elif op == "cut" and blob:
-            del blob[draw(st.integers(0, len(blob) - 1)):]
+            del blob[draw(st.integers(0, len(blob) - 1)) :]
         elif op == "insert":
             i = draw(st.integers(0, len(blob)))
             blob[i:i] = draw(st.binary(max_size=16))
@@ -133,8 +138,9 @@ def mutated_updates(draw: st.DrawFn) -> bytes:
 def tar_payloads(draw: st.DrawFn) -> bytes:
     base = json.loads(_valid_manifest())
     node = base
-    path = draw(st.lists(st.sampled_from(["targets", 0, "sections", "relocs", "symbols"]),
-                         max_size=3))
+    path = draw(
+        st.lists(st.sampled_from(["targets", 0, "sections", "relocs", "symbols"]), max_size=3)
+    )
     for key in path:
         try:
             node = node[key] if not isinstance(node, list) else node[0]
@@ -142,11 +148,15 @@ def tar_payloads(draw: st.DrawFn) -> bytes:
             break
     if isinstance(node, dict) and node:
         k = draw(st.sampled_from(sorted(node)))
-        node[k] = draw(st.recursive(
-            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c,
-                                                                  max_size=3),
-            max_leaves=6))
+        node[k] = draw(
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                lambda c: (
+                    st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3)
+                ),
+                max_leaves=6,
+            )
+        )
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         data = json.dumps(base).encode()
@@ -176,29 +186,69 @@ def test_fuzz_update_reader(blob: bytes) -> None:
 
 
 @FUZZ
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(
-        st.sampled_from(["id", "description", "sequence", "applied_at", "trampolines",
-                         "code", "data", "hooks", "targets", "pause_us", "tool_pid",
-                         "reverted", "functions", "address", "jump", "original",
-                         "replacement", "busy_start", "busy_end", "function", "target",
-                         "pre_reverse"]), c, max_size=14),
-    max_leaves=30))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda c: (
+            st.lists(c, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "id",
+                        "description",
+                        "sequence",
+                        "applied_at",
+                        "trampolines",
+                        "code",
+                        "data",
+                        "hooks",
+                        "targets",
+                        "pause_us",
+                        "tool_pid",
+                        "reverted",
+                        "functions",
+                        "address",
+                        "jump",
+                        "original",
+                        "replacement",
+                        "busy_start",
+                        "busy_end",
+                        "function",
+                        "target",
+                        "pre_reverse",
+                    ]
+                ),
+                c,
+                max_size=14,
+            )
+        ),
+        max_leaves=30,
+    )
+)
 def test_fuzz_state_record_decoder(raw: object) -> None:
     body = json.dumps(raw).encode()
-    for blob in (HEADER.pack(MAGIC, VERSION, len(body)) + body,
-                 HEADER.pack(MAGIC, VERSION, len(body) + 7) + body, body):
+    for blob in (
+        HEADER.pack(MAGIC, VERSION, len(body)) + body,
+        HEADER.pack(MAGIC, VERSION, len(body) + 7) + body,
+        body,
+    ):
         with contextlib.suppress(BadStateRecord):
             StateRecord.decode(blob)
 
 
-@pytest.mark.parametrize("kernel_json", [
-    b"[" * 100000, b"[]", b'"x"', b"{}", b'{"module": "../../x"}',
-    b'{"module": "livesplice_ok", "funcs": [{"object": 1, "name": "f"}]}',
-    b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
-    b'"count": "2"}]}',
-])
+@pytest.mark.parametrize(
+    "kernel_json",
+    [
+        b"[" * 100000,
+        b"[]",
+        b'"x"',
+        b"{}",
+        b'{"module": "../../x"}',
+        b'{"module": "livesplice_ok", "funcs": [{"object": 1, "name": "f"}]}',
+        b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
+        b'"count": "2"}]}',
+    ],
+)
 def test_kernel_members_are_checked_before_use(kernel_json: bytes) -> None:
     """kernel.json names the module file apply writes and the symbols it looks up."""
     from livesplice.errors import MalformedUpdate

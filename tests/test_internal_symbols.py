@@ -41,18 +41,18 @@ FILES = {
         "int count_digits(const char *s);\n"
         "int clamp_len(int n);\n"
         "extern int parse_limit;\n"
-        "__attribute__((visibility(\"default\"))) int parse_digits(const char *s)\n{\n"
+        '__attribute__((visibility("default"))) int parse_digits(const char *s)\n{\n'
         "\treturn count_digits(s);\n}\n"
-        "__attribute__((visibility(\"default\"))) int parse_len(const char *s)\n{\n"
+        '__attribute__((visibility("default"))) int parse_len(const char *s)\n{\n'
         "\treturn (int)strlen(s);\n}\n"
     ),
     "host.c": (
         "#include <stdio.h>\n#include <unistd.h>\n"
         "int parse_len(const char *s);\n"
         "int main(void)\n{\n"
-        "\tprintf(\"ready\\n\");\n\tfflush(stdout);\n"
+        '\tprintf("ready\\n");\n\tfflush(stdout);\n'
         "\tfor (;;) {\n"
-        "\t\tprintf(\"len=%d\\n\", parse_len(\"0123456789abcdef\"));\n"
+        '\t\tprintf("len=%d\\n", parse_len("0123456789abcdef"));\n'
         "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n"
     ),
     "Makefile": (
@@ -70,9 +70,12 @@ FILES = {
 # (neither referenced by the pre code of parse_len, nor exported, nor named in a stripped
 # library) is read directly
 EDITS = {
-    "parse.c": [("\treturn (int)strlen(s);\n",
-                 "\tint n = clamp_len((int)strlen(s));\n"
-                 "\treturn n + parse_limit * 100;\n")],
+    "parse.c": [
+        (
+            "\treturn (int)strlen(s);\n",
+            "\tint n = clamp_len((int)strlen(s));\n\treturn n + parse_limit * 100;\n",
+        )
+    ],
 }
 
 
@@ -150,8 +153,8 @@ SERVER = {
         "#include <stdio.h>\n#include <unistd.h>\n"
         "int handle(int len);\nint config_port(void);\n"
         "int main(void)\n{\n"
-        "\tprintf(\"ready %d\\n\", config_port());\n\tfflush(stdout);\n"
-        "\tfor (;;) {\n\t\tprintf(\"got=%d\\n\", handle(12));\n"
+        '\tprintf("ready %d\\n", config_port());\n\tfflush(stdout);\n'
+        '\tfor (;;) {\n\t\tprintf("got=%d\\n", handle(12));\n'
         "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n"
     ),
     "Makefile": (
@@ -162,16 +165,17 @@ SERVER = {
 }
 SERVER_EDITS = {
     "handler.c": [
-        ("int handle(int len)\n{\n\thandled++;\n\treturn len;\n}\n",
-         "struct config { int port; int max_len; };\nextern struct config cfg;\n"
-         "int handle(int len)\n{\n\thandled++;\n\tstats_served(1);\n"
-         "\treturn len > cfg.max_len ? -cfg.max_len : len;\n}\n"),
+        (
+            "int handle(int len)\n{\n\thandled++;\n\treturn len;\n}\n",
+            "struct config { int port; int max_len; };\nextern struct config cfg;\n"
+            "int handle(int len)\n{\n\thandled++;\n\tstats_served(1);\n"
+            "\treturn len > cfg.max_len ? -cfg.max_len : len;\n}\n",
+        ),
     ],
 }
 
 
-def test_fix_reading_another_units_global_applies_to_stripped_executable(
-        tmp_path: Path) -> None:
+def test_fix_reading_another_units_global_applies_to_stripped_executable(tmp_path: Path) -> None:
     """A redis-like daemon: the fix reads a global struct of another unit (``server``) and
     calls a function of a third one; the executable exports neither and is stripped."""
     tree = write_tree(tmp_path / "src", SERVER)
@@ -194,13 +198,13 @@ def test_fix_reading_another_units_global_applies_to_stripped_executable(
 
 WEAK = {
     "a_default.c": "/* library default, overridable */\n"
-                   "__attribute__((weak)) int policy(int n) { return n + 1000; }\n",
+    "__attribute__((weak)) int policy(int n) { return n + 1000; }\n",
     "b_app.c": "/* the application's override */\nint policy(int n) { return n * 7 + 1; }\n",
     "c_handler.c": "int handled;\nint handle(int n)\n{\n\thandled++;\n\treturn n;\n}\n",
     "main.c": (
         "#include <stdio.h>\n#include <unistd.h>\nint handle(int n);\nint policy(int n);\n"
-        "int main(void)\n{\n\tprintf(\"ready %d\\n\", policy(1)); fflush(stdout);\n"
-        "\tfor (;;) { printf(\"got=%d\\n\", handle(3)); fflush(stdout); usleep(20000); }\n}\n"
+        'int main(void)\n{\n\tprintf("ready %d\\n", policy(1)); fflush(stdout);\n'
+        '\tfor (;;) { printf("got=%d\\n", handle(3)); fflush(stdout); usleep(20000); }\n}\n'
     ),
     "Makefile": (
         "CFLAGS ?= -O2 -g\nOBJS = main.o a_default.o b_app.o c_handler.o\n"
@@ -208,12 +212,17 @@ WEAK = {
         "%.o: %.c\n\t$(CC) $(CFLAGS) $(EXTRA) -c -o $@ $<\n"
     ),
 }
-WEAK_EDITS = {"c_handler.c": [("int handled;", "int policy(int n);\nint handled;"),
-                              ("\treturn n;", "\treturn policy(n);")]}
+WEAK_EDITS = {
+    "c_handler.c": [
+        ("int handled;", "int policy(int n);\nint handled;"),
+        ("\treturn n;", "\treturn policy(n);"),
+    ]
+}
 
 
 def test_a_weak_function_overridden_at_link_time_is_found_through_its_callers(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """The overridden weak copy is still in the file: its pre code would match there, and
     the process would call dead code. A caller's relocation shows the linker's choice."""
     tree = write_tree(tmp_path / "src", WEAK)

@@ -39,8 +39,6 @@ EXPECTED = {
 }
 
 
-
-
 def _uid(cve: str) -> str:
     return cve.lower().replace("-", "")
 
@@ -73,9 +71,12 @@ def results(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         notes: list[str] = []
         try:
             manifest, path, _ = create_kernel_update(
-                lab.ksrc, patch, update_id=_uid(row.cves), output=out / f"{row.cves}.update",
+                lab.ksrc,
+                patch,
+                update_id=_uid(row.cves),
+                output=out / f"{row.cves}.update",
                 notes=notes,
-            )  # fmt: skip
+            )
         except PatchRefused as e:
             res[row.cves] = e
             continue
@@ -88,8 +89,13 @@ def test_corpus_create_outcomes(results: dict[str, object]) -> None:
 
     got = {}
     for cve, r in results.items():
-        got[cve] = ("applied" if isinstance(r, Path) else
-                    "refused" if isinstance(r, PatchRefused) else "not_built")  # fmt: skip
+        got[cve] = (
+            "applied"
+            if isinstance(r, Path)
+            else "refused"
+            if isinstance(r, PatchRefused)
+            else "not_built"
+        )
     assert got == EXPECTED, results
     notes = results["CVE-2026-64458"]
     assert isinstance(notes, list)
@@ -111,9 +117,11 @@ def _guest(lab: LabKernel) -> Guest:
 
 
 def _files(lab: LabKernel, results: dict[str, object]) -> list[GuestFile]:
-    files = [GuestFile(HERE / "sctp_auth_chunks.py", "sctp.py"),
-             GuestFile(HERE / "kexec_pefile.py", "kexec.py"),
-             GuestFile(lab.vmlinuz, "vmlinuz")]  # fmt: skip
+    files = [
+        GuestFile(HERE / "sctp_auth_chunks.py", "sctp.py"),
+        GuestFile(HERE / "kexec_pefile.py", "kexec.py"),
+        GuestFile(lab.vmlinuz, "vmlinuz"),
+    ]
     for cve, r in results.items():
         if isinstance(r, Path):
             files.append(GuestFile(r, f"u/{cve}.update"))
@@ -125,26 +133,28 @@ def test_corpus_apply_then_load_modules(lab: LabKernel, results: dict[str, objec
     if not all(isinstance(results[c], Path) for c in EXPECTED if EXPECTED[c] == "applied"):
         pytest.fail(f"some fixes were not created: {results}")
     lp = "/sys/kernel/livepatch"
-    script = "\n".join([
-        PY,
-        "lsmod | grep -c -E '^(sctp|psample) '; echo loaded-before",
-        "for u in CVE-2026-68320 CVE-2026-64553 CVE-2026-64544; do",
-        "  livesplice apply u/$u.update || exit 10",
-        "done",
-        "modprobe sctp || exit 11",
-        "modprobe psample || exit 12",
-        f"echo sctp-patched=$(cat {lp}/livesplice_cve202668320/sctp/patched)",
-        f"echo psample-patched=$(cat {lp}/livesplice_cve202664553/psample/patched)",
-        "$PY sctp.py || exit 13",
-        "dmesg -c > /dev/null",
-        "$PY kexec.py vmlinuz || exit 14",
-        "dmesg | grep -c 'PEFILE: header size'; echo pefile-debug-lines",
-        "livesplice view",
-        "for u in cve202664544 cve202664553 cve202668320; do livesplice undo $u || exit 15; done",
-        "$PY sctp.py || exit 16",
-        "lsmod | grep -c livesplice; echo livepatches-left",
-        "cat /proc/sys/kernel/tainted",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            PY,
+            "lsmod | grep -c -E '^(sctp|psample) '; echo loaded-before",
+            "for u in CVE-2026-68320 CVE-2026-64553 CVE-2026-64544; do",
+            "  livesplice apply u/$u.update || exit 10",
+            "done",
+            "modprobe sctp || exit 11",
+            "modprobe psample || exit 12",
+            f"echo sctp-patched=$(cat {lp}/livesplice_cve202668320/sctp/patched)",
+            f"echo psample-patched=$(cat {lp}/livesplice_cve202664553/psample/patched)",
+            "$PY sctp.py || exit 13",
+            "dmesg -c > /dev/null",
+            "$PY kexec.py vmlinuz || exit 14",
+            "dmesg | grep -c 'PEFILE: header size'; echo pefile-debug-lines",
+            "livesplice view",
+            "for u in cve202664544 cve202664553 cve202668320; do livesplice undo $u || exit 15; done",  # noqa: E501
+            "$PY sctp.py || exit 16",
+            "lsmod | grep -c livesplice; echo livepatches-left",
+            "cat /proc/sys/kernel/tainted",
+        ]
+    )
     r = _guest(lab).run(script, _files(lab, results))
     out = r.output
     assert r.status == 0, out
@@ -166,15 +176,17 @@ def test_corpus_sctp_loaded_before(lab: LabKernel, results: dict[str, object]) -
     """sctp in use before the update: old behaviour, fixed behaviour, old again after undo."""
     if not isinstance(results["CVE-2026-68320"], Path):
         pytest.fail(f"the sctp fix was not created: {results['CVE-2026-68320']}")
-    script = "\n".join([
-        PY,
-        "modprobe sctp || exit 11",
-        "$PY sctp.py || exit 12",
-        "livesplice apply u/CVE-2026-68320.update || exit 13",
-        "$PY sctp.py || exit 14",
-        "livesplice undo cve202668320 || exit 15",
-        "$PY sctp.py || exit 16",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            PY,
+            "modprobe sctp || exit 11",
+            "$PY sctp.py || exit 12",
+            "livesplice apply u/CVE-2026-68320.update || exit 13",
+            "$PY sctp.py || exit 14",
+            "livesplice undo cve202668320 || exit 15",
+            "$PY sctp.py || exit 16",
+        ]
+    )
     files = [f for f in _files(lab, results) if f.guest_path != "vmlinuz"]
     r = _guest(lab).run(script, files)
     assert r.status == 0, r.output

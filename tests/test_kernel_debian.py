@@ -90,9 +90,21 @@ def test_older_amd64_kernel_prepares_boots_and_loads_modules() -> None:
     assert not any(lab.dir.joinpath("debs").glob("linux-kbuild*"))
     assert (lab.ksrc / "scripts" / "mod" / "modpost").is_file()  # built from the tree
     cmd = [
-        sys.executable, "-m", "livesplice", "lab", "run", "-q", "--kernel", OLDER,
-        "--flavour", "amd64", "--modules", "sctp", "--", "uname -r; cut -d' ' -f1 /proc/modules",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "livesplice",
+        "lab",
+        "run",
+        "-q",
+        "--kernel",
+        OLDER,
+        "--flavour",
+        "amd64",
+        "--modules",
+        "sctp",
+        "--",
+        "uname -r; cut -d' ' -f1 /proc/modules",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.split()

@@ -23,8 +23,6 @@ CASES = Path(__file__).parent / "kernel"
 PEFILE = "crypto/asymmetric_keys/verify_pefile.c"
 
 
-
-
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
     return prepared_lab()  # type: ignore[no-any-return]
@@ -33,8 +31,9 @@ def lab() -> LabKernel:
 def _create(ksrc: Path, patch: Path, out: Path, uid: str) -> Path:
     from livesplice.kernel.target import create_kernel_update
 
-    manifest, path, _ = create_kernel_update(ksrc, patch, update_id=uid,
-                                             output=out / f"{uid}.update")  # fmt: skip
+    manifest, path, _ = create_kernel_update(
+        ksrc, patch, update_id=uid, output=out / f"{uid}.update"
+    )
     assert manifest is not None and path is not None
     return path
 
@@ -94,26 +93,28 @@ def test_hooks_shadow_sympos_wrong_source_in_guest(
     from livesplice.kernel.overlay import ensure_overlay
 
     files = [GuestFile(p, f"u/{k}.update") for k, p in updates.items()]
-    script = "\n".join([
-        # wrong source: refused by run-pre matching, nothing loaded
-        "livesplice apply u/wrongsrc.update; echo wrongsrc-rc=$?",
-        "ls /sys/kernel/livepatch | grep -c wrongsrc; echo wrongsrc-loaded",
-        # sympos: c_next exists three times; only crypto/proc.c's is replaced
-        "grep -c ' c_next$' /proc/kallsyms; echo c_next-count",
-        "grep -c ^name /proc/crypto; echo crypto-before",
-        "livesplice apply u/cnext.update || exit 10",
-        "grep -c ^name /proc/crypto; echo crypto-after",
-        "grep -c ^processor /proc/cpuinfo; echo cpus",  # x86 c_next still walks the CPUs
-        "ls /sys/kernel/livepatch/livesplice_cnext/vmlinux/",
-        # hooks (klp callbacks) and a shadow variable per inode
-        "livesplice apply u/hooks.update || exit 11",
-        "cat /proc/cmdline; cat /proc/cmdline",
-        "livesplice undo hooks || exit 12",
-        "cat /proc/cmdline",
-        "livesplice undo cnext || exit 13",
-        "grep -c ^name /proc/crypto; echo crypto-undone",
-        "dmesg | grep -o 'livesplice-hook: .*'",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            # wrong source: refused by run-pre matching, nothing loaded
+            "livesplice apply u/wrongsrc.update; echo wrongsrc-rc=$?",
+            "ls /sys/kernel/livepatch | grep -c wrongsrc; echo wrongsrc-loaded",
+            # sympos: c_next exists three times; only crypto/proc.c's is replaced
+            "grep -c ' c_next$' /proc/kallsyms; echo c_next-count",
+            "grep -c ^name /proc/crypto; echo crypto-before",
+            "livesplice apply u/cnext.update || exit 10",
+            "grep -c ^name /proc/crypto; echo crypto-after",
+            "grep -c ^processor /proc/cpuinfo; echo cpus",  # x86 c_next still walks the CPUs
+            "ls /sys/kernel/livepatch/livesplice_cnext/vmlinux/",
+            # hooks (klp callbacks) and a shadow variable per inode
+            "livesplice apply u/hooks.update || exit 11",
+            "cat /proc/cmdline; cat /proc/cmdline",
+            "livesplice undo hooks || exit 12",
+            "cat /proc/cmdline",
+            "livesplice undo cnext || exit 13",
+            "grep -c ^name /proc/crypto; echo crypto-undone",
+            "dmesg | grep -o 'livesplice-hook: .*'",
+        ]
+    )
     guest = Guest(lab, cpus=2, timeout=200, extra_initrds=[ensure_overlay(lab.dir)])
     r = guest.run(script, files)
     out = r.output
@@ -133,8 +134,11 @@ def test_hooks_shadow_sympos_wrong_source_in_guest(
     assert int(before("crypto-undone")) == n, out
     assert any(line.startswith("c_next,") and line != "c_next,0" for line in lines), out
     cmdlines = [line for line in lines if line.startswith("console=ttyS0")]
-    assert [c.rsplit(" ", 1)[-1] for c in cmdlines] == ["reads=1", "reads=2", cmdlines[2]
-                                                        .rsplit(" ", 1)[-1]], out  # fmt: skip
+    assert [c.rsplit(" ", 1)[-1] for c in cmdlines] == [
+        "reads=1",
+        "reads=2",
+        cmdlines[2].rsplit(" ", 1)[-1],
+    ], out
     assert "reads=" not in cmdlines[2], out
     hooks = [line.split(": ", 1)[1] for line in lines if line.startswith("livesplice-hook: ")]
     assert hooks == ["pre_apply", "post_apply", "pre_reverse", "post_reverse"], out

@@ -34,13 +34,26 @@ CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "kernel-public.csv"
 RHT_CVE = "CVE-2026-64563"
 
 
-def _section(role: str, code: bytes, key: str = "lib/x.c:.text.f", fentry: bool = False,
-             replaces: str | None = None) -> Section:  # fmt: skip
+def _section(
+    role: str,
+    code: bytes,
+    key: str = "lib/x.c:.text.f",
+    fentry: bool = False,
+    replaces: str | None = None,
+) -> Section:
     call = Reloc(offset=1, type="R_X86_64_PLT32", symbol="__fentry__", addend=-4)
     relocs = [call] if fentry else []
-    s = Section(key=key if role == "pre" else key + "#post", role=role, name="f",  # type: ignore[arg-type]
-                unit="lib/x.c", align=16, size=len(code), data=code.hex(), relocs=relocs,
-                executable=True)  # fmt: skip
+    s = Section(
+        key=key if role == "pre" else key + "#post",
+        role=role,
+        name="f",  # type: ignore[arg-type]
+        unit="lib/x.c",
+        align=16,
+        size=len(code),
+        data=code.hex(),
+        relocs=relocs,
+        executable=True,
+    )
     if replaces is not None:
         s.replaces = replaces
     return s
@@ -48,12 +61,19 @@ def _section(role: str, code: bytes, key: str = "lib/x.c:.text.f", fentry: bool 
 
 def _target(pre: bytes, kind: str = "kernel", fentry: bool = False) -> Target:
     post = bytes.fromhex("31c0c3")  # xor eax,eax; ret
-    return Target(name="vmlinux" if kind == "kernel" else "mod", kind=kind,  # type: ignore[arg-type]
-                  build_id="", changed_functions=["f"], new_functions=[], new_data=[],
-                  sections=[_section("pre", pre, fentry=fentry),
-                            _section("replacement", post, fentry=fentry,
-                                     replaces="lib/x.c:.text.f")],
-                  symbols={})  # fmt: skip
+    return Target(
+        name="vmlinux" if kind == "kernel" else "mod",
+        kind=kind,  # type: ignore[arg-type]
+        build_id="",
+        changed_functions=["f"],
+        new_functions=[],
+        new_data=[],
+        sections=[
+            _section("pre", pre, fentry=fentry),
+            _section("replacement", post, fentry=fentry, replaces="lib/x.c:.text.f"),
+        ],
+        symbols={},
+    )
 
 
 def _refused(t: Target) -> list[str]:
@@ -89,13 +109,16 @@ def test_refused_where_the_jump_is_not_safe() -> None:
 def test_module_params_carry_what_matching_read() -> None:
     kernel = {"ksplice": [{"object": "vmlinux", "name": "f"}, {"object": "vmlinux", "name": "g"}]}
     memory = {0xFFFF0010: b"\x55\x48\x89\xe5\x90", 0xFFFF0020: b"\x0f\x1f\x44\x00\x00"}
-    params = module_params(kernel, {"vmlinux.f": 0xFFFF0010, "vmlinux.g": 0xFFFF0020},
-                           lambda addr, n: memory[addr][:n])  # fmt: skip
-    assert params == ["ksplice_addr=0xffff0010,0xffff0020",
-                      "ksplice_head=0x90e5894855,0x441f0f"]  # fmt: skip
+    params = module_params(
+        kernel, {"vmlinux.f": 0xFFFF0010, "vmlinux.g": 0xFFFF0020}, lambda addr, n: memory[addr][:n]
+    )
+    assert params == ["ksplice_addr=0xffff0010,0xffff0020", "ksplice_head=0x90e5894855,0x441f0f"]
     assert module_params({"ksplice": []}, {}, lambda a, n: b"") == []
-    table = "\n".join(glue_tables([("vmlinux", "f", "lsp_vmlinux_0", 40)],
-                                  [("lsp_vmlinux_0", 40), ("lsp_vmlinux_1", 12)]))  # fmt: skip
+    table = "\n".join(
+        glue_tables(
+            [("vmlinux", "f", "lsp_vmlinux_0", 40)], [("lsp_vmlinux_0", 40), ("lsp_vmlinux_1", 12)]
+        )
+    )
     assert "lsp_ksplice_n = 1;" in table and '{ "f" }' in table, table
     assert "lsp_code[] = { lsp_vmlinux_0, lsp_vmlinux_1 }" in table and "{ 40, 12 }" in table
     assert table.count("extern char lsp_vmlinux_0[];") == 1, table
@@ -126,9 +149,9 @@ def updates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     patches["rht"].write_text(make_patch(lab.ksrc, post, list(row.files)))
     res: dict[str, Path] = {}
     for uid, patch in patches.items():
-        manifest, path, _ = create_kernel_update(lab.ksrc, patch, update_id=uid,
-                                                 output=out / f"{uid}.update",
-                                                 signing_key=signing_key())  # fmt: skip
+        manifest, path, _ = create_kernel_update(
+            lab.ksrc, patch, update_id=uid, output=out / f"{uid}.update", signing_key=signing_key()
+        )
         assert manifest is not None and path is not None
         res[uid] = path
     return res
@@ -144,11 +167,13 @@ def test_create_sends_lib_functions_through_the_ksplice_path(updates: dict[str, 
 
 
 # the wrapper's environment (kernel/overlay.py), to import livesplice in the guest
-ENTRY = ("PYTHONHOME=/opt/livesplice PYTHONPATH=/opt/livesplice/site "
-         "LD_LIBRARY_PATH=/opt/livesplice/lib $PY -c \"import sys; "
-         "from livesplice.kernel.kmatch import KernelImage as K; "
-         "i = K.open(); a = i.candidates(sys.argv[1], None)[0].addr; "
-         "print('entry', sys.argv[1], i.read(a, 5).hex(), hex(a))\" ")  # fmt: skip
+ENTRY = (
+    "PYTHONHOME=/opt/livesplice PYTHONPATH=/opt/livesplice/site "
+    'LD_LIBRARY_PATH=/opt/livesplice/lib $PY -c "import sys; '
+    "from livesplice.kernel.kmatch import KernelImage as K; "
+    "i = K.open(); a = i.candidates(sys.argv[1], None)[0].addr; "
+    "print('entry', sys.argv[1], i.read(a, 5).hex(), hex(a))\" "
+)
 
 
 def test_ksplice_apply_busy_undo_in_the_guest(updates: dict[str, Path]) -> None:
@@ -160,60 +185,70 @@ def test_ksplice_apply_busy_undo_in_the_guest(updates: dict[str, Path]) -> None:
 
     lab = prepared_lab()
     rht, iov = "rhashtable_walk_start_check", "copy_page_from_iter"
-    script = "\n".join([
-        "PY=$(ls /opt/livesplice/bin/python3* | head -1)",
-        TRUST,
-        ENTRY + rht,
-        "livesplice apply rht.update || exit 10",
-        ENTRY + rht,
-        "cat /proc/net/netlink > /dev/null && echo netlink-read",
-        "livesplice view",
-        "rmmod livesplice_rht 2>/dev/null; echo rmmod-while-spliced=$?",
-        "livesplice undo rht || exit 11",
-        ENTRY + rht,
-        "lsmod | grep -c livesplice_rht; echo rht-left",
-        # busy: a thread asleep inside copy_page_from_iter
-        ENTRY + iov,
-        "$PY block.py > blk.out 2>&1 &",
-        "BLK=$!",
-        "n=0; while ! grep -q blocked blk.out; do sleep 0.1; n=$((n+1)); "
-        "[ $n -gt 300 ] && { cat blk.out; exit 12; }; done",
-        "cat blk.out",
-        "livesplice apply iov.update; echo iov-apply=$?",
-        ENTRY + iov,
-        "ls /sys/kernel/livepatch | grep -c livesplice; echo livepatches-after-busy",
-        "echo pipe-still-works | cat",
-        "kill -9 $BLK; wait $BLK 2>/dev/null",
-        "livesplice apply iov.update || exit 13",
-        ENTRY + iov,
-        "echo pipe-through-new-code | cat",
-        # undo while a thread sleeps inside the NEW code: refused, the update stays
-        "$PY block.py > blk2.out 2>&1 &",
-        "BLK=$!",
-        "n=0; while ! grep -q blocked blk2.out; do sleep 0.1; n=$((n+1)); "
-        "[ $n -gt 300 ] && { cat blk2.out; exit 15; }; done",
-        "cat blk2.out",
-        "livesplice undo iov; echo iov-undo-busy=$?",
-        "livesplice view",
-        "kill -9 $BLK; wait $BLK 2>/dev/null",
-        "livesplice undo iov || exit 14",
-        ENTRY + iov,
-        "echo pipe-after-undo | cat",
-    ])  # fmt: skip
-    files = [GuestFile(updates["rht"], "rht.update"), GuestFile(updates["iov"], "iov.update"),
-             GuestFile(CASES / "uffd_pipe_block.py", "block.py"), *trust_files()]  # fmt: skip
+    script = "\n".join(
+        [
+            "PY=$(ls /opt/livesplice/bin/python3* | head -1)",
+            TRUST,
+            ENTRY + rht,
+            "livesplice apply rht.update || exit 10",
+            ENTRY + rht,
+            "cat /proc/net/netlink > /dev/null && echo netlink-read",
+            "livesplice view",
+            "rmmod livesplice_rht 2>/dev/null; echo rmmod-while-spliced=$?",
+            "livesplice undo rht || exit 11",
+            ENTRY + rht,
+            "lsmod | grep -c livesplice_rht; echo rht-left",
+            # busy: a thread asleep inside copy_page_from_iter
+            ENTRY + iov,
+            "$PY block.py > blk.out 2>&1 &",
+            "BLK=$!",
+            "n=0; while ! grep -q blocked blk.out; do sleep 0.1; n=$((n+1)); "
+            "[ $n -gt 300 ] && { cat blk.out; exit 12; }; done",
+            "cat blk.out",
+            "livesplice apply iov.update; echo iov-apply=$?",
+            ENTRY + iov,
+            "ls /sys/kernel/livepatch | grep -c livesplice; echo livepatches-after-busy",
+            "echo pipe-still-works | cat",
+            "kill -9 $BLK; wait $BLK 2>/dev/null",
+            "livesplice apply iov.update || exit 13",
+            ENTRY + iov,
+            "echo pipe-through-new-code | cat",
+            # undo while a thread sleeps inside the NEW code: refused, the update stays
+            "$PY block.py > blk2.out 2>&1 &",
+            "BLK=$!",
+            "n=0; while ! grep -q blocked blk2.out; do sleep 0.1; n=$((n+1)); "
+            "[ $n -gt 300 ] && { cat blk2.out; exit 15; }; done",
+            "cat blk2.out",
+            "livesplice undo iov; echo iov-undo-busy=$?",
+            "livesplice view",
+            "kill -9 $BLK; wait $BLK 2>/dev/null",
+            "livesplice undo iov || exit 14",
+            ENTRY + iov,
+            "echo pipe-after-undo | cat",
+        ]
+    )
+    files = [
+        GuestFile(updates["rht"], "rht.update"),
+        GuestFile(updates["iov"], "iov.update"),
+        GuestFile(CASES / "uffd_pipe_block.py", "block.py"),
+        *trust_files(),
+    ]
     guest = Guest(lab, cpus=2, timeout=300, extra_initrds=[ensure_overlay(lab.dir)])
     r = guest.run(script, files)
     out = r.output
     assert r.status == 0, out
     lines = out.splitlines()
-    entries = {fn: [ln.split()[2:] for ln in lines if ln.startswith(f"entry {fn} ")]
-               for fn in (rht, iov)}  # fmt: skip
+    entries = {
+        fn: [ln.split()[2:] for ln in lines if ln.startswith(f"entry {fn} ")] for fn in (rht, iov)
+    }
     # rhashtable: original bytes, then jmp rel32 into the module, then the original again
     before, spliced, after = entries[rht]
     assert spliced[0].startswith("e9") and before[0] != spliced[0] and after == before, out
-    target = int(spliced[1], 16) + 5 + int.from_bytes(bytes.fromhex(spliced[0][2:]), "little",
-                                                       signed=True)  # fmt: skip
+    target = (
+        int(spliced[1], 16)
+        + 5
+        + int.from_bytes(bytes.fromhex(spliced[0][2:]), "little", signed=True)
+    )
     assert target >= 0xFFFFFFFFA0000000, (hex(target), out)  # the module area, not vmlinux
     assert "netlink-read" in lines, out
     stops = [float(ln.split()[-2]) for ln in lines if "the machine was stopped for" in ln]

@@ -32,8 +32,6 @@ FIXTURES = Path(__file__).parent / "kernel"
 DEFAULT_RELEASE = "6.1.0-50-cloud-amd64"  # what Debian 6.1.176-1 calls itself (uname -r)
 
 
-
-
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
     return prepared_lab()  # type: ignore[no-any-return]
@@ -171,10 +169,20 @@ def test_files_land_and_output_is_exact(guest: Guest, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_propagates_exit_status(lab: LabKernel) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "livesplice", "lab", "run", "-q",
-         "--", "echo to-stdout; echo to-stderr >&2; exit 42"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "livesplice",
+            "lab",
+            "run",
+            "-q",
+            "--",
+            "echo to-stdout; echo to-stderr >&2; exit 42",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 42, done.stderr
     assert done.stdout == "to-stdout\nto-stderr\n"  # the guest interleaves both on ttyS1
 
@@ -183,10 +191,20 @@ def test_cli_propagates_exit_status(lab: LabKernel) -> None:
 @pytest.mark.slow
 def test_kernel_crash_is_reported(lab: LabKernel) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "livesplice", "lab", "run", "-q",
-         "--", "echo before-crash; echo c > /proc/sysrq-trigger; echo after-crash"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "livesplice",
+            "lab",
+            "run",
+            "-q",
+            "--",
+            "echo before-crash; echo c > /proc/sysrq-trigger; echo after-crash",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 7, done.stderr  # GuestCrashed -> TARGET_GONE
     assert "GUEST_CRASHED" in done.stderr
     so_far = done.stderr.split("--- command output so far:")[1].split("--- kernel console")[0]
@@ -223,9 +241,11 @@ def livepatch_sample(lab: LabKernel, tmp_path: Path) -> Iterator[Path]:
 def test_livepatch_sample_round_trip(guest: Guest, livepatch_sample: Path) -> None:
     result = guest.run(
         "sh ./livepatch-sample-run.sh",
-        [GuestFile(livepatch_sample, "livepatch-sample.ko"),
-         GuestFile(FIXTURES / "livepatch-sample-run.sh", "livepatch-sample-run.sh")],
-    )  # fmt: skip
+        [
+            GuestFile(livepatch_sample, "livepatch-sample.ko"),
+            GuestFile(FIXTURES / "livepatch-sample-run.sh", "livepatch-sample-run.sh"),
+        ],
+    )
     assert result.status == 0, result.output + result.console[-3000:]
     lines = result.output.splitlines()
     assert "OK patched cmdline=this has been live patched" in lines

@@ -54,16 +54,28 @@ def pre_section(obj: ElfObject, name: str) -> Section:
             relocs.append(Reloc(r.offset, r.type, sym.name, r.addend))
         else:
             relocs.append(Reloc(r.offset, r.type, f"pvsites.c:{sym.section.name}", r.addend))
-    return Section(key=f"pvsites.c:{sec.name}", role="pre", name=name, unit="pvsites.c",
-                   align=16, size=sec.size, data=sec.data.hex(), relocs=relocs,
-                   executable=True, sites=read_sites(obj).get(sec.name, []))  # fmt: skip
+    return Section(
+        key=f"pvsites.c:{sec.name}",
+        role="pre",
+        name=name,
+        unit="pvsites.c",
+        align=16,
+        size=sec.size,
+        data=sec.data.hex(),
+        relocs=relocs,
+        executable=True,
+        sites=read_sites(obj).get(sec.name, []),
+    )
 
 
 def pv_calls(sec: Section) -> list[tuple[int, int]]:
     """(offset, pv_ops slot) of every ``call *pv_ops+8*slot(%rip)`` (ff 15 disp32)."""
     code = sec.bytes
-    return [(r.offset - 2, (r.addend + 4) // 8) for r in sec.relocs
-            if r.symbol == "pv_ops" and code[r.offset - 2 : r.offset] == b"\xff\x15"]  # fmt: skip
+    return [
+        (r.offset - 2, (r.addend + 4) // 8)
+        for r in sec.relocs
+        if r.symbol == "pv_ops" and code[r.offset - 2 : r.offset] == b"\xff\x15"
+    ]
 
 
 def booted(sec: Section, native: dict[int, bytes]) -> bytes:
@@ -86,13 +98,14 @@ def call_to(target: int, at: int) -> bytes:
 
 # native forms (XENPV absent: the ALT_NOT(XENPV) replacements of paravirt.h, padded with
 # the kernel's nops: 3 bytes 0f 1f 00, 4 bytes 0f 1f 40 00, 5 bytes 0f 1f 44 00 00)
-PTE_VAL = bytes.fromhex("4889f8" "0f1f00")  # mov %rdi,%rax
-SAVE_FL = bytes.fromhex("9c58" "0f1f4000")  # pushf; pop %rax
-CLI = bytes.fromhex("fa" "0f1f440000")
-STI = bytes.fromhex("fb" "0f1f440000")
+PTE_VAL = bytes.fromhex("4889f80f1f00")  # mov %rdi,%rax
+SAVE_FL = bytes.fromhex("9c580f1f4000")  # pushf; pop %rax
+CLI = bytes.fromhex("fa0f1f440000")
+STI = bytes.fromhex("fb0f1f440000")
 NATIVE = {62: PTE_VAL, 30: SAVE_FL, 31: CLI, 32: STI}
-FACTS = BootFacts(pv_op=lambda slot: SLOT_FN, paravirt_nop=PARAVIRT_NOP,
-                  paravirt_bug=0xFFFFFFFF81002000)  # fmt: skip
+FACTS = BootFacts(
+    pv_op=lambda slot: SLOT_FN, paravirt_nop=PARAVIRT_NOP, paravirt_bug=0xFFFFFFFF81002000
+)
 
 
 def test_sites_are_read_from_the_tables(obj: ElfObject) -> None:
@@ -100,8 +113,11 @@ def test_sites_are_read_from_the_tables(obj: ElfObject) -> None:
     calls = pv_calls(sec)
     assert [slot for _off, slot in calls] == [30, 31, 32]
     for off, slot in calls:
-        kinds = sorted((s.kind, s.pv_type if s.kind == "paravirt" else s.feature)
-                       for s in sec.sites if s.offset == off)  # fmt: skip
+        kinds = sorted(
+            (s.kind, s.pv_type if s.kind == "paravirt" else s.feature)
+            for s in sec.sites
+            if s.offset == off
+        )
         # paravirt slot + ALT_NOT(X86_FEATURE_XENPV) = 0x8000 | (8*32+16)
         assert kinds == [("alternative", 0x8110), ("paravirt", slot)]
     flush = pre_section(obj, "lsp_flush_tlb")
@@ -118,7 +134,7 @@ def test_direct_call_of_the_slot_function(obj: ElfObject) -> None:
     """A pv call outside an alternative becomes ``call <pv_ops slot>`` + a 1-byte nop; a
     slot holding _paravirt_nop becomes 6 bytes of nops; a call elsewhere is refused."""
     sec = pre_section(obj, "lsp_flush_tlb")
-    (off, slot), = pv_calls(sec)
+    ((off, slot),) = pv_calls(sec)
     assert slot == 35  # mmu.flush_tlb_user
     compare_code(sec, booted(sec, {slot: call_to(SLOT_FN, BASE + off) + b"\x90"}), BASE, FACTS)
     nop_facts = BootFacts(pv_op=lambda s: PARAVIRT_NOP, paravirt_nop=PARAVIRT_NOP)
@@ -164,19 +180,36 @@ def test_sites_travel_in_the_manifest(obj: ElfObject) -> None:
     from livesplice.update.format import manifest_from_dict
 
     sec = pre_section(obj, "lsp_irq_save")
-    m = Manifest(id="pv", description="", compiler="", patch_sha256="", targets=[Target(
-        name="vmlinux", kind="kernel", build_id="", changed_functions=[], new_functions=[],
-        new_data=[], sections=[sec], symbols={})])  # fmt: skip
+    m = Manifest(
+        id="pv",
+        description="",
+        compiler="",
+        patch_sha256="",
+        targets=[
+            Target(
+                name="vmlinux",
+                kind="kernel",
+                build_id="",
+                changed_functions=[],
+                new_functions=[],
+                new_data=[],
+                sections=[sec],
+                symbols={},
+            )
+        ],
+    )
     raw = json.loads(m.to_json())
     assert manifest_from_dict(raw).targets[0].sections[0].sites == sec.sites
     del raw["targets"][0]["sections"][0]["sites"]  # an update from before: still readable
     assert manifest_from_dict(raw).targets[0].sections[0].sites == []
     raw["targets"][0]["sections"][0]["sites"] = [
-        {"kind": "paravirt", "offset": sec.size - 2, "length": 6, "pv_type": 30}]
+        {"kind": "paravirt", "offset": sec.size - 2, "length": 6, "pv_type": 30}
+    ]
     with pytest.raises(ValueError, match=r"paravirt site .* outside the section"):
         manifest_from_dict(raw)
     raw["targets"][0]["sections"][0]["sites"] = [
-        {"kind": "alternative", "offset": 0, "length": 2, "replacement": "909090"}]
+        {"kind": "alternative", "offset": 0, "length": 2, "replacement": "909090"}
+    ]
     with pytest.raises(ValueError, match="longer than the site"):
         manifest_from_dict(raw)
     assert PatchSite(kind="paravirt", offset=0, length=6).replacement == ""

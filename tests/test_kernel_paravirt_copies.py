@@ -30,9 +30,11 @@ from livesplice.update.format import Reloc, Section, Target
 KEY = "mm/x.c:.text.g"
 DATA = "mm/x.c:.data.counter"
 # mov rax, [rip+counter]; mov rcx, [rip+counter+8]; ret
-CODE = bytes.fromhex("488b0500000000" "488b0d00000000" "c3")
-RELOCS = [Reloc(offset=3, type="R_X86_64_PC32", symbol=DATA, addend=-4),
-          Reloc(offset=10, type="R_X86_64_PC32", symbol=DATA, addend=4)]  # fmt: skip
+CODE = bytes.fromhex("488b0500000000488b0d00000000c3")
+RELOCS = [
+    Reloc(offset=3, type="R_X86_64_PC32", symbol=DATA, addend=-4),
+    Reloc(offset=10, type="R_X86_64_PC32", symbol=DATA, addend=4),
+]
 VBASE = 0xFFFFFFFF81000000
 COPY_A, COPY_B = VBASE + 0x1000, VBASE + 0x2000
 T, U = VBASE + 0x8000, VBASE + 0x9000  # counter of one unit, of another
@@ -62,25 +64,53 @@ def image(tmp_path: Path, copies: dict[int, bytes]) -> KernelImage:
 
 
 def target(replaced: bool = False) -> Target:
-    pre = Section(key=KEY, role="pre", name="g", unit="mm/x.c", align=16, size=len(CODE),
-                  data=CODE.hex(), relocs=list(RELOCS), executable=True)  # fmt: skip
+    pre = Section(
+        key=KEY,
+        role="pre",
+        name="g",
+        unit="mm/x.c",
+        align=16,
+        size=len(CODE),
+        data=CODE.hex(),
+        relocs=list(RELOCS),
+        executable=True,
+    )
     sections = [pre]
     if replaced:
-        post = Section(key=KEY + "#post", role="replacement", name="g", unit="mm/x.c",
-                       align=16, size=1, data="c3", executable=True, replaces=KEY)  # fmt: skip
+        post = Section(
+            key=KEY + "#post",
+            role="replacement",
+            name="g",
+            unit="mm/x.c",
+            align=16,
+            size=1,
+            data="c3",
+            executable=True,
+            replaces=KEY,
+        )
         sections.append(post)
-    return Target(name="vmlinux", kind="kernel", build_id="", changed_functions=[],
-                  new_functions=[], new_data=[], sections=sections, symbols={})  # fmt: skip
+    return Target(
+        name="vmlinux",
+        kind="kernel",
+        build_id="",
+        changed_functions=[],
+        new_functions=[],
+        new_data=[],
+        sections=sections,
+        symbols={},
+    )
 
 
 # shipped code calls g: a klp symbol whose sympos matching decides
-KERNEL = {"klp_symbols": [{"object": "vmlinux", "name": "g", "key": KEY, "learn": None,
-                           "count": 0}]}  # fmt: skip
+KERNEL = {
+    "klp_symbols": [{"object": "vmlinux", "name": "g", "key": KEY, "learn": None, "count": 0}]
+}
 
 
 def match(tmp_path: Path, b_first: int, b_second: int, replaced: bool = False) -> object:
-    img = image(tmp_path, {COPY_A: running(COPY_A, T, T),
-                           COPY_B: running(COPY_B, b_first, b_second)})  # fmt: skip
+    img = image(
+        tmp_path, {COPY_A: running(COPY_A, T, T), COPY_B: running(COPY_B, b_first, b_second)}
+    )
     try:
         return run_pre_match_kernel(img, [target(replaced)], KERNEL)
     finally:
@@ -161,8 +191,9 @@ def ship(tmp_path_factory: pytest.TempPathFactory) -> Shipped:
         attach_patch_sites(ud, pre)
         aux, problems = ship_aux_fragments(ud, pre, post, "pvcopy")
         tables, more = copy_special_entries(ud, pre, post, "pvcopy", exports, aux)
-        assert not any(s.role == "pre" and s.key == "pvcopy.c:.altinstr_aux"
-                       for s in ud.sections)  # nothing shipped reaches the old fragments
+        assert not any(
+            s.role == "pre" and s.key == "pvcopy.c:.altinstr_aux" for s in ud.sections
+        )  # nothing shipped reaches the old fragments
         (code,) = (s for s in ud.sections if s.role == "replacement")
         return [code, *aux, *tables], problems + more
 

@@ -28,13 +28,15 @@ FN = "smaps_pte_range"
 pytestmark = pytest.mark.kernel
 
 # the running bytes of a function, read in the guest the way apply reads them (/proc/kcore)
-READ = ("PYTHONHOME=/opt/livesplice PYTHONPATH=/opt/livesplice/site "
-        "LD_LIBRARY_PATH=/opt/livesplice/lib $PY -c \"import sys; "
-        "from livesplice.kernel.kmatch import KernelImage as K; "
-        "i = K.open(); (c,) = i.candidates(sys.argv[1], None); "
-        "print('running', sys.argv[1], i.read(c.addr, int(sys.argv[2])).hex(), "
-        "len([s for s in i.candidates('pfn_swap_entry_to_page', None) "
-        "if s.type in 'tT']))\" ")  # fmt: skip
+READ = (
+    "PYTHONHOME=/opt/livesplice PYTHONPATH=/opt/livesplice/site "
+    'LD_LIBRARY_PATH=/opt/livesplice/lib $PY -c "import sys; '
+    "from livesplice.kernel.kmatch import KernelImage as K; "
+    "i = K.open(); (c,) = i.candidates(sys.argv[1], None); "
+    "print('running', sys.argv[1], i.read(c.addr, int(sys.argv[2])).hex(), "
+    "len([s for s in i.candidates('pfn_swap_entry_to_page', None) "
+    "if s.type in 'tT']))\" "
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,12 @@ def update(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lab = prepared_lab()
     out = tmp_path_factory.mktemp("paravirt")
     manifest, path, _ = create_kernel_update(
-        lab.ksrc, CASES / "smaps-pte-paravirt.patch", update_id="smaps",
-        output=out / "smaps.update", signing_key=signing_key(),
-    )  # fmt: skip
+        lab.ksrc,
+        CASES / "smaps-pte-paravirt.patch",
+        update_id="smaps",
+        output=out / "smaps.update",
+        signing_key=signing_key(),
+    )
     assert manifest is not None and path is not None
     return path
 
@@ -74,18 +79,20 @@ def test_paravirt_fix_applies_in_the_booted_kernel(update: Path) -> None:
     assert {".parainstructions", ".altinstructions", ".altinstr_replacement"} <= names
 
     swap = "grep SwapPss /proc/self/smaps_rollup"
-    script = "\n".join([
-        "PY=$(ls /opt/livesplice/bin/python3* | head -1)",
-        TRUST,
-        READ + f"{FN} {pre.size}",
-        swap,
-        "livesplice apply smaps.update || exit 10",
-        "echo view:; livesplice view",
-        swap,
-        "livesplice undo smaps || exit 11",
-        swap,
-        "lsmod | grep -c livesplice_smaps; echo smaps-left",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            "PY=$(ls /opt/livesplice/bin/python3* | head -1)",
+            TRUST,
+            READ + f"{FN} {pre.size}",
+            swap,
+            "livesplice apply smaps.update || exit 10",
+            "echo view:; livesplice view",
+            swap,
+            "livesplice undo smaps || exit 11",
+            swap,
+            "lsmod | grep -c livesplice_smaps; echo smaps-left",
+        ]
+    )
     guest = Guest(prepared_lab(), timeout=300, extra_initrds=[ensure_overlay(prepared_lab().dir)])
     r = guest.run(script, [GuestFile(update, "smaps.update"), *trust_files()])
     out = r.output

@@ -26,9 +26,11 @@ def test_changed_init_function_is_named(tmp_path: Path) -> None:
     lab = prepared_lab()
     with pytest.raises(PatchRefused) as e:
         create_kernel_update(
-            lab.ksrc, CASES / "kcore-one-init-FAIL.patch", update_id="x",
+            lab.ksrc,
+            CASES / "kcore-one-init-FAIL.patch",
+            update_id="x",
             output=tmp_path / "x.update",
-        )  # fmt: skip
+        )
     assert e.value.details == [
         "fs/proc/kcore.c: register_mem_pfn_is_ram: __init/__exit code changed [rule: __init "
         "code]: init code has run and been freed; the change cannot take effect live"

@@ -48,15 +48,17 @@ def store(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def boot(lab: LabKernel, store: Path, *, append: str = "") -> str:
     from livesplice.kernel.overlay import ensure_overlay
 
-    script = "\n".join([
-        TRUST,
-        # the store as the disk would hold it after a reboot (root's, private)
-        "cp -r /payload/state /tmp/state && chmod -R go-rwx /tmp/state",
-        "export LIVESPLICE_STATE_DIR=/tmp/state LIVESPLICE_ETC=/tmp/etc",
-        "livesplice agent --boot --json; echo boot-rc=$?",
-        "cat /proc/cmdline",
-        "livesplice uname -r",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            TRUST,
+            # the store as the disk would hold it after a reboot (root's, private)
+            "cp -r /payload/state /tmp/state && chmod -R go-rwx /tmp/state",
+            "export LIVESPLICE_STATE_DIR=/tmp/state LIVESPLICE_ETC=/tmp/etc",
+            "livesplice agent --boot --json; echo boot-rc=$?",
+            "cat /proc/cmdline",
+            "livesplice uname -r",
+        ]
+    )
     guest = Guest(lab, timeout=150, extra_initrds=[ensure_overlay(lab.dir)], append=append)
     r = guest.run(script, [GuestFile(store, "state"), *trust_files()])
     assert r.status == 0, r.output

@@ -25,18 +25,21 @@ def stall_update(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_stalled_transition_names_the_task_and_reverts(
-    lab: LabKernel, stall_update: Path  # noqa: F811
+    lab: LabKernel,  # noqa: F811
+    stall_update: Path,
 ) -> None:
     from livesplice.kernel.overlay import ensure_overlay
 
-    script = "\n".join([
-        "(sleep 1000 | cat) &",  # cat sleeps in pipe_read: it cannot switch to the new code
-        "sleep 1",
-        "livesplice apply --transition-timeout 3 u/stall.update; echo stall-rc=$?",
-        "ls /sys/kernel/livepatch | grep -c livesplice; echo patches-after",
-        "grep -c '^livesplice_' /proc/modules; echo modules-after",
-        "echo hello | cat",  # pipes still work
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            "(sleep 1000 | cat) &",  # cat sleeps in pipe_read: it cannot switch to the new code
+            "sleep 1",
+            "livesplice apply --transition-timeout 3 u/stall.update; echo stall-rc=$?",
+            "ls /sys/kernel/livepatch | grep -c livesplice; echo patches-after",
+            "grep -c '^livesplice_' /proc/modules; echo modules-after",
+            "echo hello | cat",  # pipes still work
+        ]
+    )
     guest = Guest(lab, cpus=1, timeout=200, extra_initrds=[ensure_overlay(lab.dir)])
     r = guest.run(script, [GuestFile(stall_update, "u/stall.update")])
     out = r.output

@@ -22,8 +22,6 @@ from livesplice.kernel.labcli import update_script
 CASES = Path(__file__).parent / "kernel"
 
 
-
-
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
     return prepared_lab()  # type: ignore[no-any-return]
@@ -49,7 +47,10 @@ def create(lab: LabKernel, case: str, out: Path, uid: str) -> Path:
     from livesplice.kernel.target import create_kernel_update
 
     manifest, path, _ = create_kernel_update(
-        lab.ksrc, CASES / f"{case}.patch", update_id=uid, output=out / f"{uid}.update",
+        lab.ksrc,
+        CASES / f"{case}.patch",
+        update_id=uid,
+        output=out / f"{uid}.update",
         signing_key=signing_key(),
     )
     assert manifest is not None and path is not None
@@ -61,8 +62,12 @@ def updates(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     out = tmp_path_factory.mktemp("kupdates")
     body = create(lab, "cmdline-body", out, "body")
     newfn = create(lab, "cmdline-new-function", out, "newfn")
-    return {"body": body, "newfn": newfn, "tampered": tamper_pre(body, out / "tampered.update"),
-            "unsigned": unsigned_copy(body, out / "unsigned.update")}
+    return {
+        "body": body,
+        "newfn": newfn,
+        "tampered": tamper_pre(body, out / "tampered.update"),
+        "unsigned": unsigned_copy(body, out / "unsigned.update"),
+    }
 
 
 def unsigned_copy(update: Path, out: Path) -> Path:
@@ -120,9 +125,11 @@ def test_create_new_function(updates: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize(
     ("case", "rule"),
-    [("cmdline-init-FAIL", "[rule: __init code]"),
-     ("sysctl-data-FAIL", "[rule: changed initial value of existing data]")],
-)  # fmt: skip
+    [
+        ("cmdline-init-FAIL", "[rule: __init code]"),
+        ("sysctl-data-FAIL", "[rule: changed initial value of existing data]"),
+    ],
+)
 def test_create_refuses(lab: LabKernel, tmp_path: Path, case: str, rule: str) -> None:
     with pytest.raises(PatchRefused) as e:
         create(lab, case, tmp_path, "refused")
@@ -137,22 +144,24 @@ def test_apply_view_undo_stacking_and_no_match(lab: LabKernel, updates: dict[str
     from livesplice.kernel.overlay import ensure_overlay
 
     files = [GuestFile(p, f"u/{k}.update") for k, p in updates.items()]
-    script = "\n".join([
-        TRUST,
-        "livesplice apply u/unsigned.update; echo unsigned-rc=$?",
-        "livesplice apply u/tampered.update; echo tampered-rc=$?",
-        "ls /sys/kernel/livepatch | grep -c livesplice_tampered; echo after-tampered",
-        update_script(["u/body.update"], "cat /proc/cmdline"),
-        "livesplice apply u/newfn.update || exit 20",
-        "cat /proc/cmdline",
-        "livesplice view",
-        "livesplice undo newfn || exit 21",
-        "cat /proc/cmdline",
-        "livesplice undo body || exit 22",
-        "cat /proc/cmdline",
-        "livesplice undo body; echo undo-again-rc=$?",
-        "lsmod | grep -c livesplice; echo modules-left",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            TRUST,
+            "livesplice apply u/unsigned.update; echo unsigned-rc=$?",
+            "livesplice apply u/tampered.update; echo tampered-rc=$?",
+            "ls /sys/kernel/livepatch | grep -c livesplice_tampered; echo after-tampered",
+            update_script(["u/body.update"], "cat /proc/cmdline"),
+            "livesplice apply u/newfn.update || exit 20",
+            "cat /proc/cmdline",
+            "livesplice view",
+            "livesplice undo newfn || exit 21",
+            "cat /proc/cmdline",
+            "livesplice undo body || exit 22",
+            "cat /proc/cmdline",
+            "livesplice undo body; echo undo-again-rc=$?",
+            "lsmod | grep -c livesplice; echo modules-left",
+        ]
+    )
     guest = Guest(lab, timeout=150, extra_initrds=[ensure_overlay(lab.dir)])
     r = guest.run(script, [*files, *trust_files()])
     out = r.output

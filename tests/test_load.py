@@ -32,18 +32,24 @@ from livesplice.update.format import Target
 SRC = ["match_main.c", "match_unit_a.c", "match_unit_b.c"]
 
 POST1 = [
-    ("static int counter;",
-     "static int counter;\nstatic int bonus_calls;\n"
-     "static __attribute__((noinline)) int bonus(void) { return ++bonus_calls * 1000; }"),
+    (
+        "static int counter;",
+        "static int counter;\nstatic int bonus_calls;\n"
+        "static __attribute__((noinline)) int bonus(void) { return ++bonus_calls * 1000; }",
+    ),
     ("return helper(x) + table[x & 3];", "return helper(x) * 2 + table[x & 3] + bonus();"),
     ('"hello %d"', '"howdy %d"'),
-    ("memcpy(tmp, \"abcdefghijklmnopqrstuvwxyz\"", "memmove(tmp, \"ABCDEFGHIJKLMNOPQRSTUVWXYZ\""),
+    ('memcpy(tmp, "abcdefghijklmnopqrstuvwxyz"', 'memmove(tmp, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"'),
     # strrchr: an IFUNC in glibc that the program never references
-    ("return (int)strlen(tmp) + tmp[0];",
-     "return (int)strlen(tmp) + tmp[0] + (int)(strrchr(tmp, 'C') - tmp);"),
+    (
+        "return (int)strlen(tmp) + tmp[0];",
+        "return (int)strlen(tmp) + tmp[0] + (int)(strrchr(tmp, 'C') - tmp);",
+    ),
     ("tls_counter += n;", "tls_counter += 10 * n;"),
-    ("if (x > 10) return step2(x - 1); return x + 1;",
-     "if (x > 20) return step2(x - 1); return x + 2;"),
+    (
+        "if (x > 10) return step2(x - 1); return x + 1;",
+        "if (x > 20) return step2(x - 1); return x + 2;",
+    ),
 ]
 CHANGED = ["work", "greet", "copy", "step1"]
 
@@ -81,8 +87,7 @@ def load(c: Child, target: Target, code_base: int, data_base: int) -> LoadImage:
 def test_update_runs_in_the_process(tmp_path: Path, variant: str) -> None:
     exe, objs = build_program(tmp_path / "b", variant, SRC)
     tls = not variant.startswith("pic")  # -fPIC TLS is general-dynamic, relaxed by ld
-    post = build_post(tmp_path, variant, patched_source(tmp_path, POST1, "post1"),
-                      "match_main.c")
+    post = build_post(tmp_path, variant, patched_source(tmp_path, POST1, "post1"), "match_main.c")
     changed = CHANGED + (["tls_bump"] if tls else [])
     target = update_target("prog", objs["match_main.c"], post, changed, new=["bonus"])
     with Child([str(exe)]) as c:
@@ -115,10 +120,15 @@ def test_stacked_update_matches_the_running_replacement(tmp_path: Path) -> None:
     post1_src = patched_source(tmp_path, POST1, "post1")
     post1 = build_post(tmp_path, "pie", post1_src, "match_main.c")
     post2 = build_post(
-        tmp_path, "pie",
-        patched_source(tmp_path, [*POST1, ("* 2 + table[x & 3] + bonus()",
-                                           "* 3 + table[x & 3] + bonus()")], "post2"),
-        "match_main.c")
+        tmp_path,
+        "pie",
+        patched_source(
+            tmp_path,
+            [*POST1, ("* 2 + table[x & 3] + bonus()", "* 3 + table[x & 3] + bonus()")],
+            "post2",
+        ),
+        "match_main.c",
+    )
     first = update_target("prog", objs["match_main.c"], post1, ["work"], new=["bonus"])
     second = update_target("prog", post1, post2, ["work"])
     with Child([str(exe)]) as c:
@@ -138,10 +148,14 @@ def test_stacked_update_matches_the_running_replacement(tmp_path: Path) -> None:
 
 def test_function_shorter_than_a_jump_is_refused(tmp_path: Path) -> None:
     exe, objs = build_program(tmp_path / "b", "pie", SRC)
-    post = build_post(tmp_path, "pie",
-                      patched_source(tmp_path, [("int tiny(int x) { return x; }",
-                                                 "int tiny(int x) { return x + 1; }")], "p"),
-                      "match_main.c")
+    post = build_post(
+        tmp_path,
+        "pie",
+        patched_source(
+            tmp_path, [("int tiny(int x) { return x; }", "int tiny(int x) { return x + 1; }")], "p"
+        ),
+        "match_main.c",
+    )
     target = update_target("prog", objs["match_main.c"], post, ["tiny"])
     with Child([str(exe)]) as c:
         maps = read_maps(c.pid)
@@ -157,9 +171,15 @@ def test_unknown_symbol_is_refused_before_loading(tmp_path: Path) -> None:
     target = update_target("prog", objs["match_main.c"], post, ["greet"])
     for s in target.sections:
         if s.role == "replacement":
-            s.relocs = [*s.relocs[:-1],
-                        type(s.relocs[-1])(s.relocs[-1].offset, s.relocs[-1].type,
-                                           "no_such_symbol_anywhere", s.relocs[-1].addend)]
+            s.relocs = [
+                *s.relocs[:-1],
+                type(s.relocs[-1])(
+                    s.relocs[-1].offset,
+                    s.relocs[-1].type,
+                    "no_such_symbol_anywhere",
+                    s.relocs[-1].addend,
+                ),
+            ]
     target.symbols.pop("no_such_symbol_anywhere", None)
     with Child([str(exe)]) as c:
         maps = read_maps(c.pid)

@@ -39,8 +39,19 @@ from livesplice.process.match import MatchResult, run_pre_match
 from livesplice.process.resolve import executable_tpoff
 
 SRC = ["match_main.c", "match_unit_a.c", "match_unit_b.c"]
-FUNCS = ["work", "step1", "greet", "copy", "chain", "chain_tail", "a_fn", "b_fn", "a_same",
-         "b_same", "match_main.c:helper"]
+FUNCS = [
+    "work",
+    "step1",
+    "greet",
+    "copy",
+    "chain",
+    "chain_tail",
+    "a_fn",
+    "b_fn",
+    "a_same",
+    "b_same",
+    "match_main.c:helper",
+]
 
 Builds = Callable[[str], tuple[Path, dict[str, ObjectFile]]]
 _built: dict[str, tuple[Path, dict[str, ObjectFile]]] = {}
@@ -62,8 +73,9 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builds]:
 def nm(exe: Path) -> dict[str, list[int]]:
     """name -> link-time addresses, from binutils' nm (an oracle independent of pyelftools)."""
     out: dict[str, list[int]] = {}
-    for line in subprocess.run(["nm", str(exe)], capture_output=True, text=True,
-                               check=True).stdout.splitlines():
+    for line in subprocess.run(
+        ["nm", str(exe)], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
         parts = line.split()
         if len(parts) == 3:
             out.setdefault(parts[2], []).append(int(parts[0], 16))
@@ -77,8 +89,9 @@ def match(child: Child, target_name: str, target: object) -> tuple[MatchResult, 
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_function_matches_and_learned_addresses_are_right(builds: Builds,
-                                                              variant: str) -> None:
+def test_every_function_matches_and_learned_addresses_are_right(
+    builds: Builds, variant: str
+) -> None:
     exe, objs = builds(variant)
     funcs = FUNCS + ([] if variant.startswith("pic") else ["tls_bump"])
     syms = nm(exe)
@@ -150,8 +163,9 @@ def test_identical_duplicates_are_ambiguous_until_a_caller_tells(builds: Builds)
         with pytest.raises(NoMatch, match="multiple candidates for same"):
             match(c, "prog", pre_target("prog", objs.values(), ["match_unit_a.c:same"]))
         # with the caller shipped too, its call tells which `same` is unit a's
-        r, img = match(c, "prog", pre_target("prog", objs.values(),
-                                             ["match_unit_a.c:same", "a_same"]))
+        r, img = match(
+            c, "prog", pre_target("prog", objs.values(), ["match_unit_a.c:same", "a_same"])
+        )
         got = r.functions["match_unit_a.c:.text.same"]
         assert got in img.symbols("same")
         assert r.learned["match_unit_a.c:.text.same"] == got
@@ -198,14 +212,21 @@ def test_tls_offsets_learned_from_local_and_initial_exec_code(builds: Builds) ->
 
 def test_image_facts_of_a_shared_library(tmp_path: Path) -> None:
     lib = tmp_path / "libmatch.so.1.2.3"
-    gcc("-O2", "-fPIC", "-shared", "-Wl,-soname,libmatch.so.1", "-o", lib,
-        PROGS / "match_lib.c")
+    gcc("-O2", "-fPIC", "-shared", "-Wl,-soname,libmatch.so.1", "-o", lib, PROGS / "match_lib.c")
     (tmp_path / "libmatch.so.1").symlink_to(lib.name)
     exe = tmp_path / "libprog"
     gcc("-O2", "-o", exe, PROGS / "match_libmain.c", f"-L{tmp_path}", lib)
     o = tmp_path / "match_lib.o"
-    gcc("-O2", "-fPIC", "-ffunction-sections", "-fdata-sections", "-c", PROGS / "match_lib.c",
-        "-o", o)
+    gcc(
+        "-O2",
+        "-fPIC",
+        "-ffunction-sections",
+        "-fdata-sections",
+        "-c",
+        PROGS / "match_lib.c",
+        "-o",
+        o,
+    )
     obj = read_object(o, "match_lib.c")
     with Child([str(exe)], env={"LD_LIBRARY_PATH": str(tmp_path)}) as c:
         assert c.ask("lib 1") == str((1 + 8) * 2 + 1) + " " + str(3 + (1 + 8) * 2 + 2)
@@ -214,8 +235,12 @@ def test_image_facts_of_a_shared_library(tmp_path: Path) -> None:
         (img,) = find_images(c.pid, "libmatch.so.1", maps)
         assert img.path.endswith("libmatch.so.1.2.3") and img.soname == "libmatch.so.1"
         assert find_images(c.pid, "libmatch.so.1.2.3", maps)[0].path == img.path
-        t = pre_target("libmatch.so.1", [obj], ["lib_work", "lib_len", "match_lib.c:lib_helper"],
-                       kind="shared_library")
+        t = pre_target(
+            "libmatch.so.1",
+            [obj],
+            ["lib_work", "lib_len", "match_lib.c:lib_helper"],
+            kind="shared_library",
+        )
         r = run_pre_match(c.read, img, t, maps)
         syms = nm(lib)
         assert r.functions["match_lib.c:.text.lib_work"] - img.bias == syms["lib_work"][0]

@@ -32,15 +32,19 @@ from livetest import livesplice
 
 TARBALL = os.environ.get("LIVESPLICE_NGINX_TARBALL")
 pytestmark = pytest.mark.skipif(
-    not TARBALL, reason="set LIVESPLICE_NGINX_TARBALL=nginx-X.Y.Z.tar.gz to build real nginx")
+    not TARBALL, reason="set LIVESPLICE_NGINX_TARBALL=nginx-X.Y.Z.tar.gz to build real nginx"
+)
 
-CONFIGURE = ("./configure --with-mail=dynamic --without-http_rewrite_module "
-             "--without-http_gzip_module")
+CONFIGURE = (
+    "./configure --with-mail=dynamic --without-http_rewrite_module --without-http_gzip_module"
+)
 HELO_FILE = "src/mail/ngx_mail_smtp_handler.c"
 HELO_OLD = "    if (s->args.nelts != 1) {\n        ngx_str_set(&s->out, smtp_invalid_argument);"
-HELO_NEW = ("    if (s->args.nelts != 1\n"
-            "        || ((ngx_str_t *) s->args.elts)[0].len > 255)\n    {\n"
-            "        ngx_str_set(&s->out, smtp_invalid_argument);")
+HELO_NEW = (
+    "    if (s->args.nelts != 1\n"
+    "        || ((ngx_str_t *) s->args.elts)[0].len > 255)\n    {\n"
+    "        ngx_str_set(&s->out, smtp_invalid_argument);"
+)
 
 
 def _source(tmp: Path) -> Path:
@@ -59,8 +63,12 @@ def _helo_patch(tree: Path, out: Path) -> Path:
     for side, body in ((a, text), (b, text.replace(HELO_OLD, HELO_NEW, 1))):
         (side / HELO_FILE).parent.mkdir(parents=True)
         (side / HELO_FILE).write_text(body)
-    r = subprocess.run(["diff", "-u", f"a/{HELO_FILE}", f"b/{HELO_FILE}"], cwd=out.parent,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["diff", "-u", f"a/{HELO_FILE}", f"b/{HELO_FILE}"],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+    )
     out.write_text(r.stdout)
     return out
 
@@ -84,34 +92,64 @@ def test_mail_fix_is_reported_and_applied_to_running_nginx(tmp_path: Path) -> No
     patch = _helo_patch(tree, tmp_path / "patch" / "helo.patch")
     build = f"{CONFIGURE} && make -j2"
 
-    r = livesplice("create", "-q", "--patch", str(patch), "--build", build, "--target", "nginx",
-                   "-o", str(tmp_path / "nginx.update"), str(tree), check=False, timeout=1800)
+    r = livesplice(
+        "create",
+        "-q",
+        "--patch",
+        str(patch),
+        "--build",
+        build,
+        "--target",
+        "nginx",
+        "-o",
+        str(tmp_path / "nginx.update"),
+        str(tree),
+        check=False,
+        timeout=1800,
+    )
     assert r.returncode == 13, r.stderr
     assert "ngx_mail_module.so" in r.stderr and "nothing to do" not in r.stderr, r.stderr
     update = tmp_path / "mail.update"
-    livesplice("create", "-q", "--patch", str(patch), "--build", build, "--target",
-               "ngx_mail_module.so", "--id", "ngxmail1", "-o", str(update), str(tree),
-               timeout=1800)
+    livesplice(
+        "create",
+        "-q",
+        "--patch",
+        str(patch),
+        "--build",
+        build,
+        "--target",
+        "ngx_mail_module.so",
+        "--id",
+        "ngxmail1",
+        "-o",
+        str(update),
+        str(tree),
+        timeout=1800,
+    )
 
     # the deployed nginx: its own build of the same source, the module where nginx keeps them
     deployed = tmp_path / "deployed"
     subprocess.run(["cp", "-a", str(tree), str(deployed)], check=True)
-    subprocess.run(f"{CONFIGURE} >/dev/null && make -j2 >/dev/null", shell=True, cwd=deployed,
-                   check=True)
+    subprocess.run(
+        f"{CONFIGURE} >/dev/null && make -j2 >/dev/null", shell=True, cwd=deployed, check=True
+    )
     run = tmp_path / "run"
     for d in ("logs", "conf", "modules"):
         (run / d).mkdir(parents=True)
     (run / "modules/ngx_mail_module.so").write_bytes(
-        (deployed / "objs/ngx_mail_module.so").read_bytes())
+        (deployed / "objs/ngx_mail_module.so").read_bytes()
+    )
     port = _free_port()
     (run / "conf/nginx.conf").write_text(
         f"daemon off;\nworker_processes 1;\nerror_log {run}/logs/error.log;\n"
         f"pid {run}/logs/nginx.pid;\nload_module {run}/modules/ngx_mail_module.so;\n"
         "events {}\nmail {\n    auth_http 127.0.0.1:9/auth;\n"
         f"    server {{ listen 127.0.0.1:{port}; protocol smtp; smtp_auth none; "
-        "server_name test; }\n}\n")
-    master = subprocess.Popen([str(deployed / "objs/nginx"), "-p", str(run), "-c",
-                               "conf/nginx.conf"])  # fmt: skip
+        "server_name test; }\n}\n"
+    )
+    master = subprocess.Popen(
+        [str(deployed / "objs/nginx"), "-p", str(run), "-c", "conf/nginx.conf"]
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -134,8 +172,10 @@ def test_mail_fix_is_reported_and_applied_to_running_nginx(tmp_path: Path) -> No
 def _stop(master: subprocess.Popen[bytes]) -> None:
     """SIGTERM: the master stops its workers first (SIGKILL would orphan them)."""
     try:
-        workers = [int(p) for p in
-                   Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()]
+        workers = [
+            int(p)
+            for p in Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+        ]
     except OSError:
         workers = []
     master.terminate()

@@ -22,8 +22,8 @@ FILES = {
     "a.c": "int fa(int x)\n{\n\treturn x + 10;\n}\n",
     "b.c": "int fb(int x)\n{\n\treturn x * 10;\n}\n",
     "Makefile": "CFLAGS ?= -O2 -g\n"
-                "prog: main.o a.o b.o\n\t$(CC) $(CFLAGS) -o $@ $^\n"
-                "%.o: %.c\n\techo $< >> $(COMPILE_LOG)\n\t$(CC) $(CFLAGS) -c -o $@ $<\n",
+    "prog: main.o a.o b.o\n\t$(CC) $(CFLAGS) -o $@ $^\n"
+    "%.o: %.c\n\techo $< >> $(COMPILE_LOG)\n\t$(CC) $(CFLAGS) -c -o $@ $<\n",
 }
 FIX_A = {"a.c": [("x + 10", "x + 11")]}
 FIX_B = {"b.c": [("x * 10", "x * 11")]}
@@ -38,11 +38,16 @@ class Project:
         self.tree = write_tree(tmp_path / "src", FILES)
         self.log = tmp_path / "compiles.log"
         self.cache = tmp_path / "cache" / "prebuild"
-        self.env = dict(os.environ, COMPILE_LOG=str(self.log),
-                        LIVESPLICE_PREBUILD_CACHE=str(self.cache))  # fmt: skip
+        self.env = dict(
+            os.environ, COMPILE_LOG=str(self.log), LIVESPLICE_PREBUILD_CACHE=str(self.cache)
+        )
 
     def create(
-        self, fix: dict[str, list[tuple[str, str]]], name: str, *extra: str, code: int = 0,
+        self,
+        fix: dict[str, list[tuple[str, str]]],
+        name: str,
+        *extra: str,
+        code: int = 0,
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``create --id NAME`` of ``fix``; the compile log is emptied first."""
@@ -51,10 +56,25 @@ class Project:
         if not patch.exists():
             make_patch(self.tree, fix, patch)
         r = subprocess.run(
-            [sys.executable, "-m", "livesplice", "create", "--id", name, "--patch", str(patch),
-             "-o", str(self.tmp / f"{name}.update"), *extra, str(self.tree)],
-            capture_output=True, text=True, env=env or self.env, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "livesplice",
+                "create",
+                "--id",
+                name,
+                "--patch",
+                str(patch),
+                "-o",
+                str(self.tmp / f"{name}.update"),
+                *extra,
+                str(self.tree),
+            ],
+            capture_output=True,
+            text=True,
+            env=env or self.env,
+            timeout=300,
+        )
         assert "Traceback" not in r.stderr, r.stderr
         assert r.returncode == code, f"-> {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r

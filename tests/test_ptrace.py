@@ -145,8 +145,9 @@ def test_remote_mmap_near_and_named(spawn) -> None:  # type: ignore[no-untyped-d
     base = tg.base()
     lo, hi = base - (1 << 31) + (1 << 20), base + (1 << 31) - (1 << 20)
     with Tracee(tg.pid) as t:
-        code = remote_mmap(t, 10000, PROT_READ | PROT_EXEC, near=(lo, hi),
-                           name="livesplice:test:code")
+        code = remote_mmap(
+            t, 10000, PROT_READ | PROT_EXEC, near=(lo, hi), name="livesplice:test:code"
+        )
         data = remote_mmap(t, 100, PROT_READ | PROT_WRITE, near=(lo, hi))
         anon = remote_mmap(t, 4096, PROT_READ)
         maps = {m[0]: m for m in read_maps(tg.pid)}

@@ -48,8 +48,19 @@ def test_relocations_equal_what_ld_produced(tmp_path: Path, base: int) -> None:
     obj = tmp_path / "r.o"
     gcc("-O2", "-fno-pie", *SPLIT, "-c", PROGS / "match_reloc.c", "-o", obj)
     exe = tmp_path / "r"
-    gcc("-O2", "-fno-pie", "-no-pie", "-nostdlib", "-static", "-Wl,--no-relax",
-        f"-Wl,-Ttext={base:#x}", "-o", exe, obj, PROGS / "match_reloc_ext.c")
+    gcc(
+        "-O2",
+        "-fno-pie",
+        "-no-pie",
+        "-nostdlib",
+        "-static",
+        "-Wl,--no-relax",
+        f"-Wl,-Ttext={base:#x}",
+        "-o",
+        exe,
+        obj,
+        PROGS / "match_reloc_ext.c",
+    )
     unit = read_object(obj, "match_reloc.c")
     syms, elf = linked_symbols(exe)
 
@@ -89,45 +100,71 @@ def test_relocations_equal_what_ld_produced(tmp_path: Path, base: int) -> None:
         seen.update(r.type for r in sec.relocs)
         compared += 1
     assert compared >= 5
-    assert {"R_X86_64_PLT32", "R_X86_64_PC32", "R_X86_64_32S", "R_X86_64_32",
-            "R_X86_64_64"} <= seen
+    assert {"R_X86_64_PLT32", "R_X86_64_PC32", "R_X86_64_32S", "R_X86_64_32", "R_X86_64_64"} <= seen
 
 
 def _section(relocs: list[Reloc], size: int = 16) -> Section:
-    return Section(key="u.c:.text.f", role="replacement", name="f", unit="u.c", align=16,
-                   size=size, data="00" * size, relocs=relocs, executable=True)
+    return Section(
+        key="u.c:.text.f",
+        role="replacement",
+        name="f",
+        unit="u.c",
+        align=16,
+        size=size,
+        data="00" * size,
+        relocs=relocs,
+        executable=True,
+    )
 
 
 def test_overflow_is_reported_like_ld() -> None:
     sec = _section([Reloc(1, "R_X86_64_PC32", "far", -4)])
     with pytest.raises(RelocationError, match="truncated to fit: R_X86_64_PC32 against 'far'"):
-        apply_relocs(sec, 0x1000, lambda k: 0x1000 + (3 << 30), lambda k: 0,
-                     lambda k: 0x1000 + (3 << 30))
+        apply_relocs(
+            sec, 0x1000, lambda k: 0x1000 + (3 << 30), lambda k: 0, lambda k: 0x1000 + (3 << 30)
+        )
     # a PC32 call to a far function goes through the veneer plt_stub gives
-    out = apply_relocs(sec, 0x1000, lambda k: 0x1000 + (3 << 30), lambda k: 0,
-                       lambda k: 0x2000)
+    out = apply_relocs(sec, 0x1000, lambda k: 0x1000 + (3 << 30), lambda k: 0, lambda k: 0x2000)
     assert int.from_bytes(out[1:5], "little", signed=True) == 0x2000 - 4 - 0x1001
     with pytest.raises(RelocationError, match="R_X86_64_32 "):
-        apply_relocs(_section([Reloc(0, "R_X86_64_32", "neg", 0)]), 0, lambda k: -8,
-                     lambda k: 0, lambda k: 0)
+        apply_relocs(
+            _section([Reloc(0, "R_X86_64_32", "neg", 0)]), 0, lambda k: -8, lambda k: 0, lambda k: 0
+        )
     with pytest.raises(RelocationError, match="R_X86_64_32S"):
-        apply_relocs(_section([Reloc(0, "R_X86_64_32S", "hi", 0)]), 0, lambda k: 1 << 31,
-                     lambda k: 0, lambda k: 0)
+        apply_relocs(
+            _section([Reloc(0, "R_X86_64_32S", "hi", 0)]),
+            0,
+            lambda k: 1 << 31,
+            lambda k: 0,
+            lambda k: 0,
+        )
 
 
 def test_got_and_tls_types() -> None:
-    sec = _section([Reloc(3, "R_X86_64_REX_GOTPCRELX", "v", -4),
-                    Reloc(10, "R_X86_64_GOTTPOFF", "t", -4)])
+    sec = _section(
+        [Reloc(3, "R_X86_64_REX_GOTPCRELX", "v", -4), Reloc(10, "R_X86_64_GOTTPOFF", "t", -4)]
+    )
     slots = {"v": 0x5000, TPOFF_SLOT + "t": 0x5008}
     out = apply_relocs(sec, 0x4000, lambda k: 0, slots.__getitem__, lambda k: 0)
     assert int.from_bytes(out[3:7], "little", signed=True) == 0x5000 - 4 - 0x4003
     assert int.from_bytes(out[10:14], "little", signed=True) == 0x5008 - 4 - 0x400A
-    tp = apply_relocs(_section([Reloc(0, "R_X86_64_TPOFF32", "t", 0)]), 0, lambda k: 0,
-                      lambda k: 0, lambda k: 0, tpoff=lambda k: -16)
+    tp = apply_relocs(
+        _section([Reloc(0, "R_X86_64_TPOFF32", "t", 0)]),
+        0,
+        lambda k: 0,
+        lambda k: 0,
+        lambda k: 0,
+        tpoff=lambda k: -16,
+    )
     assert int.from_bytes(tp[0:4], "little", signed=True) == -16
     with pytest.raises(RelocationError, match="not supported"):
-        apply_relocs(_section([Reloc(0, "R_X86_64_GOTOFF64", "x", 0)]), 0, lambda k: 0,
-                     lambda k: 0, lambda k: 0)
+        apply_relocs(
+            _section([Reloc(0, "R_X86_64_GOTOFF64", "x", 0)]),
+            0,
+            lambda k: 0,
+            lambda k: 0,
+            lambda k: 0,
+        )
 
 
 def test_every_table_entry_is_named_as_the_abi_spells_it() -> None:

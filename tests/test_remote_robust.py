@@ -62,14 +62,20 @@ def counts(tg: Target, eintr_ok: bool = False) -> tuple[int, int, int]:
     return a, b, c
 
 
-def tool(tg: Target, thread: str, op: str, func: int = 0, kill_at: str | None = None,
-         ) -> subprocess.Popen[str]:
+def tool(
+    tg: Target,
+    thread: str,
+    op: str,
+    func: int = 0,
+    kill_at: str | None = None,
+) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     if kill_at:
         env["LIVESPLICE_KILL_AT"] = kill_at
     args = [sys.executable, str(TOOL), str(tg.pid), thread, op, hex(func)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def tracer_of(pid: int) -> set[int]:

@@ -24,8 +24,11 @@ from test_apply import BASIC, MAKEFILE
 @pytest.fixture
 def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private state directory, trust directory and /etc for this test."""
-    for name, sub in (("LIVESPLICE_STATE_DIR", "state"), ("LIVESPLICE_TRUST_DIR", "trust"),
-                      ("LIVESPLICE_ETC", "etc")):
+    for name, sub in (
+        ("LIVESPLICE_STATE_DIR", "state"),
+        ("LIVESPLICE_TRUST_DIR", "trust"),
+        ("LIVESPLICE_ETC", "etc"),
+    ):
         (tmp_path / sub).mkdir()
         monkeypatch.setenv(name, str(tmp_path / sub))
     (tmp_path / "state").chmod(0o700)
@@ -41,25 +44,49 @@ def published(machine: Path) -> tuple[Path, Path]:
     tmp = machine
     livesplice("keygen", "-o", str(tmp / "vendor.key"))
     tree = write_tree(tmp / "src", {"prog.c": BASIC, "Makefile": MAKEFILE})
-    p1 = make_patch(tree, {"prog.c": [("return x + base;", "return x + base + 1;")]},
-                    tmp / "one.patch")
+    p1 = make_patch(
+        tree, {"prog.c": [("return x + base;", "return x + base + 1;")]}, tmp / "one.patch"
+    )
     u1 = create(tree, p1, "svc-one", tmp, "--sign", str(tmp / "vendor.key"))
-    tree2 = write_tree(tmp / "src2", {"prog.c": BASIC.replace("return x + base;",
-                                                              "return x + base + 1;"),
-                                      "Makefile": MAKEFILE})
-    p2 = make_patch(tree2, {"prog.c": [("return x + base + 1;", "return x + base + 2;")]},
-                    tmp / "two.patch")
+    tree2 = write_tree(
+        tmp / "src2",
+        {"prog.c": BASIC.replace("return x + base;", "return x + base + 1;"), "Makefile": MAKEFILE},
+    )
+    p2 = make_patch(
+        tree2, {"prog.c": [("return x + base + 1;", "return x + base + 2;")]}, tmp / "two.patch"
+    )
     u2 = create(tree2, p2, "svc-two", tmp, "--sign", str(tmp / "vendor.key"))
     running = write_tree(tmp / "run", {"prog.c": BASIC, "Makefile": MAKEFILE})
     build(running)
     repo = tmp / "repo"
     livesplice("repo", "init", str(repo), "--key", str(tmp / "vendor.key"))
-    livesplice("repo", "add", str(repo), str(u1), "--key", str(tmp / "vendor.key"),
-               "--cve", "CVE-2026-1001", "--binary", str(running / "prog"))
+    livesplice(
+        "repo",
+        "add",
+        str(repo),
+        str(u1),
+        "--key",
+        str(tmp / "vendor.key"),
+        "--cve",
+        "CVE-2026-1001",
+        "--binary",
+        str(running / "prog"),
+    )
     # the second is stacked on the first; the running binary is the same file
-    livesplice("repo", "add", str(repo), str(u2), "--key", str(tmp / "vendor.key"),
-               "--cve", "CVE-2026-1002", "--requires", "svc-one",
-               "--binary", str(running / "prog"))
+    livesplice(
+        "repo",
+        "add",
+        str(repo),
+        str(u2),
+        "--key",
+        str(tmp / "vendor.key"),
+        "--cve",
+        "CVE-2026-1002",
+        "--requires",
+        "svc-one",
+        "--binary",
+        str(running / "prog"),
+    )
     for pub in (repo / "keys").glob("*.pub"):
         shutil.copy(pub, machine / "trust")
     return repo, running
@@ -77,18 +104,24 @@ def test_upgrade_show_remove_from_a_file_repository(published: tuple[Path, Path]
         value(prog, 1)
         dry = json.loads(livesplice("upgrade", "--repo", str(repo), "--dry-run", "--json").stdout)
         assert [(p["id"], p["action"], p["pids"]) for p in dry["planned"]] == [
-            ("svc-one", "apply", [prog.pid]), ("svc-two", "apply", [prog.pid])]
+            ("svc-one", "apply", [prog.pid]),
+            ("svc-two", "apply", [prog.pid]),
+        ]
         value(prog, 1)  # a dry run changes nothing
         # no terminal and no -y: refused, nothing changed
         r = livesplice("upgrade", "--repo", str(repo), check=False)
         assert r.returncode == 2 and "-y" in r.stderr, r.stderr
         rep = json.loads(livesplice("upgrade", "--repo", str(repo), "-y", "--json").stdout)
         assert [(x["id"], x["status"]) for x in rep["results"]] == [
-            ("svc-one", "applied"), ("svc-two", "applied")]
+            ("svc-one", "applied"),
+            ("svc-two", "applied"),
+        ]
         value(prog, 3)
         shown = json.loads(livesplice("show", "--json").stdout)
         assert [(a["id"], a["applied_to"]) for a in shown["accepted"]] == [
-            ("svc-one", [prog.pid]), ("svc-two", [prog.pid])]
+            ("svc-one", [prog.pid]),
+            ("svc-two", [prog.pid]),
+        ]
         text = livesplice("show").stdout
         assert "CVE-2026-1002" in text and str(prog.pid) in text
         again = livesplice("upgrade", "--repo", str(repo), "-y")
@@ -135,16 +168,32 @@ def test_a_tampered_or_untrusted_or_replayed_index_is_refused(
     # replay: the machine saw serial N; an older (validly signed) index is refused
     livesplice("upgrade", "--repo", str(repo), "--dry-run")
     old_index, old_sig = index, sig
-    livesplice("repo", "add", str(repo), str(machine / "svc-one.update"), "--key",
-               str(machine / "vendor.key"), "--binary", str(machine / "run" / "prog"))
+    livesplice(
+        "repo",
+        "add",
+        str(repo),
+        str(machine / "svc-one.update"),
+        "--key",
+        str(machine / "vendor.key"),
+        "--binary",
+        str(machine / "run" / "prog"),
+    )
     livesplice("upgrade", "--repo", str(repo), "--dry-run")
     (repo / "index.json").write_bytes(old_index)
     (repo / "index.json.sig").write_bytes(old_sig)
     r = livesplice("upgrade", "--repo", str(repo), "-y", check=False)
     assert r.returncode == 2 and "older than one this machine already saw" in r.stderr, r.stderr
     # an update file that is not the one the index describes
-    livesplice("repo", "add", str(repo), str(machine / "svc-one.update"), "--key",
-               str(machine / "vendor.key"), "--binary", str(machine / "run" / "prog"))
+    livesplice(
+        "repo",
+        "add",
+        str(repo),
+        str(machine / "svc-one.update"),
+        "--key",
+        str(machine / "vendor.key"),
+        "--binary",
+        str(machine / "run" / "prog"),
+    )
     f = repo / "updates" / "svc-one.update"
     f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
     prog = Running([str(machine / "run" / "prog")])
@@ -160,9 +209,20 @@ def test_a_tampered_or_untrusted_or_replayed_index_is_refused(
 def test_upgrade_over_http(published: tuple[Path, Path]) -> None:
     repo, running = published
     port = 18600 + os.getpid() % 300
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                               "127.0.0.1", "--directory", str(repo)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(repo),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     prog = Running([str(running / "prog")])
     try:
         value(prog, 1)
@@ -192,7 +252,10 @@ class Agent:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "livesplice", "agent", "--json", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.events: list[dict[str, Any]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -245,15 +308,19 @@ def test_the_agent_patches_restarted_and_new_processes(
         for p in progs:
             value(p, 3)
         want = {(p.pid, uid) for p in progs for uid in ("svc-one", "svc-two")}
-        agent.wait(lambda seen: want <= {
-            (e.get("pid"), e.get("id")) for e in seen if e.get("status") == "applied"})
+        agent.wait(
+            lambda seen: (
+                want <= {(e.get("pid"), e.get("id")) for e in seen if e.get("status") == "applied"}
+            )
+        )
     finally:
         for p in progs:
             p.stop()
         events = agent.stop()
     applied = [e for e in events if e.get("event") == "exec" and e.get("status") == "applied"]
     assert sorted((e["pid"], e["id"]) for e in applied) == sorted(
-        (p.pid, uid) for p in progs for uid in ("svc-one", "svc-two")), events
+        (p.pid, uid) for p in progs for uid in ("svc-one", "svc-two")
+    ), events
     windows = [float(str(e["exec_to_patched_ms"])) for e in applied]
     assert all(0 < w < 5000 for w in windows), windows
     print("exec-to-patched ms:", windows)
@@ -308,15 +375,21 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
     assert sorted(p.name for p in units.iterdir()) == [
-        "livesplice-agent.service", "livesplice-boot.service", "livesplice-upgrade.service",
-        "livesplice-upgrade.timer"]
+        "livesplice-agent.service",
+        "livesplice-boot.service",
+        "livesplice-upgrade.service",
+        "livesplice-upgrade.timer",
+    ]
     for unit in units.iterdir():
         # the units name the installed command; verify them against one that exists here
         (tmp_path / unit.name).write_text(
-            unit.read_text().replace("/usr/bin/livesplice", shutil.which("true") or "/bin/true"))
-    r = subprocess.run(["systemd-analyze", "verify", *sorted(str(p) for p in
-                                                            tmp_path.iterdir())],
-                       capture_output=True, text=True)
+            unit.read_text().replace("/usr/bin/livesplice", shutil.which("true") or "/bin/true")
+        )
+    r = subprocess.run(
+        ["systemd-analyze", "verify", *sorted(str(p) for p in tmp_path.iterdir())],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
@@ -344,9 +417,12 @@ def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: P
         pytest.skip("Debian's chromium package is not installed (scripts/bootstrap.sh does)")
     repo, running = published
     (machine / "etc" / "livesplice.conf").write_text(f"[livesplice]\nrepo = {repo}\n")
-    agent = subprocess.Popen([sys.executable, "-m", "livesplice", "agent", "--json", "--http",
-                              "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "livesplice", "agent", "--json", "--http", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert agent.stdout is not None
     event = json.loads(agent.stdout.readline())
     assert event["event"] == "manager", event
@@ -369,15 +445,35 @@ def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: P
         js = {"Content-Type": "application/json"}
         assert post("/api/upgrade", b"{}", js) == 403  # no token
         assert post("/api/upgrade", b"{}", {**js, "X-Livesplice-Token": "x" * 43}) == 403
-        assert post("/api/upgrade", b"id=1", {"Content-Type":
-                    "application/x-www-form-urlencoded", "X-Livesplice-Token": token}) == 415
-        assert post("/api/upgrade", b"{}", {**js, "X-Livesplice-Token": token,
-                                            "Host": "evil.example:80"}) == 403
+        assert (
+            post(
+                "/api/upgrade",
+                b"id=1",
+                {"Content-Type": "application/x-www-form-urlencoded", "X-Livesplice-Token": token},
+            )
+            == 415
+        )
+        assert (
+            post(
+                "/api/upgrade",
+                b"{}",
+                {**js, "X-Livesplice-Token": token, "Host": "evil.example:80"},
+            )
+            == 403
+        )
         value(prog, 1)  # none of those changed anything
         with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--no-first-run", "--disable-component-update", "--disable-sync"])
+            browser = pw.chromium.launch(
+                executable_path=chromium,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--no-first-run",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1100, "height": 560})
             page.goto(f"{url}#token={token}")
             page.wait_for_selector("body[data-ready='1']")
@@ -391,8 +487,9 @@ def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: P
             if os.environ.get("LIVESPLICE_SCREENSHOT"):
                 page.screenshot(path=str(docs / "manager.png"))
             page.click("#installed tr[data-id='svc-two'] button.remove")
-            page.wait_for_selector("#installed tr[data-id='svc-two']", state="detached",
-                                   timeout=60000)
+            page.wait_for_selector(
+                "#installed tr[data-id='svc-two']", state="detached", timeout=60000
+            )
             value(prog, 2)
             browser.close()
     finally:
@@ -404,12 +501,20 @@ def test_manager_page_in_a_real_browser(published: tuple[Path, Path], machine: P
 def test_service_demo_runs() -> None:
     """./demo.sh --service: the lifecycle end to end (the exploit works, is denied after
     upgrade, still denied after a restart under the agent, works again after remove)."""
-    r = subprocess.run([sys.executable, "-m", "livesplice.demo", "--service"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "livesplice.demo", "--service"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [line for line in r.stdout.splitlines() if "exploit:" in line]
     assert [line.split("exploit: ")[1].split()[0] for line in lines] == [
-        "SECRET", "DENIED", "DENIED", "SECRET"], r.stdout
+        "SECRET",
+        "DENIED",
+        "DENIED",
+        "SECRET",
+    ], r.stdout
     assert "agent says applied kvfix" in r.stdout, r.stdout
 
 
@@ -419,12 +524,24 @@ def test_channels_and_a_cumulative_update(published: tuple[Path, Path], machine:
     upgrade takes them out, latest first, and applies it; show lists all three accepted."""
     repo, running = published
     key = str(machine / "vendor.key")
-    livesplice("repo", "add", str(repo), str(machine / "svc-two.update"), "--key", key,
-               "--channel", "testing", "--requires", "svc-one",
-               "--binary", str(running / "prog"))
+    livesplice(
+        "repo",
+        "add",
+        str(repo),
+        str(machine / "svc-two.update"),
+        "--key",
+        key,
+        "--channel",
+        "testing",
+        "--requires",
+        "svc-one",
+        "--binary",
+        str(running / "prog"),
+    )
     tree = machine / "src"
-    p3 = make_patch(tree, {"prog.c": [("return x + base;", "return x + base + 5;")]},
-                    machine / "three.patch")
+    p3 = make_patch(
+        tree, {"prog.c": [("return x + base;", "return x + base + 5;")]}, machine / "three.patch"
+    )
     u3 = create(tree, p3, "svc-three", machine, "--sign", key)
     prog = Running([str(running / "prog")])
     try:
@@ -433,16 +550,37 @@ def test_channels_and_a_cumulative_update(published: tuple[Path, Path], machine:
         value(prog, 2)  # stable: svc-one only
         livesplice("upgrade", "--repo", str(repo), "-y", "--channel", "testing")
         value(prog, 3)
-        livesplice("repo", "add", str(repo), str(u3), "--key", key, "--supersedes", "svc-one",
-                   "--supersedes", "svc-two", "--binary", str(running / "prog"))
-        rep = json.loads(livesplice("upgrade", "--repo", str(repo), "-y", "--channel",
-                                    "testing", "--json").stdout)
+        livesplice(
+            "repo",
+            "add",
+            str(repo),
+            str(u3),
+            "--key",
+            key,
+            "--supersedes",
+            "svc-one",
+            "--supersedes",
+            "svc-two",
+            "--binary",
+            str(running / "prog"),
+        )
+        rep = json.loads(
+            livesplice(
+                "upgrade", "--repo", str(repo), "-y", "--channel", "testing", "--json"
+            ).stdout
+        )
         assert [(r["id"], r["status"]) for r in rep["results"]] == [
-            ("svc-two", "undone"), ("svc-one", "undone"), ("svc-three", "applied")], rep
+            ("svc-two", "undone"),
+            ("svc-one", "undone"),
+            ("svc-three", "applied"),
+        ], rep
         value(prog, 6)
         shown = json.loads(livesplice("show", "--json").stdout)
         assert {a["id"]: a["applied_to"] for a in shown["accepted"]} == {
-            "svc-one": [], "svc-two": [], "svc-three": [prog.pid]}
+            "svc-one": [],
+            "svc-two": [],
+            "svc-three": [prog.pid],
+        }
         livesplice("remove", "--all")
         value(prog, 1)
     finally:

@@ -71,8 +71,7 @@ def test_unsigned_unknown_and_tampered_updates_are_refused(
     livesplice("create", "--patch", str(patch), "--id", "sign0002", "-o", str(signed), str(tree))
     monkeypatch.delenv("LIVESPLICE_SIGNING_KEY")
     unsigned = tmp_path / "unsigned.update"
-    livesplice("create", "--patch", str(patch), "--id", "sign0003", "-o", str(unsigned),
-               str(tree))
+    livesplice("create", "--patch", str(patch), "--id", "sign0003", "-o", str(unsigned), str(tree))
     tampered = tmp_path / "tampered.update"
     rewrite_member(signed, tampered, "patch", lambda b: b + b"\n# sneaky\n")
     forged = tmp_path / "forged.update"
@@ -98,16 +97,24 @@ def test_unsigned_unknown_and_tampered_updates_are_refused(
             assert "BAD_SIGNATURE" in r.stderr and words in r.stderr, r.stderr
         # The operator may take responsibility for an unsigned update; never for a bad one
         # (the signer's key is trusted here, so the signature is checked and fails).
-        r = livesplice("apply", str(tampered), "--pid", str(prog.pid), "--allow-unsigned",
-                       check=False)
+        r = livesplice(
+            "apply", str(tampered), "--pid", str(prog.pid), "--allow-unsigned", check=False
+        )
         assert r.returncode == 2 and "BAD signature" in r.stderr, r.stderr
         # A key this machine does not trust.
         trusted = os.environ["LIVESPLICE_TRUST_DIR"]
         monkeypatch.setenv("LIVESPLICE_TRUST_DIR", str(tmp_path))
         r = livesplice("apply", str(signed), "--pid", str(prog.pid), check=False)
         assert r.returncode == 2 and "not trusted" in r.stderr, r.stderr
-        r = livesplice("apply", str(signed), "--pid", str(prog.pid), "--trusted-key",
-                       str(Path(trusted) / "test.pub"), "--json")
+        r = livesplice(
+            "apply",
+            str(signed),
+            "--pid",
+            str(prog.pid),
+            "--trusted-key",
+            str(Path(trusted) / "test.pub"),
+            "--json",
+        )
         assert json.loads(r.stdout)["processes"][0]["status"] == "applied"
         livesplice("undo", "sign0002", "--pid", str(prog.pid))
         prog.wait_for("value 1")

@@ -30,11 +30,12 @@ from livesplice.process.stopwindow import (
 # ------------------------------------------------------------------ the scanner
 
 # call +1 MB (a function outside every busy range); ret  -> return site at +5
-CALL_THEN_RET = bytes.fromhex("e800001000" "c3")
+CALL_THEN_RET = bytes.fromhex("e800001000c3")
 
 
-def ranges_of(spec: list[tuple[int, int, str]], code: dict[int, bytes] | None = None,
-              precise: bool = True) -> BusyRanges:
+def ranges_of(
+    spec: list[tuple[int, int, str]], code: dict[int, bytes] | None = None, precise: bool = True
+) -> BusyRanges:
     code = code or {}
     return BusyRanges.build(spec, lambda a, n: code.get(a), precise)
 
@@ -48,14 +49,16 @@ def stacks(*lists: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 def test_call_return_sites() -> None:
     # call rel32; call *%rax; nop; ret
-    code = bytes.fromhex("e800000000" "ffd0" "90" "c3")
+    code = bytes.fromhex("e800000000ffd090c3")
     assert call_return_sites(code, 0x1000) == {0x1005, 0x1007}
     assert call_return_sites(b"\x0f\xff\xff\xff", 0x1000) is None  # undecodable
 
 
 def test_scanner_finds_known_hits_at_every_position() -> None:
-    r = ranges_of([(0x1000, 0x1006, "f"), (0x2000, 0x2006, "g")],
-                  {0x1000: CALL_THEN_RET, 0x2000: CALL_THEN_RET})
+    r = ranges_of(
+        [(0x1000, 0x1006, "f"), (0x2000, 0x2006, "g")],
+        {0x1000: CALL_THEN_RET, 0x2000: CALL_THEN_RET},
+    )
     assert r.return_sites == {0x1005, 0x2005}
     noise = [0, 7, 0xFFFF_FFFF_FFFF_FFFF, 0x1006, 0x0FFF, 0x2006, 0x1500]
     words, bounds = stacks(
@@ -81,8 +84,8 @@ def test_scanner_precise_ignores_pointers_conservative_does_not() -> None:
 
 def test_return_sites_after_calls_to_a_busy_leaf_do_not_count() -> None:
     # f: call g; ret    g (a leaf): nop; ret
-    f = bytes.fromhex("e8fb0f0000" "c3")  # call 0x2000 from 0x1000
-    g = bytes.fromhex("90" "c3")
+    f = bytes.fromhex("e8fb0f0000c3")  # call 0x2000 from 0x1000
+    g = bytes.fromhex("90c3")
     r = ranges_of([(0x1000, 0x1006, "f"), (0x2000, 0x2002, "g")], {0x1000: f, 0x2000: g})
     # a stale copy of "return into f after call g" is not a frame: g is a leaf, and a thread
     # inside g is busy by its ip
@@ -91,12 +94,13 @@ def test_return_sites_after_calls_to_a_busy_leaf_do_not_count() -> None:
     assert scan_stacks(*stacks([0x2001]), r) == {0: 1}
     assert scan_stacks(*stacks([0x2000]), r) == {}  # g's entry: a function pointer
     # g tail-calls elsewhere: not a leaf, the return site counts again
-    g_tail = bytes.fromhex("90" "e9fb6f0000")
+    g_tail = bytes.fromhex("90e9fb6f0000")
     r = ranges_of([(0x1000, 0x1006, "f"), (0x2000, 0x2006, "g")], {0x1000: f, 0x2000: g_tail})
     assert scan_stacks(*stacks([0x1005]), r) == {0: 0}
     # an indirect call is never dropped
-    r = ranges_of([(0x1000, 0x1003, "f"), (0x2000, 0x2002, "g")],
-                  {0x1000: bytes.fromhex("ffd0" "c3"), 0x2000: g})
+    r = ranges_of(
+        [(0x1000, 0x1003, "f"), (0x2000, 0x2002, "g")], {0x1000: bytes.fromhex("ffd0c3"), 0x2000: g}
+    )
     assert scan_stacks(*stacks([0x1002]), r) == {0: 0}
 
 
@@ -205,8 +209,9 @@ def test_busy_threads_abort_cleanly(spawn: Callable[..., Target]) -> None:
         assert [t.read(a, b - a) for a, b, _ in (stuck, deep)] == code_before
     err = info.value
     assert isinstance(err, ThreadsBusy)
-    names = {tid: Path(f"/proc/{tg.pid}/task/{tid}/comm").read_text().strip()
-             for tid in tg.threads()}
+    names = {
+        tid: Path(f"/proc/{tg.pid}/task/{tid}/comm").read_text().strip() for tid in tg.threads()
+    }
     got = {(b.name, b.function, b.where) for b in err.busy}
     assert got == {("stuck", "stuck_fn", "ip"), ("deep", "deep_fn", "stack")}
     for b in err.busy:

@@ -20,14 +20,11 @@ FILES = {
     "server.c": (
         "#include <stdio.h>\n#include <unistd.h>\n"
         "int reply(int n);\n"
-        "int main(void)\n{\n\tprintf(\"ready\\n\");\n\tfflush(stdout);\n"
-        "\tfor (;;) {\n\t\tprintf(\"reply=%d\\n\", reply(7));\n"
+        'int main(void)\n{\n\tprintf("ready\\n");\n\tfflush(stdout);\n'
+        '\tfor (;;) {\n\t\tprintf("reply=%d\\n", reply(7));\n'
         "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n"
     ),
-    "reply.c": (
-        "int replies;\n"
-        "int reply(int n)\n{\n\treplies++;\n\treturn n * 2;\n}\n"
-    ),
+    "reply.c": ("int replies;\nint reply(int n)\n{\n\treplies++;\n\treturn n * 2;\n}\n"),
     "Makefile": (
         "CFLAGS ?= -O2 -g\n"
         "redis-server: server.o reply.o\n\t$(CC) -o $@ server.o reply.o\n"
@@ -57,8 +54,11 @@ def _deb(root: Path, out: Path) -> Path:
         "Package: redis-server\nVersion: 5:7.0.15-1~deb12u1\nArchitecture: amd64\n"
         "Maintainer: test <test@example.org>\nDescription: test package\n"
     )
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root),
-                    str(out)], check=True, capture_output=True)
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)],
+        check=True,
+        capture_output=True,
+    )
     shutil.rmtree(root / "DEBIAN")
     return out
 
@@ -113,12 +113,28 @@ def test_verify_against_deb_records_the_archive_build_ids(tmp_path: Path) -> Non
     shipped_id = _build_id(root / "usr/bin/redis-check-rdb")
     deb = _deb(root, tmp_path / "redis-server_7.0.15-1_amd64.deb")
     out = tmp_path / "v.update"
-    r = livesplice("create", "--patch", str(patch), "--id", "ident3", "-o", str(out),
-                   "--verify-against", str(deb), "--json", str(tree))
+    r = livesplice(
+        "create",
+        "--patch",
+        str(patch),
+        "--id",
+        "ident3",
+        "-o",
+        str(out),
+        "--verify-against",
+        str(deb),
+        "--json",
+        str(tree),
+    )
     verified = json.loads(r.stdout)["verified"]
     assert [(v["target"], v["file"], v["build_id"], v["origin"]) for v in verified] == [
-        ("redis-server", "usr/bin/redis-check-rdb (<- usr/bin/redis-server)", shipped_id,
-         "Debian redis-server 5:7.0.15-1~deb12u1 (amd64)")]
+        (
+            "redis-server",
+            "usr/bin/redis-check-rdb (<- usr/bin/redis-server)",
+            shipped_id,
+            "Debian redis-server 5:7.0.15-1~deb12u1 (amd64)",
+        )
+    ]
     info = json.loads(livesplice("inspect", str(out), "--json").stdout)
     assert info["targets"][0]["verified"][0]["build_id"] == shipped_id
     assert verified[0]["functions"] >= 1
@@ -144,14 +160,35 @@ def test_verify_against_a_binary_the_update_does_not_fit_refuses(tmp_path: Path)
     (other / "reply.c").write_text((other / "reply.c").read_text().replace("n * 2", "n * 5"))
     root = _archive_build(other, tmp_path / "archive")
     out = tmp_path / "v.update"
-    r = livesplice("create", "--patch", str(patch), "--id", "ident4", "-o", str(out),
-                   "--verify-against", str(root), str(tree), check=False)
+    r = livesplice(
+        "create",
+        "--patch",
+        str(patch),
+        "--id",
+        "ident4",
+        "-o",
+        str(out),
+        "--verify-against",
+        str(root),
+        str(tree),
+        check=False,
+    )
     assert r.returncode == 5, r.stderr
-    assert "usr/bin/redis-check-rdb (<- usr/bin/redis-server) is redis-server but its code" \
-        in r.stderr, r.stderr
+    assert (
+        "usr/bin/redis-check-rdb (<- usr/bin/redis-server) is redis-server but its code" in r.stderr
+    ), r.stderr
     assert not out.exists()
-    r = livesplice("create", "--patch", str(patch), "-o", str(out), "--verify-against",
-                   str(tmp_path / "nope.deb"), str(tree), check=False)
+    r = livesplice(
+        "create",
+        "--patch",
+        str(patch),
+        "-o",
+        str(out),
+        "--verify-against",
+        str(tmp_path / "nope.deb"),
+        str(tree),
+        check=False,
+    )
     assert r.returncode == 2 and "no such file" in r.stderr, r.stderr
 
 
@@ -168,8 +205,9 @@ def test_repo_add_binary_is_matched_before_it_is_published(tmp_path: Path) -> No
     other = write_tree(tmp_path / "other", FILES)
     (other / "reply.c").write_text((other / "reply.c").read_text().replace("n * 2", "n * 5"))
     bad = _archive_build(other, tmp_path / "bad") / "usr/bin/redis-check-rdb"
-    r = livesplice("repo", "add", str(repo), str(update), "--key", str(key), "--binary",
-                   str(bad), check=False)
+    r = livesplice(
+        "repo", "add", str(repo), str(update), "--key", str(key), "--binary", str(bad), check=False
+    )
     assert r.returncode == 5 and "reply" in r.stderr, r.stderr
     good = _archive_build(tree, tmp_path / "good") / "usr/bin/redis-check-rdb"
     livesplice("repo", "add", str(repo), str(update), "--key", str(key), "--binary", str(good))
@@ -211,8 +249,10 @@ def test_program_in_another_mount_namespace(tmp_path: Path) -> None:
     root = _archive_build(tree, tmp_path / "archive")
     inside = tmp_path / "container"
     inside.mkdir()
-    script = (f"mount -t tmpfs none {inside} && cp {root}/usr/bin/redis-check-rdb "
-              f"{inside}/redis-server && exec {inside}/redis-server")
+    script = (
+        f"mount -t tmpfs none {inside} && cp {root}/usr/bin/redis-check-rdb "
+        f"{inside}/redis-server && exec {inside}/redis-server"
+    )
     prog = Running(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     try:
         prog.wait_for("reply=14")
@@ -232,12 +272,15 @@ def test_a_program_sharing_code_with_the_target_is_never_taken_for_it(tmp_path: 
     files = dict(FILES)
     files["bench.c"] = (
         "#include <stdio.h>\n#include <unistd.h>\nint reply(int n);\n"
-        "int main(void)\n{\n\tfor (;;) {\n\t\tprintf(\"bench=%d\\n\", reply(100));\n"
-        "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n")
+        'int main(void)\n{\n\tfor (;;) {\n\t\tprintf("bench=%d\\n", reply(100));\n'
+        "\t\tfflush(stdout);\n\t\tusleep(20000);\n\t}\n}\n"
+    )
     files["Makefile"] = FILES["Makefile"].replace(
-        "redis-server: server.o reply.o", "all: redis-server redis-benchmark\n"
+        "redis-server: server.o reply.o",
+        "all: redis-server redis-benchmark\n"
         "redis-benchmark: bench.o reply.o\n\t$(CC) -o $@ bench.o reply.o\n"
-        "redis-server: server.o reply.o")
+        "redis-server: server.o reply.o",
+    )
     tree = write_tree(tmp_path / "src", files)
     patch = make_patch(tree, EDITS, tmp_path / "fix.patch")
     work = tmp_path / "archive"
@@ -246,9 +289,21 @@ def test_a_program_sharing_code_with_the_target_is_never_taken_for_it(tmp_path: 
     for name in ("redis-server", "redis-benchmark"):
         subprocess.run(["strip", "--strip-all", str(work / name)], check=True)
     out = tmp_path / "v.update"
-    r = livesplice("create", "--patch", str(patch), "--id", "ident8", "-o", str(out),
-                   "--target", "redis-server", "--verify-against", str(work), "--json",
-                   str(tree))
+    r = livesplice(
+        "create",
+        "--patch",
+        str(patch),
+        "--id",
+        "ident8",
+        "-o",
+        str(out),
+        "--target",
+        "redis-server",
+        "--verify-against",
+        str(work),
+        "--json",
+        str(tree),
+    )
     verified = json.loads(r.stdout)["verified"]
     assert [v["file"] for v in verified] == ["redis-server"], verified
     server = Running([str(work / "redis-server")])

@@ -38,9 +38,12 @@ def test_apply_undo_cycles_under_connection_churn(tmp_path: Path) -> None:
         time.sleep(0.3)
         for _ in range(CYCLES):
             for args in (["apply", str(update), "--allow-unsigned"], ["undo", "churn001"]):
-                r = subprocess.run([sys.executable, "-m", "livesplice", *args, "--pid",
-                                    str(server.pid)], capture_output=True, text=True,
-                                   timeout=60)
+                r = subprocess.run(
+                    [sys.executable, "-m", "livesplice", *args, "--pid", str(server.pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert r.returncode == 0, (args, r.stdout, r.stderr)
                 assert server.poll() is None, "the server died"
         time.sleep(0.2)

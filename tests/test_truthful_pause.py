@@ -63,13 +63,18 @@ def test_stopped_time_covers_every_stop_the_target_felt(tmp_path: Path) -> None:
         assert 20_000 < seen[0] < 500_000, seen
         for verb in ("apply", "undo"):
             done, seen = threading.Event(), []
-            sampler = threading.Thread(target=longest_traced_stop,
-                                       args=(prog.pid, done, seen))
+            sampler = threading.Thread(target=longest_traced_stop, args=(prog.pid, done, seen))
             sampler.start()
-            args = (["apply", str(update), "--allow-unsigned"] if verb == "apply"
-                    else ["undo", "truth001"])
-            r = subprocess.run([sys.executable, "-m", "livesplice", *args, "--pid",
-                                str(prog.pid), "--json"], capture_output=True, text=True)
+            args = (
+                ["apply", str(update), "--allow-unsigned"]
+                if verb == "apply"
+                else ["undo", "truth001"]
+            )
+            r = subprocess.run(
+                [sys.executable, "-m", "livesplice", *args, "--pid", str(prog.pid), "--json"],
+                capture_output=True,
+                text=True,
+            )
             done.set()
             sampler.join()
             assert r.returncode == 0, r.stderr

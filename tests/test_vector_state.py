@@ -32,8 +32,10 @@ def _cpu_flags() -> set[str]:
 
 
 FLAGS = _cpu_flags()
-pytestmark = pytest.mark.skipif("avx2" not in FLAGS or "xsave" not in FLAGS,
-                                reason="the CPU has no AVX2/XSAVE: no upper register halves")
+pytestmark = pytest.mark.skipif(
+    "avx2" not in FLAGS or "xsave" not in FLAGS,
+    reason="the CPU has no AVX2/XSAVE: no upper register halves",
+)
 
 _YMM = range(16)
 _ZMM = range(16, 32)
@@ -115,9 +117,15 @@ def test_vector_registers_survive_a_hook_that_crashes(
     """The callee never reaches the stub's xrstor: the tool's own copy of the state
     (PTRACE_SETREGSET NT_X86_XSTATE) must put the registers back."""
     assert CRASH_HOOK != HOOK
-    update, running = hooked_update(tmp_path, monkeypatch, SOURCE, [
-        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n" + CRASH_HOOK),
-    ], "vec00002")
+    update, running = hooked_update(
+        tmp_path,
+        monkeypatch,
+        SOURCE,
+        [
+            ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n" + CRASH_HOOK),
+        ],
+        "vec00002",
+    )
     prog = Running([str(running / "prog")])
     try:
         prog.wait_for("value 1 hook 0")
@@ -137,9 +145,15 @@ def test_vector_registers_survive_a_hook_that_crashes(
 def test_vector_registers_survive_a_hook_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    update, running = hooked_update(tmp_path, monkeypatch, SOURCE, [
-        ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n" + HOOK),
-    ], "vec00001")
+    update, running = hooked_update(
+        tmp_path,
+        monkeypatch,
+        SOURCE,
+        [
+            ("\treturn x + base;\n}", "\treturn x + base + 1;\n}\n" + HOOK),
+        ],
+        "vec00001",
+    )
     prog = Running([str(running / "prog")])
     try:
         ready = prog.wait_for("ready")

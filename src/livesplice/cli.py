@@ -35,51 +35,74 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("create", help="turn a source patch into an update file")
-    c.add_argument("srcdir", metavar="SRCDIR", type=Path, nargs="?",
-                   help="source tree (unpatched); or give --debian")
-    c.add_argument("--patch", required=True, type=Path, help="the fix, as a unified diff")
-    c.add_argument("--build", help="build command (default: make; with --debian: "
-                   "dpkg-buildpackage -B)")
     c.add_argument(
-        "--debian", metavar="SOURCE=VERSION",
+        "srcdir",
+        metavar="SRCDIR",
+        type=Path,
+        nargs="?",
+        help="source tree (unpatched); or give --debian",
+    )
+    c.add_argument("--patch", required=True, type=Path, help="the fix, as a unified diff")
+    c.add_argument(
+        "--build", help="build command (default: make; with --debian: dpkg-buildpackage -B)"
+    )
+    c.add_argument(
+        "--debian",
+        metavar="SOURCE=VERSION",
         help="instead of SRCDIR: this Debian source package version (e.g. "
         "redis=5:7.0.15-1~deb12u7), fetched and built as Debian did, the update verified "
         "against the binary packages of that version from the archive",
     )
-    c.add_argument("--clean-env", action="store_true",
-                   help="build in a clean environment, as Debian's buildds do (implied by "
-                   "--debian)")
+    c.add_argument(
+        "--clean-env",
+        action="store_true",
+        help="build in a clean environment, as Debian's buildds do (implied by --debian)",
+    )
     c.add_argument("--id", dest="update_id", help="update id (default: random 8 characters)")
     c.add_argument("-o", "--output", type=Path, help="update file (default: livesplice-ID.update)")
     c.add_argument("--description", help="one line describing the update")
     c.add_argument("-j", "--jobs", type=int, default=2, help="parallel build jobs (default 2)")
     c.add_argument("--keep-tmp", action="store_true", help="keep the build directory")
-    c.add_argument("-q", "--quiet", action="store_true",
-                   help="do not show the stages on stderr (shown live at a terminal, as "
-                   "timestamped lines otherwise)")  # fmt: skip
     c.add_argument(
-        "--no-prebuild-cache", action="store_true",
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="do not show the stages on stderr (shown live at a terminal, as "
+        "timestamped lines otherwise)",
+    )
+    c.add_argument(
+        "--no-prebuild-cache",
+        action="store_true",
         help="build the unpatched tree afresh and keep nothing (default: reuse the pre build "
         "of the same tree, build command, toolchain and environment from "
         "~/.cache/livesplice/prebuild, or $LIVESPLICE_PREBUILD_CACHE)",
     )
     c.add_argument(
-        "--target", action="append", metavar="NAME",
+        "--target",
+        action="append",
+        metavar="NAME",
         help="build the update for this linked executable/library only (repeatable; default: "
         "every one the patch changes); the other outputs the patch changes are listed",
     )
     c.add_argument(
-        "--sign", type=Path, metavar="KEY", default=_env_path("LIVESPLICE_SIGNING_KEY"),
+        "--sign",
+        type=Path,
+        metavar="KEY",
+        default=_env_path("LIVESPLICE_SIGNING_KEY"),
         help="sign the update with this Ed25519 key (default: $LIVESPLICE_SIGNING_KEY)",
     )
     c.add_argument(
-        "--verify-against", action="append", type=Path, metavar="FILE",
+        "--verify-against",
+        action="append",
+        type=Path,
+        metavar="FILE",
         help="run-pre match the update against this shipped binary, directory or .deb and "
         "record the build-ids that match, so apply knows them under any name (repeatable)",
     )
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.add_argument(
-        "--kernel", action="store_true",
+        "--kernel",
+        action="store_true",
         help="SRCDIR is a kernel tree prepared like the running kernel (see `lab prepare`)",
     )
 
@@ -87,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("update", metavar="UPDATE", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument(
-        "--trusted-key", type=Path, action="append", metavar="PUB",
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="PUB",
         help="also trust this public key when judging the signature (as apply would)",
     )
 
@@ -103,25 +129,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument(
-        "--trusted-key", type=Path, action="append", metavar="PUB",
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="PUB",
         help="trust this public key (repeatable; also the *.pub files in "
         "$LIVESPLICE_TRUST_DIR or /etc/livesplice/trusted-keys)",
     )
     a.add_argument(
-        "--allow-unsigned", action="store_true",
+        "--allow-unsigned",
+        action="store_true",
         default=os.environ.get("LIVESPLICE_ALLOW_UNSIGNED") == "1",
         help="apply an unsigned update (or one signed by an unknown key); a machine-wide "
         "policy for labs: LIVESPLICE_ALLOW_UNSIGNED=1. A bad signature is always refused.",
     )
 
     a.add_argument(
-        "--transition-timeout", type=float, default=60.0, metavar="S",
+        "--transition-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
         help="kernel updates: give up (and revert) when tasks have not switched in S seconds",
     )
 
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
-    k.add_argument("-o", "--output", type=Path, required=True,
-                   help="private key file (the public key goes to OUTPUT.pub)")
+    k.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="private key file (the public key goes to OUTPUT.pub)",
+    )
 
     v = sub.add_parser("view", help="list updates applied to running processes")
     v.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
@@ -133,16 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     uwho.add_argument("--pid", type=int, action="append", help="target process (repeatable)")
     uwho.add_argument("--all", action="store_true", help="every process with the update")
     u.add_argument(
-        "--from-target", type=Path, metavar="UPDATE",
+        "--from-target",
+        type=Path,
+        metavar="UPDATE",
         help="no journal entry (/run/livesplice cleared): undo from the record inside the "
         "process, after checking it against the process's mappings and this signed update",
     )
     u.add_argument(
-        "--trusted-key", type=Path, action="append", metavar="PUB",
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="PUB",
         help="trust this public key for --from-target's update (repeatable)",
     )
     u.add_argument(
-        "--allow-unsigned", action="store_true",
+        "--allow-unsigned",
+        action="store_true",
         default=os.environ.get("LIVESPLICE_ALLOW_UNSIGNED") == "1",
         help="accept an unsigned update for --from-target",
     )
@@ -166,8 +210,10 @@ def cmd_create(args: argparse.Namespace) -> int:
         from livesplice.cli_kernel import cli_create_kernel
 
         if args.srcdir is None or args.debian:
-            raise UsageError("a kernel update is made from a prepared kernel tree (SRCDIR)",
-                             advice="see `livesplice lab prepare`")
+            raise UsageError(
+                "a kernel update is made from a prepared kernel tree (SRCDIR)",
+                advice="see `livesplice lab prepare`",
+            )
         return cli_create_kernel(args)
 
     from livesplice.build.prebuild import PrebuildCache
@@ -196,8 +242,18 @@ def cmd_create(args: argparse.Namespace) -> int:
             )
     except TargetUnchanged as e:
         if args.json:  # the list for scripts too; the paragraph still goes to stderr
-            print(json.dumps({"status": "target_unchanged", "message": e.reason, "id": None,
-                              "output": None, "other_outputs": e.outputs}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "status": "target_unchanged",
+                        "message": e.reason,
+                        "id": None,
+                        "output": None,
+                        "other_outputs": e.outputs,
+                    },
+                    indent=1,
+                )
+            )
         raise
     others = [o.to_dict() for o in result.other_outputs]
     if args.json:
@@ -206,13 +262,22 @@ def cmd_create(args: argparse.Namespace) -> int:
             "message": result.message,
             "output": str(result.output) if result.output else None,
             "id": result.manifest.id if result.manifest else None,
-            "targets": [{"name": t.name, "kind": t.kind,
-                         "changed_functions": t.changed_functions,
-                         "new_functions": t.new_functions, "new_data": t.new_data}
-                        for t in (result.manifest.targets if result.manifest else [])],
+            "targets": [
+                {
+                    "name": t.name,
+                    "kind": t.kind,
+                    "changed_functions": t.changed_functions,
+                    "new_functions": t.new_functions,
+                    "new_data": t.new_data,
+                }
+                for t in (result.manifest.targets if result.manifest else [])
+            ],
             "other_outputs": others,
-            "verified": [asdict(v) | {"target": t.name} for t in
-                         (result.manifest.targets if result.manifest else []) for v in t.verified],
+            "verified": [
+                asdict(v) | {"target": t.name}
+                for t in (result.manifest.targets if result.manifest else [])
+                for v in t.verified
+            ],
         }
         print(json.dumps(out, indent=1))
     else:
@@ -228,12 +293,16 @@ def cmd_create(args: argparse.Namespace) -> int:
             for w in result.manifest.warnings:
                 print(f"livesplice: warning: {w}")
         if result.other_outputs:
-            print("livesplice: note: the patch also changes outputs that are not in this "
-                  "update (--target left them out):")
+            print(
+                "livesplice: note: the patch also changes outputs that are not in this "
+                "update (--target left them out):"
+            )
             for o in result.other_outputs:
                 print(f"livesplice:   {printable(o.describe())}")
-            print("livesplice:   build an update for them with --target NAME (or without "
-                  "--target: every changed output)")
+            print(
+                "livesplice:   build an update for them with --target NAME (or without "
+                "--target: every changed output)"
+            )
     return ExitCode.OK
 
 
@@ -258,8 +327,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     update = load_update(args.update, args.trusted_key, allow_unsigned=args.allow_unsigned)
     signer = update.signer
     if not args.json:
-        print(f"livesplice: update {update.manifest.id} "
-              + (f"signed by key {signer}" if signer else "is NOT signed (--allow-unsigned)"))
+        print(
+            f"livesplice: update {update.manifest.id} "
+            + (f"signed by key {signer}" if signer else "is NOT signed (--allow-unsigned)")
+        )
     if update.manifest.is_kernel:
         if args.pid or args.all:
             raise UsageError("this is a kernel update: apply it without --pid/--all")
@@ -290,8 +361,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot write the key: {e}") from None
     print(f"livesplice: key {pair.key_id}: private {args.output}, public {pub}")
-    print("livesplice: install the .pub file in /etc/livesplice/trusted-keys on the machines "
-          "that apply your updates")
+    print(
+        "livesplice: install the .pub file in /etc/livesplice/trusted-keys on the machines "
+        "that apply your updates"
+    )
     return ExitCode.OK
 
 
@@ -349,16 +422,18 @@ def cmd_undo(args: argparse.Namespace) -> int:
                 f"process(es) {', '.join(map(str, pids))}",
                 advice="say which: --pid PID (repeatable) or --all",
             )
-        raise NotApplied(f"update {printable(args.update_id)} is not applied to the kernel "
-                         "nor to any process")
+        raise NotApplied(
+            f"update {printable(args.update_id)} is not applied to the kernel nor to any process"
+        )
     from livesplice.cli_process import cli_undo
 
     vouch = None
     if args.from_target is not None:
         from livesplice.update.archive import load_update
 
-        vouch = load_update(args.from_target, args.trusted_key,
-                            allow_unsigned=args.allow_unsigned).manifest
+        vouch = load_update(
+            args.from_target, args.trusted_key, allow_unsigned=args.allow_unsigned
+        ).manifest
     return cli_undo(args, vouch)
 
 

@@ -37,18 +37,30 @@ def cli_create_kernel(args: argparse.Namespace) -> int:
     """``create --kernel``: build the update, then report it (or that nothing changed)."""
     notes: list[str] = []
     manifest, out, seconds = create_kernel_update(
-        args.srcdir, args.patch, update_id=args.update_id, output=args.output,
-        description=args.description, jobs=args.jobs, keep_tmp=args.keep_tmp,
-        progress=progress_printer(args), notes=notes, signing_key=args.sign,
-    )  # fmt: skip
+        args.srcdir,
+        args.patch,
+        update_id=args.update_id,
+        output=args.output,
+        description=args.description,
+        jobs=args.jobs,
+        keep_tmp=args.keep_tmp,
+        progress=progress_printer(args),
+        notes=notes,
+        signing_key=args.sign,
+    )
     if args.json:
-        print(json.dumps({
-            "status": "created" if manifest else "nothing_to_do",
-            "notes": notes,
-            "output": str(out) if out else None,
-            "id": manifest.id if manifest else None,
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }, indent=1))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "status": "created" if manifest else "nothing_to_do",
+                    "notes": notes,
+                    "output": str(out) if out else None,
+                    "id": manifest.id if manifest else None,
+                    "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                },
+                indent=1,
+            )
+        )
         return ExitCode.OK
     if manifest is None:
         print("livesplice: no code changes: nothing to do (no update written)")
@@ -56,8 +68,10 @@ def cli_create_kernel(args: argparse.Namespace) -> int:
             print(f"livesplice:   {n}")
         return ExitCode.OK
     funcs = [f for t in manifest.targets for f in t.changed_functions]
-    print(f"livesplice: wrote kernel update {manifest.id} to {out} "
-          f"({len(funcs)} function(s): {', '.join(funcs)}; {seconds['total']:.1f} s)")  # fmt: skip
+    print(
+        f"livesplice: wrote kernel update {manifest.id} to {out} "
+        f"({len(funcs)} function(s): {', '.join(funcs)}; {seconds['total']:.1f} s)"
+    )
     for w in manifest.warnings:
         print(f"livesplice: warning: {w}")
     return ExitCode.OK
@@ -69,14 +83,24 @@ def cli_apply_kernel(args: argparse.Namespace, update: UpdateFile) -> int:
         update, transition_timeout=args.transition_timeout, progress=progress_printer(args)
     )
     if args.json:
-        print(json.dumps({
-            "id": r.id, "module": r.module, "functions": r.functions,
-            "match_seconds": r.match_seconds, "transition_seconds": r.transition_seconds,
-            "warnings": r.warnings,
-        }, indent=1))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "id": r.id,
+                    "module": r.module,
+                    "functions": r.functions,
+                    "match_seconds": r.match_seconds,
+                    "transition_seconds": r.transition_seconds,
+                    "warnings": r.warnings,
+                },
+                indent=1,
+            )
+        )
     else:
-        print(f"livesplice: applied {r.id} to the running kernel "
-              f"({', '.join(r.functions)}; transition {r.transition_seconds} s)")  # fmt: skip
+        print(
+            f"livesplice: applied {r.id} to the running kernel "
+            f"({', '.join(r.functions)}; transition {r.transition_seconds} s)"
+        )
     return ExitCode.OK
 
 

@@ -61,36 +61,69 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
     applied = 0
     for pid in pids:
         try:
-            r = apply_to_process(manifest, pid, retries=args.retries, interval=args.retry_interval,
-                                 by_code=not args.all)
+            r = apply_to_process(
+                manifest,
+                pid,
+                retries=args.retries,
+                interval=args.retry_interval,
+                by_code=not args.all,
+            )
         except NoMatch as e:
             if not args.all:
                 failures.append(e)
-            reports.append({"pid": pid, "status": "skipped" if args.all else "failed",
-                            "abort": e.abort, "reason": e.reason, "details": e.details})
+            reports.append(
+                {
+                    "pid": pid,
+                    "status": "skipped" if args.all else "failed",
+                    "abort": e.abort,
+                    "reason": e.reason,
+                    "details": e.details,
+                }
+            )
             if args.all and not args.json:
-                print(f"livesplice: note: pid {pid} skipped: {printable(e.reason)}"
-                      + "".join(f"; {printable(d)}" for d in e.details[:3]), file=sys.stderr)
+                print(
+                    f"livesplice: note: pid {pid} skipped: {printable(e.reason)}"
+                    + "".join(f"; {printable(d)}" for d in e.details[:3]),
+                    file=sys.stderr,
+                )
             elif not args.json:
                 _say_failure(pid, e)
             continue
         except LivespliceError as e:
             failures.append(e)
-            reports.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason,
-                            "details": e.details})
+            reports.append(
+                {
+                    "pid": pid,
+                    "status": "failed",
+                    "abort": e.abort,
+                    "reason": e.reason,
+                    "details": e.details,
+                }
+            )
             if not args.json:
                 _say_failure(pid, e)
             continue
         applied += 1
-        reports.append({"pid": pid, "status": "applied", **stop_figures(r),
-                        "attempts": r.attempts, "threads": r.threads, "ran_out": r.ran_out,
-                        "functions": r.functions, "images": r.images,
-                        "warnings": r.warnings})
+        reports.append(
+            {
+                "pid": pid,
+                "status": "applied",
+                **stop_figures(r),
+                "attempts": r.attempts,
+                "threads": r.threads,
+                "ran_out": r.ran_out,
+                "functions": r.functions,
+                "images": r.images,
+                "warnings": r.warnings,
+            }
+        )
         if not args.json:
             ran = f", {r.ran_out} run out of replaced code" if r.ran_out else ""
-            print(f"livesplice: applied {printable(manifest.id)} to pid {pid}: "
-                  f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
-                  f"({r.threads} threads{ran}, attempt {r.attempts}); {stop_words(r)}")
+            print(
+                f"livesplice: applied {printable(manifest.id)} to pid {pid}: "
+                f"{len(r.functions)} function(s) replaced, pause {r.pause_us:.0f} us "
+                f"({r.threads} threads{ran}, attempt {r.attempts}); {stop_words(r)}"
+            )
             for line in r.images:
                 print(f"livesplice:   {printable(line)}")
             for w in r.warnings:
@@ -121,8 +154,10 @@ def cli_view(
         print(json.dumps(doc, indent=1))
     else:
         if not rows and say_none:
-            print("livesplice: no updates applied to processes" + (
-                f" (pid {', '.join(map(str, args.pid))})" if args.pid else ""))
+            print(
+                "livesplice: no updates applied to processes"
+                + (f" (pid {', '.join(map(str, args.pid))})" if args.pid else "")
+            )
         for r in rows:
             head = f"pid {r['pid']}: {printable(r['id'])} [{printable(r['state'])}]"
             if "description" in r:
@@ -138,8 +173,11 @@ def cli_view(
             who = f"pid {p['pid']}" if "pid" in p else "livesplice"
             print(f"{who}: {p['abort']}: {printable(p['reason'])}", file=sys.stderr)
     if args.pid and len(problems) == len(args.pid) and not rows:
-        return ExitCode.TARGET_GONE if problems[0]["abort"] == "TARGET_GONE" \
+        return (
+            ExitCode.TARGET_GONE
+            if problems[0]["abort"] == "TARGET_GONE"
             else ExitCode.NO_PERMISSION
+        )
     return ExitCode.PARTIAL if problems or invalid else ExitCode.OK
 
 
@@ -156,20 +194,27 @@ def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> i
     results = []
     for pid in pids:
         try:
-            rep = undo_in_process(args.update_id, pid, retries=args.retries,
-                                  interval=args.retry_interval,
-                                  from_target=from_target)
+            rep = undo_in_process(
+                args.update_id,
+                pid,
+                retries=args.retries,
+                interval=args.retry_interval,
+                from_target=from_target,
+            )
         except LivespliceError as e:
             failures.append(e)
             results.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason})
             if not args.json:
                 _say_failure(pid, e)
             continue
-        results.append({"pid": pid, "status": "undone", **stop_figures(rep),
-                        "warnings": rep.warnings})
+        results.append(
+            {"pid": pid, "status": "undone", **stop_figures(rep), "warnings": rep.warnings}
+        )
         if not args.json:
-            print(f"livesplice: undid {printable(args.update_id)} in pid {pid} "
-                  f"(pause {rep.pause_us:.0f} us; {stop_words(rep)})")
+            print(
+                f"livesplice: undid {printable(args.update_id)} in pid {pid} "
+                f"(pause {rep.pause_us:.0f} us; {stop_words(rep)})"
+            )
             for w in rep.warnings:
                 print(f"livesplice: warning: pid {pid}: {printable(w)}")
     if args.json:

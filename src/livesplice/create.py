@@ -49,7 +49,8 @@ class OutputChange:
     def describe(self) -> str:
         """One line for a person: what it is and what changed in it."""
         what = {"executable": "executable", "shared_library": "shared library"}.get(
-            self.kind, self.kind)
+            self.kind, self.kind
+        )
         if self.kind == "shared_library" and self.soname is None:
             what = "module: shared object without soname, loaded with dlopen"
         parts = []
@@ -60,15 +61,22 @@ class OutputChange:
         if self.new_data:
             parts.append("new data " + ", ".join(self.new_data))
         if self.refusals:
-            parts.append(f"{len(self.refusals)} change(s) an update for it would refuse: "
-                         + "; ".join(self.refusals))
+            parts.append(
+                f"{len(self.refusals)} change(s) an update for it would refuse: "
+                + "; ".join(self.refusals)
+            )
         return f"{self.name} ({what}): " + ("; ".join(parts) or "changed")
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "kind": self.kind, "soname": self.soname,
-                "changed_functions": self.changed_functions,
-                "new_functions": self.new_functions, "new_data": self.new_data,
-                "refusals": self.refusals}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "soname": self.soname,
+            "changed_functions": self.changed_functions,
+            "new_functions": self.new_functions,
+            "new_data": self.new_data,
+            "refusals": self.refusals,
+        }
 
 
 @dataclass
@@ -113,8 +121,10 @@ def check_inputs(
     out = output if output is not None else Path(f"livesplice-{uid}.update")
     check_output_writable(out)
     if signing_key is not None and not signing_key.is_file():
-        raise UsageError(f"signing key {signing_key} does not exist",
-                         advice="make one with `livesplice keygen -o KEY`")  # fmt: skip
+        raise UsageError(
+            f"signing key {signing_key} does not exist",
+            advice="make one with `livesplice keygen -o KEY`",
+        )
     return CreateInputs(srcdir, patch_text, uid, out, description)
 
 
@@ -189,8 +199,13 @@ def create_update(
                 raise UsageError("give either SRCDIR or --debian SOURCE=VERSION, not both")
             parse_spec(debian)
             read_patch(patch)  # a bad patch path costs nothing now, a download later
-            srcroot = Path(cleanup.enter_context(tempfile.TemporaryDirectory(
-                prefix="livesplice-debian-", ignore_cleanup_errors=True)))
+            srcroot = Path(
+                cleanup.enter_context(
+                    tempfile.TemporaryDirectory(
+                        prefix="livesplice-debian-", ignore_cleanup_errors=True
+                    )
+                )
+            )
             deb = prepare_source(debian, srcroot / "src")
             srcdir, source, notes = deb.tree, deb.label, deb.notes
             build_cmd = build_cmd or DEBIAN_BUILD
@@ -205,8 +220,16 @@ def create_update(
         workdir = Path(tempfile.mkdtemp(prefix="livesplice-create-"))
         try:
             stages = Stages(progress)
-            pair = build_pair(srcdir, patch, build_cmd=build_cmd, workdir=workdir, jobs=jobs,
-                              clean_env=clean_env, progress=progress, prebuild=prebuild)
+            pair = build_pair(
+                srcdir,
+                patch,
+                build_cmd=build_cmd,
+                workdir=workdir,
+                jobs=jobs,
+                clean_env=clean_env,
+                progress=progress,
+                prebuild=prebuild,
+            )
             selected = restrict_targets(pair, targets) if targets else pair
             with stages.stage("diff") as advance:
                 diff = diff_build(selected, on_unit=advance)
@@ -214,21 +237,24 @@ def create_update(
             if targets:
                 with stages.stage("diff (outputs not selected)") as advance:
                     others = other_changed_outputs(pair, selected, diff, on_unit=advance)
-            manifest = build_manifest(inputs, pair.compiler, diff.targets, diff.hooks,
-                                      diff.warnings)
+            manifest = build_manifest(
+                inputs, pair.compiler, diff.targets, diff.hooks, diff.warnings
+            )
             if manifest is None:
                 if others:
                     raise_target_unchanged(targets or [], others)
-                return CreateResult(None, None,
-                                    "no code changes: nothing to do (no update written)")
+                return CreateResult(
+                    None, None, "no code changes: nothing to do (no update written)"
+                )
             manifest.source = source
             manifest.warnings.extend(notes)
             if verify:
                 from livesplice.process.verify import verify_targets
 
                 with stages.stage("verify"):
-                    manifest.warnings.extend(verify_targets(
-                        manifest, verify, only_shipped=debian is not None).warnings)
+                    manifest.warnings.extend(
+                        verify_targets(manifest, verify, only_shipped=debian is not None).warnings
+                    )
             with stages.stage("package"):
                 write_update(out, manifest, patch_text, signing_key=signing_key)
             return CreateResult(manifest, out, f"wrote update {uid} to {out}", others)
@@ -278,7 +304,9 @@ def restrict_targets(pair: BuildPair, names: list[str]) -> BuildPair:
 
 
 def other_changed_outputs(
-    pair: BuildPair, selected: BuildPair, diff: DiffResult,
+    pair: BuildPair,
+    selected: BuildPair,
+    diff: DiffResult,
     on_unit: Callable[[int, int], None] | None = None,
 ) -> list[OutputChange]:
     """What the patch changes in the link outputs ``--target`` did not select.
@@ -297,13 +325,19 @@ def other_changed_outputs(
     if not outputs:
         return []
     diffed = {u.source for u in selected.units}
-    rest = [u for u in sorted(pair.units, key=lambda u: u.source)
-            if u.post is not None and u.source not in diffed and u.pre.language != "asm"
-            and any(t in outputs for t in u.targets)]  # fmt: skip
-    unit_diffs = diff_many([DiffJob(u.pre.object, u.post.object, u.source)
-                            for u in rest if u.post is not None],
-                           line_map=LineMap.from_patch(pair.patch_text),
-                           on_done=on_unit)  # fmt: skip
+    rest = [
+        u
+        for u in sorted(pair.units, key=lambda u: u.source)
+        if u.post is not None
+        and u.source not in diffed
+        and u.pre.language != "asm"
+        and any(t in outputs for t in u.targets)
+    ]
+    unit_diffs = diff_many(
+        [DiffJob(u.pre.object, u.post.object, u.source) for u in rest if u.post is not None],
+        line_map=LineMap.from_patch(pair.patch_text),
+        on_done=on_unit,
+    )
     for unit, ud in zip(rest, unit_diffs, strict=True):
         for name in unit.targets:
             if name in outputs:
@@ -334,15 +368,21 @@ def other_changed_outputs(
             for name in unit.targets:
                 if name in outputs:
                     outputs[name].refusals.append(
-                        f"{unit.source}: assembly source changed [rule: changed assembly "
-                        "sources]")
+                        f"{unit.source}: assembly source changed [rule: changed assembly sources]"
+                    )
     changed = []
     for out in outputs.values():
         out.changed_functions = sorted(set(out.changed_functions))
         out.new_functions = sorted(set(out.new_functions))
         out.new_data = sorted(set(out.new_data))
-        out.refusals = sorted(set(refusals_once_per_type(
-            [*out.refusals, *(r for ud in out.unit_diffs for r in ud.refusals)], out.unit_diffs)))
+        out.refusals = sorted(
+            set(
+                refusals_once_per_type(
+                    [*out.refusals, *(r for ud in out.unit_diffs for r in ud.refusals)],
+                    out.unit_diffs,
+                )
+            )
+        )
         if out.changed_functions or out.new_functions or out.new_data or out.refusals:
             changed.append(out)
     return sorted(changed, key=lambda o: o.name)
@@ -357,8 +397,11 @@ def raise_target_unchanged(names: list[str], others: list[OutputChange]) -> None
     """The named outputs are unchanged, others are not: say so, never "nothing to do"."""
     buildable = [o.name for o in others if not o.refusals]
     how = " ".join(f"--target {n}" for n in buildable)
-    advice = (f"build the update for them: {how} (or no --target: every changed output)"
-              if buildable else "an update for them would be refused (see each output)")
+    advice = (
+        f"build the update for them: {how} (or no --target: every changed output)"
+        if buildable
+        else "an update for them would be refused (see each output)"
+    )
     raise TargetUnchanged(
         f"the patch does not change {', '.join(names)} (--target), but it changes "
         f"{len(others)} other output(s) of the build",

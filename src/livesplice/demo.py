@@ -82,8 +82,11 @@ def livesplice(*args: str) -> subprocess.CompletedProcess[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--service", action="store_true",
-                    help="the service lifecycle instead: publish, upgrade, restart, remove")
+    ap.add_argument(
+        "--service",
+        action="store_true",
+        help="the service lifecycle instead: publish, upgrade, restart, remove",
+    )
     args = ap.parse_args(argv)
     if args.service:
         from livesplice.service.demo import main as service_demo
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if run(["make", "-s", "-C", str(deployed)]).returncode != 0:
             raise SystemExit("demo: building the example failed")
         port = free_port()
-        server = subprocess.Popen([str(deployed / "kvserver"), str(port)],
-                                  stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [str(deployed / "kvserver"), str(port)], stdout=subprocess.PIPE, text=True
+        )
         assert server.stdout is not None
         print(server.stdout.readline().strip())
         pid = server.pid
@@ -124,14 +128,26 @@ def main(argv: list[str] | None = None) -> int:
         key = work / "vendor.key"
         livesplice("keygen", "-o", str(key))
         update = work / "kvserver-fix.update"
-        livesplice("create", "--patch", str(src / "fix.patch"), "--id", "kvfix001",
-                   "--sign", str(key), "-o", str(update), str(src))
+        livesplice(
+            "create",
+            "--patch",
+            str(src / "fix.patch"),
+            "--id",
+            "kvfix001",
+            "--sign",
+            str(key),
+            "-o",
+            str(update),
+            str(src),
+        )
         livesplice("inspect", str(update))
 
         say(f"5. apply it to the running server (pid {pid}): no restart")
         livesplice("apply", str(update), "--pid", str(pid), "--trusted-key", f"{key}.pub")
-        print(f"same pid still running: {server.poll() is None}, "
-              f"open connection: GET color -> {client.cmd(b'GET color')}")
+        print(
+            f"same pid still running: {server.poll() is None}, "
+            f"open connection: GET color -> {client.cmd(b'GET color')}"
+        )
 
         say("6. the exploit no longer works")
         after = exploit(port)
@@ -150,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"open connection still served: PING -> {client.cmd(b'PING')}")
         client.close()
 
-        ok = (before.startswith("SECRET") and after == "DENIED" and again.startswith("SECRET")
-              and server.poll() is None)
-        say(f"{'demo OK' if ok else 'demo FAILED'} in {time.monotonic() - t0:.1f} s "
-            f"(server pid {pid} never restarted)")
+        ok = (
+            before.startswith("SECRET")
+            and after == "DENIED"
+            and again.startswith("SECRET")
+            and server.poll() is None
+        )
+        say(
+            f"{'demo OK' if ok else 'demo FAILED'} in {time.monotonic() - t0:.1f} s "
+            f"(server pid {pid} never restarted)"
+        )
         return 0 if ok else 1
     finally:
         if server is not None:

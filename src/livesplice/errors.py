@@ -43,8 +43,7 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.FAILED: "internal error in livesplice (a bug: please report it with the output)",
     ExitCode.USAGE: "bad usage or input (missing tree or file, patch does not apply, "
     "malformed update)",
-    ExitCode.REFUSED: "patch refused: a change that cannot be spliced safely (each reason "
-    "listed)",
+    ExitCode.REFUSED: "patch refused: a change that cannot be spliced safely (each reason listed)",
     ExitCode.BUILD_FAILED: "the build failed (the compiler's output is shown)",
     ExitCode.NO_MATCH: "run-pre matching failed: the running code is not what the update was "
     "built from; nothing was changed",
@@ -60,7 +59,7 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     "listed with what is wrong); the others succeeded",
     ExitCode.TARGET_UNCHANGED: "create --target: the named outputs are unchanged but the patch "
     "changes other outputs of the build (each listed, with how to build for them); no update "
-    "written. Not \"nothing to do\": the patch does change shipped code",
+    'written. Not "nothing to do": the patch does change shipped code',
 }
 
 
@@ -92,22 +91,26 @@ class LivespliceError(Exception):
 
 class UsageError(LivespliceError):
     """Bad usage or bad input: the user can fix the command line or the file."""
+
     code = ExitCode.USAGE
     abort = "BAD_INPUT"
 
 
 class PatchDoesNotApply(UsageError):
     """The patch does not apply to the source tree."""
+
     abort = "PATCH_DOES_NOT_APPLY"
 
 
 class SourceUnavailable(UsageError):
     """A Debian source or binary package version cannot be fetched from the archive."""
+
     abort = "SOURCE_UNAVAILABLE"
 
 
 class MalformedUpdate(UsageError):
     """The update file is damaged, truncated or not an update."""
+
     abort = "MALFORMED_UPDATE"
 
 
@@ -130,32 +133,41 @@ class TargetUnchanged(LivespliceError):
     code = ExitCode.TARGET_UNCHANGED
     abort = "TARGET_UNCHANGED"
 
-    def __init__(self, reason: str, details: Iterable[str] = (), advice: str = "",
-                 outputs: Iterable[dict[str, object]] = ()) -> None:
+    def __init__(
+        self,
+        reason: str,
+        details: Iterable[str] = (),
+        advice: str = "",
+        outputs: Iterable[dict[str, object]] = (),
+    ) -> None:
         super().__init__(reason, details, advice)
         self.outputs = list(outputs)
 
 
 class BuildFailed(LivespliceError):
     """The project's own build failed (its compiler output is in details)."""
+
     code = ExitCode.BUILD_FAILED
     abort = "BUILD_FAILED"
 
 
 class NoMatch(LivespliceError):
     """Run-pre matching failed: the running code is not what the update was built from."""
+
     code = ExitCode.NO_MATCH
     abort = "NO_MATCH"
 
 
 class CodeBusy(LivespliceError):
     """A thread (or kernel task) stayed inside code being replaced; nothing was changed."""
+
     code = ExitCode.CODE_BUSY
     abort = "CODE_BUSY"
 
 
 class TargetGone(LivespliceError):
     """The target process exited (or the lab guest crashed or hung)."""
+
     code = ExitCode.TARGET_GONE
     abort = "TARGET_GONE"
     crash_signal = 0  # set when the process died of a crash signal while being patched
@@ -169,18 +181,21 @@ class TargetStopped(UsageError):
 
 class NoPermission(LivespliceError):
     """Not allowed to trace or modify the target."""
+
     code = ExitCode.NO_PERMISSION
     abort = "NO_PERMISSION"
 
 
 class NotApplied(LivespliceError):
     """undo/view of an update that is not applied."""
+
     code = ExitCode.NOT_APPLIED
     abort = "NOT_APPLIED"
 
 
 class HookFailed(LivespliceError):
     """An update hook reported failure; the update was rolled back."""
+
     code = ExitCode.HOOK_FAILED
     abort = "HOOK_FAILED"
 

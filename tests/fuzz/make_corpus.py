@@ -14,18 +14,43 @@ OUT = Path(__file__).parent / "corpus"
 
 
 def manifest() -> Manifest:
-    code = Section(key="a.c:.text.f", role="replacement", name="f", unit="a.c", align=16,
-                   size=8, data="e800000000c3c3c3", executable=True, replaces="a.c:.text.f",
-                   relocs=[Reloc(1, "R_X86_64_PLT32", "g", -4)])
-    pre = Section(key="a.c:.text.f", role="pre", name="f", unit="a.c", align=16, size=6,
-                  data="e800000000c3", executable=True,
-                  relocs=[Reloc(1, "R_X86_64_PLT32", "g", -4)])
-    tgt = Target(name="prog", kind="executable", build_id="0123abcd", changed_functions=["f"],
-                 new_functions=[], new_data=[], sections=[pre, code],
-                 symbols={"g": SymbolInfo("g", "g", "global", "func", True, "a.c")},
-                 units=["a.c"])
-    return Manifest(id="corpus01", description="seed", compiler="GCC: 12", patch_sha256="0",
-                    targets=[tgt])
+    code = Section(
+        key="a.c:.text.f",
+        role="replacement",
+        name="f",
+        unit="a.c",
+        align=16,
+        size=8,
+        data="e800000000c3c3c3",
+        executable=True,
+        replaces="a.c:.text.f",
+        relocs=[Reloc(1, "R_X86_64_PLT32", "g", -4)],
+    )
+    pre = Section(
+        key="a.c:.text.f",
+        role="pre",
+        name="f",
+        unit="a.c",
+        align=16,
+        size=6,
+        data="e800000000c3",
+        executable=True,
+        relocs=[Reloc(1, "R_X86_64_PLT32", "g", -4)],
+    )
+    tgt = Target(
+        name="prog",
+        kind="executable",
+        build_id="0123abcd",
+        changed_functions=["f"],
+        new_functions=[],
+        new_data=[],
+        sections=[pre, code],
+        symbols={"g": SymbolInfo("g", "g", "global", "func", True, "a.c")},
+        units=["a.c"],
+    )
+    return Manifest(
+        id="corpus01", description="seed", compiler="GCC: 12", patch_sha256="0", targets=[tgt]
+    )
 
 
 def main() -> None:

@@ -21,8 +21,14 @@ TargetKind = Literal["executable", "shared_library", "kernel", "kernel_module"]
 PROGS = Path(__file__).resolve().parent
 SPLIT = ["-ffunction-sections", "-fdata-sections"]
 
-_KIND = {"STT_FUNC": "func", "STT_OBJECT": "object", "STT_TLS": "tls",
-         "STT_SECTION": "section", "STT_NOTYPE": "notype", "STT_GNU_IFUNC": "func"}
+_KIND = {
+    "STT_FUNC": "func",
+    "STT_OBJECT": "object",
+    "STT_TLS": "tls",
+    "STT_SECTION": "section",
+    "STT_NOTYPE": "notype",
+    "STT_GNU_IFUNC": "func",
+}
 _BIND = {"STB_LOCAL": "local", "STB_GLOBAL": "global", "STB_WEAK": "weak"}
 
 
@@ -85,30 +91,55 @@ def read_object(path: Path, unit: str) -> ObjectFile:
         relocs: dict[str, list[Reloc]] = {}
         for sec in elf.iter_sections():
             if isinstance(sec, RelocationSection) and sec.name.startswith(".rela"):
-                target = sec.name[len(".rela"):]
+                target = sec.name[len(".rela") :]
                 relocs[target] = [
-                    Reloc(r["r_offset"], _rtype(r["r_info_type"]),
-                          key_of(syms[r["r_info_sym"]]), r["r_addend"])
+                    Reloc(
+                        r["r_offset"],
+                        _rtype(r["r_info_type"]),
+                        key_of(syms[r["r_info_sym"]]),
+                        r["r_addend"],
+                    )
                     for r in sec.iter_relocations()
                 ]
         for idx, sec in enumerate(elf.iter_sections()):
             flags = sec["sh_flags"]
-            if not flags & 0x2 or sec["sh_type"] in ("SHT_GROUP", "SHT_NOTE") or \
-                    sec.name.startswith(".eh_frame") or sec["sh_type"] == "SHT_X86_64_UNWIND":
+            if (
+                not flags & 0x2
+                or sec["sh_type"] in ("SHT_GROUP", "SHT_NOTE")
+                or sec.name.startswith(".eh_frame")
+                or sec["sh_type"] == "SHT_X86_64_UNWIND"
+            ):
                 continue
-            defined = {key_of(s): s["st_value"] for s in syms
-                       if s["st_shndx"] == idx and s["st_info"]["type"] not in
-                       ("STT_FILE", "STT_SECTION") and s.name}
-            name = next((s.name for s in syms if s["st_shndx"] == idx and s["st_value"] == 0
-                         and s["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_TLS")),
-                        sec.name)
+            defined = {
+                key_of(s): s["st_value"]
+                for s in syms
+                if s["st_shndx"] == idx
+                and s["st_info"]["type"] not in ("STT_FILE", "STT_SECTION")
+                and s.name
+            }
+            name = next(
+                (
+                    s.name
+                    for s in syms
+                    if s["st_shndx"] == idx
+                    and s["st_value"] == 0
+                    and s["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_TLS")
+                ),
+                sec.name,
+            )
             key = f"{unit}:{sec.name}"
             out.sections[key] = Section(
-                key=key, role="pre", name=name, unit=unit, align=sec["sh_addralign"],
+                key=key,
+                role="pre",
+                name=name,
+                unit=unit,
+                align=sec["sh_addralign"],
                 size=sec["sh_size"],
                 data="" if sec["sh_type"] == "SHT_NOBITS" else sec.data().hex(),
-                relocs=relocs.get(sec.name, []), readonly=not flags & 0x1,
-                executable=bool(flags & 0x4), symbols=defined,
+                relocs=relocs.get(sec.name, []),
+                readonly=not flags & 0x1,
+                executable=bool(flags & 0x4),
+                symbols=defined,
             )
     return out
 
@@ -126,8 +157,9 @@ def _rtype(n: int) -> str:
     return _RTYPES[n]
 
 
-def pre_target(name: str, objs: Iterable[ObjectFile], functions: Iterable[str],
-               kind: TargetKind = "executable") -> Target:
+def pre_target(
+    name: str, objs: Iterable[ObjectFile], functions: Iterable[str], kind: TargetKind = "executable"
+) -> Target:
     """A target whose only sections are the pre code of ``functions`` ("unit:name" picks a
     static function of one unit)."""
     objs = list(objs)
@@ -147,12 +179,26 @@ def pre_target(name: str, objs: Iterable[ObjectFile], functions: Iterable[str],
             raise KeyError(fn)
     for o in objs:
         symbols.update(o.symbols)
-    return Target(name=name, kind=kind, build_id="", changed_functions=[], new_functions=[],
-                  new_data=[], sections=sections, symbols=symbols)
+    return Target(
+        name=name,
+        kind=kind,
+        build_id="",
+        changed_functions=[],
+        new_functions=[],
+        new_data=[],
+        sections=sections,
+        symbols=symbols,
+    )
 
 
-def update_target(name: str, pre: ObjectFile, post: ObjectFile, changed: list[str],
-                  new: Iterable[str] = (), kind: TargetKind = "executable") -> Target:
+def update_target(
+    name: str,
+    pre: ObjectFile,
+    post: ObjectFile,
+    changed: list[str],
+    new: Iterable[str] = (),
+    kind: TargetKind = "executable",
+) -> Target:
     """A simple diff stand-in: pre + replacement for ``changed``, new functions, and the post
     object's read-only data and new writable data that the shipped code references."""
     sections: list[Section] = []
@@ -170,7 +216,8 @@ def update_target(name: str, pre: ObjectFile, post: ObjectFile, changed: list[st
         s = todo.pop()
         for r in s.relocs:
             d = post.sections.get(r.symbol) or next(
-                (x for x in post.sections.values() if r.symbol in x.symbols), None)
+                (x for x in post.sections.values() if r.symbol in x.symbols), None
+            )
             if d is None or d.key in shipped or d.executable:
                 continue
             if d.readonly:
@@ -184,17 +231,29 @@ def update_target(name: str, pre: ObjectFile, post: ObjectFile, changed: list[st
             shipped.add(d.key)
             todo.append(sec)
     symbols = {**pre.symbols, **post.symbols}
-    return Target(name=name, kind=kind, build_id="", changed_functions=list(changed),
-                  new_functions=list(new), new_data=[], sections=sections,
-                  symbols=symbols)
+    return Target(
+        name=name,
+        kind=kind,
+        build_id="",
+        changed_functions=list(changed),
+        new_functions=list(new),
+        new_data=[],
+        sections=sections,
+        symbols=symbols,
+    )
 
 
 class Child:
     """A test program reading commands on stdin and answering one line each."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.pid = self.proc.pid
         self.hello = self.ask("hello")
 
@@ -238,8 +297,13 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def build_program(outdir: Path, variant: str, sources: list[str], cflags: list[str] | None = None,
-                  pre_sources: dict[str, Path] | None = None) -> tuple[Path, dict[str, ObjectFile]]:
+def build_program(
+    outdir: Path,
+    variant: str,
+    sources: list[str],
+    cflags: list[str] | None = None,
+    pre_sources: dict[str, Path] | None = None,
+) -> tuple[Path, dict[str, ObjectFile]]:
     """Link the running program as a normal build would (no -ffunction-sections), and compile
     each unit again as livesplice's pre build does. ``pre_sources`` swaps a unit's source in
     the pre build (a "wrong source" update)."""
@@ -258,8 +322,9 @@ def build_program(outdir: Path, variant: str, sources: list[str], cflags: list[s
     return exe, objs
 
 
-def build_post(outdir: Path, variant: str, source: Path, unit: str,
-               cflags: list[str] | None = None) -> ObjectFile:
+def build_post(
+    outdir: Path, variant: str, source: Path, unit: str, cflags: list[str] | None = None
+) -> ObjectFile:
     cf, _ = VARIANTS[variant]
     o = outdir / (Path(unit).stem + ".post.o")
     gcc("-O2", "-g", *cf, *(cflags or []), *SPLIT, "-c", source, "-o", o)

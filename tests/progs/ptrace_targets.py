@@ -34,7 +34,10 @@ class Target:
     def __init__(self, exe: Path, *args: str) -> None:
         self.exe = exe
         self.proc = subprocess.Popen(
-            [str(exe), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [str(exe), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             bufsize=1,
         )
         self.pid = self.proc.pid

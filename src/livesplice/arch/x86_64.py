@@ -58,13 +58,9 @@ PC_RELATIVE = frozenset(
     {"R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_PC64", "R_X86_64_PC16", "R_X86_64_PC8"}
 )
 # S + A: the field holds the symbol's address
-ABSOLUTE = frozenset(
-    {"R_X86_64_32", "R_X86_64_32S", "R_X86_64_64", "R_X86_64_16", "R_X86_64_8"}
-)
+ABSOLUTE = frozenset({"R_X86_64_32", "R_X86_64_32S", "R_X86_64_64", "R_X86_64_16", "R_X86_64_8"})
 # G + GOT + A - P: the field holds the distance to the symbol's GOT slot
-GOT_RELATIVE = frozenset(
-    {"R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"}
-)
+GOT_RELATIVE = frozenset({"R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"})
 
 
 @cache

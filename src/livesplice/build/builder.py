@@ -72,8 +72,9 @@ def caller_environment(clean: bool) -> dict[str, str]:
     """The environment a build starts from: the caller's, or a clean one."""
     if not clean:
         return dict(os.environ)
-    env = {k: v for k, v in os.environ.items()
-           if k in CLEAN_KEEP or k.startswith(CLEAN_KEEP_PREFIXES)}
+    env = {
+        k: v for k, v in os.environ.items() if k in CLEAN_KEEP or k.startswith(CLEAN_KEEP_PREFIXES)
+    }
     env.update(PATH=CLEAN_PATH, LANG="C.UTF-8", LC_ALL="C.UTF-8")
     return env
 
@@ -150,8 +151,16 @@ def build_pair(
         return build_in(site, srcdir, patch, patch_text, build_cmd, workdir, jobs, stages)
 
 
-def build_in(site: Site, srcdir: Path, patch: Path, patch_text: str, build_cmd: str,
-             workdir: Path, jobs: int, stages: Stages) -> BuildPair:
+def build_in(
+    site: Site,
+    srcdir: Path,
+    patch: Path,
+    patch_text: str,
+    build_cmd: str,
+    workdir: Path,
+    jobs: int,
+    stages: Stages,
+) -> BuildPair:
     """:func:`build_pair`'s steps, in ``site.path`` (tree/, shims/, tmp/)."""
     tree = site.path / "tree"
     shims = install_shims(site.path / "shims", site.base_env, site.tools)
@@ -202,8 +211,14 @@ class Site:
 
 
 @contextlib.contextmanager
-def build_site(srcdir: Path, build_cmd: str, base_env: dict[str, str], tools: dict[str, str],
-               workdir: Path, prebuild: PrebuildCache | None) -> Iterator[Site]:
+def build_site(
+    srcdir: Path,
+    build_cmd: str,
+    base_env: dict[str, str],
+    tools: dict[str, str],
+    workdir: Path,
+    prebuild: PrebuildCache | None,
+) -> Iterator[Site]:
     """The prebuild cache's entry for this tree when there is a cache and the entry is free,
     else the work directory. A cached tree is moved into the work directory at the end (so
     ``--keep-tmp`` keeps it; the entry's snapshot is what the next create reuses)."""
@@ -231,8 +246,15 @@ def build_site(srcdir: Path, build_cmd: str, base_env: dict[str, str], tools: di
                 os.rename(cached.path / "tree", workdir / "tree")
 
 
-def build_post(build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: int,
-               pre: BuildResult, applied: AppliedPatch) -> BuildResult:
+def build_post(
+    build_cmd: str,
+    tree: Path,
+    shims: ShimDir,
+    workdir: Path,
+    jobs: int,
+    pre: BuildResult,
+    applied: AppliedPatch,
+) -> BuildResult:
     """The incremental rebuild of the patched tree, checked to have recompiled what the patch
     changed (else a clean rebuild for dpkg, else :class:`BuildFailed`)."""
     run_build(post_build_command(build_cmd), tree, shims, workdir, jobs, "post")
@@ -354,8 +376,9 @@ def find_tools(base_env: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def install_shims(shim_dir: Path, base_env: dict[str, str] | None = None,
-                  found: dict[str, str] | None = None) -> ShimDir:
+def install_shims(
+    shim_dir: Path, base_env: dict[str, str] | None = None, found: dict[str, str] | None = None
+) -> ShimDir:
     """One shell-script shim per tool of :func:`find_tools` (or ``found``) for a build in
     ``base_env`` (default: ours)."""
     base_env = dict(os.environ) if base_env is None else base_env
@@ -413,21 +436,30 @@ def run_build(
     env = build_environment(shims, tree, jobs, log)
     with output.open("wb") as out:
         proc = subprocess.run(
-            ["bash", "-c", build_cmd], cwd=tree, env=env, stdin=subprocess.DEVNULL,
-            stdout=out, stderr=subprocess.STDOUT, check=False,
+            ["bash", "-c", build_cmd],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
         )
     if proc.returncode != 0:
-        what = "the unpatched tree does not build" if stage == "pre" else (
-            "the patched tree does not build"
+        what = (
+            "the unpatched tree does not build"
+            if stage == "pre"
+            else ("the patched tree does not build")
         )
         raise BuildFailed(
             f"{what} ({build_cmd!r} exited with status {proc.returncode})",
             details=failure_excerpt(output),
             advice=(
                 "fix the build of the original tree first (it must build with the command given "
-                "by --build)" if stage == "pre"
+                "by --build)"
+                if stage == "pre"
                 else "the patch breaks the build: fix the patch (compiler output above)"
-            ) + f"; rerun with --keep-tmp to keep the full build log ({output})",
+            )
+            + f"; rerun with --keep-tmp to keep the full build log ({output})",
         )
 
 
@@ -438,11 +470,8 @@ def post_build_command(build_cmd: str) -> str:
     with the Makefile's own flags instead of dpkg-buildflags' (seen with tree 2.1.0-1:
     ``-O3`` without ``-D_FORTIFY_SOURCE=2``)."""
     words = shlex.split(build_cmd) if build_cmd.strip() else []
-    if "dpkg-buildpackage" in build_cmd and not any(
-        w in ("-nc", "--no-pre-clean") for w in words
-    ):
-        incremental = re.sub(r"\bdpkg-buildpackage\b", "dpkg-buildpackage -nc", build_cmd,
-                             count=1)
+    if "dpkg-buildpackage" in build_cmd and not any(w in ("-nc", "--no-pre-clean") for w in words):
+        incremental = re.sub(r"\bdpkg-buildpackage\b", "dpkg-buildpackage -nc", build_cmd, count=1)
         return f"rm -f debian/debhelper-build-stamp; {incremental}"
     return build_cmd
 
@@ -451,9 +480,25 @@ def post_build_command(build_cmd: str) -> str:
 _NAMING_OPTIONS = ("-o", "-MF", "-MT", "-MQ")
 _NAMING_FLAGS = ("-MD", "-MMD", "-MP", "-M", "-MM", "-c")
 # options whose value may be the next word (gcc(1): -D NAME, -include FILE, ...)
-_PAIRED = ("-D", "-U", "-I", "-include", "-imacros", "-isystem", "-iquote", "-idirafter",
-           "-x", "--param", "-Xassembler", "-Xpreprocessor", "-Xlinker", "-MF", "-MT", "-MQ",
-           "-o")
+_PAIRED = (
+    "-D",
+    "-U",
+    "-I",
+    "-include",
+    "-imacros",
+    "-isystem",
+    "-iquote",
+    "-idirafter",
+    "-x",
+    "--param",
+    "-Xassembler",
+    "-Xpreprocessor",
+    "-Xlinker",
+    "-MF",
+    "-MT",
+    "-MQ",
+    "-o",
+)
 
 
 def code_options(argv: list[str]) -> list[str]:
@@ -475,8 +520,9 @@ def code_options(argv: list[str]) -> list[str]:
     while k < len(words):
         w = words[k]
         if w in _PAIRED and k + 1 < len(words):
-            joined.append(w + words[k + 1] if w.startswith("-") and len(w) == 2 else
-                          f"{w} {words[k + 1]}")
+            joined.append(
+                w + words[k + 1] if w.startswith("-") and len(w) == 2 else f"{w} {words[k + 1]}"
+            )
             k += 2
             continue
         joined.append(w)
@@ -492,7 +538,8 @@ def code_options(argv: list[str]) -> list[str]:
 
 _BUILD_FILES = re.compile(
     r"(^|/)(GNUmakefile|[Mm]akefile(\.\w+)?|[^/]*\.mk|CMakeLists\.txt|[^/]*\.cmake|"
-    r"configure(\.ac|\.in)?|meson\.build|meson_options\.txt|debian/rules)$")
+    r"configure(\.ac|\.in)?|meson\.build|meson_options\.txt|debian/rules)$"
+)
 
 
 def _is_build_file(path: str) -> bool:
@@ -510,9 +557,11 @@ def flag_drift(pre: BuildResult, post: BuildResult) -> list[str]:
         if a != b:
             lost = [o for o in a if o not in b]
             added = [o for o in b if o not in a]
-            out.append(f"{saved.record.source}: lost {' '.join(lost) or '(none)'}; added "
-                       f"{' '.join(added) or '(none)'}" + ("" if lost or added else
-                                                          " (same options, other order)"))
+            out.append(
+                f"{saved.record.source}: lost {' '.join(lost) or '(none)'}; added "
+                f"{' '.join(added) or '(none)'}"
+                + ("" if lost or added else " (same options, other order)")
+            )
     return out
 
 
@@ -521,7 +570,8 @@ def failure_excerpt(output: Path) -> list[str]:
     lines = output.read_text(errors="replace").splitlines()
     tail = lines[-FAILURE_TAIL_LINES:]
     earlier = [
-        ln for ln in lines[:-FAILURE_TAIL_LINES]
+        ln
+        for ln in lines[:-FAILURE_TAIL_LINES]
         if " error: " in ln or "fatal error:" in ln or "undefined reference" in ln
     ][-20:]
     if earlier:
@@ -546,10 +596,9 @@ def is_build_system_probe(path: str) -> bool:
     """Compiles and links that configure tools make to probe the compiler, not the program:
     autoconf's ``conftest*``, CMake's CompilerId and try_compile scratch directories."""
     parts = path.split("/")
-    return (
-        any(p in ("CMakeTmp", "CMakeScratch") or p.startswith("CompilerId") for p in parts)
-        or parts[-1].startswith("conftest")
-    )
+    return any(
+        p in ("CMakeTmp", "CMakeScratch") or p.startswith("CompilerId") for p in parts
+    ) or parts[-1].startswith("conftest")
 
 
 def saved_path(workdir: Path, tree: Path, stage: Stage, built: str) -> Path:
@@ -572,8 +621,9 @@ def tree_relative(tree: Path, path: str) -> str:
         return path
 
 
-def collect_build(workdir: Path, tree: Path, stage: Stage,
-                  archives: dict[str, list[str]] | None = None) -> BuildResult:
+def collect_build(
+    workdir: Path, tree: Path, stage: Stage, archives: dict[str, list[str]] | None = None
+) -> BuildResult:
     """Replay the wrapper's records; save a copy of every object and linked output that exists
     at the end of the build (what a configure probe made and deleted is dropped).
 
@@ -613,8 +663,13 @@ def collect_build(workdir: Path, tree: Path, stage: Stage,
             saved = saved_path(workdir, tree, stage, out)
             save_copy(out, saved)
             result.links[out] = SavedLink(
-                out, saved, list(ev["inputs"]), bool(ev["shared"]), bool(ev["relocatable"]),
-                list(ev["argv"]), ev["cwd"],
+                out,
+                saved,
+                list(ev["inputs"]),
+                bool(ev["shared"]),
+                bool(ev["relocatable"]),
+                list(ev["argv"]),
+                ev["cwd"],
             )
         elif kind == "archive":
             replay_archive(result.archives, ev["archive"], ev["operation"], ev["members"])
@@ -622,8 +677,9 @@ def collect_build(workdir: Path, tree: Path, stage: Stage,
     return result
 
 
-def replay_archive(archives: dict[str, list[str]], archive: str, op: str,
-                   members: list[str]) -> None:
+def replay_archive(
+    archives: dict[str, list[str]], archive: str, op: str, members: list[str]
+) -> None:
     """ar keeps one member per file name: ``r`` replaces by basename, ``q`` appends, ``d``
     deletes (binutils ar manual)."""
     current = archives.setdefault(archive, [])
@@ -653,7 +709,8 @@ def find_libtool_objects(tree: Path) -> dict[str, list[str]]:
             continue
         objs = [
             os.path.normpath(os.path.join(lo.parent, m.group(2)))
-            for m in LIBTOOL_OBJECT.finditer(text) if m.group(2) != "none"
+            for m in LIBTOOL_OBJECT.finditer(text)
+            if m.group(2) != "none"
         ]
         found[str(lo)] = objs
     return found
@@ -663,8 +720,9 @@ def compiler_version(real: str, cache: dict[str, str]) -> str:
     """First line of ``REAL --version`` ("gcc (Debian 12.2.0-14+deb12u1) 12.2.0"), once per tool."""
     if real not in cache:
         try:
-            proc = subprocess.run([real, "--version"], capture_output=True, text=True,
-                                  check=False, timeout=60)
+            proc = subprocess.run(
+                [real, "--version"], capture_output=True, text=True, check=False, timeout=60
+            )
             cache[real] = (proc.stdout.splitlines() or [real])[0].strip()
         except (OSError, subprocess.SubprocessError):
             cache[real] = real
@@ -707,8 +765,9 @@ def apply_patch_in_place(patch: Path, tree: Path, newer_than_ns: int) -> Applied
         raise patch_failure(patch, attempts)
     rc, out = run_patch(patch, tree, strip, dry_run=False)
     if rc != 0:  # the dry run said yes: only a disk problem gets here
-        raise PatchDoesNotApply(f"{patch.name}: patch failed after a successful dry run",
-                                details=out.splitlines()[-20:])
+        raise PatchDoesNotApply(
+            f"{patch.name}: patch failed after a successful dry run", details=out.splitlines()[-20:]
+        )
     touched = patched_files(out)
     deleted = [f for f in touched if not (tree / f).exists()]
     make_newer(tree, [f for f in touched if f not in deleted], newer_than_ns)
@@ -716,12 +775,29 @@ def apply_patch_in_place(patch: Path, tree: Path, newer_than_ns: int) -> Applied
 
 
 def run_patch(patch: Path, tree: Path, strip: int, *, dry_run: bool) -> tuple[int, str]:
-    argv = ["patch", "--batch", "--forward", f"-p{strip}", "--no-backup-if-mismatch",
-            "-r", "-", "-i", str(patch), "-d", str(tree)]
+    argv = [
+        "patch",
+        "--batch",
+        "--forward",
+        f"-p{strip}",
+        "--no-backup-if-mismatch",
+        "-r",
+        "-",
+        "-i",
+        str(patch),
+        "-d",
+        str(tree),
+    ]
     if dry_run:
         argv.append("--dry-run")
-    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False,
-                          env={**os.environ, "LC_ALL": "C"})  # messages parsed below are English
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+        env={**os.environ, "LC_ALL": "C"},
+    )  # messages parsed below are English
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -876,7 +952,8 @@ def link_records(pre: BuildResult) -> list[LinkRecord]:
             argv=link.argv,
             cwd=link.cwd,
         )
-        for out, link in sorted(pre.links.items()) if not link.relocatable
+        for out, link in sorted(pre.links.items())
+        if not link.relocatable
     ]
 
 
@@ -919,8 +996,9 @@ def assign_targets(units: list[UnitPair], pre: BuildResult) -> None:
         u.targets = by_object.get(u.pre.built_object, [])
 
 
-def new_unit_targets(new_units: list[CompileRecord], pre: BuildResult,
-                     post: BuildResult) -> dict[str, list[str]]:
+def new_unit_targets(
+    new_units: list[CompileRecord], pre: BuildResult, post: BuildResult
+) -> dict[str, list[str]]:
     """Targets of units only the patched build has, from the state after the post build: the
     pre links and archives, updated by what the post build relinked and re-archived."""
     if not new_units:

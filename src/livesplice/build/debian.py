@@ -36,14 +36,18 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 """
 
 
-def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
-        what: str = "") -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False,
-                          stdin=subprocess.DEVNULL)
+def run(
+    cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, what: str = ""
+) -> str:
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise SourceUnavailable(f"{what or cmd[0]} failed (exit {proc.returncode})",
-                                details=[f"$ {' '.join(cmd)}", *tail])
+        raise SourceUnavailable(
+            f"{what or cmd[0]} failed (exit {proc.returncode})",
+            details=[f"$ {' '.join(cmd)}", *tail],
+        )
     return proc.stdout
 
 
@@ -85,24 +89,34 @@ def unpack_source(dsc: Path, dest: Path, *, skip_patches: bool = False) -> None:
     :raises SourceUnavailable: the signature cannot be verified, or unpacking failed.
     """
     from_pool = fetched_by_url(dsc)
-    cmd = ["dpkg-source", *(["--skip-patches"] if skip_patches else []),
-           *(["--require-valid-signature"] if from_pool else []), "-x", str(dsc), str(dest)]
-    fields = dict(line.split(": ", 1) for line in dsc.read_text(errors="replace").splitlines()
-                  if ": " in line and not line.startswith((" ", "-")))
+    cmd = [
+        "dpkg-source",
+        *(["--skip-patches"] if skip_patches else []),
+        *(["--require-valid-signature"] if from_pool else []),
+        "-x",
+        str(dsc),
+        str(dest),
+    ]
+    fields = dict(
+        line.split(": ", 1)
+        for line in dsc.read_text(errors="replace").splitlines()
+        if ": " in line and not line.startswith((" ", "-"))
+    )
     source, _, version = dsc.name.removesuffix(".dsc").partition("_")
     if fields.get("Source") != source or _no_epoch(fields.get("Version", "")) != version:
         raise SourceUnavailable(
             f"{dsc.name} describes {fields.get('Source', '?')} {fields.get('Version', '?')}, "
-            "not the version its name says")
+            "not the version its name says"
+        )
     try:
         if from_pool:
             # Debian developers' keys only (not dpkg's default keyrings, which add Debian
             # Maintainers' and root's own trusted keys)
             if not DEBIAN_KEYRING.exists():
-                raise SourceUnavailable(f"{DEBIAN_KEYRING} is missing",
-                                        details=[f"cannot check {dsc.name}'s signature"])
-            run(["gpgv", "--keyring", str(DEBIAN_KEYRING), str(dsc)],
-                what=f"gpgv {dsc.name}")
+                raise SourceUnavailable(
+                    f"{DEBIAN_KEYRING} is missing", details=[f"cannot check {dsc.name}'s signature"]
+                )
+            run(["gpgv", "--keyring", str(DEBIAN_KEYRING), str(dsc)], what=f"gpgv {dsc.name}")
         run(cmd, what=f"dpkg-source -x {dsc.name}")
     except SourceUnavailable as e:
         if from_pool:
@@ -141,14 +155,20 @@ def fetch_source_version(package: str, version: str, cache: Path) -> Path:
     ensure_deb_src()
     spec = f"{package}={version}"
     try:
-        run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
-            what=f"apt-get source {spec}")
+        run(
+            ["apt-get", "source", "--download-only", "-qq", spec],
+            cwd=where,
+            what=f"apt-get source {spec}",
+        )
     except SourceUnavailable:
         try:
             # the lists may predate the version in the row
             run(["apt-get", "update", "-qq"], what="apt-get update")
-            run(["apt-get", "source", "--download-only", "-qq", spec], cwd=where,
-                what=f"apt-get source {spec}")
+            run(
+                ["apt-get", "source", "--download-only", "-qq", spec],
+                cwd=where,
+                what=f"apt-get source {spec}",
+            )
         except SourceUnavailable:
             _pool_fetch(package, dsc.name, where)
             for name, sha in _dsc_files(dsc.read_text()).items():
@@ -158,8 +178,10 @@ def fetch_source_version(package: str, version: str, cache: Path) -> Path:
     return dsc
 
 
-POOLS = ("https://deb.debian.org/debian/pool/main",
-         "https://deb.debian.org/debian-security/pool/updates/main")
+POOLS = (
+    "https://deb.debian.org/debian/pool/main",
+    "https://deb.debian.org/debian-security/pool/updates/main",
+)
 
 
 def _pool_fetch(source: str, name: str, where: Path, sha256: str = "") -> Path:
@@ -200,8 +222,7 @@ def _pool_fetch(source: str, name: str, where: Path, sha256: str = "") -> Path:
         tmp.write_bytes(r.content)
         tmp.replace(out)
         return out
-    raise SourceUnavailable(f"{name} is not in the archive index nor in its pools",
-                            details=errors)
+    raise SourceUnavailable(f"{name} is not in the archive index nor in its pools", details=errors)
 
 
 def _dsc_files(text: str) -> dict[str, str]:
@@ -236,15 +257,17 @@ def arch_binaries(dsc: Path) -> list[str]:
         words = line.split()
         if len(words) < 5 or words[1] != "deb":
             continue
-        arches = next((w.removeprefix("arch=").split(",") for w in words[4:]
-                       if w.startswith("arch=")), [])
+        arches = next(
+            (w.removeprefix("arch=").split(",") for w in words[4:] if w.startswith("arch=")), []
+        )
         if any(a in ("any", "amd64", "linux-any") for a in arches):
             out.append(words[0])
     return out
 
 
-def fetch_binaries(source: str, version: str, packages: list[str], cache: Path,
-                   missing: list[str] | None = None) -> list[Path]:
+def fetch_binaries(
+    source: str, version: str, packages: list[str], cache: Path, missing: list[str] | None = None
+) -> list[Path]:
     """The amd64 .debs of ``packages`` (built from ``source``) at ``version``: what users
     run. With ``missing``, a package the archive does not have is noted there instead of
     raising :class:`SourceUnavailable`."""
@@ -266,8 +289,7 @@ def _fetch_binary(source: str, version: str, pkg: str, where: Path) -> Path:
     if not found:
         spec = f"{pkg}={version}"
         try:
-            run(["apt-get", "download", "-qq", spec], cwd=where,
-                what=f"apt-get download {spec}")
+            run(["apt-get", "download", "-qq", spec], cwd=where, what=f"apt-get download {spec}")
         except SourceUnavailable:
             _pool_fetch(source, f"{pkg}_{_no_epoch(version)}_amd64.deb", where)
         found = sorted(where.glob(f"{pkg}_*{_no_epoch(version)}_amd64.deb"))
@@ -278,11 +300,11 @@ def _fetch_binary(source: str, version: str, pkg: str, where: Path) -> Path:
 
 def unverified_downloads(source: str, cache: Path) -> list[str]:
     """Files of this row fetched from a pool by URL (not through apt's signed index)."""
-    return [line for d in (cache / "downloads" / source,
-                            cache / "downloads" / source / "binaries")
-            for line in _unverified_lines(d)]
-
-
+    return [
+        line
+        for d in (cache / "downloads" / source, cache / "downloads" / source / "binaries")
+        for line in _unverified_lines(d)
+    ]
 
 
 @dataclass
@@ -309,16 +331,18 @@ _VERSION = re.compile(r"(?:\d+:)?[0-9][A-Za-z0-9.+~-]*")
 
 
 def debian_cache() -> Path:
-    return Path(os.environ.get("LIVESPLICE_DEBIAN_CACHE",
-                               Path.home() / ".cache" / "livesplice" / "debian"))
+    return Path(
+        os.environ.get("LIVESPLICE_DEBIAN_CACHE", Path.home() / ".cache" / "livesplice" / "debian")
+    )
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """``PKG=VERSION`` (a source package and one of its versions)."""
     package, _, version = spec.partition("=")
     if not _PACKAGE.fullmatch(package) or not _VERSION.fullmatch(version):
-        raise UsageError(f"--debian {spec!r:.80}: expected SOURCE=VERSION "
-                         "(e.g. redis=5:7.0.15-1~deb12u7)")
+        raise UsageError(
+            f"--debian {spec!r:.80}: expected SOURCE=VERSION (e.g. redis=5:7.0.15-1~deb12u7)"
+        )
     return package, version
 
 
@@ -332,8 +356,9 @@ def prepare_source(spec: str, dest: Path, cache: Path | None = None) -> DebianSo
     cache = cache or debian_cache()
     dsc = fetch_source_version(package, version, cache)
     unpack_source(dsc, dest)
-    check = subprocess.run(["dpkg-checkbuilddeps", "-B"], cwd=dest, capture_output=True,
-                           text=True, check=False)
+    check = subprocess.run(
+        ["dpkg-checkbuilddeps", "-B"], cwd=dest, capture_output=True, text=True, check=False
+    )
     if check.returncode != 0:
         raise UsageError(
             f"the build dependencies of {package} {version} are not installed",
@@ -343,8 +368,11 @@ def prepare_source(spec: str, dest: Path, cache: Path | None = None) -> DebianSo
     notes: list[str] = []
     debs = fetch_binaries(package, version, arch_binaries(dsc), cache, missing=notes)
     if not debs:
-        raise SourceUnavailable(f"no binary package of {package} {version} is in the archive",
-                                details=notes)
-    notes.extend(f"fetched from the pool by URL, not through apt's signed index: {u}"
-                 for u in unverified_downloads(package, cache))
+        raise SourceUnavailable(
+            f"no binary package of {package} {version} is in the archive", details=notes
+        )
+    notes.extend(
+        f"fetched from the pool by URL, not through apt's signed index: {u}"
+        for u in unverified_downloads(package, cache)
+    )
     return DebianSource(package, version, dest, debs, notes)

@@ -73,9 +73,10 @@ def headers_not_recompiled(
     if not headers:
         return []
     stale = [
-        (built, saved.record) for built, saved in sorted(pre.compiles.items())
+        (built, saved.record)
+        for built, saved in sorted(pre.compiles.items())
         if built not in post.compiles and saved.record.language != "asm"
-    ]  # fmt: skip
+    ]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         reads = list(pool.map(lambda br: files_read(br[1].argv, br[1].cwd), stale))
     missed = []

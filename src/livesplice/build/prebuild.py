@@ -72,24 +72,83 @@ VCS_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "_darcs"})
 
 # Variables that cannot change what a build produces (the terminal, the login session, the
 # test runner), and those build_environment() sets itself whatever the caller had.
-ENV_NOT_IN_KEY = frozenset({
-    "_", "PWD", "OLDPWD", "SHLVL", "TERM", "COLORTERM", "COLUMNS", "LINES", "DISPLAY",
-    "WAYLAND_DISPLAY", "XAUTHORITY", "MAIL", "LS_COLORS", "LESS", "LESSOPEN", "LESSCLOSE",
-    "PAGER", "EDITOR", "VISUAL", "PS1", "PS2", "PS4", "PROMPT_COMMAND", "HISTFILE",
-    "HISTSIZE", "HISTFILESIZE", "HISTCONTROL", "TMUX", "TMUX_PANE", "STY", "WINDOW",
-    "TERM_PROGRAM", "TERM_PROGRAM_VERSION", "TERM_SESSION_ID", "VTE_VERSION",
-    "DBUS_SESSION_BUS_ADDRESS", "INVOCATION_ID", "JOURNAL_STREAM", "MOTD_SHOWN",
-    "GPG_AGENT_INFO", "GPG_TTY", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_TESTRUNUID", "PYTEST_XDIST_WORKER_COUNT",
-    "TMPDIR", "CC", "CXX", wrapper.LOG_ENV, wrapper.PREFIX_MAP_ENV,
-    # livesplice's own settings for signing, applying and its state, not the build's
-    "LIVESPLICE_SIGNING_KEY", "LIVESPLICE_ALLOW_UNSIGNED", "LIVESPLICE_TRUST_DIR",
-    "LIVESPLICE_STATE_DIR", "LIVESPLICE_RUN_DIR", "LIVESPLICE_ETC", "LIVESPLICE_CMDLINE",
-    "LIVESPLICE_KILL_AT", "LIVESPLICE_EVAL_CACHE", "LIVESPLICE_CACHE", "LIVESPLICE_MEMFD",
-    "LIVESPLICE_POINTER_SCAN_LIMIT", CACHE_ENV, MAX_BYTES_ENV,
-})
-ENV_PREFIXES_NOT_IN_KEY = ("SSH_", "XDG_SESSION_", "XDG_SEAT", "XDG_VTNR", "XDG_RUNTIME_DIR",
-                           "SUDO_")
+ENV_NOT_IN_KEY = frozenset(
+    {
+        "_",
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "TERM",
+        "COLORTERM",
+        "COLUMNS",
+        "LINES",
+        "DISPLAY",
+        "WAYLAND_DISPLAY",
+        "XAUTHORITY",
+        "MAIL",
+        "LS_COLORS",
+        "LESS",
+        "LESSOPEN",
+        "LESSCLOSE",
+        "PAGER",
+        "EDITOR",
+        "VISUAL",
+        "PS1",
+        "PS2",
+        "PS4",
+        "PROMPT_COMMAND",
+        "HISTFILE",
+        "HISTSIZE",
+        "HISTFILESIZE",
+        "HISTCONTROL",
+        "TMUX",
+        "TMUX_PANE",
+        "STY",
+        "WINDOW",
+        "TERM_PROGRAM",
+        "TERM_PROGRAM_VERSION",
+        "TERM_SESSION_ID",
+        "VTE_VERSION",
+        "DBUS_SESSION_BUS_ADDRESS",
+        "INVOCATION_ID",
+        "JOURNAL_STREAM",
+        "MOTD_SHOWN",
+        "GPG_AGENT_INFO",
+        "GPG_TTY",
+        "PYTEST_CURRENT_TEST",
+        "PYTEST_XDIST_WORKER",
+        "PYTEST_XDIST_TESTRUNUID",
+        "PYTEST_XDIST_WORKER_COUNT",
+        "TMPDIR",
+        "CC",
+        "CXX",
+        wrapper.LOG_ENV,
+        wrapper.PREFIX_MAP_ENV,
+        # livesplice's own settings for signing, applying and its state, not the build's
+        "LIVESPLICE_SIGNING_KEY",
+        "LIVESPLICE_ALLOW_UNSIGNED",
+        "LIVESPLICE_TRUST_DIR",
+        "LIVESPLICE_STATE_DIR",
+        "LIVESPLICE_RUN_DIR",
+        "LIVESPLICE_ETC",
+        "LIVESPLICE_CMDLINE",
+        "LIVESPLICE_KILL_AT",
+        "LIVESPLICE_EVAL_CACHE",
+        "LIVESPLICE_CACHE",
+        "LIVESPLICE_MEMFD",
+        "LIVESPLICE_POINTER_SCAN_LIMIT",
+        CACHE_ENV,
+        MAX_BYTES_ENV,
+    }
+)
+ENV_PREFIXES_NOT_IN_KEY = (
+    "SSH_",
+    "XDG_SESSION_",
+    "XDG_SEAT",
+    "XDG_VTNR",
+    "XDG_RUNTIME_DIR",
+    "SUDO_",
+)
 
 
 def default_root() -> Path:
@@ -123,8 +182,9 @@ class PrebuildKey:
     packages_digest: str
 
 
-def prebuild_key(srcdir: Path, build_cmd: str, tools: dict[str, str],
-                 env: dict[str, str]) -> PrebuildKey:
+def prebuild_key(
+    srcdir: Path, build_cmd: str, tools: dict[str, str], env: dict[str, str]
+) -> PrebuildKey:
     """The key of the pre build of ``srcdir`` with ``build_cmd`` and the shimmed ``tools``
     (shim name -> real tool, :func:`livesplice.build.builder.find_tools`) in the build
     environment ``env`` (the caller's or a clean one)."""
@@ -133,8 +193,16 @@ def prebuild_key(srcdir: Path, build_cmd: str, tools: dict[str, str],
     environment = build_environment_identity(env)
     packages = installed_packages_digest()
     h = hashlib.sha256()
-    for part in (FORMAT, wrapper_digest(), source, build_cmd, *toolchain, "--env--",
-                 *environment, packages):
+    for part in (
+        FORMAT,
+        wrapper_digest(),
+        source,
+        build_cmd,
+        *toolchain,
+        "--env--",
+        *environment,
+        packages,
+    ):
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
     return PrebuildKey(h.hexdigest(), source, build_cmd, toolchain, environment, packages)
 
@@ -169,8 +237,10 @@ def source_tree_digest(srcdir: Path) -> str:
             st = os.lstat(os.path.join(root, d))
             if stat.S_ISDIR(st.st_mode):
                 rel = os.path.normpath(os.path.join(rel_root, d))
-                h.update(f"D {rel} {stat.S_IMODE(st.st_mode):o}".encode(
-                    "utf-8", "surrogateescape") + b"\0")
+                h.update(
+                    f"D {rel} {stat.S_IMODE(st.st_mode):o}".encode("utf-8", "surrogateescape")
+                    + b"\0"
+                )
     return h.hexdigest()
 
 
@@ -182,8 +252,14 @@ def toolchain_identity(tools: dict[str, str], env: dict[str, str]) -> list[str]:
     ld = shutil.which("ld", path=env.get("PATH", os.defpath))
     for real, flag in [*((r, "-v") for r in reals), *([(ld, "-v")] if ld else [])]:
         try:
-            proc = subprocess.run([real, flag], capture_output=True, text=True, check=False,
-                                  timeout=60, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                [real, flag],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
             lines.append(f"{real} {flag}: {(proc.stdout + proc.stderr).strip()}")
         except (OSError, subprocess.SubprocessError) as e:
             lines.append(f"{real} {flag}: {e}")
@@ -192,7 +268,8 @@ def toolchain_identity(tools: dict[str, str], env: dict[str, str]) -> list[str]:
 
 def build_environment_identity(env: dict[str, str]) -> list[str]:
     return sorted(
-        f"{k}={v}" for k, v in env.items()
+        f"{k}={v}"
+        for k, v in env.items()
         if k not in ENV_NOT_IN_KEY and not k.startswith(ENV_PREFIXES_NOT_IN_KEY)
     )
 
@@ -208,12 +285,14 @@ def installed_packages_digest() -> str:
     installed = []
     for stanza in text.split("\n\n"):
         fields = dict(
-            line.split(": ", 1) for line in stanza.splitlines()
+            line.split(": ", 1)
+            for line in stanza.splitlines()
             if ": " in line and not line.startswith(" ")
         )
         if fields.get("Status", "").endswith(" installed"):
-            installed.append(f"{fields.get('Package')}:{fields.get('Architecture')}="
-                             f"{fields.get('Version')}")
+            installed.append(
+                f"{fields.get('Package')}:{fields.get('Architecture')}={fields.get('Version')}"
+            )
     return hashlib.sha256("\n".join(sorted(installed)).encode()).hexdigest()
 
 
@@ -331,8 +410,10 @@ class BuildSite:
             private_dir(self.snapshot / "tree", create=False)
         except (OSError, ValueError):
             return False
-        return isinstance(meta, dict) and meta.get("format") == FORMAT and (
-            meta.get("digest") == self.key.digest
+        return (
+            isinstance(meta, dict)
+            and meta.get("format") == FORMAT
+            and (meta.get("digest") == self.key.digest)
         )
 
     def restore(self, tree: Path, workdir: Path) -> None:

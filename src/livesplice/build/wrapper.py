@@ -53,39 +53,106 @@ PREFIX_MAP_ENV = "LIVESPLICE_PREFIX_MAP"  # OLD=NEW for -ffile-prefix-map (repro
 
 C_SUFFIXES = {".c": "c", ".i": "c"}
 CXX_SUFFIXES = {
-    ".cc": "c++", ".cp": "c++", ".cxx": "c++", ".cpp": "c++", ".CPP": "c++", ".c++": "c++",
-    ".C": "c++", ".ii": "c++",
+    ".cc": "c++",
+    ".cp": "c++",
+    ".cxx": "c++",
+    ".cpp": "c++",
+    ".CPP": "c++",
+    ".c++": "c++",
+    ".C": "c++",
+    ".ii": "c++",
 }
 ASM_SUFFIXES = {".s": "asm", ".S": "asm", ".sx": "asm"}
 HEADER_SUFFIXES = {".h", ".hh", ".hpp", ".hxx", ".H", ".h++", ".tcc"}
 # gcc -x LANGUAGE values -> our language names
 # (gcc manual, "Options Controlling the Kind of Output")
 X_LANGUAGES = {
-    "c": "c", "cpp-output": "c", "c++": "c++", "c++-cpp-output": "c++",
-    "assembler": "asm", "assembler-with-cpp": "asm",
+    "c": "c",
+    "cpp-output": "c",
+    "c++": "c++",
+    "c++-cpp-output": "c++",
+    "assembler": "asm",
+    "assembler-with-cpp": "asm",
 }
 
 # gcc options whose argument is the NEXT word (gcc manual option summary); anything else that
 # starts with "-" is self-contained, so its neighbour is an input file.
-OPTIONS_WITH_ARGUMENT = frozenset({
-    "-o", "-x", "-I", "-D", "-U", "-include", "-imacros", "-iprefix", "-iwithprefix",
-    "-iwithprefixbefore", "-isystem", "-isysroot", "-idirafter", "-iquote", "-imultilib",
-    "-MF", "-MT", "-MQ", "-L", "-l", "-T", "-u", "-z", "-e", "-B", "-A", "-Xlinker",
-    "-Xassembler", "-Xpreprocessor", "-aux-info", "--param", "-dumpbase", "-dumpdir",
-    "-specs", "-wrapper", "--sysroot", "-Xclang", "-target",
-})
+OPTIONS_WITH_ARGUMENT = frozenset(
+    {
+        "-o",
+        "-x",
+        "-I",
+        "-D",
+        "-U",
+        "-include",
+        "-imacros",
+        "-iprefix",
+        "-iwithprefix",
+        "-iwithprefixbefore",
+        "-isystem",
+        "-isysroot",
+        "-idirafter",
+        "-iquote",
+        "-imultilib",
+        "-MF",
+        "-MT",
+        "-MQ",
+        "-L",
+        "-l",
+        "-T",
+        "-u",
+        "-z",
+        "-e",
+        "-B",
+        "-A",
+        "-Xlinker",
+        "-Xassembler",
+        "-Xpreprocessor",
+        "-aux-info",
+        "--param",
+        "-dumpbase",
+        "-dumpdir",
+        "-specs",
+        "-wrapper",
+        "--sysroot",
+        "-Xclang",
+        "-target",
+    }
+)
 # Options after which gcc produces no object: preprocess only, dependency lists, queries.
-NO_OUTPUT_OPTIONS = frozenset({
-    "-E", "-M", "-MM", "-fsyntax-only", "-dumpversion", "-dumpmachine", "-dumpspecs",
-    "--version", "--help",
-})
+NO_OUTPUT_OPTIONS = frozenset(
+    {
+        "-E",
+        "-M",
+        "-MM",
+        "-fsyntax-only",
+        "-dumpversion",
+        "-dumpmachine",
+        "-dumpspecs",
+        "--version",
+        "--help",
+    }
+)
 # Options that only matter to the linker: dropped from the compile half of a split command so
 # that gcc -c does not warn "linker input file unused because linking not done".
-LINK_ONLY_FLAGS = frozenset({
-    "-shared", "-static", "-static-pie", "-pie", "-no-pie", "-rdynamic", "-s", "-r",
-    "-nostdlib", "-nostartfiles", "-nodefaultlibs", "-static-libgcc", "-shared-libgcc",
-    "-static-libstdc++",
-})
+LINK_ONLY_FLAGS = frozenset(
+    {
+        "-shared",
+        "-static",
+        "-static-pie",
+        "-pie",
+        "-no-pie",
+        "-rdynamic",
+        "-s",
+        "-r",
+        "-nostdlib",
+        "-nostartfiles",
+        "-nodefaultlibs",
+        "-static-libgcc",
+        "-shared-libgcc",
+        "-static-libstdc++",
+    }
+)
 LINK_ONLY_WITH_ARGUMENT = frozenset({"-o", "-L", "-l", "-T", "-u", "-z", "-e", "-Xlinker"})
 LINK_ONLY_PREFIXES = ("-Wl,", "-L", "-l", "-fuse-ld=")
 
@@ -247,8 +314,10 @@ def resolve_library(name: str, dirs: list[str], cwd: str, static: bool) -> str |
     Like ld: for each directory in order, ``libNAME.so`` then ``libNAME.a`` (only ``.a`` after
     -static); ``-l:file`` names the file exactly.
     """
-    names = [name[1:]] if name.startswith(":") else (
-        [f"lib{name}.a"] if static else [f"lib{name}.so", f"lib{name}.a"]
+    names = (
+        [name[1:]]
+        if name.startswith(":")
+        else ([f"lib{name}.a"] if static else [f"lib{name}.so", f"lib{name}.a"])
     )
     for d in dirs:
         for n in names:
@@ -285,8 +354,11 @@ def compile_only_args(args: list[str], cmd: CompilerCommand, source: Input) -> l
             i += 2
             continue
         skip = (
-            i in inputs or a in LINK_ONLY_FLAGS or a.startswith(LINK_ONLY_PREFIXES)
-            or (a.startswith("-o") and len(a) > 2) or (a.startswith("-x") and len(a) > 2)
+            i in inputs
+            or a in LINK_ONLY_FLAGS
+            or a.startswith(LINK_ONLY_PREFIXES)
+            or (a.startswith("-o") and len(a) > 2)
+            or (a.startswith("-x") and len(a) > 2)
         )
         if not skip:
             out.append(a)
@@ -391,15 +463,13 @@ def append_events(events: list[dict[str, object]]) -> None:
     log = os.environ.get(LOG_ENV)
     if not log or not events:
         return
-    data = "".join(to_json(e) + "\n" for e in events).encode(
-        "utf-8", "surrogateescape"
-    )
+    data = "".join(to_json(e) + "\n" for e in events).encode("utf-8", "surrogateescape")
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)  # closing releases the flock
 
@@ -433,8 +503,9 @@ def compiler_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: s
                 out = default_output(s.path, suffix, cwd)
             ev = base_event("compile" if cmd.mode == "compile" else "to_asm")
             key = "object" if cmd.mode == "compile" else "output"
-            ev.update({"source": absolute(cwd, s.path), key: out, "language": s.language,
-                       "split": False})
+            ev.update(
+                {"source": absolute(cwd, s.path), key: out, "language": s.language, "split": False}
+            )
             events.append(ev)
         append_events(events)
         os.execve(real, [real, *with_extra_flags(args, cmd)], env)
@@ -451,8 +522,14 @@ def compiler_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: s
         if rc != 0:
             return rc
         ev = base_event("compile")
-        ev.update({"source": absolute(cwd, source.path), "object": obj,
-                   "language": source.language, "split": True})
+        ev.update(
+            {
+                "source": absolute(cwd, source.path),
+                "object": obj,
+                "language": source.language,
+                "split": True,
+            }
+        )
         events.append(ev)
     replaced = dict(zip((s.index for s in cmd.sources), objects, strict=True))
     link_args = [replaced.get(i, a) for i, a in enumerate(cmd.args)]
@@ -462,8 +539,14 @@ def compiler_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: s
         if lib is not None:
             inputs.append(lib)
     ev = base_event("link")
-    ev.update({"output": absolute(cwd, cmd.output or "a.out"), "inputs": inputs,
-               "shared": cmd.shared, "relocatable": cmd.relocatable})
+    ev.update(
+        {
+            "output": absolute(cwd, cmd.output or "a.out"),
+            "inputs": inputs,
+            "shared": cmd.shared,
+            "relocatable": cmd.relocatable,
+        }
+    )
     events.append(ev)
     append_events(events)
     if cmd.sources:
@@ -477,11 +560,19 @@ def ar_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: str) ->
     parsed = parse_ar(expand_response_files(args, cwd))
     if parsed is not None and parsed[0] in "dqr":
         op, archive, members = parsed
-        append_events([{
-            "kind": "archive", "archive": absolute(cwd, archive), "operation": op,
-            "members": [absolute(cwd, m) for m in members], "argv": [argv0, *args], "cwd": cwd,
-            "tool": tool,
-        }])
+        append_events(
+            [
+                {
+                    "kind": "archive",
+                    "archive": absolute(cwd, archive),
+                    "operation": op,
+                    "members": [absolute(cwd, m) for m in members],
+                    "argv": [argv0, *args],
+                    "cwd": cwd,
+                    "tool": tool,
+                }
+            ]
+        )
     os.execve(real, [real, *args], environment_without_shims(shim_dir))
 
 

@@ -60,9 +60,7 @@ class LineMap:
 
     # file (path as in the patch, "src/a.c") -> hunks (pre_start, pre_len, post_start,
     # post_len, {pre line: post line for context lines inside the hunk})
-    hunks: dict[str, list[tuple[int, int, int, int, dict[int, int]]]] = field(
-        default_factory=dict
-    )
+    hunks: dict[str, list[tuple[int, int, int, int, dict[int, int]]]] = field(default_factory=dict)
 
     @classmethod
     def from_patch(cls, text: str) -> LineMap:
@@ -249,9 +247,10 @@ class MeaningContext:
 def object_at(sec: ObjSection, offset: int) -> ObjSymbol | None:
     """The named data object of ``sec`` that covers ``offset``, if exactly one does."""
     found = [
-        s for s in sec.symbols
+        s
+        for s in sec.symbols
         if s.type in ("object", "tls") and s.size > 0 and s.value <= offset < s.value + s.size
-    ]  # fmt: skip
+    ]
     return found[0] if len(found) == 1 else None
 
 

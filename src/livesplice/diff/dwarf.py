@@ -138,9 +138,11 @@ def _line_program_files(lp: Any, cu: Any) -> dict[int, str]:
     header = lp.header
     version = int(header["version"])
     dirs = [_text(d) for d in header["include_directory"]]
-    comp_dir = _text(cu.get_top_DIE().attributes.get("DW_AT_comp_dir").value) if (
-        cu.get_top_DIE().attributes.get("DW_AT_comp_dir") is not None
-    ) else ""
+    comp_dir = (
+        _text(cu.get_top_DIE().attributes.get("DW_AT_comp_dir").value)
+        if (cu.get_top_DIE().attributes.get("DW_AT_comp_dir") is not None)
+        else ""
+    )
     out: dict[int, str] = {}
     for i, fe in enumerate(header["file_entry"]):
         name = _text(fe.name)

@@ -123,9 +123,7 @@ class UnitDiff:
 # ---------------------------------------------------------------------------------------
 
 
-def diff_build(
-    pair: BuildPair, *, on_unit: Callable[[int, int], None] | None = None
-) -> DiffResult:
+def diff_build(pair: BuildPair, *, on_unit: Callable[[int, int], None] | None = None) -> DiffResult:
     """Diff every recompiled unit of ``pair`` and group the result by link output.
 
     ``on_unit(done, total)`` is told as units finish (create's progress display)."""
@@ -135,9 +133,10 @@ def diff_build(
     line_map = LineMap.from_patch(pair.patch_text)
     unit_diffs: list[tuple[list[str], UnitDiff]] = []
     units = [
-        u for u in sorted(pair.units, key=lambda u: u.source)
+        u
+        for u in sorted(pair.units, key=lambda u: u.source)
         if u.post is not None and u.pre.language != "asm"
-    ]  # fmt: skip
+    ]
     new_units = [r for r in sorted(pair.new_units, key=lambda r: r.source) if r.language != "asm"]
     diffs = diff_many(
         [DiffJob(u.pre.object, u.post.object, u.source) for u in units if u.post is not None]
@@ -208,8 +207,10 @@ LAYOUT_ADVICE = (
 
 def unit_layout_refusal(unit: str, change: LayoutChange) -> str:
     """The layout refusal of one unit, as :func:`diff_objects` reports it."""
-    return (f"{unit}: {change.type_key}: memory layout changed [rule: changed struct "
-            f"layouts] ({change.what}); used by {_some(change.users, 6)}: {LAYOUT_ADVICE}")
+    return (
+        f"{unit}: {change.type_key}: memory layout changed [rule: changed struct "
+        f"layouts] ({change.what}); used by {_some(change.users, 6)}: {LAYOUT_ADVICE}"
+    )
 
 
 def refusals_once_per_type(refusals: list[str], diffs: Iterable[UnitDiff]) -> list[str]:
@@ -238,12 +239,16 @@ def layout_refusals(diffs: Iterable[UnitDiff]) -> list[str]:
     for (type_key, what), (units, users) in sorted(groups.items()):
         functions = sorted(u.removeprefix("function ") for u in users if u.startswith("function "))
         data = sorted(u.removeprefix("data ") for u in users if u.startswith("data "))
-        used = [f"{label} {_some(names, 8)}" for label, names in
-                (("functions", functions), ("data", data)) if names]  # fmt: skip
+        used = [
+            f"{label} {_some(names, 8)}"
+            for label, names in (("functions", functions), ("data", data))
+            if names
+        ]
         out.append(
             f"{type_key}: memory layout changed [rule: changed struct layouts]: {what}; "
             f"used in {len(units)} unit(s) ({_some(sorted(units), 10)})"
-            + (f" by {' and '.join(used)}" if used else "") + f": {LAYOUT_ADVICE}"
+            + (f" by {' and '.join(used)}" if used else "")
+            + f": {LAYOUT_ADVICE}"
         )
     return out
 
@@ -254,9 +259,7 @@ def _some(names: Sequence[str], limit: int) -> str:
     return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
-def targets_of_new_unit(
-    new: UnitDiff, unit_diffs: list[tuple[list[str], UnitDiff]]
-) -> list[str]:
+def targets_of_new_unit(new: UnitDiff, unit_diffs: list[tuple[list[str], UnitDiff]]) -> list[str]:
     """A unit the patch adds goes where changed code calls into it.
 
     The build records the pre links only, so a new object's link outputs are not known; its
@@ -271,9 +274,7 @@ def targets_of_new_unit(
     return sorted(targets)
 
 
-def assign_targets(
-    pair: BuildPair, unit_diffs: list[tuple[list[str], UnitDiff]]
-) -> list[Target]:
+def assign_targets(pair: BuildPair, unit_diffs: list[tuple[list[str], UnitDiff]]) -> list[Target]:
     """A unit's changes belong to every link output its object went into."""
     links = {link.name: link for link in pair.links}
     by_target: dict[str, list[UnitDiff]] = {}
@@ -409,8 +410,11 @@ class _PreObjects:
     """The pre objects of a target's units, loaded once each."""
 
     def __init__(self, pair: BuildPair, target: str) -> None:
-        self.paths = {u.source: u.pre.object for u in pair.units
-                      if target in u.targets and u.pre.language != "asm"}
+        self.paths = {
+            u.source: u.pre.object
+            for u in pair.units
+            if target in u.targets and u.pre.language != "asm"
+        }
         self._loaded: dict[str, ElfObject] = {}
         self._definitions = _global_definitions(pair, target)
 
@@ -443,16 +447,21 @@ class _PreObjects:
             obj = self.load(u)
             if obj is None:
                 continue
-            users = [s for s in obj.sections if s.is_code and s.primary is not None
-                     and any(r.symbol.name == name and r.symbol.bind != "local"
-                             for r in s.relocs)]
+            users = [
+                s
+                for s in obj.sections
+                if s.is_code
+                and s.primary is not None
+                and any(r.symbol.name == name and r.symbol.bind != "local" for r in s.relocs)
+            ]
             if users:
                 return u, obj, min(users, key=lambda s: (s.size, s.name))
         return None
 
 
-def _ship_pre(obj: ElfObject, sec: ObjSection, unit: str,
-              symbols: dict[str, SymbolInfo]) -> list[Section]:
+def _ship_pre(
+    obj: ElfObject, sec: ObjSection, unit: str, symbols: dict[str, SymbolInfo]
+) -> list[Section]:
     """``sec`` of ``obj`` as a ``pre`` section, its relocations keyed as the diff keys them
     (what they reveal is learned at apply; the keys they name are noted in ``symbols``)."""
     ud = UnitDiff(unit=unit)
@@ -476,14 +485,16 @@ def _dynamic_exports(path: Path) -> set[str]:
             dynsym = ELFFile(f).get_section_by_name(".dynsym")
             if not isinstance(dynsym, SymbolTableSection):
                 return set()
-            return {s.name for s in dynsym.iter_symbols()
-                    if s["st_shndx"] != "SHN_UNDEF" and s.name}
+            return {
+                s.name for s in dynsym.iter_symbols() if s["st_shndx"] != "SHN_UNDEF" and s.name
+            }
     except OSError:
         return set()
 
 
-def merge_units(uds: Sequence[UnitDiff]) -> tuple[dict[tuple[str, str], Section],
-                                                  dict[str, SymbolInfo]]:
+def merge_units(
+    uds: Sequence[UnitDiff],
+) -> tuple[dict[tuple[str, str], Section], dict[str, SymbolInfo]]:
     """The sections and symbol facts of several units' diffs, for one target (user space and
     kernel alike). A section is identified by (key, role): a replacement has the key of the
     pre section it replaces, and both ship. A symbol one unit defines and another only
@@ -531,8 +542,13 @@ def _global_definitions(pair: BuildPair, target: str) -> dict[str, list[tuple[st
     """Every non-local definition in the pre objects of ``target``'s units: name ->
     [(unit, "global" | "weak")] in source order; a COMMON symbol counts as weak (the linker
     merges it). Read once per set of objects (the caller must not change the result)."""
-    units = tuple(sorted((u.source, str(u.pre.object), _identity(u.pre.object))
-                         for u in pair.units if target in u.targets))
+    units = tuple(
+        sorted(
+            (u.source, str(u.pre.object), _identity(u.pre.object))
+            for u in pair.units
+            if target in u.targets
+        )
+    )
     return _definitions_in(units)
 
 
@@ -546,8 +562,9 @@ def _identity(path: Path) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _definitions_in(units: tuple[tuple[str, str, tuple[int, int, int]], ...]
-                    ) -> dict[str, list[tuple[str, str]]]:
+def _definitions_in(
+    units: tuple[tuple[str, str, tuple[int, int, int]], ...],
+) -> dict[str, list[tuple[str, str]]]:
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
 
@@ -562,8 +579,7 @@ def _definitions_in(units: tuple[tuple[str, str, tuple[int, int, int]], ...]
                     bind, shndx = sym["st_info"]["bind"], sym["st_shndx"]
                     if bind in ("STB_GLOBAL", "STB_WEAK") and shndx != "SHN_UNDEF":
                         weak = bind == "STB_WEAK" or shndx == "SHN_COMMON"
-                        out.setdefault(sym.name, []).append(
-                            (source, "weak" if weak else "global"))
+                        out.setdefault(sym.name, []).append((source, "weak" if weak else "global"))
         except OSError:
             continue
     return out
@@ -649,8 +665,9 @@ def diff_many(
         return _counted(results, len(norm), on_done)
 
 
-def _counted(results: Iterable[UnitDiff], total: int,
-             on_done: Callable[[int, int], None] | None) -> list[UnitDiff]:
+def _counted(
+    results: Iterable[UnitDiff], total: int, on_done: Callable[[int, int], None] | None
+) -> list[UnitDiff]:
     out: list[UnitDiff] = []
     for ud in results:
         out.append(ud)
@@ -660,8 +677,9 @@ def _counted(results: Iterable[UnitDiff], total: int,
 
 
 def _diff_job(job: DiffJob, line_map: LineMap | None) -> UnitDiff:
-    return diff_objects(job.pre, job.post, job.unit, line_map=line_map,
-                        ignore_sections=job.ignore_sections)  # fmt: skip
+    return diff_objects(
+        job.pre, job.post, job.unit, line_map=line_map, ignore_sections=job.ignore_sections
+    )
 
 
 def diff_objects(
@@ -925,8 +943,7 @@ class _UnitContext:
         for change in compare_layouts(pre_types, post_types):
             variable = change.type_key.removeprefix("variable ")
             if variable != change.type_key and any(
-                r.startswith(f"{variable}: size of existing data changed")
-                for r in self.ud.refusals
+                r.startswith(f"{variable}: size of existing data changed") for r in self.ud.refusals
             ):
                 continue  # the data rule already said it, with the sizes
             # the unit's own item (a caller diffing one unit needs it); diff_build says it
@@ -1090,9 +1107,9 @@ class _UnitContext:
         candidates = [
             s
             for s in self.pre.sections
-            if s.is_code and s.primary is not None and any(
-                r.symbol.section is pre_target for r in s.relocs
-            )
+            if s.is_code
+            and s.primary is not None
+            and any(r.symbol.section is pre_target for r in s.relocs)
         ]
         if not candidates:
             return False
@@ -1192,8 +1209,10 @@ class _UnitContext:
 
 
 def _ignored(sec: ObjSection) -> bool:
-    return (not sec.alloc) or sec.name.startswith(IGNORED_SECTION_PREFIXES) or (
-        sec.size == 0 and sec.name in (".text", ".data", ".bss")
+    return (
+        (not sec.alloc)
+        or sec.name.startswith(IGNORED_SECTION_PREFIXES)
+        or (sec.size == 0 and sec.name in (".text", ".data", ".bss"))
     )
 
 

@@ -100,8 +100,9 @@ def compare_layouts(pre: UnitTypes, post: UnitTypes) -> list[LayoutChange]:
             continue
         users = sorted(post.users.get(key, set()) | pre.users.get(key, set()))
         if users:
-            what = describe_change(pre.shapes.get(key), post.shapes.get(key),
-                                   pre.layouts[key], post.layouts[key])  # fmt: skip
+            what = describe_change(
+                pre.shapes.get(key), post.shapes.get(key), pre.layouts[key], post.layouts[key]
+            )
             changes.append(LayoutChange(key, pre.layouts[key], post.layouts[key], users, what))
     refused = {c.type_key for c in changes}
     for var in sorted(set(pre.variables) & set(post.variables)):
@@ -109,8 +110,11 @@ def compare_layouts(pre: UnitTypes, post: UnitTypes) -> list[LayoutChange]:
             continue  # said once, with the type: the variable is among its users
         if pre.variables[var] != post.variables[var]:
             a, b = pre.variables[var], post.variables[var]
-            changes.append(LayoutChange(f"variable {var}", a, b, [f"data {var}"],
-                                        f"type {_short(a)} -> {_short(b)}"))
+            changes.append(
+                LayoutChange(
+                    f"variable {var}", a, b, [f"data {var}"], f"type {_short(a)} -> {_short(b)}"
+                )
+            )
     return changes
 
 
@@ -124,15 +128,26 @@ def describe_change(pre: Shape | None, post: Shape | None, pre_text: str, post_t
             parts.append(f"size {pre.size} -> {post.size} bytes")
         before = {m.name or f"(anonymous #{i})": m for i, m in enumerate(pre.members)}
         after = {m.name or f"(anonymous #{i})": m for i, m in enumerate(post.members)}
-        added = [f"{n} ({_short(m.layout)} at {m.where})" for n, m in after.items()
-                 if n not in before]
+        added = [
+            f"{n} ({_short(m.layout)} at {m.where})" for n, m in after.items() if n not in before
+        ]
         removed = [n for n in before if n not in after]
-        moved = [f"{n} {before[n].where} -> {m.where}" for n, m in after.items()
-                 if n in before and before[n].where != m.where]
-        retyped = [f"{n} {_short(before[n].layout)} -> {_short(m.layout)}"
-                   for n, m in after.items() if n in before and before[n].layout != m.layout]
-        for label, items in (("added", added), ("removed", removed), ("moved", moved),
-                             ("retyped", retyped)):
+        moved = [
+            f"{n} {before[n].where} -> {m.where}"
+            for n, m in after.items()
+            if n in before and before[n].where != m.where
+        ]
+        retyped = [
+            f"{n} {_short(before[n].layout)} -> {_short(m.layout)}"
+            for n, m in after.items()
+            if n in before and before[n].layout != m.layout
+        ]
+        for label, items in (
+            ("added", added),
+            ("removed", removed),
+            ("moved", moved),
+            ("retyped", retyped),
+        ):
             if items:
                 parts.append(f"{label} " + ", ".join(items))
     return "; ".join(parts) or f"layout {_short(pre_text)} -> {_short(post_text)}"

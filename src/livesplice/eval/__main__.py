@@ -19,20 +19,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build real Debian security fixes with livesplice create, apply them to "
         "the running pre build under load, undo them, and tabulate the outcomes.",
     )
-    p.add_argument("csv", type=Path, metavar="CSV",
-                   help="corpus: package,version,first_patch,last_patch,cves,expected,target,"
-                   "change_class")
+    p.add_argument(
+        "csv",
+        type=Path,
+        metavar="CSV",
+        help="corpus: package,version,first_patch,last_patch,cves,expected,target,change_class",
+    )
     p.add_argument("--rows", help="row numbers, ranges, package names or CVEs (default: all)")
     p.add_argument("--out", type=Path, help="write the Markdown results table here")
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "LIVESPLICE_EVAL_CACHE", Path.home() / ".cache" / "livesplice" / "eval")),
-        help="downloads, trees, updates and per-row results (default ~/.cache/livesplice/eval)")
-    p.add_argument("--build", help="build command for create (default: a clean "
-                   "dpkg-buildpackage -B -uc -us on each side)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(
+            os.environ.get("LIVESPLICE_EVAL_CACHE", Path.home() / ".cache" / "livesplice" / "eval")
+        ),
+        help="downloads, trees, updates and per-row results (default ~/.cache/livesplice/eval)",
+    )
+    p.add_argument(
+        "--build",
+        help="build command for create (default: a clean "
+        "dpkg-buildpackage -B -uc -us on each side)",
+    )
     p.add_argument("-j", "--jobs", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep create's build directories")
-    p.add_argument("--table-only", action="store_true",
-                   help="run nothing: tabulate the cached results of the selected rows")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="run nothing: tabulate the cached results of the selected rows",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p
 
@@ -85,8 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.verdict = verdict(r.outcome, row.expected)
                 results.append(r)
             continue
-        r = run_row(row, args.cache, build=args.build or DEFAULT_BUILD, jobs=args.jobs,
-                    keep=args.keep, progress=progress)
+        r = run_row(
+            row,
+            args.cache,
+            build=args.build or DEFAULT_BUILD,
+            jobs=args.jobs,
+            keep=args.keep,
+            progress=progress,
+        )
         progress(f"{row.package} {row.cves}: {r.outcome} ({r.verdict}) {r.reason}")
         results.append(r)
     if args.json:
@@ -95,9 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary_line(results))
     if args.out:
         command = "python -m livesplice.eval " + " ".join(
-            a for a in (argv if argv is not None else sys.argv[1:]))
-        args.out.write_text(render(results, "livesplice on real Debian security fixes",
-                                   command))
+            a for a in (argv if argv is not None else sys.argv[1:])
+        )
+        args.out.write_text(render(results, "livesplice on real Debian security fixes", command))
     bad = any(r.verdict in ("UNSAFE", "failed") for r in results)
     return int(ExitCode.FAILED if bad else ExitCode.OK)
 

@@ -11,8 +11,16 @@ from pathlib import Path
 from livesplice.errors import UsageError
 
 COLUMNS = (
-    "package", "version", "first_patch", "last_patch", "cves", "expected", "target",
-    "change_class", "shipped_version", "binaries",
+    "package",
+    "version",
+    "first_patch",
+    "last_patch",
+    "cves",
+    "expected",
+    "target",
+    "change_class",
+    "shipped_version",
+    "binaries",
 )
 # columns a corpus may leave out (older CSVs end at change_class)
 OPTIONAL_COLUMNS = ("change_class", "shipped_version", "binaries")
@@ -202,6 +210,7 @@ def split_series(series_text: str, first: str, last: str, pinned_tail: int = 0) 
     i, j = names.index(first), names.index(last)
     if j < i:
         raise UsageError(f"last_patch {last} comes before first_patch {first} in the series")
-    tail = entries[max(j + 1, len(entries) - pinned_tail):] if pinned_tail > 0 else []
-    return SeriesSplit(pre=entries[:i] + tail, post=entries[: j + 1] + tail,
-                       fix=entries[i: j + 1], tail=tail)
+    tail = entries[max(j + 1, len(entries) - pinned_tail) :] if pinned_tail > 0 else []
+    return SeriesSplit(
+        pre=entries[:i] + tail, post=entries[: j + 1] + tail, fix=entries[i : j + 1], tail=tail
+    )

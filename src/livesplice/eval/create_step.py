@@ -46,25 +46,51 @@ def livesplice_command() -> list[str]:
     return [sys.executable, "-m", "livesplice"]
 
 
-def run_create(pre_tree: Path, fix_patch: Path, update: Path, update_id: str, log: Path,
-               build: str = DEFAULT_BUILD, jobs: int = 2,
-               target: str | None = None, verify: list[Path] | None = None) -> CreateOutcome:
+def run_create(
+    pre_tree: Path,
+    fix_patch: Path,
+    update: Path,
+    update_id: str,
+    log: Path,
+    build: str = DEFAULT_BUILD,
+    jobs: int = 2,
+    target: str | None = None,
+    verify: list[Path] | None = None,
+) -> CreateOutcome:
     # --target: only the row's executable/library decides (a package's test binaries, e.g.
     # memcached's gcov-instrumented memcached-debug, must not refuse the daemon's update)
-    cmd = [*livesplice_command(), "create", "--build", build, "--patch", str(fix_patch),
-           "--id", update_id, "-o", str(update), "-j", str(jobs), "--keep-tmp", "--json",
-           # as Debian's buildds: a pyenv python3 on the caller's PATH broke haproxy's build
-           "--clean-env",
-           *(["--target", target] if target else []),
-           *[a for v in verify or [] for a in ("--verify-against", str(v))], str(pre_tree)]
+    cmd = [
+        *livesplice_command(),
+        "create",
+        "--build",
+        build,
+        "--patch",
+        str(fix_patch),
+        "--id",
+        update_id,
+        "-o",
+        str(update),
+        "-j",
+        str(jobs),
+        "--keep-tmp",
+        "--json",
+        # as Debian's buildds: a pyenv python3 on the caller's PATH broke haproxy's build
+        "--clean-env",
+        *(["--target", target] if target else []),
+        *[a for v in verify or [] for a in ("--verify-against", str(v))],
+        str(pre_tree),
+    ]
     env = dict(os.environ, **BUILD_ENV)
     update.unlink(missing_ok=True)
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, check=False, stdin=subprocess.DEVNULL
+    )
     seconds = time.monotonic() - start
-    log.write_text(f"$ {' '.join(cmd)}\n# {seconds:.1f} s, exit {proc.returncode}\n"
-                   f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}")
+    log.write_text(
+        f"$ {' '.join(cmd)}\n# {seconds:.1f} s, exit {proc.returncode}\n"
+        f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+    )
     return parse_create_output(proc.returncode, proc.stdout, proc.stderr, seconds, update)
 
 
@@ -77,8 +103,9 @@ def is_progress(line: str) -> bool:
     return bool(_PROGRESS.match(line))
 
 
-def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
-                        update: Path) -> CreateOutcome:
+def parse_create_output(
+    code: int, stdout: str, stderr: str, seconds: float, update: Path
+) -> CreateOutcome:
     """Classify ``livesplice create --json --keep-tmp`` output (see README exit codes)."""
     workdir = None
     json_lines: list[str] = []
@@ -91,14 +118,25 @@ def parse_create_output(code: int, stdout: str, stderr: str, seconds: float,
         try:
             doc = json.loads("\n".join(json_lines))
         except json.JSONDecodeError:
-            return CreateOutcome("failed", seconds, code, "create printed no JSON result",
-                                 stdout.splitlines()[-10:], workdir=workdir)
+            return CreateOutcome(
+                "failed",
+                seconds,
+                code,
+                "create printed no JSON result",
+                stdout.splitlines()[-10:],
+                workdir=workdir,
+            )
         if doc.get("status") == "nothing_to_do":
-            return CreateOutcome("nothing", seconds, code, doc.get("message", ""),
-                                 workdir=workdir)
-        return CreateOutcome("created", seconds, code, doc.get("message", ""),
-                             update=update, workdir=workdir,
-                             verified=list(doc.get("verified", [])))
+            return CreateOutcome("nothing", seconds, code, doc.get("message", ""), workdir=workdir)
+        return CreateOutcome(
+            "created",
+            seconds,
+            code,
+            doc.get("message", ""),
+            update=update,
+            workdir=workdir,
+            verified=list(doc.get("verified", [])),
+        )
     lines = [ln for ln in stderr.splitlines() if ln.strip() and not is_progress(ln)]
     head = next((ln for ln in lines if ln.startswith("livesplice: ")), lines[0] if lines else "")
     reason = head.removeprefix("livesplice: ")

@@ -106,8 +106,7 @@ def shipped_target(debs: list[Path], root: Path, target: str) -> Path | None:
     installs it: a program by its installed name (a symlink stays a symlink: Debian's
     /usr/bin/redis-server -> redis-check-rdb), a library by its soname link."""
     for deb in debs:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True,
-                       capture_output=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
     for d in ("usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"):
         p = root / d / target
         if p.exists():
@@ -116,11 +115,17 @@ def shipped_target(debs: list[Path], root: Path, target: str) -> Path | None:
 
 
 def cli(args: list[str], log: Path) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run([*livesplice_command(), *args], capture_output=True, text=True,
-                          check=False, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [*livesplice_command(), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     with log.open("a") as f:
-        f.write(f"$ livesplice {' '.join(args)}\n# exit {proc.returncode}\n"
-                f"{proc.stdout}{proc.stderr}\n")
+        f.write(
+            f"$ livesplice {' '.join(args)}\n# exit {proc.returncode}\n{proc.stdout}{proc.stderr}\n"
+        )
     try:
         doc = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -128,8 +133,15 @@ def cli(args: list[str], log: Path) -> tuple[int, dict[str, Any], str]:
     return proc.returncode, doc, proc.stderr.strip()
 
 
-def run_row(row: CorpusRow, cache: Path, *, build: str = DEFAULT_BUILD, jobs: int = 2,
-            keep: bool = False, progress: Any = print) -> RowResult:
+def run_row(
+    row: CorpusRow,
+    cache: Path,
+    *,
+    build: str = DEFAULT_BUILD,
+    jobs: int = 2,
+    keep: bool = False,
+    progress: Any = print,
+) -> RowResult:
     rowdir = cache / "rows" / row.slug
     rowdir.mkdir(parents=True, exist_ok=True)
     result = RowResult(row=asdict(row), build_command=build)
@@ -141,8 +153,17 @@ def run_row(row: CorpusRow, cache: Path, *, build: str = DEFAULT_BUILD, jobs: in
     return result
 
 
-def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build: str,
-         jobs: int, keep: bool, progress: Any) -> None:
+def _run(
+    row: CorpusRow,
+    rowdir: Path,
+    cache: Path,
+    result: RowResult,
+    *,
+    build: str,
+    jobs: int,
+    keep: bool,
+    progress: Any,
+) -> None:
     result.stage = "fetch"
     progress(f"{row.package} {row.version}: fetching the source")
     dsc = fetch_source(row, cache)
@@ -164,15 +185,28 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
         return
 
     result.stage = "create"
-    progress(f"{row.package}: livesplice create ({trees.pre_patches} patches in pre, "
-             f"fix {' '.join(trees.fix_patches)})")
+    progress(
+        f"{row.package}: livesplice create ({trees.pre_patches} patches in pre, "
+        f"fix {' '.join(trees.fix_patches)})"
+    )
     update = rowdir / f"{row.update_id}.update"
-    created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
-                         rowdir / "create.log", build=build, jobs=jobs, target=row.target,
-                         verify=debs)
+    created = run_create(
+        trees.pre,
+        trees.fix_patch,
+        update,
+        row.update_id,
+        rowdir / "create.log",
+        build=build,
+        jobs=jobs,
+        target=row.target,
+        verify=debs,
+    )
     result.jobs = jobs
-    if created.status in ("failed", "harness") and created.reason.startswith("BUILD_FAILED") \
-            and jobs > 1:
+    if (
+        created.status in ("failed", "harness")
+        and created.reason.startswith("BUILD_FAILED")
+        and jobs > 1
+    ):
         # Some packages' makefiles race under -j (libxml2 2.9.14: the python binding links
         # ../libxml2.la before it exists). The evaluation measures live patching, not the
         # package's parallel build, so a failed parallel build gets one serial retry.
@@ -180,9 +214,17 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
         if created.workdir is not None and not keep:
             shutil.rmtree(created.workdir, ignore_errors=True)
         (rowdir / "create.log").replace(rowdir / f"create-j{jobs}.log")
-        created = run_create(trees.pre, trees.fix_patch, update, row.update_id,
-                             rowdir / "create.log", build=build, jobs=1, target=row.target,
-                             verify=debs)
+        created = run_create(
+            trees.pre,
+            trees.fix_patch,
+            update,
+            row.update_id,
+            rowdir / "create.log",
+            build=build,
+            jobs=1,
+            target=row.target,
+            verify=debs,
+        )
         result.jobs = 1
     result.create_seconds = round(created.seconds, 1)
     try:
@@ -193,7 +235,9 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
         if debs:
             result.binary = "; ".join(
                 f"{v['origin']}: {v['file']} (build-id {v['build_id']}, "
-                f"{v['functions']} pre functions matched at create)" for v in created.verified)
+                f"{v['functions']} pre functions matched at create)"
+                for v in created.verified
+            )
         else:
             result.binary = "livesplice's pre build"
         live(row, rowdir, created.workdir, update, result, progress, debs)
@@ -202,13 +246,23 @@ def _run(row: CorpusRow, rowdir: Path, cache: Path, result: RowResult, *, build:
             shutil.rmtree(created.workdir, ignore_errors=True)
 
 
-def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowResult,
-         progress: Any, debs: list[Path] | None = None) -> None:
+def live(
+    row: CorpusRow,
+    rowdir: Path,
+    workdir: Path,
+    update: Path,
+    result: RowResult,
+    progress: Any,
+    debs: list[Path] | None = None,
+) -> None:
     result.stage = "start"
     factory = workload_for(row.target)
     if factory is None and ".so" not in row.target:
-        result.finish("failed", f"update created, but no workload knows how to run "
-                      f"{row.target} (add one to livesplice.eval.workloads.WORKLOADS)")
+        result.finish(
+            "failed",
+            f"update created, but no workload knows how to run "
+            f"{row.target} (add one to livesplice.eval.workloads.WORKLOADS)",
+        )
         return
     rundir = rowdir / "run"
     shutil.rmtree(rundir, ignore_errors=True)
@@ -239,8 +293,11 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
         from livesplice.update.archive import read_update
 
         changed = [f for t in read_update(update).manifest.targets for f in t.changed_functions]
-        wl = GenericLibraryWorkload(binary, rundir, generic_candidates(
-            binary.resolve(), changed, sorted((workdir / "pre").rglob("*.o"))))
+        wl = GenericLibraryWorkload(
+            binary,
+            rundir,
+            generic_candidates(binary.resolve(), changed, sorted((workdir / "pre").rglob("*.o"))),
+        )
     if debs:
         # the workloads' reproducers are for the corpus's own CVEs, not this fix's
         wl.has_reproducer = False
@@ -261,8 +318,10 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
 
         result.signed_by = read_update(update).verify()
         t0 = time.monotonic()
-        code, doc, err = cli(["apply", str(update), "--json",
-                              *[a for p in result.pids for a in ("--pid", str(p))]], log)
+        code, doc, err = cli(
+            ["apply", str(update), "--json", *[a for p in result.pids for a in ("--pid", str(p))]],
+            log,
+        )
         result.apply_seconds = round(time.monotonic() - t0, 2)
         r1, _ = wl.stats.snapshot()
         result.requests_during_apply = r1 - r0
@@ -274,16 +333,19 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
         if code != 0:
             bad: dict[str, Any] = next((p for p in procs if p.get("status") != "applied"), {})
             why = f"{bad.get('abort', '')}: {bad.get('reason', '')}" if bad else err
-            result.finish("failed", f"apply: {why}",
-                          [*bad.get("details", []), *err.splitlines()][:30])
+            result.finish(
+                "failed", f"apply: {why}", [*bad.get("details", []), *err.splitlines()][:30]
+            )
             return
         time.sleep(SETTLE)
         result.repro_after = wl.reproduce()
         result.same_pids = wl.identities() == before
 
         result.stage = "undo"
-        code, doc, err = cli(["undo", row.update_id, "--json",
-                              *[a for p in result.pids for a in ("--pid", str(p))]], log)
+        code, doc, err = cli(
+            ["undo", row.update_id, "--json", *[a for p in result.pids for a in ("--pid", str(p))]],
+            log,
+        )
         undo_pauses = [p["pause_us"] for p in doc.get("processes", []) if "pause_us" in p]
         result.undo_pause_us = max(undo_pauses) if undo_pauses else None
         time.sleep(SETTLE)
@@ -298,18 +360,23 @@ def live(row: CorpusRow, rowdir: Path, workdir: Path, update: Path, result: RowR
         if not result.same_pids:
             problems.append("a target process did not survive (PID or start time changed)")
         if result.failed_requests:
-            problems.append(f"{result.failed_requests} request(s) failed: "
-                            + "; ".join(wl.stats.first_errors))
+            problems.append(
+                f"{result.failed_requests} request(s) failed: " + "; ".join(wl.stats.first_errors)
+            )
         if result.repro_after is not None and result.repro_after != "fixed":
-            problems.append(f"the reproducer still shows the bug after apply "
-                            f"({result.repro_after})")
+            problems.append(
+                f"the reproducer still shows the bug after apply ({result.repro_after})"
+            )
         result.stage = "done"
         if problems:
             result.finish("failed", "; ".join(problems))
         else:
-            result.finish("applied", f"{len(result.functions)} function(s) replaced in "
-                          f"{len(result.pids)} process(es); update signed by key "
-                          f"{result.signed_by}")
+            result.finish(
+                "applied",
+                f"{len(result.functions)} function(s) replaced in "
+                f"{len(result.pids)} process(es); update signed by key "
+                f"{result.signed_by}",
+            )
     except WorkloadFailed as e:
         result.finish("failed", f"{result.stage}: {e.reason}", e.details)
     finally:

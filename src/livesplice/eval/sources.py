@@ -22,6 +22,7 @@ from livesplice.eval.corpus import CorpusRow, rules_pinned_tail, series_entries,
 # the content of rowdir/trees.done: trees made by an older split are made again
 TREES_VERSION = "2 pinned-tail\n"
 
+
 @dataclass(frozen=True)
 class Trees:
     pre: Path
@@ -39,13 +40,17 @@ def fetch_source(row: CorpusRow, cache: Path) -> Path:
 
 def install_build_deps(dsc: Path, tree: Path) -> None:
     """``apt-get build-dep`` unless ``dpkg-checkbuilddeps`` is already satisfied."""
-    check = subprocess.run(["dpkg-checkbuilddeps"], cwd=tree, capture_output=True, text=True,
-                           check=False)
+    check = subprocess.run(
+        ["dpkg-checkbuilddeps"], cwd=tree, capture_output=True, text=True, check=False
+    )
     if check.returncode == 0:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    run(["apt-get", "build-dep", "-y", "-qq", str(dsc)], env=env,
-        what=f"apt-get build-dep {dsc.name}")
+    run(
+        ["apt-get", "build-dep", "-y", "-qq", str(dsc)],
+        env=env,
+        what=f"apt-get build-dep {dsc.name}",
+    )
 
 
 def quilt_env() -> dict[str, str]:
@@ -57,8 +62,12 @@ def apply_series(tree: Path, entries: list[str]) -> None:
     series = tree / "debian" / "patches" / "series"
     series.write_text("".join(f"{e}\n" for e in entries))
     if entries:
-        run(["quilt", "push", "-a", "-q", "--fuzz=0"], cwd=tree, env=quilt_env(),
-            what=f"quilt push in {tree.name}")
+        run(
+            ["quilt", "push", "-a", "-q", "--fuzz=0"],
+            cwd=tree,
+            env=quilt_env(),
+            what=f"quilt push in {tree.name}",
+        )
 
 
 def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
@@ -76,8 +85,9 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
             raise UsageError(f"{row.package} {row.version} has no debian/patches/series")
         rules = base / "debian" / "rules"
         pinned = rules_pinned_tail(rules.read_text(errors="replace")) if rules.exists() else 0
-        split = split_series(series_file.read_text(), row.first_patch, row.last_patch,
-                             pinned_tail=pinned)
+        split = split_series(
+            series_file.read_text(), row.first_patch, row.last_patch, pinned_tail=pinned
+        )
         shutil.copytree(base, pre, symlinks=True)
         base.rename(post)
         apply_series(pre, split.pre)
@@ -85,15 +95,21 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
         # diff exits 1 when the trees differ; labels pre/ and post/ strip with -p1
         proc = subprocess.run(
             ["diff", "-ruN", "-x", "debian", "-x", ".pc", "pre", "post"],
-            cwd=rowdir, capture_output=True, check=False,
+            cwd=rowdir,
+            capture_output=True,
+            check=False,
         )
         if proc.returncode > 1:
-            raise SourceUnavailable("diff of the pre and post trees failed",
-                                    details=[proc.stderr.decode(errors="replace")])
+            raise SourceUnavailable(
+                "diff of the pre and post trees failed",
+                details=[proc.stderr.decode(errors="replace")],
+            )
         fix.write_bytes(proc.stdout)
         (rowdir / "series-split").write_text(
-            "pre:\n" + "".join(f"  {e}\n" for e in split.pre[:len(split.pre) - len(split.tail)])
-            + "fix:\n" + "".join(f"  {e}\n" for e in split.fix)
+            "pre:\n"
+            + "".join(f"  {e}\n" for e in split.pre[: len(split.pre) - len(split.tail)])
+            + "fix:\n"
+            + "".join(f"  {e}\n" for e in split.fix)
             + "tail (kept last in both, debian/rules pops them):\n"
             + "".join(f"  {e}\n" for e in split.tail)
         )
@@ -101,8 +117,7 @@ def make_trees(row: CorpusRow, dsc: Path, rowdir: Path) -> Trees:
     return _read_split(rowdir)
 
 
-def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path,
-                       rowdir: Path) -> Trees:
+def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path, rowdir: Path) -> Trees:
     """A row on shipped binaries: pre = ``row.shipped_version`` exactly as Debian built it
     (its whole series); post = pre plus the fix (``first..last`` of ``row.version``'s
     series), inserted before the entries debian/rules pops (curl's crypto flavours)."""
@@ -122,7 +137,7 @@ def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path,
         fix_entries = split_series(newer_series, row.first_patch, row.last_patch).fix
         rules = (pre / "debian" / "rules").read_text(errors="replace")
         pinned = min(rules_pinned_tail(rules), len(entries))
-        head, tail = entries[:len(entries) - pinned], entries[len(entries) - pinned:]
+        head, tail = entries[: len(entries) - pinned], entries[len(entries) - pinned :]
         shutil.copytree(pre, post, symlinks=True)
         for e in fix_entries:  # a series entry may be in a subdirectory (CVE-X/01-….patch)
             dest = post / "debian" / "patches" / e.split()[0]
@@ -131,17 +146,26 @@ def make_shipped_trees(row: CorpusRow, shipped_dsc: Path, fix_dsc: Path,
         apply_series(pre, entries)
         apply_series(post, [*head, *fix_entries, *tail])
         shutil.rmtree(newer)
-        proc = subprocess.run(["diff", "-ruN", "-x", "debian", "-x", ".pc", "pre", "post"],
-                              cwd=rowdir, capture_output=True, check=False)
+        proc = subprocess.run(
+            ["diff", "-ruN", "-x", "debian", "-x", ".pc", "pre", "post"],
+            cwd=rowdir,
+            capture_output=True,
+            check=False,
+        )
         if proc.returncode > 1:
-            raise SourceUnavailable("diff of the pre and post trees failed",
-                                    details=[proc.stderr.decode(errors="replace")])
+            raise SourceUnavailable(
+                "diff of the pre and post trees failed",
+                details=[proc.stderr.decode(errors="replace")],
+            )
         fix.write_bytes(proc.stdout)
         (rowdir / "series-split").write_text(
-            "pre:\n" + "".join(f"  {e}\n" for e in head) + "fix:\n"
+            "pre:\n"
+            + "".join(f"  {e}\n" for e in head)
+            + "fix:\n"
             + "".join(f"  {e}\n" for e in fix_entries)
             + "tail (kept last in both, debian/rules pops them):\n"
-            + "".join(f"  {e}\n" for e in tail))
+            + "".join(f"  {e}\n" for e in tail)
+        )
         done.write_text(stamp)
     return _read_split(rowdir)
 
@@ -156,6 +180,11 @@ def _read_split(rowdir: Path) -> Trees:
             sections.setdefault(key, []).append(ln.split()[0])
         elif ln.strip():
             key = ln.split()[0].rstrip(":")
-    return Trees(pre=rowdir / "pre", post=rowdir / "post", fix_patch=rowdir / "fix.patch",
-                 pre_patches=len(sections.get("pre", [])) + len(sections.get("tail", [])),
-                 fix_patches=sections.get("fix", []), tail=sections.get("tail", []))
+    return Trees(
+        pre=rowdir / "pre",
+        post=rowdir / "post",
+        fix_patch=rowdir / "fix.patch",
+        pre_patches=len(sections.get("pre", [])) + len(sections.get("tail", [])),
+        fix_patches=sections.get("fix", []),
+        tail=sections.get("tail", []),
+    )

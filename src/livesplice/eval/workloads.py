@@ -176,9 +176,15 @@ class Workload(ABC):
 
     def spawn(self, argv: list[str], **kw: object) -> None:
         out = self.log.open("ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, cwd=self.rundir,
-                                     start_new_session=True, **kw)  # type: ignore[call-overload]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=self.rundir,
+            start_new_session=True,
+            **kw,
+        )  # type: ignore[call-overload]
         out.close()
 
 
@@ -210,16 +216,19 @@ class DaemonWorkload(Workload):
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if why := self.exited():
-                raise WorkloadFailed(f"{self.binary.name} did not start: {why}",
-                                     details=self.log_tail())
+                raise WorkloadFailed(
+                    f"{self.binary.name} did not start: {why}", details=self.log_tail()
+                )
             try:
                 with self.connect() as s:
                     self.exchange(s)
                 break
             except OSError as e:
                 if time.monotonic() > deadline:
-                    raise WorkloadFailed(f"{self.binary.name} did not answer on port "
-                                         f"{self.port}: {e}", details=self.log_tail()) from None
+                    raise WorkloadFailed(
+                        f"{self.binary.name} did not answer on port {self.port}: {e}",
+                        details=self.log_tail(),
+                    ) from None
                 time.sleep(0.1)
         self._thread = threading.Thread(target=self._load, daemon=True)
         self._thread.start()
@@ -262,8 +271,10 @@ class DaemonWorkload(Workload):
 class RedisWorkload(DaemonWorkload):
     def argv(self) -> list[str]:
         conf = self.rundir / "redis.conf"
-        conf.write_text(f'port {self.port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
-                        f"dir {self.rundir}\ndaemonize no\nprotected-mode no\n")
+        conf.write_text(
+            f'port {self.port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
+            f"dir {self.rundir}\ndaemonize no\nprotected-mode no\n"
+        )
         return [str(self.binary), str(conf)]
 
     def exchange(self, sock: socket.socket) -> None:
@@ -276,8 +287,19 @@ class RedisWorkload(DaemonWorkload):
 
 class MemcachedWorkload(DaemonWorkload):
     def argv(self) -> list[str]:
-        return [str(self.binary), "-l", "127.0.0.1", "-p", str(self.port), "-U", "0",
-                "-u", "root", "-t", "2"]
+        return [
+            str(self.binary),
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "0",
+            "-u",
+            "root",
+            "-t",
+            "2",
+        ]
 
     def exchange(self, sock: socket.socket) -> None:
         sock.sendall(b"set k 0 0 2\r\nv1\r\nget k\r\n")
@@ -293,8 +315,10 @@ class NginxWorkload(DaemonWorkload):
     def argv(self) -> list[str]:
         r = self.rundir
         conf = r / "nginx.conf"
-        temps = "".join(f"    {k}_temp_path {r}/{k};\n"
-                        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temps = "".join(
+            f"    {k}_temp_path {r}/{k};\n"
+            for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         conf.write_text(
             f"daemon off;\nmaster_process on;\nworker_processes 1;\npid {r}/nginx.pid;\n"
             f"error_log {r}/error.log;\nevents {{ worker_connections 256; }}\n"
@@ -302,10 +326,11 @@ class NginxWorkload(DaemonWorkload):
             # requests; the client would count that as a failure
             f"http {{\n    access_log off;\n    keepalive_requests 1000000000;\n{temps}"
             f"    server {{\n        listen 127.0.0.1:{self.port};\n"
-            f"        location / {{ return 200 \"ok\\n\"; }}\n"
+            f'        location / {{ return 200 "ok\\n"; }}\n'
             # the rewrite module runs on every request: the fix's code path stays hot
             f"        location /r/ {{ rewrite ^/r/(.*)$ /x?a=$1; set $v $1; "
-            f"return 200 \"$v\\n\"; }}\n    }}\n}}\n")
+            f'return 200 "$v\\n"; }}\n    }}\n}}\n'
+        )
         return [str(self.binary), "-p", f"{r}/", "-e", f"{r}/error.log", "-c", str(conf)]
 
     def pids(self) -> list[int]:
@@ -318,8 +343,14 @@ class NginxWorkload(DaemonWorkload):
         head, _, body = data.partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise ValueError(f"nginx answered {head[:60]!r}")
-        length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
-                       if h.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(h.split(b":")[1])
+                for h in head.split(b"\r\n")
+                if h.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
         while len(body) < length:
             chunk = sock.recv(65536)
             if not chunk:
@@ -337,10 +368,20 @@ class DnsmasqWorkload(DaemonWorkload):
     stream = False
 
     def argv(self) -> list[str]:
-        return [str(self.binary), "-k", "--conf-file=/dev/null", f"--port={self.port}",
-                "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
-                "--no-hosts", "--address=/eval.test/10.9.8.7", "-u", "root",
-                f"--pid-file={self.rundir}/dnsmasq.pid"]
+        return [
+            str(self.binary),
+            "-k",
+            "--conf-file=/dev/null",
+            f"--port={self.port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--address=/eval.test/10.9.8.7",
+            "-u",
+            "root",
+            f"--pid-file={self.rundir}/dnsmasq.pid",
+        ]
 
     def connect(self) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -368,12 +409,17 @@ class SshdWorkload(DaemonWorkload):
         r = self.rundir
         key = r / "host_ed25519"
         if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                check=True,
+                capture_output=True,
+            )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         conf = r / "sshd_config"
-        conf.write_text(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {key}\n"
-                        f"PidFile {r}/sshd.pid\nUsePAM no\n")
+        conf.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {key}\n"
+            f"PidFile {r}/sshd.pid\nUsePAM no\n"
+        )
         return [str(self.binary.resolve()), "-D", "-e", "-f", str(conf)]
 
     def exchange(self, sock: socket.socket) -> None:
@@ -594,28 +640,39 @@ class LibraryWorkload(Workload):
         src, exe = self.rundir / "driver.c", self.rundir / "driver"
         if not exe.exists():
             src.write_text(DRIVER_MAIN + self.driver_source)
-            cc = subprocess.run(["gcc", "-O1", "-o", str(exe), str(src), "-ldl"],
-                                capture_output=True, text=True, check=False)
+            cc = subprocess.run(
+                ["gcc", "-O1", "-o", str(exe), str(src), "-ldl"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if cc.returncode != 0:
-                raise WorkloadFailed("the library driver does not compile",
-                                     details=cc.stderr.splitlines()[-10:])
+                raise WorkloadFailed(
+                    "the library driver does not compile", details=cc.stderr.splitlines()[-10:]
+                )
         return exe
 
     def start(self) -> None:
         exe = self.compile_driver()
         lib = self.binary  # the runner copies it under its soname into a directory of its own
         errlog = self.log.open("ab")
-        self.proc = subprocess.Popen([str(exe), str(lib), *self.driver_args()],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=errlog, cwd=self.rundir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(exe), str(lib), *self.driver_args()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+            cwd=self.rundir,
+            start_new_session=True,
+        )
         errlog.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + READY_TIMEOUT
         while self.stats.requests == 0:
             if why := self.exited():
-                raise WorkloadFailed(f"the driver for {self.binary.name} stopped: {why}",
-                                     details=self.log_tail())
+                raise WorkloadFailed(
+                    f"the driver for {self.binary.name} stopped: {why}", details=self.log_tail()
+                )
             if time.monotonic() > deadline:
                 raise WorkloadFailed(f"the driver for {self.binary.name} reports nothing")
             time.sleep(0.05)
@@ -627,8 +684,10 @@ class LibraryWorkload(Workload):
         for raw in self.proc.stdout:
             words = raw.decode(errors="replace").split()
             if words[:1] == ["count"] and len(words) == 3:
-                self.stats.requests, self.stats.failures = int(words[1]) + int(words[2]), int(
-                    words[2])
+                self.stats.requests, self.stats.failures = (
+                    int(words[1]) + int(words[2]),
+                    int(words[2]),
+                )
             elif words[:1] == ["repro"]:
                 self._repro.append(" ".join(words[1:]))
                 self._repro_event.set()
@@ -676,9 +735,13 @@ class GenericLibraryWorkload(LibraryWorkload):
         exe = self.compile_driver()
         tried = []
         for name in self.candidates:
-            probe = subprocess.Popen([str(exe), str(self.binary), name],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     cwd=self.rundir, start_new_session=True)
+            probe = subprocess.Popen(
+                [str(exe), str(self.binary), name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                cwd=self.rundir,
+                start_new_session=True,
+            )
             time.sleep(0.3)  # thousands of calls
             alive = probe.poll() is None
             with contextlib.suppress(ProcessLookupError):
@@ -693,7 +756,9 @@ class GenericLibraryWorkload(LibraryWorkload):
         if not self.function:
             raise WorkloadFailed(
                 f"no exported function of {self.binary.name}'s changed call graph survives "
-                "calls with zero arguments", details=tried or ["no candidate"])
+                "calls with zero arguments",
+                details=tried or ["no candidate"],
+            )
         super().start()
 
 
@@ -709,9 +774,13 @@ def generic_candidates(library: Path, changed: list[str], pre_objects: list[Path
     with open(library, "rb") as f:
         dynsym = ELFFile(f).get_section_by_name(".dynsym")
         if isinstance(dynsym, SymbolTableSection):
-            exported = {s.name for s in dynsym.iter_symbols()
-                        if s["st_info"]["type"] == "STT_FUNC" and s["st_shndx"] != "SHN_UNDEF"
-                        and s["st_info"]["bind"] != "STB_LOCAL"}
+            exported = {
+                s.name
+                for s in dynsym.iter_symbols()
+                if s["st_info"]["type"] == "STT_FUNC"
+                and s["st_shndx"] != "SHN_UNDEF"
+                and s["st_info"]["bind"] != "STB_LOCAL"
+            }
     bases = {c.split(".")[0] for c in changed}
     out = [c for c in sorted(bases) if c in exported]
     for obj in pre_objects:
@@ -723,8 +792,11 @@ def generic_candidates(library: Path, changed: list[str], pre_objects: list[Path
                     continue
                 by_section: dict[int, list[str]] = {}
                 for sym in symtab.iter_symbols():
-                    if sym["st_info"]["type"] == "STT_FUNC" and sym.name in exported \
-                            and isinstance(sym["st_shndx"], int):
+                    if (
+                        sym["st_info"]["type"] == "STT_FUNC"
+                        and sym.name in exported
+                        and isinstance(sym["st_shndx"], int)
+                    ):
                         by_section.setdefault(sym["st_shndx"], []).append(sym.name)
                 for sec in elf.iter_sections():
                     if not isinstance(sec, RelocationSection):
@@ -732,8 +804,9 @@ def generic_candidates(library: Path, changed: list[str], pre_objects: list[Path
                     callers = by_section.get(sec["sh_info"], [])
                     if not callers:
                         continue
-                    targets = {symtab.get_symbol(r["r_info_sym"]).name
-                               for r in sec.iter_relocations()}
+                    targets = {
+                        symtab.get_symbol(r["r_info_sym"]).name for r in sec.iter_relocations()
+                    }
                     if targets & bases:
                         out.extend(c for c in callers if c not in out)
         except (OSError, ValueError):

@@ -32,10 +32,17 @@ class CorpusRow:
 def read_corpus(path: Path) -> list[CorpusRow]:
     with path.open(newline="") as f:
         return [
-            CorpusRow(r["cves"], r["pre_version"], r["post_version"], tuple(r["files"].split()),
-                      tuple(r["functions"].split()), r["expected"], r["change_class"])
+            CorpusRow(
+                r["cves"],
+                r["pre_version"],
+                r["post_version"],
+                tuple(r["files"].split()),
+                tuple(r["functions"].split()),
+                r["expected"],
+                r["change_class"],
+            )
             for r in csv.DictReader(f)
-        ]  # fmt: skip
+        ]
 
 
 def source_files(version: str, files: list[str], cache: Path | None = None) -> Path:
@@ -50,8 +57,9 @@ def source_files(version: str, files: list[str], cache: Path | None = None) -> P
     deb = download_package(f"linux-source-{series}", version, base)
     tarball = f"./usr/src/linux-source-{series}.tar.xz"
     members = [f"linux-source-{series}/{f}" for f in missing]
-    cmd = (f"dpkg-deb --fsys-tarfile {deb} | tar -xO {tarball} | "
-           f"tar -xJ -C {base} {' '.join(members)}")  # fmt: skip
+    cmd = (
+        f"dpkg-deb --fsys-tarfile {deb} | tar -xO {tarball} | tar -xJ -C {base} {' '.join(members)}"
+    )
     done = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
     still = [f for f in missing if not (root / f).exists()]
     if done.returncode != 0 or still:
@@ -67,10 +75,19 @@ def make_patch(pre_root: Path, post_root: Path, files: list[str]) -> str:
     out = []
     for f in files:
         done = subprocess.run(
-            ["diff", "-u", "--label", f"a/{f}", "--label", f"b/{f}",
-             str(pre_root / f), str(post_root / f)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                "diff",
+                "-u",
+                "--label",
+                f"a/{f}",
+                "--label",
+                f"b/{f}",
+                str(pre_root / f),
+                str(post_root / f),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode > 1:
             raise LabUnavailable(f"diff of {f} failed", done.stderr.splitlines()[-3:])
         out.append(done.stdout)

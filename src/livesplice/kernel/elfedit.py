@@ -66,9 +66,19 @@ class ElfRel:
             name = strtab[h[0] : strtab.index(b"\0", h[0])].decode()
             data = b"" if h[1] == SHT_NOBITS else raw[h[4] : h[4] + h[5]]
             self.sections.append(
-                ElfSection(name, h[1], h[2], h[3], h[6], h[7], h[8], h[9], data,
-                           h[5] if h[1] == SHT_NOBITS else 0)
-            )  # fmt: skip
+                ElfSection(
+                    name,
+                    h[1],
+                    h[2],
+                    h[3],
+                    h[6],
+                    h[7],
+                    h[8],
+                    h[9],
+                    data,
+                    h[5] if h[1] == SHT_NOBITS else 0,
+                )
+            )
         self.shstrndx = shstrndx
 
     def index(self, name: str) -> int:
@@ -126,11 +136,36 @@ class ElfRel:
         out += b"\0" * ((-len(out)) % 8)
         shoff = len(out)
         for s, off, n in zip(self.sections, offsets, name_off, strict=True):
-            out += _SHDR.pack(n, s.type, s.flags, s.addr, off if s.type else 0, s.size,
-                              s.link, s.info, s.align, s.entsize)  # fmt: skip
-        _EHDR.pack_into(out, 0, self.ident, self.e_type, self.machine, self.version, 0, 0,
-                        shoff, self.flags, _EHDR.size, 0, 0, _SHDR.size, len(self.sections),
-                        self.shstrndx)  # fmt: skip
+            out += _SHDR.pack(
+                n,
+                s.type,
+                s.flags,
+                s.addr,
+                off if s.type else 0,
+                s.size,
+                s.link,
+                s.info,
+                s.align,
+                s.entsize,
+            )
+        _EHDR.pack_into(
+            out,
+            0,
+            self.ident,
+            self.e_type,
+            self.machine,
+            self.version,
+            0,
+            0,
+            shoff,
+            self.flags,
+            _EHDR.size,
+            0,
+            0,
+            _SHDR.size,
+            len(self.sections),
+            self.shstrndx,
+        )
         return bytes(out)
 
 
@@ -178,10 +213,18 @@ def make_klp_relocations(raw: bytes) -> bytes:
         target = elf.sections[sec.info].name
         for obj, data in sorted(moved.items()):
             new_sections.append(
-                ElfSection(f".klp.rela.{obj}.{target}", SHT_RELA,
-                           SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH, 0, sec.link,
-                           sec.info, 8, RELA.size, bytes(data))
-            )  # fmt: skip
+                ElfSection(
+                    f".klp.rela.{obj}.{target}",
+                    SHT_RELA,
+                    SHF_ALLOC | SHF_INFO_LINK | SHF_RELA_LIVEPATCH,
+                    0,
+                    sec.link,
+                    sec.info,
+                    8,
+                    RELA.size,
+                    bytes(data),
+                )
+            )
     elf.sections.extend(new_sections)
     return elf.to_bytes()
 

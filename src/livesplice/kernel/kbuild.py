@@ -144,8 +144,17 @@ def break_link(path: Path) -> None:
 def apply_patch(tree: Path, patch: Path, touched: list[str]) -> None:
     for rel in touched:
         break_link(tree / rel)
-    cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-d", str(tree),
-           "-i", str(patch.resolve())]  # fmt: skip
+    cmd = [
+        "patch",
+        "-p1",
+        "--forward",
+        "--batch",
+        "--no-backup-if-mismatch",
+        "-d",
+        str(tree),
+        "-i",
+        str(patch.resolve()),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise PatchDoesNotApply(
@@ -189,9 +198,18 @@ def include_index(tree: Path) -> dict[str, list[tuple[str, bool]]]:
     """Spelling in ``#include`` -> the files (``.c`` and ``.h``) that use it, with whether
     they use the quoted form. One ``grep`` over the tree (~2-7 s): the includers of every
     header, direct or not, are looked up here instead of grepping once per header."""
-    cmd = ["grep", "-rEo", "--include=*.c", "--include=*.h", "--exclude-dir=Documentation",
-           "--exclude-dir=tools", "--exclude-dir=samples", "--exclude-dir=.git",
-           _INCLUDE_LINE, "."]  # fmt: skip
+    cmd = [
+        "grep",
+        "-rEo",
+        "--include=*.c",
+        "--include=*.h",
+        "--exclude-dir=Documentation",
+        "--exclude-dir=tools",
+        "--exclude-dir=samples",
+        "--exclude-dir=.git",
+        _INCLUDE_LINE,
+        ".",
+    ]
     done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, errors="replace")
     index: dict[str, list[tuple[str, bool]]] = {}
     for line in done.stdout.splitlines():
@@ -437,9 +455,12 @@ def build_kernel_pair(
     if asm:
         raise PatchRefused(
             "the patch changes assembly sources",
-            [f"{a}: assembly source changed [rule: asm files]: livesplice correlates "
-             "compiler output only; move the change into C code" for a in asm],
-        )  # fmt: skip
+            [
+                f"{a}: assembly source changed [rule: asm files]: livesplice correlates "
+                "compiler output only; move the change into C code"
+                for a in asm
+            ],
+        )
     tree = workdir / "tree"
     copy_tree(ksrc, tree)
     install_author_headers(tree)
@@ -451,8 +472,14 @@ def build_kernel_pair(
     skipped = [f"{u}: not built in this configuration ({why})" for u, why in not_built if why]
     units = [u for u, why in not_built if why is None]
     if skipped and not units and not new_units:
-        return KernelBuild(tree=tree, units=[], compiler="", touched=touched,
-                           seconds={"copy": seconds["copy"]}, not_built=skipped)  # fmt: skip
+        return KernelBuild(
+            tree=tree,
+            units=[],
+            compiler="",
+            touched=touched,
+            seconds={"copy": seconds["copy"]},
+            not_built=skipped,
+        )
     if not units and not new_units:
         raise PatchRefused(
             "the patch changes no C unit of the kernel",
@@ -488,8 +515,9 @@ def build_kernel_pair(
         out.append(KernelUnit(u, pre[u], None if same else post, modules[u]))
     compiler = object_compiler(out[0].post or out[0].pre) if out else ""
     seconds["build"] = time.monotonic() - t0
-    return KernelBuild(tree=tree, units=out, compiler=compiler, touched=touched, seconds=seconds,
-                       not_built=skipped)  # fmt: skip
+    return KernelBuild(
+        tree=tree, units=out, compiler=compiler, touched=touched, seconds=seconds, not_built=skipped
+    )
 
 
 def _save(tree: Path, unit: str, dest: Path) -> Path:

@@ -59,14 +59,30 @@ if TYPE_CHECKING:
 # flags}; struct jump_entry with JUMP_LABEL_RELATIVE {s32 code, s32 target, long key};
 # struct exception_table_entry {int insn, fixup, data} (arch/x86/include/asm/extable.h).
 # struct paravirt_patch_site and struct alt_instr: see kernel/patchsites.py
-COPIED_TABLES = {"__bug_table": 12, "__jump_table": 16, "__ex_table": 12,
-                 ".parainstructions": PARAVIRT_SITE_SIZE, ".altinstructions": ALT_INSTR_SIZE}
+COPIED_TABLES = {
+    "__bug_table": 12,
+    "__jump_table": 16,
+    "__ex_table": 12,
+    ".parainstructions": PARAVIRT_SITE_SIZE,
+    ".altinstructions": ALT_INSTR_SIZE,
+}
 REFUSED_SPECIAL: tuple[str, ...] = ()
 # tables not needed for correctness (module docstring), never compared
-UNNEEDED_TABLES = (".static_call_sites", ".return_sites", ".retpoline_sites", ".call_sites",
-                   ".ibt_endbr_seal", ".orc_unwind", ".orc_unwind_ip", ".printk_index",
-                   "__dyndbg", ".altinstr_replacement", ".altinstr_aux",
-                   "__tracepoints_ptrs", "__tracepoints_strings")  # fmt: skip
+UNNEEDED_TABLES = (
+    ".static_call_sites",
+    ".return_sites",
+    ".retpoline_sites",
+    ".call_sites",
+    ".ibt_endbr_seal",
+    ".orc_unwind",
+    ".orc_unwind_ip",
+    ".printk_index",
+    "__dyndbg",
+    ".altinstr_replacement",
+    ".altinstr_aux",
+    "__tracepoints_ptrs",
+    "__tracepoints_strings",
+)
 # sections with one object per pr_debug site: referenced by symbol, not by section
 MULTI_OBJECT_SECTIONS = ("__dyndbg",)
 
@@ -90,9 +106,14 @@ def kernel_ignored(obj: Path) -> list[str]:
 
     with obj.open("rb") as f:
         names = [s.name for s in ELFFile(f).iter_sections()]
-    return [n for n in names
-            if n in COPIED_TABLES or n in REFUSED_SPECIAL or n in UNNEEDED_TABLES
-            or n.startswith(".discard.")]  # fmt: skip
+    return [
+        n
+        for n in names
+        if n in COPIED_TABLES
+        or n in REFUSED_SPECIAL
+        or n in UNNEEDED_TABLES
+        or n.startswith(".discard.")
+    ]
 
 
 def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
@@ -108,10 +129,15 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
     exports = load_exports(build.tree)
     units = [u for u in build.units if u.post is not None]
     jobs = [
-        DiffJob(u.pre, u.post, u.source,
-                tuple(sorted(set(kernel_ignored(u.pre)) | set(kernel_ignored(u.post)))))
-        for u in units if u.post is not None
-    ]  # fmt: skip
+        DiffJob(
+            u.pre,
+            u.post,
+            u.source,
+            tuple(sorted(set(kernel_ignored(u.pre)) | set(kernel_ignored(u.post)))),
+        )
+        for u in units
+        if u.post is not None
+    ]
     diffs = diff_many(jobs, line_map=line_map)
     for unit, ud in zip(units, diffs, strict=True):
         assert unit.post is not None
@@ -146,12 +172,21 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
             "has an unreliable stack, which can delay a later transition (undo, next patch)"
         )
     hooks = sorted(
-        (Hook(kind=h.kind, function=h.function, target=obj, key=h.key)
-         for obj, uds in per_obj.items() for ud in uds for h in ud.hooks),
+        (
+            Hook(kind=h.kind, function=h.function, target=obj, key=h.key)
+            for obj, uds in per_obj.items()
+            for ud in uds
+            for h in ud.hooks
+        ),
         key=lambda h: (h.target, HOOK_KINDS.index(h.kind), h.key),
-    )  # fmt: skip
-    return KernelDiff(targets, sorted(set(warnings)), hooks,
-                      {k: v for k, v in specials.items() if k in per_obj}, learn)  # fmt: skip
+    )
+    return KernelDiff(
+        targets,
+        sorted(set(warnings)),
+        hooks,
+        {k: v for k, v in specials.items() if k in per_obj},
+        learn,
+    )
 
 
 def attach_patch_sites(ud: UnitDiff, pre: ElfObject) -> None:
@@ -164,8 +199,11 @@ def attach_patch_sites(ud: UnitDiff, pre: ElfObject) -> None:
     for s in ud.sections:
         if s.role == "pre" and s.executable:
             name = s.key.split(":", 1)[1]
-            s.sites = [x for x in by_section.get(name, ())
-                       if x.offset >= 0 and x.offset + x.length <= s.size]  # fmt: skip
+            s.sites = [
+                x
+                for x in by_section.get(name, ())
+                if x.offset >= 0 and x.offset + x.length <= s.size
+            ]
 
 
 def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
@@ -204,18 +242,21 @@ def _symbol_ranges(s: Section) -> dict[str, tuple[bytes, list[tuple[int, str, st
     """Function name -> its bytes and relocations (offsets relative to the function) within
     a section holding several functions, split at the symbol offsets."""
     syms = sorted(
-        (off, key.rsplit(":", 1)[-1]) for key, off in s.symbols.items()
+        (off, key.rsplit(":", 1)[-1])
+        for key, off in s.symbols.items()
         if not key.rsplit(":", 1)[-1].startswith(".")
-    )  # fmt: skip
+    )
     data = s.bytes
     out: dict[str, tuple[bytes, list[tuple[int, str, str, int]]]] = {}
     for i, (start, name) in enumerate(syms):
         end = next((o for o, _n in syms[i + 1 :] if o > start), s.size)
         # by symbol name: pre and post spell the keys of the same target differently
         # (the post copy of a section is "<name>#post")
-        relocs = [(r.offset - start, r.type, r.symbol.rsplit(":", 1)[-1].removesuffix("#post"),
-                   r.addend)
-                  for r in s.relocs if start <= r.offset < end]  # fmt: skip
+        relocs = [
+            (r.offset - start, r.type, r.symbol.rsplit(":", 1)[-1].removesuffix("#post"), r.addend)
+            for r in s.relocs
+            if start <= r.offset < end
+        ]
         out[name] = (data[start:end], relocs)
     return out
 
@@ -302,9 +343,13 @@ def _c_string(sec: ObjSection, offset: int) -> bytes:
 
 
 def copy_special_entries(
-    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, obj: str,
-    exports: Collection[str] = (), aux: list[Section] | None = None,
-) -> tuple[list[Section], list[str]]:  # fmt: skip
+    ud: UnitDiff,
+    pre: ElfObject | None,
+    post: ElfObject,
+    obj: str,
+    exports: Collection[str] = (),
+    aux: list[Section] | None = None,
+) -> tuple[list[Section], list[str]]:
     """The entries of the copied tables that belong to shipped code, as module sections.
 
     ``exports``: the symbols Module.symvers lists (normal relocations of the module, written
@@ -332,25 +377,47 @@ def copy_special_entries(
                 if not start <= rel.offset < start + size:
                     continue
                 if table == ".altinstructions" and rel.offset == start + 4:
-                    key, addend, why = _alt_replacement(ud, pre, post, rel, sec.data[start + 11],
-                                                    code, strings, obj, exports, out, extra)
+                    key, addend, why = _alt_replacement(
+                        ud,
+                        pre,
+                        post,
+                        rel,
+                        sec.data[start + 11],
+                        code,
+                        strings,
+                        obj,
+                        exports,
+                        out,
+                        extra,
+                    )
                 else:
                     key, addend, why = _entry_reloc(ud, pre, rel, code, strings, obj, table)
                 if why:
                     owner = next((r for r in sec.relocs if r.offset == start), rel)
                     fn = owner.symbol.section.name if owner.symbol.section else "?"
-                    problems.append(f"{ud.unit}: {fn.removeprefix('.text.')}: {table} entry: "
-                                    f"{why} [rule: special sections]")  # fmt: skip
+                    problems.append(
+                        f"{ud.unit}: {fn.removeprefix('.text.')}: {table} entry: "
+                        f"{why} [rule: special sections]"
+                    )
                     continue
                 relocs.append(Reloc(rel.offset - start, rel.type, key, addend))
             data = sec.data[start : start + size]
             if table in (".parainstructions", ".altinstructions"):
                 problems.extend(_late_relocations(ud, sec, start, table, code, exports, extra))
-            out.append(Section(
-                key=f"{ud.unit}:{table}@{start}", role="copied_rodata", name=table,
-                unit=ud.unit, align=max(sec.align, 1), size=size, data=data.hex(),
-                relocs=relocs, readonly=False, executable=False,
-            ))  # fmt: skip
+            out.append(
+                Section(
+                    key=f"{ud.unit}:{table}@{start}",
+                    role="copied_rodata",
+                    name=table,
+                    unit=ud.unit,
+                    align=max(sec.align, 1),
+                    size=size,
+                    data=data.hex(),
+                    relocs=relocs,
+                    readonly=False,
+                    executable=False,
+                )
+            )
     return [*strings.values(), *out], problems
 
 
@@ -381,10 +448,15 @@ def ship_aux_fragments(
             if r.symbol != key_of_aux:
                 continue
             data = s.bytes
-            if r.type not in ("R_X86_64_PC32", "R_X86_64_PLT32") or r.offset < 1 \
-                    or data[r.offset - 1] != 0xE9:
-                problems.append(f"{ud.unit}: {s.name}: refers to .altinstr_aux other than by a "
-                                "jmp [rule: special sections]")
+            if (
+                r.type not in ("R_X86_64_PC32", "R_X86_64_PLT32")
+                or r.offset < 1
+                or data[r.offset - 1] != 0xE9
+            ):
+                problems.append(
+                    f"{ud.unit}: {s.name}: refers to .altinstr_aux other than by a "
+                    "jmp [rule: special sections]"
+                )
                 continue
             start = r.addend + 4  # jmp rel32: the field + 4 is where it lands
             frag = frags.get(start)
@@ -400,21 +472,31 @@ def ship_aux_fragments(
                 relocs: list[Reloc] = []
                 for ar in aux.relocs:
                     if start <= ar.offset < end:
-                        k, a, why = _entry_reloc(ud, pre, ar, code, strings, obj,
-                                                 ".altinstr_aux")  # fmt: skip
+                        k, a, why = _entry_reloc(ud, pre, ar, code, strings, obj, ".altinstr_aux")
                         if why:
-                            problems.append(f"{ud.unit}: {s.name}: static_cpu_has() code: "
-                                            f"{why} [rule: special sections]")  # fmt: skip
+                            problems.append(
+                                f"{ud.unit}: {s.name}: static_cpu_has() code: "
+                                f"{why} [rule: special sections]"
+                            )
                             continue
                         relocs.append(Reloc(ar.offset - start, ar.type, k, a))
-                frag = Section(key=f"{key_of_aux}@{start}", role="copied_rodata",
-                               name=".altinstr_aux", unit=ud.unit, align=1, size=end - start,
-                               data=aux.data[start:end].hex(), relocs=relocs, readonly=True,
-                               executable=True)  # fmt: skip
+                frag = Section(
+                    key=f"{key_of_aux}@{start}",
+                    role="copied_rodata",
+                    name=".altinstr_aux",
+                    unit=ud.unit,
+                    align=1,
+                    size=end - start,
+                    data=aux.data[start:end].hex(),
+                    relocs=relocs,
+                    readonly=True,
+                    executable=True,
+                )
                 frags[start] = frag
             s.relocs[i] = Reloc(r.offset, r.type, frag.key, -4)
-    if frags and not any(r.symbol == key_of_aux for s in ud.sections if s.role != "pre"
-                         for r in s.relocs):  # fmt: skip
+    if frags and not any(
+        r.symbol == key_of_aux for s in ud.sections if s.role != "pre" for r in s.relocs
+    ):
         # nothing shipped reaches the section itself any more: no run-pre match of it
         ud.sections[:] = [s for s in ud.sections if not (s.role == "pre" and s.key == key_of_aux)]
     return [*strings.values(), *frags.values()], problems
@@ -425,14 +507,18 @@ SITE_LENGTH_AT = {".parainstructions": 9, ".altinstructions": 10}  # the u8 leng
 
 def _module_defined(key: str, ud: UnitDiff, extra: list[Section]) -> bool:
     """Whether the livepatch module itself defines ``key`` (shipped, not matched pre code)."""
-    return any(key == c.key or key in c.symbols
-               for c in [*ud.sections, *extra] if c.role != "pre")  # fmt: skip
+    return any(key == c.key or key in c.symbols for c in [*ud.sections, *extra] if c.role != "pre")
 
 
 def _late_relocations(
-    ud: UnitDiff, table_sec: ObjSection, start: int, table: str, code: dict[str, Section],
-    exports: Collection[str], extra: list[Section],
-) -> list[str]:  # fmt: skip
+    ud: UnitDiff,
+    table_sec: ObjSection,
+    start: int,
+    table: str,
+    code: dict[str, Section],
+    exports: Collection[str],
+    extra: list[Section],
+) -> list[str]:
     """Relocations of shipped code inside the site an entry names that livepatch would
     write after the loader patched the site (a klp symbol): they would corrupt it."""
     from livesplice.diff.elfmodel import ObjReloc
@@ -444,19 +530,32 @@ def _late_relocations(
     length = table_sec.data[start + SITE_LENGTH_AT[table]]
     out = []
     for r in shipped.relocs:
-        if off <= r.offset < off + length and not _module_defined(r.symbol, ud, extra) \
-                and r.symbol not in exports:
-            out.append(f"{ud.unit}: {shipped.name}: the {table} site at +{off:#x} refers to "
-                       f"{r.symbol.rsplit(':', 1)[-1]}, which livepatch resolves only after the "
-                       "module loader patched the site [rule: special sections]")
+        if (
+            off <= r.offset < off + length
+            and not _module_defined(r.symbol, ud, extra)
+            and r.symbol not in exports
+        ):
+            out.append(
+                f"{ud.unit}: {shipped.name}: the {table} site at +{off:#x} refers to "
+                f"{r.symbol.rsplit(':', 1)[-1]}, which livepatch resolves only after the "
+                "module loader patched the site [rule: special sections]"
+            )
     return out
 
 
 def _alt_replacement(
-    ud: UnitDiff, pre: ElfObject | None, post: ElfObject, rel: object, length: int,
-    code: dict[str, Section], strings: dict[bytes, Section], obj: str,
-    exports: Collection[str], out: list[Section], extra: list[Section],
-) -> tuple[str, int, str]:  # fmt: skip
+    ud: UnitDiff,
+    pre: ElfObject | None,
+    post: ElfObject,
+    rel: object,
+    length: int,
+    code: dict[str, Section],
+    strings: dict[bytes, Section],
+    obj: str,
+    exports: Collection[str],
+    out: list[Section],
+    extra: list[Section],
+) -> tuple[str, int, str]:
     """An alternative's replacement bytes as a module section of their own (appended to
     ``out``); (its key, 0, refusal reason or "")."""
     from livesplice.diff.elfmodel import ObjReloc
@@ -472,8 +571,10 @@ def _alt_replacement(
             continue
         key, addend, why = _entry_reloc(ud, pre, r, code, strings, obj, ".altinstructions")
         if not why and not _module_defined(key, ud, extra) and key not in exports:
-            why = (f"its replacement refers to {key.rsplit(':', 1)[-1]}, which livepatch "
-                   "resolves only after the module loader copied the replacement")
+            why = (
+                f"its replacement refers to {key.rsplit(':', 1)[-1]}, which livepatch "
+                "resolves only after the module loader copied the replacement"
+            )
         if why:
             return "", 0, why
         relocs.append(Reloc(r.offset - off, r.type, key, addend))
@@ -481,17 +582,32 @@ def _alt_replacement(
     # the next one
     key = f"{ud.unit}:.altinstr_replacement@{off}+{length}"
     if not any(s.key == key for s in out):
-        out.append(Section(key=key, role="copied_rodata", name=".altinstr_replacement",
-                           unit=ud.unit, align=1, size=length,
-                           data=sec.data[off : off + length].hex(), relocs=relocs,
-                           readonly=False, executable=False))  # fmt: skip
+        out.append(
+            Section(
+                key=key,
+                role="copied_rodata",
+                name=".altinstr_replacement",
+                unit=ud.unit,
+                align=1,
+                size=length,
+                data=sec.data[off : off + length].hex(),
+                relocs=relocs,
+                readonly=False,
+                executable=False,
+            )
+        )
     return key, 0, ""
 
 
 def _entry_reloc(
-    ud: UnitDiff, pre: ElfObject | None, rel: object, code: dict[str, Section],
-    strings: dict[bytes, Section], obj: str, table: str,
-) -> tuple[str, int, str]:  # fmt: skip
+    ud: UnitDiff,
+    pre: ElfObject | None,
+    rel: object,
+    code: dict[str, Section],
+    strings: dict[bytes, Section],
+    obj: str,
+    table: str,
+) -> tuple[str, int, str]:
     """(symbol key, addend, refusal reason or "") of one relocation of a copied entry."""
     from livesplice.diff.elfmodel import ObjReloc
 
@@ -503,11 +619,18 @@ def _entry_reloc(
         if target is not None and target.is_code and target.name in code:
             return code[target.name].key, off, ""
         name = sym.name
-        ud.symbols.setdefault(name, SymbolInfo(name, name, "global", sym.type,
-                                               defined=target is not None))  # fmt: skip
+        ud.symbols.setdefault(
+            name, SymbolInfo(name, name, "global", sym.type, defined=target is not None)
+        )
         if obj != "vmlinux" and table == "__jump_table" and target is not None:
-            return "", 0, (f"static key {name} lives in module {obj}: livepatch applies "
-                           "relocations against a module after its jump labels are set up")
+            return (
+                "",
+                0,
+                (
+                    f"static key {name} lives in module {obj}: livepatch applies "
+                    "relocations against a module after its jump labels are set up"
+                ),
+            )
         return name, rel.addend, ""
     if target.is_code:
         if target.name in code:
@@ -517,18 +640,38 @@ def _entry_reloc(
         text = _c_string(target, off)
         s = strings.get(text)
         if s is None:
-            s = Section(key=f"{ud.unit}:lsp-string-{len(strings)}", role="copied_rodata",
-                        name=".rodata.livesplice.str", unit=ud.unit, align=1,
-                        size=len(text) + 1, data=(text + b"\0").hex(), relocs=[],
-                        readonly=True, executable=False)  # fmt: skip
+            s = Section(
+                key=f"{ud.unit}:lsp-string-{len(strings)}",
+                role="copied_rodata",
+                name=".rodata.livesplice.str",
+                unit=ud.unit,
+                align=1,
+                size=len(text) + 1,
+                data=(text + b"\0").hex(),
+                relocs=[],
+                readonly=True,
+                executable=False,
+            )
             strings[text] = s
         return s.key, 0, ""
     # a static object (a static key, a dynamic debug descriptor): by its symbol name in pre
     if obj != "vmlinux" and table == "__jump_table":
-        return "", 0, (f"static key in {target.name} lives in module {obj}: livepatch applies "
-                       "relocations against a module after its jump labels are set up")
-    inner = next((s for s in target.symbols if s.type == "object"
-                  and s.value <= off < s.value + max(s.size, 1)), None)  # fmt: skip
+        return (
+            "",
+            0,
+            (
+                f"static key in {target.name} lives in module {obj}: livepatch applies "
+                "relocations against a module after its jump labels are set up"
+            ),
+        )
+    inner = next(
+        (
+            s
+            for s in target.symbols
+            if s.type == "object" and s.value <= off < s.value + max(s.size, 1)
+        ),
+        None,
+    )
     if inner is None or pre is None or pre.symbol(inner.name) is None:
         return "", 0, f"refers to {target.name}+{off:#x}, which the running kernel lacks"
     key = f"{ud.unit}:{inner.name}"
@@ -557,9 +700,14 @@ def symbolize_multi_object_refs(
             psec = post.section(secname)
             inner = None
             if psec is not None:
-                inner = next((x for x in psec.symbols if x.type == "object"
-                              and x.value <= r.addend < x.value + max(x.size, 1)),
-                             None)  # fmt: skip
+                inner = next(
+                    (
+                        x
+                        for x in psec.symbols
+                        if x.type == "object" and x.value <= r.addend < x.value + max(x.size, 1)
+                    ),
+                    None,
+                )
             twin = pre.symbol(inner.name) if (inner is not None and pre is not None) else None
             if inner is None or twin is None or twin.section is None:
                 problems.append(
@@ -569,8 +717,7 @@ def symbolize_multi_object_refs(
                 )
                 continue
             key = f"{unit}:{inner.name}"
-            ud.symbols.setdefault(key, SymbolInfo(key, inner.name, "local", "object", True,
-                                                  unit))  # fmt: skip
+            ud.symbols.setdefault(key, SymbolInfo(key, inner.name, "local", "object", True, unit))
             learn[key] = (r.symbol, twin.value)
             s.relocs[i] = Reloc(r.offset, r.type, key, r.addend - inner.value)
     return problems

@@ -63,6 +63,7 @@ from livesplice.update.format import PatchSite, Reloc, Section, Target
 @dataclass
 class KSym:
     """One /proc/kallsyms line."""
+
     addr: int
     type: str
     name: str
@@ -92,9 +93,7 @@ class KernelImage:
                 mod = parts[3].strip("[]") if len(parts) > 3 else None
                 syms.append(KSym(int(parts[0], 16), parts[1], parts[2], mod))
         if syms and all(s.addr == 0 for s in syms[:100]):
-            raise NoMatch(
-                "/proc/kallsyms shows no addresses", advice="run as root (kptr_restrict)"
-            )
+            raise NoMatch("/proc/kallsyms shows no addresses", advice="run as root (kptr_restrict)")
         fd = os.open("/proc/kcore", os.O_RDONLY)
         try:
             loads = _kcore_loads(fd)
@@ -118,6 +117,7 @@ class KernelImage:
         """The running ``pv_ops`` table and the paravirt special targets (kcore), which
         decide what apply_paravirt wrote at each site; a kernel without ``pv_ops``
         (no CONFIG_PARAVIRT) gets none, so its sites must show the original code."""
+
         def unique(name: str) -> int | None:
             c = self.candidates(name, None)
             return c[0].addr if len(c) == 1 else None
@@ -132,8 +132,12 @@ class KernelImage:
                 cache[slot] = int.from_bytes(self.read(table + 8 * slot, 8), "little")
             return cache[slot]
 
-        return BootFacts(pv_op=pv_op, paravirt_nop=unique("_paravirt_nop"),
-                         paravirt_bug=unique("paravirt_BUG"), symbol=unique)  # fmt: skip
+        return BootFacts(
+            pv_op=pv_op,
+            paravirt_nop=unique("_paravirt_nop"),
+            paravirt_bug=unique("paravirt_BUG"),
+            symbol=unique,
+        )
 
     def sympos(self, sym: KSym) -> int:
         """Position among same-named symbols of its object (1-based), 0 when unique."""
@@ -151,8 +155,11 @@ def _kcore_loads(fd: int) -> list[tuple[int, int, int]]:
     with f:
         try:
             elf = ELFFile(f)
-            return [(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"])
-                    for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]  # fmt: skip
+            return [
+                (seg["p_vaddr"], seg["p_offset"], seg["p_filesz"])
+                for seg in elf.iter_segments()
+                if seg["p_type"] == "PT_LOAD"
+            ]
         except ELFError as e:
             raise NoMatch(f"/proc/kcore is not readable as ELF: {e}") from None
 
@@ -160,6 +167,7 @@ def _kcore_loads(fd: int) -> list[tuple[int, int, int]]:
 @dataclass
 class KernelMatch:
     """Where the pre code runs in the kernel, and the sympos that tell same-named symbols apart."""
+
     functions: dict[str, int] = field(default_factory=dict)  # "obj.name" -> address
     func_sympos: dict[str, int] = field(default_factory=dict)
     klp_sympos: dict[str, int] = field(default_factory=dict)
@@ -197,12 +205,18 @@ def _relock(pre: bytes, running: bytes) -> bytes:
 
 
 def _differ(p: int, pi: Insn, ri: Insn, rb: bytes) -> _Mismatch:
-    return _Mismatch(p, f"expected {pi.raw.hex()} ({pi.mnemonic} {pi.op_str}), "
-                        f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})")  # fmt: skip
+    return _Mismatch(
+        p,
+        f"expected {pi.raw.hex()} ({pi.mnemonic} {pi.op_str}), "
+        f"found {rb.hex()} ({ri.mnemonic} {ri.op_str})",
+    )
 
 
 def compare_code(
-    sec: Section, running: bytes, base: int, facts: BootFacts | None = None,
+    sec: Section,
+    running: bytes,
+    base: int,
+    facts: BootFacts | None = None,
     trail: list[tuple[int, str, int]] | None = None,
 ) -> dict[str, int]:
     """Compare pre code with running bytes at ``base``; return learned key -> address.
@@ -232,8 +246,9 @@ def compare_code(
         pmap[p] = r
         if p in groups:
             n = _group_length(groups[p])
-            hit = _match_rewritten(sec, groups[p], pre[p : p + n], running[r : r + n],
-                                   base + r, facts, learned, trail)  # fmt: skip
+            hit = _match_rewritten(
+                sec, groups[p], pre[p : p + n], running[r : r + n], base + r, facts, learned, trail
+            )
             if hit is not None:
                 if hit[0] is not None:
                     branches.append((p, hit[0], hit[1]))
@@ -245,34 +260,43 @@ def compare_code(
         except _Mismatch as m:
             if site is None or not site[0] <= m.offset < site[1]:
                 raise
-            raise _site_mismatch(groups[site[0]], site[0], pre, running, site[2], base,
-                                 facts) from None  # fmt: skip
+            raise _site_mismatch(
+                groups[site[0]], site[0], pre, running, site[2], base, facts
+            ) from None
     for off, pt, rt in branches:
         if pt in pmap and rt != base + pmap[pt]:
-            raise _Mismatch(off, f"branch goes to running {rt:#x}, expected "
-                                 f"{base + pmap[pt]:#x} (pre offset {pt:#x})")  # fmt: skip
+            raise _Mismatch(
+                off,
+                f"branch goes to running {rt:#x}, expected "
+                f"{base + pmap[pt]:#x} (pre offset {pt:#x})",
+            )
     return learned
 
 
 def _compare_insn(
-    pre: bytes, running: bytes, base: int, p: int, r: int, rel_at: dict[int, Reloc],
-    learned: dict[str, int], branches: list[tuple[int, int, int]],
+    pre: bytes,
+    running: bytes,
+    base: int,
+    p: int,
+    r: int,
+    rel_at: dict[int, Reloc],
+    learned: dict[str, int],
+    branches: list[tuple[int, int, int]],
     trail: list[tuple[int, str, int]],
-) -> tuple[int, int]:  # fmt: skip
+) -> tuple[int, int]:
     """One pre instruction against the running code: the offsets after both."""
     pi = decode_one(pre[p:], p)
     ri = decode_one(running[r:], base + r)
     if pi is None:
         raise _Mismatch(p, "pre code does not decode")
     if ri is None:
-        raise _Mismatch(p, f"running code does not decode ({running[r:r + 8].hex()})")
+        raise _Mismatch(p, f"running code does not decode ({running[r : r + 8].hex()})")
     plen = pi.size
     rel = next((rel_at[o] for o in range(p, p + plen) if o in rel_at), None)
     pb, rb = pi.raw, _relock(pi.raw, ri.raw)
     if rel is not None:
         sym = rel.symbol
-        if (sym == "__fentry__" and plen == 5 and ri.size == 5
-                and (rb[:1] == b"\xe8" or ri.is_nop)):  # fmt: skip
+        if sym == "__fentry__" and plen == 5 and ri.size == 5 and (rb[:1] == b"\xe8" or ri.is_nop):
             return p + 5, r + 5
         if sym == "__x86_return_thunk" and pb[:1] == b"\xe9" and rb[:1] in (b"\xc3", b"\xe9"):
             return p + 5, r + 5
@@ -284,8 +308,7 @@ def _compare_insn(
                 return p + plen, r + plen
             raise _differ(p, pi, ri, rb)
         pos = rel.offset - p
-        addr = symbol_address(rel.type, reloc_field(rb, pos, rel.type), base + r + pos,
-                              rel.addend)  # fmt: skip
+        addr = symbol_address(rel.type, reloc_field(rb, pos, rel.type), base + r + pos, rel.addend)
         if addr is not None:
             learned[sym] = addr
             trail.append((rel.offset, sym, addr))
@@ -322,9 +345,15 @@ def _group_length(sites: list[PatchSite]) -> int:
 
 
 def _match_rewritten(
-    sec: Section, sites: list[PatchSite], pre: bytes, window: bytes, addr: int,
-    facts: BootFacts, learned: dict[str, int], trail: list[tuple[int, str, int]],
-) -> tuple[int | None, int] | None:  # fmt: skip
+    sec: Section,
+    sites: list[PatchSite],
+    pre: bytes,
+    window: bytes,
+    addr: int,
+    facts: BootFacts,
+    learned: dict[str, int],
+    trail: list[tuple[int, str, int]],
+) -> tuple[int | None, int] | None:
     """The first rewritten form of the sites that ``window`` (running bytes at ``addr``)
     shows, or None. A form whose branch must reach a place in this same section returns
     (pre offset of that place, running target) for the caller's branch check, otherwise
@@ -355,8 +384,9 @@ def _form_matches(
             got[1:5] = code[1:5]
             got[0] = 0xE9
         elif got[:1] == code[:1]:
-            target = (addr + pos + width + signed(int.from_bytes(got[pos:pos + width],
-                                                                 "little"), 32)) & MASK64
+            target = (
+                addr + pos + width + signed(int.from_bytes(got[pos : pos + width], "little"), 32)
+            ) & MASK64
             got[pos : pos + width] = code[pos : pos + width]
         else:
             return None
@@ -365,8 +395,7 @@ def _form_matches(
         return None
     learned: dict[str, int] = {}
     for r in form.masked:
-        a = symbol_address(r.type, reloc_field(window, r.offset, r.type), addr + r.offset,
-                           r.addend)  # fmt: skip
+        a = symbol_address(r.type, reloc_field(window, r.offset, r.type), addr + r.offset, r.addend)
         if a is not None and r.type not in PC_RELATIVE:  # PC-relative ones were not re-aimed
             learned[r.symbol] = a
     if target is None:
@@ -387,16 +416,24 @@ def _form_matches(
 
 
 def _site_mismatch(
-    sites: list[PatchSite], off: int, pre: bytes, running: bytes, r: int, base: int,
+    sites: list[PatchSite],
+    off: int,
+    pre: bytes,
+    running: bytes,
+    r: int,
+    base: int,
     facts: BootFacts,
-) -> _Mismatch:  # fmt: skip
+) -> _Mismatch:
     n = _group_length(sites)
     found = running[r : r + n]
     insns = ", ".join(f"{i.mnemonic} {i.op_str}".strip() for i in decode(found, base + r))
     accepted = ["the original " + pre[off : off + n].hex()]
     accepted += [f.what for f in site_forms(sites, pre[off : off + n], facts)]
-    return _Mismatch(off, f"{describe(sites)}, {n} bytes: found {found.hex()} ({insns}); "
-                          f"the kernel may write there only: {'; '.join(accepted)}")  # fmt: skip
+    return _Mismatch(
+        off,
+        f"{describe(sites)}, {n} bytes: found {found.hex()} ({insns}); "
+        f"the kernel may write there only: {'; '.join(accepted)}",
+    )
 
 
 Trail = list[tuple[int, str, int]]  # every learned relocation field: (pre offset, key, address)
@@ -496,10 +533,11 @@ def run_pre_match_kernel(
         hit = [c for c in cands if c.addr == addr]
         if not hit:
             raise NoMatch(
-                f"cannot decide which of {len(cands)} symbols named {ks['name']} the update "
-                "uses",
-                [f"{ks['object']}: {ks['name']}: matching learned "
-                 f"{hex(addr) if addr else 'no address'}"],
-            )  # fmt: skip
+                f"cannot decide which of {len(cands)} symbols named {ks['name']} the update uses",
+                [
+                    f"{ks['object']}: {ks['name']}: matching learned "
+                    f"{hex(addr) if addr else 'no address'}"
+                ],
+            )
         result.klp_sympos[base] = image.sympos(hit[0])
     return result

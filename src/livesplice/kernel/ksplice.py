@@ -76,25 +76,35 @@ def refusals(chosen: list[tuple[Target, Section, Section | None]], hooks: list[H
     for t, s, pre in chosen:
         where = f"{s.unit}: {s.name}"
         if t.kind != "kernel":
-            out.append(f"{where}: no ftrace entry {rule}: livepatch cannot redirect it and "
-                       f"livesplice's Ksplice path switches only vmlinux code ({t.name} is a "
-                       "module); patch its callers instead")  # fmt: skip
+            out.append(
+                f"{where}: no ftrace entry {rule}: livepatch cannot redirect it and "
+                f"livesplice's Ksplice path switches only vmlinux code ({t.name} is a "
+                "module); patch its callers instead"
+            )
         elif pre is None:
-            out.append(f"{where}: no ftrace entry and no pre code {rule}: the jump needs "
-                       "the old function to exist")  # fmt: skip
+            out.append(
+                f"{where}: no ftrace entry and no pre code {rule}: the jump needs "
+                "the old function to exist"
+            )
         elif pre.size < JMP_LEN:
-            out.append(f"{where}: {pre.size} bytes {rule}: too short for a {JMP_LEN}-byte "
-                       "jump over its entry")  # fmt: skip
+            out.append(
+                f"{where}: {pre.size} bytes {rule}: too short for a {JMP_LEN}-byte "
+                "jump over its entry"
+            )
         else:
             inside = _branches_into_entry(pre)
             if inside:
-                out.append(f"{where}: the old code branches to offset {inside:#x} {rule}: "
-                           f"the {JMP_LEN}-byte jump over the entry would be entered in its "
-                           "middle")  # fmt: skip
+                out.append(
+                    f"{where}: the old code branches to offset {inside:#x} {rule}: "
+                    f"the {JMP_LEN}-byte jump over the entry would be entered in its "
+                    "middle"
+                )
     if chosen and hooks:
-        out.append(f"{chosen[0][1].unit}: {chosen[0][1].name}: hooks beside a function "
-                   f"without fentry {rule}: the Ksplice path does not run LIVESPLICE_* hooks "
-                   "yet; make the update without hooks")  # fmt: skip
+        out.append(
+            f"{chosen[0][1].unit}: {chosen[0][1].name}: hooks beside a function "
+            f"without fentry {rule}: the Ksplice path does not run LIVESPLICE_* hooks "
+            "yet; make the update without hooks"
+        )
     return out
 
 
@@ -127,8 +137,7 @@ def split_plan(plan: Any, chosen: list[tuple[Target, Section, Section | None]]) 
     plan.funcs = keep
 
 
-def glue_tables(entries: list[tuple[str, str, str, int]],
-                code: list[tuple[str, int]]) -> list[str]:  # fmt: skip
+def glue_tables(entries: list[tuple[str, str, str, int]], code: list[tuple[str, int]]) -> list[str]:
     """The C tables ``ksplice.c`` reads: the switched functions in ``ksplice_addr=``
     order, and every piece of shipped code (label, size) -- undo must find no task in any
     of it, ``.cold`` parts and new functions (reached by a tail call) included, because
@@ -163,8 +172,9 @@ def copy_module_source(moddir: Path) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def module_params(kernel: dict[str, Any], functions: dict[str, int],
-                  read: Callable[[int, int], bytes]) -> list[str]:  # fmt: skip
+def module_params(
+    kernel: dict[str, Any], functions: dict[str, int], read: Callable[[int, int], bytes]
+) -> list[str]:
     """``ksplice_addr=``/``ksplice_head=`` from run-pre matching: where each old function
     is and the bytes the jump will replace, as matching read them. The module writes only
     if it finds those bytes there inside the stop."""
@@ -175,8 +185,10 @@ def module_params(kernel: dict[str, Any], functions: dict[str, int],
     for e in entries:
         addr = functions.get(f"{e['object']}.{e['name']}")
         if addr is None:
-            raise UsageError(f"run-pre matching did not find {e['name']}",
-                             advice="the update does not fit the running kernel")  # fmt: skip
+            raise UsageError(
+                f"run-pre matching did not find {e['name']}",
+                advice="the update does not fit the running kernel",
+            )
         addrs.append(f"{addr:#x}")
         heads.append(f"{int.from_bytes(read(addr, JMP_LEN), 'little'):#x}")
     return [f"ksplice_addr={','.join(addrs)}", f"ksplice_head={','.join(heads)}"]
@@ -187,8 +199,14 @@ def _refusals_in_log() -> list[tuple[str, int, str]]:
     return [(m[1], int(m[2]), m[3]) for m in _REFUSED.finditer(log)]
 
 
-def _retry_while_busy(attempt: Callable[[], str | None], progress: Progress, retries: int,
-                      delay: float, what: str, advice: str) -> None:  # fmt: skip
+def _retry_while_busy(
+    attempt: Callable[[], str | None],
+    progress: Progress,
+    retries: int,
+    delay: float,
+    what: str,
+    advice: str,
+) -> None:
     """Run ``attempt`` (None: done; a string: why it was busy) up to ``retries`` times,
     ``delay`` seconds apart, then raise CODE_BUSY with the last reason: a busy task usually
     leaves the code soon (Ksplice and Uptrack retried the same way)."""
@@ -204,8 +222,9 @@ def _retry_while_busy(attempt: Callable[[], str | None], progress: Progress, ret
     raise CodeBusy(f"{what} through {retries} attempts", [reason], advice)
 
 
-def load_retrying(load: Callable[[], None], progress: Progress,
-                  retries: int = RETRIES, delay: float = RETRY_DELAY) -> None:  # fmt: skip
+def load_retrying(
+    load: Callable[[], None], progress: Progress, retries: int = RETRIES, delay: float = RETRY_DELAY
+) -> None:
     """Load the module; while its stop finds a task in the old code (-EBUSY), wait and
     retry, then raise CODE_BUSY naming the task (the module has unloaded itself: the
     kernel is untouched)."""
@@ -223,10 +242,15 @@ def load_retrying(load: Callable[[], None], progress: Progress,
                 raise
             return new[-1][2]
 
-    _retry_while_busy(attempt, progress, retries, delay,
-                      "a task stayed inside code being replaced",
-                      "the task sleeps in a function the update replaces; retry when it is "
-                      "idle (the kernel was not changed)")  # fmt: skip
+    _retry_while_busy(
+        attempt,
+        progress,
+        retries,
+        delay,
+        "a task stayed inside code being replaced",
+        "the task sleeps in a function the update replaces; retry when it is "
+        "idle (the kernel was not changed)",
+    )
 
 
 def stop_microseconds(module: str) -> float | None:
@@ -247,8 +271,7 @@ def spliced(module: str) -> list[str]:
     return text.split()
 
 
-def _write_spliced(module: str, value: str, progress: Progress,
-                   retries: int, delay: float) -> None:  # fmt: skip
+def _write_spliced(module: str, value: str, progress: Progress, retries: int, delay: float) -> None:
     param = SYSFS_MODULE / module / "parameters" / "spliced"
 
     def attempt() -> str | None:
@@ -263,14 +286,20 @@ def _write_spliced(module: str, value: str, progress: Progress,
         except OSError:
             return "a task is inside the code"
 
-    _retry_while_busy(attempt, progress, retries, delay,
-                      "a task stayed inside the replaced or replacement code",
-                      "the task sleeps in a function the update replaces; retry when it is "
-                      "idle (the update stays applied)")  # fmt: skip
+    _retry_while_busy(
+        attempt,
+        progress,
+        retries,
+        delay,
+        "a task stayed inside the replaced or replacement code",
+        "the task sleeps in a function the update replaces; retry when it is "
+        "idle (the update stays applied)",
+    )
 
 
-def unsplice(module: str, progress: Progress,
-             retries: int = RETRIES, delay: float = RETRY_DELAY) -> None:  # fmt: skip
+def unsplice(
+    module: str, progress: Progress, retries: int = RETRIES, delay: float = RETRY_DELAY
+) -> None:
     """Restore the old entries (undo), or raise CODE_BUSY with the update still applied."""
     _write_spliced(module, "0", progress, retries, delay)
 

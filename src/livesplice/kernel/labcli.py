@@ -24,9 +24,11 @@ def add_lab_parser(sub: Any) -> None:
 
     def kernel_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--kernel", default=DEFAULT_KERNEL, metavar="VERSION",
+            "--kernel",
+            default=DEFAULT_KERNEL,
+            metavar="VERSION",
             help=f"Debian linux-image package version (default {DEFAULT_KERNEL})",
-        )  # fmt: skip
+        )
         p.add_argument(
             "--flavour", default="cloud-amd64", help="Debian kernel flavour (default cloud-amd64)"
         )
@@ -52,20 +54,30 @@ def add_lab_parser(sub: Any) -> None:
     )
     kernel_options(r)
     r.add_argument(
-        "--file", action="append", default=[], metavar="SRC[:DEST]",
+        "--file",
+        action="append",
+        default=[],
+        metavar="SRC[:DEST]",
         help="copy a host file or directory into the guest (DEST relative to /payload; "
         "default its name); repeatable",
-    )  # fmt: skip
+    )
     r.add_argument(
-        "--modules", nargs="+", action="extend", default=[], metavar="NAME",
+        "--modules",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
         help="modules of the image package to load (with modprobe, dependencies first) before "
         "any --update and CMD; a module that fails to load ends the run with its status",
-    )  # fmt: skip
+    )
     r.add_argument(
-        "--update", action="append", default=[], metavar="UPDATE",
+        "--update",
+        action="append",
+        default=[],
+        metavar="UPDATE",
         help="apply a kernel update in the guest with livesplice before CMD (repeatable, in "
         "order); a failing apply ends the run with its exit status",
-    )  # fmt: skip
+    )
     r.add_argument("--timeout", type=float, default=180.0, help="seconds (default 180)")
     r.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
     r.add_argument("--cpus", type=int, default=1, help="guest CPUs (default 1)")
@@ -142,7 +154,11 @@ def cli_lab(args: argparse.Namespace) -> int:
             extra.append(ensure_overlay(lab.dir))
         command = update_script(updates, " ".join(cmd), args.modules)
         guest = Guest(
-            lab, memory_mb=args.memory, cpus=args.cpus, timeout=args.timeout, append=args.append,
+            lab,
+            memory_mb=args.memory,
+            cpus=args.cpus,
+            timeout=args.timeout,
+            append=args.append,
             extra_initrds=extra,
         )
         result = guest.run(command, files, keep_dir=args.keep_tmp)

@@ -132,9 +132,7 @@ def _dependencies(index: dict[str, Path], ko: Path, builtin: set[str] | None = N
     """Modules to load before ``ko``: its pre-softdeps that are not built in and that some
     module provides, then its ``depends=`` (modules.dep lists both for busybox modprobe,
     which reads no softdeps)."""
-    wanted = [
-        n for n in modinfo_softdeps_pre(ko) if not ({n, _canonical(n)} & (builtin or set()))
-    ]
+    wanted = [n for n in modinfo_softdeps_pre(ko) if not ({n, _canonical(n)} & (builtin or set()))]
     soft = [p for p in (_provider(index, n) for n in wanted) if p]
     return list(dict.fromkeys([*soft, *modinfo_depends(ko)]))
 

@@ -26,13 +26,42 @@ from livesplice.kernel.initramfs import CpioWriter
 
 GUEST_PREFIX = "opt/livesplice"
 # stdlib parts apply never needs (and the big ones)
-_SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-                "pydoc_data", "distutils", "sqlite3", "dbm", "curses", "venv",
-                "site-packages", "__pycache__", "unittest", "lib-dynload"}  # fmt: skip
+_SKIP_STDLIB = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "distutils",
+    "sqlite3",
+    "dbm",
+    "curses",
+    "venv",
+    "site-packages",
+    "__pycache__",
+    "unittest",
+    "lib-dynload",
+}
 # shared libraries the kept extension modules may need (others: module left out)
-_ALLOWED_LIBS = ("libc.so", "libm.so", "libz.so", "libbz2.so", "liblzma.so", "libffi.so",
-                 "libexpat.so", "libpython3", "ld-linux", "linux-vdso", "libpthread",
-                 "libdl.so", "libutil", "librt.so", "libuuid.so")  # fmt: skip
+_ALLOWED_LIBS = (
+    "libc.so",
+    "libm.so",
+    "libz.so",
+    "libbz2.so",
+    "liblzma.so",
+    "libffi.so",
+    "libexpat.so",
+    "libpython3",
+    "ld-linux",
+    "linux-vdso",
+    "libpthread",
+    "libdl.so",
+    "libutil",
+    "librt.so",
+    "libuuid.so",
+)
 # cryptography: apply in the guest verifies signatures (its wheel links OpenSSL statically)
 _PACKAGES = ("livesplice", "elftools", "capstone", "cryptography")
 _MODULES = ("_cffi_backend",)  # single-file extension modules (cryptography's _rust needs it)
@@ -91,8 +120,11 @@ def build_overlay(out: Path) -> None:
             if child.name in _SKIP_STDLIB or child.name.startswith("config-"):
                 continue
             if child.is_dir():
-                shutil.copytree(child, lib / child.name, ignore=shutil.ignore_patterns(
-                    "__pycache__", "test", "tests"))  # fmt: skip
+                shutil.copytree(
+                    child,
+                    lib / child.name,
+                    ignore=shutil.ignore_patterns("__pycache__", "test", "tests"),
+                )
             elif child.suffix == ".py":
                 shutil.copy2(child, lib / child.name)
         dyn = lib / "lib-dynload"
@@ -106,16 +138,28 @@ def build_overlay(out: Path) -> None:
         site = stage / "site"
         site.mkdir()
         for pkg in _PACKAGES:
-            shutil.copytree(_package_dir(pkg), site / pkg,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyi", "py.typed",
-                                                          "include", "*.a"))  # fmt: skip
+            shutil.copytree(
+                _package_dir(pkg),
+                site / pkg,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyi", "py.typed", "include", "*.a"),
+            )
         for name in _MODULES:
             module = __import__(name)
             shutil.copy2(module.__file__ or "", site / Path(module.__file__ or "").name)
         for so in sorted(site.rglob("*.so")):
             libs.update(_ldd(so))  # capstone, cryptography: their own shared libraries' needs
-        compile_cmd = [str(python), "-m", "compileall", "-b", "-q", "-j0",
-                       "--invalidation-mode", "unchecked-hash", str(lib), str(site)]  # fmt: skip
+        compile_cmd = [
+            str(python),
+            "-m",
+            "compileall",
+            "-b",
+            "-q",
+            "-j0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            str(lib),
+            str(site),
+        ]
         done = subprocess.run(compile_cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise BuildFailed("compiling the guest overlay failed", done.stdout.splitlines()[-10:])
@@ -142,7 +186,7 @@ def build_overlay(out: Path) -> None:
                 # to it (LIVESPLICE_TRUST_DIR) it applies unsigned updates; given keys, it
                 # verifies signatures like a real machine (the tests do that).
                 '[ -n "$LIVESPLICE_TRUST_DIR" ] || export LIVESPLICE_ALLOW_UNSIGNED=1\n'
-                f'export LD_LIBRARY_PATH=/{GUEST_PREFIX}/lib\n'
+                f"export LD_LIBRARY_PATH=/{GUEST_PREFIX}/lib\n"
                 f'exec /{GUEST_PREFIX}/bin/{ver} -m livesplice "$@"\n'
             )
             cpio.file("usr/bin/livesplice", wrapper.encode(), 0o755)

@@ -66,8 +66,10 @@ def read_kernel_members(
         ) from None
     problem = _kernel_json_problem(kernel)
     if problem:
-        raise MalformedUpdate(f"{where}: {KERNEL_MEMBER} is malformed: {problem}",
-                              advice="make kernel updates with `livesplice create --kernel`")
+        raise MalformedUpdate(
+            f"{where}: {KERNEL_MEMBER} is malformed: {problem}",
+            advice="make kernel updates with `livesplice create --kernel`",
+        )
     return members[MODULE_MEMBER], kernel
 
 
@@ -85,8 +87,11 @@ def _kernel_json_problem(kernel: object) -> str:
         return "module is not a livesplice module name"
     if not isinstance(kernel.get("release", ""), str):
         return "release is not a string"
-    for key, fields in (("funcs", ("object", "name")), ("klp_symbols", ("object", "name")),
-                        ("ksplice", ("object", "name"))):
+    for key, fields in (
+        ("funcs", ("object", "name")),
+        ("klp_symbols", ("object", "name")),
+        ("ksplice", ("object", "name")),
+    ):
         entries = kernel.get(key, [])
         if not isinstance(entries, list) or len(entries) > 65536:
             return f"{key} is not a list"
@@ -96,7 +101,8 @@ def _kernel_json_problem(kernel: object) -> str:
             ):
                 return f"an entry of {key} lacks a valid object/name"
             count = e.get("count", 0)
-            if key == "klp_symbols" and (not isinstance(count, int) or isinstance(count, bool)
-                                         or not 0 <= count < 1 << 20):
+            if key == "klp_symbols" and (
+                not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 1 << 20
+            ):
                 return "a klp_symbols count is not a small integer"
     return ""

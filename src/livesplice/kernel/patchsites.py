@@ -108,7 +108,8 @@ def read_sites(obj: ElfObject) -> dict[str, list[PatchSite]]:
             sec, off = _place(rel.symbol, rel.addend)
             pv_type, length = para.data[start + 8], para.data[start + 9]
             out.setdefault(sec, []).append(
-                PatchSite(kind="paravirt", offset=off, length=length, pv_type=pv_type))
+                PatchSite(kind="paravirt", offset=off, length=length, pv_type=pv_type)
+            )
     alt = obj.section(".altinstructions")
     repl_sec = obj.section(".altinstr_replacement")
     if alt is not None:
@@ -124,12 +125,21 @@ def read_sites(obj: ElfObject) -> dict[str, list[PatchSite]]:
             data, relocs = b"", []
             if repl_len and repl_sec is not None and rsec == repl_sec.name:
                 data = repl_sec.data[roff : roff + repl_len]
-                relocs = [_replacement_reloc(r, roff, obj) for r in repl_sec.relocs
-                          if roff <= r.offset < roff + repl_len]  # fmt: skip
-            out.setdefault(sec, []).append(PatchSite(
-                kind="alternative", offset=off, length=instrlen, feature=cpuid,
-                replacement=data.hex(), relocs=relocs,
-            ))  # fmt: skip
+                relocs = [
+                    _replacement_reloc(r, roff, obj)
+                    for r in repl_sec.relocs
+                    if roff <= r.offset < roff + repl_len
+                ]
+            out.setdefault(sec, []).append(
+                PatchSite(
+                    kind="alternative",
+                    offset=off,
+                    length=instrlen,
+                    feature=cpuid,
+                    replacement=data.hex(),
+                    relocs=relocs,
+                )
+            )
     for sites in out.values():
         sites.sort(key=lambda s: (s.offset, s.kind != "paravirt"))
     return out
@@ -243,8 +253,7 @@ def _paravirt_forms(s: PatchSite, pre: bytes, facts: BootFacts) -> list[Form]:
         fn, what = facts.paravirt_bug, "call paravirt_BUG (the slot is NULL)"
     else:
         what = f"call {fn:#x} (pv_ops slot {s.pv_type}) padded with nops"
-    return [Form(what, b"\xe8\0\0\0\0" + add_nops(s.length - 5) + tail, branch=(1, 4),
-                 target=fn)]  # fmt: skip
+    return [Form(what, b"\xe8\0\0\0\0" + add_nops(s.length - 5) + tail, branch=(1, 4), target=fn)]
 
 
 def _alternative_form(s: PatchSite, length: int) -> Form:

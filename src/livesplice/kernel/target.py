@@ -106,8 +106,17 @@ def create_kernel_update(
         if refused:
             raise PatchRefused("livesplice cannot make this update", refused)
         ksplice.split_plan(plan, ksplice_funcs)
-        ko = build_module(build.tree, workdir / "module", plan, targets, manifest.hooks, uid,
-                          manifest.description, make_env(ksrc), kd.specials)  # fmt: skip
+        ko = build_module(
+            build.tree,
+            workdir / "module",
+            plan,
+            targets,
+            manifest.hooks,
+            uid,
+            manifest.description,
+            make_env(ksrc),
+            kd.specials,
+        )
         seconds["module"] = time.monotonic() - t2
         kernel = {
             "module": plan.name,
@@ -115,8 +124,13 @@ def create_kernel_update(
             "funcs": [{"object": o, "name": n} for o, n, _ in plan.funcs],
             "ksplice": [{"object": o, "name": n} for o, n, _, _ in plan.ksplice],
             "klp_symbols": [
-                {"object": s.obj, "name": s.name, "count": s.count, "key": s.key,
-                 "learn": list(s.learn) if s.learn else None}
+                {
+                    "object": s.obj,
+                    "name": s.name,
+                    "count": s.count,
+                    "key": s.key,
+                    "learn": list(s.learn) if s.learn else None,
+                }
                 for s in plan.klp_symbols.values()
             ],
         }
@@ -138,11 +152,14 @@ def check_hook_kinds(hooks: list[Hook]) -> None:
     if bad:
         raise PatchRefused(
             "the patch has hooks the kernel target cannot run",
-            [f"{h.function}: LIVESPLICE_{h.kind.upper()} [rule: hooks]: a kernel update runs "
-             "hooks as livepatch callbacks, which exist only for PRE_APPLY (pre_patch), "
-             "POST_APPLY (post_patch), PRE_REVERSE (pre_unpatch) and POST_REVERSE "
-             "(post_unpatch); there is no stop window in the kernel" for h in bad],
-        )  # fmt: skip
+            [
+                f"{h.function}: LIVESPLICE_{h.kind.upper()} [rule: hooks]: a kernel update runs "
+                "hooks as livepatch callbacks, which exist only for PRE_APPLY (pre_patch), "
+                "POST_APPLY (post_patch), PRE_REVERSE (pre_unpatch) and POST_REVERSE "
+                "(post_unpatch); there is no stop window in the kernel"
+                for h in bad
+            ],
+        )
 
 
 def kernel_release(ksrc: Path) -> str:
@@ -190,8 +207,10 @@ def apply_to_kernel(
 
     say = progress or _quiet
     if not update.manifest.is_kernel:
-        raise UsageError(f"update {update.manifest.id} is not a kernel update",
-                         advice="apply it to processes with --pid PID or --all")  # fmt: skip
+        raise UsageError(
+            f"update {update.manifest.id} is not a kernel update",
+            advice="apply it to processes with --pid PID or --all",
+        )
     module, kernel = read_kernel_members(update)
     name = kernel["module"]
     if not LIVEPATCH.is_dir():
@@ -209,8 +228,7 @@ def apply_to_kernel(
     match_seconds = time.monotonic() - t0
     say(f"run-pre matched {len(match.functions)} function(s) in {match_seconds:.2f} s")
     module = set_klp_sympos(module, match.klp_sympos)
-    sympos = [str(match.func_sympos.get(f"{f['object']}.{f['name']}", 0))
-              for f in kernel["funcs"]]  # fmt: skip
+    sympos = [str(match.func_sympos.get(f"{f['object']}.{f['name']}", 0)) for f in kernel["funcs"]]
     params = [f"sympos={','.join(sympos)}"] if sympos else []
     params += ksplice.module_params(kernel, match.functions, image.read)
     with tempfile.TemporaryDirectory(prefix="livesplice-kapply-") as tmp:
@@ -361,14 +379,16 @@ def view_kernel() -> list[KernelPatchView]:
                 functions.append(f"{obj.name}:{fn.name}")
         functions += [f"vmlinux:{f} (jump)" for f in ksplice.spliced(d.name)]
         state = patch_state(d.name)
-        out.append(KernelPatchView(
-            id=d.name.removeprefix("livesplice_"),
-            module=d.name,
-            functions=functions,
-            enabled=state["enabled"] == "1",
-            transition=state["transition"] == "1",
-            taint=int(taint),
-        ))  # fmt: skip
+        out.append(
+            KernelPatchView(
+                id=d.name.removeprefix("livesplice_"),
+                module=d.name,
+                functions=functions,
+                enabled=state["enabled"] == "1",
+                transition=state["transition"] == "1",
+                taint=int(taint),
+            )
+        )
     return out
 
 
@@ -401,8 +421,10 @@ def undo_kernel(
     say = progress or _quiet
     name = module_name(update_id)
     if not (LIVEPATCH / name).exists():
-        raise NotApplied(f"kernel update {update_id} is not applied",
-                         advice="`livesplice view` lists the applied updates")  # fmt: skip
+        raise NotApplied(
+            f"kernel update {update_id} is not applied",
+            advice="`livesplice view` lists the applied updates",
+        )
     stack = sorted(p.name for p in LIVEPATCH.iterdir())
     t0 = time.monotonic()
     jumps = ksplice.spliced(name)

@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from livesplice.process.stopwindow import PauseStats
 
 
-
 @dataclass
 class ApplyReport:
     pid: int
@@ -110,14 +109,14 @@ def check_process(pid: int) -> None:
         raise TargetStopped(
             f"process {pid} is stopped (SIGSTOP/SIGTSTP): livesplice must run code in it to "
             "load or remove an update, and will not wake it",
-            advice=f"continue it (kill -CONT {pid}) and run the command again; it was left "
-            "stopped",
+            advice=f"continue it (kill -CONT {pid}) and run the command again; it was left stopped",
         )
     try:
         os.readlink(f"/proc/{pid}/exe")
     except FileNotFoundError:
-        raise TargetGone(f"process {pid} is a kernel thread (or exited): it has no program "
-                         "to patch") from None
+        raise TargetGone(
+            f"process {pid} is a kernel thread (or exited): it has no program to patch"
+        ) from None
     except PermissionError:
         pass  # another user's process as non-root: opening its memory decides below
     try:
@@ -142,8 +141,9 @@ def _exit_wins(pid: int, what: str) -> Iterator[None]:
     except LivespliceError as e:
         if isinstance(e, TargetGone) or task_states(pid) - {"Z", "X"}:
             raise
-        raise TargetGone(f"process {pid} exited during {what}",
-                         details=[f"(then: {e.abort}: {e.reason})"]) from e
+        raise TargetGone(
+            f"process {pid} exited during {what}", details=[f"(then: {e.abort}: {e.reason})"]
+        ) from e
 
 
 def task_states(pid: int) -> set[str]:
@@ -224,8 +224,7 @@ def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Pre
     prepared: list[_Prepared] = []
     skipped: list[str] = []
     for target in manifest.targets:
-        images = find_images(pid, target.name, maps, build_ids=target.build_ids,
-                             skipped=skipped)
+        images = find_images(pid, target.name, maps, build_ids=target.build_ids, skipped=skipped)
         found_by_code = False
         if not images and target.kind == "executable" and by_code:
             # a program runs under any name (Debian's redis-server is a symlink to
@@ -238,18 +237,28 @@ def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Pre
             # its code was compared with the update's then, and is again now
             verified = image.build_id in {v.build_id for v in target.verified}
             try:
-                match = run_pre_match(read, image, target, maps,
-                                      compiler="" if verified else manifest.compiler)
+                match = run_pre_match(
+                    read, image, target, maps, compiler="" if verified else manifest.compiler
+                )
             except NoMatch as e:
                 if not found_by_code:
                     raise
-                skipped.append(f"{image.path} in process {pid} is not named {target.name} and "
-                               f"its code is not the update's pre code: {e.reason}")
+                skipped.append(
+                    f"{image.path} in process {pid} is not named {target.name} and "
+                    f"its code is not the update's pre code: {e.reason}"
+                )
                 continue
             warnings = list(match.warnings)
             plan = plan_load(target, image, match, read, pid, maps)
-            prepared.append(_Prepared(target.name, image, plan, warnings,
-                                      identify(target, image, found_by_code, len(match.functions))))
+            prepared.append(
+                _Prepared(
+                    target.name,
+                    image,
+                    plan,
+                    warnings,
+                    identify(target, image, found_by_code, len(match.functions)),
+                )
+            )
     if not prepared:
         names = ", ".join(t.name for t in manifest.targets)
         raise NoMatch(
@@ -266,13 +275,17 @@ def identify(target: Target, image: MappedImage, by_code: bool, functions: int) 
     for v in target.verified:
         if v.build_id == image.build_id:
             origin = f" {v.origin}" if v.origin else ""
-            return (f"{target.name}: {image.path} is the binary verified at create time"
-                    f"{origin} ({v.file}, build-id {bid})")
+            return (
+                f"{target.name}: {image.path} is the binary verified at create time"
+                f"{origin} ({v.file}, build-id {bid})"
+            )
     if image.build_id and image.build_id == target.build_id:
         return f"{target.name}: {image.path} is the update's own pre build (build-id {bid})"
     how = "by its code (its name differs)" if by_code else "by name"
-    return (f"{target.name}: {image.path} found {how}; its {functions} pre function(s) matched "
-            f"the update's (build-id {bid})")
+    return (
+        f"{target.name}: {image.path} found {how}; its {functions} pre function(s) matched "
+        f"the update's (build-id {bid})"
+    )
 
 
 def _run_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> None:
@@ -287,8 +300,11 @@ def _run_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> None:
             # into the update stored somewhere) stays done. Keep the update's memory.
             raise UncleanHook(
                 f"the {kind} hook {name}() did not finish: {e.reason}",
-                details=[*e.details, "the update's memory stays mapped: the hook may have "
-                         "left pointers into it; the process may be inconsistent"],
+                details=[
+                    *e.details,
+                    "the update's memory stays mapped: the hook may have "
+                    "left pointers into it; the process may be inconsistent",
+                ],
                 advice="consider restarting the process; fix the hook",
             ) from None
         if rc != 0:
@@ -315,7 +331,11 @@ def _late_hooks(t: Tracee, hooks: list[tuple[str, int]], kind: str) -> list[str]
 
 
 def apply_to_process(
-    manifest: Manifest, pid: int, *, retries: int = 5, interval: float = 1.0,
+    manifest: Manifest,
+    pid: int,
+    *,
+    retries: int = 5,
+    interval: float = 1.0,
     by_code: bool = False,
 ) -> ApplyReport:
     """Splice ``manifest`` into process ``pid``: the steps of this module's docstring.
@@ -337,8 +357,9 @@ def apply_to_process(
             return run.finish(prepared, stats)  # step 7
 
 
-def _clear_the_way(manifest: Manifest, pid: int, *, retries: int,
-                   interval: float) -> list[StateRecord]:
+def _clear_the_way(
+    manifest: Manifest, pid: int, *, retries: int, interval: float
+) -> list[StateRecord]:
     """Refuse what must not be applied again; clean up an interrupted apply of this very
     update. Returns the records of the other updates in the process (for the sequence)."""
     present = {u.id: u for u in updates_in(pid)}
@@ -421,8 +442,9 @@ class _Splice:
         self.t = Tracee(self.pid)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         from livesplice.process.ptrace import CRASH_SIGNALS
         from livesplice.process.remote import remote_munmap
 
@@ -437,8 +459,10 @@ class _Splice:
                 # been harmed by it
                 if t.killed_by in CRASH_SIGNALS:
                     exc.crash_signal = t.killed_by  # the service's crash guard holds it
-                    exc.details.append(f"it crashed ({signal.Signals(t.killed_by).name}) "
-                                       "while it was being patched")
+                    exc.details.append(
+                        f"it crashed ({signal.Signals(t.killed_by).name}) "
+                        "while it was being patched"
+                    )
             for addr, size in reversed(self.mapped):
                 remote_munmap(t, addr, size)
             if not self.keep:  # rolled back: nothing of the update is left in the process
@@ -463,17 +487,23 @@ class _Splice:
         _journal(self.pid, self.id, "mapping", None)
         code_size = sum(p.plan.code_size for p in prepared)
         data_size = sum(p.plan.data_size for p in prepared)
-        regions = _Regions(self._mmap(max(code_size, 1), PROT_READ | PROT_EXEC,
-                                      f"{NAME_PREFIX}{self.id}:code", near), code_size)
+        regions = _Regions(
+            self._mmap(
+                max(code_size, 1), PROT_READ | PROT_EXEC, f"{NAME_PREFIX}{self.id}:code", near
+            ),
+            code_size,
+        )
         checkpoint("apply:mapped-code")
         if data_size:
-            regions.data = self._mmap(data_size, PROT_READ | PROT_WRITE,
-                                      f"{NAME_PREFIX}{self.id}:data", near)
+            regions.data = self._mmap(
+                data_size, PROT_READ | PROT_WRITE, f"{NAME_PREFIX}{self.id}:data", near
+            )
             regions.data_size = data_size
         return regions
 
-    def write(self, prepared: list[_Prepared],
-              regions: _Regions) -> list[tuple[_Prepared, LoadImage]]:
+    def write(
+        self, prepared: list[_Prepared], regions: _Regions
+    ) -> list[tuple[_Prepared, LoadImage]]:
         """Step 4b: each image's code and data, relocated for where they were mapped."""
         images: list[tuple[_Prepared, LoadImage]] = []
         c, d = regions.code, regions.data
@@ -488,17 +518,23 @@ class _Splice:
         checkpoint("apply:wrote-code")
         return images
 
-    def record(self, manifest: Manifest, prepared: list[_Prepared],
-               images: list[tuple[_Prepared, LoadImage]], regions: _Regions,
-               existing: list[StateRecord]) -> StateRecord:
+    def record(
+        self,
+        manifest: Manifest,
+        prepared: list[_Prepared],
+        images: list[tuple[_Prepared, LoadImage]],
+        regions: _Regions,
+        existing: list[StateRecord],
+    ) -> StateRecord:
         """Step 4c: the state record, in the journal and in the process (view and undo read
         it): every trampoline with its original bytes, hooks, what was loaded where."""
         self.hooks = _hook_addresses(manifest, images)
         functions: list[tuple[int, int, str]] = []
         c = regions.code
         for p in prepared:
-            functions.extend((c + off, c + off + s.size, s.name)
-                             for s, off in p.plan.code_layout if s.executable)
+            functions.extend(
+                (c + off, c + off + s.size, s.name) for s, off in p.plan.code_layout if s.executable
+            )
             c += p.plan.code_size
         record = StateRecord(
             id=manifest.id,
@@ -507,16 +543,20 @@ class _Splice:
             applied_at=time.time(),
             trampolines=[
                 TrampolineRecord(
-                    function=tr.function, target=p.target_name, address=tr.address,
-                    original=tr.original.hex(), jump=tr.jump.hex(), replacement=tr.target,
-                    busy_start=_busy(p.plan, tr)[0], busy_end=_busy(p.plan, tr)[1],
+                    function=tr.function,
+                    target=p.target_name,
+                    address=tr.address,
+                    original=tr.original.hex(),
+                    jump=tr.jump.hex(),
+                    replacement=tr.target,
+                    busy_start=_busy(p.plan, tr)[0],
+                    busy_end=_busy(p.plan, tr)[1],
                 )
                 for p, img in images
                 for tr in img.trampolines
             ],
             code=(regions.code, regions.code + max(regions.code_size, 1)),
-            data=(regions.data, regions.data + regions.data_size) if regions.data_size
-            else (0, 0),
+            data=(regions.data, regions.data + regions.data_size) if regions.data_size else (0, 0),
             hooks=self.hooks,
             targets=sorted({p.target_name for p in prepared}),
             tool_pid=os.getpid(),
@@ -524,8 +564,7 @@ class _Splice:
         )
         _journal(self.pid, self.id, "recorded", record)
         blob = record.encode()
-        self.state_addr = self._mmap(len(blob) + 4096, PROT_READ, f"{NAME_PREFIX}{self.id}",
-                                     None)
+        self.state_addr = self._mmap(len(blob) + 4096, PROT_READ, f"{NAME_PREFIX}{self.id}", None)
         self.t.write(self.state_addr, blob)
         checkpoint("apply:wrote-state")
         self._record = record
@@ -574,9 +613,12 @@ class _Splice:
         _journal(self.pid, self.id, "recorded", record)
         warnings = _late_hooks(self.t, self.hooks.get("post_apply", []), "post_apply")
         self.report = ApplyReport(
-            pid=self.pid, id=self.id,
+            pid=self.pid,
+            id=self.id,
             functions=[tr.function for tr in record.trampolines],
-            pause_us=stats.pause_us, attempts=stats.attempts, threads=stats.threads,
+            pause_us=stats.pause_us,
+            attempts=stats.attempts,
+            threads=stats.threads,
             ran_out=stats.ran_out,
             warnings=[w for p in prepared for w in p.warnings] + warnings,
             images=[p.identity for p in prepared],
@@ -661,8 +703,11 @@ class Present:
         if self.entry is None or self.entry.record is None or self.mapping is None:
             return ""
         if self.target_record is None:
-            return ("the record inside the process is " + (self.error or "missing")
-                    if self.mapping.record is not None else "")
+            return (
+                "the record inside the process is " + (self.error or "missing")
+                if self.mapping.record is not None
+                else ""
+            )
         j, t = self.entry.record, self.target_record
         if (j.trampolines, j.code, j.data, j.hooks) != (t.trampolines, t.code, t.data, t.hooks):
             return "the record inside the process differs from livesplice's journal"
@@ -679,22 +724,21 @@ def updates_in(pid: int) -> list[Present]:
         # journal only: nothing of the update is mapped any more (an undo killed after
         # unmapping) or the process unmapped it; stale unless its jumps are still there
         found[uid] = Present(uid, None, e, None)
-    return sorted(found.values(), key=lambda u: (u.record.sequence if u.record else 1 << 30,
-                                                 u.id))
+    return sorted(found.values(), key=lambda u: (u.record.sequence if u.record else 1 << 30, u.id))
 
 
 def state_of(pid: int, u: Present, others: list[Present]) -> str:
     """The honest word for an update: ``applied`` only when every jump is in place."""
     rec = u.record
     if rec is None:
-        if u.entry is not None or (u.mapping is not None and u.mapping.record is None
-                                   and not u.error):
+        if u.entry is not None or (
+            u.mapping is not None and u.mapping.record is None and not u.error
+        ):
             return INCOMPLETE
         return f"invalid: {u.error}"
     if rec.reverted:
         return "undone (memory kept: still referenced)"
-    later = [o.record for o in others
-             if o.record is not None and o.record.sequence > rec.sequence]
+    later = [o.record for o in others if o.record is not None and o.record.sequence > rec.sequence]
     status = trampoline_status(pid, rec, later)
     if status == "applied":
         return "applied"
@@ -717,16 +761,26 @@ def check_record_against_update(rec: StateRecord, manifest: Manifest, pid: int) 
     def refuse(why: str) -> NoReturn:
         raise NoPermission(
             f"the record of update {rec.id} in process {pid} does not match the update file",
-            details=[why], advice="this record was not written by livesplice for this update; "
+            details=[why],
+            advice="this record was not written by livesplice for this update; "
             "do not act on it (restart the process to be rid of it)",
         )
 
-    code = [(m.start, m.end) for m in read_maps(pid)
-            if m.executable and m.path.startswith("/") and "/memfd:" not in m.path]
+    code = [
+        (m.start, m.end)
+        for m in read_maps(pid)
+        if m.executable and m.path.startswith("/") and "/memfd:" not in m.path
+    ]
     for tr in rec.trampolines:
         target = next((t for t in manifest.targets if t.name == tr.target), None)
-        pre = next((s for s in (target.sections if target else [])
-                    if s.role == "pre" and s.name == tr.function and s.executable), None)
+        pre = next(
+            (
+                s
+                for s in (target.sections if target else [])
+                if s.role == "pre" and s.name == tr.function and s.executable
+            ),
+            None,
+        )
         if pre is None:
             refuse(f"{tr.target}:{tr.function} is not a function the update replaces")
         original, jump = bytes.fromhex(tr.original), bytes.fromhex(tr.jump)
@@ -736,8 +790,11 @@ def check_record_against_update(rec: StateRecord, manifest: Manifest, pid: int) 
             i not in wild and original[i] != body[i] for i in range(len(original))
         ):
             refuse(f"original bytes of {tr.function} ({tr.original}) are not its pre code")
-        want = b"\xe9" + (tr.replacement - tr.address - 5).to_bytes(4, "little", signed=True) \
-            if -(1 << 31) <= tr.replacement - tr.address - 5 < 1 << 31 else b""
+        want = (
+            b"\xe9" + (tr.replacement - tr.address - 5).to_bytes(4, "little", signed=True)
+            if -(1 << 31) <= tr.replacement - tr.address - 5 < 1 << 31
+            else b""
+        )
         if jump != want or len(original) != len(jump):
             refuse(f"the jump at {tr.address:#x} ({tr.jump}) does not go to the replacement")
         if not any(lo <= tr.address and tr.address + len(jump) <= hi for lo, hi in code):
@@ -772,20 +829,29 @@ def _note_stops(report: ApplyReport | UndoReport, t: Tracee) -> None:
 
 def stop_figures(report: ApplyReport | UndoReport) -> dict[str, Any]:
     """The stop figures of a report for --json."""
-    return {"pause_us": round(report.pause_us, 1), "stopped_us": round(report.stopped_us, 1),
-            "others_stopped_us": round(report.others_stopped_us, 1),
-            "host_stopped_us": round(report.host_stopped_us, 1),
-            "threads_stopped_max": report.threads_stopped_max}
+    return {
+        "pause_us": round(report.pause_us, 1),
+        "stopped_us": round(report.stopped_us, 1),
+        "others_stopped_us": round(report.others_stopped_us, 1),
+        "host_stopped_us": round(report.host_stopped_us, 1),
+        "threads_stopped_max": report.threads_stopped_max,
+    }
 
 
 def stop_words(report: ApplyReport | UndoReport) -> str:
     """The stop figures of a report in words."""
-    return (f"other threads held stopped up to {report.others_stopped_us:.0f} us in all, the "
-            f"thread hosting livesplice's calls up to {report.host_stopped_us:.0f} us")
+    return (
+        f"other threads held stopped up to {report.others_stopped_us:.0f} us in all, the "
+        f"thread hosting livesplice's calls up to {report.host_stopped_us:.0f} us"
+    )
 
 
 def undo_in_process(
-    update_id: str, pid: int, *, retries: int = 5, interval: float = 1.0,
+    update_id: str,
+    pid: int,
+    *,
+    retries: int = 5,
+    interval: float = 1.0,
     from_target: Manifest | None = None,
 ) -> UndoReport:
     """Restore the original bytes of every trampoline, then unmap the update.
@@ -799,13 +865,13 @@ def undo_in_process(
     """
     check_process(pid)
     with process_lock(pid), _exit_wins(pid, "undo"):
-        return _undo_locked(update_id, pid, retries=retries, interval=interval,
-                            from_target=from_target)
+        return _undo_locked(
+            update_id, pid, retries=retries, interval=interval, from_target=from_target
+        )
 
 
 def _undo_locked(
-    update_id: str, pid: int, *, retries: int, interval: float,
-    from_target: Manifest | None
+    update_id: str, pid: int, *, retries: int, interval: float, from_target: Manifest | None
 ) -> UndoReport:
     """Undo as a list of steps: find and trust the record; an apply interrupted before it
     recorded anything is only unmapped; refuse if a later update is stacked on this one;
@@ -831,8 +897,13 @@ def _undo_locked(
     return report
 
 
-def _trusted_entry(present: list[Present], update_id: str, pid: int,
-                   from_target: Manifest | None, report: UndoReport) -> Present:
+def _trusted_entry(
+    present: list[Present],
+    update_id: str,
+    pid: int,
+    from_target: Manifest | None,
+    report: UndoReport,
+) -> Present:
     """The update's entry, if livesplice may act on it: journal-backed, or (``from_target``)
     a record inside the process that the signed update vouches for."""
     u = next((x for x in present if x.id == update_id), None)
@@ -854,8 +925,7 @@ def _trusted_entry(present: list[Present], update_id: str, pid: int,
             check_record_against_update(u.target_record, from_target, pid)
     if disagree := u.disagreement():
         report.warnings.append(f"{disagree}; acting on the journal")
-    if u.record is None and u.entry is None and (u.mapping is None
-                                                 or u.mapping.record is not None):
+    if u.record is None and u.entry is None and (u.mapping is None or u.mapping.record is not None):
         raise NotApplied(
             f"update {update_id} in process {pid} has an unusable state record: {u.error}",
             advice="the process may be corrupted; restart it to be safe",
@@ -879,8 +949,7 @@ def _unmap_unrecorded(u: Present, update_id: str, pid: int) -> None:
 
 
 def _refuse_stacked_on(rec: StateRecord, present: list[Present], update_id: str) -> None:
-    later = [x.record for x in present
-             if x.record is not None and x.record.sequence > rec.sequence]
+    later = [x.record for x in present if x.record is not None and x.record.sequence > rec.sequence]
     mine_addrs = {tr.address for tr in rec.trampolines}
     blocking = [r.id for r in later if mine_addrs & {tr.address for tr in r.trampolines}]
     if blocking:
@@ -916,8 +985,14 @@ def _restoring_writes(rec: StateRecord, pid: int) -> list[tuple[int, bytes]]:
 class _Unsplice:
     """One undo, from attaching to detaching (the stop figures counted at the end)."""
 
-    def __init__(self, pid: int, update_id: str, rec: StateRecord, sm: StateMapping | None,
-                 report: UndoReport) -> None:
+    def __init__(
+        self,
+        pid: int,
+        update_id: str,
+        rec: StateRecord,
+        sm: StateMapping | None,
+        report: UndoReport,
+    ) -> None:
         self.pid, self.id, self.rec, self.sm, self.report = pid, update_id, rec, sm, report
         self.sps: list[int] = []  # every thread's stack pointer, read inside the window
         self.t: Tracee
@@ -935,8 +1010,7 @@ class _Unsplice:
     def pre_hooks(self) -> None:
         _run_hooks(self.t, self.rec.hooks.get("pre_reverse", []), "pre_reverse")
 
-    def switch(self, writes: list[tuple[int, bytes]], *, retries: int,
-               interval: float) -> None:
+    def switch(self, writes: list[tuple[int, bytes]], *, retries: int, interval: float) -> None:
         """The stop window: no thread in the update's code, the reverse hooks, the original
         bytes back. Busy -> retry, then abort (fail_reverse hooks; the update stays)."""
         from livesplice.process.stopwindow import StopWindow
@@ -944,8 +1018,9 @@ class _Unsplice:
         rec, t = self.rec, self.t
         # the loaded functions, decoded as code; an old record without them: the whole
         # code mapping (conservatively)
-        busy = [(lo, hi, f"{name} (update {self.id})") for lo, hi, name in rec.functions] \
-            or [(rec.code[0], rec.code[1], f"update {self.id} replacement code")]
+        busy = [(lo, hi, f"{name} (update {self.id})") for lo, hi, name in rec.functions] or [
+            (rec.code[0], rec.code[1], f"update {self.id} replacement code")
+        ]
         window = StopWindow(t, busy, retries=retries, interval=interval)
         reverse_hooks = rec.hooks.get("reverse", [])
 
@@ -960,8 +1035,11 @@ class _Unsplice:
         try:
             stats = window.run(
                 writes,
-                expect=[bytes.fromhex(tr.jump) for tr in rec.trampolines
-                        if (tr.address, bytes.fromhex(tr.original)) in writes],
+                expect=[
+                    bytes.fromhex(tr.jump)
+                    for tr in rec.trampolines
+                    if (tr.address, bytes.fromhex(tr.original)) in writes
+                ],
                 inside=inside,
             )
         except (CodeBusy, HookFailed):
@@ -972,8 +1050,9 @@ class _Unsplice:
 
     def post_hooks(self) -> None:
         """post_reverse hooks: a failure is a warning (the original code is back)."""
-        self.report.warnings.extend(_late_hooks(self.t, self.rec.hooks.get("post_reverse", []),
-                                                "post_reverse"))
+        self.report.warnings.extend(
+            _late_hooks(self.t, self.rec.hooks.get("post_reverse", []), "post_reverse")
+        )
 
     def release(self) -> None:
         """Unmap the update -- unless the program still holds pointers into it (a string
@@ -984,18 +1063,24 @@ class _Unsplice:
         rec, t = self.rec, self.t
         ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
         record_map = self.sm.record if self.sm else None
-        held = pointers_into(self.pid, ours,
-                             exclude=[*ours, *([record_map] if record_map else [])],
-                             stack_pointers=self.sps)
+        held = pointers_into(
+            self.pid,
+            ours,
+            exclude=[*ours, *([record_map] if record_map else [])],
+            stack_pointers=self.sps,
+        )
         if held is None or held:
             rec.reverted = True
             _journal(self.pid, self.id, "recorded", rec)
             blob = rec.encode()
             if record_map and len(blob) <= record_map[1] - record_map[0]:
                 t.write(record_map[0], blob)
-            why = ("the program's writable memory is too large to scan" if held is None
-                   else "the program still holds pointers into it, e.g. at "
-                   + ", ".join(f"{a:#x}" for a in held[:3]))
+            why = (
+                "the program's writable memory is too large to scan"
+                if held is None
+                else "the program still holds pointers into it, e.g. at "
+                + ", ".join(f"{a:#x}" for a in held[:3])
+            )
             self.report.warnings.append(f"undo kept update {self.id}'s memory mapped: {why}")
         else:
             for rng in (rec.code, rec.data, record_map):
@@ -1085,8 +1170,7 @@ def view_process(pid: int) -> list[dict[str, Any]]:
         state = state_of(pid, u, present)
         if state == "gone":
             continue
-        row: dict[str, Any] = {"pid": pid, "id": u.id, "state": state,
-                               "verified": u.verified}
+        row: dict[str, Any] = {"pid": pid, "id": u.id, "state": state, "verified": u.verified}
         if not u.verified:
             row["note"] = "not in livesplice's journal: read from the process only"
         if disagree := u.disagreement():
@@ -1094,9 +1178,12 @@ def view_process(pid: int) -> list[dict[str, Any]]:
         rec = u.record
         if rec is not None:
             row.update(
-                description=rec.description, sequence=rec.sequence,
-                functions=[tr.function for tr in rec.trampolines], targets=rec.targets,
-                pause_us=rec.pause_us, applied_at=rec.applied_at,
+                description=rec.description,
+                sequence=rec.sequence,
+                functions=[tr.function for tr in rec.trampolines],
+                targets=rec.targets,
+                pause_us=rec.pause_us,
+                applied_at=rec.applied_at,
             )
         out.append(row)
     return out
@@ -1173,9 +1260,14 @@ def view_rows(pids: list[int] | None) -> tuple[list[dict[str, Any]], list[dict[s
         except LivespliceError as e:
             problems.append({"pid": pid, "abort": e.abort, "reason": e.reason})
     if hidden:
-        problems.append({"pids": hidden, "abort": "NO_PERMISSION",
-                         "reason": f"could not inspect {len(hidden)} process(es) of other "
-                         "users (run as root to see every patched process)"})
+        problems.append(
+            {
+                "pids": hidden,
+                "abort": "NO_PERMISSION",
+                "reason": f"could not inspect {len(hidden)} process(es) of other "
+                "users (run as root to see every patched process)",
+            }
+        )
     return rows, problems
 
 

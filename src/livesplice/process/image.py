@@ -115,8 +115,13 @@ def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
         for seg in elf.iter_segments():
             if seg["p_type"] == "PT_LOAD":
                 loads.append(
-                    (seg["p_vaddr"], seg["p_memsz"], seg["p_offset"], seg["p_filesz"],
-                     seg["p_flags"])
+                    (
+                        seg["p_vaddr"],
+                        seg["p_memsz"],
+                        seg["p_offset"],
+                        seg["p_filesz"],
+                        seg["p_flags"],
+                    )
                 )
             elif seg["p_type"] == "PT_TLS":
                 tls = (seg["p_vaddr"], seg["p_memsz"], seg["p_align"])
@@ -157,8 +162,16 @@ def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
                     # (gABI GNU extension, "Symbol Versioning")
                     default = not (struct.unpack_from("<H", vers, 2 * i)[0] & 0x8000)
                 facts.symbols.setdefault(sym.name, []).append(
-                    ElfSymbol(sym.name, sym["st_value"], sym["st_size"], stype, bind,
-                              sym["st_shndx"] != "SHN_UNDEF", dynamic, default)
+                    ElfSymbol(
+                        sym.name,
+                        sym["st_value"],
+                        sym["st_size"],
+                        stype,
+                        bind,
+                        sym["st_shndx"] != "SHN_UNDEF",
+                        dynamic,
+                        default,
+                    )
                 )
 
         slot_names: dict[int, str] = {}
@@ -193,11 +206,22 @@ def _elf_facts_cached(path: str, _dev: int, _ino: int, _mtime: int) -> ElfFacts:
     return facts
 
 
-_STT = {"STT_NOTYPE": STT_NOTYPE, "STT_OBJECT": STT_OBJECT, "STT_FUNC": STT_FUNC,
-        "STT_SECTION": STT_SECTION, "STT_TLS": STT_TLS, "STT_GNU_IFUNC": STT_GNU_IFUNC,
-        "STT_LOOS": STT_GNU_IFUNC}
-_STB = {"STB_LOCAL": STB_LOCAL, "STB_GLOBAL": STB_GLOBAL, "STB_WEAK": STB_WEAK,
-        "STB_GNU_UNIQUE": STB_GLOBAL, "STB_LOOS": STB_GLOBAL}
+_STT = {
+    "STT_NOTYPE": STT_NOTYPE,
+    "STT_OBJECT": STT_OBJECT,
+    "STT_FUNC": STT_FUNC,
+    "STT_SECTION": STT_SECTION,
+    "STT_TLS": STT_TLS,
+    "STT_GNU_IFUNC": STT_GNU_IFUNC,
+    "STT_LOOS": STT_GNU_IFUNC,
+}
+_STB = {
+    "STB_LOCAL": STB_LOCAL,
+    "STB_GLOBAL": STB_GLOBAL,
+    "STB_WEAK": STB_WEAK,
+    "STB_GNU_UNIQUE": STB_GLOBAL,
+    "STB_LOOS": STB_GLOBAL,
+}
 
 
 def elf_facts(path: str) -> ElfFacts:
@@ -211,9 +235,7 @@ def _clean_path(path: str) -> str:
 
 
 def _is_file_path(path: str) -> bool:
-    return path.startswith("/") and not path.startswith("/memfd:") and not path.startswith(
-        "/dev/"
-    )
+    return path.startswith("/") and not path.startswith("/memfd:") and not path.startswith("/dev/")
 
 
 class MappedImage:
@@ -326,9 +348,22 @@ def elf_errors() -> tuple[type[BaseException], ...]:
 
         # pyelftools' construct errors are not ELFErrors; a size field of 2^45 is a
         # MemoryError or an OverflowError; a name that is not text, a UnicodeError
-        _ELF_ERRORS = (OSError, ValueError, ELFError, ELFParseError, ConstructError,
-                            struct.error, IndexError, KeyError, AssertionError, MemoryError,
-                            OverflowError, UnicodeError, TypeError, RecursionError)
+        _ELF_ERRORS = (
+            OSError,
+            ValueError,
+            ELFError,
+            ELFParseError,
+            ConstructError,
+            struct.error,
+            IndexError,
+            KeyError,
+            AssertionError,
+            MemoryError,
+            OverflowError,
+            UnicodeError,
+            TypeError,
+            RecursionError,
+        )
     return _ELF_ERRORS
 
 
@@ -369,8 +404,11 @@ def gnu_build_id(path: str) -> str:
 
 
 def find_images(
-    pid: int, name: str, maps: list[Mapping] | None = None,
-    build_ids: Collection[str] = (), skipped: list[str] | None = None,
+    pid: int,
+    name: str,
+    maps: list[Mapping] | None = None,
+    build_ids: Collection[str] = (),
+    skipped: list[str] | None = None,
 ) -> list[MappedImage]:
     """Every ELF file mapped in ``pid`` that is the target ``name``.
 
@@ -397,8 +435,10 @@ def find_images(
             img = MappedImage(pid, path, ms)
         except elf_errors() as e:
             if skipped is not None and (by_id or base == name):
-                skipped.append(f"{_clean_path(path)} in process {pid}: not a valid ELF "
-                               f"file ({type(e).__name__})")
+                skipped.append(
+                    f"{_clean_path(path)} in process {pid}: not a valid ELF "
+                    f"file ({type(e).__name__})"
+                )
             continue
         if by_id or img.matches_name(name):
             out.append(img)
@@ -484,8 +524,12 @@ def file_image(path: str) -> tuple[MappedImage, list[Mapping], Callable[[int, in
     for vaddr, memsz, off, filesz, flags in facts.loads:
         lo = base + (vaddr & ~(PAGE - 1))
         hi = base + ((vaddr + memsz + PAGE - 1) & ~(PAGE - 1))
-        perms = ("r" if flags & _PF_R else "-") + ("w" if flags & _PF_W else "-") + \
-            ("x" if flags & _PF_X else "-") + "p"
+        perms = (
+            ("r" if flags & _PF_R else "-")
+            + ("w" if flags & _PF_W else "-")
+            + ("x" if flags & _PF_X else "-")
+            + "p"
+        )
         maps.append(Mapping(lo, hi, perms, off & ~(PAGE - 1), path))
         pieces.append((lo, hi, off & ~(PAGE - 1), off + filesz))
     if not maps:
@@ -498,7 +542,7 @@ def file_image(path: str) -> tuple[MappedImage, list[Mapping], Callable[[int, in
                 if lo <= addr < hi:
                     take = min(n, hi - addr)
                     pos = file_lo + (addr - lo)
-                    chunk = data[pos: min(pos + take, file_hi)] if pos < file_hi else b""
+                    chunk = data[pos : min(pos + take, file_hi)] if pos < file_hi else b""
                     out += chunk + b"\0" * (take - len(chunk))
                     addr, n = addr + take, n - take
                     break

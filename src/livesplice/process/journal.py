@@ -88,8 +88,16 @@ def write_entry(pid: int, update_id: str, stage: Stage, record: StateRecord | No
         raise FileNotFoundError(f"process {pid} is gone")
     d = journal_dir(create=True)
     name = _name(pid, start, update_id)
-    body = json.dumps({"pid": pid, "start": start, "id": update_id, "stage": stage,
-                       "record": asdict(record) if record else None}, sort_keys=True)
+    body = json.dumps(
+        {
+            "pid": pid,
+            "start": start,
+            "id": update_id,
+            "stage": stage,
+            "record": asdict(record) if record else None,
+        },
+        sort_keys=True,
+    )
     write_private(d / name, body.encode())
 
 

@@ -85,8 +85,16 @@ class LoadImage:
 class LoadPlan:
     """The update's layout, with every existing symbol already resolved."""
 
-    def __init__(self, target: Target, image: MappedImage, match: MatchResult, read: Read,
-                 values: dict[str, int], tpoffs: dict[str, int], tlsgd: dict[str, int]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        image: MappedImage,
+        match: MatchResult,
+        read: Read,
+        values: dict[str, int],
+        tpoffs: dict[str, int],
+        tlsgd: dict[str, int],
+    ) -> None:
         self.target = target
         self.image = image
         self.match = match
@@ -107,8 +115,7 @@ class LoadPlan:
         off = _align(off, 8)
         for s, _ in self.code_layout:
             for r in s.relocs:
-                if r.type in ("R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX",
-                              "R_X86_64_REX_GOTPCRELX"):
+                if r.type in ("R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_REX_GOTPCRELX"):
                     key = r.symbol
                 elif r.type == "R_X86_64_GOTTPOFF":
                     key = TPOFF_SLOT + r.symbol
@@ -121,8 +128,12 @@ class LoadPlan:
         shipped = self.shipped_keys()
         for s, _ in self.code_layout:
             for r in s.relocs:
-                if r.type in ("R_X86_64_PLT32", "R_X86_64_PC32") and r.symbol not in shipped \
-                        and r.symbol not in self.veneers and self._is_function(r.symbol):
+                if (
+                    r.type in ("R_X86_64_PLT32", "R_X86_64_PC32")
+                    and r.symbol not in shipped
+                    and r.symbol not in self.veneers
+                    and self._is_function(r.symbol)
+                ):
                     self.veneers[r.symbol] = off
                     off += VENEER_SIZE + 8
         self.code_size = off
@@ -181,7 +192,7 @@ class LoadPlan:
 
         def resolve(key: str) -> int:
             if key.startswith(ENTRY_PREFIX):
-                return via_entry[key[len(ENTRY_PREFIX):]]
+                return via_entry[key[len(ENTRY_PREFIX) :]]
             if key in addresses:
                 return addresses[key]
             if key in self.values:
@@ -207,7 +218,7 @@ class LoadPlan:
 
         def got_slot(key: str) -> int:
             if key.startswith(TLSGD_SLOT):
-                name = key[len(TLSGD_SLOT):]
+                name = key[len(TLSGD_SLOT) :]
                 if name not in self.tlsgd:
                     raise RelocationError(f"no __tls_get_addr GOT pair known for {name}")
                 return self.tlsgd[name]
@@ -218,24 +229,28 @@ class LoadPlan:
 
         code = bytearray(self.code_size)
         for s, off in self.code_layout:
-            out = apply_relocs(entry_references(s, via_entry), code_base + off, resolve,
-                               got_slot, plt_stub, tpoff)
+            out = apply_relocs(
+                entry_references(s, via_entry), code_base + off, resolve, got_slot, plt_stub, tpoff
+            )
             code[off : off + len(out)] = out
         for key, off in self.slots.items():
-            v = tpoff(key[len(TPOFF_SLOT):]) if key.startswith(TPOFF_SLOT) else resolve(key)
+            v = tpoff(key[len(TPOFF_SLOT) :]) if key.startswith(TPOFF_SLOT) else resolve(key)
             struct.pack_into("<Q", code, off, v & (2**64 - 1))
         for key, off in self.veneers.items():
             # ff 25 <disp32>: disp is from the end of the 6-byte jmp to the slot after the veneer
-            code[off : off + VENEER_SIZE] = b"\xff\x25" + struct.pack("<i", VENEER_SIZE - 6) + \
-                b"\xcc\xcc"
+            code[off : off + VENEER_SIZE] = (
+                b"\xff\x25" + struct.pack("<i", VENEER_SIZE - 6) + b"\xcc\xcc"
+            )
             struct.pack_into("<Q", code, off + VENEER_SIZE, resolve(key))
         data = bytearray(self.data_size)
         for s, off in self.data_layout:
-            out = apply_relocs(entry_references(s, via_entry), data_base + off, resolve,
-                               got_slot, plt_stub, tpoff)
+            out = apply_relocs(
+                entry_references(s, via_entry), data_base + off, resolve, got_slot, plt_stub, tpoff
+            )
             data[off : off + len(out)] = out
-        return LoadImage(bytes(code), bytes(data), addresses,
-                         self.trampolines(addresses), used_veneers)
+        return LoadImage(
+            bytes(code), bytes(data), addresses, self.trampolines(addresses), used_veneers
+        )
 
     def trampolines(self, addresses: dict[str, int]) -> list[Trampoline]:
         out = []
@@ -249,9 +264,19 @@ class LoadPlan:
             if not fits(rel, 4, "signed"):
                 raise RelocationError(
                     f"replacement of {s.name} at {new:#x} is out of jmp rel32 reach of its "
-                    f"entry {entry:#x}", advice="map the code within near_range() of the image")
-            out.append(Trampoline(s.name, key, entry, self.read(entry, JMP_REL32_SIZE),
-                                  bytes([JMP_REL32]) + struct.pack("<i", rel), new))
+                    f"entry {entry:#x}",
+                    advice="map the code within near_range() of the image",
+                )
+            out.append(
+                Trampoline(
+                    s.name,
+                    key,
+                    entry,
+                    self.read(entry, JMP_REL32_SIZE),
+                    bytes([JMP_REL32]) + struct.pack("<i", rel),
+                    new,
+                )
+            )
         return out
 
 
@@ -292,8 +317,14 @@ def _name_of(key: str, info: SymbolInfo | None) -> str:
     return key.rsplit(":", 1)[-1]
 
 
-def plan_load(target: Target, image: MappedImage, match: MatchResult, read: Read, pid: int,
-              maps: list[Mapping]) -> LoadPlan:
+def plan_load(
+    target: Target,
+    image: MappedImage,
+    match: MatchResult,
+    read: Read,
+    pid: int,
+    maps: list[Mapping],
+) -> LoadPlan:
     """Lay out the update and resolve every existing symbol; NoMatch lists every missing one."""
     pre = {s.key: s for s in target.sections if s.role == "pre"}
     problems: list[str] = []
@@ -309,9 +340,12 @@ def plan_load(target: Target, image: MappedImage, match: MatchResult, read: Read
         if size < JMP_REL32_SIZE:
             problems.append(f"{s.name} is {size} bytes long: too short for a 5-byte jmp")
     if problems:
-        raise NoMatch(problems[0], details=problems,
-                      advice="a function shorter than 5 bytes cannot be patched in place: "
-                      "change its callers instead")
+        raise NoMatch(
+            problems[0],
+            details=problems,
+            advice="a function shorter than 5 bytes cannot be patched in place: "
+            "change its callers instead",
+        )
 
     shipped: set[str] = set()
     for s in target.sections:
@@ -353,14 +387,23 @@ def plan_load(target: Target, image: MappedImage, match: MatchResult, read: Read
             if v is not None:
                 values[key] = v
     if missing:
-        raise NoMatch(missing[0], details=sorted(set(missing)),
-                      advice="the running process does not contain what the new code needs")
+        raise NoMatch(
+            missing[0],
+            details=sorted(set(missing)),
+            advice="the running process does not contain what the new code needs",
+        )
     return LoadPlan(target, image, match, read, values, tpoffs, tlsgd)
 
 
-def _resolve_existing(key: str, name: str, info: SymbolInfo | None, match: MatchResult,
-                      image: MappedImage, resolver: ExternalResolver,
-                      missing: list[str]) -> int | None:
+def _resolve_existing(
+    key: str,
+    name: str,
+    info: SymbolInfo | None,
+    match: MatchResult,
+    image: MappedImage,
+    resolver: ExternalResolver,
+    missing: list[str],
+) -> int | None:
     # 2. a matched pre section: callers go through its entry (the trampoline, if stacked)
     if key in match.entries:
         return match.entries[key]

@@ -129,8 +129,14 @@ def _reg_operand(ins: Insn) -> str:
 
 
 class _Matcher:
-    def __init__(self, read: Read, image: MappedImage, target: Target, maps: list[Mapping],
-                 offline: bool = False):
+    def __init__(
+        self,
+        read: Read,
+        image: MappedImage,
+        target: Target,
+        maps: list[Mapping],
+        offline: bool = False,
+    ):
         self.read = read
         self.image = image
         self.target = target
@@ -164,8 +170,9 @@ class _Matcher:
         return self._text
 
     # -- learning -----------------------------------------------------------------------
-    def learn_field(self, r: Reloc, value: int, place: int, sec: Section,
-                    out: list[_Learn]) -> str | None:
+    def learn_field(
+        self, r: Reloc, value: int, place: int, sec: Section, out: list[_Learn]
+    ) -> str | None:
         """Learn from one relocation field whose running value is ``value`` at ``place``.
 
         Returns an error text when the field cannot be right (e.g. a GOT slot not mapped).
@@ -210,8 +217,10 @@ class _Matcher:
             if old is not None and old.value != it.value:
                 if it.kind == "addr" and self._plt_alias(it.key, old.value, it.value):
                     continue
-                return (f"inconsistent addresses for {it.key}: {old.value:#x} (from "
-                        f"{old.where}) vs {it.value:#x} (from {it.where})")
+                return (
+                    f"inconsistent addresses for {it.key}: {old.value:#x} (from "
+                    f"{old.where}) vs {it.value:#x} (from {it.where})"
+                )
             seen[(it.kind, it.key)] = it
         return None
 
@@ -306,8 +315,15 @@ class _Matcher:
         res.fail_off, res.expected, res.found, res.why = p.off, p.raw, found, why
         return res
 
-    def compare_insn(self, sec: Section, p: Insn, r: Insn, rels: list[Reloc],
-                     res: _Attempt, branches: list[tuple[int, int, int]]) -> str | None:
+    def compare_insn(
+        self,
+        sec: Section,
+        p: Insn,
+        r: Insn,
+        rels: list[Reloc],
+        res: _Attempt,
+        branches: list[tuple[int, int, int]],
+    ) -> str | None:
         """Compare one pre instruction with its running twin; the reason they differ, or None."""
         if not rels:
             tgt = p.branch_target
@@ -336,8 +352,9 @@ class _Matcher:
         fields = [(x.offset, x.type) for x in rels]
         return fields_masked(p.raw, p.off, fields) == fields_masked(r.raw, p.off, fields)
 
-    def compare_alternate(self, sec: Section, p: Insn, r: Insn, x: Reloc,
-                          res: _Attempt) -> str | None:
+    def compare_alternate(
+        self, sec: Section, p: Insn, r: Insn, x: Reloc, res: _Attempt
+    ) -> str | None:
         """One instruction with one relocation, encoded differently in the running code."""
         where = f"{sec.name}+{x.offset:#x} ({x.type})"
         pos = x.offset - p.off
@@ -361,8 +378,9 @@ class _Matcher:
                 # mov -> lea foo(%rip): same field, now S + A - P instead of GOT + A - P
                 if p.mnemonic == "mov" and r.mnemonic == "lea" and "[rip" in r.op_str:
                     value = read_field(r.raw, pos, 4)
-                    res.learned.append(_Learn("addr", x.symbol, value - x.addend + r.off + pos,
-                                              where))
+                    res.learned.append(
+                        _Learn("addr", x.symbol, value - x.addend + r.off + pos, where)
+                    )
                     return None
                 # non-PIE: mov/test/binop $foo, %reg -- imm32 where disp32 was; S + A - P
                 # becomes S alone (the linker drops the addend of the PC-relative form)
@@ -372,10 +390,16 @@ class _Matcher:
                     return None
         # initial-exec -> local-exec: mov/add x@gottpoff(%rip), %reg -> mov/add $tpoff, %reg
         # (or lea tpoff(%reg), %reg); the immediate is where the displacement was
-        if (x.type == "R_X86_64_GOTTPOFF" and field_at_end and p.size == r.size
-                and _reg_operand(p) == _reg_operand(r)
-                and (self._same_op_to_imm(p, r) or (p.mnemonic == "add" and r.mnemonic == "lea"
-                                                    and _lea_adds_to_itself(r)))):
+        if (
+            x.type == "R_X86_64_GOTTPOFF"
+            and field_at_end
+            and p.size == r.size
+            and _reg_operand(p) == _reg_operand(r)
+            and (
+                self._same_op_to_imm(p, r)
+                or (p.mnemonic == "add" and r.mnemonic == "lea" and _lea_adds_to_itself(r))
+            )
+        ):
             res.learned.append(_Learn("tpoff", x.symbol, read_field(r.raw, pos, 4), where))
             return None
         return "different bytes"
@@ -456,8 +480,9 @@ class _Matcher:
         if sec.executable:
             for ins in decode(pre, 0):
                 has_rel = any(ins.off <= x.offset < ins.off + ins.size for x in sec.relocs)
-                if ins.is_nop or (has_rel and (ins.branch_target is not None
-                                               or x_is_gotpcrel(sec, ins))):
+                if ins.is_nop or (
+                    has_rel and (ins.branch_target is not None or x_is_gotpcrel(sec, ins))
+                ):
                     stable_end = min(stable_end, ins.off)
                     for k in range(ins.off, ins.off + ins.size):
                         fixed[k] = False
@@ -474,8 +499,9 @@ class _Matcher:
         if not runs:
             return []
         best = max(runs, key=lambda x: x[1] - x[0])
-        stable = max((x for x in runs if x[1] <= stable_end), key=lambda x: x[1] - x[0],
-                     default=None)
+        stable = max(
+            (x for x in runs if x[1] <= stable_end), key=lambda x: x[1] - x[0], default=None
+        )
         if stable is None:
             stable, check = best, None
         else:
@@ -486,10 +512,15 @@ class _Matcher:
             pos = data.find(anchor)
             while pos >= 0 and len(out) < _MAX_BRUTE_CANDIDATES:
                 cand = pos - stable[0]
-                if check is None or data.find(
-                    pre[check[0] : check[1]], max(cand + check[0] - 32, 0),
-                    cand + check[1] + 32,
-                ) >= 0:
+                if (
+                    check is None
+                    or data.find(
+                        pre[check[0] : check[1]],
+                        max(cand + check[0] - 32, 0),
+                        cand + check[1] + 32,
+                    )
+                    >= 0
+                ):
                     out.append(base + cand)
                 pos = data.find(anchor, pos + 1)
         if len(out) >= _MAX_BRUTE_CANDIDATES:
@@ -505,8 +536,11 @@ class _Matcher:
 
 def x_is_gotpcrel(sec: Section, ins: Insn) -> bool:
     """Whether ``ins`` holds a GOT-relative field the linker may have relaxed (re-encoded)."""
-    return any(ins.off <= x.offset < ins.off + ins.size and
-               (x.type in GOT_RELATIVE or x.type == "R_X86_64_GOTTPOFF") for x in sec.relocs)
+    return any(
+        ins.off <= x.offset < ins.off + ins.size
+        and (x.type in GOT_RELATIVE or x.type == "R_X86_64_GOTTPOFF")
+        for x in sec.relocs
+    )
 
 
 def _describe(sec: Section, failures: list[_Attempt]) -> str:
@@ -515,13 +549,22 @@ def _describe(sec: Section, failures: list[_Attempt]) -> str:
     best = max(failures, key=lambda a: a.fail_off)
     if best.fail_off < 0:
         return f"no match for {sec.name} at {best.address:#x}: {best.why}"
-    return (f"no match for {sec.name}: first difference at +{best.fail_off:#x}: expected "
-            f"{best.expected.hex(' ') or '(nothing)'} found {best.found.hex(' ') or '(nothing)'}"
-            f" ({best.why}, candidate {best.address:#x})")
+    return (
+        f"no match for {sec.name}: first difference at +{best.fail_off:#x}: expected "
+        f"{best.expected.hex(' ') or '(nothing)'} found {best.found.hex(' ') or '(nothing)'}"
+        f" ({best.why}, candidate {best.address:#x})"
+    )
 
 
-def run_pre_match(read: Read, image: MappedImage, target: Target, maps: list[Mapping],
-                  *, compiler: str = "", offline: bool = False) -> MatchResult:
+def run_pre_match(
+    read: Read,
+    image: MappedImage,
+    target: Target,
+    maps: list[Mapping],
+    *,
+    compiler: str = "",
+    offline: bool = False,
+) -> MatchResult:
     """Find every ``pre`` section of ``target`` in ``image``; raise NoMatch on any doubt.
 
     ``read(addr, n)`` reads the process's memory; ``compiler`` is the update's compiler
@@ -577,8 +620,9 @@ def run_pre_match(read: Read, image: MappedImage, target: Target, maps: list[Map
             else:
                 lines.append(_describe(sec, failures.get(key, [])))
         raise NoMatch(
-            lines[0] if len(lines) == 1 else f"{len(lines)} functions do not match "
-            f"{image.path}: {lines[0]}",
+            lines[0]
+            if len(lines) == 1
+            else f"{len(lines)} functions do not match {image.path}: {lines[0]}",
             details=lines,
             advice="the running program was not built from the source (or compiler) the update "
             "was created from; create the update from the exact source tree and build "
@@ -592,12 +636,15 @@ def _accept(m: _Matcher, result: MatchResult, sec: Section, a: _Attempt) -> None
     # the function itself: other code calls it at its entry (its trampoline, when stacked)
     items.append(_Learn("addr", sec.key, a.entry, f"{sec.name} (matched)"))
     for k, off in sec.symbols.items():
-        items.append(_Learn("addr", k, a.entry if off == 0 else a.address + off,
-                            f"{sec.name} (matched)"))
+        items.append(
+            _Learn("addr", k, a.entry if off == 0 else a.address + off, f"{sec.name} (matched)")
+        )
     why = m.conflicts(items)
     if why is not None:
-        raise NoMatch(f"no match for {sec.name}: {why}",
-                      advice="the running code is not what the update was built from")
+        raise NoMatch(
+            f"no match for {sec.name}: {why}",
+            advice="the running code is not what the update was built from",
+        )
     m.commit(items)
     result.functions[sec.key] = a.address
     result.entries[sec.key] = a.entry
@@ -605,8 +652,12 @@ def _accept(m: _Matcher, result: MatchResult, sec: Section, a: _Attempt) -> None
     for (kind, key), it in m.learned.items():
         if kind == "merged":
             continue  # checked for consistency only: no section base to resolve against
-        {"addr": result.learned, "tpoff": result.tpoff, "got": result.got_slots,
-         "tlsgd": result.tlsgd}[kind][key] = it.value
+        {
+            "addr": result.learned,
+            "tpoff": result.tpoff,
+            "got": result.got_slots,
+            "tlsgd": result.tlsgd,
+        }[kind][key] = it.value
 
 
 def match_file(path: str, target: Target, *, compiler: str = "") -> MatchResult:

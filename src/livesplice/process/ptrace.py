@@ -89,18 +89,47 @@ _INTERRUPT_STOP: Final = (PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7
 
 # the signals that mean a program crashed (a callee run inside it, or the program itself)
 CRASH_SIGNALS: Final = frozenset(
-    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
-     signal.SIGTRAP, signal.SIGSYS}
+    {
+        signal.SIGSEGV,
+        signal.SIGBUS,
+        signal.SIGILL,
+        signal.SIGFPE,
+        signal.SIGABRT,
+        signal.SIGTRAP,
+        signal.SIGSYS,
+    }
 )
-_STOP_SIGNALS: Final = frozenset(
-    {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-)
+_STOP_SIGNALS: Final = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 REG_NAMES: Final = (
-    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
-    "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
-    "fs_base", "gs_base", "ds", "es", "fs", "gs",
+    "r15",
+    "r14",
+    "r13",
+    "r12",
+    "rbp",
+    "rbx",
+    "r11",
+    "r10",
+    "r9",
+    "r8",
+    "rax",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "orig_rax",
+    "rip",
+    "cs",
+    "eflags",
+    "rsp",
+    "ss",
+    "fs_base",
+    "gs_base",
+    "ds",
+    "es",
+    "fs",
+    "gs",
 )
 
 
@@ -403,8 +432,7 @@ class Tracee:
                     continue
                 who = f" (already traced by pid {tracer})" if tracer else ""
                 raise NoPermission(
-                    f"cannot trace thread {tid} of process {self.pid}: "
-                    f"{os.strerror(err)}{who}",
+                    f"cannot trace thread {tid} of process {self.pid}: {os.strerror(err)}{who}",
                     advice="run as root, detach the other tracer, or allow ptrace "
                     "(sysctl kernel.yama.ptrace_scope=0)",
                 )
@@ -539,8 +567,11 @@ class Tracee:
     def _host_candidates(self, thread: int | None) -> list[int]:
         if thread is not None:
             return [thread] if thread in self._tids else []
-        order = [t for t in dict.fromkeys([self.pid, *self._tids])
-                 if t in self._tids and t not in self._exiting]
+        order = [
+            t
+            for t in dict.fromkeys([self.pid, *self._tids])
+            if t in self._tids and t not in self._exiting
+        ]
         sleeping = [t for t in order[:64] if task_state(self.pid, t) in ("S", "D")]
         return list(dict.fromkeys([*sleeping, *order]))
 
@@ -857,7 +888,8 @@ class Tracee:
             self._regs_ptrs = [ctypes.c_void_p(base + i * REGS_SIZE) for i in range(cap)]
         ptrace = self._ptrace
         bad = [
-            tid for tid, ptr in zip(tids, self._regs_ptrs, strict=False)
+            tid
+            for tid, ptr in zip(tids, self._regs_ptrs, strict=False)
             if ptrace(PTRACE_GETREGS, tid, 0, ptr)
         ]
         if bad:
@@ -1043,7 +1075,8 @@ class Tracee:
 
     def _fit_threads(self) -> list[int]:
         return [
-            tid for tid in dict.fromkeys([self.pid, *self._tids])
+            tid
+            for tid in dict.fromkeys([self.pid, *self._tids])
             if tid in self._tids
             and tid in self._stopped
             and tid not in self._exiting

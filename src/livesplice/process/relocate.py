@@ -119,15 +119,12 @@ def fits(value: int, size: int, check: str) -> bool:
     return True
 
 
-def reloc_value(
-    r: Reloc, place: int, ctx: RelocContext
-) -> tuple[RelocType, int]:
+def reloc_value(r: Reloc, place: int, ctx: RelocContext) -> tuple[RelocType, int]:
     """The value of relocation ``r`` at running address ``place`` (field address)."""
     rt = RELOC_TYPES.get(r.type)
     if rt is None:
         raise RelocationError(
-            f"relocation type {r.type} against {r.symbol!r} is not supported by the process "
-            "target",
+            f"relocation type {r.type} against {r.symbol!r} is not supported by the process target",
             advice="report this with the update file; build the unit without the feature "
             "that needs it",
         )
@@ -139,8 +136,9 @@ def reloc_value(
     if not fits(value, rt.size, rt.check):
         raise RelocationError(
             f"relocation truncated to fit: {r.type} against {r.symbol!r}",
-            details=[f"field at {place:#x}, value {value:#x} does not fit {rt.size} bytes "
-                     f"({rt.check})"],
+            details=[
+                f"field at {place:#x}, value {value:#x} does not fit {rt.size} bytes ({rt.check})"
+            ],
             advice="the replacement code must be loaded within 2GB of what it references",
         )
     return rt, value

@@ -160,7 +160,12 @@ ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 5
 SYS_GETPID = 39
 SYS_RESTART_SYSCALL = 219
 _SYSCALL_NAMES = {
-    3: "close", 9: "mmap", 10: "mprotect", 11: "munmap", 39: "getpid", 77: "ftruncate",
+    3: "close",
+    9: "mmap",
+    10: "mprotect",
+    11: "munmap",
+    39: "getpid",
+    77: "ftruncate",
     319: "memfd_create",
 }
 SLOT = 256  # bytes per stub slot (the xsave call stub is 243 bytes)
@@ -170,10 +175,21 @@ PT_LOAD = 1
 # movabs reg, imm64 (REX.W B8+r / REX.WB B8+r) for every general register but rsp, which the
 # restore sets first; rax last would do too, but order does not matter after popfq.
 _MOVABS = {
-    "rax": b"\x48\xb8", "rcx": b"\x48\xb9", "rdx": b"\x48\xba", "rbx": b"\x48\xbb",
-    "rbp": b"\x48\xbd", "rsi": b"\x48\xbe", "rdi": b"\x48\xbf", "r8": b"\x49\xb8",
-    "r9": b"\x49\xb9", "r10": b"\x49\xba", "r11": b"\x49\xbb", "r12": b"\x49\xbc",
-    "r13": b"\x49\xbd", "r14": b"\x49\xbe", "r15": b"\x49\xbf",
+    "rax": b"\x48\xb8",
+    "rcx": b"\x48\xb9",
+    "rdx": b"\x48\xba",
+    "rbx": b"\x48\xbb",
+    "rbp": b"\x48\xbd",
+    "rsi": b"\x48\xbe",
+    "rdi": b"\x48\xbf",
+    "r8": b"\x49\xb8",
+    "r9": b"\x49\xb9",
+    "r10": b"\x49\xba",
+    "r11": b"\x49\xbb",
+    "r12": b"\x49\xbc",
+    "r13": b"\x49\xbd",
+    "r14": b"\x49\xbe",
+    "r15": b"\x49\xbf",
 }
 _LEA_RSP_MINUS_128 = b"\x48\x8d\x64\x24\x80"  # lea rsp, [rsp-0x80]: flags untouched
 _PUSH_RAX_POPFQ = b"\x50\x9d"
@@ -217,8 +233,14 @@ def resume_regs(saved: Regs) -> Regs:
 
 def restore_code(r: Regs) -> bytes:
     """Machine code that sets every general register, flags, rsp and rip to ``r``'s values."""
-    out = [_LEA_RSP_MINUS_128, _MOVABS["rax"], struct.pack("<Q", r.eflags), _PUSH_RAX_POPFQ,
-           _MOVABS_RSP, struct.pack("<Q", r.rsp)]
+    out = [
+        _LEA_RSP_MINUS_128,
+        _MOVABS["rax"],
+        struct.pack("<Q", r.eflags),
+        _PUSH_RAX_POPFQ,
+        _MOVABS_RSP,
+        struct.pack("<Q", r.rsp),
+    ]
     for name, op in _MOVABS.items():
         out += [op, struct.pack("<Q", getattr(r, name))]
     out += [_JMP_RIP0, struct.pack("<Q", r.rip)]
@@ -250,8 +272,9 @@ def call_stub(func: int, r: Regs, *, xsave: bool) -> tuple[bytes, int]:
     restore = restore_code(r)
     # call [rip+disp32]: disp counts from the end of the call to func's slot after `restore`
     disp = len(tail) + len(restore)
-    code = b"".join([save, _CALL_RIP, struct.pack("<i", disp), tail, restore,
-                     struct.pack("<Q", func)])
+    code = b"".join(
+        [save, _CALL_RIP, struct.pack("<i", disp), tail, restore, struct.pack("<Q", func)]
+    )
     assert len(code) <= SLOT, len(code)
     return code, after_syscall
 
@@ -308,8 +331,10 @@ def find_stub_area(t: Tracee) -> tuple[int, int]:
     if best[1] - best[0] < SLOT:
         raise LivespliceError(
             f"no room for the remote-execution stub in process {t.pid}",
-            details=["no executable segment of a mapped ELF file ends 256 bytes or more "
-                     "before the end of its page"],
+            details=[
+                "no executable segment of a mapped ELF file ends 256 bytes or more "
+                "before the end of its page"
+            ],
         )
     t.cache["stub_lo"], t.cache["stub_hi"] = best
     return best
@@ -341,8 +366,10 @@ def _place_stub(t: Tracee, code: bytes) -> _PlacedStub:
         if not any(at <= ip < at + SLOT for ip in rips):
             t.write(at, code)
             return _PlacedStub(at, bytes(len(code)))
-    raise LivespliceError(f"no free stub slot in process {t.pid}",
-                          details=[f"stub area {lo:#x}-{hi:#x}: no zero-filled {SLOT}-byte slot"])
+    raise LivespliceError(
+        f"no free stub slot in process {t.pid}",
+        details=[f"stub area {lo:#x}-{hi:#x}: no zero-filled {SLOT}-byte slot"],
+    )
 
 
 def _point(stage: str, label: str) -> None:
@@ -403,8 +430,15 @@ def _syscall_on(t: Tracee, tid: int, nr: int, args: tuple[int, ...]) -> int:
         _restore(t, tid, saved, stub, settled)
 
 
-def _restore(t: Tracee, tid: int, saved: Regs, stub: _PlacedStub, settled: bool,
-             fpregs: bytes | None = None, xstate: bytes | None = None) -> None:
+def _restore(
+    t: Tracee,
+    tid: int,
+    saved: Regs,
+    stub: _PlacedStub,
+    settled: bool,
+    fpregs: bytes | None = None,
+    xstate: bytes | None = None,
+) -> None:
     """Put the thread's registers back (from an event stop), then the stub slot's bytes.
 
     The vector state too, although the stub's xrstor/fxrstor restored it already: a callee
@@ -440,9 +474,7 @@ def _check(t: Tracee, what: str, rv: int) -> int:
     return rv
 
 
-def free_gaps(
-    maps: list[tuple[int, int, str, str]], lo: int, hi: int
-) -> list[tuple[int, int]]:
+def free_gaps(maps: list[tuple[int, int, str, str]], lo: int, hi: int) -> list[tuple[int, int]]:
     """Unmapped [start, end) ranges inside [lo, hi), keeping clear of stack and heap growth."""
     busy: list[tuple[int, int]] = []
     for start, end, _, path in maps:
@@ -501,9 +533,11 @@ def _scratch_string(t: Tracee, tid: int, text: bytes) -> tuple[int, int]:
     except LivespliceError:
         pass
     page = _check(
-        t, "mmap",
-        _syscall_on(t, tid, SYS_MMAP, (0, PAGE, PROT_READ | PROT_WRITE,
-                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)),
+        t,
+        "mmap",
+        _syscall_on(
+            t, tid, SYS_MMAP, (0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        ),
     )
     t.write(page, data)
     return page, page
@@ -677,8 +711,10 @@ def _run_call(t: Tracee, tid: int, func: int, at: int, timeout: float) -> int:
             t.to_event_stop(tid)  # interrupts it: safe to restore from there
             raise HookFailed(
                 f"the function at {func:#x} did not return within {timeout:g} s",
-                details=[f"thread {tid} ({t.thread_name(tid)}) was interrupted; "
-                         "its registers are restored"],
+                details=[
+                    f"thread {tid} ({t.thread_name(tid)}) was interrupted; "
+                    "its registers are restored"
+                ],
                 advice="a hook must not block (other threads may be stopped)",
             )
         sig, event = st
@@ -695,8 +731,10 @@ def _run_call(t: Tracee, tid: int, func: int, at: int, timeout: float) -> int:
             t.to_event_stop(tid)  # out of the signal-delivery-stop before anything else
             raise HookFailed(
                 f"the function at {func:#x} crashed with {signal.Signals(sig).name}",
-                details=[f"thread {tid}: rip={now.rip:#x} rsp={now.rsp:#x}; "
-                         "registers restored, the signal was not delivered"],
+                details=[
+                    f"thread {tid}: rip={now.rip:#x} rsp={now.rsp:#x}; "
+                    "registers restored, the signal was not delivered"
+                ],
             )
         # a real signal for the program (recorded, delivered at resume), a clone, a stale
         # interrupt, the callee's own system calls: run on

@@ -123,16 +123,24 @@ class ExternalResolver:
 def default_definition(obj: MappedImage, name: str) -> ElfSymbol | None:
     """The dynamic definition of ``name`` that ld.so would bind to (default version)."""
     for sym in obj.elf_symbols(name):
-        if sym.dynamic and sym.defined and sym.default_version and sym.bind != STB_LOCAL \
-                and sym.type != STT_TLS:
+        if (
+            sym.dynamic
+            and sym.defined
+            and sym.default_version
+            and sym.bind != STB_LOCAL
+            and sym.type != STT_TLS
+        ):
             return sym
     return None
 
 
 def global_in_image(image: MappedImage, name: str) -> int | None:
     """A global (non-TLS) symbol defined in ``image`` (.symtab or .dynsym), or None."""
-    addrs = {s.value + image.bias for s in image.elf_symbols(name)
-             if s.defined and s.bind != STB_LOCAL and s.type != STT_TLS}
+    addrs = {
+        s.value + image.bias
+        for s in image.elf_symbols(name)
+        if s.defined and s.bind != STB_LOCAL and s.type != STT_TLS
+    }
     return addrs.pop() if len(addrs) == 1 else None
 
 

@@ -104,10 +104,14 @@ class StateRecord:
         r = _Fields(raw, "record")
         trampolines = [
             TrampolineRecord(
-                function=t.text("function"), target=t.text("target"),
-                address=t.address("address"), original=t.hexbytes("original"),
-                jump=t.hexbytes("jump"), replacement=t.address("replacement"),
-                busy_start=t.address("busy_start"), busy_end=t.address("busy_end"),
+                function=t.text("function"),
+                target=t.text("target"),
+                address=t.address("address"),
+                original=t.hexbytes("original"),
+                jump=t.hexbytes("jump"),
+                replacement=t.address("replacement"),
+                busy_start=t.address("busy_start"),
+                busy_end=t.address("busy_end"),
             )
             for t in r.objects("trampolines", MAX_TRAMPOLINES)
         ]
@@ -123,8 +127,9 @@ class StateRecord:
         for f in r.seq("functions", MAX_FUNCTIONS):
             if not (isinstance(f, list) and len(f) == 3):
                 raise BadStateRecord("functions: entries must be [start, end, name]")
-            functions.append((_addr(f[0], "functions"), _addr(f[1], "functions"),
-                              _text(f[2], "functions")))
+            functions.append(
+                (_addr(f[0], "functions"), _addr(f[1], "functions"), _text(f[2], "functions"))
+            )
         pause = r.get("pause_us", None)
         if pause is not None and not (isinstance(pause, int | float) and _is_number(pause)):
             raise BadStateRecord("pause_us: not a number")
@@ -163,16 +168,18 @@ class StateRecord:
 
         def inside(addr: int, what: str) -> None:
             if not lo <= addr < hi:
-                raise BadStateRecord(f"{what} at {addr:#x} is outside the update's code "
-                                     f"mapping [{lo:#x}, {hi:#x})")
+                raise BadStateRecord(
+                    f"{what} at {addr:#x} is outside the update's code mapping [{lo:#x}, {hi:#x})"
+                )
 
         if not (self.code[0] >= lo and self.code[1] <= hi and self.code[0] < self.code[1]):
             raise BadStateRecord("recorded code range differs from the code mapping")
         for t in self.trampolines:
             inside(t.replacement, f"replacement of {t.function}")
             if len(t.jump) != len(t.original) or not t.jump:
-                raise BadStateRecord(f"trampoline of {t.function}: jump and original differ "
-                                     "in size")
+                raise BadStateRecord(
+                    f"trampoline of {t.function}: jump and original differ in size"
+                )
         for kind, entries in self.hooks.items():
             for name, addr in entries:
                 inside(addr, f"{kind} hook {name}")
@@ -194,8 +201,18 @@ MAX_TARGETS = 64
 MAX_DESCRIPTION = 4096
 MAX_TEXT = 512
 USER_ADDR_END = 1 << 47  # x86-64 user space (4-level paging; 5-level: 1 << 56)
-HOOK_KINDS = frozenset({"pre_apply", "apply", "post_apply", "fail_apply",
-                        "pre_reverse", "reverse", "post_reverse", "fail_reverse"})
+HOOK_KINDS = frozenset(
+    {
+        "pre_apply",
+        "apply",
+        "post_apply",
+        "fail_apply",
+        "pre_reverse",
+        "reverse",
+        "post_reverse",
+        "fail_reverse",
+    }
+)
 
 
 def _is_number(v: object) -> bool:
@@ -282,8 +299,7 @@ class _Fields:
         return v
 
     def objects(self, key: str, cap: int) -> list[_Fields]:
-        return [_Fields(x, f"{self.what}.{key}[{i}]")
-                for i, x in enumerate(self.seq(key, cap))]
+        return [_Fields(x, f"{self.what}.{key}[{i}]") for i, x in enumerate(self.seq(key, cap))]
 
     def mapping(self, key: str) -> dict[str, object]:
         v = self.get(key, {})

@@ -77,8 +77,21 @@ if TYPE_CHECKING:
 # General registers that may hold a return address (e.g. a function that popped it); rip is
 # checked on its own, rsp/orig_rax/eflags/segments/fs_base/gs_base never hold code addresses.
 SCANNED_REGS = (
-    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
-    "rdx", "rsi", "rdi",
+    "r15",
+    "r14",
+    "r13",
+    "r12",
+    "rbp",
+    "rbx",
+    "r11",
+    "r10",
+    "r9",
+    "r8",
+    "rax",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
 )
 SCANNED_COLS = frozenset(REG_INDEX[n] for n in SCANNED_REGS)
 RIP = REG_INDEX["rip"]
@@ -110,8 +123,9 @@ class PauseStats:
 class ThreadsBusy(CodeBusy):
     """CODE_BUSY with the threads found busy in the last attempt."""
 
-    def __init__(self, reason: str, busy: list[BusyThread], details: list[str],
-                 advice: str) -> None:
+    def __init__(
+        self, reason: str, busy: list[BusyThread], details: list[str], advice: str
+    ) -> None:
         super().__init__(reason, details, advice)
         self.busy = busy
 
@@ -154,8 +168,12 @@ class BusyRanges:
     boundaries: set[int] = field(default_factory=set)  # instruction starts but the first
 
     @classmethod
-    def build(cls, ranges: list[tuple[int, int, str]], code: Callable[[int, int], bytes | None],
-              precise: bool = True) -> BusyRanges:
+    def build(
+        cls,
+        ranges: list[tuple[int, int, str]],
+        code: Callable[[int, int], bytes | None],
+        precise: bool = True,
+    ) -> BusyRanges:
         import numpy as np
 
         rs = sorted(r for r in ranges if r[1] > r[0])
@@ -306,7 +324,7 @@ def decode_range(code: bytes, address: int) -> DecodedRange | None:
         out.insns.append((insn_addr, end, kind, to))
     # the tail of a range may be alignment padding cut mid-"instruction" (zeros decode as
     # 2-byte adds): fine when nothing but padding bytes is left
-    if end != limit and code[end - address:].strip(b"\x00\x90\xcc"):
+    if end != limit and code[end - address :].strip(b"\x00\x90\xcc"):
         return None
     return out
 
@@ -507,8 +525,7 @@ class StopWindow:
         for attempt in range(1, self.retries + 1):
             t.service()  # pass on signals / start new threads before we time anything
             use_fifo = (
-                self.fifo if self.fifo is not None
-                else len(t.threads()) > (os.cpu_count() or 1)
+                self.fifo if self.fifo is not None else len(t.threads()) > (os.cpu_count() or 1)
             )
             with _realtime(use_fifo), _no_gc():
                 t0 = time.perf_counter_ns()
@@ -553,9 +570,7 @@ class StopWindow:
                     "nothing was written -- retry when it is done",
                 )
 
-    def _run_out(
-        self, busy: list[tuple[int, str, str]]
-    ) -> tuple[list[tuple[int, str, str]], int]:
+    def _run_out(self, busy: list[tuple[int, str, str]]) -> tuple[list[tuple[int, str, str]], int]:
         """Let only the busy threads run, in slices, until none is busy or the budget is
         spent. Returns the threads still busy (all stopped) and the number of slices."""
         t = self.t
@@ -597,8 +612,9 @@ class StopWindow:
             if not process_alive(self.t.pid):
                 raise TargetGone(f"process {self.t.pid} exited")
 
-    def _write_all(self, writes: list[tuple[int, bytes]],
-                   originals: list[tuple[int, bytes]]) -> None:
+    def _write_all(
+        self, writes: list[tuple[int, bytes]], originals: list[tuple[int, bytes]]
+    ) -> None:
         done = 0
         try:
             for addr, data in writes:
@@ -682,19 +698,31 @@ class StopWindow:
         if n <= IOV_MAX:
             self._local.base = base
             self._local.len = total
-            rv = self._readv(self.t.pid, ctypes.byref(self._local), 1,
-                             ctypes.c_void_p(self._iov.ctypes.data), n, 0)
+            rv = self._readv(
+                self.t.pid,
+                ctypes.byref(self._local),
+                1,
+                ctypes.c_void_p(self._iov.ctypes.data),
+                n,
+                0,
+            )
             if rv != total:
                 self._read_slowly(iov, 0, n, 0, rv)
         else:
             got = 0
             for first in range(0, n, IOV_MAX):
                 cnt = min(IOV_MAX, n - first)
-                want = int(iov[first:first + cnt, 1].sum())
+                want = int(iov[first : first + cnt, 1].sum())
                 self._local.base = base + got
                 self._local.len = want
-                rv = self._readv(self.t.pid, ctypes.byref(self._local), 1,
-                                 ctypes.c_void_p(self._iov.ctypes.data + first * 16), cnt, 0)
+                rv = self._readv(
+                    self.t.pid,
+                    ctypes.byref(self._local),
+                    1,
+                    ctypes.c_void_p(self._iov.ctypes.data + first * 16),
+                    cnt,
+                    0,
+                )
                 if rv != want:
                     self._read_slowly(iov, first, cnt, got, rv)
                 got += want
@@ -746,7 +774,7 @@ class StopWindow:
                 raise
             except LivespliceError:
                 data = b"\0" * size  # gone since (thread exited): nothing to find there
-            self._buf[off:off + size] = memoryview(data)
+            self._buf[off : off + size] = memoryview(data)
             off += size
 
 

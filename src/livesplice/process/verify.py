@@ -48,8 +48,9 @@ class VerifyReport:
     dropped: list[str] = field(default_factory=list)  # targets left out (only_shipped)
 
 
-def verify_targets(manifest: Manifest, inputs: list[Path], *,
-                   only_shipped: bool = False) -> VerifyReport:
+def verify_targets(
+    manifest: Manifest, inputs: list[Path], *, only_shipped: bool = False
+) -> VerifyReport:
     """Match every process target of ``manifest`` against the files of ``inputs``; record the
     matching files in ``target.verified``.
 
@@ -86,25 +87,32 @@ def verify_targets(manifest: Manifest, inputs: list[Path], *,
                 try:
                     match = match_file(str(c.path), target, compiler=manifest.compiler)
                 except NoMatch as e:
-                    problems.append(f"{c.origin}: {c.shown} is {target.name} but its code "
-                                    f"is not the update's pre code: {e.reason}")
+                    problems.append(
+                        f"{c.origin}: {c.shown} is {target.name} but its code "
+                        f"is not the update's pre code: {e.reason}"
+                    )
                     continue
                 if not bid:
                     report.warnings.append(
                         f"{c.origin}: {c.shown} matches {target.name} but has no build-id: "
-                        "apply finds it by name or by its code only")
+                        "apply finds it by name or by its code only"
+                    )
                     continue
-                found[bid] = Verified(file=c.shown, build_id=bid, origin=c.origin,
-                                      functions=len(match.functions))
+                found[bid] = Verified(
+                    file=c.shown, build_id=bid, origin=c.origin, functions=len(match.functions)
+                )
             named_any = any(target.name in c.names for c in candidates)
             if not found and only_shipped and not named_any:
-                report.warnings.append(f"{target.name}: no binary package ships it; left out "
-                                       "of the update")
+                report.warnings.append(
+                    f"{target.name}: no binary package ships it; left out of the update"
+                )
                 report.dropped.append(target.name)
                 continue
             if not found and not any(target.name in p for p in problems):
-                problems.append(f"{target.name}: no given file is named like it (its file "
-                                "name, a symlink's name, or its soname)")
+                problems.append(
+                    f"{target.name}: no given file is named like it (its file "
+                    "name, a symlink's name, or its soname)"
+                )
             target.verified = sorted(found.values(), key=lambda v: (v.origin, v.file))
             report.verified[target.name] = target.verified
         manifest.targets = [t for t in manifest.targets if t.name not in report.dropped]
@@ -139,11 +147,13 @@ class _Unpacked:
                 if self.tmp is None:
                     self.tmp = Path(tempfile.mkdtemp(prefix="livesplice-verify-"))
                 dest = self.tmp / str(len(os.listdir(self.tmp)))
-                r = subprocess.run(["dpkg-deb", "-x", str(arg), str(dest)],
-                                   capture_output=True, text=True)
+                r = subprocess.run(
+                    ["dpkg-deb", "-x", str(arg), str(dest)], capture_output=True, text=True
+                )
                 if r.returncode != 0:
-                    raise UsageError(f"--verify-against {arg}: not a Debian package "
-                                     f"({r.stderr.strip()[:200]})")
+                    raise UsageError(
+                        f"--verify-against {arg}: not a Debian package ({r.stderr.strip()[:200]})"
+                    )
                 roots.append((dest, _deb_label(arg)))
             else:
                 plain.append(Candidate(arg, arg.name, str(arg), {arg.name}, explicit=True))
@@ -185,22 +195,30 @@ def _walk(roots: list[tuple[Path, str]]) -> list[Candidate]:
 
 
 def _deb_label(deb: Path) -> str:
-    """"Debian redis-tools 5:7.0.15-1~deb12u7 (amd64)" from the package's control data."""
-    r = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Version", "Architecture"],
-                       capture_output=True, text=True, check=False)
+    """ "Debian redis-tools 5:7.0.15-1~deb12u7 (amd64)" from the package's control data."""
+    r = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Package", "Version", "Architecture"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     fields = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     if r.returncode != 0 or "Package" not in fields:
         return deb.name
     from livesplice.build.debian import fetched_by_url
 
     how = ", fetched by URL: not vouched for by the archive index" if fetched_by_url(deb) else ""
-    return (f"Debian {fields['Package']} {fields.get('Version', '?')} "
-            f"({fields.get('Architecture', '?')}{how})")
-
+    return (
+        f"Debian {fields['Package']} {fields.get('Version', '?')} "
+        f"({fields.get('Architecture', '?')}{how})"
+    )
 
 
 def describe(verified: dict[str, list[Verified]]) -> list[str]:
     """One line per verified file, for the create report."""
-    return [f"{name}: verified against {v.origin}: {v.file} (build-id {v.build_id}, "
-            f"{v.functions} pre function(s) matched)"
-            for name, vs in verified.items() for v in vs]
+    return [
+        f"{name}: verified against {v.origin}: {v.file} (build-id {v.build_id}, "
+        f"{v.functions} pre function(s) matched)"
+        for name, vs in verified.items()
+        for v in vs
+    ]

@@ -43,8 +43,13 @@ TICK = 0.002  # how often processes waiting for their loader are looked at again
 
 
 class Agent:
-    def __init__(self, store: Store, trusted: list[Path] | None = None, *,
-                 log: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        trusted: list[Path] | None = None,
+        *,
+        log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.store = store
         self.trusted = trusted
         self.log = log or _log_stderr
@@ -121,13 +126,17 @@ class Agent:
             results = [{"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason}]
         except Exception as e:  # one process (any user's) must never stop the agent
             results = [_unexpected(pid, e)]
-        waiting = [r for r in results if r.get("abort") == NoMatch.abort
-                   and "cannot find symbol" in r.get("reason", "")]
+        waiting = [
+            r
+            for r in results
+            if r.get("abort") == NoMatch.abort and "cannot find symbol" in r.get("reason", "")
+        ]
         if waiting and not late:
             # the loader has not mapped what the new code calls yet: next tick (what this
             # attempt applied is reported with the rest)
             self.done_so_far.setdefault(pid, []).extend(
-                r for r in results if r["status"] != "failed")
+                r for r in results if r["status"] != "failed"
+            )
             return
         self.pending.pop(pid, None)
         results = [*self.done_so_far.pop(pid, []), *results]
@@ -144,8 +153,14 @@ class Agent:
 
         _warm_up()
         with watcher(force_poll) as w:
-            self.log({"event": "started", "watcher": w.kind, "pid": os.getpid(),
-                      "accepted": [a.id for a in self.store.accepted()]})
+            self.log(
+                {
+                    "event": "started",
+                    "watcher": w.kind,
+                    "pid": os.getpid(),
+                    "accepted": [a.id for a in self.store.accepted()],
+                }
+            )
             self.sweep()
             self.log({"event": "ready"})  # running processes done; now each exec as it comes
             if once:
@@ -204,8 +219,12 @@ def _warm_up() -> None:
 def _unexpected(pid: int, e: Exception) -> dict[str, Any]:
     """An error livesplice did not foresee, while handling one process: reported for that
     process (a bug to report), and the agent goes on with the others."""
-    return {"pid": pid, "status": "failed", "abort": "FAILED",
-            "reason": f"unexpected {type(e).__name__}: {e}"[:300]}
+    return {
+        "pid": pid,
+        "status": "failed",
+        "abort": "FAILED",
+        "reason": f"unexpected {type(e).__name__}: {e}"[:300],
+    }
 
 
 def _dynamic(pid: int) -> bool:
@@ -229,14 +248,23 @@ def _log_stderr(event: dict[str, Any]) -> None:
     print("livesplice-agent: " + json.dumps(event, sort_keys=True), file=sys.stderr, flush=True)
 
 
-def run_agent(store: Store, trusted: list[Path] | None, *, force_poll: bool = False,
-              once: bool = False, boot: bool = False, log_json: bool = False,
-              http: tuple[str, int] | None = None) -> int:
+def run_agent(
+    store: Store,
+    trusted: list[Path] | None,
+    *,
+    force_poll: bool = False,
+    once: bool = False,
+    boot: bool = False,
+    log_json: bool = False,
+    http: tuple[str, int] | None = None,
+) -> int:
     """The ``livesplice agent`` command; SIGTERM/SIGINT stop it cleanly."""
     log = None
     if log_json:
+
         def log(event: dict[str, Any]) -> None:
             print(json.dumps(event, sort_keys=True), flush=True)
+
     agent = Agent(store, trusted, log=log)
     if boot:
         return agent.boot()
@@ -253,8 +281,13 @@ def run_agent(store: Store, trusted: list[Path] | None, *, force_poll: bool = Fa
         cfg = load_config()
         manager = Manager(store, http[0], http[1], cfg.repo, cfg.channel, trusted)
         manager.start()
-        agent.log({"event": "manager", "url": manager.url,
-                   "token": f"in {store.root / 'manager-token'} (open URL#token=TOKEN)"})
+        agent.log(
+            {
+                "event": "manager",
+                "url": manager.url,
+                "token": f"in {store.root / 'manager-token'} (open URL#token=TOKEN)",
+            }
+        )
     try:
         return agent.run(force_poll=force_poll, once=once)
     finally:

@@ -28,32 +28,58 @@ def add_parsers(sub: Any) -> None:
     ra.add_argument("--channel", default="stable", help="stable (default), testing, ...")
     ra.add_argument("--cve", action="append", default=[], help="a CVE id it fixes (repeatable)")
     ra.add_argument("--effective-version", default="", help="label, e.g. 6.1.158-1+ls2")
-    ra.add_argument("--supersedes", action="append", default=[], metavar="ID",
-                    help="an update this cumulative one replaces (repeatable)")
+    ra.add_argument(
+        "--supersedes",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an update this cumulative one replaces (repeatable)",
+    )
     ra.add_argument("--requires", action="append", default=[], metavar="ID")
-    ra.add_argument("--binary", action="append", default=[], type=Path, metavar="FILE",
-                    help="a binary you ship for a target (its build-id is what machines "
-                    "run; repeatable)")
+    ra.add_argument(
+        "--binary",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a binary you ship for a target (its build-id is what machines run; repeatable)",
+    )
 
     def common(p: argparse.ArgumentParser, repo: bool = True) -> None:
         if repo:
-            p.add_argument("--repo", metavar="URL",
-                           help="repository (directory, file://, http(s)://); "
-                           "default: repo = in /etc/livesplice/livesplice.conf")
+            p.add_argument(
+                "--repo",
+                metavar="URL",
+                help="repository (directory, file://, http(s)://); "
+                "default: repo = in /etc/livesplice/livesplice.conf",
+            )
             p.add_argument("--channel", help="default: the configured one, else stable")
-        p.add_argument("--trusted-key", type=Path, action="append", metavar="PUB",
-                       help="trust this public key too (repeatable)")
+        p.add_argument(
+            "--trusted-key",
+            type=Path,
+            action="append",
+            metavar="PUB",
+            help="trust this public key too (repeatable)",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     u = sub.add_parser("upgrade", help="apply what the repository has for this machine")
     common(u)
     u.add_argument("-y", "--yes", action="store_true", help="do not ask")
     u.add_argument("--dry-run", action="store_true", help="say what would be done")
-    u.add_argument("--auto", action="store_true",
-                   help="run only if autoinstall = yes in livesplice.conf and not switched off "
-                   "(the upgrade timer uses it)")
-    u.add_argument("--release", metavar="ID", action="append", default=[],
-                   help="let the crash guard apply ID automatically again (repeatable)")
+    u.add_argument(
+        "--auto",
+        action="store_true",
+        help="run only if autoinstall = yes in livesplice.conf and not switched off "
+        "(the upgrade timer uses it)",
+    )
+    u.add_argument(
+        "--release",
+        metavar="ID",
+        action="append",
+        default=[],
+        help="let the crash guard apply ID automatically again (repeatable)",
+    )
     s = sub.add_parser("show", help="accepted updates and where they are applied")
     common(s)
     s.add_argument("--available", action="store_true", help="also what the repository offers")
@@ -66,13 +92,19 @@ def add_parsers(sub: Any) -> None:
     un.add_argument("-r", action="store_true", help="the release (the only field shown)")
     ag = sub.add_parser("agent", help="keep running and future processes patched")
     ag.add_argument("--once", action="store_true", help="patch what runs now, then exit")
-    ag.add_argument("--boot", action="store_true",
-                    help="re-apply accepted kernel updates (early boot), then exit")
+    ag.add_argument(
+        "--boot",
+        action="store_true",
+        help="re-apply accepted kernel updates (early boot), then exit",
+    )
     ag.add_argument("--poll", action="store_true", help="use the /proc poller, not netlink")
     ag.add_argument("--trusted-key", type=Path, action="append", metavar="PUB")
     ag.add_argument("--json", action="store_true", help="log JSON lines to stdout")
-    ag.add_argument("--http", metavar="HOST:PORT",
-                    help="serve the manager page (loopback only), e.g. 127.0.0.1:8011")
+    ag.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the manager page (loopback only), e.g. 127.0.0.1:8011",
+    )
 
 
 def _repo_url(args: argparse.Namespace) -> tuple[str, str]:
@@ -81,8 +113,9 @@ def _repo_url(args: argparse.Namespace) -> tuple[str, str]:
     cfg = load_config()
     url = args.repo or cfg.repo
     if not url:
-        raise UsageError("no repository: pass --repo URL or set repo = in "
-                         "/etc/livesplice/livesplice.conf")
+        raise UsageError(
+            "no repository: pass --repo URL or set repo = in /etc/livesplice/livesplice.conf"
+        )
     return url, args.channel or cfg.channel
 
 
@@ -91,15 +124,27 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
     if args.repo_command == "init":
         kid = repo_init(args.dir, args.key)
-        print(f"livesplice: repository {args.dir} made, signed by key {kid}; machines trust "
-              f"it with {args.dir}/keys/{kid}.pub in /etc/livesplice/trusted-keys")
+        print(
+            f"livesplice: repository {args.dir} made, signed by key {kid}; machines trust "
+            f"it with {args.dir}/keys/{kid}.pub in /etc/livesplice/trusted-keys"
+        )
         return ExitCode.OK
     for path in args.updates:
-        e = repo_add(args.dir, args.key, path, channel=args.channel, cves=args.cve,
-                     effective_version=args.effective_version, supersedes=args.supersedes,
-                     requires=args.requires, binaries=args.binary)
-        print(f"livesplice: added {e.id} ({e.kind}, order {e.order}, channel {e.channel}, "
-              f"targets {', '.join(t.name for t in e.targets)})")
+        e = repo_add(
+            args.dir,
+            args.key,
+            path,
+            channel=args.channel,
+            cves=args.cve,
+            effective_version=args.effective_version,
+            supersedes=args.supersedes,
+            requires=args.requires,
+            binaries=args.binary,
+        )
+        print(
+            f"livesplice: added {e.id} ({e.kind}, order {e.order}, channel {e.channel}, "
+            f"targets {', '.join(t.name for t in e.targets)})"
+        )
     return ExitCode.OK
 
 
@@ -107,6 +152,7 @@ def _progress(args: argparse.Namespace) -> Any:
     def say(msg: str) -> None:
         if not args.json:
             print(f"livesplice: {msg}", file=sys.stderr, flush=True)
+
     return say
 
 
@@ -117,8 +163,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     if args.auto:
         from livesplice.service.config import disabled, load_config
 
-        why = disabled() or ("" if load_config().autoinstall else
-                             "autoinstall is off in livesplice.conf")
+        why = disabled() or (
+            "" if load_config().autoinstall else "autoinstall is off in livesplice.conf"
+        )
         if why:
             print(f"livesplice: not upgrading automatically: {why}")
             return ExitCode.OK
@@ -131,28 +178,44 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         if args.yes:
             return True
         if not sys.stdin.isatty():
-            raise UsageError("upgrade would change running programs; say -y to go ahead "
-                             "(or --dry-run to see what it would do)")
+            raise UsageError(
+                "upgrade would change running programs; say -y to go ahead "
+                "(or --dry-run to see what it would do)"
+            )
         for p in go:
             where = "the running kernel" if p.kernel else f"pid(s) {p.pids}"
             print(f"  {p.entry.id}: {printable(p.entry.description)} -> {where}")
         return input("apply these updates? [y/N] ").strip().lower() in ("y", "yes")
 
-    rep = upgrade(url, store=store, channel=channel, trusted=args.trusted_key,
-                  dry_run=args.dry_run, confirm=confirm, progress=_progress(args))
+    rep = upgrade(
+        url,
+        store=store,
+        channel=channel,
+        trusted=args.trusted_key,
+        dry_run=args.dry_run,
+        confirm=confirm,
+        progress=_progress(args),
+    )
     if args.json:
         print(json.dumps(rep.as_json(), indent=1))
     else:
         for p in rep.planned:
-            what = {"apply": f"apply to {p['pids'] or 'the running kernel'}",
-                    "accept": "accept (no process runs its target now; the agent applies it "
-                    "when one starts)"}.get(p["action"], f"skip ({p['why']})")
+            what = {
+                "apply": f"apply to {p['pids'] or 'the running kernel'}",
+                "accept": "accept (no process runs its target now; the agent applies it "
+                "when one starts)",
+            }.get(p["action"], f"skip ({p['why']})")
             if rep.dry_run or p["action"] != "apply":
                 print(f"livesplice: {p['id']}: {'would ' if rep.dry_run else ''}{what}")
         for r in rep.results:
             where = f"pid {r['pid']}" if "pid" in r else f"kernel {r.get('kernel')}"
-            extra = f": {r['abort']}: {printable(r['reason'])}" if r["status"] == "failed" \
-                else f": {printable(r.get('reason', ''))}" if r.get("reason") else ""
+            extra = (
+                f": {r['abort']}: {printable(r['reason'])}"
+                if r["status"] == "failed"
+                else f": {printable(r.get('reason', ''))}"
+                if r.get("reason")
+                else ""
+            )
             print(f"livesplice: {r['id']} {r['status']} ({where}){extra}")
         if not rep.planned:
             print("livesplice: nothing in the repository applies to this machine")
@@ -214,9 +277,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
     else:
         for r in results:
             where = f"pid {r['pid']}" if "pid" in r else "kernel"
-            print(f"livesplice: {r['id']} {r['status']} ({where})"
-                  + (f": {r['abort']}: {printable(r['reason'])}" if r["status"] == "failed"
-                     else ""))
+            print(
+                f"livesplice: {r['id']} {r['status']} ({where})"
+                + (f": {r['abort']}: {printable(r['reason'])}" if r["status"] == "failed" else "")
+            )
         print(f"livesplice: removed {', '.join(ids)}")
     return ExitCode.PARTIAL if any(r["status"] == "failed" for r in results) else ExitCode.OK
 
@@ -239,9 +303,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
         if not port.isdigit():
             raise UsageError(f"--http {args.http}: say HOST:PORT, e.g. 127.0.0.1:8011")
         http = (host or "127.0.0.1", int(port))
-    return run_agent(Store(), args.trusted_key, force_poll=args.poll, once=args.once,
-                     boot=args.boot, log_json=args.json, http=http)
+    return run_agent(
+        Store(),
+        args.trusted_key,
+        force_poll=args.poll,
+        once=args.once,
+        boot=args.boot,
+        log_json=args.json,
+        http=http,
+    )
 
 
-COMMANDS = {"repo": cmd_repo, "upgrade": cmd_upgrade, "show": cmd_show, "remove": cmd_remove,
-            "uname": cmd_uname, "agent": cmd_agent}
+COMMANDS = {
+    "repo": cmd_repo,
+    "upgrade": cmd_upgrade,
+    "show": cmd_show,
+    "remove": cmd_remove,
+    "uname": cmd_uname,
+    "agent": cmd_agent,
+}

@@ -33,6 +33,7 @@ def _quiet(_msg: str) -> None:
 
 # ------------------------------------------------------------------ what runs here
 
+
 def running_build_ids(pids: Iterable[int] | None = None) -> dict[str, set[int]]:
     """GNU build-id -> pids that map an ELF file with it (executable or library).
 
@@ -72,6 +73,7 @@ def kernel_release() -> str:
 
 # ------------------------------------------------------------------ the repository
 
+
 @dataclass
 class Repo:
     url: str
@@ -108,10 +110,16 @@ def download(repo: Repo, entry: IndexEntry, store: Store) -> Path:
 
 def accepted_from(entry: IndexEntry, repo: str) -> Accepted:
     return Accepted(
-        id=entry.id, kind=entry.kind, build_ids=entry.build_ids,
-        targets=tuple(t.name for t in entry.targets), order=entry.order,
-        effective_version=entry.effective_version, cves=entry.cves,
-        supersedes=entry.supersedes, description=entry.description, repo=repo,
+        id=entry.id,
+        kind=entry.kind,
+        build_ids=entry.build_ids,
+        targets=tuple(t.name for t in entry.targets),
+        order=entry.order,
+        effective_version=entry.effective_version,
+        cves=entry.cves,
+        supersedes=entry.supersedes,
+        description=entry.description,
+        repo=repo,
         sha256=entry.sha256,
     )
 
@@ -145,8 +153,9 @@ def is_applied(pid: int, update_id: str) -> bool:
     from livesplice.process import journal
 
     e = journal.read_entry(pid, update_id)
-    return e is not None and e.record is not None and not e.record.reverted \
-        and e.stage == "recorded"
+    return (
+        e is not None and e.record is not None and not e.record.reverted and e.stage == "recorded"
+    )
 
 
 def apply_one(store: Store, acc: Accepted, pid: int, trusted: list[Path] | None) -> dict[str, Any]:
@@ -163,16 +172,28 @@ def apply_one(store: Store, acc: Accepted, pid: int, trusted: list[Path] | None)
     except LivespliceError as e:
         if isinstance(e, TargetGone) and e.crash_signal:
             # crash guard: never again automatically (the inflight mark stays as evidence)
-            store.hold(acc.id, f"process {pid} crashed (signal {e.crash_signal}) while it "
-                       "was being patched")
-            return {"pid": pid, "id": acc.id, "status": "held", "abort": e.abort,
-                    "reason": e.reason, "details": e.details}
+            store.hold(
+                acc.id,
+                f"process {pid} crashed (signal {e.crash_signal}) while it was being patched",
+            )
+            return {
+                "pid": pid,
+                "id": acc.id,
+                "status": "held",
+                "abort": e.abort,
+                "reason": e.reason,
+                "details": e.details,
+            }
         store.done(acc.id, key)  # refused or failed cleanly: the process survived it
-        return {"pid": pid, "id": acc.id, "status": "failed", "abort": e.abort,
-                "reason": e.reason}
+        return {"pid": pid, "id": acc.id, "status": "failed", "abort": e.abort, "reason": e.reason}
     store.done(acc.id, key)
-    return {"pid": pid, "id": acc.id, "status": "applied", "functions": rep.functions,
-            **stop_figures(rep)}
+    return {
+        "pid": pid,
+        "id": acc.id,
+        "status": "applied",
+        "functions": rep.functions,
+        **stop_figures(rep),
+    }
 
 
 def undo_one(update_id: str, pid: int) -> dict[str, Any]:
@@ -181,8 +202,13 @@ def undo_one(update_id: str, pid: int) -> dict[str, Any]:
     try:
         rep = undo_in_process(update_id, pid)
     except LivespliceError as e:
-        return {"pid": pid, "id": update_id, "status": "failed", "abort": e.abort,
-                "reason": e.reason}
+        return {
+            "pid": pid,
+            "id": update_id,
+            "status": "failed",
+            "abort": e.abort,
+            "reason": e.reason,
+        }
     return {"pid": pid, "id": update_id, "status": "undone", "pause_us": round(rep.pause_us, 1)}
 
 
@@ -203,8 +229,13 @@ def apply_kernel(store: Store, acc: Accepted, trusted: list[Path] | None) -> dic
         apply_to_kernel(update)
     except LivespliceError as e:
         store.done(acc.id, "kernel")
-        return {"kernel": kernel_release(), "id": acc.id, "status": "failed", "abort": e.abort,
-                "reason": e.reason}
+        return {
+            "kernel": kernel_release(),
+            "id": acc.id,
+            "status": "failed",
+            "abort": e.abort,
+            "reason": e.reason,
+        }
     store.done(acc.id, "kernel")
     return {"kernel": kernel_release(), "id": acc.id, "status": "applied"}
 
@@ -215,12 +246,18 @@ def undo_kernel(update_id: str) -> dict[str, Any]:
     try:
         target.undo_kernel(update_id)
     except LivespliceError as e:
-        return {"kernel": kernel_release(), "id": update_id, "status": "failed",
-                "abort": e.abort, "reason": e.reason}
+        return {
+            "kernel": kernel_release(),
+            "id": update_id,
+            "status": "failed",
+            "abort": e.abort,
+            "reason": e.reason,
+        }
     return {"kernel": kernel_release(), "id": update_id, "status": "undone"}
 
 
 # ------------------------------------------------------------------ planning
+
 
 def relevant(accepted: list[Accepted], build_ids: set[str]) -> list[Accepted]:
     """The accepted process updates for a process mapping ``build_ids``, in order, without
@@ -231,8 +268,12 @@ def relevant(accepted: list[Accepted], build_ids: set[str]) -> list[Accepted]:
 
 
 def patch_process(
-    store: Store, pid: int, build_ids: set[str], trusted: list[Path] | None,
-    accepted: list[Accepted] | None = None, held: dict[str, str] | None = None,
+    store: Store,
+    pid: int,
+    build_ids: set[str],
+    trusted: list[Path] | None,
+    accepted: list[Accepted] | None = None,
+    held: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Bring one process up to date with the accepted updates (the agent's step too):
     undo what a newer accepted update supersedes, apply what is missing, in order."""
@@ -267,8 +308,7 @@ class Planned:
     why: str = ""  # empty: to apply
 
 
-def plan(index: Index, channel: str, store: Store,
-         running: dict[str, set[int]]) -> list[Planned]:
+def plan(index: Index, channel: str, store: Store, running: dict[str, set[int]]) -> list[Planned]:
     """What an upgrade would do here: index entries of the channel whose targets run here
     (and are not yet applied everywhere), in order."""
     held = store.held()
@@ -320,24 +360,43 @@ class UpgradeReport:
 
 
 def upgrade(
-    url: str, *, store: Store, channel: str = "stable", trusted: list[Path] | None = None,
-    dry_run: bool = False, confirm: Callable[[list[Planned]], bool] | None = None,
+    url: str,
+    *,
+    store: Store,
+    channel: str = "stable",
+    trusted: list[Path] | None = None,
+    dry_run: bool = False,
+    confirm: Callable[[list[Planned]], bool] | None = None,
     progress: Progress = _quiet,
 ) -> UpgradeReport:
     """Fetch, verify, plan, accept and apply (see the module docstring)."""
     progress(f"reading the index of {url}")
     repo = open_repo(url, store, trusted)
-    progress(f"index serial {repo.index.serial}, signed by key {repo.signer}; "
-             "looking for targets on this machine")
+    progress(
+        f"index serial {repo.index.serial}, signed by key {repo.signer}; "
+        "looking for targets on this machine"
+    )
     running = running_build_ids()
     todo = plan(repo.index, channel, store, running)
-    report = UpgradeReport(url, repo.signer, repo.index.serial, [
-        {"id": p.entry.id, "kind": p.entry.kind, "pids": p.pids, "kernel": p.kernel,
-         "cves": list(p.entry.cves), "effective_version": p.entry.effective_version,
-         "action": "skip" if p.why else "apply" if p.pids or p.kernel else "accept",
-         "why": p.why}
-        for p in todo
-    ], dry_run=dry_run)
+    report = UpgradeReport(
+        url,
+        repo.signer,
+        repo.index.serial,
+        [
+            {
+                "id": p.entry.id,
+                "kind": p.entry.kind,
+                "pids": p.pids,
+                "kernel": p.kernel,
+                "cves": list(p.entry.cves),
+                "effective_version": p.entry.effective_version,
+                "action": "skip" if p.why else "apply" if p.pids or p.kernel else "accept",
+                "why": p.why,
+            }
+            for p in todo
+        ],
+        dry_run=dry_run,
+    )
     go = [p for p in todo if not p.why]
     if dry_run or not go:
         return report
@@ -369,6 +428,7 @@ def upgrade(
 
 # ------------------------------------------------------------------ show / remove / uname
 
+
 def show(store: Store, repo: Repo | None = None, channel: str = "stable") -> dict[str, Any]:
     """Accepted updates with where each is applied; available ones from ``repo``."""
     running = running_build_ids()
@@ -390,8 +450,14 @@ def show(store: Store, repo: Repo | None = None, channel: str = "stable") -> dic
     if repo is not None:
         ids = {a.id for a in store.accepted()}
         out["available"] = [
-            {"id": p.entry.id, "kind": p.entry.kind, "pids": p.pids, "why": p.why,
-             "cves": list(p.entry.cves), "effective_version": p.entry.effective_version}
+            {
+                "id": p.entry.id,
+                "kind": p.entry.kind,
+                "pids": p.pids,
+                "why": p.why,
+                "cves": list(p.entry.cves),
+                "effective_version": p.entry.effective_version,
+            }
             for p in plan(repo.index, channel, store, running)
             if p.entry.id not in ids or p.pids
         ]
@@ -405,8 +471,9 @@ def remove(store: Store, ids: list[str]) -> list[dict[str, Any]]:
     accepted = {a.id: a for a in store.accepted()}
     for uid in ids:
         if uid not in accepted:
-            raise UsageError(f"update {uid} is not accepted on this machine",
-                             advice="see `livesplice show`")
+            raise UsageError(
+                f"update {uid} is not accepted on this machine", advice="see `livesplice show`"
+            )
     results: list[dict[str, Any]] = []
     for uid in sorted(ids, key=lambda u: accepted[u].order, reverse=True):
         if accepted[uid].kind == "kernel":

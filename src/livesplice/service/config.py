@@ -25,8 +25,16 @@ from pathlib import Path
 
 from livesplice.errors import UsageError
 
-_BOOL = {"yes": True, "true": True, "on": True, "1": True,
-         "no": False, "false": False, "off": False, "0": False}
+_BOOL = {
+    "yes": True,
+    "true": True,
+    "on": True,
+    "1": True,
+    "no": False,
+    "false": False,
+    "off": False,
+    "0": False,
+}
 
 
 def etc_dir() -> Path:
@@ -59,8 +67,10 @@ def load_config(path: Path | None = None) -> Config:
     values: dict[str, object] = {}
     for key, raw in sec.items():
         if key not in Config.__dataclass_fields__:
-            raise UsageError(f"{path}: unknown setting {key!r}",
-                             advice=f"known: {', '.join(Config.__dataclass_fields__)}")
+            raise UsageError(
+                f"{path}: unknown setting {key!r}",
+                advice=f"known: {', '.join(Config.__dataclass_fields__)}",
+            )
         if key in ("autoinstall", "install_on_reboot"):
             if raw.lower() not in _BOOL:
                 raise UsageError(f"{path}: {key} = {raw!r} is not yes/no")

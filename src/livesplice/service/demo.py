@@ -29,15 +29,20 @@ from livesplice.demo import EXAMPLE, exploit, free_port
 
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="livesplice-service-demo-"))
-    env = {**os.environ, "LIVESPLICE_STATE_DIR": str(tmp / "state"),
-           "LIVESPLICE_TRUST_DIR": str(tmp / "trust"), "LIVESPLICE_ETC": str(tmp / "etc")}
+    env = {
+        **os.environ,
+        "LIVESPLICE_STATE_DIR": str(tmp / "state"),
+        "LIVESPLICE_TRUST_DIR": str(tmp / "trust"),
+        "LIVESPLICE_ETC": str(tmp / "etc"),
+    }
     procs: list[subprocess.Popen[str]] = []
 
     def ls(*args: str, show: bool = True) -> str:
         if show:
             print(f"$ livesplice {' '.join(args)}", flush=True)
-        r = subprocess.run([sys.executable, "-m", "livesplice", *args], capture_output=True,
-                           text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "livesplice", *args], capture_output=True, text=True, env=env
+        )
         out = (r.stderr + r.stdout).strip()
         if show and out:
             print("  " + out.replace("\n", "\n  "), flush=True)
@@ -46,8 +51,9 @@ def main() -> int:
         return r.stdout
 
     def start_server(port: int) -> subprocess.Popen[str]:
-        p = subprocess.Popen([str(tmp / "run" / "kvserver"), str(port)],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.PIPE, text=True
+        )
         assert p.stdout is not None
         p.stdout.readline()
         procs.append(p)
@@ -59,12 +65,31 @@ def main() -> int:
         shutil.copytree(EXAMPLE, tmp / "run")
         subprocess.run(["make", "-s", "-C", str(tmp / "run")], check=True)
         ls("keygen", "-o", str(tmp / "vendor.key"))
-        ls("create", "--patch", str(EXAMPLE / "fix.patch"), "--id", "kvfix", "-o",
-           str(tmp / "kvfix.update"), "--sign", str(tmp / "vendor.key"), str(tmp / "src"))
+        ls(
+            "create",
+            "--patch",
+            str(EXAMPLE / "fix.patch"),
+            "--id",
+            "kvfix",
+            "-o",
+            str(tmp / "kvfix.update"),
+            "--sign",
+            str(tmp / "vendor.key"),
+            str(tmp / "src"),
+        )
         ls("repo", "init", str(tmp / "repo"), "--key", str(tmp / "vendor.key"))
-        ls("repo", "add", str(tmp / "repo"), str(tmp / "kvfix.update"), "--key",
-           str(tmp / "vendor.key"), "--cve", "CVE-2026-0001", "--binary",
-           str(tmp / "run" / "kvserver"))
+        ls(
+            "repo",
+            "add",
+            str(tmp / "repo"),
+            str(tmp / "kvfix.update"),
+            "--key",
+            str(tmp / "vendor.key"),
+            "--cve",
+            "CVE-2026-0001",
+            "--binary",
+            str(tmp / "run" / "kvserver"),
+        )
         (tmp / "trust").mkdir()
         for pub in (tmp / "repo" / "keys").glob("*.pub"):
             shutil.copy(pub, tmp / "trust")
@@ -79,8 +104,12 @@ def main() -> int:
         print(f"server pid {server.pid}; exploit: {exploit(port)}")
 
         print("\n== 3. the service restarts; the agent patches the new process")
-        agent = subprocess.Popen([sys.executable, "-m", "livesplice", "agent", "--json"],
-                                 stdout=subprocess.PIPE, text=True, env=env)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "livesplice", "agent", "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         procs.append(agent)
         assert agent.stdout is not None
         while json.loads(agent.stdout.readline()).get("event") != "ready":
@@ -92,8 +121,10 @@ def main() -> int:
             ev = json.loads(agent.stdout.readline())
             if ev.get("event") == "exec" and ev.get("pid") == server.pid:
                 break
-        print(f"restarted server pid {server.pid}: agent says {ev['status']} {ev['id']}, "
-              f"{ev.get('exec_to_patched_ms')} ms after exec")
+        print(
+            f"restarted server pid {server.pid}: agent says {ev['status']} {ev['id']}, "
+            f"{ev.get('exec_to_patched_ms')} ms after exec"
+        )
         time.sleep(0.05)
         print(f"server pid {server.pid}; exploit: {exploit(port)}")
         ls("show")

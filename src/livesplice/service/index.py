@@ -109,14 +109,21 @@ class Index:
         """Entries a machine following ``channel`` gets: stable gets stable; testing gets
         testing and stable."""
         wanted = {"stable"} if channel == "stable" else {channel, "stable"}
-        return sorted((e for e in self.updates if e.channel in wanted),
-                      key=lambda e: (e.order, e.id))
+        return sorted(
+            (e for e in self.updates if e.channel in wanted), key=lambda e: (e.order, e.id)
+        )
 
 
 # ------------------------------------------------------------------ strict decoding
 
-def _str(raw: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,
-         default: str | None = None, limit: int = 4096) -> str:
+
+def _str(
+    raw: dict[str, Any],
+    key: str,
+    pattern: re.Pattern[str] | None = None,
+    default: str | None = None,
+    limit: int = 4096,
+) -> str:
     v = raw.get(key, default)
     if not isinstance(v, str) or len(v) > limit or (pattern and not pattern.fullmatch(v)):
         raise BadIndex(f"index: {key} is not a valid string")
@@ -178,12 +185,15 @@ def _entry(raw: Any) -> IndexEntry:
         kind = _str(t, "kind")
         if kind not in ("executable", "shared_library", "kernel", "kernel_module"):
             raise BadIndex(f"index: update {uid}: unknown target kind")
-        targets.append(IndexTarget(
-            name=_str(t, "name", limit=256), kind=kind,  # type: ignore[arg-type]
-            build_id=_str(t, "build_id", _HEX, limit=128),
-            release=_str(t, "release", _LABEL, default=""),
-            shipped=_strs(t, "shipped", _build_id),
-        ))
+        targets.append(
+            IndexTarget(
+                name=_str(t, "name", limit=256),
+                kind=kind,  # type: ignore[arg-type]
+                build_id=_str(t, "build_id", _HEX, limit=128),
+                release=_str(t, "release", _LABEL, default=""),
+                shipped=_strs(t, "shipped", _build_id),
+            )
+        )
     kind = _str(raw, "kind")
     if kind not in ("process", "kernel"):
         raise BadIndex(f"index: update {uid}: kind is not process or kernel")
@@ -197,13 +207,20 @@ def _entry(raw: Any) -> IndexEntry:
     if not isinstance(added, (int, float)) or isinstance(added, bool):
         raise BadIndex(f"index: update {uid}: added is not a number")
     return IndexEntry(
-        id=uid, file=file, sha256=sha, size=_int(raw, "size"), kind=kind,  # type: ignore[arg-type]
-        targets=tuple(targets), order=_int(raw, "order"),
+        id=uid,
+        file=file,
+        sha256=sha,
+        size=_int(raw, "size"),
+        kind=kind,  # type: ignore[arg-type]
+        targets=tuple(targets),
+        order=_int(raw, "order"),
         description=_str(raw, "description", _LABEL, default=""),
         channel=_str(raw, "channel", _CHANNEL, default="stable"),
         effective_version=_str(raw, "effective_version", _LABEL, default=""),
-        cves=_strs(raw, "cves", _cve), requires=_strs(raw, "requires", _id),
-        supersedes=_strs(raw, "supersedes", _id), added=float(added),
+        cves=_strs(raw, "cves", _cve),
+        requires=_strs(raw, "requires", _id),
+        supersedes=_strs(raw, "supersedes", _id),
+        added=float(added),
     )
 
 
@@ -229,7 +246,8 @@ def decode_index(data: bytes) -> Index:
         for other in (*entry.requires, *entry.supersedes):
             if other not in ids or other == entry.id:
                 raise BadIndex(
-                    f"index: update {entry.id} refers to {other}, which it does not list")
+                    f"index: update {entry.id} refers to {other}, which it does not list"
+                )
     return Index(serial=_int(raw, "serial"), updates=entries)
 
 
@@ -246,6 +264,7 @@ def verify_index(data: bytes, signature: bytes | None, trusted: list[Path] | Non
 
 # ------------------------------------------------------------------ writing (repo init/add)
 
+
 def _key_pub(key: Path) -> tuple[str, bytes]:
     from cryptography.hazmat.primitives import serialization
 
@@ -257,8 +276,9 @@ def _key_pub(key: Path) -> tuple[str, bytes]:
         raise UsageError(f"{key} is not a usable private key ({e})") from None
     pub = priv.public_key()
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    pem = pub.public_bytes(serialization.Encoding.PEM,
-                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = pub.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return key_id(raw), pem
 
 
@@ -278,8 +298,10 @@ def read_local_index(repo: Path, key: Path) -> Index:
     kid, _ = _key_pub(key)
     pub = repo / "keys" / f"{kid}.pub"
     if not pub.exists():
-        raise UsageError(f"{repo} is not a repository of key {kid}",
-                         advice=f"make one with `livesplice repo init {repo} --key {key}`")
+        raise UsageError(
+            f"{repo} is not a repository of key {kid}",
+            advice=f"make one with `livesplice repo init {repo} --key {key}`",
+        )
     data = (repo / INDEX).read_bytes()
     sig = (repo / SIGNATURE).read_bytes()
     verify_index(data, sig, [pub])
@@ -298,9 +320,15 @@ def repo_init(repo: Path, key: Path) -> str:
 
 
 def repo_add(
-    repo: Path, key: Path, update_path: Path, *, channel: str = "stable",
-    cves: list[str] | None = None, effective_version: str = "",
-    supersedes: list[str] | None = None, requires: list[str] | None = None,
+    repo: Path,
+    key: Path,
+    update_path: Path,
+    *,
+    channel: str = "stable",
+    cves: list[str] | None = None,
+    effective_version: str = "",
+    supersedes: list[str] | None = None,
+    requires: list[str] | None = None,
     binaries: list[Path] | None = None,
 ) -> IndexEntry:
     """Add (or replace) one update; it must carry a valid signature by a key the
@@ -338,8 +366,7 @@ def repo_add(
             raise UsageError(f"update {other} is not in the repository")
     # the binaries the update was verified against when it was made (signed with it), then
     # those given here: each run-pre matched now unless the update already vouches for it
-    shipped: dict[str, list[str]] = {t.name: [v.build_id for v in t.verified]
-                                     for t in m.targets}
+    shipped: dict[str, list[str]] = {t.name: [v.build_id for v in t.verified] for t in m.targets}
     by_name = {t.name: t for t in m.targets}
     programs = [t.name for t in m.targets if t.kind == "executable"]
     for b in binaries or []:
@@ -347,8 +374,7 @@ def repo_add(
         if name not in by_name and len(programs) == 1:
             name = programs[0]  # a program shipped under another name: its code decides
         if name not in by_name:
-            raise UsageError(f"{b} is none of the update's targets "
-                             f"({', '.join(sorted(by_name))})")
+            raise UsageError(f"{b} is none of the update's targets ({', '.join(sorted(by_name))})")
         bid = gnu_build_id(str(b))
         if not bid:
             raise UsageError(f"{b} has no GNU build-id: machines could not be matched to it")
@@ -363,15 +389,29 @@ def repo_add(
     old = index.entry(m.id)
     order = old.order if old else max((e.order for e in index.updates), default=0) + 1
     entry = IndexEntry(
-        id=m.id, file=f"updates/{m.id}.update", sha256=hashlib.sha256(blob).hexdigest(),
-        size=len(blob), kind="kernel" if kernel else "process",
-        targets=tuple(IndexTarget(t.name, t.kind, t.build_id, release if kernel else "",
-                                  tuple(shipped.get(t.name, ())))
-                      for t in m.targets),
-        order=order, description=m.description[:128] if _LABEL.fullmatch(m.description[:128])
-        else "", channel=channel, effective_version=effective_version,
-        cves=tuple(cves or ()), requires=tuple(requires or ()),
-        supersedes=tuple(supersedes or ()), added=time.time(),
+        id=m.id,
+        file=f"updates/{m.id}.update",
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        kind="kernel" if kernel else "process",
+        targets=tuple(
+            IndexTarget(
+                t.name,
+                t.kind,
+                t.build_id,
+                release if kernel else "",
+                tuple(shipped.get(t.name, ())),
+            )
+            for t in m.targets
+        ),
+        order=order,
+        description=m.description[:128] if _LABEL.fullmatch(m.description[:128]) else "",
+        channel=channel,
+        effective_version=effective_version,
+        cves=tuple(cves or ()),
+        requires=tuple(requires or ()),
+        supersedes=tuple(supersedes or ()),
+        added=time.time(),
     )
     (repo / "updates" / f"{m.id}.update").write_bytes(blob)
     index.updates = [e for e in index.updates if e.id != m.id] + [entry]

@@ -48,8 +48,15 @@ def token(store: Store) -> str:
 
 
 class Manager:
-    def __init__(self, store: Store, host: str, port: int, repo: str = "",
-                 channel: str = "stable", trusted: list[Path] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        host: str,
+        port: int,
+        repo: str = "",
+        channel: str = "stable",
+        trusted: list[Path] | None = None,
+    ) -> None:
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise LivespliceError(f"the manager page listens on loopback only, not {host}")
         self.store, self.repo, self.channel, self.trusted = store, repo, channel, trusted
@@ -72,9 +79,11 @@ class Manager:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.send_header("X-Content-Type-Options", "nosniff")
-                self.send_header("Content-Security-Policy",
-                                 "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                                 "style-src 'unsafe-inline'; frame-ancestors 'none'")
+                self.send_header(
+                    "Content-Security-Policy",
+                    "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                    "style-src 'unsafe-inline'; frame-ancestors 'none'",
+                )
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -99,8 +108,9 @@ class Manager:
                 if not hmac.compare_digest(given.encode(), manager.token.encode()):
                     return self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong token"})
                 if self.headers.get("Content-Type", "").split(";")[0] != "application/json":
-                    return self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                                      {"error": "application/json only"})
+                    return self._json(
+                        HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "application/json only"}
+                    )
                 size = int(self.headers.get("Content-Length", "0") or 0)
                 if not 0 <= size <= BODY_MAX:
                     return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "too large"})
@@ -154,8 +164,9 @@ class Manager:
                 if path == "/api/upgrade":
                     if not self.repo:
                         return HTTPStatus.BAD_REQUEST, {"error": "no repository configured"}
-                    rep = upgrade(self.repo, store=self.store, channel=self.channel,
-                                  trusted=self.trusted)
+                    rep = upgrade(
+                        self.repo, store=self.store, channel=self.channel, trusted=self.trusted
+                    )
                     return HTTPStatus.OK, {"results": rep.results}
             except LivespliceError as e:
                 return HTTPStatus.CONFLICT, {"error": e.reason, "abort": e.abort}

@@ -229,8 +229,10 @@ class Store:
         held = self.held()
         for uid, target in sorted(self.suspect()):
             if uid not in held:
-                why = (f"an apply to {target} began and never ended (the process, the agent "
-                       "or the machine crashed during it)")
+                why = (
+                    f"an apply to {target} began and never ended (the process, the agent "
+                    "or the machine crashed during it)"
+                )
                 self.hold(uid, why)
                 held[uid] = why
                 newly.append(uid)

@@ -78,9 +78,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def encode_payload(
-    manifest: Manifest, patch: str, extra: dict[str, bytes] | None = None
-) -> bytes:
+def encode_payload(manifest: Manifest, patch: str, extra: dict[str, bytes] | None = None) -> bytes:
     """The signed part of an update: a deterministic gzip'd tar of its members."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -180,8 +178,11 @@ class Envelope:
 
 def open_envelope(blob: bytes, path: str = "update") -> Envelope:
     if not blob.startswith(MAGIC):
-        old = " (format 1, a gzip'd tar: recreate it with this livesplice)" \
-            if blob[:2] == b"\x1f\x8b" else ""
+        old = (
+            " (format 1, a gzip'd tar: recreate it with this livesplice)"
+            if blob[:2] == b"\x1f\x8b"
+            else ""
+        )
         raise MalformedUpdate(
             f"{path} is not a livesplice update{old}",
             advice="make updates with `livesplice create`; check the file was copied whole",
@@ -240,8 +241,10 @@ def _inflate(payload: bytes, path: str) -> bytes:
             chunk = d.decompress(data, min(cap + 1 - len(out), 1 << 20))
             out += chunk
             if len(out) > cap:
-                raise MalformedUpdate(f"{path}: the payload inflates past {cap} bytes "
-                                      f"({len(payload)} compressed): not a livesplice update")
+                raise MalformedUpdate(
+                    f"{path}: the payload inflates past {cap} bytes "
+                    f"({len(payload)} compressed): not a livesplice update"
+                )
             data = d.unconsumed_tail
             if not chunk and not data:
                 break  # input exhausted before the end of the stream
@@ -262,8 +265,9 @@ def _members(raw: bytes, path: str) -> dict[str, bytes]:
                 if n >= MAX_MEMBERS:
                     raise MalformedUpdate(f"{path}: more than {MAX_MEMBERS} members")
                 if not info.isreg() or info.pax_headers or not MEMBER_NAME.fullmatch(info.name):
-                    raise MalformedUpdate(f"{path}: unexpected member {info.name!r:.80} "
-                                          f"(type {info.type!r})")
+                    raise MalformedUpdate(
+                        f"{path}: unexpected member {info.name!r:.80} (type {info.type!r})"
+                    )
                 if info.name in members:
                     raise MalformedUpdate(f"{path}: member {info.name!r} appears twice")
                 f = tar.extractfile(info)
@@ -293,8 +297,10 @@ def decode_envelope(env: Envelope, path: str = "update") -> UpdateFile:
     try:
         manifest = manifest_from_dict(raw)
     except ValueError as e:
-        raise MalformedUpdate(f"{path}: the manifest is malformed: {e}",
-                              advice="make updates with `livesplice create`") from None
+        raise MalformedUpdate(
+            f"{path}: the manifest is malformed: {e}",
+            advice="make updates with `livesplice create`",
+        ) from None
     try:
         patch = members.get(PATCH, b"").decode()
     except UnicodeDecodeError:

@@ -334,27 +334,35 @@ _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 def _check_manifest(m: Manifest) -> None:
     """Relations the types alone do not say (ranges, uniqueness, references)."""
     if not ID_PATTERN.fullmatch(m.id):
-        raise _Bad(f"id {m.id!r:.80} breaks the rule for update ids (1-32 characters from "
-                   "a-z, 0-9, '_' and '-')")
+        raise _Bad(
+            f"id {m.id!r:.80} breaks the rule for update ids (1-32 characters from "
+            "a-z, 0-9, '_' and '-')"
+        )
     names = [t.name for t in m.targets]
     if len(set(names)) != len(names):
-        raise _Bad(f"targets: {sorted({n for n in names if names.count(n) > 1})!r:.80} listed "
-                   "twice (a function would be patched twice)")
+        raise _Bad(
+            f"targets: {sorted({n for n in names if names.count(n) > 1})!r:.80} listed "
+            "twice (a function would be patched twice)"
+        )
     for t in m.targets:
         if t.build_id and not _HEX.fullmatch(t.build_id):
             raise _Bad(f"target {t.name!r:.60}: build_id is not hex")
         for v in t.verified:
             if not v.build_id or not _HEX.fullmatch(v.build_id) or v.functions < 0:
-                raise _Bad(f"target {t.name!r:.60}: verified binary {v.file!r:.60} has no "
-                           "hex build-id")
+                raise _Bad(
+                    f"target {t.name!r:.60}: verified binary {v.file!r:.60} has no hex build-id"
+                )
         seen: set[tuple[str, str]] = set()
         for s in t.sections:
             where = f"target {t.name!r:.60} section {s.key!r:.60}"
             if (s.key, s.role) in seen:
                 raise _Bad(f"{where}: listed twice as {s.role}")
             seen.add((s.key, s.role))
-            if not 0 <= s.size <= MAX_SECTION or not _HEX.fullmatch(s.data) \
-                    or len(s.data) > 2 * s.size:
+            if (
+                not 0 <= s.size <= MAX_SECTION
+                or not _HEX.fullmatch(s.data)
+                or len(s.data) > 2 * s.size
+            ):
                 raise _Bad(f"{where}: size/data out of range or data not hex")
             if s.align < 1 or s.align & (s.align - 1) or s.align > 1 << 16:
                 raise _Bad(f"{where}: alignment {s.align} is not a power of two <= 65536")
@@ -378,17 +386,22 @@ def _check_site(site: PatchSite, s: Section, where: str) -> None:
     """A patch site lies inside its section, its replacement fits in it, and the
     replacement's relocations lie inside the replacement."""
     if not 0 < site.length <= MAX_PATCH_LEN or not 0 <= site.offset <= s.size - site.length:
-        raise _Bad(f"{where}: {site.kind} site at {site.offset} (+{site.length}) outside the "
-                   "section")
+        raise _Bad(
+            f"{where}: {site.kind} site at {site.offset} (+{site.length}) outside the section"
+        )
     if not 0 <= site.pv_type <= 0xFF or not 0 <= site.feature <= 0xFFFF:
         raise _Bad(f"{where}: {site.kind} site at {site.offset}: type or feature out of range")
     if not _HEX.fullmatch(site.replacement) or len(site.replacement) > 2 * site.length:
-        raise _Bad(f"{where}: {site.kind} site at {site.offset}: replacement not hex or longer "
-                   "than the site")
+        raise _Bad(
+            f"{where}: {site.kind} site at {site.offset}: replacement not hex or longer "
+            "than the site"
+        )
     for r in site.relocs:
         if not 0 <= r.offset < len(site.replacement) // 2:
-            raise _Bad(f"{where}: {site.kind} site at {site.offset}: relocation at {r.offset} "
-                       "outside the replacement")
+            raise _Bad(
+                f"{where}: {site.kind} site at {site.offset}: relocation at {r.offset} "
+                "outside the replacement"
+            )
 
 
 def manifest_from_dict(raw: object) -> Manifest:

@@ -48,8 +48,15 @@ def inspect_json(update: UpdateFile, trusted: list[Path] | None = None) -> dict[
                 "new_functions": t.new_functions,
                 "new_data": t.new_data,
                 "pre_functions": sorted(s.name for s in t.sections if s.role == "pre"),
-                "verified": [{"file": v.file, "build_id": v.build_id, "origin": v.origin,
-                              "functions": v.functions} for v in t.verified],
+                "verified": [
+                    {
+                        "file": v.file,
+                        "build_id": v.build_id,
+                        "origin": v.origin,
+                        "functions": v.functions,
+                    }
+                    for v in t.verified
+                ],
             }
             for t in m.targets
         ],
@@ -88,8 +95,9 @@ def inspect_text(update: UpdateFile, trusted: list[Path] | None = None) -> str:
         f"  signature: {printable(_VERDICT_WORDS[sig['verdict']].format(**sig))}",
     ]
     for t in info["targets"]:
-        lines.append(f"  target {printable(t['name'])} ({t['kind']}, "
-                     f"build-id {t['build_id'] or 'none'})")
+        lines.append(
+            f"  target {printable(t['name'])} ({t['kind']}, build-id {t['build_id'] or 'none'})"
+        )
         for label, key in (
             ("changed function", "changed_functions"),
             ("new function", "new_functions"),
@@ -98,8 +106,10 @@ def inspect_text(update: UpdateFile, trusted: list[Path] | None = None) -> str:
             for name in t[key]:
                 lines.append(f"    {label}: {printable(name)}")
         for v in t["verified"]:
-            lines.append(f"    verified against {printable(v['origin'])}: "
-                         f"{printable(v['file'])} (build-id {v['build_id']})")
+            lines.append(
+                f"    verified against {printable(v['origin'])}: "
+                f"{printable(v['file'])} (build-id {v['build_id']})"
+            )
     for h in info["hooks"]:
         lines.append(f"  hook {h['kind']}: {printable(h['function'])} ({printable(h['target'])})")
     for w in info["warnings"]:

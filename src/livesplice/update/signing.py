@@ -75,7 +75,8 @@ def generate_key() -> KeyPair:
     serialization, ed25519 = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
     priv = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     pub = key.public_key()
@@ -97,9 +98,7 @@ def sign(payload: bytes, private_key: Path, kind: str = "update") -> bytes:
         raise UsageError(f"{private_key} is not a usable private key ({e})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise UsageError(f"{private_key} is not an Ed25519 key (make one with `livesplice keygen`)")
-    raw = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     sig = key.sign(statement(payload, kind))
     body = {"algorithm": "ed25519", "key_id": key_id(raw), "signature": sig.hex()}
     return (json.dumps(body, sort_keys=True) + "\n").encode()
