@@ -247,6 +247,13 @@ def test_fuzz_state_record_decoder(raw: object) -> None:
         b'{"module": "livesplice_ok", "funcs": [{"object": 1, "name": "f"}]}',
         b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
         b'"count": "2"}]}',
+        # matching looks the key up and adds learn's offset to an address
+        b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
+        b'"count": 2}]}',
+        b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
+        b'"count": 2, "key": "f", "learn": ["s", "8"]}]}',
+        b'{"module": "livesplice_ok", "klp_symbols": [{"object": "vmlinux", "name": "f", '
+        b'"count": 2, "key": "f", "learn": [".text.g"]}]}',
     ],
 )
 def test_kernel_members_are_checked_before_use(kernel_json: bytes) -> None:

@@ -138,7 +138,10 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
 
 
 def cli_view(
-    args: argparse.Namespace, kernel_rows: list[Any] | None = None, *, say_none: bool = True
+    args: argparse.Namespace,
+    kernel_rows: list[dict[str, Any]] | None = None,
+    *,
+    say_none: bool = True,
 ) -> int:
     """``view`` of processes; ``kernel_rows`` joins the kernel's rows into one JSON document.
 

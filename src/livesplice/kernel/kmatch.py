@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from livesplice.arch.x86_64 import (
     MASK64,
@@ -58,6 +58,9 @@ from livesplice.kernel.patchsites import (
     site_forms,
 )
 from livesplice.update.format import PatchSite, Reloc, Section, Target
+
+if TYPE_CHECKING:
+    from livesplice.kernel.package import KernelJson
 
 
 @dataclass
@@ -455,7 +458,7 @@ def _interchangeable(sec: Section, replaced: Collection[str | None], trails: lis
 
 
 def run_pre_match_kernel(
-    image: KernelImage, targets: list[Target], kernel: dict[str, Any]
+    image: KernelImage, targets: list[Target], kernel: KernelJson
 ) -> KernelMatch:
     """Match every pre function; decide sympos of changed functions and klp symbols."""
     from livesplice.kernel.klp import object_of, running_name
@@ -525,9 +528,9 @@ def run_pre_match_kernel(
         if len(cands) <= 1:
             continue
         learn = ks.get("learn")
-        if learn:
-            base_addr = result.learned.get(learn[0])
-            addr = base_addr + learn[1] if base_addr is not None else None
+        if learn:  # [section key, offset], as read_kernel_members checked
+            base_addr = result.learned.get(str(learn[0]))
+            addr = base_addr + int(learn[1]) if base_addr is not None else None
         else:
             addr = result.learned.get(ks["key"])
         hit = [c for c in cands if c.addr == addr]

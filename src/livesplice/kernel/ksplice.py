@@ -30,10 +30,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from livesplice.errors import CodeBusy, LivespliceError, UsageError
 from livesplice.update.format import Hook, Section, Target
+
+if TYPE_CHECKING:
+    from livesplice.kernel.klp import ModulePlan
+    from livesplice.kernel.package import KernelJson
 
 JMP_LEN = 5  # jmp rel32 written over the old entry
 RETRIES = 3  # attempts when a task is busy in the old code (Uptrack retried twice)
@@ -123,7 +127,7 @@ def _branches_into_entry(pre: Section) -> int:
     return 0
 
 
-def split_plan(plan: Any, chosen: list[tuple[Target, Section, Section | None]]) -> None:
+def split_plan(plan: ModulePlan, chosen: list[tuple[Target, Section, Section | None]]) -> None:
     """Move ``chosen`` from the plan's klp_funcs to its Ksplice table (same labels)."""
     from livesplice.kernel.klp import object_of
 
@@ -173,7 +177,7 @@ def copy_module_source(moddir: Path) -> str:
 
 
 def module_params(
-    kernel: dict[str, Any], functions: dict[str, int], read: Callable[[int, int], bytes]
+    kernel: KernelJson, functions: dict[str, int], read: Callable[[int, int], bytes]
 ) -> list[str]:
     """``ksplice_addr=``/``ksplice_head=`` from run-pre matching: where each old function
     is and the bytes the jump will replace, as matching read them. The module writes only

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livesplice.errors import (
     CodeBusy,
@@ -31,7 +31,12 @@ from livesplice.errors import (
 )
 from livesplice.kernel import ksplice
 from livesplice.update.archive import UpdateFile
-from livesplice.update.format import Hook, Manifest
+from livesplice.update.format import Hook, Manifest, Target
+
+if TYPE_CHECKING:
+    from livesplice.kernel.klp import ModulePlan
+    from livesplice.kernel.kmatch import KernelMatch
+    from livesplice.kernel.package import KernelJson
 
 LIVEPATCH = Path("/sys/kernel/livepatch")
 TRANSITION_TIMEOUT = 60.0
@@ -118,22 +123,7 @@ def create_kernel_update(
             kd.specials,
         )
         seconds["module"] = time.monotonic() - t2
-        kernel = {
-            "module": plan.name,
-            "release": kernel_release(ksrc),
-            "funcs": [{"object": o, "name": n} for o, n, _ in plan.funcs],
-            "ksplice": [{"object": o, "name": n} for o, n, _, _ in plan.ksplice],
-            "klp_symbols": [
-                {
-                    "object": s.obj,
-                    "name": s.name,
-                    "count": s.count,
-                    "key": s.key,
-                    "learn": list(s.learn) if s.learn else None,
-                }
-                for s in plan.klp_symbols.values()
-            ],
-        }
+        kernel = kernel_json(plan, kernel_release(ksrc))
         write_kernel_update(out, manifest, patch_text, ko, kernel, signing_key=signing_key)
         seconds["total"] = time.monotonic() - t0
         return manifest, out, seconds
@@ -142,6 +132,27 @@ def create_kernel_update(
             say(f"kept the build directory {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kernel_json(plan: ModulePlan, release: str) -> KernelJson:
+    """kernel.json of the update: what apply needs beyond the manifest, from the module's
+    plan (the functions in the order of the module's ``sympos=``/``ksplice_addr=`` lists)."""
+    return {
+        "module": plan.name,
+        "release": release,
+        "funcs": [{"object": o, "name": n} for o, n, _ in plan.funcs],
+        "ksplice": [{"object": o, "name": n} for o, n, _, _ in plan.ksplice],
+        "klp_symbols": [
+            {
+                "object": s.obj,
+                "name": s.name,
+                "count": s.count,
+                "key": s.key,
+                "learn": list(s.learn) if s.learn else None,
+            }
+            for s in plan.klp_symbols.values()
+        ],
+    }
 
 
 def check_hook_kinds(hooks: list[Hook]) -> None:
@@ -187,6 +198,25 @@ class KernelApplyReport:
     match_seconds: float  # run-pre matching against /proc/kcore
     transition_seconds: float  # insmod until every task runs the new code
     warnings: list[str] = field(default_factory=list)
+    # Ksplice path only: how long the module's stop_machine held every CPU (None: not used)
+    stop_microseconds: float | None = None
+
+
+@dataclass
+class _KernelApply:
+    """What the steps of one kernel apply hand each other: the update's members, checked
+    once by :func:`_prepare`, and what matching learned (filled by :func:`_match`)."""
+
+    update_id: str
+    name: str  # livesplice_<id>: the module and its /sys/kernel/livepatch directory
+    module: bytes  # the livepatch module as shipped (sympos not yet decided)
+    kernel: KernelJson
+    targets: list[Target]
+    warnings: list[str] = field(default_factory=list)
+    match: KernelMatch | None = None
+    match_seconds: float = 0.0
+    params: list[str] = field(default_factory=list)  # insmod's module parameters
+    stop_microseconds: float | None = None  # the Ksplice path's stop_machine, as measured
 
 
 def apply_to_kernel(
@@ -197,15 +227,27 @@ def apply_to_kernel(
 ) -> KernelApplyReport:
     """Load ``update`` (already read and signature-checked) into the running kernel.
 
-    Run-pre matching happens before anything is loaded, so a mismatch (NO_MATCH) leaves the
-    kernel untouched; a transition that does not finish within ``transition_timeout`` seconds
-    is reverted and raised as CODE_BUSY, so the kernel is never left half-patched.
+    The steps, in order: :func:`_prepare` (refuse what cannot be applied here),
+    :func:`_match` (run-pre matching; a mismatch, NO_MATCH, leaves the kernel untouched),
+    :func:`_load` (decide ``sympos``, insmod), :func:`_transition` (wait until every task
+    runs the new code; after ``transition_timeout`` seconds revert and raise CODE_BUSY, so
+    the kernel is never left half-patched) and :func:`_report`. The kernel keeps the record
+    itself (/sys/kernel/livepatch), so there is no journal to write.
     """
-    from livesplice.kernel.elfedit import set_klp_sympos
-    from livesplice.kernel.kmatch import KernelImage, run_pre_match_kernel
+    say = progress or _quiet
+    job = _prepare(update, say)
+    _match(job, say)
+    _load(job, say)
+    seconds = _transition(job.name, transition_timeout, say)
+    return _report(job, seconds)
+
+
+def _prepare(update: UpdateFile, say: Progress) -> _KernelApply:
+    """Refuse, before reading the running kernel, what cannot be applied here: a process
+    update, a kernel without livepatch, an update already applied; warn about another
+    release (matching decides whether the code is the same)."""
     from livesplice.kernel.package import read_kernel_members
 
-    say = progress or _quiet
     if not update.manifest.is_kernel:
         raise UsageError(
             f"update {update.manifest.id} is not a kernel update",
@@ -217,40 +259,75 @@ def apply_to_kernel(
         raise UsageError("this kernel has no livepatch support (/sys/kernel/livepatch)")
     if (LIVEPATCH / name).exists():
         raise UsageError(f"update {update.manifest.id} is already applied ({name})")
-    warnings: list[str] = []
+    job = _KernelApply(update.manifest.id, name, module, kernel, update.manifest.targets)
     release = Path("/proc/sys/kernel/osrelease").read_text().strip()
-    if kernel.get("release") and kernel["release"] != release:
-        warnings.append(f"built for {kernel['release']}, running {release}")
-        say(f"warning: {warnings[-1]}")
+    if kernel.get("release") and kernel.get("release") != release:
+        job.warnings.append(f"built for {kernel.get('release')}, running {release}")
+        say(f"warning: {job.warnings[-1]}")
+    return job
+
+
+def _match(job: _KernelApply, say: Progress) -> None:
+    """Run-pre matching against /proc/kcore: every pre function must be the running code.
+    It also decides each ``sympos`` and, for the Ksplice path, reads the bytes the jumps
+    will replace (the module writes only if it finds them there)."""
+    from livesplice.kernel.kmatch import KernelImage, run_pre_match_kernel
+
     t0 = time.monotonic()
     image = KernelImage.open()
-    match = run_pre_match_kernel(image, update.manifest.targets, kernel)
-    match_seconds = time.monotonic() - t0
-    say(f"run-pre matched {len(match.functions)} function(s) in {match_seconds:.2f} s")
-    module = set_klp_sympos(module, match.klp_sympos)
-    sympos = [str(match.func_sympos.get(f"{f['object']}.{f['name']}", 0)) for f in kernel["funcs"]]
-    params = [f"sympos={','.join(sympos)}"] if sympos else []
-    params += ksplice.module_params(kernel, match.functions, image.read)
+    job.match = run_pre_match_kernel(image, job.targets, job.kernel)
+    job.match_seconds = time.monotonic() - t0
+    say(f"run-pre matched {len(job.match.functions)} function(s) in {job.match_seconds:.2f} s")
+    sympos = [
+        str(job.match.func_sympos.get(f"{f['object']}.{f['name']}", 0))
+        for f in job.kernel.get("funcs", [])
+    ]
+    job.params = [f"sympos={','.join(sympos)}"] if sympos else []
+    job.params += ksplice.module_params(job.kernel, job.match.functions, image.read)
+
+
+def _load(job: _KernelApply, say: Progress) -> None:
+    """Write the matched ``sympos`` into the module's klp symbols and insmod it; a busy
+    Ksplice stop is retried (:func:`livesplice.kernel.ksplice.load_retrying`). The Ksplice
+    path's module measures its own stop_machine: read it back while the module is new."""
+    from livesplice.kernel.elfedit import set_klp_sympos
+
+    assert job.match is not None, "_match runs first"
+    module = set_klp_sympos(job.module, job.match.klp_sympos)
     with tempfile.TemporaryDirectory(prefix="livesplice-kapply-") as tmp:
-        ko = Path(tmp) / f"{name}.ko"
+        ko = Path(tmp) / f"{job.name}.ko"
         ko.write_bytes(module)
-        ksplice.load_retrying(lambda: insmod(ko, params), say)
-    stop_us = ksplice.stop_microseconds(name) if kernel.get("ksplice") else None
-    if stop_us is not None:
-        say(f"Ksplice path: the machine was stopped for {stop_us:.0f} µs")
-    t1 = time.monotonic()
+        ksplice.load_retrying(lambda: insmod(ko, job.params), say)
+    if job.kernel.get("ksplice"):
+        job.stop_microseconds = ksplice.stop_microseconds(job.name)
+    if job.stop_microseconds is not None:
+        say(f"Ksplice path: the machine was stopped for {job.stop_microseconds:.0f} µs")
+
+
+def _transition(name: str, timeout: float, say: Progress) -> float:
+    """Wait for livepatch's transition (seconds it took); a stalled one is reverted, so a
+    CODE_BUSY leaves the kernel as it was before the load."""
+    t0 = time.monotonic()
     try:
-        wait_transition(name, transition_timeout, say)
+        wait_transition(name, timeout, say)
     except CodeBusy:
         revert(name, say)
         raise
+    return time.monotonic() - t0
+
+
+def _report(job: _KernelApply, transition_seconds: float) -> KernelApplyReport:
+    """The report of a finished apply: every replaced function, livepatch's and the
+    Ksplice path's, under the names the update gave them."""
+    ksplice_funcs = job.kernel.get("ksplice", [])
     return KernelApplyReport(
-        id=update.manifest.id,
-        module=name,
-        functions=[f["name"] for f in [*kernel["funcs"], *kernel.get("ksplice", [])]],
-        match_seconds=round(match_seconds, 3),
-        transition_seconds=round(time.monotonic() - t1, 3),
-        warnings=warnings,
+        id=job.update_id,
+        module=job.name,
+        functions=[f["name"] for f in [*job.kernel.get("funcs", []), *ksplice_funcs]],
+        match_seconds=round(job.match_seconds, 3),
+        transition_seconds=round(transition_seconds, 3),
+        warnings=job.warnings,
+        stop_microseconds=job.stop_microseconds,
     )
 
 
@@ -413,23 +490,46 @@ def undo_kernel(
 ) -> KernelUndoReport:
     """Disable and unload the livepatch of ``update_id``.
 
-    A reverse transition that does not finish in ``timeout`` seconds is itself reversed, so
+    The steps mirror apply's: :func:`_applied_module` (NOT_APPLIED), :func:`_unsplice` (the
+    Ksplice path's jumps out first), :func:`_reverse_transition` and :func:`_unload`. A
+    reverse transition that does not finish in ``timeout`` seconds is itself reversed, so
     the update stays fully applied (CODE_BUSY) rather than half-undone.
     """
+    say = progress or _quiet
+    name = _applied_module(update_id)
+    t0 = time.monotonic()
+    jumps = _unsplice(name, say)
+    _reverse_transition(name, timeout, jumps, say)
+    seconds = time.monotonic() - t0
+    _unload(name)
+    return KernelUndoReport(id=update_id, module=name, transition_seconds=round(seconds, 3))
+
+
+def _applied_module(update_id: str) -> str:
+    """The livepatch module of ``update_id``, which must be loaded (NOT_APPLIED otherwise)."""
     from livesplice.kernel.klp import module_name
 
-    say = progress or _quiet
     name = module_name(update_id)
     if not (LIVEPATCH / name).exists():
         raise NotApplied(
             f"kernel update {update_id} is not applied",
             advice="`livesplice view` lists the applied updates",
         )
-    stack = sorted(p.name for p in LIVEPATCH.iterdir())
-    t0 = time.monotonic()
-    jumps = ksplice.spliced(name)
+    return name
+
+
+def _unsplice(name: str, say: Progress) -> bool:
+    """Take the Ksplice path's jumps out before livepatch's own functions (whether there
+    were any). A CODE_BUSY here changed nothing yet."""
+    jumps = bool(ksplice.spliced(name))
     if jumps:
-        ksplice.unsplice(name, say)  # CODE_BUSY here: nothing changed yet
+        ksplice.unsplice(name, say)
+    return jumps
+
+
+def _reverse_transition(name: str, timeout: float, jumps: bool, say: Progress) -> None:
+    """Disable the livepatch and wait for its reverse transition; a stalled one is reversed
+    again and the jumps put back, so the update stays fully applied (CODE_BUSY)."""
     (LIVEPATCH / name / "enabled").write_text("0")
     try:
         wait_transition(name, timeout, say)
@@ -438,8 +538,12 @@ def undo_kernel(
         if jumps:
             ksplice.resplice(name, say)
         raise
-    seconds = time.monotonic() - t0
+
+
+def _unload(name: str) -> None:
+    """rmmod the disabled livepatch; a failure lists the livepatches still loaded, which is
+    what a person needs to tell why (the module is in use, or another patch depends on it)."""
     done = subprocess.run(["rmmod", name], capture_output=True, text=True)
     if done.returncode != 0:
+        stack = sorted(p.name for p in LIVEPATCH.iterdir()) if LIVEPATCH.is_dir() else []
         raise UsageError(f"rmmod {name} failed", [done.stderr.strip(), f"patches: {stack}"])
-    return KernelUndoReport(id=update_id, module=name, transition_seconds=round(seconds, 3))
