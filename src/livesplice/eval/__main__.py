@@ -51,9 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def use_eval_signing_key(cache: Path) -> None:
-    """Sign every update the evaluation creates with the evaluation's own key, and trust
-    only that key when applying them: the same path an operator's updates take."""
+def eval_signing_key(cache: Path) -> tuple[Path, Path]:
+    """The evaluation's own signing key (made once) and a directory trusting only it."""
     from livesplice.update.signing import generate_key
 
     keys = cache / "signing"
@@ -64,8 +63,15 @@ def use_eval_signing_key(cache: Path) -> None:
         key.write_bytes(pair.private_pem)
         key.chmod(0o600)
         pub.write_bytes(pair.public_pem)
+    return key, pub.parent
+
+
+def use_eval_signing_key(cache: Path) -> None:
+    """Sign every update the evaluation creates with the evaluation's own key, and trust
+    only that key when applying them: the same path an operator's updates take."""
+    key, trusted = eval_signing_key(cache)
     os.environ["LIVESPLICE_SIGNING_KEY"] = str(key)
-    os.environ["LIVESPLICE_TRUST_DIR"] = str(pub.parent)
+    os.environ["LIVESPLICE_TRUST_DIR"] = str(trusted)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
