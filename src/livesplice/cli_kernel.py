@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
 
+from livesplice.cli_progress import progress_printer
 from livesplice.errors import ExitCode
 from livesplice.kernel.target import (
     KernelPatchView,
@@ -20,17 +19,6 @@ from livesplice.kernel.target import (
     undo_kernel,
 )
 from livesplice.update.archive import UpdateFile
-
-
-def progress_printer(args: argparse.Namespace) -> Callable[[str], None]:
-    """The engine's progress callback: a line on stderr, none with --json (stdout then holds
-    exactly one JSON document and stderr stays free of chatter)."""
-
-    def say(msg: str) -> None:
-        if not getattr(args, "json", False):
-            print(f"livesplice: {msg}", file=sys.stderr, flush=True)
-
-    return say
 
 
 def cli_create_kernel(args: argparse.Namespace) -> int:

@@ -10,9 +10,10 @@ ran and how long it took. ``--quiet`` shows nothing.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
@@ -21,6 +22,19 @@ from livesplice.progress import ProgressCallback, StageEvent
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
+
+
+def progress_printer(args: argparse.Namespace) -> Callable[[str], None]:
+    """The progress callback of the kernel and service commands (apply, undo, upgrade): a
+    line on stderr, none with --json (stdout then holds exactly one JSON document and stderr
+    stays free of chatter)."""
+
+    def say(msg: str) -> None:
+        if not getattr(args, "json", False):
+            print(f"livesplice: {msg}", file=sys.stderr, flush=True)
+
+    return say
+
 
 # a log line for the diff's n/N at most this often (the end of the stage is always logged)
 LOG_UPDATE_INTERVAL = 5.0

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from capstone import Cs  # no type hints: Any to mypy
 
 MASK64 = (1 << 64) - 1
 
@@ -64,7 +67,7 @@ GOT_RELATIVE = frozenset({"R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX", "R_X86_64_R
 
 
 @cache
-def disassembler(*, detail: bool = False, skipdata: bool = False) -> Any:
+def disassembler(*, detail: bool = False, skipdata: bool = False) -> Cs:
     """A capstone x86-64 decoder, made once per configuration.
 
     ``detail`` (operands, groups) costs time and is only wanted by the diff; ``skipdata``

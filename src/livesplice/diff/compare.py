@@ -41,11 +41,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from livesplice.diff.elfmodel import PC_RELATIVE, ObjReloc, ObjSection, ObjSymbol
 
-Meaning = tuple[Any, ...]
+if TYPE_CHECKING:
+    from capstone import CsInsn  # no type hints: Any to mypy
+
+# a section's meaning: strings, numbers and nested meanings, compared and hashed whole
+Meaning = tuple[object, ...]
 
 
 class Verdict(enum.Enum):
@@ -268,7 +272,7 @@ def masked_bytes(sec: ObjSection) -> bytes:
     return bytes(data)
 
 
-def decode(code: bytes) -> list[Any]:
+def decode(code: bytes) -> list[CsInsn]:
     """x86-64 instructions of ``code`` with details (capstone), from offset 0."""
     from livesplice.arch.x86_64 import disassembler
 
@@ -293,7 +297,9 @@ def compare_sections(
         return Verdict.SAME
     if pre_fp[2] != post_fp[2] or not pre.is_code or line_map is None or not function_lines:
         return Verdict.CHANGED
-    if line_only_difference(pre_fp[1], post_fp[1], line_map, function_lines):
+    # a section's own fingerprint (never a cycle marker here) is (size, masked bytes, relocs)
+    pre_code, post_code = cast(bytes, pre_fp[1]), cast(bytes, post_fp[1])
+    if line_only_difference(pre_code, post_code, line_map, function_lines):
         return Verdict.LINE_ONLY
     return Verdict.CHANGED
 

@@ -18,14 +18,42 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
+from functools import cache
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-_WIDTH = {1: 8, 10: 4, 11: 4, 21: 4, 17: 8, 2: 4, 24: 8}  # r_type -> bytes (psABI x86-64)
+from livesplice.arch.x86_64 import FIELD_SIZE
+
+if TYPE_CHECKING:
+    # pyelftools has no type hints: to mypy these are Any, to a reader they say what it is
+    from elftools.dwarf.compileunit import CompileUnit
+    from elftools.dwarf.dwarfinfo import DWARFInfo
+    from elftools.dwarf.lineprogram import LineProgram
+    from elftools.elf.sections import Section
+
+# the relocation types gcc puts in debug sections, written as S + A (the field widths come
+# from the one x86-64 table; the type numbers from pyelftools' psABI enum)
+_DEBUG_RELOCS = (
+    "R_X86_64_64",
+    "R_X86_64_PC32",
+    "R_X86_64_32",
+    "R_X86_64_32S",
+    "R_X86_64_DTPOFF64",
+    "R_X86_64_DTPOFF32",
+    "R_X86_64_PC64",
+)
 
 
-def open_dwarf(path: Path) -> Any:
+@cache
+def _widths() -> dict[int, int]:
+    """r_type number -> bytes of the field, for the types :data:`_DEBUG_RELOCS` names."""
+    from elftools.elf.enums import ENUM_RELOC_TYPE_x64
+
+    return {ENUM_RELOC_TYPE_x64[name]: FIELD_SIZE[name] for name in _DEBUG_RELOCS}
+
+
+def open_dwarf(path: Path) -> DWARFInfo | None:
     """Return (DWARFInfo | None) for the object at ``path``; None when it has no DWARF."""
     from elftools.dwarf.dwarfinfo import DebugSectionDescriptor
     from elftools.elf.elffile import ELFFile
@@ -33,7 +61,9 @@ def open_dwarf(path: Path) -> Any:
     from elftools.elf.sections import SymbolTableSection
 
     class _RelocatingELF(ELFFile):
-        def _read_dwarf_section(self, section: Any, relocate_dwarf_sections: bool) -> Any:
+        def _read_dwarf_section(
+            self, section: Section, relocate_dwarf_sections: bool
+        ) -> DebugSectionDescriptor:
             desc = super()._read_dwarf_section(section, False)
             desc.stream.seek(0)
             data = bytearray(desc.stream.read())
@@ -42,7 +72,7 @@ def open_dwarf(path: Path) -> Any:
                 symtab = None
             for rs in self._relocations_of(section):
                 for rel in rs.iter_relocations():
-                    width = _WIDTH.get(rel["r_info_type"])
+                    width = _widths().get(rel["r_info_type"])
                     if width is None or symtab is None:
                         continue
                     sym = symtab.get_symbol(rel["r_info_sym"])
@@ -58,14 +88,15 @@ def open_dwarf(path: Path) -> Any:
                 address=desc.address,
             )
 
-        def _relocations_of(self, section: Any) -> list[Any]:
+        def _relocations_of(self, section: Section) -> list[RelocationSection]:
             """The relocation sections applying to ``section``, from a table built once.
 
             pyelftools' section access is linear (each ``iter_sections`` re-reads every
             header), so looking the table up per debug section kept diffs quadratic in the
             number of sections -- thousands with ``-ffunction-sections``.
             """
-            table: dict[tuple[str, int], list[Any]] | None = getattr(self, "_reloc_table", None)
+            Table = dict[tuple[str, int], list[RelocationSection]]
+            table: Table | None = getattr(self, "_reloc_table", None)
             if table is None:
                 sections = list(self.iter_sections())
                 key_of = {i: (s.name, int(s["sh_offset"])) for i, s in enumerate(sections)}
@@ -133,16 +164,13 @@ def line_rows_by_section(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     }
 
 
-def _line_program_files(lp: Any, cu: Any) -> dict[int, str]:
+def _line_program_files(lp: LineProgram, cu: CompileUnit) -> dict[int, str]:
     """File index -> path as the line program names it (DWARF 5 counts from 0, older from 1)."""
     header = lp.header
     version = int(header["version"])
     dirs = [_text(d) for d in header["include_directory"]]
-    comp_dir = (
-        _text(cu.get_top_DIE().attributes.get("DW_AT_comp_dir").value)
-        if (cu.get_top_DIE().attributes.get("DW_AT_comp_dir") is not None)
-        else ""
-    )
+    comp_dir_attr = cu.get_top_DIE().attributes.get("DW_AT_comp_dir")
+    comp_dir = _text(comp_dir_attr.value) if comp_dir_attr is not None else ""
     out: dict[int, str] = {}
     for i, fe in enumerate(header["file_entry"]):
         name = _text(fe.name)
@@ -159,5 +187,5 @@ def _line_program_files(lp: Any, cu: Any) -> dict[int, str]:
     return out
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

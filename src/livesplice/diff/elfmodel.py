@@ -16,11 +16,14 @@ import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from elftools.elf.constants import SH_FLAGS
 
 from livesplice.arch.x86_64 import field_size
+
+if TYPE_CHECKING:
+    from elftools.elf.sections import Section  # no type hints: Any to mypy
 
 # sh_flags (ELF gABI), as pyelftools names them
 SHF_WRITE = SH_FLAGS.SHF_WRITE
@@ -254,7 +257,7 @@ def load_object(path: Path, unit: str) -> ElfObject:
             raise ValueError(f"{path}: not a relocatable object ({elf['e_type']})")
         machine = str(elf["e_machine"])
         by_index: dict[int, ObjSection] = {}
-        raw_sections: list[tuple[int, Any]] = list(enumerate(elf.iter_sections()))
+        raw_sections: list[tuple[int, Section]] = list(enumerate(elf.iter_sections()))
         for idx, sec in raw_sections:
             flags = int(sec["sh_flags"])
             if not flags & SHF_ALLOC:

@@ -21,9 +21,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from livesplice.diff.dwarf import open_dwarf
+
+if TYPE_CHECKING:
+    # pyelftools has no type hints: to mypy these are Any, to a reader they say what it is
+    from elftools.dwarf.die import DIE, AttributeValue
 
 _AGGREGATES = ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_class_type")
 _KIND = {
@@ -157,7 +161,7 @@ def _short(text: str, limit: int = 48) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _name(die: Any) -> str | None:
+def _name(die: DIE) -> str | None:
     attr = die.attributes.get("DW_AT_name")
     if attr is None:
         return None
@@ -165,20 +169,20 @@ def _name(die: Any) -> str | None:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
-def _type_of(die: Any) -> Any | None:
+def _type_of(die: DIE) -> DIE | None:
     if "DW_AT_type" not in die.attributes:
         return None
     return die.get_DIE_from_attribute("DW_AT_type")
 
 
-def _int_attr(die: Any, name: str) -> int | None:
+def _int_attr(die: DIE, name: str) -> int | None:
     attr = die.attributes.get(name)
     if attr is None or not isinstance(attr.value, int):
         return None
     return int(attr.value)
 
 
-def _type_key(die: Any) -> str | None:
+def _type_key(die: DIE) -> str | None:
     """``struct req`` / ``union u`` / ``enum e`` / ``typedef cfg_t`` (typedef of anonymous)."""
     name = _name(die)
     tag = die.tag
@@ -193,7 +197,7 @@ def _type_key(die: Any) -> str | None:
     return None
 
 
-def layout_of(die: Any | None, depth: int = 0) -> str:
+def layout_of(die: DIE | None, depth: int = 0) -> str:
     """Canonical text of a type's memory layout (qualifiers and typedef names dropped)."""
     if die is None:
         return "void"
@@ -238,7 +242,7 @@ def layout_of(die: Any | None, depth: int = 0) -> str:
     return str(tag).removeprefix("DW_TAG_")
 
 
-def _where(member: Any) -> str:
+def _where(member: DIE) -> str:
     """A member's place: its byte offset, or bit offset and width for a bit-field."""
     off = _int_attr(member, "DW_AT_data_member_location")
     bit_off = _int_attr(member, "DW_AT_data_bit_offset")
@@ -247,7 +251,7 @@ def _where(member: Any) -> str:
     return where + (f":{bits}b" if bits is not None else "")
 
 
-def shape_of(die: Any) -> Shape:
+def shape_of(die: DIE | None) -> Shape:
     """Size and members of a type (through qualifiers and typedefs), as :func:`layout_of`
     sees them; an enum or a base type has a size and no members."""
     while die is not None and die.tag in _QUALIFIERS:
@@ -263,7 +267,7 @@ def shape_of(die: Any) -> Shape:
     return Shape(_int_attr(die, "DW_AT_byte_size"), tuple(members))
 
 
-def _visit_top(die: Any, out: UnitTypes) -> None:
+def _visit_top(die: DIE, out: UnitTypes) -> None:
     key = _type_key(die)
     if key is not None and "DW_AT_declaration" not in die.attributes:
         out.layouts[key] = layout_of(die)
@@ -290,7 +294,7 @@ def _visit_top(die: Any, out: UnitTypes) -> None:
             out.users[k].add(f"function {name}")
 
 
-def _note_variable_type(out: UnitTypes, var: str, die: Any | None) -> None:
+def _note_variable_type(out: UnitTypes, var: str, die: DIE | None) -> None:
     """Record the named type ``var`` is an object (or an array) of, through qualifiers and
     typedefs: ``static struct conn pool[4]`` changes exactly when struct conn does."""
     while die is not None:
@@ -301,7 +305,7 @@ def _note_variable_type(out: UnitTypes, var: str, die: Any | None) -> None:
         die = _type_of(die) if die.tag in (*_QUALIFIERS, "DW_TAG_array_type") else None
 
 
-def _is_const(die: Any | None) -> bool:
+def _is_const(die: DIE | None) -> bool:
     """Read-only storage: the diff ships a private copy of it, so its layout may change."""
     while die is not None and die.tag in (
         "DW_TAG_typedef",
@@ -312,21 +316,21 @@ def _is_const(die: Any | None) -> bool:
     return die is not None and die.tag == "DW_TAG_const_type"
 
 
-def _name_via_specification(die: Any) -> str | None:
+def _name_via_specification(die: DIE) -> str | None:
     for attr in ("DW_AT_specification", "DW_AT_abstract_origin"):
         if attr in die.attributes:
             return _name(die.get_DIE_from_attribute(attr))
     return None
 
 
-def _is_static_location(loc: Any) -> bool:
+def _is_static_location(loc: AttributeValue) -> bool:
     # DW_OP_addr (0x03) as the first operation: a fixed address, i.e. static storage
     v = loc.value
     return isinstance(v, list) and bool(v) and v[0] == 0x03
 
 
-def _descendants(die: Any) -> list[Any]:
-    out: list[Any] = []
+def _descendants(die: DIE) -> list[DIE]:
+    out: list[DIE] = []
     stack = list(die.iter_children())
     while stack:
         d = stack.pop()
@@ -335,7 +339,7 @@ def _descendants(die: Any) -> list[Any]:
     return out
 
 
-def _reachable_type_keys(die: Any | None) -> set[str]:
+def _reachable_type_keys(die: DIE | None) -> set[str]:
     """Named types reachable from a type: through typedefs, pointers, arrays and members."""
     keys: set[str] = set()
     seen: set[int] = set()

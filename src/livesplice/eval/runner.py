@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def run_row(
     build: str = DEFAULT_BUILD,
     jobs: int = 2,
     keep: bool = False,
-    progress: Any = print,
+    progress: Callable[[str], None] = print,
 ) -> RowResult:
     rowdir = cache / "rows" / row.slug
     rowdir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def _run(
     build: str,
     jobs: int,
     keep: bool,
-    progress: Any,
+    progress: Callable[[str], None],
 ) -> None:
     result.stage = "fetch"
     progress(f"{row.package} {row.version}: fetching the source")
@@ -252,7 +253,7 @@ def live(
     workdir: Path,
     update: Path,
     result: RowResult,
-    progress: Any,
+    progress: Callable[[str], None],
     debs: list[Path] | None = None,
 ) -> None:
     result.stage = "start"

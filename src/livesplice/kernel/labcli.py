@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from livesplice.kernel.initramfs import GuestFile
 
+    # what ArgumentParser.add_subparsers returns (typeshed's name for it)
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
 DEFAULT_KERNEL = "6.1.176-1"  # same as livesplice.kernel.debian.DEFAULT_KERNEL (import-light)
 
 
-def add_lab_parser(sub: Any) -> None:
+def add_lab_parser(sub: Subcommands) -> None:
     lab = sub.add_parser("lab", help="boot a Debian kernel in a throwaway QEMU VM (kernel lab)")
     lsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND")
 
@@ -86,7 +90,7 @@ def add_lab_parser(sub: Any) -> None:
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run")
 
 
-def _progress(quiet: bool) -> Any:
+def _progress(quiet: bool) -> Callable[[str], None] | None:
     if quiet:
         return None
     return lambda msg: print(f"livesplice lab: {msg}", file=sys.stderr, flush=True)

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     from livesplice.process.image import MappedImage
-    from livesplice.process.load import LoadImage
+    from livesplice.process.load import LoadImage, LoadPlan, Trampoline
     from livesplice.process.ptrace import Tracee
     from livesplice.process.stopwindow import PauseStats
 
@@ -92,7 +92,7 @@ class _Prepared:
 
     target_name: str
     image: MappedImage
-    plan: Any  # livesplice.process.load.LoadPlan
+    plan: LoadPlan
     warnings: list[str]
     identity: str = ""
 
@@ -638,7 +638,7 @@ def _journal(pid: int, update_id: str, stage: journal.Stage, record: StateRecord
         ) from None
 
 
-def _busy(plan: Any, tr: Any) -> tuple[int, int]:
+def _busy(plan: LoadPlan, tr: Trampoline) -> tuple[int, int]:
     """The running code a trampoline replaces (for the stack check): the matched body.
 
     With stacking the body is the earlier update's replacement, not the original entry. The

@@ -17,9 +17,12 @@ import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
 
 from livesplice.process.procmaps import Mapping, read_maps
+
+if TYPE_CHECKING:
+    from elftools.elf.sections import Section  # no type hints: Any to mypy
 
 PAGE = 0x1000
 COMMENT_MAX = 1 << 16  # a .comment larger than this is not a compiler's (read none of it)
@@ -79,7 +82,7 @@ def _plt_slot_of_entry(code: bytes, pos: int, vaddr: int) -> int | None:
     return None
 
 
-def _scan_plt(sec: Any, slot_names: dict[int, str], plt: dict[str, int]) -> None:
+def _scan_plt(sec: Section, slot_names: dict[int, str], plt: dict[str, int]) -> None:
     """Map PLT entries to names through the GOT slot each entry jumps through.
 
     Works for the three layouts ld produces (ld.bfd 2.40): ``.plt`` (16-byte entries,

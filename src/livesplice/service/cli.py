@@ -9,13 +9,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from livesplice.cli_progress import progress_printer
 from livesplice.errors import ExitCode, UsageError
 from livesplice.text import printable
 
+if TYPE_CHECKING:
+    from livesplice.kernel.labcli import Subcommands
 
-def add_parsers(sub: Any) -> None:
+
+def add_parsers(sub: Subcommands) -> None:
     r = sub.add_parser("repo", help="make and fill a repository of signed updates")
     rsub = r.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     ri = rsub.add_parser("init", help="a new, empty repository signed with KEY")
@@ -148,14 +152,6 @@ def cmd_repo(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _progress(args: argparse.Namespace) -> Any:
-    def say(msg: str) -> None:
-        if not args.json:
-            print(f"livesplice: {msg}", file=sys.stderr, flush=True)
-
-    return say
-
-
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from livesplice.service.client import Planned, upgrade
     from livesplice.service.store import Store
@@ -194,7 +190,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         trusted=args.trusted_key,
         dry_run=args.dry_run,
         confirm=confirm,
-        progress=_progress(args),
+        progress=progress_printer(args),
     )
     if args.json:
         print(json.dumps(rep.as_json(), indent=1))

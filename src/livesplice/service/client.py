@@ -18,11 +18,14 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from livesplice.errors import LivespliceError, TargetGone, UsageError
 from livesplice.service.index import INDEX, INDEX_MAX, SIGNATURE, BadIndex, Index, IndexEntry
 from livesplice.service.store import Accepted, Store
+
+if TYPE_CHECKING:
+    from livesplice.update.archive import UpdateFile
 
 Progress = Callable[[str], None]
 
@@ -126,10 +129,10 @@ def accepted_from(entry: IndexEntry, repo: str) -> Accepted:
 
 # ------------------------------------------------------------------ the engine adapter
 
-_LOADED: dict[tuple[str, int, int, int, str], Any] = {}
+_LOADED: dict[tuple[str, int, int, int, str], UpdateFile] = {}
 
 
-def load_accepted(store: Store, update_id: str, trusted: list[Path] | None) -> Any:
+def load_accepted(store: Store, update_id: str, trusted: list[Path] | None) -> UpdateFile:
     """The accepted update, signature checked; kept while its file is unchanged (the agent
     applies the same few updates over and over)."""
     from livesplice.update.archive import load_update

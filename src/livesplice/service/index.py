@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -137,7 +138,7 @@ def _int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
     return v
 
 
-def _strs(raw: dict[str, Any], key: str, check: Any) -> tuple[str, ...]:
+def _strs(raw: dict[str, Any], key: str, check: Callable[[str], object]) -> tuple[str, ...]:
     v = raw.get(key, [])
     if not isinstance(v, list) or len(v) > 256 or not all(isinstance(x, str) for x in v):
         raise BadIndex(f"index: {key} is not a list of strings")

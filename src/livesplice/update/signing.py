@@ -26,9 +26,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from livesplice.errors import LivespliceError, UsageError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 STATEMENT_HEADER = "livesplice-signature/2"
 DEFAULT_TRUST_DIR = Path("/etc/livesplice/trusted-keys")
@@ -51,7 +55,7 @@ def statement(payload: bytes, kind: str = "update") -> bytes:
     return f"{HEADERS[kind]}\npayload sha256 {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
-def _crypto() -> Any:
+def _crypto() -> tuple[ModuleType, ModuleType]:
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -104,9 +108,9 @@ def sign(payload: bytes, private_key: Path, kind: str = "update") -> bytes:
     return (json.dumps(body, sort_keys=True) + "\n").encode()
 
 
-def load_public_keys(paths: list[Path]) -> dict[str, Any]:
+def load_public_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
     """key_id -> public key object, from PEM files and directories of ``*.pub`` files."""
-    keys: dict[str, Any] = {}
+    keys: dict[str, Ed25519PublicKey] = {}
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
