@@ -497,6 +497,32 @@ def test_counter_names_renumbered_are_not_changes(tmp_path: Path) -> None:
     assert ud.new_data == ["__UNIQUE_ID_addr_0"]
 
 
+KEYS_PRE = """
+struct lock_class_key { };
+void reg(void *p, const char *name, struct lock_class_key *key);
+#define lock_init(p) do { static struct lock_class_key __key; reg((p), #p, &__key); } while (0)
+void init_once(char *a) { lock_init(a); lock_init(a + 8); lock_init(a + 16); }
+int other(int x) { return x + 1; }
+"""
+
+
+def test_zero_size_keys_of_one_function_are_not_changes(tmp_path: Path) -> None:
+    """Three ``__key`` (lockdep keys: zero-size without lockdep) in one function pair in the
+    order of use; renumbered by a new user before them, the function is still unchanged.
+
+    jfs's ``init_once`` (init_rwsem, mutex_init, init_rwsem) was claimed changed by a fix to
+    ``jfs_fill_super``: the three had the same base name and user, so no rule told them apart.
+    """
+    post = KEYS_PRE.replace(
+        "void init_once", "void setup(char *a) { lock_init(a); }\nvoid init_once"
+    ).replace("x + 1", "x + 2")
+    ud = diff(tmp_path, KEYS_PRE, post)
+    assert ud.refusals == []
+    assert ud.changed_functions == ["other"]
+    assert ud.new_functions == ["setup"]
+    assert ud.functions["init_once"] is Status.SAME
+
+
 ONCE_PRE = """
 #define ONCE() ({ static int __already_done __attribute__((section(".data.once"))); \\
     int first = !__already_done; __already_done = 1; first; })

@@ -18,6 +18,11 @@ only when the pairing is unambiguous (exactly one candidate on each side):
    which functions touch it) but only one ``counter.N`` is left on each side, they pair.
    Same for the kernel's ``__COUNTER__`` names (``__UNIQUE_ID___addressable_init_module717``:
    the counter is pasted onto the name without a dot), numbers ignored.
+   Several **zero-size** ones used by the same functions (a function calling ``mutex_init``
+   and ``init_rwsem`` has one ``static struct lock_class_key __key`` each: no bytes without
+   lockdep) pair in the order the code first refers to them: they hold no state, so only
+   the order matters for comparing the code that uses them. Variables with bytes never pair
+   by position: two ``counter.N`` of one function stay unpaired (changed) unless told apart.
 4. **Numbered data nothing's code uses, by content**: a ``__UNIQUE_ID_*N`` pointer table entry
    is referenced by no function; it pairs with the one of the same base name whose bytes and
    relocation targets (by their twins' names) are the same. A renumbering alone is then no
@@ -31,11 +36,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from livesplice.diff.elfmodel import (
     NUMBER_SUFFIX,
     ElfObject,
+    ObjReloc,
     ObjSection,
     ObjSymbol,
     strip_clone_numbers,
@@ -50,6 +56,7 @@ def correlate(pre: ElfObject, post: ElfObject) -> None:
     _pair_by(pre_syms, post_syms, _clone_key)
     users = {**_users(pre), **_users(post)}
     _pair_by(pre_syms, post_syms, lambda s: _static_local_key(s, users))
+    _pair_stateless_by_first_use(pre, post, pre_syms, post_syms, users)
     _pair_by(pre_syms, post_syms, _content_key)
     _pair_by(pre_syms, post_syms, _static_local_base)
     _correlate_sections(pre, post)
@@ -157,12 +164,11 @@ def _pair_by(
             news[0].twin = olds[0]
 
 
-def _users(obj: ElfObject) -> dict[ObjSymbol, frozenset[str]]:
-    """For each local data symbol: the names (pre names for post) of functions using it."""
+def _references(obj: ElfObject) -> Iterator[tuple[ObjSymbol, ObjReloc, ObjSymbol]]:
+    """(function, relocation, local data symbol it reaches) for every code relocation."""
     from livesplice.diff.compare import MeaningContext, object_at
 
     where = MeaningContext("users")
-    users: dict[ObjSymbol, set[str]] = defaultdict(set)
     for sec in obj.sections:
         fn = sec.primary if sec.is_code else None
         if fn is None:
@@ -174,8 +180,61 @@ def _users(obj: ElfObject) -> dict[ObjSymbol, frozenset[str]]:
             if rel.symbol.type == "section" and rel.symbol.section is not None:
                 holder = object_at(rel.symbol.section, where.target_offset(sec, rel))
             for target in [holder] if holder is not None else _data_symbols_of(rel.symbol):
-                users[target].add(twin_name(fn))
+                yield fn, rel, target
+
+
+def _users(obj: ElfObject) -> dict[ObjSymbol, frozenset[str]]:
+    """For each local data symbol: the names (pre names for post) of functions using it."""
+    users: dict[ObjSymbol, set[str]] = defaultdict(set)
+    for fn, _rel, target in _references(obj):
+        users[target].add(twin_name(fn))
     return {s: frozenset(u) for s, u in users.items()}
+
+
+def _first_use(obj: ElfObject) -> dict[ObjSymbol, tuple[str, int]]:
+    """For each local data symbol: (function's pre name, offset) of its first reference."""
+    first: dict[ObjSymbol, tuple[str, int]] = {}
+    for fn, rel, target in _references(obj):
+        pos = (twin_name(fn), rel.offset)
+        if target not in first or pos < first[target]:
+            first[target] = pos
+    return first
+
+
+def _pair_stateless_by_first_use(
+    pre: ElfObject,
+    post: ElfObject,
+    pre_syms: list[ObjSymbol],
+    post_syms: list[ObjSymbol],
+    users: dict[ObjSymbol, frozenset[str]],
+) -> None:
+    """Zero-size numbered locals with the same base name and users, paired in order of use.
+
+    Why only zero-size: a wrong pair of variables with bytes would hand the new code another
+    variable's state; a zero-size one (``lock_class_key`` without lockdep) has none, and the
+    order of first use makes identical code compare identical.
+    """
+
+    def groups(
+        syms: list[ObjSymbol], first: dict[ObjSymbol, tuple[str, int]]
+    ) -> dict[str, list[ObjSymbol]]:
+        out: dict[str, list[ObjSymbol]] = defaultdict(list)
+        for s in syms:
+            key = _static_local_key(s, users) if s.twin is None and s.size == 0 else None
+            if key is not None and s in first:
+                out[key].append(s)
+        return out
+
+    pre_first, post_first = _first_use(pre), _first_use(post)
+    post_groups = groups(post_syms, post_first)
+    for key, olds in groups(pre_syms, pre_first).items():
+        news = post_groups.get(key, [])
+        if len(olds) != len(news) or len(olds) < 2:
+            continue  # one each: the base-name rule pairs them; other counts: no order to trust
+        olds.sort(key=pre_first.__getitem__)
+        news.sort(key=post_first.__getitem__)
+        for a, b in zip(olds, news, strict=True):
+            a.twin, b.twin = b, a
 
 
 def _data_symbols_of(sym: ObjSymbol) -> Iterable[ObjSymbol]:
