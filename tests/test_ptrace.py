@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -268,3 +268,67 @@ def test_without_restart_the_program_sees_eintr(spawn, mode: str) -> None:  # ty
         t.stop()
         t.resume()
     assert tg.readline().startswith(f"ERR {mode}")
+
+
+def test_blocking_work_while_attached_does_not_hold_new_threads(spawn) -> None:  # type: ignore[no-untyped-def]
+    """A thread that creates a thread waits in its clone event stop until the tracer
+    collects it; blocking work done on the tracing thread (an fsync, a memory scan: C code
+    during which Python runs no signal handler) used to stall every thread creation of a
+    thread-per-connection server for its whole duration. serve_while runs it on a worker
+    while the tracing thread passes the events on. Here a thread creates short-lived
+    threads in a loop while the tool hashes 384 MB (one C call, ~0.5 s): sampling the
+    target's thread states, no thread stays in a ptrace stop for long under serve_while,
+    and (the contrast, so the test can fail) threads sit stopped for most of the hash when
+    it runs on the tracing thread."""
+    import hashlib
+    import threading
+
+    tg = spawn("ptrace_spin", "0", "churn")
+    blob = bytes(384 << 20)
+
+    def busy() -> None:
+        hashlib.sha256(blob).digest()
+
+    def longest_stop(run: Callable[[], object]) -> float:
+        """The longest stretch (s) during ``run`` in which some thread was ptrace-stopped."""
+        samples: list[tuple[float, bool]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append((time.perf_counter(), "t" in task_states(tg.pid).values()))
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            run()
+        finally:
+            done.set()
+            sampler.join()
+        longest, since = 0.0, None
+        for at, stopped in samples:
+            if stopped and since is None:
+                since = at
+            elif not stopped and since is not None:
+                longest, since = max(longest, at - since), None
+        if since is not None:
+            longest = max(longest, samples[-1][0] - since)
+        return longest
+
+    with Tracee(tg.pid) as t:
+        time.sleep(0.05)
+        served = longest_stop(lambda: t.serve_while(busy))
+        blocked = longest_stop(busy)
+    assert tg.alive()
+    assert blocked > 0.2, (served, blocked)
+    assert served < 0.1, (served, blocked)
+
+
+def test_serve_while_passes_errors_and_results(spawn) -> None:  # type: ignore[no-untyped-def]
+    tg = spawn("ptrace_spin", "1")
+    with Tracee(tg.pid) as t:
+        assert t.serve_while(lambda: 7) == 7
+        with pytest.raises(ZeroDivisionError):
+            t.serve_while(lambda: 1 // 0)
+    assert tg.alive()

@@ -467,7 +467,7 @@ class _Splice:
                 remote_munmap(t, addr, size)
             if not self.keep:  # rolled back: nothing of the update is left in the process
                 close_stale_descriptors(t, self.id)
-                journal.remove_entry(self.pid, self.id)
+                t.serve_while(lambda: journal.remove_entry(self.pid, self.id))
         except LivespliceError:
             pass  # the process is gone; nothing left to clean
         finally:
@@ -484,7 +484,7 @@ class _Splice:
 
     def map(self, prepared: list[_Prepared], near: tuple[int, int]) -> _Regions:
         """Step 4a: the journal entry first (undo's authority), then code and data memory."""
-        _journal(self.pid, self.id, "mapping", None)
+        _journal(self.pid, self.id, "mapping", None, self.t)
         code_size = sum(p.plan.code_size for p in prepared)
         data_size = sum(p.plan.data_size for p in prepared)
         regions = _Regions(
@@ -562,7 +562,7 @@ class _Splice:
             tool_pid=os.getpid(),
             functions=functions,
         )
-        _journal(self.pid, self.id, "recorded", record)
+        _journal(self.pid, self.id, "recorded", record, self.t)
         blob = record.encode()
         self.state_addr = self._mmap(len(blob) + 4096, PROT_READ, f"{NAME_PREFIX}{self.id}", None)
         self.t.write(self.state_addr, blob)
@@ -610,7 +610,7 @@ class _Splice:
         record = self._record
         record.pause_us = stats.pause_us
         self.t.write(self.state_addr, record.encode())
-        _journal(self.pid, self.id, "recorded", record)
+        _journal(self.pid, self.id, "recorded", record, self.t)
         warnings = _late_hooks(self.t, self.hooks.get("post_apply", []), "post_apply")
         self.report = ApplyReport(
             pid=self.pid,
@@ -626,10 +626,22 @@ class _Splice:
         return self.report
 
 
-def _journal(pid: int, update_id: str, stage: journal.Stage, record: StateRecord | None) -> None:
-    """Write the journal entry; without it undo would have no authority, so do not go on."""
+def _journal(
+    pid: int,
+    update_id: str,
+    stage: journal.Stage,
+    record: StateRecord | None,
+    t: Tracee | None = None,
+) -> None:
+    """Write the journal entry; without it undo would have no authority, so do not go on.
+
+    ``t``: the process is attached: its fsync must not keep the program's new threads
+    waiting (:meth:`Tracee.serve_while`)."""
     try:
-        journal.write_entry(pid, update_id, stage, record)
+        if t is None:
+            journal.write_entry(pid, update_id, stage, record)
+        else:
+            t.serve_while(lambda: journal.write_entry(pid, update_id, stage, record))
     except OSError as e:
         raise NoPermission(
             f"cannot write livesplice's journal in {run_dir()}: {e.strerror or e}",
@@ -1063,15 +1075,17 @@ class _Unsplice:
         rec, t = self.rec, self.t
         ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
         record_map = self.sm.record if self.sm else None
-        held = pointers_into(
-            self.pid,
-            ours,
-            exclude=[*ours, *([record_map] if record_map else [])],
-            stack_pointers=self.sps,
+        held = t.serve_while(
+            lambda: pointers_into(
+                self.pid,
+                ours,
+                exclude=[*ours, *([record_map] if record_map else [])],
+                stack_pointers=self.sps,
+            )
         )
         if held is None or held:
             rec.reverted = True
-            _journal(self.pid, self.id, "recorded", rec)
+            _journal(self.pid, self.id, "recorded", rec, t)
             blob = rec.encode()
             if record_map and len(blob) <= record_map[1] - record_map[0]:
                 t.write(record_map[0], blob)
@@ -1087,7 +1101,7 @@ class _Unsplice:
                 if rng and rng[1] > rng[0]:
                     remote_munmap(t, rng[0], rng[1] - rng[0])
             checkpoint("undo:unmapped")
-            journal.remove_entry(self.pid, self.id)
+            t.serve_while(lambda: journal.remove_entry(self.pid, self.id))
         close_stale_descriptors(t, self.id)
 
 
