@@ -39,10 +39,6 @@ EXPECTED = {
 }
 
 
-def _uid(cve: str) -> str:
-    return cve.lower().replace("-", "")
-
-
 @pytest.fixture(scope="module")
 def lab() -> LabKernel:
     if not CORPUS.exists():
@@ -53,12 +49,13 @@ def lab() -> LabKernel:
 @pytest.fixture(scope="module")
 def results(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """cve -> the update's path, the PatchRefused, or the list of not-built notes."""
-    from livesplice.kernel.corpus import make_patch, read_corpus, source_files
+    from livesplice.eval.kernel_rows import read_kernel_csv
+    from livesplice.kernel.corpus import make_patch, source_files
     from livesplice.kernel.target import create_kernel_update
 
     out = tmp_path_factory.mktemp("kcorpus")
     # the first five rows (this kernel); the rest of the corpus is the kernel evaluation's
-    rows = [r for r in read_corpus(CORPUS) if r.cves in EXPECTED]
+    rows = [r for r in read_kernel_csv(CORPUS) if r.name in EXPECTED]
     res: dict[str, object] = {}
     for row in rows:
         assert row.pre_version == lab.packages.version, row
@@ -67,21 +64,21 @@ def results(lab: LabKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         except LabUnavailable as e:
             kernel_unavailable(e.render())
             raise
-        patch = out / f"{row.cves}.patch"
+        patch = out / f"{row.name}.patch"
         patch.write_text(make_patch(lab.ksrc, post, list(row.files)))
         notes: list[str] = []
         try:
             manifest, path, _ = create_kernel_update(
                 lab.ksrc,
                 patch,
-                update_id=_uid(row.cves),
-                output=out / f"{row.cves}.update",
+                update_id=row.update_id,
+                output=out / f"{row.name}.update",
                 notes=notes,
             )
         except PatchRefused as e:
-            res[row.cves] = e
+            res[row.name] = e
             continue
-        res[row.cves] = path if manifest is not None else notes
+        res[row.name] = path if manifest is not None else notes
     return res
 
 

@@ -133,14 +133,15 @@ def test_module_params_carry_what_matching_read() -> None:
 @pytest.fixture(scope="module")
 def updates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from kernel_support import kernel_unavailable, prepared_lab
-    from livesplice.kernel.corpus import make_patch, read_corpus, source_files
+    from livesplice.eval.kernel_rows import read_kernel_csv
+    from livesplice.kernel.corpus import make_patch, source_files
     from livesplice.kernel.debian import LabUnavailable
     from livesplice.kernel.target import create_kernel_update
     from test_kernel_target import signing_key
 
     lab = prepared_lab()
     out = tmp_path_factory.mktemp("ksplice")
-    row = next(r for r in read_corpus(CORPUS) if r.cves == RHT_CVE)
+    row = next(r for r in read_kernel_csv(CORPUS) if r.name == RHT_CVE)
     try:
         post = source_files(row.post_version, list(row.files))
     except LabUnavailable as e:

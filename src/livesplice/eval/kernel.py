@@ -10,6 +10,9 @@ Results are cached per row under ``$LIVESPLICE_CACHE/eval-kernel/rows/<CVE>-<row
 them when livesplice's own source changed. ``--table-only`` runs nothing and tabulates the
 newest cached result of each row, judged by the row's ``expected`` as it is now.
 
+``--any-source`` reuses a row's newest result whatever livesplice it ran with (a long corpus
+while others change livesplice: the table names each row's commit).
+
 Exit codes: 0 = every row as expected (a fix in code the flavour does not build counts as
 expected); 1 = a surprise (outcome differs from ``expected``), an unsafe row, or a row the
 harness could not run (incomplete); 2 = bad input (the CSV, --only) with the line named.
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--table-only", action="store_true", help="run nothing: tabulate the cached results"
     )
     p.add_argument("--rerun", action="store_true", help="ignore cached results of this source")
+    p.add_argument(
+        "--any-source",
+        action="store_true",
+        help="reuse a row's newest cached result even when livesplice's source changed since "
+        "(the table names the commit each row ran with)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p
 
@@ -115,7 +124,8 @@ def run(args: argparse.Namespace, rows: list[KernelRow]) -> list[KernelRowResult
     results: list[KernelRowResult] = []
     setup: RowSetup | None = None
     for row in rows:
-        hit = cached_result(cache, row, checks, None if args.table_only else source)
+        any_source = args.table_only or args.any_source
+        hit = cached_result(cache, row, checks, None if any_source else source)
         if hit is not None and not (args.rerun and not args.table_only):
             results.append(rejudge(KernelRowResult.from_json(json.loads(hit.read_text())), row))
             continue

@@ -250,7 +250,8 @@ class KernelRowResult:
     unsafe_lines: list[str] = field(default_factory=list)  # dmesg lines that made it unsafe
     notes: list[str] = field(default_factory=list)
     guest_seconds: float | None = None
-    livesplice_source: str = ""
+    livesplice_source: str = ""  # digest of the sources that decide outcomes (the cache key)
+    livesplice_commit: str = ""  # git describe of the checkout it ran from
     finished_at: str = ""
 
     def finish(self, outcome: str, reason: str, details: Sequence[str] = ()) -> None:

@@ -38,8 +38,9 @@ _RULE = re.compile(r"\[rule: ([^\]]+)\]")
 _ERROR = re.compile(r"^livesplice: [A-Z_]+: ")
 
 # The files of the package that decide a row's outcome: a change to any of them invalidates
-# the cached results. The table and the command line (kernel.py, kernel_report.py) do not.
-_NOT_OUTCOME = ("eval/kernel.py", "eval/kernel_report.py")
+# the cached results. The command line, the table and the judgement against `expected`
+# (re-done whenever results are tabulated) do not.
+_NOT_OUTCOME = ("eval/kernel.py", "eval/kernel_report.py", "eval/kernel_rows.py")
 
 
 def livesplice_source_hash() -> str:
@@ -56,6 +57,22 @@ def livesplice_source_hash() -> str:
             continue  # the user-space evaluation
         h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def livesplice_commit() -> str:
+    """The git commit livesplice runs from (``+`` when its tree has changes), or ""."""
+    import subprocess
+
+    import livesplice
+
+    here = Path(livesplice.__file__).parent
+    done = subprocess.run(
+        ["git", "-C", str(here), "describe", "--always", "--dirty=+", "--abbrev=10"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,7 @@ def run_kernel_row(row: KernelRow, setup: RowSetup) -> KernelRowResult:
     result), only for a bug in the evaluation itself."""
     result = result_for(row)
     result.livesplice_source = livesplice_source_hash()
+    result.livesplice_commit = livesplice_commit()
     rowdir = setup.workdir / row.name
     rowdir.mkdir(parents=True, exist_ok=True)
     try:

@@ -2,47 +2,19 @@
 
 ``corpus/kernel-public.csv`` (a copy of the shared corpus list) lists CVE fixes by the
 files they change between two ``linux-source-<series>`` versions (e.g. 6.1.176-1 ->
-6.1.187-1). The pre side is the prepared lab tree; the post side is fetched once
-(``apt-get download``, only the listed files are extracted from the tarball in
-``usr/src``) and cached under ``$LIVESPLICE_CACHE/kernel-source/<version>/``.
+6.1.187-1); its schema and reader are :mod:`livesplice.eval.kernel_rows`. The pre side is
+the prepared lab tree; the post side is fetched once (``apt-get download``, only the listed
+files are extracted from the tarball in ``usr/src``) and cached under
+``$LIVESPLICE_CACHE/kernel-source/<version>/``.
 """
 
 from __future__ import annotations
 
-import csv
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from livesplice.kernel.debian import LabUnavailable, _series_of, download_package
 from livesplice.kernel.lab import cache_root
-
-
-@dataclass(frozen=True)
-class CorpusRow:
-    cves: str
-    pre_version: str
-    post_version: str
-    files: tuple[str, ...]
-    functions: tuple[str, ...]
-    expected: str
-    change_class: str
-
-
-def read_corpus(path: Path) -> list[CorpusRow]:
-    with path.open(newline="") as f:
-        return [
-            CorpusRow(
-                r["cves"],
-                r["pre_version"],
-                r["post_version"],
-                tuple(r["files"].split()),
-                tuple(r["functions"].split()),
-                r["expected"],
-                r["change_class"],
-            )
-            for r in csv.DictReader(f)
-        ]
 
 
 def source_files(version: str, files: list[str], cache: Path | None = None) -> Path:
