@@ -316,7 +316,7 @@ def _results() -> list[KernelRowResult]:
     rows = {r.name: r for r in read_kernel_csv(CORPUS)}
     applied = result_for(rows["CVE-2026-68320"])
     applied.create_seconds, applied.transition_seconds = 31.0, 0.002
-    applied.finish("applied", "1 function(s) in sctp (livepatch); undone")
+    applied.finish("applied", "sctp_auth_ep_add_chunkid in sctp (livepatch); undone")
     refused = result_for(rows["CVE-2026-64553"])
     refused.rules = ["changed data"]
     refused.finish(
@@ -340,7 +340,7 @@ def test_summary_and_table() -> None:
     doc = render(results, "python -m livesplice.eval.kernel corpus/kernel-public.csv")
     assert (
         "| CVE-2026-68320 | 6.1.176-1 → 6.1.187-1 | cloud-amd64 | net/sctp/auth.c | apply | "
-        "applied | ok | 1 function(s) in sctp (livepatch); undone | 31 | 2 ms | – |"
+        "applied | ok | sctp_auth_ep_add_chunkid in sctp (livepatch); undone | 31 | – | 2 ms | – |"
     ) in doc
     surprises = doc.split("## Surprises", 1)[1]
     assert "CVE-2026-64553" in surprises and "[rule: changed data]" in surprises

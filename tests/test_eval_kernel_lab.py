@@ -39,7 +39,7 @@ def test_eval_kernel_two_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     sctp = next(line for line in text.splitlines() if line.startswith("| CVE-2026-68320 "))
     assert sctp.startswith(
         "| CVE-2026-68320 | 6.1.176-1 → 6.1.187-1 | cloud-amd64 | net/sctp/auth.c | apply | "
-        "applied | ok | 1 function(s) in sctp (livepatch); undone |"
+        "applied | ok | sctp_auth_ep_add_chunkid in sctp (livepatch); undone |"
     ), sctp
     assert "loaded under the update: sctp patched" in sctp, sctp
     damon = next(line for line in text.splitlines() if line.startswith("| CVE-2026-64458 "))

@@ -343,7 +343,7 @@ def judge_guest(
     how = "Ksplice path" if result.stop_us is not None else "livepatch"
     result.finish(
         "applied",
-        f"{len(result.functions)} function(s) in {', '.join(result.objects)} ({how}); undone",
+        f"{', '.join(result.functions)} in {', '.join(result.objects)} ({how}); undone",
     )
 
 
