@@ -60,6 +60,7 @@ class LogLines:
         self.last_update = 0.0
 
     def __call__(self, event: StageEvent) -> None:
+        """Write the event as one timestamped line (the diff's n/N at most every few seconds)."""
         now = time.monotonic()
         if event.state == "update" and now - self.last_update < LOG_UPDATE_INTERVAL:
             return
@@ -78,6 +79,7 @@ class LiveDisplay:
         self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, event: StageEvent) -> None:
+        """Start, advance or finish the stage's row of the display."""
         count = f"{event.done}/{event.total} objects" if event.total is not None else ""
         label = f"{event.stage}" + (f" ({event.note})" if event.note else "")
         task = self.tasks.get(event.stage)

@@ -68,6 +68,7 @@ class OutputChange:
         return f"{self.name} ({what}): " + ("; ".join(parts) or "changed")
 
     def to_dict(self) -> dict[str, object]:
+        """The output change as JSON, for ``create --json``."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -81,6 +82,8 @@ class OutputChange:
 
 @dataclass
 class CreateResult:
+    """What ``create`` made: the manifest and where the update was written, or why nothing was."""
+
     manifest: Manifest | None  # None: the patch changes no code ("nothing to do")
     output: Path | None
     message: str
@@ -431,6 +434,7 @@ def shared_object_name(path: Path) -> str | None:
 
 
 def check_source_tree(srcdir: Path) -> Path:
+    """The source tree as an absolute path, refused early when missing or not a directory."""
     if not srcdir.exists():
         raise UsageError(f"source tree {srcdir} does not exist")
     if not srcdir.is_dir():
@@ -439,6 +443,8 @@ def check_source_tree(srcdir: Path) -> Path:
 
 
 def read_patch(patch: Path) -> str:
+    """The patch text, kept byte for byte (surrogateescape: a patch need not be UTF-8); a missing
+    or unreadable patch is a usage error, not a traceback."""
     try:
         return patch.read_text(errors="surrogateescape")
     except FileNotFoundError:

@@ -33,10 +33,12 @@ class Client:
         self.reader = self.sock.makefile("rb")
 
     def cmd(self, line: bytes) -> str:
+        """Send one command line and return the server's one-line answer."""
         self.sock.sendall(line + b"\n")
         return self.reader.readline().decode(errors="replace").strip()
 
     def close(self) -> None:
+        """Close the connection (kvserver ends the thread that served it)."""
         self.reader.close()
         self.sock.close()
 
@@ -52,6 +54,7 @@ def exploit(port: int) -> str:
 
 
 def free_port() -> int:
+    """A TCP port that is free right now, so the demo never collides with a running service."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -59,10 +62,13 @@ def free_port() -> int:
 
 
 def say(text: str) -> None:
+    """A step heading (bold at a terminal), so the demo's output reads as a story."""
     print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a command the way a person would, showing it and its output: the demo teaches the
+    commands."""
     shown = " ".join(a if " " not in a else repr(a) for a in argv)
     print(f"$ {shown}", flush=True)
     r = subprocess.run(argv, text=True, capture_output=True)
@@ -73,6 +79,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def livesplice(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``livesplice`` and stop the demo at the first failure (its exit code says why)."""
     r = run(["livesplice", *args])
     if r.returncode != 0:
         raise SystemExit(f"demo: livesplice {args[0]} failed with exit code {r.returncode}")
@@ -80,6 +87,9 @@ def livesplice(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m livesplice.demo``: build kvserver, run it, make the fix an update, apply it
+    live, show the bug gone and the same process still serving; ``--service``: the repository
+    lifecycle instead."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument(

@@ -54,6 +54,10 @@ FAILURE_TAIL_LINES = 40
 
 @dataclass
 class ShimDir:
+    """The directory of compiler-wrapper shims put first in PATH, with the real tools each shim
+    stands for: the wrapper records a compile and then runs exactly the tool the build would
+    have found."""
+
     path: Path
     tools: dict[str, str]  # shim name -> real tool found when the shims were made
     base_env: dict[str, str] = field(default_factory=dict)  # the build's environment
@@ -81,12 +85,18 @@ def caller_environment(clean: bool) -> dict[str, str]:
 
 @dataclass
 class SavedCompile:
+    """A compile the wrapper recorded, with its source's absolute path (to tell later whether the
+    source was deleted by the patch)."""
+
     record: CompileRecord
     source_abs: str
 
 
 @dataclass
 class SavedLink:
+    """A link the wrapper recorded, with a copy of its output saved before the post build
+    overwrites it: the diff assigns units to the programs and libraries they end up in."""
+
     output_abs: str
     saved: Path
     inputs: list[str]
@@ -108,6 +118,9 @@ class BuildResult:
 
 @dataclass
 class AppliedPatch:
+    """What applying the patch did: the strip level that worked and the files it changed or
+    deleted (the incremental post build is made to see them as newer)."""
+
     strip: int
     touched: list[str]  # tree-relative paths, in patch order
     deleted: list[str]
@@ -429,6 +442,8 @@ def build_environment(shims: ShimDir, tree: Path, jobs: int, log: Path) -> dict[
 def run_build(
     build_cmd: str, tree: Path, shims: ShimDir, workdir: Path, jobs: int, stage: Stage
 ) -> None:
+    """Run the project's own build command through the shims, logging every compile and link as
+    JSON lines; a failed build raises with the tail of its output."""
     output = workdir / f"build-{stage}.log"
     log = workdir / f"build-{stage}.jsonl"
     log.unlink(missing_ok=True)
@@ -584,6 +599,8 @@ def failure_excerpt(output: Path) -> list[str]:
 
 
 def read_events(log: Path) -> list[dict[str, Any]]:
+    """The wrapper's JSON-lines log (one event per compile, link or archive), in the order they
+    ran."""
     events = []
     with log.open(encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
@@ -602,6 +619,8 @@ def is_build_system_probe(path: str) -> bool:
 
 
 def saved_path(workdir: Path, tree: Path, stage: Stage, built: str) -> Path:
+    """Where a build output's copy for ``stage`` is kept: under the work directory, mirroring the
+    tree (outputs outside the tree under ``_outside``), so pre copies survive the post build."""
     root = workdir / stage
     try:
         return root / Path(built).relative_to(tree)
@@ -610,11 +629,13 @@ def saved_path(workdir: Path, tree: Path, stage: Stage, built: str) -> Path:
 
 
 def save_copy(src: str, dest: Path) -> None:
+    """Copy a build output (with its times) to its saved place, making the directories."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dest)
 
 
 def tree_relative(tree: Path, path: str) -> str:
+    """``path`` relative to the tree when inside it (how units are named in updates), else as is."""
     try:
         return Path(path).relative_to(tree).as_posix()
     except ValueError:
@@ -730,6 +751,8 @@ def compiler_version(real: str, cache: dict[str, str]) -> str:
 
 
 def require_compiled_units(pre: BuildResult, build_cmd: str) -> None:
+    """Refuse a pre build that compiled nothing through the wrapper: there would be nothing to
+    compare, and the usual causes (a tree built before, a hard-coded compiler) have a fix."""
     if not pre.compiles:
         raise UsageError(
             f"the build ({build_cmd!r}) compiled nothing through the compiler wrapper",
@@ -740,6 +763,8 @@ def require_compiled_units(pre: BuildResult, build_cmd: str) -> None:
 
 
 def newest_output_mtime(pre: BuildResult) -> int:
+    """The newest mtime of anything the pre build wrote: the patched files are made newer than it
+    so the incremental post build recompiles what they touch."""
     paths = [*pre.compiles, *pre.links, *pre.archives]
     return max((os.stat(p).st_mtime_ns for p in paths if os.path.exists(p)), default=0)
 
@@ -775,6 +800,8 @@ def apply_patch_in_place(patch: Path, tree: Path, newer_than_ns: int) -> Applied
 
 
 def run_patch(patch: Path, tree: Path, strip: int, *, dry_run: bool) -> tuple[int, str]:
+    """Run ``patch`` (``dry_run``: only try, to find the strip level without touching the
+    tree); returns its exit status and output."""
     argv = [
         "patch",
         "--batch",
@@ -805,6 +832,8 @@ PATCH_FILE_NAME = re.compile(r"^(?:\+\+\+|---) (\S+)", re.MULTILINE)
 
 
 def count_existing_targets(patch: Path, tree: Path, strip: int) -> int:
+    """How many of the files the patch names exist in the tree at this strip level: the level
+    with most is tried first, as the one the author most likely meant."""
     names = set(PATCH_FILE_NAME.findall(patch.read_text(errors="replace")))
     count = 0
     for n in names:
@@ -819,6 +848,7 @@ HUNK_FAILED = re.compile(r"^Hunk #(\d+) FAILED at (\d+)")
 
 
 def unquote_patch_name(name: str) -> str:
+    """A file name as patch prints it, without the quotes it adds around names with spaces."""
     if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"":
         return name[1:-1]
     return name
@@ -863,6 +893,7 @@ def patch_failure(patch: Path, attempts: list[tuple[int, str]]) -> PatchDoesNotA
 
 
 def patched_files(out: str) -> list[str]:
+    """The files ``patch`` reports it patched, in order and once each."""
     files: list[str] = []
     for line in out.splitlines():
         if (m := FILE_LINE.match(line)) and unquote_patch_name(m.group(1)) not in files:
@@ -943,6 +974,8 @@ def pair_units(
 
 
 def link_records(pre: BuildResult) -> list[LinkRecord]:
+    """The linked programs and libraries of the pre build, as the diff stage needs them (which
+    units each contains, how it was linked)."""
     return [
         LinkRecord(
             output=link.saved,
@@ -991,6 +1024,8 @@ def targets_by_object(build: BuildResult) -> dict[str, list[str]]:
 
 
 def assign_targets(units: list[UnitPair], pre: BuildResult) -> None:
+    """Give each unit the programs and libraries its object was linked into: an update names the
+    target it applies to."""
     by_object = targets_by_object(pre)
     for u in units:
         u.targets = by_object.get(u.pre.built_object, [])

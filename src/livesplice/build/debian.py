@@ -39,6 +39,8 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 def run(
     cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, what: str = ""
 ) -> str:
+    """Run a Debian tool, raising a typed error with the tail of its output when it fails
+    (``what`` says what was being done, for the person reading it)."""
     proc = subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
     )
@@ -52,6 +54,8 @@ def run(
 
 
 def has_deb_src() -> bool:
+    """Whether APT has deb-src lines (one-line or deb822 format): without them ``apt-get source``
+    cannot fetch the package, and the error says so first."""
     lists = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
     for f in lists:
         try:
@@ -319,6 +323,7 @@ class DebianSource:
 
     @property
     def label(self) -> str:
+        """How this source is named in messages and reports."""
         return f"Debian {self.package} {self.version}"
 
 
@@ -331,6 +336,8 @@ _VERSION = re.compile(r"(?:\d+:)?[0-9][A-Za-z0-9.+~-]*")
 
 
 def debian_cache() -> Path:
+    """Where fetched Debian sources and binaries are kept (LIVESPLICE_DEBIAN_CACHE): fetching
+    again for every run would take minutes."""
     return Path(
         os.environ.get("LIVESPLICE_DEBIAN_CACHE", Path.home() / ".cache" / "livesplice" / "debian")
     )

@@ -161,6 +161,8 @@ def default_root() -> Path:
 
 
 def default_max_bytes() -> int:
+    """The cache's size limit in bytes, from the environment when set (a CI machine may have less
+    disk)."""
     value = os.environ.get(MAX_BYTES_ENV, "")
     return int(value) if value.isdigit() else DEFAULT_MAX_BYTES
 
@@ -267,6 +269,8 @@ def toolchain_identity(tools: dict[str, str], env: dict[str, str]) -> list[str]:
 
 
 def build_environment_identity(env: dict[str, str]) -> list[str]:
+    """The build environment as part of the cache key: variables that change what a build
+    produces count, the ones that only describe the session (TERM, SSH_*, ...) do not."""
     return sorted(
         f"{k}={v}"
         for k, v in env.items()
@@ -297,6 +301,8 @@ def installed_packages_digest() -> str:
 
 
 def wrapper_digest() -> str:
+    """A digest of the compiler wrapper's code: a cached pre build made by another wrapper may
+    have recorded its compiles differently, so it is not reused."""
     return hashlib.sha256(Path(wrapper.__file__).read_bytes()).hexdigest()
 
 
@@ -458,6 +464,7 @@ class BuildSite:
 
 
 def tree_size(path: Path) -> int:
+    """Disk space a tree takes (allocated blocks, not file sizes): what the cache limit is about."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:

@@ -248,17 +248,24 @@ class CompilerCommand:
 
     @property
     def sources(self) -> list[Input]:
+        """The inputs the compiler compiles (not objects or libraries passed through to the
+        linker)."""
         return [s for s in self.inputs if s.language is not None and s.path != "-"]
 
     @property
     def has_c_family_source(self) -> bool:
+        """Whether this is a C or C++ compile: only those get livesplice's debug and section
+        flags."""
         return any(s.language in ("c", "c++") for s in self.inputs)
 
     def linker_inputs(self) -> list[Input]:
+        """The inputs handed to the linker (objects, archives, libraries; headers are neither)."""
         return [s for s in self.inputs if s.language is None and not is_header(s.path)]
 
 
 def is_header(path: str) -> bool:
+    """A header by its suffix: gcc accepts headers on its command line (to precompile
+    them), and they are never linker inputs."""
     dot = path.rfind(".")
     return dot > path.rfind("/") and path[dot:] in HEADER_SUFFIXES
 
@@ -280,12 +287,14 @@ def with_extra_flags(args: list[str], cmd: CompilerCommand) -> list[str]:
 
 
 def stem_of(path: str) -> str:
+    """The file name without directory and last suffix, as gcc names a default output."""
     base = path.rsplit("/", 1)[-1]
     dot = base.rfind(".")
     return base[:dot] if dot > 0 else base
 
 
 def absolute(cwd: str, path: str) -> str:
+    """``path`` as an absolute, normalised path (records must not depend on the build's cwd)."""
     return os.path.normpath(os.path.join(cwd, path))
 
 
@@ -328,6 +337,8 @@ def resolve_library(name: str, dirs: list[str], cwd: str, static: bool) -> str |
 
 
 def default_output(source: str, suffix: str, cwd: str) -> str:
+    """Where gcc writes the output when no ``-o`` is given: the source's stem plus ``suffix``, in
+    the current directory."""
     return absolute(cwd, stem_of(source) + suffix)
 
 
@@ -423,10 +434,14 @@ def find_real_tool(tool: str, shim_dir: str, fallback: str) -> str:
 
 
 def env_name(tool: str) -> str:
+    """The environment-variable spelling of a tool name (``g++`` -> ``GXX``): how the shims find
+    the real tool they stand for."""
     return "".join(c.upper() if c.isalnum() else "_" for c in tool.replace("+", "X"))
 
 
 def environment_without_shims(shim_dir: str) -> dict[str, str]:
+    """The environment with the shim directory taken out of PATH, so the real compiler (and
+    anything it runs) never finds a shim again."""
     env = dict(os.environ)
     shim_real = os.path.realpath(shim_dir)
     env["PATH"] = os.pathsep.join(
@@ -475,12 +490,16 @@ def append_events(events: list[dict[str, object]]) -> None:
 
 
 def run_and_wait(argv: list[str], env: dict[str, str]) -> int:
+    """Run the real tool and return its exit code (posix_spawn: no fork of a Python process per
+    compile)."""
     pid = os.posix_spawn(argv[0], argv, env)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 
 def compiler_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: str) -> int:
+    """The shim for gcc/cc/g++/c++: run the real compiler with livesplice's flags added, then
+    record each object it wrote (and each link) in the build log."""
     cwd = os.getcwd()
     cxx_driver = "++" in tool
     cmd = CompilerCommand(expand_response_files(args, cwd), cxx_driver)
@@ -556,6 +575,8 @@ def compiler_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: s
 
 
 def ar_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: str) -> int:
+    """The shim for ``ar``: run the real archiver and record which members went into which
+    archive, so units inside a static library are found later."""
     cwd = os.getcwd()
     parsed = parse_ar(expand_response_files(args, cwd))
     if parsed is not None and parsed[0] in "dqr":
@@ -577,6 +598,8 @@ def ar_main(tool: str, real: str, argv0: str, args: list[str], shim_dir: str) ->
 
 
 def is_archiver(tool: str) -> bool:
+    """Whether ``tool`` is an archiver (``ar``, ``x86_64-linux-gnu-ar``, ``gcc-ar-12``): those
+    get the archive shim, not the compiler one."""
     base = tool.rsplit("-", 1)[0] if tool.rsplit("-", 1)[-1].isdigit() else tool
     return base == "ar" or base.endswith(("-ar", "gcc-ar"))
 

@@ -53,6 +53,8 @@ Meaning = tuple[object, ...]
 
 
 class Verdict(enum.Enum):
+    """How a post section compares with its pre twin."""
+
     SAME = "same"
     LINE_ONLY = "line-only"  # differs only in line-number immediates: treated as SAME
     CHANGED = "changed"
@@ -68,6 +70,8 @@ class LineMap:
 
     @classmethod
     def from_patch(cls, text: str) -> LineMap:
+        """Read the hunks of a unified diff: which lines moved where, so an immediate that is
+        only a line number (``__LINE__``, assertions) can be told from a real change."""
         import re
 
         hunk_re = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
@@ -175,6 +179,8 @@ class MeaningContext:
         return sym.name
 
     def section_name(self, sec: ObjSection) -> str:
+        """A side-neutral name of a section (through its primary symbol when it has one), so pre
+        and post meanings compare equal when only names differ by the build."""
         primary = sec.primary
         if primary is not None:
             return self.name_of(primary)
@@ -207,6 +213,9 @@ class MeaningContext:
         return ends
 
     def reloc_meaning(self, sec: ObjSection, rel: ObjReloc) -> Meaning:
+        """What a relocation refers to, independent of where the linker put things: an external
+        name, a symbol, a string's contents, a constant's bytes, or read-only data by its own
+        meaning."""
         sym = rel.symbol
         target = sym.section
         if target is None:

@@ -59,6 +59,8 @@ HOOK_SECTION_PREFIX = ".livesplice.hook."
 
 
 class Status(enum.Enum):
+    """What the diff decided for a section or symbol of the pre/post pair (kpatch's status)."""
+
     SAME = "same"
     CHANGED = "changed"
     NEW = "new"
@@ -67,6 +69,8 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class ObjReloc:
+    """One relocation of a section, with its symbol resolved to the model's object."""
+
     offset: int
     type: str
     symbol: ObjSymbol
@@ -74,11 +78,15 @@ class ObjReloc:
 
     @property
     def size(self) -> int:
+        """Bytes the relocation writes: those bytes differ between builds without the code
+        differing, so comparisons mask them."""
         return field_size(self.type)
 
 
 @dataclass(eq=False)
 class ObjSymbol:
+    """One symbol of the object, pointing at its section (None when undefined)."""
+
     index: int
     name: str
     bind: str  # "local" / "global" / "weak"
@@ -91,6 +99,7 @@ class ObjSymbol:
 
     @property
     def defined(self) -> bool:
+        """Defined in this object (an undefined symbol is resolved at apply time)."""
         return self.section is not None
 
     def __repr__(self) -> str:
@@ -99,6 +108,8 @@ class ObjSymbol:
 
 @dataclass(eq=False)
 class ObjSection:
+    """One allocated section of the object, with its bytes, relocations and the symbols in it."""
+
     index: int
     name: str
     type: str  # "SHT_PROGBITS", "SHT_NOBITS", ...
@@ -118,18 +129,23 @@ class ObjSection:
 
     @property
     def alloc(self) -> bool:
+        """Loaded at run time (SHF_ALLOC): only these can matter to a running program."""
         return bool(self.flags & SHF_ALLOC)
 
     @property
     def is_code(self) -> bool:
+        """Executable code: compared instruction by instruction and replaced by jumps."""
         return bool(self.flags & SHF_EXECINSTR) and self.alloc
 
     @property
     def is_tls(self) -> bool:
+        """Thread-local storage: every thread has its own copy, made when the thread starts."""
         return bool(self.flags & SHF_TLS)
 
     @property
     def writable(self) -> bool:
+        """Writable at run time: a change here is a change of data, which an update cannot
+        replace."""
         return bool(self.flags & SHF_WRITE)
 
     @property
@@ -144,6 +160,8 @@ class ObjSection:
 
     @property
     def is_ctor_table(self) -> bool:
+        """A constructor or destructor table: a change would need the code run at start-up, which
+        already ran."""
         return self.name.startswith(CTOR_PREFIXES) or self.type in (
             "SHT_INIT_ARRAY",
             "SHT_FINI_ARRAY",
@@ -152,14 +170,18 @@ class ObjSection:
 
     @property
     def is_hook_table(self) -> bool:
+        """The update's hook table (LIVESPLICE_* macros of include/livesplice.h)."""
         return self.name.startswith(HOOK_SECTION_PREFIX)
 
     @property
     def is_readonly_data(self) -> bool:
+        """Read-only data: may be shipped with the update beside its new code."""
         return self.alloc and not self.is_code and not self.writable and not self.is_tls
 
     @property
     def is_writable_data(self) -> bool:
+        """Data the program may write (including TLS): its current value lives in the running
+        process."""
         return self.alloc and not self.is_code and (self.writable or self.is_tls)
 
     @property
@@ -177,6 +199,7 @@ class ObjSection:
         return named[0]
 
     def read_data(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset``; zeros for a section without contents (.bss)."""
         if not self.data:
             return b"\0" * size
         return self.data[offset : offset + size]
@@ -202,12 +225,14 @@ class ElfObject:
         return f"<ElfObject {self.unit} {self.path}>"
 
     def section(self, name: str) -> ObjSection | None:
+        """The section called ``name`` (None: the object has none)."""
         for s in self.sections:
             if s.name == name:
                 return s
         return None
 
     def symbol(self, name: str) -> ObjSymbol | None:
+        """The symbol called ``name``, not a section symbol (None: the object has none)."""
         for s in self.symbols:
             if s.name == name and s.type != "section":
                 return s
@@ -215,10 +240,13 @@ class ElfObject:
 
     @property
     def functions(self) -> list[ObjSymbol]:
+        """The object's defined functions: the candidates for replacement."""
         return [s for s in self.symbols if s.type == "func" and s.section is not None]
 
     @property
     def data_objects(self) -> list[ObjSymbol]:
+        """The object's defined data objects in loaded sections: what a patch may not change in
+        place."""
         return [
             s
             for s in self.symbols

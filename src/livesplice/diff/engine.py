@@ -72,6 +72,9 @@ _ROLE_ORDER = {
 
 @dataclass
 class DiffResult:
+    """What the diff stage hands the package stage: one Target per changed output, the hooks and
+    the warnings (refusals were raised instead)."""
+
     targets: list[Target]
     hooks: list[Hook]
     warnings: list[str]
@@ -79,6 +82,9 @@ class DiffResult:
 
 @dataclass
 class UnitHook:
+    """A LIVESPLICE_* hook the unit declares: its kind, its function and that function's section
+    key."""
+
     kind: str
     function: str
     key: str
@@ -105,9 +111,11 @@ class UnitDiff:
 
     @property
     def changed(self) -> bool:
+        """Whether the unit contributes anything to the update."""
         return bool(self.changed_functions or self.new_functions or self.new_data or self.hooks)
 
     def section(self, key: str) -> Section | None:
+        """The unit's section with ``key`` (None: not shipped)."""
         for s in self.sections:
             if s.key == key:
                 return s
@@ -192,6 +200,8 @@ def diff_build(pair: BuildPair, *, on_unit: Callable[[int, int], None] | None = 
 
 
 def refuse_changed_asm(pair: BuildPair, refusals: list[str]) -> None:
+    """A changed assembly source is refused: livesplice correlates what the compiler made from
+    C (function sections, debug info), not hand-written assembly."""
     for path in sorted(pair.changed_asm):
         refusals.append(
             f"{path}: assembly source changed [rule: changed assembly sources]: livesplice "

@@ -75,6 +75,9 @@ class UnitTypes:
 
 @dataclass
 class LayoutChange:
+    """A type (or variable) whose memory layout the patch changes, with who uses it: the running
+    program's data still has the old layout, so the change is refused with this."""
+
     type_key: str  # "struct req", "typedef cfg_t", or "variable table"
     pre: str
     post: str

@@ -14,6 +14,7 @@ from livesplice.errors import ExitCode, LivespliceError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m livesplice.eval``."""
     p = argparse.ArgumentParser(
         prog="python -m livesplice.eval",
         description="Build real Debian security fixes with livesplice create, apply them to "
@@ -75,6 +76,8 @@ def use_eval_signing_key(cache: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected corpus rows, print the summary (or JSON), write the results page;
+    exit non-zero when a row is UNSAFE or failed."""
     from livesplice.eval.corpus import read_corpus, select_rows
     from livesplice.eval.create_step import DEFAULT_BUILD
     from livesplice.eval.report import render, summary_line

@@ -49,6 +49,8 @@ class CorpusRow:
 
     @property
     def on_shipped_binaries(self) -> bool:
+        """Whether the row applies to Debian's released binaries rather than livesplice's own
+        build."""
         return bool(self.shipped_version)
 
     @property
@@ -80,6 +82,8 @@ def read_corpus(path: Path) -> list[CorpusRow]:
 
 
 def parse_corpus(lines: Iterable[str], source: str = "CSV") -> list[CorpusRow]:
+    """Rows of the corpus CSV, each checked: a missing column or bad value is a usage error
+    naming the line."""
     reader = csv.DictReader(lines)
     header = reader.fieldnames or []
     missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]

@@ -31,6 +31,8 @@ KEPT_PREFIX = "livesplice: kept the build directory "
 
 @dataclass
 class CreateOutcome:
+    """How ``livesplice create`` ended for a row, read from its exit code and JSON."""
+
     status: str  # "created" | "nothing" | "refused" | "failed"
     seconds: float
     exit_code: int
@@ -43,6 +45,7 @@ class CreateOutcome:
 
 
 def livesplice_command() -> list[str]:
+    """This Python's livesplice, so the eval runs the checkout it was started from."""
     return [sys.executable, "-m", "livesplice"]
 
 
@@ -57,6 +60,8 @@ def run_create(
     target: str | None = None,
     verify: list[Path] | None = None,
 ) -> CreateOutcome:
+    """Run ``livesplice create`` on the pre tree with the package's own build, timed, its output
+    kept in ``log``."""
     # --target: only the row's executable/library decides (a package's test binaries, e.g.
     # memcached's gcov-instrumented memcached-debug, must not refuse the daemon's update)
     cmd = [

@@ -51,6 +51,9 @@ def verdict(outcome: str, expected: str) -> str:
 
 @dataclass
 class RowResult:
+    """One corpus row's result: its outcome, the verdict against the row's expectation, where it
+    stopped and what was measured on the way (written to result.json and the table)."""
+
     row: dict[str, Any]
     outcome: str = "failed"  # applied | nothing | refused | failed
     verdict: str = "failed"
@@ -80,6 +83,8 @@ class RowResult:
     finished_at: str = ""
 
     def finish(self, outcome: str, reason: str = "", details: list[str] | None = None) -> None:
+        """Record how the row ended and judge it against ``expected`` (the verdict is only ever
+        set here)."""
         self.outcome = outcome
         self.reason = reason
         if details:
@@ -116,6 +121,8 @@ def shipped_target(debs: list[Path], root: Path, target: str) -> Path | None:
 
 
 def cli(args: list[str], log: Path) -> tuple[int, dict[str, Any], str]:
+    """Run the livesplice command as a user would, appending the command and its output to the
+    row's log; returns (exit code, its JSON or {}, stderr)."""
     proc = subprocess.run(
         [*livesplice_command(), *args],
         capture_output=True,
@@ -143,6 +150,8 @@ def run_row(
     keep: bool = False,
     progress: Callable[[str], None] = print,
 ) -> RowResult:
+    """One corpus row end to end, its result also written to the row's result.json; a livesplice
+    error ends the row as "failed" with its reason instead of stopping the whole run."""
     rowdir = cache / "rows" / row.slug
     rowdir.mkdir(parents=True, exist_ok=True)
     result = RowResult(row=asdict(row), build_command=build)
@@ -256,6 +265,8 @@ def live(
     progress: Callable[[str], None],
     debs: list[Path] | None = None,
 ) -> None:
+    """Apply the update to the pre build running under load, check the reproducer, the requests
+    and that the processes are the same ones, then undo it."""
     result.stage = "start"
     factory = workload_for(row.target)
     if factory is None and ".so" not in row.target:

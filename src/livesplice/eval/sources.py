@@ -25,6 +25,9 @@ TREES_VERSION = "2 pinned-tail\n"
 
 @dataclass(frozen=True)
 class Trees:
+    """The pre and post source trees of one fix, and how the Debian patch series was split around
+    it."""
+
     pre: Path
     post: Path
     fix_patch: Path  # empty: the fix touches only debian/
@@ -54,6 +57,7 @@ def install_build_deps(dsc: Path, tree: Path) -> None:
 
 
 def quilt_env() -> dict[str, str]:
+    """The environment quilt needs to work on a Debian source tree's debian/patches."""
     return dict(os.environ, QUILT_PATCHES="debian/patches", QUILT_PC=".pc")
 
 

@@ -35,26 +35,38 @@ IO_TIMEOUT = 5.0
 
 
 class WorkloadFailed(LivespliceError):
+    """The workload itself failed (did not start, or its driver does not build): the row's
+    outcome is then the harness's, not livesplice's."""
+
     abort = "WORKLOAD_FAILED"
 
 
 @dataclass
 class LoadStats:
+    """Requests made and failed while a workload runs, counted by its client thread; the runner
+    compares snapshots taken before and after apply."""
+
     requests: int = 0
     failures: int = 0
     first_errors: list[str] = field(default_factory=list)
 
     def snapshot(self) -> tuple[int, int]:
+        """(requests, failures) now: two snapshots bracket an apply, so the difference is what
+        apply cost the clients."""
         return self.requests, self.failures
 
 
 def free_port() -> int:
+    """A TCP port that is free right now (the kernel picks it), so parallel rows never collide on
+    a fixed port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc/*/stat): a forking server's workers, which need the
+    update too."""
     kids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -103,19 +115,24 @@ class PingClients:
 
     @property
     def ok(self) -> int:
+        """Requests that got their PONG."""
         return len(self.samples) - len(self.failed)
 
     @property
     def worst(self) -> float:
+        """The slowest request's seconds: what a client felt of apply's stop window."""
         return max((dt for _, dt in self.samples), default=0.0)
 
     def close(self) -> None:
+        """Stop the client threads and wait for them, so no request outlives the measurement."""
         self.stop.set()
         for t in self.threads:
             t.join(10)
 
 
 def recv_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    """Read from ``sock`` until ``done`` says the answer is complete; a closed connection is an
+    error (the server crashed or dropped the client)."""
     data = b""
     while not done(data):
         chunk = sock.recv(65536)
@@ -138,7 +155,8 @@ class Workload(ABC):
         self.log = rundir / "target.log"
 
     @abstractmethod
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Start the target and make sure it answers before the measurement begins."""
 
     def pids(self) -> list[int]:
         """The processes to patch."""
@@ -146,6 +164,8 @@ class Workload(ABC):
         return [self.proc.pid]
 
     def identities(self) -> dict[int, int | None]:
+        """pid -> start time of each target process: the runner checks after apply that these are
+        still the same processes (no restart happened behind its back)."""
         from livesplice.process.journal import process_start
 
         return {pid: process_start(pid) for pid in self.pids()}
@@ -155,6 +175,8 @@ class Workload(ABC):
         return None
 
     def stop(self) -> None:
+        """Terminate the target, killing it when it ignores SIGTERM for 10 s, so a row never
+        leaves a server running."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -164,17 +186,21 @@ class Workload(ABC):
                 self.proc.wait()
 
     def exited(self) -> str | None:
+        """Why the target is gone (its exit status), or None while it runs."""
         if self.proc is not None and self.proc.poll() is not None:
             return f"the target exited with status {self.proc.returncode}"
         return None
 
     def log_tail(self) -> list[str]:
+        """The last lines of the target's log, the details of a WorkloadFailed."""
         try:
             return self.log.read_text(errors="replace").splitlines()[-10:]
         except OSError:
             return []
 
     def spawn(self, argv: list[str], **kw: object) -> None:
+        """Start ``argv`` in its own session with output to the log, so a stop can signal the
+        whole process group and the log tells why it died."""
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             argv,
@@ -201,17 +227,20 @@ class DaemonWorkload(Workload):
         self._thread: threading.Thread | None = None
 
     @abstractmethod
-    def argv(self) -> list[str]: ...
+    def argv(self) -> list[str]:
+        """The server's command line (its configuration written into the run directory)."""
 
     @abstractmethod
     def exchange(self, sock: socket.socket) -> None:
         """One request and its answer; raise on a wrong or missing answer."""
 
     def connect(self) -> socket.socket:
+        """A connection to the server; a datagram server overrides this."""
         s = socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT)
         return s
 
     def start(self) -> None:
+        """Spawn the server, wait until one exchange succeeds, then start the client thread."""
         self.spawn(self.argv())
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -262,6 +291,8 @@ class DaemonWorkload(Workload):
             conn.close()
 
     def stop(self) -> None:
+        """Stop the client thread before the server, so the server's exit is not counted as
+        failed requests."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(IO_TIMEOUT * 2)
@@ -269,7 +300,10 @@ class DaemonWorkload(Workload):
 
 
 class RedisWorkload(DaemonWorkload):
+    """redis-server answering SET and GET."""
+
     def argv(self) -> list[str]:
+        """redis with a throwaway configuration: loopback only, no persistence, no daemonizing."""
         conf = self.rundir / "redis.conf"
         conf.write_text(
             f'port {self.port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
@@ -278,6 +312,7 @@ class RedisWorkload(DaemonWorkload):
         return [str(self.binary), str(conf)]
 
     def exchange(self, sock: socket.socket) -> None:
+        """SET k v1 then GET k: the answer proves the request path works end to end."""
         sock.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv1\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
         want = b"+OK\r\n$2\r\nv1\r\n"
         got = recv_until(sock, lambda d: len(d) >= len(want))
@@ -286,7 +321,10 @@ class RedisWorkload(DaemonWorkload):
 
 
 class MemcachedWorkload(DaemonWorkload):
+    """memcached answering set and get."""
+
     def argv(self) -> list[str]:
+        """memcached on loopback TCP only (UDP off), running as root as the runner does."""
         return [
             str(self.binary),
             "-l",
@@ -302,6 +340,7 @@ class MemcachedWorkload(DaemonWorkload):
         ]
 
     def exchange(self, sock: socket.socket) -> None:
+        """set k then get k: the answer proves the request path works end to end."""
         sock.sendall(b"set k 0 0 2\r\nv1\r\nget k\r\n")
         want = b"STORED\r\nVALUE k 0 2\r\nv1\r\nEND\r\n"
         got = recv_until(sock, lambda d: len(d) >= len(want))
@@ -313,6 +352,8 @@ class NginxWorkload(DaemonWorkload):
     """Master + one worker; both are patched (the master forks future workers)."""
 
     def argv(self) -> list[str]:
+        """nginx with a configuration of its own: one worker, temp paths and logs in the run
+        directory, and a location that exercises the code the corpus fixes touch."""
         r = self.rundir
         conf = r / "nginx.conf"
         temps = "".join(
@@ -334,10 +375,13 @@ class NginxWorkload(DaemonWorkload):
         return [str(self.binary), "-p", f"{r}/", "-e", f"{r}/error.log", "-c", str(conf)]
 
     def pids(self) -> list[int]:
+        """The master and its workers: the master forks future workers from its own (patched)
+        image."""
         assert self.proc is not None
         return [self.proc.pid, *children_of(self.proc.pid)]
 
     def exchange(self, sock: socket.socket) -> None:
+        """A GET with its whole body read, so a crash in the worker shows as a failed request."""
         sock.sendall(b"GET /r/abc HTTP/1.1\r\nHost: eval\r\n\r\n")
         data = recv_until(sock, lambda d: b"\r\n\r\n" in d)
         head, _, body = data.partition(b"\r\n\r\n")
@@ -358,6 +402,7 @@ class NginxWorkload(DaemonWorkload):
             body += chunk
 
     def start(self) -> None:
+        """Also wait for the worker, so the runner patches both processes."""
         super().start()
         deadline = time.monotonic() + READY_TIMEOUT
         while len(self.pids()) < 2 and time.monotonic() < deadline:
@@ -365,9 +410,13 @@ class NginxWorkload(DaemonWorkload):
 
 
 class DnsmasqWorkload(DaemonWorkload):
+    """dnsmasq answering A queries over UDP."""
+
     stream = False
 
     def argv(self) -> list[str]:
+        """dnsmasq in the foreground with no upstream, answering one name from its own
+        configuration."""
         return [
             str(self.binary),
             "-k",
@@ -384,12 +433,14 @@ class DnsmasqWorkload(DaemonWorkload):
         ]
 
     def connect(self) -> socket.socket:
+        """A UDP socket: dnsmasq answers datagrams, so each request is one send and one receive."""
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(IO_TIMEOUT)
         s.connect(("127.0.0.1", self.port))
         return s
 
     def exchange(self, sock: socket.socket) -> None:
+        """One A query for eval.test; the answer must carry the configured address."""
         qid = os.getpid() & 0xFFFF
         name = b"".join(bytes([len(p)]) + p for p in (b"eval", b"test")) + b"\0"
         sock.send(struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1")
@@ -406,6 +457,7 @@ class SshdWorkload(DaemonWorkload):
     stream = False
 
     def argv(self) -> list[str]:
+        """sshd with a fresh host key and a configuration of its own on the workload's port."""
         r = self.rundir
         key = r / "host_ed25519"
         if not key.exists():
@@ -423,6 +475,7 @@ class SshdWorkload(DaemonWorkload):
         return [str(self.binary.resolve()), "-D", "-e", "-f", str(conf)]
 
     def exchange(self, sock: socket.socket) -> None:
+        """The version exchange: enough for sshd to fork a child that runs the patched code."""
         banner = recv_until(sock, lambda d: b"\n" in d)
         if not banner.startswith(b"SSH-2.0-"):
             raise ValueError(f"sshd answered {banner[:40]!r}")
@@ -633,6 +686,7 @@ class LibraryWorkload(Workload):
         self._repro_event = threading.Event()
 
     def driver_args(self) -> list[str]:
+        """Extra arguments of the driver program, after the library's path."""
         return []
 
     def compile_driver(self) -> Path:
@@ -653,6 +707,7 @@ class LibraryWorkload(Workload):
         return exe
 
     def start(self) -> None:
+        """Start the driver and a thread that reads its counters; fail now if it dies at once."""
         exe = self.compile_driver()
         lib = self.binary  # the runner copies it under its soname into a directory of its own
         errlog = self.log.open("ab")
@@ -693,6 +748,8 @@ class LibraryWorkload(Workload):
                 self._repro_event.set()
 
     def reproduce(self) -> str | None:
+        """Ask the driver (SIGUSR1) to run the fix's reproducer against the live library and
+        report "vulnerable" or "fixed"."""
         if not self.has_reproducer or self.proc is None:
             return None
         self._repro_event.clear()
@@ -729,9 +786,12 @@ class GenericLibraryWorkload(LibraryWorkload):
         self.function = ""
 
     def driver_args(self) -> list[str]:
+        """The chosen function's name."""
         return [self.function]
 
     def start(self) -> None:
+        """Probe the candidates in turn, keeping the first the driver survives calling with zero
+        arguments; then run the driver on it."""
         exe = self.compile_driver()
         tried = []
         for name in self.candidates:
@@ -815,6 +875,9 @@ def generic_candidates(library: Path, changed: list[str], pre_objects: list[Path
 
 
 class CurlWorkload(LibraryWorkload):
+    """libcurl fetching from a local HTTP server, through a local SOCKS5 proxy for the
+    reproducer."""
+
     driver_source = DRIVER_CURL
     has_reproducer = True
 
@@ -842,20 +905,27 @@ class CurlWorkload(LibraryWorkload):
                 conn.recv(1024)
 
     def driver_args(self) -> list[str]:
+        """The local server's URL and the SOCKS5 proxy's, both on loopback."""
         port = self.http.server_address[1]
         return [f"http://127.0.0.1:{port}/", f"socks5h://127.0.0.1:{self.socks.getsockname()[1]}"]
 
     def stop(self) -> None:
+        """Stop the driver, then the local HTTP server and proxy."""
         super().stop()
         self.http.shutdown()
         self.socks.close()
 
 
 class Libxml2Workload(LibraryWorkload):
+    """libxml2 resolving URIs through XML catalogs, with a self-referencing catalog as the
+    reproducer."""
+
     driver_source = DRIVER_LIBXML2
     has_reproducer = True
 
     def driver_args(self) -> list[str]:
+        """The looping catalog (the reproducer's) and an ordinary one, written into the run
+        directory."""
         loop = self.rundir / "loop-catalog.xml"
         loop.write_text(LOOPING_CATALOG.format(path=loop))
         uris = self.rundir / "catalog.xml"
@@ -864,6 +934,8 @@ class Libxml2Workload(LibraryWorkload):
 
 
 class ExpatWorkload(LibraryWorkload):
+    """libexpat parsing documents in a loop."""
+
     driver_source = DRIVER_EXPAT
 
 
@@ -884,6 +956,8 @@ WORKLOADS: dict[str, WorkloadFactory] = {
 
 
 def workload_for(target: str) -> WorkloadFactory | None:
+    """The workload for a target executable or library (a soname with its version suffix falls
+    back to its stem); None when the corpus has none for it."""
     if target in WORKLOADS:
         return WORKLOADS[target]
     if ".so" in target:

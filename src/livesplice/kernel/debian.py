@@ -61,6 +61,8 @@ class KernelPackages:
 
     @property
     def names(self) -> list[str]:
+        """The Debian packages one kernel version is made of (image, headers, common headers,
+        source)."""
         return [
             f"linux-image-{self.release}",
             f"linux-headers-{self.release}",

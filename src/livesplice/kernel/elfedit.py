@@ -32,6 +32,9 @@ RELA = struct.Struct("<QQq")
 
 @dataclass
 class ElfSection:
+    """One section of the edited object: header fields and contents, written back as they are
+    here."""
+
     name: str
     type: int
     flags: int
@@ -45,6 +48,8 @@ class ElfSection:
 
     @property
     def size(self) -> int:
+        """The section's size: its contents' length, or the header's size for NOBITS (.bss has
+        none)."""
         return self.nobits_size if self.type == SHT_NOBITS else len(self.data)
 
 
@@ -82,12 +87,14 @@ class ElfRel:
         self.shstrndx = shstrndx
 
     def index(self, name: str) -> int:
+        """Index of the section called ``name`` (KeyError: none)."""
         for i, s in enumerate(self.sections):
             if s.name == name:
                 return i
         raise KeyError(name)
 
     def symtab_index(self) -> int:
+        """Index of the symbol table (a relocatable object has exactly one)."""
         return next(i for i, s in enumerate(self.sections) if s.type == SHT_SYMTAB)
 
     def symbols(self) -> list[tuple[str, int, int, int, int, int]]:
@@ -116,6 +123,8 @@ class ElfRel:
         self.sections[st.link].data = bytes(strs)
 
     def to_bytes(self) -> bytes:
+        """The object as a file again: sections laid out anew with a fresh section-name table
+        (nothing in an ET_REL file refers to file offsets)."""
         names = bytearray(b"\0")
         name_off: list[int] = []
         for s in self.sections:

@@ -92,6 +92,8 @@ class Guest:
     extra_initrds: Sequence[Path] = field(default_factory=tuple)
 
     def qemu_command(self, initrd: Path, console: Path, out: Path, run_id: str) -> list[str]:
+        """The QEMU command line: the lab kernel with this run's initramfs, the serial console to
+        a file, and a kernel command line that makes a panic or oops end the run at once."""
         cmdline = (
             f"console=ttyS0 loglevel=6 panic=-1 oops=panic nokaslr lab.id={run_id} {self.append}"
         )

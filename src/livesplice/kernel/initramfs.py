@@ -99,7 +99,10 @@ class GuestFile:
 
 
 class ByteSink(Protocol):
-    def write(self, data: bytes, /) -> int: ...
+    """Where the cpio writer puts bytes: a file, or a gzip stream over one."""
+
+    def write(self, data: bytes, /) -> int:
+        """Write ``data``; like a binary file's ``write``."""
 
 
 class CpioWriter:
@@ -129,6 +132,8 @@ class CpioWriter:
         self._pad()
 
     def directory(self, name: str, mode: int = 0o755) -> None:
+        """A directory entry (once per name; its parents first, as the kernel's unpacker needs
+        them to exist)."""
         name = name.strip("/")
         if not name or name in self._dirs:
             return
@@ -143,12 +148,15 @@ class CpioWriter:
             self.directory(parent)
 
     def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        """A regular file with ``data`` as its contents."""
         self.parents(name)
         self._header(name.strip("/"), stat.S_IFREG | mode, len(data))
         self._write(data)
         self._pad()
 
     def host_file(self, name: str, source: Path) -> None:
+        """A regular file copied from the host in chunks, with its permission bits (large .ko and
+        Python files never sit in memory whole)."""
         st = source.stat()
         self.parents(name)
         self._header(name.strip("/"), stat.S_IFREG | (st.st_mode & 0o7777), st.st_size)
@@ -158,6 +166,7 @@ class CpioWriter:
         self._pad()
 
     def symlink(self, name: str, target: str) -> None:
+        """A symbolic link (busybox applets are links to busybox)."""
         self.parents(name)
         data = target.encode()
         self._header(name.strip("/"), stat.S_IFLNK | 0o777, len(data))
@@ -165,6 +174,8 @@ class CpioWriter:
         self._pad()
 
     def char_device(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
+        """A character device node: the guest has no udev, so /dev/console and friends are made
+        here."""
         self.parents(name)
         self._header(name.strip("/"), stat.S_IFCHR | mode, 0, (major, minor))
 
@@ -180,12 +191,15 @@ class CpioWriter:
             self.host_file(guest_path, source)
 
     def close(self) -> None:
+        """The trailer entry and padding to a 512-byte block, so another archive can be appended
+        (the per-run payload)."""
         self._header("TRAILER!!!", 0, 0)
         # the kernel skips zero padding between concatenated archives; keep 512-byte blocks
         self._write(b"\0" * (-self._pos % 512))
 
 
 def busybox_applets(busybox: Path) -> list[str]:
+    """The applets this busybox provides, each made a link in the guest's /bin."""
     out = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True)
     return sorted(a for a in out.stdout.split() if a and a != "busybox")
 
@@ -199,6 +213,7 @@ def is_static_elf(path: Path) -> bool:
 
 
 def compile_lab_exit(workdir: Path) -> Path:
+    """Compile the guest's exit helper statically: the guest has no libc to link against."""
     src = workdir / "lab-exit.c"
     exe = workdir / "lab-exit"
     src.write_text(LAB_EXIT_C)

@@ -48,6 +48,9 @@ class KernelUnit:
 
 @dataclass
 class KernelBuild:
+    """What the kernel build stage hands the diff: the changed units (pre and post objects), the
+    compiler, and the units this configuration does not build."""
+
     tree: Path  # the work copy (patched at the end)
     units: list[KernelUnit]
     compiler: str  # from the objects' .comment
@@ -83,6 +86,8 @@ def make_env(ksrc: Path) -> dict[str, str]:
 
 
 def check_prepared(ksrc: Path) -> None:
+    """Refuse a tree that is not prepared (kbuild would start building the whole kernel, or fail
+    late)."""
     for need in (".config", "Makefile", "include/generated/autoconf.h", "scripts/mod/modpost"):
         if not (ksrc / need).exists():
             raise UsageError(
@@ -142,6 +147,8 @@ def break_link(path: Path) -> None:
 
 
 def apply_patch(tree: Path, patch: Path, touched: list[str]) -> None:
+    """Apply the patch to the work copy, breaking hard links to the shared tree first so the
+    prepared tree is never patched through a shared inode."""
     for rel in touched:
         break_link(tree / rel)
     cmd = [
@@ -385,6 +392,8 @@ def not_configured(tree: Path, unit: str) -> str | None:
 
 
 def compile_units(tree: Path, units: list[str], env: dict[str, str], jobs: int, log: Path) -> None:
+    """Compile just these units with kbuild, with function and data sections (their old objects
+    removed first, so make cannot skip them)."""
     if not units:  # make with no target would build the whole kernel
         return
     objs = [str(Path(u).with_suffix(".o")) for u in units]
@@ -435,6 +444,8 @@ def module_of(tree: Path, unit: str) -> str | None:
 
 
 def object_compiler(obj: Path) -> str:
+    """The compiler that made an object, from its .comment section: the update records it and
+    apply warns about another."""
     from elftools.elf.elffile import ELFFile
 
     with obj.open("rb") as f:

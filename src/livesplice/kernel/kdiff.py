@@ -89,6 +89,9 @@ MULTI_OBJECT_SECTIONS = ("__dyndbg",)
 
 @dataclass
 class KernelDiff:
+    """What the kernel diff hands the module builder: targets (vmlinux and modules), warnings,
+    hooks, the special tables to put in the module and where matching learns symbols."""
+
     targets: list[Target]
     warnings: list[str]
     hooks: list[Hook]
@@ -117,6 +120,8 @@ def kernel_ignored(obj: Path) -> list[str]:
 
 
 def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
+    """Diff every changed kernel unit with the shared engine, then apply the kernel's own rules;
+    every refusal of every unit is raised once, together."""
     from livesplice.diff.compare import LineMap
     from livesplice.diff.elfmodel import load_object
 
@@ -207,6 +212,8 @@ def attach_patch_sites(ud: UnitDiff, pre: ElfObject) -> None:
 
 
 def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
+    """What a kernel update cannot carry in one unit (``__init``/``__exit`` code, special
+    sections livesplice does not generate, ...), each with its rule and what to do."""
     out: list[str] = []
     shipped = {s.key.split(":", 1)[1]: s for s in ud.sections if s.role != "pre"}
     for s in ud.sections:
@@ -291,6 +298,8 @@ def is_cold(name: str) -> bool:
 
 
 def has_fentry(s: Section, ud: UnitDiff) -> bool:
+    """Whether the replaced function starts with a ``call __fentry__`` (ftrace's hook, which
+    livepatch needs); without one the Ksplice path is taken."""
     pre = next((p for p in ud.sections if p.role == "pre" and p.key == s.replaces), None)
     code = pre or s
     return any(r.symbol == "__fentry__" and r.offset in (1, 5) for r in code.relocs)
@@ -724,6 +733,8 @@ def symbolize_multi_object_refs(
 
 
 def make_target(obj: str, uds: list[UnitDiff]) -> Target:
+    """The update's target for one kernel object (vmlinux or a module), from its units' diffs
+    merged once."""
     sections, symbols = merge_units(uds)
     return Target(
         name=obj,

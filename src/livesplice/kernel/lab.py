@@ -60,6 +60,8 @@ HOST_TOOLS = {
 
 
 def cache_root() -> Path:
+    """The cache of prepared kernels: LIVESPLICE_CACHE, else the XDG cache directory, shared by
+    every checkout (a prepared kernel takes long to make)."""
     env = os.environ.get("LIVESPLICE_CACHE")
     if env:
         return Path(env)
@@ -68,6 +70,7 @@ def cache_root() -> Path:
 
 
 def kernel_dir(version: str, flavour: str = DEFAULT_FLAVOUR, cache: Path | None = None) -> Path:
+    """The cache directory of one kernel version and flavour."""
     name = version if flavour == DEFAULT_FLAVOUR else f"{version}-{flavour}"
     return (cache or cache_root()) / "kernel" / name
 
@@ -81,18 +84,22 @@ class LabKernel:
 
     @property
     def release(self) -> str:
+        """The kernel's ``uname -r``."""
         return self.packages.release
 
     @property
     def root(self) -> Path:
+        """The unpacked Debian packages (image, headers, source)."""
         return self.dir / "root"
 
     @property
     def vmlinuz(self) -> Path:
+        """The kernel image QEMU boots."""
         return self.root / "boot" / f"vmlinuz-{self.release}"
 
     @property
     def headers(self) -> Path:
+        """The kbuild headers tree the livepatch modules are built against."""
         return self.root / "usr" / "src" / f"linux-headers-{self.release}"
 
     @property
@@ -102,6 +109,7 @@ class LabKernel:
 
     @property
     def initramfs(self) -> Path:
+        """The guest's base initramfs (busybox, modules); each run appends its payload."""
         return self.dir / "initramfs" / "base.cpio.gz"
 
     def make_env(self) -> dict[str, str]:
@@ -156,6 +164,8 @@ def missing_host_tools() -> list[str]:
 
 
 def require_host_tools() -> None:
+    """Refuse early, naming every missing host tool and the script that installs them, instead of
+    failing half-way through preparing a kernel."""
     missing = missing_host_tools()
     if missing:
         raise LabUnavailable(

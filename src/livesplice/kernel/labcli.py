@@ -23,6 +23,7 @@ DEFAULT_KERNEL = "6.1.176-1"  # same as livesplice.kernel.debian.DEFAULT_KERNEL 
 
 
 def add_lab_parser(sub: Subcommands) -> None:
+    """``livesplice lab`` and its subcommands (prepare, run)."""
     lab = sub.add_parser("lab", help="boot a Debian kernel in a throwaway QEMU VM (kernel lab)")
     lsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND")
 
@@ -119,6 +120,8 @@ def update_script(updates: list[str], command: str, modules: list[str] | None = 
 
 
 def cli_lab(args: argparse.Namespace) -> int:
+    """``lab prepare`` prints the prepared tree (stdout: for scripts); ``lab run`` boots a
+    guest and runs one command in it."""
     from livesplice.errors import UsageError
 
     if args.lab_command == "prepare":

@@ -24,6 +24,7 @@ from livesplice.kernel.lab import LabKernel
 
 
 def module_dir(lab: LabKernel) -> Path:
+    """The lab kernel's module directory (lib/modules/RELEASE in the unpacked image)."""
     return lab.root / "lib" / "modules" / lab.release
 
 

@@ -106,6 +106,9 @@ def _package_dir(name: str) -> Path:
 
 
 def build_overlay(out: Path) -> None:
+    """Build the guest's Python overlay: this interpreter, its standard library, the packages
+    livesplice imports and the shared libraries they need, as a directory tree for the
+    initramfs."""
     prefix = Path(sys.base_prefix)
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
     python = prefix / "bin" / ver

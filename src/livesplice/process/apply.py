@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class ApplyReport:
+    """What apply did to one process: the functions replaced, how long the target was paused, how
+    many attempts the stop window took; the CLI turns it into words."""
+
     pid: int
     id: str
     functions: list[str]
@@ -703,6 +706,7 @@ class Present:
 
     @property
     def verified(self) -> bool:
+        """Whether root's journal knows the update (not only the process's own record)."""
         return self.entry is not None
 
     @property
@@ -820,6 +824,8 @@ def check_record_against_update(rec: StateRecord, manifest: Manifest, pid: int) 
 
 @dataclass
 class UndoReport:
+    """What undo did to one process: the pause it cost and the stop figures, as in ApplyReport."""
+
     pid: int
     id: str
     pause_us: float

@@ -43,6 +43,8 @@ R_X86_64_IRELATIVE = 37
 
 @dataclass(frozen=True)
 class ElfSymbol:
+    """One ELF symbol of the image file (.dynsym or .symtab), at its link-time address."""
+
     name: str
     value: int  # link-time address (st_value)
     size: int
@@ -289,6 +291,8 @@ class MappedImage:
         return self.mappings[0].start, max(m.end for m in self.mappings)
 
     def elf_symbols(self, name: str) -> list[ElfSymbol]:
+        """Every symbol of the file called ``name`` (static functions may share a name), link-
+        time values."""
         return self.facts.symbols.get(name, [])
 
     def symbols(self, name: str) -> list[int]:
@@ -306,21 +310,29 @@ class MappedImage:
         return out
 
     def plt_entry(self, name: str) -> int | None:
+        """Running address of the PLT entry for ``name`` (None: the image calls it otherwise or
+        not at all)."""
         off = self.facts.plt.get(name)
         return None if off is None else off + self.bias
 
     def got_slot(self, name: str) -> int | None:
+        """Running address of the GOT slot for ``name``: where the dynamic linker wrote its
+        address."""
         off = self.facts.got.get(name)
         return None if off is None else off + self.bias
 
     def in_plt(self, addr: int) -> bool:
+        """Whether ``addr`` is inside the image's PLT: a call there is a call to an external
+        function."""
         return any(lo + self.bias <= addr < hi + self.bias for lo, hi in self.facts.plt_ranges)
 
     def in_text(self, addr: int) -> bool:
+        """Whether ``addr`` is inside the image's executable mappings."""
         return any(lo <= addr < hi for lo, hi in self.text)
 
 
 def images_by_path(pid: int, maps: list[Mapping]) -> dict[str, list[Mapping]]:
+    """The process's file-backed mappings grouped by file: each group is one candidate image."""
     out: dict[str, list[Mapping]] = {}
     for m in maps:
         if _is_file_path(m.path):

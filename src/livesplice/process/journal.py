@@ -50,6 +50,8 @@ JournalUnavailable = PrivateFileError  # the journal directory is missing or not
 
 
 def journal_dir(*, create: bool = False) -> Path:
+    """The root-private journal directory (under the run directory), refused if anyone else could
+    write it."""
     base = private_dir(run_dir(), create=create)
     return private_dir(base / "journal", create=create)
 
@@ -68,6 +70,9 @@ def process_start(pid: int) -> int | None:
 
 @dataclass
 class JournalEntry:
+    """One apply as root recorded it: the process (pid and start time, so a reused pid is not
+    mistaken for it), the update, how far apply got, and the record written into the process."""
+
     pid: int
     start: int
     id: str
@@ -149,6 +154,8 @@ def entries_for(pid: int) -> dict[str, JournalEntry]:
 
 
 def remove_entry(pid: int, update_id: str) -> None:
+    """Forget the entry of ``update_id`` in ``pid`` (gone already, or the process is: nothing to
+    do)."""
     start = process_start(pid)
     if start is None:
         return

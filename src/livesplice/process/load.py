@@ -75,6 +75,9 @@ class Trampoline:
 
 @dataclass
 class LoadImage:
+    """The update laid out for one image: code and data bytes relocated for their new addresses,
+    every key's address, the trampolines to write and the veneers for far calls."""
+
     code: bytes
     data: bytes
     addresses: dict[str, int]  # every shipped section key / symbol key -> its new address
@@ -146,6 +149,8 @@ class LoadPlan:
         self.data_size = doff
 
     def shipped_keys(self) -> set[str]:
+        """Keys of everything the update ships (sections, their symbols, new data): references to
+        these resolve to the new copy, the rest to the running program."""
         keys: set[str] = set()
         for s, _ in self.code_layout + self.data_layout:
             keys.add(s.key)
@@ -253,6 +258,8 @@ class LoadPlan:
         )
 
     def trampolines(self, addresses: dict[str, int]) -> list[Trampoline]:
+        """The jumps to write: one per replaced function, from its matched running entry to its
+        replacement's new address, with the bytes it overwrites (undo writes them back)."""
         out = []
         for s, _ in self.code_layout:
             if s.role != "replacement":

@@ -193,6 +193,7 @@ class Regs(ctypes.Structure):
         gs: int
 
     def copy(self) -> Regs:
+        """A copy of the registers, to change without touching the saved original."""
         return Regs.from_buffer_copy(self)
 
 
@@ -685,9 +686,12 @@ class Tracee:
         return sorted(self._exiting)
 
     def is_stopped(self) -> bool:
+        """Every traced thread is in a ptrace stop (the stop window may write)."""
         return bool(self._tids) and len(self._stopped) == len(self._tids)
 
     def thread_name(self, tid: int) -> str:
+        """The thread's name (/proc/PID/task/TID/comm; "?" once it is gone), for refusals that
+        name the busy thread."""
         try:
             with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
                 return f.read().rstrip("\n")
@@ -1207,6 +1211,7 @@ class Tracee:
         return buf.raw
 
     def set_fpregs(self, tid: int, image: bytes) -> None:
+        """Write a thread's FPU/SSE state back (the 512-byte FXSAVE image PTRACE_GETFPREGS read)."""
         buf = ctypes.create_string_buffer(image, 512)
         if self._ptrace(PTRACE_SETFPREGS, tid, 0, buf) != 0:
             self._fail("PTRACE_SETFPREGS", tid)
@@ -1263,6 +1268,7 @@ class Tracee:
         return os.WSTOPSIG(status), status >> 16
 
     def interrupt_thread(self, tid: int) -> None:
+        """PTRACE_INTERRUPT one seized thread: it stops without a signal being queued to it."""
         self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
 
     def take_signal(self, tid: int, sig: int) -> None:
@@ -1274,4 +1280,6 @@ class Tracee:
             self._pending.pop(tid, None)
 
     def pending_signals(self, tid: int) -> list[int]:
+        """Signals seen for a thread while it was stopped and not yet passed on (resume delivers
+        them)."""
         return list(self._pending.get(tid, []))

@@ -35,6 +35,9 @@ class RelocationError(NoMatch):
 
 @dataclass(frozen=True)
 class RelocContext:
+    """How the symbols of a relocation are found in the running process: the psABI's S, G + GOT,
+    L and the thread-pointer offset, each as a lookup."""
+
     resolve: Callable[[str], int]  # S
     got_slot: Callable[[str], int]  # G + GOT
     plt_stub: Callable[[str], int]  # L
@@ -111,6 +114,8 @@ _PACK = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 
 
 def fits(value: int, size: int, check: str) -> bool:
+    """Whether ``value`` fits a ``size``-byte field under the type's overflow ``check`` (ld's
+    "relocation truncated to fit")."""
     bits = 8 * size
     if check == "signed":
         return -(1 << (bits - 1)) <= value < (1 << (bits - 1))

@@ -620,10 +620,12 @@ def remote_mmap(
 
 
 def remote_munmap(t: Tracee, addr: int, size: int) -> None:
+    """munmap inside the target (a failure raises REMOTE_FAILED)."""
     _check(t, "munmap", remote_syscall(t, SYS_MUNMAP, addr, _page_up(size)))
 
 
 def remote_mprotect(t: Tracee, addr: int, size: int, prot: int) -> None:
+    """mprotect inside the target (a failure raises REMOTE_FAILED)."""
     _check(t, "mprotect", remote_syscall(t, SYS_MPROTECT, addr, _page_up(size), prot))
 
 

@@ -103,6 +103,9 @@ class ExternalResolver:
         )
 
     def resolve_ifunc(self, obj: MappedImage, sym: ElfSymbol) -> int:
+        """The implementation an IFUNC symbol resolved to in the running process, read from a
+        slot the dynamic linker already filled (a GOT slot of some image, or the image's
+        IRELATIVE slot): the resolver itself is never called."""
         for other in self.scope():
             v = self.resolved_slot(other, sym.name)
             if v is not None and v != sym.value + obj.bias:

@@ -39,6 +39,9 @@ Status = Literal["applied", "loaded", "partial"]
 
 @dataclass
 class TrampolineRecord:
+    """One jump written into the process, with the bytes it replaced and the running code it
+    stands for (the stack check's busy range)."""
+
     function: str
     target: str  # target (image) name
     address: int  # running entry address of the replaced function
@@ -51,6 +54,10 @@ class TrampolineRecord:
 
 @dataclass
 class StateRecord:
+    """The record an apply leaves inside the process: the update, its trampolines and its
+    mappings. Evidence that travels with the process, cross-checked against the journal, never
+    trusted alone."""
+
     id: str
     description: str
     sequence: int  # stacking order inside this process (1 = first applied)
@@ -70,6 +77,8 @@ class StateRecord:
     functions: list[tuple[int, int, str]] = field(default_factory=list)
 
     def encode(self) -> bytes:
+        """The record as the bytes written into the process: header (magic, version, length) and
+        JSON."""
         payload = json.dumps(asdict(self), sort_keys=True).encode()
         return HEADER.pack(MAGIC, VERSION, len(payload)) + payload
 

@@ -113,6 +113,9 @@ class BusyThread:
 
 @dataclass
 class PauseStats:
+    """What the stop window cost the target: the pause its threads felt, the attempts and threads
+    it took."""
+
     pause_us: float  # first interrupt to last resume of the successful attempt
     attempts: int
     threads: int
@@ -140,6 +143,8 @@ _SIGFRAME_RIP = 6 + 16
 
 
 def mapping_index(starts: list[int], ends: list[int], addr: int) -> int | None:
+    """Index of the mapping [starts[i], ends[i]) holding ``addr`` (None: in none); the lists are
+    sorted."""
     import bisect
 
     m = bisect.bisect_right(starts, addr) - 1
@@ -174,6 +179,9 @@ class BusyRanges:
         code: Callable[[int, int], bytes | None],
         precise: bool = True,
     ) -> BusyRanges:
+        """The busy ranges as sorted arrays, decoded before the stop so the check inside it is
+        one vectorised pass (``code`` reads a range's bytes; ``precise``: find return sites,
+        else any word in a range counts)."""
         import numpy as np
 
         rs = sorted(r for r in ranges if r[1] > r[0])

@@ -34,6 +34,8 @@ from livesplice.update.format import Manifest, Verified
 
 @dataclass
 class Candidate:
+    """A shipped file that might be a target, with where it came from and the names it goes by."""
+
     path: Path  # a regular ELF file
     shown: str  # how it is named in reports: "usr/bin/redis-check-rdb"
     origin: str  # the argument it came from (a .deb's file name, or the path)
@@ -43,6 +45,9 @@ class Candidate:
 
 @dataclass
 class VerifyReport:
+    """What ``--verify-against`` found: which shipped files each target matched, warnings, and
+    targets left out."""
+
     verified: dict[str, list[Verified]]  # target name -> files that matched
     warnings: list[str]
     dropped: list[str] = field(default_factory=list)  # targets left out (only_shipped)

@@ -43,6 +43,9 @@ TICK = 0.002  # how often processes waiting for their loader are looked at again
 
 
 class Agent:
+    """The agent: applies the accepted updates to every process that execs a matching image, and
+    rescans now and then for what it missed; each event is logged as JSON."""
+
     def __init__(
         self,
         store: Store,
@@ -147,6 +150,8 @@ class Agent:
             self.log({"event": "exec", "exec_to_patched_ms": round(window, 2), **r})
 
     def run(self, *, force_poll: bool = False, once: bool = False) -> int:
+        """Run until stopped (or one pass with ``once``): listen for execs (the proc connector,
+        or polling /proc when not allowed) and patch what matches; returns the exit code."""
         if not self.start():
             return 0
         from livesplice.service.execwatch import Overflow, watcher

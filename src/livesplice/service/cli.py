@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 def add_parsers(sub: Subcommands) -> None:
+    """The service's subcommands and their options (added to the livesplice parser)."""
     r = sub.add_parser("repo", help="make and fill a repository of signed updates")
     rsub = r.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     ri = rsub.add_parser("init", help="a new, empty repository signed with KEY")
@@ -124,6 +125,7 @@ def _repo_url(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
+    """``repo init`` / ``repo add``: make a repository, or sign and add updates to it."""
     from livesplice.service.index import repo_add, repo_init
 
     if args.repo_command == "init":
@@ -153,6 +155,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
+    """``upgrade``: apply what the repository has for this machine (``--auto``: the agent's
+    unattended run, which honours the kill-switch and configuration)."""
     from livesplice.service.client import Planned, upgrade
     from livesplice.service.store import Store
 
@@ -219,6 +223,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """``show``: what is accepted and applied here (``--available``: and what the repository
+    offers)."""
     from livesplice.service.client import open_repo, show
     from livesplice.service.store import Store
 
@@ -256,6 +262,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    """``remove``: undo updates everywhere and forget them, so neither agent nor boot re-applies
+    them."""
     from livesplice.service.client import remove
     from livesplice.service.store import Store
 
@@ -282,6 +290,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_uname(args: argparse.Namespace) -> int:
+    """``uname``: the kernel version with the accepted kernel updates counted in, as scanners
+    ask."""
     from livesplice.service.client import effective_kernel
     from livesplice.service.store import Store
 
@@ -290,6 +300,8 @@ def cmd_uname(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    """``agent``: keep every running and future process patched (optionally serving the manager
+    page)."""
     from livesplice.service.agent import run_agent
     from livesplice.service.store import Store
 

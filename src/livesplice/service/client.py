@@ -71,6 +71,7 @@ def _all_pids() -> list[int]:
 
 
 def kernel_release() -> str:
+    """The running kernel's release: which kernel updates of an index are for this machine."""
     return os.uname().release
 
 
@@ -79,6 +80,8 @@ def kernel_release() -> str:
 
 @dataclass
 class Repo:
+    """A repository as opened: its URL, verified index and who signed it."""
+
     url: str
     index: Index
     signer: str
@@ -106,12 +109,16 @@ def open_repo(url: str, store: Store, trusted: list[Path] | None = None) -> Repo
 
 
 def download(repo: Repo, entry: IndexEntry, store: Store) -> Path:
+    """Fetch an update file into the cache, checked against the size and sha256 the signed index
+    gives."""
     from livesplice.service.fetch import fetch_verified
 
     return fetch_verified(repo.url, entry.file, entry.sha256, entry.size, store.cache_dir())
 
 
 def accepted_from(entry: IndexEntry, repo: str) -> Accepted:
+    """The store's record of an index entry the machine accepts: what the agent and boot re-apply
+    later without the repository."""
     return Accepted(
         id=entry.id,
         kind=entry.kind,
@@ -153,6 +160,8 @@ def process_build_ids(accepted: list[Accepted]) -> set[str]:
 
 
 def is_applied(pid: int, update_id: str) -> bool:
+    """Whether ``update_id`` is applied to ``pid`` as the root-owned journal says (recorded and
+    not reverted): the journal, not the process, is trusted."""
     from livesplice.process import journal
 
     e = journal.read_entry(pid, update_id)
@@ -200,6 +209,8 @@ def apply_one(store: Store, acc: Accepted, pid: int, trusted: list[Path] | None)
 
 
 def undo_one(update_id: str, pid: int) -> dict[str, Any]:
+    """Undo ``update_id`` in ``pid``, as a result row (a failure is a row too, so one process
+    does not stop the others)."""
     from livesplice.process.apply import undo_in_process
 
     try:
@@ -216,6 +227,8 @@ def undo_one(update_id: str, pid: int) -> dict[str, Any]:
 
 
 def kernel_applied(update_id: str) -> bool:
+    """Whether the kernel update is loaded (imported lazily: most machines never touch the kernel
+    target)."""
     from livesplice.kernel.target import is_applied_to_kernel
 
     return is_applied_to_kernel(update_id)
@@ -244,6 +257,7 @@ def apply_kernel(store: Store, acc: Accepted, trusted: list[Path] | None) -> dic
 
 
 def undo_kernel(update_id: str) -> dict[str, Any]:
+    """Undo a kernel update, as a result row (a failure is a row too)."""
     from livesplice.kernel import target
 
     try:
@@ -305,6 +319,9 @@ def patch_process(
 
 @dataclass
 class Planned:
+    """One index entry and what upgrade will do with it: the processes to apply it to, the
+    kernel, or why not (``why``)."""
+
     entry: IndexEntry
     pids: list[int] = field(default_factory=list)
     kernel: bool = False
@@ -347,6 +364,8 @@ def plan(index: Index, channel: str, store: Store, running: dict[str, set[int]])
 
 @dataclass
 class UpgradeReport:
+    """What upgrade planned and did, for the CLI and ``--json``."""
+
     repo: str
     signer: str
     serial: int
@@ -356,9 +375,11 @@ class UpgradeReport:
 
     @property
     def failed(self) -> int:
+        """Results that failed: upgrade's exit code says whether all went well."""
         return sum(r["status"] == "failed" for r in self.results)
 
     def as_json(self) -> dict[str, Any]:
+        """The report as one JSON document."""
         return asdict(self)
 
 

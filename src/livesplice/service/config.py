@@ -38,11 +38,14 @@ _BOOL = {
 
 
 def etc_dir() -> Path:
+    """The configuration directory (LIVESPLICE_ETC for tests, else /etc/livesplice)."""
     return Path(os.environ.get("LIVESPLICE_ETC", "/etc/livesplice"))
 
 
 @dataclass(frozen=True)
 class Config:
+    """livesplice.conf as read: the repository, its channel and what may happen unattended."""
+
     repo: str = ""
     channel: str = "stable"
     autoinstall: bool = False
@@ -50,6 +53,8 @@ class Config:
 
 
 def load_config(path: Path | None = None) -> Config:
+    """Read livesplice.conf (defaults when absent); a file that cannot be parsed is a usage error
+    naming it, not a silently ignored setting."""
     path = path or etc_dir() / "livesplice.conf"
     if not path.exists():
         return Config()

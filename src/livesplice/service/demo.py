@@ -28,6 +28,8 @@ from livesplice.demo import EXAMPLE, exploit, free_port
 
 
 def main() -> int:
+    """``python -m livesplice.service.demo``: the service lifecycle in a throwaway state
+    directory (publish a fix, upgrade, restart the service and find it patched, remove)."""
     tmp = Path(tempfile.mkdtemp(prefix="livesplice-service-demo-"))
     env = {
         **os.environ,

@@ -37,6 +37,8 @@ _EXEC = struct.Struct("=II")  # process_pid, process_tgid
 
 @dataclass(frozen=True)
 class Exec:
+    """One exec: which process, and when (to measure exec to patched)."""
+
     pid: int  # the thread group (process) that exec'd
     at_ns: int  # CLOCK_MONOTONIC when it exec'd (time.monotonic_ns() scale)
 
@@ -93,6 +95,7 @@ class ExecWatcher:
             off += (length + 3) & ~3
 
     def close(self) -> None:
+        """Unsubscribe from the proc connector and close the socket."""
         with contextlib.suppress(OSError):
             self._control(PROC_CN_MCAST_IGNORE)
         self.sock.close()
@@ -116,6 +119,7 @@ class ProcPoller:
         self.ticks = os.sysconf("SC_CLK_TCK")
 
     def events(self, timeout: float) -> Iterator[Exec]:
+        """New pids since the last look, as Exec events stamped with each process's start time."""
         time.sleep(min(self.interval, timeout))
         now = set(_pids())
         fresh, self.known = now - self.known, now
@@ -130,6 +134,7 @@ class ProcPoller:
             yield Exec(pid, boot_ns + start * 1_000_000_000 // self.ticks)
 
     def close(self) -> None:
+        """Nothing to release: the poller holds no descriptors."""
         pass
 
     def __enter__(self) -> ProcPoller:

@@ -57,6 +57,9 @@ class BadIndex(MalformedUpdate):
 
 @dataclass(frozen=True)
 class IndexTarget:
+    """One target of an indexed update: what a machine compares with what it runs (build-ids, or
+    the kernel release) to tell whether the update is for it."""
+
     name: str
     kind: Literal["executable", "shared_library", "kernel", "kernel_module"]
     build_id: str  # hex, "" if the update recorded none (the pre build livesplice made)
@@ -68,6 +71,9 @@ class IndexTarget:
 
 @dataclass(frozen=True)
 class IndexEntry:
+    """One update in a repository's index: where its file is, its digest and size (checked before
+    the file is even parsed), and which targets it is for."""
+
     id: str
     file: str  # path relative to the repository
     sha256: str
@@ -85,6 +91,8 @@ class IndexEntry:
 
     @property
     def build_ids(self) -> tuple[str, ...]:
+        """Identities a machine matches against: ``release:build-id`` for kernel targets, every
+        known build-id (livesplice's and the shipped binaries') for the others."""
         out: list[str] = []
         for t in self.targets:
             if t.kind in ("kernel", "kernel_module"):
@@ -96,14 +104,20 @@ class IndexEntry:
 
 @dataclass
 class Index:
+    """A repository's index: its serial (a machine refuses a lower one: no rollback) and its
+    updates."""
+
     serial: int = 0
     updates: list[IndexEntry] = field(default_factory=list)
     format: str = FORMAT
 
     def to_bytes(self) -> bytes:
+        """The index as written to the repository: sorted keys, so the same index is the same
+        bytes (and the same signature)."""
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
 
     def entry(self, update_id: str) -> IndexEntry | None:
+        """The entry of ``update_id`` (None: not in this index)."""
         return next((e for e in self.updates if e.id == update_id), None)
 
     def in_channel(self, channel: str) -> list[IndexEntry]:
@@ -284,6 +298,9 @@ def _key_pub(key: Path) -> tuple[str, bytes]:
 
 
 def write_index(repo: Path, index: Index, key: Path) -> None:
+    """Sign and write the index: the new signature first, then the index renamed into place.
+    A reader between the two sees a pair that does not verify (and refuses it), never a
+    half-written index."""
     from livesplice.update.signing import sign
 
     data = index.to_bytes()
@@ -310,6 +327,8 @@ def read_local_index(repo: Path, key: Path) -> Index:
 
 
 def repo_init(repo: Path, key: Path) -> str:
+    """Make an empty repository signed by ``key``, with its public key published in ``keys/``;
+    returns the key id."""
     kid, pem = _key_pub(key)
     if (repo / INDEX).exists():
         raise UsageError(f"{repo} already holds a repository index")

@@ -48,6 +48,9 @@ def token(store: Store) -> str:
 
 
 class Manager:
+    """The local manager page's server: reads are open on loopback, actions need the token (see
+    the module docstring for why each rule exists)."""
+
     def __init__(
         self,
         store: Store,
@@ -130,13 +133,17 @@ class Manager:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def start(self) -> None:
+        """Serve in a background thread (the agent's loop keeps the main one)."""
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         self.httpd.shutdown()
         self.httpd.server_close()
 
     def status(self, path: str, available: bool = False) -> dict[str, Any]:
+        """The page's data: what is accepted and applied (and, asked, what the repository
+        offers)."""
         from livesplice.service.client import open_repo, show
 
         repo = None
@@ -152,6 +159,8 @@ class Manager:
         return out
 
     def act(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Carry out a page action (upgrade, remove), one at a time; returns the HTTP status and
+        answer."""
         from livesplice.service.client import remove, upgrade
 
         with self.lock:

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,8 @@ _TARGET_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 
 
 def state_dir() -> Path:
+    """Where the machine's store lives: LIVESPLICE_STATE_DIR, else /var/lib/livesplice (kept
+    across reboots: boot re-applies from it)."""
     return Path(os.environ.get("LIVESPLICE_STATE_DIR", "/var/lib/livesplice"))
 
 
@@ -83,12 +85,6 @@ class Accepted:
             if not isinstance(vals.get(k, ""), str):
                 raise ValueError(f"bad {k}")
         return cls(**vals)  # type: ignore[arg-type]  # each field checked above
-
-
-@dataclass
-class StoreState:
-    accepted: list[Accepted] = field(default_factory=list)
-    held: dict[str, str] = field(default_factory=dict)  # id -> why
 
 
 class Store:
@@ -144,6 +140,7 @@ class Store:
         return sorted(out, key=lambda a: (a.order, a.id))
 
     def file(self, update_id: str) -> Path:
+        """The stored update file of ``update_id`` (the id is checked: it becomes a file name)."""
         check_update_id(update_id)
         return self.root / "updates" / f"{update_id}.update"
 
@@ -162,6 +159,7 @@ class Store:
         return entry
 
     def forget(self, update_id: str) -> None:
+        """Drop ``update_id`` from the store: not accepted, not held, its file removed."""
         rest = [a for a in self.accepted() if a.id != update_id]
         self._write_json("accepted.json", [asdict(a) for a in rest])
         with contextlib.suppress(FileNotFoundError):
@@ -208,6 +206,7 @@ class Store:
         self._write_json("held.json", held)
 
     def release(self, update_id: str) -> None:
+        """Allow ``update_id`` again, and forget the interrupted applies that made it held."""
         held = self.held()
         held.pop(update_id, None)
         self._write_json("held.json", held)
@@ -216,6 +215,8 @@ class Store:
                 self.done(uid, target)
 
     def held(self) -> dict[str, str]:
+        """Updates held back from automatic apply, with why (the store refuses a damaged file
+        rather than guess)."""
         raw = self._read_json("held.json", {})
         if not isinstance(raw, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
@@ -241,15 +242,19 @@ class Store:
     # -------------------------------------------------------------- repository serial
 
     def serial(self, repo: str) -> int:
+        """The highest index serial seen from ``repo`` (0: none): an index with a lower one is a
+        rollback."""
         raw = self._read_json("serials.json", {})
         value = raw.get(repo, 0) if isinstance(raw, dict) else 0
         return value if isinstance(value, int) else 0
 
     def set_serial(self, repo: str, serial: int) -> None:
+        """Remember the serial of ``repo``'s index just accepted."""
         raw = self._read_json("serials.json", {})
         raw = raw if isinstance(raw, dict) else {}
         raw[repo] = serial
         self._write_json("serials.json", raw)
 
     def cache_dir(self) -> Path:
+        """The private download cache of update files."""
         return self._dir("cache")

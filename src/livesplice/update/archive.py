@@ -49,6 +49,9 @@ MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass
 class UpdateFile:
+    """A read update: the manifest, the patch text, the signature and target-specific members,
+    with the compressed payload exactly as the signature covers it."""
+
     manifest: Manifest
     patch: str
     signature: bytes | None
@@ -177,6 +180,8 @@ class Envelope:
 
 
 def open_envelope(blob: bytes, path: str = "update") -> Envelope:
+    """Split an update file into signature and payload, without decompressing or parsing the
+    payload (that happens only after authentication)."""
     if not blob.startswith(MAGIC):
         old = (
             " (format 1, a gzip'd tar: recreate it with this livesplice)"

@@ -138,6 +138,7 @@ class Section:
 
     @property
     def bytes(self) -> bytes:
+        """The section's contents (zeros for .bss-like sections, which carry only a size)."""
         return bytes.fromhex(self.data) if self.data else b"\0" * self.size
 
 
@@ -194,6 +195,8 @@ class Target:
 
 @dataclass
 class Hook:
+    """A LIVESPLICE_* hook of the update: its kind, function, target and code."""
+
     kind: str  # one of HOOK_KINDS
     function: str  # name of the hook function in the update
     target: str  # target name
@@ -202,6 +205,9 @@ class Hook:
 
 @dataclass
 class Manifest:
+    """The update's manifest: what it is, what it was built with (compiler, patch digest) and
+    what it changes in which target; the contract between create and apply."""
+
     id: str
     description: str
     compiler: str  # compiler identity, as .comment records it ("GCC: (Debian 12.2.0-14) 12.2.0")
@@ -220,6 +226,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """Decode a manifest, checking every field's type (the file may come from anyone until
+        its signature is checked)."""
         raw = json.loads(text)
         return manifest_from_dict(raw)
 

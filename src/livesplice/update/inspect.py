@@ -27,6 +27,7 @@ def signature_verdict(update: UpdateFile, trusted: list[Path] | None = None) -> 
 
 
 def inspect_json(update: UpdateFile, trusted: list[Path] | None = None) -> dict[str, Any]:
+    """What ``inspect --json`` prints: the manifest's facts and the signature verdict."""
     m = update.manifest
     return {
         "id": m.id,

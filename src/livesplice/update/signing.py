@@ -65,17 +65,22 @@ def _crypto() -> tuple[ModuleType, ModuleType]:
 
 
 def key_id(public_raw: bytes) -> str:
+    """The short id of a public key (sha256 of its raw bytes): how signatures and trusted keys
+    name it."""
     return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
 @dataclass
 class KeyPair:
+    """A new signing key: PEM of both halves and the key's id."""
+
     private_pem: bytes
     public_pem: bytes
     key_id: str
 
 
 def generate_key() -> KeyPair:
+    """A new Ed25519 key pair (``livesplice keygen``)."""
     serialization, ed25519 = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
     priv = key.private_bytes(
@@ -135,6 +140,8 @@ def load_public_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
 
 
 def trust_paths(extra: list[Path] | None) -> list[Path]:
+    """Where trusted public keys are looked for: the ones given, then LIVESPLICE_TRUST_DIR or
+    /etc/livesplice/trusted-keys when it exists."""
     env = os.environ.get("LIVESPLICE_TRUST_DIR")
     base = Path(env) if env else DEFAULT_TRUST_DIR
     out = list(extra or [])
