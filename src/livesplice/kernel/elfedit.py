@@ -1,10 +1,10 @@
-"""A small ELF64 little-endian relocatable-object editor (pure Python, no dependencies).
+"""A small ELF64 little-endian relocatable-object editor, for the livepatch module.
 
 Used for the livepatch module after kbuild linked it: klp relocations and symbols must be
 marked in ways neither ``ld -r`` nor modpost know (``SHF_RELA_LIVEPATCH`` sections,
 ``SHN_LIVEPATCH`` symbols; Documentation/livepatch/module-elf-format.rst), and apply renames
 ``.klp.sym`` symbols once run-pre matching has decided their ``sympos``. It runs in the lab
-guest too, so it needs nothing beyond the standard library.
+guest too (the overlay carries pyelftools there).
 
 The file is parsed into section headers + contents and written back from scratch (an ET_REL
 file has no program headers, so nothing else refers to file offsets).
@@ -15,12 +15,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-SHT_NOBITS = 8
-SHT_RELA = 4
-SHT_SYMTAB = 2
-SHF_ALLOC = 0x2
-SHF_INFO_LINK = 0x40
-# include/uapi/linux/elf.h
+from elftools.elf.constants import SH_FLAGS
+from elftools.elf.enums import ENUM_SH_TYPE_BASE
+
+SHT_NOBITS = ENUM_SH_TYPE_BASE["SHT_NOBITS"]
+SHT_RELA = ENUM_SH_TYPE_BASE["SHT_RELA"]
+SHT_SYMTAB = ENUM_SH_TYPE_BASE["SHT_SYMTAB"]
+SHF_ALLOC = SH_FLAGS.SHF_ALLOC
+SHF_INFO_LINK = SH_FLAGS.SHF_INFO_LINK
+# the kernel's own, which pyelftools does not know (include/uapi/linux/elf.h)
 SHF_RELA_LIVEPATCH = 0x00100000
 SHN_LIVEPATCH = 0xFF20
 

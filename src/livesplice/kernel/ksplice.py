@@ -113,17 +113,15 @@ def refusals(chosen: list[tuple[Target, Section, Section | None]], hooks: list[H
 
 
 def _branches_into_entry(pre: Section) -> int:
-    """The first offset in 1..4 that a branch of the old function targets (0: none)."""
-    import capstone
+    """The first offset in 1..4 that a direct branch of the old function targets (0: none):
+    the 5-byte jump would overwrite the instruction it lands on. Branches are told by the
+    shared x86-64 rules (livesplice.arch.x86_64), as both matchers tell them."""
+    from livesplice.arch.x86_64 import decode
 
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    for insn in md.disasm(pre.bytes, 0):
-        if not (insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL)):
-            continue
-        for op in insn.operands:
-            if op.type == capstone.x86.X86_OP_IMM and 0 < op.imm < JMP_LEN:
-                return int(op.imm)
+    for insn in decode(pre.bytes, 0):
+        target = insn.branch_target
+        if target is not None and 0 < target < JMP_LEN:
+            return target
     return 0
 
 

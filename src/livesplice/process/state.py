@@ -25,7 +25,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from livesplice.update.format import ID_PATTERN
+from livesplice.update.format import HOOK_KINDS, ID_PATTERN
 
 MAGIC = b"LIVESPLICE-STATE"  # 16 bytes
 HEADER = struct.Struct("<16sII")  # magic, version, length of the JSON that follows
@@ -210,18 +210,6 @@ MAX_TARGETS = 64
 MAX_DESCRIPTION = 4096
 MAX_TEXT = 512
 USER_ADDR_END = 1 << 47  # x86-64 user space (4-level paging; 5-level: 1 << 56)
-HOOK_KINDS = frozenset(
-    {
-        "pre_apply",
-        "apply",
-        "post_apply",
-        "fail_apply",
-        "pre_reverse",
-        "reverse",
-        "post_reverse",
-        "fail_reverse",
-    }
-)
 
 
 def _is_number(v: object) -> bool:
