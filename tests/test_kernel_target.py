@@ -17,7 +17,7 @@ from livesplice.errors import PatchRefused
 from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
 from livesplice.kernel.lab import LabKernel
-from livesplice.kernel.labcli import update_script
+from livesplice.cli_lab import update_script
 
 CASES = Path(__file__).parent / "kernel"
 

@@ -26,7 +26,7 @@ def _env_path(var: str) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every subcommand and option of the livesplice command (lab: kernel/labcli.py)."""
+    """Every subcommand and option of the livesplice command (lab: cli_lab.py)."""
     p = argparse.ArgumentParser(
         prog="livesplice",
         description="Rebootless, restartless updates from source patches (Ksplice-style).",
@@ -194,12 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--retry-interval", type=float, default=1.0)
     u.add_argument("--json", action="store_true")
 
-    from livesplice.kernel.labcli import add_lab_parser
+    from livesplice.cli_lab import add_lab_parser
     from livesplice.service.cli import add_parsers as add_service_parsers
 
     add_lab_parser(sub)
     add_service_parsers(sub)
     return p
+
+
+def _say_kept(workdir: Path) -> None:
+    """``create --keep-tmp``: where the build directory was kept, to inspect a build."""
+    print(f"livesplice: kept the build directory {workdir}")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -231,7 +236,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                 output=args.output,
                 description=args.description,
                 jobs=args.jobs,
-                keep_tmp=args.keep_tmp,
+                keep_workdir=_say_kept if args.keep_tmp else None,
                 signing_key=args.sign,
                 targets=args.target,
                 verify_against=args.verify_against,
@@ -439,7 +444,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     """lab: the QEMU kernel lab."""
-    from livesplice.kernel.labcli import cli_lab
+    from livesplice.cli_lab import cli_lab
 
     return cli_lab(args)
 

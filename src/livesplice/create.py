@@ -162,7 +162,7 @@ def create_update(
     output: Path | None = None,
     description: str | None = None,
     jobs: int = 2,
-    keep_tmp: bool = False,
+    keep_workdir: Callable[[Path], None] | None = None,
     signing_key: Path | None = None,
     targets: list[str] | None = None,
     verify_against: list[Path] | None = None,
@@ -183,7 +183,9 @@ def create_update(
     environment -- and verified against that version's binary packages; targets it does not
     ship are left out. ``clean_env``: build in a clean environment (as sbuild does).
     ``prebuild``: reuse (and keep) the pre build of the same tree there
-    (:mod:`livesplice.build.prebuild`)."""
+    (:mod:`livesplice.build.prebuild`). ``keep_workdir``: keep the build directory, however
+    create ends, and tell its path to this callback (the CLI prints it; the engine never
+    does); None removes it."""
     from livesplice.build.builder import build_pair
     from livesplice.diff.engine import diff_build
 
@@ -262,8 +264,8 @@ def create_update(
                 write_update(out, manifest, patch_text, signing_key=signing_key)
             return CreateResult(manifest, out, f"wrote update {uid} to {out}", others)
         finally:
-            if keep_tmp:
-                print(f"livesplice: kept the build directory {workdir}")
+            if keep_workdir is not None:
+                keep_workdir(workdir)
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
 

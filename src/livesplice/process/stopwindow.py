@@ -62,7 +62,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from livesplice.errors import CodeBusy, LivespliceError, TargetGone
 from livesplice.faults import checkpoint
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     U64 = npt.NDArray[np.uint64]
+    Indices = npt.NDArray[np.intp]
 
 # General registers that may hold a return address (e.g. a function that popped it); rip is
 # checked on its own, rsp/orig_rax/eflags/segments/fs_base/gs_base never hold code addresses.
@@ -167,8 +168,8 @@ class BusyRanges:
     names: list[str]
     return_sites: set[int] = field(default_factory=set)  # the ones that count
     conservative: list[bool] = field(default_factory=list)  # per range: any word counts
-    lo: Any = 0  # np.uint64: first start
-    span: Any = 0  # np.uint64: last end - first start
+    lo: np.uint64 | int = 0  # first start
+    span: np.uint64 | int = 0  # last end - first start
     all_sites: set[int] = field(default_factory=set)  # every return site, counted or not
     boundaries: set[int] = field(default_factory=set)  # instruction starts but the first
 
@@ -218,7 +219,7 @@ class BusyRanges:
             boundaries=boundaries,
         )
 
-    def lookup(self, values: U64, *, inclusive: bool = False) -> tuple[Any, Any]:
+    def lookup(self, values: U64, *, inclusive: bool = False) -> tuple[Indices, Indices]:
         """(indices into ``values``, range index of each) of values inside a range.
 
         ``inclusive``: a value equal to a range's end counts for that range (the return

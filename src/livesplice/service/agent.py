@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from livesplice.errors import LivespliceError, NoMatch
@@ -274,7 +275,7 @@ def run_agent(
     if boot:
         return agent.boot()
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
         agent.stopping = True
 
     signal.signal(signal.SIGTERM, stop)

@@ -16,7 +16,7 @@ from livesplice.errors import ExitCode, UsageError
 from livesplice.text import printable
 
 if TYPE_CHECKING:
-    from livesplice.kernel.labcli import Subcommands
+    from livesplice.cli_lab import Subcommands
 
 
 def add_parsers(sub: Subcommands) -> None:

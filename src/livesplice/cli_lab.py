@@ -1,4 +1,4 @@
-"""``livesplice lab``: argument parsing (kept import-light; the lab itself loads lazily).
+"""The words and exit codes of ``livesplice lab`` (kept import-light; the lab loads lazily).
 
 livesplice lab prepare [--kernel 6.1.176-1]     # prints KSRC (the prepared source tree)
 livesplice lab run [--kernel V] [--flavour F] [--modules NAME ...] [--file F[:DEST] ...] -- CMD ...
