@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from kernel_support import prepared_lab
+from livesplice.cli_lab import update_script
 from livesplice.errors import PatchRefused
 from livesplice.kernel.guest import Guest
 from livesplice.kernel.initramfs import GuestFile
 from livesplice.kernel.lab import LabKernel
-from livesplice.cli_lab import update_script
 
 CASES = Path(__file__).parent / "kernel"
 
