@@ -162,11 +162,12 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
             specials.setdefault(obj, []).extend([*aux, *tables])
         if ud.changed:
             per_obj.setdefault(obj, []).append(ud)
-    refusals = refusals_once_per_type(refusals, diffs)
+    # one item per distinct reason: several table entries of one function say the same
+    refusals = sorted(set(refusals_once_per_type(refusals, diffs)))
     if refusals:
         raise PatchRefused(
             f"the patch has {len(refusals)} change(s) that cannot be applied to a live kernel",
-            details=sorted(set(refusals)),
+            details=refusals,
             advice="see each item; rewrite the patch (shadow variables: <livesplice/shadow.h>, "
             "hooks: <livesplice/livesplice.h>) or ship the fix with a reboot",
         )
