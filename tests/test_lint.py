@@ -36,6 +36,21 @@ def test_lint_rules_pass() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_public_items_of_the_package_need_a_docstring() -> None:
+    """The docstring rule (pyproject's D1 selection) is live for the package: an undocumented
+    public function in src/livesplice is an error, so the next one cannot land without."""
+    probe = "def splice_probe() -> None:\n    pass\n"
+    where = "src/livesplice/lint_probe.py"  # public: a leading underscore would exempt it
+    done = subprocess.run(
+        [*_ruff(), "check", "--output-format", "concise", "--stdin-filename", where, "-"],
+        cwd=ROOT,
+        input=probe,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "D103" in done.stdout, done.stdout + done.stderr
+
+
 def test_everything_is_formatted() -> None:
     done = _run("format", "--check", *TREES)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -40,6 +40,7 @@ EXIT_OK, EXIT_SURPRISES, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m livesplice.eval.kernel``."""
     p = argparse.ArgumentParser(
         prog="python -m livesplice.eval.kernel",
         description="Run real Debian kernel fixes through livesplice as a user would: lab "
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cache_dir(arg: Path | None) -> Path:
+    """Where row results are cached: ``--cache``, else eval-kernel in the kernel lab's cache (a
+    row takes minutes: a rerun runs only what changed)."""
     from livesplice.kernel.lab import cache_root
 
     return arg or cache_root() / "eval-kernel"
@@ -95,6 +98,8 @@ def _check_text(row: KernelRow, checks: Path) -> bytes:
 
 
 def row_cache(cache: Path, row: KernelRow, checks: Path) -> Path:
+    """The cache directory of one row, keyed by everything that decides its outcome (the row and
+    its check script), so an edited row is run again."""
     return cache / "rows" / f"{row.name}-{row.key(_check_text(row, checks))}"
 
 
@@ -109,6 +114,8 @@ def cached_result(cache: Path, row: KernelRow, checks: Path, source: str | None)
 
 
 def run(args: argparse.Namespace, rows: list[KernelRow]) -> list[KernelRowResult]:
+    """Run (or take from the cache) every row, in order; every check script is looked up first,
+    so a missing one fails before hours of work."""
     from livesplice.eval.__main__ import eval_signing_key
     from livesplice.eval.kernel_run import RowSetup, livesplice_source_hash, run_kernel_row
 
@@ -147,6 +154,8 @@ def run(args: argparse.Namespace, rows: list[KernelRow]) -> list[KernelRowResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected rows, print the summary (or JSON), write the table; the exit code says
+    whether every row came out as expected."""
     from livesplice.eval.kernel_report import render, summary_line
 
     args = build_parser().parse_args(argv)

@@ -122,9 +122,11 @@ class GuestRun:
     stray: list[str] = field(default_factory=list)  # lines outside any block
 
     def text(self, name: str) -> str:
+        """The text of the guest's block ``name`` ("" when the guest never reached it)."""
         return self.blocks.get(name, ("", None))[0]
 
     def status(self, name: str) -> int | None:
+        """The exit status the guest recorded for block ``name`` (None: it never finished)."""
         return self.blocks.get(name, ("", None))[1]
 
     @property

@@ -94,6 +94,7 @@ def summary_line(results: Sequence[KernelRowResult]) -> str:
 
 
 def markdown_table(results: Sequence[KernelRowResult]) -> str:
+    """The results as a Markdown table, one row per corpus row."""
     lines = [
         "| CVE | pre → post | flavour | files | expected | outcome | verdict | why | "
         "create (s) | guest (s) | transition | checks: before → after apply → after undo |",

@@ -70,6 +70,7 @@ class KernelRow:
 
     @property
     def name(self) -> str:
+        """The row's name in reports and cache paths: its first CVE."""
         return self.cves[0]
 
     @property
@@ -255,6 +256,8 @@ class KernelRowResult:
     finished_at: str = ""
 
     def finish(self, outcome: str, reason: str, details: Sequence[str] = ()) -> None:
+        """Record how the row ended and judge it against the row's ``expected`` (the verdict is
+        set only here)."""
         self.outcome = outcome
         self.reason = reason
         self.details = list(details)
@@ -262,10 +265,12 @@ class KernelRowResult:
         self.finished_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
     def to_json(self) -> dict[str, Any]:
+        """The result as JSON, for the cache and ``--json``."""
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KernelRowResult:
+        """A cached result read back (its check runs as CheckRun again)."""
         checks = {k: CheckRun(**v) for k, v in data.pop("checks", {}).items()}
         return cls(**data, checks=checks)
 
