@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from livesplice.diff.elfmodel import Status
 from livesplice.diff.engine import (
     DiffJob,
     UnitDiff,
@@ -149,7 +150,9 @@ def diff_kernel_build(build: KernelBuild, patch_text: str) -> KernelDiff:
         refusals.extend(ud.refusals)
         warnings.extend(ud.warnings)
         obj = unit.module or "vmlinux"
-        if not ud.refusals:
+        if ud.refusals:  # the engine stopped before selecting sections: name __init too
+            refusals.extend(init_changes_of_refused(ud, load_object(unit.post, unit.source)))
+        else:
             refusals.extend(kernel_refusals(ud, unit.post))
             pre_obj = load_object(unit.pre, unit.source) if unit.pre != unit.post else None
             post_obj = load_object(unit.post, unit.source)
@@ -267,6 +270,32 @@ def _symbol_ranges(s: Section) -> dict[str, tuple[bytes, list[tuple[int, str, st
         ]
         out[name] = (data[start:end], relocs)
     return out
+
+
+def init_changes_of_refused(ud: UnitDiff, post: ElfObject) -> list[str]:
+    """The ``__init``/``__exit`` refusal of a unit the shared engine already refused.
+
+    The engine stops before selecting the unit's sections, and :func:`kernel_refusals`
+    reads those: without this, a fix that adds a variable and sets it in an ``__init``
+    function was refused for the variable alone, and the init code that has already run
+    (the reason the fix cannot work live even with the variable elsewhere) went unsaid.
+    """
+    init = {
+        sym.name
+        for sym in post.symbols
+        if sym.type == "func"
+        and sym.section is not None
+        and sym.section.name.startswith((".init.", ".exit."))
+    }
+    fns = sorted(
+        n for n, st in ud.functions.items() if n in init and st in (Status.CHANGED, Status.NEW)
+    )
+    if not fns:
+        return []
+    return [
+        f"{ud.unit}: {', '.join(fns)}: __init/__exit code changed [rule: __init code]: init "
+        "code has run and been freed; the change cannot take effect live"
+    ]
 
 
 def changed_functions(s: Section, ud: UnitDiff) -> list[str]:
