@@ -161,6 +161,8 @@ def reloc_field(raw: bytes, pos: int, rtype: str) -> int:
     when narrower than 8 bytes (a 32-bit displacement or sign-extended immediate), the
     plain 64-bit value otherwise."""
     size = field_size(rtype)
+    if size == 0:  # R_X86_64_NONE: no field, nothing to read
+        return 0
     return read_field(raw, pos, size, is_signed=size < 8)
 
 

@@ -43,6 +43,7 @@ from livesplice.arch.x86_64 import (
     Insn,
     decode,
     decode_one,
+    field_size,
     fields_masked,
     reloc_field,
     signed,
@@ -237,7 +238,10 @@ def compare_code(
     for off, sites in groups.items():  # an unpatched alternative has its nops optimized
         n = _group_length(sites)
         pre = pre[:off] + original_form(sites, pre[off : off + n]) + pre[off + n :]
-    rel_at = {r.offset: r for r in sec.relocs}
+    # R_X86_64_NONE writes nothing (gcc marks a hot part's use of its .cold part with one,
+    # inside a nop): no field to mask or learn, and it must not hide a real relocation of
+    # the same instruction
+    rel_at = {r.offset: r for r in sec.relocs if field_size(r.type)}
     learned: dict[str, int] = {}
     trail = trail if trail is not None else []
     pmap: dict[int, int] = {}  # pre offset -> running offset (instruction starts)
