@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from livesplice.errors import (
     CodeBusy,
@@ -34,6 +34,8 @@ from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Hook, Manifest, Target
 
 if TYPE_CHECKING:
+    from livesplice.kernel.kbuild import KernelBuild
+    from livesplice.kernel.kdiff import KernelDiff
     from livesplice.kernel.klp import ModulePlan
     from livesplice.kernel.kmatch import KernelMatch
     from livesplice.kernel.package import KernelJson
@@ -55,6 +57,16 @@ def _quiet(_msg: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+class KernelCreateResult(NamedTuple):
+    """What ``create --kernel`` made. A named tuple so callers may unpack it as
+    ``manifest, output, seconds``; ``manifest`` and ``output`` are None when the patch changes
+    no code of this kernel."""
+
+    manifest: Manifest | None
+    output: Path | None
+    seconds: dict[str, float]  # per step (kbuild's, diff, module, total)
+
+
 def create_kernel_update(
     ksrc: Path,
     patch: Path,
@@ -67,71 +79,91 @@ def create_kernel_update(
     progress: Progress | None = None,
     notes: list[str] | None = None,
     signing_key: Path | None = None,
-) -> tuple[Manifest | None, Path | None, dict[str, float]]:
+) -> KernelCreateResult:
     """Build a kernel update from ``patch`` against the prepared tree ``ksrc``.
+
+    The steps: check the inputs (before anything slow), compile the changed units pre and
+    post (kbuild), diff them (the shared engine, then the kernel's rules), the manifest,
+    :func:`_build_module` (plan, choose livepatch or the Ksplice path per function, build the
+    .ko), write the update.
 
     :param notes: filled with why nothing was built (units this configuration does not
         build: the running kernel does not contain the patched code).
-    :returns: (manifest, output path, seconds per step); (None, None, ...) when the patch
-        changes no code of this kernel.
     """
     from livesplice.create import build_manifest, check_inputs
-    from livesplice.kernel.kbuild import build_kernel_pair, make_env
+    from livesplice.kernel.kbuild import build_kernel_pair
     from livesplice.kernel.kdiff import diff_kernel_build
-    from livesplice.kernel.klp import build_module, load_symbol_tables, plan_module
     from livesplice.kernel.package import write_kernel_update
 
     say = progress or _quiet
     t0 = time.monotonic()
     inputs = check_inputs(ksrc, patch, update_id, output, description, signing_key)
-    ksrc, patch_text, uid, out = inputs.srcdir, inputs.patch_text, inputs.id, inputs.output
     workdir = Path(tempfile.mkdtemp(prefix="livesplice-kcreate-"))
     try:
         say("building the changed units (pre, post) ...")
-        build = build_kernel_pair(ksrc, patch, patch_text, workdir, jobs=jobs)
+        build = build_kernel_pair(inputs.srcdir, patch, inputs.patch_text, workdir, jobs=jobs)
         seconds = dict(build.seconds)
         if notes is not None:
             notes.extend(build.not_built)
         t1 = time.monotonic()
-        kd = diff_kernel_build(build, patch_text)
-        targets, warnings = kd.targets, kd.warnings
+        kd = diff_kernel_build(build, inputs.patch_text)
         seconds["diff"] = time.monotonic() - t1
-        manifest = build_manifest(inputs, build.compiler, targets, kd.hooks, warnings)
+        manifest = build_manifest(inputs, build.compiler, kd.targets, kd.hooks, kd.warnings)
         if manifest is None:
-            return None, None, seconds
+            return KernelCreateResult(None, None, seconds)
         check_hook_kinds(kd.hooks)
         t2 = time.monotonic()
         say("building the livepatch module ...")
-        modules = [t.name for t in targets if t.kind == "kernel_module"]
-        tables = load_symbol_tables(build.tree, modules)
-        plan = plan_module(uid, targets, tables, kd.specials, kd.learn)
-        # path selection: an ftrace entry -> livepatch; none -> Ksplice's own jump
-        ksplice_funcs = ksplice.select_functions(targets)
-        refused = ksplice.refusals(ksplice_funcs, manifest.hooks)
-        if refused:
-            raise PatchRefused("livesplice cannot make this update", refused)
-        ksplice.split_plan(plan, ksplice_funcs)
-        ko = build_module(
-            build.tree,
-            workdir / "module",
-            plan,
-            targets,
-            manifest.hooks,
-            uid,
-            manifest.description,
-            make_env(ksrc),
-            kd.specials,
-        )
+        plan, ko = _build_module(inputs.srcdir, build, kd, manifest, inputs.id, workdir)
         seconds["module"] = time.monotonic() - t2
-        kernel = kernel_json(plan, kernel_release(ksrc))
-        write_kernel_update(out, manifest, patch_text, ko, kernel, signing_key=signing_key)
+        kernel = kernel_json(plan, kernel_release(inputs.srcdir))
+        write_kernel_update(
+            inputs.output, manifest, inputs.patch_text, ko, kernel, signing_key=signing_key
+        )
         seconds["total"] = time.monotonic() - t0
-        return manifest, out, seconds
+        return KernelCreateResult(manifest, inputs.output, seconds)
     finally:
         if keep_tmp:
             say(f"kept the build directory {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _build_module(
+    ksrc: Path,
+    build: KernelBuild,
+    kd: KernelDiff,
+    manifest: Manifest,
+    uid: str,
+    workdir: Path,
+) -> tuple[ModulePlan, bytes]:
+    """Plan the livepatch module and build it: a replaced function with an ftrace entry goes
+    through livepatch, one without through Ksplice's own jump (refused, with every reason,
+    where that path cannot take it)."""
+    from livesplice.kernel.kbuild import make_env
+    from livesplice.kernel.klp import build_module, load_symbol_tables, plan_module
+
+    targets = kd.targets
+    modules = [t.name for t in targets if t.kind == "kernel_module"]
+    tables = load_symbol_tables(build.tree, modules)
+    plan = plan_module(uid, targets, tables, kd.specials, kd.learn)
+    ksplice_funcs = ksplice.select_functions(targets)
+    refused = ksplice.refusals(ksplice_funcs, manifest.hooks)
+    if refused:
+        raise PatchRefused("livesplice cannot make this update", refused)
+    ksplice.split_plan(plan, ksplice_funcs)
+    ko = build_module(
+        build.tree,
+        workdir / "module",
+        plan,
+        targets,
+        manifest.hooks,
+        uid,
+        manifest.description,
+        make_env(ksrc),
+        kd.specials,
+    )
+    return plan, ko
 
 
 def kernel_json(plan: ModulePlan, release: str) -> KernelJson:
