@@ -523,6 +523,37 @@ def test_zero_size_keys_of_one_function_are_not_changes(tmp_path: Path) -> None:
     assert ud.functions["init_once"] is Status.SAME
 
 
+RATELIMIT_PRE = """
+struct rs { int interval, burst; };
+int rl(struct rs *r);
+#define LIMITED() ({ static struct rs _rs = { 5, 10 }; rl(&_rs); })
+int err_path(int x) { if (x == 1) return LIMITED(); if (x == 2) return LIMITED() + 1; return 0; }
+int other(int x) { return x + 1; }
+"""
+
+
+def test_two_same_statics_of_an_unchanged_function_pair_by_place(tmp_path: Path) -> None:
+    """Two ``printk_ratelimited`` states of one function (same base, user and content):
+    tty_io.c's ``_rs.14``/``_rs.16`` made tty_init_dev.part.0 and its three callers claimed
+    by a one-line fix elsewhere. The function is byte-identical: they pair by place."""
+    post = RATELIMIT_PRE.replace(
+        "int err_path", "int first(void) { return LIMITED(); }\nint err_path"
+    ).replace("x + 1", "x + 2")
+    ud = diff(tmp_path, RATELIMIT_PRE, post)
+    assert ud.changed_functions == ["other"]
+    assert ud.functions["err_path"] is Status.SAME
+    assert ud.new_functions == ["first"]
+
+
+def test_two_same_statics_of_a_changed_function_stay_apart(tmp_path: Path) -> None:
+    """When the function using them changes, which old state goes with which new use is a
+    guess: they are not paired by place (the new code gets fresh variables)."""
+    post = RATELIMIT_PRE.replace("x == 2", "x == 3")
+    ud = diff(tmp_path, RATELIMIT_PRE, post)
+    assert ud.changed_functions == ["err_path"]
+    assert len(ud.new_data) == 2 and all(n.startswith("_rs.") for n in ud.new_data)
+
+
 ONCE_PRE = """
 #define ONCE() ({ static int __already_done __attribute__((section(".data.once"))); \\
     int first = !__already_done; __already_done = 1; first; })

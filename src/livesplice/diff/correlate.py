@@ -21,8 +21,10 @@ only when the pairing is unambiguous (exactly one candidate on each side):
    Several **zero-size** ones used by the same functions (a function calling ``mutex_init``
    and ``init_rwsem`` has one ``static struct lock_class_key __key`` each: no bytes without
    lockdep) pair in the order the code first refers to them: they hold no state, so only
-   the order matters for comparing the code that uses them. Variables with bytes never pair
-   by position: two ``counter.N`` of one function stay unpaired (changed) unless told apart.
+   the order matters for comparing the code that uses them. Variables with bytes pair so
+   only when each is first used at the same offset of the same function on both sides and
+   starts with the same content (two ``printk_ratelimited`` states ``_rs.N`` of one error
+   path); otherwise two ``counter.N`` of one function stay unpaired (changed).
 4. **Numbered data nothing's code uses, by content**: a ``__UNIQUE_ID_*N`` pointer table entry
    is referenced by no function; it pairs with the one of the same base name whose bytes and
    relocation targets (by their twins' names) are the same. A renumbering alone is then no
@@ -208,11 +210,12 @@ def _pair_stateless_by_first_use(
     post_syms: list[ObjSymbol],
     users: dict[ObjSymbol, frozenset[str]],
 ) -> None:
-    """Zero-size numbered locals with the same base name and users, paired in order of use.
+    """Numbered locals with the same base name and users, paired in order of first use.
 
-    Why only zero-size: a wrong pair of variables with bytes would hand the new code another
-    variable's state; a zero-size one (``lock_class_key`` without lockdep) has none, and the
-    order of first use makes identical code compare identical.
+    A wrong pair of variables with bytes would hand the new code another variable's state,
+    so those pair only where the places of first use are the same on both sides; a
+    zero-size one (``lock_class_key`` without lockdep) has no state, and the order of first
+    use makes identical code compare identical.
     """
 
     def groups(
@@ -220,7 +223,7 @@ def _pair_stateless_by_first_use(
     ) -> dict[str, list[ObjSymbol]]:
         out: dict[str, list[ObjSymbol]] = defaultdict(list)
         for s in syms:
-            key = _static_local_key(s, users) if s.twin is None and s.size == 0 else None
+            key = _static_local_key(s, users) if s.twin is None else None
             if key is not None and s in first:
                 out[key].append(s)
         return out
@@ -233,8 +236,37 @@ def _pair_stateless_by_first_use(
             continue  # one each: the base-name rule pairs them; other counts: no order to trust
         olds.sort(key=pre_first.__getitem__)
         news.sort(key=post_first.__getitem__)
+        if any(s.size for s in olds + news):
+            # variables with state: only where each is first used at the same place of the
+            # same function on both sides, with the same initial content (two
+            # printk_ratelimited states of one function: `_rs.14`, `_rs.16`)
+            same_places = [pre_first[a] for a in olds] == [post_first[b] for b in news]
+            if (
+                not same_places
+                or any(_content_key(a) != _content_key(b) for a, b in zip(olds, news, strict=True))
+                or not _same_code(pre, users.get(olds[0], frozenset()))
+            ):
+                continue
         for a, b in zip(olds, news, strict=True):
             a.twin, b.twin = b, a
+
+
+def _same_code(pre: ElfObject, names: frozenset[str]) -> bool:
+    """Every function of ``names`` (pre names, already paired) has the same bytes and
+    relocation places in post: its references are then the same references, in order."""
+    found = 0
+    for sec in pre.sections:
+        fn = sec.primary if sec.is_code else None
+        if fn is None or fn.name not in names:
+            continue
+        twin = fn.twin.section if fn.twin is not None else None
+        if twin is None or sec.data != twin.data:
+            return False
+        shape = [(r.offset, r.type, r.addend) for r in sec.relocs]
+        if shape != [(r.offset, r.type, r.addend) for r in twin.relocs]:
+            return False
+        found += 1
+    return found == len(names)
 
 
 def _data_symbols_of(sym: ObjSymbol) -> Iterable[ObjSymbol]:
