@@ -73,7 +73,7 @@ def pct(values: list[float], p: float) -> float:
 class RateClients:
     """Open-loop load from benchmarks/soak_client.c (see the module docstring)."""
 
-    def __init__(self, port: int, n: int, rate: float, workdir: Path) -> None:
+    def __init__(self, port: int, n: int, rate: float, workdir: Path, prefix: list[str]) -> None:
         assert time.get_clock_info("perf_counter").implementation.endswith("MONOTONIC)")
         exe = workdir / "soak_client"
         subprocess.run(
@@ -89,7 +89,8 @@ class RateClients:
         )
         self.out = workdir / "samples.txt"
         self.proc = subprocess.Popen(
-            [str(exe), str(port), str(n), str(rate), str(self.out)], stdin=subprocess.PIPE
+            [*prefix, str(exe), str(port), str(n), str(rate), str(self.out)],
+            stdin=subprocess.PIPE,
         )
         self.samples: list[tuple[float, float]] = []
         self.failed: list[str] = []
@@ -138,7 +139,17 @@ def main() -> None:
         help="open-loop C clients, each sending this many requests/s (default: closed-loop "
         "Python clients)",
     )
+    ap.add_argument(
+        "--rt-load",
+        type=int,
+        default=0,
+        metavar="PRIO",
+        help="run the server and the --rate client SCHED_FIFO at PRIO (chrt): on a machine "
+        "shared with other work, the latency then shows what livesplice does to the server, "
+        "not what the other jobs do; livesplice itself runs as usual (SCHED_OTHER)",
+    )
     args = ap.parse_args()
+    rt = ["chrt", "-f", str(args.rt_load)] if args.rt_load else []
     nice = ["nice", "-n", str(args.nice)] if args.nice else []
     tmp = Path(tempfile.mkdtemp(prefix="livesplice-soak-"))
     try:
@@ -165,12 +176,12 @@ def main() -> None:
         )
         port = 18500 + os.getpid() % 500
         server = subprocess.Popen(
-            [str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.PIPE
+            [*rt, str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.PIPE
         )
         assert server.stdout is not None
         server.stdout.readline()
         clients: PingClients | RateClients = (
-            RateClients(port, args.clients, args.rate, tmp)
+            RateClients(port, args.clients, args.rate, tmp, rt)
             if args.rate
             else PingClients(port, args.clients)
         )

@@ -1,10 +1,23 @@
 """ctypes ptrace for x86-64: seize every thread of a process, stop, resume, registers, memory.
 
 A :class:`Tracee` owns all threads of one process. Threads are ``PTRACE_SEIZE``\\d (they do not
-stop on attach) with ``PTRACE_O_TRACECLONE`` (threads created later are seized by the kernel)
-and ``PTRACE_O_TRACEEXIT`` (a thread that exits during a stop reports an exit stop instead of
-vanishing under us -- the thread-group leader calling ``pthread_exit`` would otherwise never
-report anything until the whole process ends).
+stop on attach). Two sets of options:
+
+* Always ``PTRACE_O_TRACEEXIT``: a thread that exits reports an exit stop instead of
+  vanishing under us (the thread-group leader calling ``pthread_exit`` would otherwise never
+  report anything until the whole process ends, and a dying leader's end is only reported
+  once its other threads are reaped: a wait on it would never return).
+* **Inside a stop window** (:meth:`Tracee.stop` .. :meth:`Tracee.resume`) also
+  ``PTRACE_O_TRACECLONE``: threads created meanwhile -- by a thread let run in slices, by a
+  hook -- are seized by the kernel. :meth:`stop` sets it on each thread once it is stopped,
+  then lists ``/proc/PID/task`` and seizes (with it) the threads created before their
+  creator stopped, until none is new: a thread can only be created by a running thread,
+  and every running one is being seized.
+* **Outside** no ``PTRACE_O_TRACECLONE``: a thread creating a thread does not stop and wait
+  for livesplice to collect the event. With it on all the time, a thread-per-connection
+  server stalled at every accept for as long as the tool was busy elsewhere
+  (benchmarks/bench_soak.py --rate: requests waited 8 ms at p99 while livesplice competed
+  for a CPU). Threads created outside a window are seized by the next :meth:`stop`.
 
 Speed (measured with benchmarks/): every step is batched across threads (interrupt
 all, then wait all, then read all registers); ``ptrace`` is called through ctypes *without*
@@ -71,6 +84,9 @@ PTRACE_LISTEN: Final = 0x4208
 PTRACE_O_TRACESYSGOOD: Final = 0x01
 PTRACE_O_TRACECLONE: Final = 0x08
 PTRACE_O_TRACEEXIT: Final = 0x40
+PTRACE_SETOPTIONS: Final = 0x4200
+OPTS_OUTSIDE: Final = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACEEXIT
+OPTS_WINDOW: Final = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXIT
 PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_EXIT: Final = 6
 PTRACE_EVENT_STOP: Final = 128
@@ -306,6 +322,7 @@ class Tracee:
         self._in_clone: set[int] = set()
         self._exiting: set[int] = set()  # threads seen in PTRACE_EVENT_EXIT, not yet reaped
         self._new: set[int] = set()  # auto-attached threads whose first stop is not reaped
+        self._window_opts: set[int] = set()  # threads with OPTS_WINDOW (see module docstring)
         self._pending: dict[int, list[int]] = {}  # tid -> real signals to re-inject on resume
         self.cache: dict[str, int] = {}  # facts about the target found once (remote.py)
         self.rewound: list[int] = []  # tids whose -EINTR syscall the last stop() restarted
@@ -462,52 +479,74 @@ class Tracee:
     # ------------------------------------------------------------ attach / detach
 
     def _seize_all(self) -> None:
-        """Seize every thread; list the threads again until no new one appears.
+        """Seize the threads listed in /proc/PID/task, with :data:`OPTS_OUTSIDE`.
 
-        A thread created by an already seized thread is auto-attached (TRACECLONE) and shows
-        up in /proc as already traced by us; one created by a not yet seized thread is seized
-        by the next listing.
+        One listing: threads created meanwhile are not auto-attached outside a window and
+        need not be -- remote calls run on one of these, and :meth:`stop` seizes every thread
+        there is before it counts the process as stopped.
         """
-        opts = PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXIT | PTRACE_O_TRACESYSGOOD
-        seen: set[int] = set()
-        while True:
-            try:
-                tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
-            except FileNotFoundError:
-                raise TargetGone(f"process {self.pid} exited while attaching") from None
-            fresh = [t for t in tids if t not in seen]
-            if not fresh:
-                break
-            for tid in fresh:
-                seen.add(tid)
-                if _is_zombie(self.pid, tid):
-                    continue  # an exited leader (pthread_exit): nothing to stop or scan
-                if self._ptrace(PTRACE_SEIZE, tid, 0, opts) == 0:
-                    self._tids.append(tid)
-                    continue
-                err = ctypes.get_errno()
-                if err == 3:  # ESRCH: the thread exited meanwhile
-                    continue
-                tracer = _tracer_of(self.pid, tid)
-                if err == 1 and tracer == os.getpid() and self._tids:
-                    # auto-attached child of a thread we seized: its first stop is pending
-                    self._tids.append(tid)
-                    self._new.add(tid)
-                    continue
-                if not process_alive(self.pid):
-                    raise TargetGone(f"process {self.pid} exited while attaching")
-                if err == 1 and _is_zombie(self.pid, tid):
-                    # ptrace_attach answers EPERM for a task that has exit_state set: the
-                    # thread exited between our zombie check and the seize
-                    continue
-                who = f" (already traced by pid {tracer})" if tracer else ""
-                raise NoPermission(
-                    f"cannot trace thread {tid} of process {self.pid}: {os.strerror(err)}{who}",
-                    advice="run as root, detach the other tracer, or allow ptrace "
-                    "(sysctl kernel.yama.ptrace_scope=0)",
-                )
+        for tid in self._list_unseized():
+            self._seize(tid, OPTS_OUTSIDE)
         if not self._tids:
             raise TargetGone(f"process {self.pid} has no live thread")
+
+    def _list_unseized(self) -> list[int]:
+        try:
+            tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+        except FileNotFoundError:
+            raise TargetGone(f"process {self.pid} exited while attaching") from None
+        # a zombie (an exited leader) is skipped each time it is listed, never remembered:
+        # once reaped its number may come back as a new thread, which must be seized
+        return [t for t in tids if t not in self._tids and not _is_zombie(self.pid, t)]
+
+    def _seize(self, tid: int, opts: int) -> bool:
+        """PTRACE_SEIZE one thread; False for a thread that is gone or a zombie.
+
+        :raises NoPermission: another tracer, Yama, another user.
+        """
+        if _is_zombie(self.pid, tid):
+            return False  # an exited leader (pthread_exit): nothing to stop or scan
+        if self._ptrace(PTRACE_SEIZE, tid, 0, opts) == 0:
+            self._tids.append(tid)
+            if opts & PTRACE_O_TRACECLONE:
+                self._window_opts.add(tid)
+            return True
+        err = ctypes.get_errno()
+        if err == 3:  # ESRCH: the thread exited meanwhile
+            return False
+        tracer = _tracer_of(self.pid, tid)
+        if err == 1 and tracer == os.getpid() and self._tids:
+            # auto-attached child of a thread we seized: its first stop is pending
+            self._tids.append(tid)
+            self._new.add(tid)
+            self._window_opts.add(tid)
+            return True
+        if not process_alive(self.pid):
+            raise TargetGone(f"process {self.pid} exited while attaching")
+        if err == 1 and _is_zombie(self.pid, tid):
+            # ptrace_attach answers EPERM for a task that has exit_state set: the thread
+            # exited between our zombie check and the seize
+            return False
+        who = f" (already traced by pid {tracer})" if tracer else ""
+        raise NoPermission(
+            f"cannot trace thread {tid} of process {self.pid}: {os.strerror(err)}{who}",
+            advice="run as root, detach the other tracer, or allow ptrace "
+            "(sysctl kernel.yama.ptrace_scope=0)",
+        )
+
+    def _set_options(self, opts: int) -> None:
+        """Give every stopped thread ``opts`` (PTRACE_SETOPTIONS needs a ptrace-stop)."""
+        for tid in self._tids:
+            if tid not in self._stopped or tid in self._exiting:
+                continue
+            inside = tid in self._window_opts
+            if inside == bool(opts & PTRACE_O_TRACECLONE):
+                continue
+            if self._ptrace(PTRACE_SETOPTIONS, tid, 0, opts) == 0:
+                if inside:
+                    self._window_opts.discard(tid)
+                else:
+                    self._window_opts.add(tid)
 
     def _reap_exiting(self, timeout: float = 2.0) -> None:
         """Collect the end of every thread let go past its exit stop.
@@ -757,6 +796,7 @@ class Tracee:
                 if child not in self._tids:
                     self._tids.append(child)
                     self._new.add(child)
+                    self._window_opts.add(child)  # a child inherits its creator's options
                     return [child]
         elif event == PTRACE_EVENT_EXIT:
             self._exiting.add(tid)
@@ -829,7 +869,6 @@ class Tracee:
         if not self._stop_began:
             self._stop_began = time.perf_counter()
         ptrace = self._ptrace
-        waitpid = os.waitpid
         # threads already in a stop we have not collected (a signal, a clone) stay stopped:
         # interrupting them now would leave a stale interrupt trap pending after resume
         # Stops nobody collected yet (a signal that arrived since the last resume) are found by
@@ -842,8 +881,28 @@ class Tracee:
         for tid in running:
             if not new or tid not in new:
                 ptrace(PTRACE_INTERRUPT, tid, 0, 0)
-        stopped = self._stopped
-        queue = running
+        self._await_stops(running)
+        # the stopped threads get the window's options; then the threads created before
+        # their creator stopped (not auto-attached outside a window) are seized with them
+        self._set_options(OPTS_WINDOW)
+        while fresh := self._list_unseized():
+            seized = [tid for tid in fresh if self._seize(tid, OPTS_WINDOW)]
+            for tid in seized:
+                if tid not in new:
+                    ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+            self._await_stops(seized)
+            self._set_options(OPTS_WINDOW)
+        if self._exiting:
+            self._settle_exits()
+        self._check_live()
+        self._read_all_regs()
+        if self.restart_eintr:
+            self._restart_interrupted_syscalls()
+
+    def _await_stops(self, queue: list[int]) -> None:
+        """Wait until each thread of ``queue`` (interrupted, or auto-attached and due for
+        its first stop) is stopped; children reported by clone events are waited for too."""
+        new, stopped, waitpid = self._new, self._stopped, os.waitpid
         while queue:
             more: list[int] = []
             for tid in queue:
@@ -866,12 +925,6 @@ class Tracee:
                         break
                     more.extend(self._on_status(tid, status))
             queue = more
-        if self._exiting:
-            self._settle_exits()
-        self._check_live()
-        self._read_all_regs()
-        if self.restart_eintr:
-            self._restart_interrupted_syscalls()
 
     def _collect_stopped(self) -> None:
         for tid in list(self._tids):
@@ -925,6 +978,7 @@ class Tracee:
             self._account_stop(held)
 
     def _resume(self) -> None:
+        self._set_options(OPTS_OUTSIDE)
         if not (self._pending or self._group_stop or self._exiting):
             ptrace = self._ptrace
             for tid in self._tids:
@@ -945,6 +999,7 @@ class Tracee:
                 continue
             self._on_status(tid, status)
             if tid in self._stopped:
+                self._set_options(OPTS_OUTSIDE)
                 self._cont(tid)
         for tid in list(self._exiting):
             self._reap_exit(tid)
