@@ -382,3 +382,24 @@ def test_row_key_ignores_the_line_number() -> None:
     row = read_kernel_csv(CORPUS)[0]
     moved = KernelRow(**{**row.__dict__, "line": 40})
     assert moved.key() == row.key() and moved.key(b"echo") != row.key()
+
+
+def test_failure_evidence_in_the_table() -> None:
+    """A refused insmod: the table keeps insmod's line and the kernel's reason, not the boot's
+    messages nor the taint notices, and each kernel line once."""
+    r = _results()[0]
+    details = [
+        "livesplice: BAD_INPUT: the kernel refused the livepatch module",
+        "  insmod: can't insert 'x.ko': unknown symbol in module, or unknown parameter",
+        "  [    6.03] random: crng init done",
+        "  [   11.27] livesplice_cve202664567: tainting kernel with TAINT_LIVEPATCH",
+        "  [   11.27] livesplice_cve202664567: Unknown symbol crc32c (err -2)",
+        "  [   11.29] livesplice_cve202664567: Unknown symbol crc32c (err -2)",
+        "what to do: check the kernel log",
+    ]
+    r.finish("failed", "apply (b-apply): exit 2: BAD_INPUT: the kernel refused the module", details)
+    (line,) = [x for x in markdown_table([r]).splitlines() if x.startswith("| CVE-")]
+    assert (
+        "the kernel refused the module: insmod: can't insert 'x.ko': unknown symbol in module, "
+        "or unknown parameter; livesplice_cve202664567: Unknown symbol crc32c (err -2) |"
+    ) in line, line

@@ -7,6 +7,7 @@ nothing to patch, or no answer from livesplice), like Ksplice's "88% of the fixe
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -62,12 +63,37 @@ def _transition(r: KernelRowResult) -> str:
     return text
 
 
+# a kernel log line, maybe tagged with the phase it was printed in ("after: [ 25.1] ...")
+_DMESG_TIME = re.compile(r"^([a-z-]+: )?\[\s*\d+\.\d+\]\s*")
+
+
+def _evidence(r: KernelRowResult) -> list[str]:
+    """The lines of a failure's details worth a table cell: the error paragraph's lines
+    other than the reason itself, kernel log lines about livepatch or the update's module
+    (not the boot's, nor the taint notices every out-of-tree module prints), each once."""
+    out: list[str] = []
+    for raw in r.details:
+        line = raw.strip()
+        if line.startswith("livesplice: ") or line.startswith("what to do:"):
+            continue
+        m = _DMESG_TIME.match(line)
+        if m:
+            phase, line = m.group(1) or "", line[m.end() :]
+            wanted = "livesplice_" in line or "livepatch" in line
+            if not phase and ("taint" in line or not wanted):  # phase: an unsafe line
+                continue
+            line = phase + line
+        if line and line not in out:
+            out.append(line)
+    return out
+
+
 def _why(r: KernelRowResult) -> str:
     why = r.reason
     if r.outcome == "refused" and r.details:
         why += ": " + "; ".join(r.details[:2])
     if r.outcome in ("failed", "unsafe", "harness") and r.details:
-        why += ": " + "; ".join(r.details[:3])
+        why += ": " + "; ".join(_evidence(r)[:3])
     if r.notes and r.outcome not in ("not_built",):
         why += " (" + "; ".join(r.notes[:2]) + ")"
     return why
