@@ -12,6 +12,7 @@ undo:    enabled=0 -> wait for the transition -> rmmod
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import subprocess
 import tempfile
@@ -145,7 +146,9 @@ def _build_module(
 
     targets = kd.targets
     modules = [t.name for t in targets if t.kind == "kernel_module"]
-    tables = load_symbol_tables(build.tree, modules)
+    # the prepared tree, not the work copy: the shipped .ko files (same-named symbols of a
+    # module, whose sympos apply must decide) are found beside it, in the lab's root/
+    tables = load_symbol_tables(ksrc, modules)
     plan = plan_module(uid, targets, tables, kd.specials, kd.learn)
     ksplice_funcs = ksplice.select_functions(targets)
     refused = ksplice.refusals(ksplice_funcs, manifest.hooks)
@@ -326,6 +329,8 @@ def _load(job: _KernelApply, say: Progress) -> None:
 
     assert job.match is not None, "_match runs first"
     module = set_klp_sympos(job.module, job.match.klp_sympos)
+    for dep in module_depends(module):
+        modprobe(dep, say)
     with tempfile.TemporaryDirectory(prefix="livesplice-kapply-") as tmp:
         ko = Path(tmp) / f"{job.name}.ko"
         ko.write_bytes(module)
@@ -361,6 +366,38 @@ def _report(job: _KernelApply, transition_seconds: float) -> KernelApplyReport:
         warnings=job.warnings,
         stop_microseconds=job.stop_microseconds,
     )
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The modules a .ko needs loaded before it: modpost's ``depends=`` in ``.modinfo``.
+
+    insmod does not load them (modprobe would); new code calling a function another module
+    exports (btrfs's fix calls ``crc32c`` of libcrc32c) makes the livepatch module need that
+    module even when the patched module is not loaded yet.
+    """
+    from elftools.elf.elffile import ELFFile
+
+    sec = ELFFile(io.BytesIO(ko)).get_section_by_name(".modinfo")
+    if sec is None:
+        return []
+    for item in sec.data().split(b"\0"):
+        if item.startswith(b"depends="):
+            return [d for d in item[len(b"depends=") :].decode().split(",") if d]
+    return []
+
+
+def modprobe(name: str, say: Progress) -> None:
+    """Load a module the livepatch module depends on (and its own dependencies)."""
+    if Path("/sys/module", name.replace("-", "_")).exists():
+        return
+    say(f"loading module {name}, which the update needs")
+    done = subprocess.run(["modprobe", name], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UsageError(
+            f"the update needs module {name} loaded, and modprobe {name} failed",
+            [done.stderr.strip() or f"exit {done.returncode}"],
+            f"load {name} (modprobe {name}) and apply again",
+        )
 
 
 def insmod(ko: Path, params: list[str]) -> None:
