@@ -54,7 +54,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
@@ -297,6 +297,36 @@ def signal_pending_unblocked(pid: int, tid: int) -> bool:
     return bool(pending & ~fields.get("SigBlk", 0))
 
 
+@contextlib.contextmanager
+def realtime(enable: bool = True) -> Iterator[None]:
+    """SCHED_FIFO (priority 1) for livesplice while it holds threads of the target stopped;
+    the old policy restored after; nothing if not allowed (not root, a container).
+
+    At normal priority, on a loaded machine, the tool is descheduled for whole time slices
+    while the program waits for it (see StopWindow's ``fifo``). Only the stop window and the
+    hold of a host thread run so: short, bounded stretches, mostly spent blocked in
+    waitpid; the kernel's RT throttling still leaves other tasks 5% of each CPU.
+    """
+    if not enable:
+        yield
+        return
+    try:
+        old_policy = os.sched_getscheduler(0)
+        old_param = os.sched_getparam(0)
+        if old_policy == os.SCHED_FIFO:
+            yield  # already (a nested hold, or run under chrt): leave it as it is
+            return
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, old_policy, old_param)
+
+
 class Tracee:
     """All threads of one process, ``PTRACE_SEIZE``\\d (no stop on attach).
 
@@ -344,6 +374,7 @@ class Tracee:
         # host's holds, and the most threads held at once.
         self._stop_began = 0.0
         self._host: tuple[int, float] | None = None  # (tid, since) of the held host thread
+        self._host_rt: contextlib.AbstractContextManager[None] | None = None  # its FIFO
         self.stopped_max_us = 0.0
         self.others_stopped_max_us = 0.0
         self.host_stopped_max_us = 0.0
@@ -565,6 +596,7 @@ class Tracee:
     def _abandon(self) -> None:
         """Closing without ptrace: the kernel detaches our tracees when we exit."""
         self._restore_sigchld()
+        self._drop_realtime()
         self._reap_exiting()
         if not self._closed:
             self._closed = True
@@ -658,6 +690,8 @@ class Tracee:
                     continue
                 if tid in self._fit_threads():
                     self._host = (tid, began)
+                    self._host_rt = realtime()
+                    self._host_rt.__enter__()
                     self._read_all_regs()  # the stop cache: this thread's registers only
                     return tid
                 job_stopped = tid in self._group_stop
@@ -695,7 +729,14 @@ class Tracee:
         finally:
             if host is not None:
                 self._note_hold(host[1], 1, hosted=True)
+            self._drop_realtime()
         self.service()
+
+    def _drop_realtime(self) -> None:
+        """Back to the old scheduling policy once no host thread is held."""
+        rt, self._host_rt = self._host_rt, None
+        if rt is not None:
+            rt.__exit__(None, None, None)
 
     def _note_hold(self, began: float, threads: int, *, hosted: bool) -> None:
         held = (time.perf_counter() - began) * 1e6

@@ -58,7 +58,6 @@ import bisect
 import contextlib
 import ctypes
 import gc
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ from typing import TYPE_CHECKING
 
 from livesplice.errors import CodeBusy, LivespliceError, TargetGone
 from livesplice.faults import checkpoint
-from livesplice.process.ptrace import REG_INDEX, REGS_WORDS, Tracee, process_alive
+from livesplice.process.ptrace import REG_INDEX, REGS_WORDS, Tracee, process_alive, realtime
 
 if TYPE_CHECKING:
     import numpy as np
@@ -387,9 +386,13 @@ class StopWindow:
         replacement code when undoing).
     :param precise: count only plausible return addresses on stacks (see module docstring);
         False = every word inside a range counts (Ksplice's rule).
-    :param fifo: run the patcher SCHED_FIFO during the window. None = when the process has
-        more threads than there are CPUs (spinning threads otherwise starve the patcher while
-        it resumes them; for a few threads FIFO costs a wake-up of an idle CPU per wait).
+    :param fifo: run the patcher SCHED_FIFO during the window (:func:`realtime`). None (the
+        default) = yes. On a loaded machine a patcher at normal priority is descheduled
+        inside the window, with every thread of the target stopped: measured at load ~19 on
+        2 CPUs (benchmarks/bench_pause.py --fifo on|off), p99 of the window 0.7/0.5/4.5 ms
+        with FIFO for 1/4/8 spinning threads against 2.4/10.5/36 ms without; on the soak
+        benchmark (--rt-load) the longest client request during apply fell from 19.5 ms to
+        1.7 ms. False: benchmarks compare.
     :param run_out: seconds per attempt for running busy threads out of the busy code while
         the others stay stopped (module docstring); 0 = plain retry. It bounds the extra
         pause of an attempt that finds busy threads.
@@ -533,10 +536,7 @@ class StopWindow:
         originals = [(addr, t.read(addr, len(data))) for addr, data in writes]
         for attempt in range(1, self.retries + 1):
             t.service()  # pass on signals / start new threads before we time anything
-            use_fifo = (
-                self.fifo if self.fifo is not None else len(t.threads()) > (os.cpu_count() or 1)
-            )
-            with _realtime(use_fifo), _no_gc():
+            with realtime(self.fifo is not False), _no_gc():
                 t0 = time.perf_counter_ns()
                 t.stop()
                 ran_out = slices = 0
@@ -797,22 +797,3 @@ def _no_gc() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-@contextlib.contextmanager
-def _realtime(enable: bool) -> Iterator[None]:
-    """SCHED_FIFO for the patcher during the window; restored after; fine if not allowed."""
-    if not enable:
-        yield
-        return
-    try:
-        old_policy = os.sched_getscheduler(0)
-        old_param = os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except (PermissionError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, old_policy, old_param)
