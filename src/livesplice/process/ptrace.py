@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
-from livesplice.errors import LivespliceError, NoPermission, TargetGone, TargetStopped
+from livesplice.errors import CodeBusy, LivespliceError, NoPermission, TargetGone, TargetStopped
 
 if TYPE_CHECKING:
     import numpy as np
@@ -100,6 +100,10 @@ SYSCALL_STOP_SIG: Final = signal.SIGTRAP | 0x80
 EINTR_RAX: Final = (1 << 64) - 4  # -EINTR as the unsigned 64-bit value in rax
 SYSCALL_INSN: Final = b"\x0f\x05"
 SYS_TGKILL: Final = 234
+SYS_CLONE: Final = 56
+SYS_VFORK: Final = 58
+SYS_CLONE3: Final = 435
+CLONE_VFORK: Final = 0x4000
 # wait status of the stop PTRACE_INTERRUPT causes: WIFSTOPPED, SIGTRAP, PTRACE_EVENT_STOP
 _INTERRUPT_STOP: Final = (PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7F
 
@@ -116,6 +120,20 @@ CRASH_SIGNALS: Final = frozenset(
     }
 )
 _STOP_SIGNALS: Final = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
+class ThreadInVfork(CodeBusy):
+    """A thread waits in ``vfork()`` for its child, which runs in the program's memory: no
+    stop of every thread is possible until the child execs or exits (:meth:`Tracee.stop`
+    resumed the program unchanged)."""
+
+    def __init__(self, pid: int, tid: int) -> None:
+        super().__init__(
+            f"thread {tid} of process {pid} waits in vfork() for a child that runs in the "
+            "program's memory; nothing was changed",
+            advice="retry when the child has exec'd or exited",
+        )
+        self.tid = tid
 
 
 REG_NAMES: Final = (
@@ -643,6 +661,38 @@ class Tracee:
         self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0)
         self._stopped.discard(tid)
 
+    def _in_vfork(self, tid: int) -> bool:
+        """Whether ``tid`` waits in ``vfork()`` (``clone``/``clone3`` with CLONE_VFORK) for
+        its child to exec or exit.
+
+        Why: that wait is killable only, so PTRACE_INTERRUPT stops the thread only when the
+        child is done -- which can be never -- while the child runs the program's code in its
+        memory. A stop of every thread that waited for it held all the other threads
+        stopped for the child's whole life (2 s for a child sleeping 2 s before ``_exit``).
+        Such a thread is in state D inside one of the three calls (/proc/PID/task/TID/syscall).
+        """
+        if task_state(self.pid, tid) != "D":
+            return False
+        try:
+            with open(f"/proc/{self.pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            return False
+        if len(fields) < 2 or not fields[0].isdigit():
+            return False  # "running", or -1: not in a system call
+        nr, arg0 = int(fields[0]), int(fields[1], 16)
+        if nr == SYS_VFORK:
+            return True
+        if nr == SYS_CLONE:
+            return bool(arg0 & CLONE_VFORK)
+        if nr == SYS_CLONE3:  # arg0 points to struct clone_args, whose first field is flags
+            try:
+                flags = int.from_bytes(self.read(arg0, 8), "little")
+            except LivespliceError:
+                return True  # cannot tell: a clone3 blocked in D is as good as a vfork
+            return bool(flags & CLONE_VFORK)
+        return False
+
     def _stop_thread(self, tid: int) -> bool:
         """Interrupt one running thread and wait for its stop; False if it is gone.
 
@@ -922,17 +972,23 @@ class Tracee:
         for tid in running:
             if not new or tid not in new:
                 ptrace(PTRACE_INTERRUPT, tid, 0, 0)
-        self._await_stops(running)
-        # the stopped threads get the window's options; then the threads created before
-        # their creator stopped (not auto-attached outside a window) are seized with them
-        self._set_options(OPTS_WINDOW)
-        while fresh := self._list_unseized():
-            seized = [tid for tid in fresh if self._seize(tid, OPTS_WINDOW)]
-            for tid in seized:
-                if tid not in new:
-                    ptrace(PTRACE_INTERRUPT, tid, 0, 0)
-            self._await_stops(seized)
+        try:
+            self._await_stops(running)
+            # the stopped threads get the window's options; then the threads created before
+            # their creator stopped (not auto-attached outside a window) are seized with them
             self._set_options(OPTS_WINDOW)
+            while fresh := self._list_unseized():
+                seized = [tid for tid in fresh if self._seize(tid, OPTS_WINDOW)]
+                for tid in seized:
+                    if tid not in new:
+                        ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+                self._await_stops(seized)
+                self._set_options(OPTS_WINDOW)
+        except ThreadInVfork:
+            # let go what this stop holds; the interrupt still pending on the threads not
+            # waited for stops them once more later, which service() passes on
+            self.resume()
+            raise
         if self._exiting:
             self._settle_exits()
         self._check_live()
@@ -950,7 +1006,11 @@ class Tracee:
                 if not new or tid not in new:
                     # fast path: the interrupt stop of a running thread
                     try:
-                        _, status = waitpid(tid, WALL)
+                        got, status = waitpid(tid, WALL | os.WNOHANG)
+                        if not got:
+                            if self._in_vfork(tid):
+                                raise ThreadInVfork(self.pid, tid)
+                            _, status = waitpid(tid, WALL)
                     except ChildProcessError:
                         self._forget(tid)
                         continue

@@ -65,7 +65,14 @@ from typing import TYPE_CHECKING
 
 from livesplice.errors import CodeBusy, LivespliceError, TargetGone
 from livesplice.faults import checkpoint
-from livesplice.process.ptrace import REG_INDEX, REGS_WORDS, Tracee, process_alive, realtime
+from livesplice.process.ptrace import (
+    REG_INDEX,
+    REGS_WORDS,
+    ThreadInVfork,
+    Tracee,
+    process_alive,
+    realtime,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -536,29 +543,35 @@ class StopWindow:
         originals = [(addr, t.read(addr, len(data))) for addr, data in writes]
         for attempt in range(1, self.retries + 1):
             t.service()  # pass on signals / start new threads before we time anything
-            with realtime(self.fifo is not False), _no_gc():
-                t0 = time.perf_counter_ns()
-                t.stop()
-                ran_out = slices = 0
-                try:
-                    busy = self._busy_threads()
-                    if busy and self.run_out > 0:
-                        ran_out = len(busy)
-                        busy, slices = self._run_out(busy)
-                    if not busy:
-                        if expect is not None:
-                            self._check_expected(writes, expect)
-                        if inside is not None:
-                            inside()
-                        self._write_all(writes, originals)
-                    t.check_alive()
-                except BaseException:
-                    with contextlib.suppress(LivespliceError):
-                        t.resume()
-                    raise
-                nthreads = len(t.threads())
-                t.resume()
-                t1 = time.perf_counter_ns()
+            try:
+                with realtime(self.fifo is not False), _no_gc():
+                    t0 = time.perf_counter_ns()
+                    t.stop()
+                    ran_out = slices = 0
+                    try:
+                        busy = self._busy_threads()
+                        if busy and self.run_out > 0:
+                            ran_out = len(busy)
+                            busy, slices = self._run_out(busy)
+                        if not busy:
+                            if expect is not None:
+                                self._check_expected(writes, expect)
+                            if inside is not None:
+                                inside()
+                            self._write_all(writes, originals)
+                        t.check_alive()
+                    except BaseException:
+                        with contextlib.suppress(LivespliceError):
+                            t.resume()
+                        raise
+                    nthreads = len(t.threads())
+                    t.resume()
+                    t1 = time.perf_counter_ns()
+            except ThreadInVfork as e:  # the program ran on, unchanged: try again later
+                self.last_busy = [BusyThread(e.tid, t.thread_name(e.tid), "vfork()", "vfork")]
+                if attempt < self.retries:
+                    self._wait(self.interval)
+                continue
             if not busy:
                 return PauseStats((t1 - t0) / 1000.0, attempt, nthreads, ran_out, slices)
             self.last_busy = [
