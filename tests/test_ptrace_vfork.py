@@ -21,8 +21,10 @@ from ptrace_targets import Target, build
 
 from livesplice.errors import CodeBusy
 from livesplice.process.ptrace import Tracee, task_state
+from livesplice.process.remote import remote_syscall
 from livesplice.process.stopwindow import StopWindow
 
+SYS_GETPID = 39
 CHILD_MS = 1000  # each vfork child lives this long (detach waits up to that: see below)
 
 
@@ -64,3 +66,24 @@ def test_stop_window_retries_then_reports_the_vfork(target: Target) -> None:
         took = time.monotonic() - began
         assert took < 0.6, f"the window waited {took:.2f} s for a vfork child"
         assert "vfork" in "\n".join([info.value.reason, *info.value.details])
+
+
+def test_remote_call_host_is_never_a_thread_in_vfork(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A remote call prefers a sleeping thread to host it; the vforking thread sleeps (state
+    D) but cannot be stopped: with the others spinning it was chosen, and the call waited for
+    the child."""
+    exe = build("ptrace_vfork", tmp_path_factory.mktemp("vfork_progs"))
+    tg = Target(exe, str(CHILD_MS), "busy")
+    try:
+        time.sleep(0.2)
+        with Tracee(tg.pid) as t:
+            for _ in range(3):
+                began = time.monotonic()
+                assert remote_syscall(t, SYS_GETPID) == tg.pid
+                took = time.monotonic() - began
+                assert took < 0.3, f"the remote call waited {took:.2f} s for a vfork child"
+    finally:
+        tg.proc.kill()
+        tg.stop()

@@ -1,4 +1,5 @@
-/* A thread that vforks children which live a while before they exit (argv[1] ms each).
+/* A thread that vforks children which live a while before they exit (argv[1] ms each);
+ * with argv[2] "busy" the other two threads spin instead of sleeping.
  *
  * The vforking thread waits in the kernel (killable only) until its child execs or exits:
  * PTRACE_INTERRUPT cannot stop it before, so a stop of "every thread" waits as long as the
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 static int child_ms = 2000;
+static int busy;
 static volatile unsigned long ticks;
 
 static void *vforker(void *arg) {
@@ -32,7 +34,8 @@ static void *ticker(void *arg) {
     (void)arg;
     for (;;) {
         ticks++;
-        usleep(1000);
+        if (!busy)
+            usleep(1000);
     }
     return 0;
 }
@@ -40,11 +43,15 @@ static void *ticker(void *arg) {
 int main(int argc, char **argv) {
     if (argc > 1)
         child_ms = atoi(argv[1]);
+    busy = argc > 2 && argv[2][0] == 'b';
     pthread_t t;
     pthread_create(&t, 0, ticker, 0);
     pthread_create(&t, 0, vforker, 0);
     printf("ready\n");
     fflush(stdout);
     for (;;)
-        pause();
+        if (!busy)
+            pause();
+        else
+            ticks++;
 }

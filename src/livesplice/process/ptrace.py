@@ -765,8 +765,11 @@ class Tracee:
             for t in dict.fromkeys([self.pid, *self._tids])
             if t in self._tids and t not in self._exiting
         ]
-        sleeping = [t for t in order[:64] if task_state(self.pid, t) in ("S", "D")]
-        return list(dict.fromkeys([*sleeping, *order]))
+        states = {t: task_state(self.pid, t) for t in order[:64]}
+        # a thread in vfork() (state D) stops only when its child execs or exits: last
+        vfork = {t for t, st in states.items() if st == "D" and self._in_vfork(t)}
+        sleeping = [t for t, st in states.items() if st in ("S", "D") and t not in vfork]
+        return list(dict.fromkeys([*sleeping, *(t for t in order if t not in vfork), *vfork]))
 
     @_op
     def release_one(self, tid: int) -> None:
