@@ -68,3 +68,35 @@ def test_refused_unit_without_init_change_adds_nothing(tmp_path: Path) -> None:
     ud = diff_objects(pre, post, "security/bpf/hooks.c")
     ud.functions = {n: s for n, s in ud.functions.items() if n != "lsm_init"}
     assert init_changes_of_refused(ud, load_object(post, "security/bpf/hooks.c")) == []
+
+
+NOINSTR_PRE = """
+#define noinstr __attribute__((section(".noinstr.text"), noinline))
+long trace_enter(long x);
+noinstr long nmi_enter(long x) { return x * 3; }
+noinstr long enter_from_user(long x) { return trace_enter(x); }
+"""
+
+
+def test_noinstr_code_is_refused(tmp_path: Path) -> None:
+    """Every noinstr function of a unit shares ``.noinstr.text``: the seccomp fix
+    (CVE-2026-89603, kernel/entry/common.c) changed what syscall_enter_from_user_mode
+    calls, and the engine shipped the whole section as "irqentry_nmi_enter", its first
+    symbol. Entry code is refused, naming the rule."""
+    from livesplice.kernel.kdiff import kernel_refusals
+
+    post = NOINSTR_PRE.replace("return trace_enter(x);", "return trace_enter(x) + 1;")
+    out = []
+    for side, text in (("pre", NOINSTR_PRE), ("post", post)):
+        d = tmp_path / side
+        d.mkdir()
+        (d / "common.c").write_text(text)
+        cmd = ["gcc", "-O2", "-ffunction-sections", "-fdata-sections", "-c", "common.c"]
+        subprocess.run([*cmd, "-o", "common.o"], cwd=d, check=True)
+        out.append(d / "common.o")
+    ud = diff_objects(out[0], out[1], "kernel/entry/common.c")
+    assert ud.refusals == []
+    refusals = kernel_refusals(ud, out[1])
+    assert len(refusals) == 1, refusals
+    assert refusals[0].startswith("kernel/entry/common.c: enter_from_user: noinstr code")
+    assert "[rule: noinstr code]" in refusals[0]

@@ -5,6 +5,7 @@ groups the result by patched object (``vmlinux`` or a module) and adds what only
 needs, collected into ONE :class:`PatchRefused`:
 
 * ``__init``/``__exit`` code (``.init.text``, ``.exit.text``): already freed or never run again;
+* ``noinstr`` code (``.noinstr.text``, ``.entry.text``): entry/NMI code, never redirected;
 * (a replaced function without the ``call __fentry__`` at its entry -- ``notrace``, all of
   ``lib/`` -- is not refused here: livepatch cannot reach it, so create switches it with
   Ksplice's own mechanism, :mod:`livesplice.kernel.ksplice`)
@@ -228,6 +229,16 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
                 f"{s.unit}: {fns}: __init/__exit code changed [rule: __init code]: init "
                 "code has run and been freed; the change cannot take effect live"
             )
+        if sec.startswith((".noinstr.", ".entry.text")) and s.role != "pre":
+            # every noinstr function of a unit shares one section (like __init code): the
+            # engine would replace the section under its first symbol's name
+            fns = ", ".join(changed_functions(s, ud) or _callers_of_changed(s, ud)) or sec
+            out.append(
+                f"{s.unit}: {fns}: noinstr code changed or calls changed code [rule: "
+                "noinstr code]: entry and NMI code runs where nothing may be traced or "
+                "redirected (before RCU and context tracking are set up): it cannot be "
+                "switched live"
+            )
         # a replaced function without an ftrace entry is not refused here: create sends
         # it through Ksplice's own mechanism (livesplice.kernel.ksplice), which refuses
         # what it cannot switch
@@ -247,6 +258,21 @@ def kernel_refusals(ud: UnitDiff, post: Path) -> list[str]:
                 f"{_what(special)}"
             )
     return out
+
+
+def _callers_of_changed(s: Section, ud: UnitDiff) -> list[str]:
+    """The functions of a multi-function section whose calls reach replaced code (the
+    section is shipped only because a clone it calls changed)."""
+    replaced = {
+        x.key.rsplit(":", 1)[-1].removesuffix("#post")
+        for x in ud.sections
+        if x.role == "replacement" and x is not s
+    }
+    return sorted(
+        name
+        for name, (_data, relocs) in _symbol_ranges(s).items()
+        if any(target in replaced for _o, _t, target, _a in relocs)
+    )
 
 
 def _symbol_ranges(s: Section) -> dict[str, tuple[bytes, list[tuple[int, str, str, int]]]]:
