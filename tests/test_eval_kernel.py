@@ -403,3 +403,16 @@ def test_failure_evidence_in_the_table() -> None:
         "the kernel refused the module: insmod: can't insert 'x.ko': unknown symbol in module, "
         "or unknown parameter; livesplice_cve202664567: Unknown symbol crc32c (err -2) |"
     ) in line, line
+
+
+def test_table_only_lists_rows_not_run_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row without a cached result is in the table as "not run", never left out."""
+    out = tmp_path / "t.md"
+    args = [str(CORPUS), "--table-only", "--cache", str(tmp_path), "--only", "CVE-2026-68320"]
+    assert cli.main([*args, "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "1 fixes: 0 applied (none runnable), 0 refused with reasons, 0 not built" in text
+    assert "1 not run yet" in text
+    assert "| apply | not_run | not run | not run yet (no cached result) |" in text

@@ -104,10 +104,14 @@ def summary_line(results: Sequence[KernelRowResult]) -> str:
     n = len(results)
     by = Counter(r.outcome for r in results)
     surprises = sum(r.verdict == "surprise" for r in results)
-    runnable = n - by["not_built"] - by["harness"]
-    pct = f"{100 * by['applied'] / runnable:.0f}% of the {runnable} in code the kernel builds"
+    runnable = n - by["not_built"] - by["harness"] - by["not_run"]
+    pct = (
+        f"{100 * by['applied'] / runnable:.0f}% of the {runnable} in code the kernel builds"
+        if runnable
+        else "none runnable"
+    )
     text = (
-        f"{n} fixes: {by['applied']} applied ({pct if runnable else 'none runnable'}), "
+        f"{n} fixes: {by['applied']} applied ({pct}), "
         f"{by['refused']} refused with reasons, {by['not_built']} not built"
     )
     for outcome, words in (("nothing", "nothing to do"), ("failed", "failed")):
@@ -115,6 +119,8 @@ def summary_line(results: Sequence[KernelRowResult]) -> str:
             text += f", {by[outcome]} {words}"
     if by["harness"]:
         text += f", {by['harness']} not run (harness)"
+    if by["not_run"]:
+        text += f", {by['not_run']} not run yet"
     text += f", {by['unsafe']} unsafe"
     return text + (f"; {surprises} surprise(s) against `expected`" if surprises else "")
 

@@ -194,7 +194,7 @@ def select(rows: Sequence[KernelRow], only: Sequence[str] | None) -> list[Kernel
 # one row's result, and its verdict
 # ---------------------------------------------------------------------------------------
 
-OUTCOMES = ("applied", "refused", "not_built", "nothing", "failed", "unsafe", "harness")
+OUTCOMES = ("applied", "refused", "not_built", "nothing", "failed", "unsafe", "harness", "not_run")
 # outcome -> the `expected` value that makes it the right answer
 RIGHT_ANSWER = {
     "applied": "apply",
@@ -206,14 +206,15 @@ RIGHT_ANSWER = {
 
 def judge(outcome: str, expected: str) -> str:
     """``ok``, ``surprise`` (livesplice did something else than ``expected``), ``harness``
-    (the lab or a download failed: no answer from livesplice) or ``not built``.
+    (the lab or a download failed: no answer from livesplice), ``not built``, or ``not run``
+    (``--table-only`` and the row has no cached result yet).
 
     A fix in code the row's flavour does not compile is "not built" whatever was expected:
     livesplice rightly has nothing to patch, and a corpus row usually records what the fix
     needs where the code is built. ``unsafe`` and ``failed`` are always surprises.
     """
-    if outcome == "harness":
-        return "harness"
+    if outcome in ("harness", "not_run"):
+        return outcome.replace("_", " ")
     if outcome == "not_built":
         return "ok" if expected in ("not_built", "nothing") else "not built"
     return "ok" if RIGHT_ANSWER.get(outcome) == expected else "surprise"
