@@ -354,8 +354,10 @@ def test_blocking_work_while_attached_passes_signals_on(spawn) -> None:  # type:
             sender.join()
     assert tg.alive()
     assert int(tg.cmd("usr1")) > 0
+    # the hash takes >= 0.5 s; under serve_while a stop lasts until the tracing thread next
+    # runs (2 ms polls) -- on a heavily loaded machine that can be tens of ms, never the hash
     assert blocked > 0.2, (served, blocked)
-    assert served < 0.1, (served, blocked)
+    assert served < blocked / 3, (served, blocked)
 
 
 def test_serve_while_passes_errors_and_results(spawn) -> None:  # type: ignore[no-untyped-def]
