@@ -55,7 +55,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from livesplice.errors import CodeBusy, LivespliceError, NoPermission, TargetGone, TargetStopped
@@ -236,11 +236,14 @@ REGS_SIZE: Final = ctypes.sizeof(Regs)
 # Column of each register in the per-thread registers array (= field order above).
 REG_INDEX: Final = {name: i for i, name in enumerate(REG_NAMES)}
 
-_libc: Any = None
+_libc: ctypes.CDLL | None = None
 
 
 def libc() -> Any:
-    """The C library, loaded on first use (no import-time side effects)."""
+    """The C library, loaded on first use (no import-time side effects).
+
+    ``Any``: ctypes resolves C functions as attributes at run time (``lib.ptrace``), which a
+    type checker cannot follow on a ``CDLL``."""
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
@@ -381,7 +384,10 @@ class Tracee:
         self.killed_by = 0  # the signal that ended the process, if we saw it die
         self._op_depth = 0  # inside a method that waits for/resumes threads (_op)
         self._chld_pending = False  # a SIGCHLD came while busy: service when idle
-        self._old_sigchld: Any = None
+        # what signal.signal returned: a handler, SIG_DFL/SIG_IGN, or None (set outside Python)
+        self._old_sigchld: Callable[[int, FrameType | None], Any] | int | signal.Handlers | None = (
+            None
+        )
         # numpy is imported lazily by the package, but never inside a stop: its first
         # import (~50-100 ms) used to hold every thread of the target stopped
         import numpy  # noqa: F401
@@ -435,7 +441,7 @@ class Tracee:
         with contextlib.suppress(ValueError, OSError):
             self._old_sigchld = signal.signal(signal.SIGCHLD, self._on_sigchld)
 
-    def _on_sigchld(self, signum: int, frame: Any) -> None:
+    def _on_sigchld(self, signum: int, frame: FrameType | None) -> None:
         old = self._old_sigchld
         if callable(old):
             old(signum, frame)

@@ -67,6 +67,7 @@ from livesplice.errors import CodeBusy, LivespliceError, TargetGone
 from livesplice.faults import checkpoint
 from livesplice.process.ptrace import (
     REG_INDEX,
+    REG_NAMES,
     REGS_WORDS,
     ThreadInVfork,
     Tracee,
@@ -83,23 +84,7 @@ if TYPE_CHECKING:
 
 # General registers that may hold a return address (e.g. a function that popped it); rip is
 # checked on its own, rsp/orig_rax/eflags/segments/fs_base/gs_base never hold code addresses.
-SCANNED_REGS = (
-    "r15",
-    "r14",
-    "r13",
-    "r12",
-    "rbp",
-    "rbx",
-    "r11",
-    "r10",
-    "r9",
-    "r8",
-    "rax",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-)
+SCANNED_REGS = REG_NAMES[: REG_NAMES.index("orig_rax")]  # the 15 general registers but rsp
 SCANNED_COLS = frozenset(REG_INDEX[n] for n in SCANNED_REGS)
 RIP = REG_INDEX["rip"]
 RSP = REG_INDEX["rsp"]
