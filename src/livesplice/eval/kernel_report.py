@@ -92,8 +92,9 @@ def _why(r: KernelRowResult) -> str:
     why = r.reason
     if r.outcome == "refused" and r.details:
         why += ": " + "; ".join(r.details[:2])
-    if r.outcome in ("failed", "unsafe", "harness") and r.details:
-        why += ": " + "; ".join(_evidence(r)[:3])
+    evidence = _evidence(r) if r.outcome in ("failed", "unsafe", "harness") else []
+    if evidence:
+        why += ": " + "; ".join(evidence[:3])
     if r.notes and r.outcome not in ("not_built",):
         why += " (" + "; ".join(r.notes[:2]) + ")"
     return why
