@@ -222,6 +222,7 @@ def _guest_run(tmp_path: Path, *, module: bool = True, **env: str) -> KernelRowR
     )
     assert done.returncode == 0, done.stderr
     row = read_kernel_csv(_csv(tmp_path, SCTP))[0]
+    (tmp_path / "out.txt").write_text(done.stdout)  # for tests that judge it again
     result = result_for(row)
     result.functions, result.objects = ["sctp_auth_ep_add_chunkid"], ["sctp"]
     judge_guest(read_guest_output(done.stdout), ["sctp"] if module else [], result)
@@ -416,3 +417,32 @@ def test_table_only_lists_rows_not_run_yet(
     assert "1 fixes: 0 applied (none runnable), 0 refused with reasons, 0 not built" in text
     assert "1 not run yet" in text
     assert "| apply | not_run | not run | not run yet (no cached result) |" in text
+
+
+def test_a_warning_the_kernel_prints_without_any_update_is_not_counted(tmp_path: Path) -> None:
+    """The bluetooth row: loading the module makes Debian's kernel print its own WARNING (a
+    crypto self-test failing under QEMU's CPU), with or without an update. A baseline boot
+    with the same modules and no update shows the same site: not counted. A different
+    WARNING in the same phase still is."""
+    from livesplice.eval.kernel_guest import baseline_script, baseline_sites, trouble_site
+
+    own = "[ 1.99] WARNING: CPU: 0 PID: 90 at crypto/testmgr.c:5907 alg_test.cold+0x7c/0xf5"
+    baseline_output = (
+        "@@KEVAL begin dmesg.baseline@@\n"
+        "[ 2.01] alg: self-tests for ecdh-nist-p256 failed (rc=-14)\n"
+        "[ 2.02] WARNING: CPU: 1 PID: 101 at crypto/testmgr.c:5907 alg_test.cold+0x7c/0xf5\n"
+        "@@KEVAL end dmesg.baseline 0@@\n"
+    )
+    sites = baseline_sites(baseline_output)
+    assert sites == {trouble_site(own)}
+    assert "for m in bluetooth; do modprobe $m; done" in baseline_script(["bluetooth"])
+    for name, line, outcome in (
+        ("own", own, "applied"),
+        ("other", "[ 9.1] WARNING: CPU: 0 PID: 7 at kernel/foo.c:12", "unsafe"),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        assert _guest_run(d, APPLY_DMESG=line).outcome == "unsafe"  # no baseline: it counts
+        result = result_for(read_kernel_csv(_csv(d, SCTP))[0])
+        judge_guest(read_guest_output((d / "out.txt").read_text()), ["sctp"], result, None, sites)
+        assert result.outcome == outcome, (name, result)
