@@ -39,7 +39,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def measure_busy(
-    exe: Path, threads: int, runs: int, fifo: bool | None
+    exe: Path, threads: int, runs: int, fifo: bool
 ) -> tuple[list[float], list[int], list[int], int]:
     """Pauses, threads run out and slices per successful window; windows that stayed busy."""
     from livesplice.errors import CodeBusy
@@ -75,7 +75,7 @@ def measure_busy(
         tg.stop()
 
 
-def measure(exe: Path, threads: int, runs: int, blocked: bool, fifo: bool | None) -> list[float]:
+def measure(exe: Path, threads: int, runs: int, blocked: bool, fifo: bool) -> list[float]:
     args = [str(max(threads - 1, 0) if threads > 1 else 0)]
     if blocked:
         args = [str(threads - 1), "sleepers"]  # main thread blocks in fgets, workers in read
@@ -104,10 +104,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 8, 64, 256])
     ap.add_argument("--blocked", action="store_true", help="threads blocked in read()")
-    ap.add_argument("--fifo", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--fifo", choices=["on", "off"], default="on")
     ap.add_argument("--busy", action="store_true", help="threads inside the busy code")
     a = ap.parse_args()
-    fifo = {"auto": None, "on": True, "off": False}[a.fifo]
+    fifo = a.fifo == "on"
     with tempfile.TemporaryDirectory() as d:
         exe = build("ptrace_spin", Path(d))
         if a.busy:

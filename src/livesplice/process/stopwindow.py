@@ -378,8 +378,8 @@ class StopWindow:
         replacement code when undoing).
     :param precise: count only plausible return addresses on stacks (see module docstring);
         False = every word inside a range counts (Ksplice's rule).
-    :param fifo: run the patcher SCHED_FIFO during the window (:func:`realtime`). None (the
-        default) = yes. On a loaded machine a patcher at normal priority is descheduled
+    :param fifo: run the patcher SCHED_FIFO during the window (:func:`realtime`), the
+        default. On a loaded machine a patcher at normal priority is descheduled
         inside the window, with every thread of the target stopped: measured at load ~19 on
         2 CPUs (benchmarks/bench_pause.py --fifo on|off), p99 of the window 0.7/0.5/4.5 ms
         with FIFO for 1/4/8 spinning threads against 2.4/10.5/36 ms without; on the soak
@@ -398,7 +398,7 @@ class StopWindow:
         retries: int = 5,
         interval: float = 1.0,
         precise: bool = True,
-        fifo: bool | None = None,
+        fifo: bool = True,
         run_out: float = 0.05,
     ) -> None:
         import numpy as np
@@ -529,7 +529,7 @@ class StopWindow:
         for attempt in range(1, self.retries + 1):
             t.service()  # pass on signals / start new threads before we time anything
             try:
-                with realtime(self.fifo is not False), _no_gc():
+                with realtime(self.fifo), _no_gc():
                     t0 = time.perf_counter_ns()
                     t.stop()
                     ran_out = slices = 0
