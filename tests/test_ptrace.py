@@ -21,12 +21,17 @@ from livesplice.process.remote import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    SLOT,
+    Ref,
+    Syscall,
+    find_stub_area,
     read_maps,
     remote_call,
     remote_mmap,
     remote_mprotect,
     remote_munmap,
     remote_syscall,
+    run_syscalls,
 )
 
 SYS_GETPID = 39
@@ -138,6 +143,72 @@ def test_remote_syscall_runs_on_a_thread(spawn) -> None:  # type: ignore[no-unty
         after = t.get_regs(tg.pid)
         assert bytes(before) == bytes(after)  # registers restored exactly
         t.resume()
+    assert tg.cmd("seen") == "0"
+
+
+def test_a_batch_of_system_calls_runs_in_one_stub(spawn) -> None:  # type: ignore[no-untyped-def]
+    """Results flow from step to step, a failed checked step skips the rest, an unchecked one
+    does not, bytes arguments are copied in, and the registers come back exactly."""
+    tg = spawn("ptrace_spin", "2")
+    f_getfd, fd_cloexec, ebadf = 1, 1, -9
+    with Tracee(tg.pid) as t:
+        getpid = Syscall(SYS_GETPID)
+        assert run_syscalls(t, [getpid, Syscall(3, (12345,)), getpid]) == [tg.pid, ebadf, None]
+        assert run_syscalls(t, [Syscall(3, (12345,), check=False), getpid]) == [ebadf, tg.pid]
+        memfd = [
+            Syscall(319, (b"livesplice-batch\0", 1)),  # memfd_create(name, MFD_CLOEXEC)
+            Syscall(72, (Ref(0), f_getfd)),  # fcntl(fd, F_GETFD)
+            Syscall(3, (Ref(0),)),  # close(fd)
+        ]
+        fd, flags, closed = run_syscalls(t, memfd)
+        assert fd is not None and fd >= 0 and flags == fd_cloexec and closed == 0
+        # a process whose only stub area holds one 256-byte slot: one stub run per step
+        lo, hi = find_stub_area(t)
+        t.cache["stub_lo"] = hi - SLOT
+        assert run_syscalls(t, memfd) == [fd, fd_cloexec, 0]
+        assert run_syscalls(t, [getpid, Syscall(3, (12345,)), getpid]) == [tg.pid, ebadf, None]
+        t.cache["stub_lo"] = lo
+        left = [os.readlink(f"/proc/{tg.pid}/fd/{n}") for n in os.listdir(f"/proc/{tg.pid}/fd")]
+        assert not [x for x in left if "livesplice-batch" in x]
+        # inside a stop window, on a thread whose stack has no room below it: the bytes go
+        # to a page mapped for the purpose (and unmapped after)
+        t.stop()
+        before = t.get_regs(tg.pid)
+        # (not just below [stack]: a write there grows the stack, as a push would)
+        lowest = read_maps(tg.pid)[0]
+        r = before.copy()
+        r.rsp = lowest[0] + 64
+        t.set_regs(tg.pid, r)
+        maps_before = read_maps(tg.pid)
+        [fd] = run_syscalls(t, [Syscall(319, (b"livesplice-low\0", 1))], thread=tg.pid)
+        assert fd is not None and fd >= 0
+        assert read_maps(tg.pid) == maps_before
+        assert bytes(t.get_regs(tg.pid)) == bytes(r)
+        t.set_regs(tg.pid, before)
+        remote_syscall(t, 3, fd)
+        assert bytes(t.get_regs(tg.pid)) == bytes(before)
+        t.resume()
+    assert tg.cmd("seen") == "0"
+
+
+def test_a_named_mapping_holds_its_thread_for_one_stub_run(
+    spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """memfd_create, ftruncate, mmap and close of one mapping are one stub run: the host
+    thread goes through one interrupt stop, not four (it was held 1 ms for them)."""
+    tg = spawn("ptrace_spin", "2")
+    runs: list[int] = []
+    real = Tracee.to_event_stop
+
+    def counted(self: Tracee, tid: int) -> None:
+        runs.append(tid)
+        real(self, tid)
+
+    monkeypatch.setattr(Tracee, "to_event_stop", counted)
+    with Tracee(tg.pid) as t:
+        addr = remote_mmap(t, 8192, PROT_READ | PROT_EXEC, name="livesplice:test:one")
+        assert len(runs) == 1, runs
+        remote_munmap(t, addr, 8192)
     assert tg.cmd("seen") == "0"
 
 

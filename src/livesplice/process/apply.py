@@ -449,7 +449,7 @@ class _Splice:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         from livesplice.process.ptrace import CRASH_SIGNALS
-        from livesplice.process.remote import remote_munmap
+        from livesplice.process.remote import remote_munmap_all
 
         t = self.t
         if isinstance(exc, UncleanHook):
@@ -466,8 +466,7 @@ class _Splice:
                         f"it crashed ({signal.Signals(t.killed_by).name}) "
                         "while it was being patched"
                     )
-            for addr, size in reversed(self.mapped):
-                remote_munmap(t, addr, size)
+            remote_munmap_all(t, self.mapped[::-1])
             if not self.keep:  # rolled back: nothing of the update is left in the process
                 close_stale_descriptors(t, self.id)
                 t.serve_while(lambda: journal.remove_entry(self.pid, self.id))
@@ -955,13 +954,12 @@ def _unmap_unrecorded(u: Present, update_id: str, pid: int) -> None:
     """An apply interrupted before it recorded anything: trampolines are only ever written
     after the record, so nothing points into these mappings. Unmap them."""
     from livesplice.process.ptrace import Tracee
-    from livesplice.process.remote import remote_munmap
+    from livesplice.process.remote import remote_munmap_all
 
     sm = u.mapping
     with Tracee(pid) as t:
-        for rng in (sm.code, sm.data, sm.record) if sm else ():
-            if rng:
-                remote_munmap(t, rng[0], rng[1] - rng[0])
+        ranges = [r for r in ((sm.code, sm.data, sm.record) if sm else ()) if r]
+        remote_munmap_all(t, [(a, b - a) for a, b in ranges])
         close_stale_descriptors(t, update_id)
     journal.remove_entry(pid, update_id)
 
@@ -1076,7 +1074,7 @@ class _Unsplice:
         """Unmap the update -- unless the program still holds pointers into it (a string
         the new code stored in a global, a callback it registered): unmapping would crash it
         later, so the memory stays, marked reverted; the jumps are gone all the same."""
-        from livesplice.process.remote import remote_munmap
+        from livesplice.process.remote import remote_munmap_all
 
         rec, t = self.rec, self.t
         ours = [r for r in (rec.code, rec.data) if r[1] > r[0]]
@@ -1103,9 +1101,8 @@ class _Unsplice:
             )
             self.report.warnings.append(f"undo kept update {self.id}'s memory mapped: {why}")
         else:
-            for rng in (rec.code, rec.data, record_map):
-                if rng and rng[1] > rng[0]:
-                    remote_munmap(t, rng[0], rng[1] - rng[0])
+            ranges = [r for r in (rec.code, rec.data, record_map) if r and r[1] > r[0]]
+            remote_munmap_all(t, [(a, b - a) for a, b in ranges])
             checkpoint("undo:unmapped")
             t.serve_while(lambda: journal.remove_entry(self.pid, self.id))
         close_stale_descriptors(t, self.id)

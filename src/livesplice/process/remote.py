@@ -11,7 +11,10 @@ changed -- the original values are immediates in the stub:
   rax; popfq`` (flags), ``movabs rsp, RSP``, ``movabs`` for each of the 15 other general
   registers, ``jmp [rip+0]`` with the original ``rip`` after it. Nothing is written at or
   above the thread's ``rsp - 128``.
-* :func:`remote_syscall`: ``syscall`` then the restore.
+* :func:`run_syscalls` (and :func:`remote_syscall`, one of them): each system call in turn
+  (a result kept in a callee-preserved register for the next one's arguments, a failure
+  skipping the rest), then ``getpid`` as the end marker, then the restore. A named mapping's
+  four calls are one stub run: one hold of the host thread instead of four.
 * :func:`remote_call`: ``xsave64`` (the whole user FPU/vector state -- x87, SSE, the AVX
   upper halves, AVX-512, PKRU -- into a 64-byte aligned area below the red zone; ``fxsave64``
   on a CPU without XSAVE), ``call [func]``, ``mov rdi, rax`` (the result), ``xrstor64``,
@@ -37,8 +40,8 @@ call, and its thread may yet return into it. A slot holding some thread's ``rip`
 When the tool is alive it stops the thread itself and restores the registers with
 ``PTRACE_SETREGS`` (exactly today's registers, restart pending as before):
 
-* system call: ``PTRACE_SYSCALL`` to the syscall-entry and then the syscall-exit stop of the
-  stub's ``syscall`` (``rax`` = result).
+* system calls: ``PTRACE_SYSCALL`` from stop to stop (the steps' own entry and exit stops)
+  until the entry stop of the marker's ``getpid``, where the result registers are read.
 * call: ``PTRACE_SYSCALL`` until the entry stop of the stub's ``getpid`` (``rdi`` = result;
   the callee's own system calls stop too and are passed), then its exit stop.
 * Then :meth:`Tracee.to_event_stop` moves the thread into an interrupt stop before the
@@ -69,6 +72,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 from livesplice.errors import HookFailed, LivespliceError, RemoteCallFailed, TargetGone
 from livesplice.faults import checkpoint
@@ -247,9 +251,118 @@ def restore_code(r: Regs) -> bytes:
     return b"".join(out)
 
 
-def syscall_stub(r: Regs) -> bytes:
-    """``syscall``, then restore ``r``."""
-    return SYSCALL_INSN + restore_code(r)
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the result of an earlier step of the same batch."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class Syscall:
+    """One step of a batch run by :func:`run_syscalls`.
+
+    ``args``: integers, :class:`Ref` (an earlier step's result) or bytes (copied into the
+    target's memory first; the argument is their address). ``check``: when the call fails
+    (a result in [-4095, -1]) the steps after it do not run -- a cleanup step that must run
+    anyway (a ``close``) follows an unchecked one.
+    """
+
+    nr: int
+    args: tuple[int | Ref | bytes, ...] = ()
+    check: bool = True
+
+    @property
+    def label(self) -> str:
+        """The system call's name for fault-injection checkpoints and messages."""
+        return _SYSCALL_NAMES.get(self.nr, str(self.nr))
+
+
+_REGNUM = {  # the x86-64 encoding of each general register
+    name: i
+    for i, name in enumerate(
+        [
+            "rax",
+            "rcx",
+            "rdx",
+            "rbx",
+            "rsp",
+            "rbp",
+            "rsi",
+            "rdi",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+        ]
+    )
+}
+SYSCALL_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+# Results of a batch's steps: registers the kernel's system-call path preserves (everything
+# but rax, rcx and r11) and no step's arguments use.
+RESULT_REGS = ("r12", "r13", "r14", "r15", "rbx", "rbp")
+NOT_RUN = 1 << 63  # the value a result register holds for a step that did not run
+_CMP_RAX_MINUS_4095 = b"\x48\x3d" + struct.pack("<i", -4095)
+_JAE_REL32 = b"\x0f\x83"
+
+
+def _mov_imm(reg: str, value: int) -> bytes:
+    """The shortest ``mov reg, value`` (64-bit result) for a general register."""
+    n, v = _REGNUM[reg], value & _MASK64
+    rex_b = 1 if n >= 8 else 0
+    if v < 1 << 32:  # mov r32, imm32 zero-extends
+        return (b"\x41" if rex_b else b"") + bytes([0xB8 + (n & 7)]) + struct.pack("<I", v)
+    if v >= (1 << 64) - (1 << 31):  # mov r/m64, imm32 sign-extends
+        return bytes([0x48 | rex_b, 0xC7, 0xC0 | (n & 7)]) + struct.pack("<i", _signed64(v))
+    return bytes([0x48 | rex_b, 0xB8 + (n & 7)]) + struct.pack("<Q", v)
+
+
+def _mov_reg(dst: str, src: str) -> bytes:
+    """``mov dst, src`` between 64-bit general registers."""
+    d, s = _REGNUM[dst], _REGNUM[src]
+    rex = 0x48 | (4 if s >= 8 else 0) | (1 if d >= 8 else 0)
+    return bytes([rex, 0x89, 0xC0 | (s & 7) << 3 | (d & 7)])
+
+
+def batch_stub(steps: list[tuple[int, tuple[int | Ref, ...], bool]], r: Regs) -> tuple[bytes, int]:
+    """Run system calls one after the other, then ``getpid`` (the end marker), then restore
+    ``r``. Returns the code and the offset just after the marker's ``syscall``.
+
+    Step i's result stays in ``RESULT_REGS[i]`` (the tool reads them all at the marker's
+    entry stop); a failed checked step jumps straight to the marker. Why one stub for
+    several calls: every stub run costs the host thread a stop, two register writes and an
+    interrupt stop; a named mapping is four calls (memfd_create, ftruncate, mmap, close), and
+    the host thread -- often the one accepting connections -- was held 1 ms for them.
+    """
+    if len(steps) > len(RESULT_REGS):
+        raise ValueError(f"at most {len(RESULT_REGS)} system calls per batch")
+    code = bytearray()
+    jumps: list[int] = []  # offsets of rel32 fields that jump to the marker
+    for i, (nr, args, check) in enumerate(steps):
+        if len(args) > len(SYSCALL_ARG_REGS):
+            raise ValueError(f"at most {len(SYSCALL_ARG_REGS)} arguments")
+        for reg, arg in zip(SYSCALL_ARG_REGS, args, strict=False):
+            if isinstance(arg, Ref):
+                if not 0 <= arg.step < i:
+                    raise ValueError(f"step {i} refers to step {arg.step}")
+                code += _mov_reg(reg, RESULT_REGS[arg.step])
+            else:
+                code += _mov_imm(reg, arg)
+        code += _mov_imm("rax", nr) + SYSCALL_INSN + _mov_reg(RESULT_REGS[i], "rax")
+        if check and i < len(steps) - 1:
+            code += _CMP_RAX_MINUS_4095 + _JAE_REL32
+            jumps.append(len(code))
+            code += bytes(4)
+    marker = len(code)
+    for at in jumps:
+        code[at : at + 4] = struct.pack("<i", marker - (at + 4))
+    code += _MOV_EAX_GETPID + SYSCALL_INSN
+    after = len(code)
+    return bytes(code) + restore_code(r), after
 
 
 def call_stub(func: int, r: Regs, *, xsave: bool) -> tuple[bytes, int]:
@@ -351,24 +464,26 @@ class _PlacedStub:
 
 
 def _place_stub(t: Tracee, code: bytes) -> _PlacedStub:
-    """Write ``code`` into a stub slot no thread's rip is in (a leftover of a dead tool)."""
+    """Write ``code`` into free stub slots (as many consecutive ones as it needs) that no
+    thread's rip is in; a slot that is not all zeros is a leftover of a dead tool."""
     lo, hi = find_stub_area(t)
     _, regs = t.stopped_regs()
     from livesplice.process.ptrace import REG_INDEX
 
     rips = set(regs[:, REG_INDEX["rip"]].tolist())
+    span = -(-len(code) // SLOT) * SLOT
     area = t.read(lo, hi - lo)
-    for at in range(hi - SLOT, lo - 1, -SLOT):
+    for at in range(hi - span, lo - 1, -SLOT):
         # a slot not all zeros holds the stub of a tool killed mid-call whose thread may
         # still return into it (its callee runs): never reused
-        if area[at - lo : at - lo + SLOT].count(0) != SLOT:
+        if area[at - lo : at - lo + span].count(0) != span:
             continue
-        if not any(at <= ip < at + SLOT for ip in rips):
+        if not any(at <= ip < at + span for ip in rips):
             t.write(at, code)
             return _PlacedStub(at, bytes(len(code)))
     raise LivespliceError(
         f"no free stub slot in process {t.pid}",
-        details=[f"stub area {lo:#x}-{hi:#x}: no zero-filled {SLOT}-byte slot"],
+        details=[f"stub area {lo:#x}-{hi:#x}: no zero-filled {span}-byte run of slots"],
     )
 
 
@@ -393,9 +508,9 @@ def _wait(t: Tracee, tid: int) -> tuple[int, int]:
 
 
 def _to_syscall_stop(t: Tracee, tid: int, at: int, nr: int) -> Regs:
-    """Run the thread until its next syscall-stop at ``at`` (just after the stub's
+    """Run the thread until its next syscall-stop at ``at`` (just after a stub's
     ``syscall``) for system call ``nr``. Real signals on the way stay recorded (delivered at
-    resume); a stale interrupt stop is passed."""
+    resume); a stale interrupt stop and the stub's other system calls are passed."""
     while True:
         t.run_thread(tid, PTRACE_SYSCALL)
         sig, _event = _wait(t, tid)
@@ -405,27 +520,103 @@ def _to_syscall_stop(t: Tracee, tid: int, at: int, nr: int) -> Regs:
                 return now
 
 
-def _syscall_on(t: Tracee, tid: int, nr: int, args: tuple[int, ...]) -> int:
+def _place_data(t: Tracee, tid: int, blobs: list[bytes]) -> tuple[list[int], int]:
+    """Copy ``blobs`` into the target: (their addresses, an anonymous page to unmap or 0).
+
+    Below the red zone of the stopped thread's stack is free memory; if that is not mapped
+    (a thread at the very bottom of its stack) a fresh anonymous page.
+    """
+    if not blobs:
+        return [], 0
+    data = b"".join(blobs)
+    rsp = t.get_regs(tid).rsp
+    base, page = (rsp - RED_ZONE - 512 - len(data)) & ~0xF, 0
+    try:
+        t.write(base, data)
+    except TargetGone:
+        raise
+    except LivespliceError:
+        anon = Syscall(
+            SYS_MMAP, (0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        )
+        base = page = _check(t, "mmap", _syscalls_on(t, tid, [anon])[0] or 0)
+        if len(data) > PAGE:
+            raise ValueError("batch data larger than a page") from None
+        t.write(base, data)
+    addrs, at = [], base
+    for blob in blobs:
+        addrs.append(at)
+        at += len(blob)
+    return addrs, page
+
+
+def _syscalls_on(t: Tracee, tid: int, steps: list[Syscall]) -> list[int | None]:
+    """Run ``steps`` in one stub run on the stopped thread ``tid`` (:func:`batch_stub`);
+    each step's raw result (negative errno), None for a step a failed check skipped."""
+    blobs = [a for s in steps for a in s.args if isinstance(a, bytes)]
+    addrs, page = _place_data(t, tid, blobs)
+    where = iter(addrs)
+    plan = [
+        (s.nr, tuple(next(where) if isinstance(a, bytes) else a for a in s.args), s.check)
+        for s in steps
+    ]
+    try:
+        lo, hi = find_stub_area(t)
+        if len(plan) > 1 and len(batch_stub(plan, Regs())[0]) > hi - lo:
+            return _one_by_one(t, tid, plan, steps)
+        return _run_batch(t, tid, plan, [s.label for s in steps])
+    finally:
+        if page:
+            _syscalls_on(t, tid, [Syscall(SYS_MUNMAP, (page, PAGE))])
+
+
+def _one_by_one(
+    t: Tracee, tid: int, plan: list[tuple[int, tuple[int | Ref, ...], bool]], steps: list[Syscall]
+) -> list[int | None]:
+    """The batch as one stub run per step (same results), for a process whose largest stub
+    area is too small for the whole batch."""
+    results: list[int | None] = [None] * len(plan)
+    for i, (nr, args, check) in enumerate(plan):
+        known = tuple(results[a.step] if isinstance(a, Ref) else a for a in args)
+        rv = _run_batch(t, tid, [(nr, cast("tuple[int, ...]", known), False)], [steps[i].label])[0]
+        results[i] = rv
+        if check and rv is not None and -4096 < rv < 0:
+            break
+    return results
+
+
+def _run_batch(
+    t: Tracee,
+    tid: int,
+    plan: list[tuple[int, tuple[int | Ref, ...], bool]],
+    labels: list[str],
+) -> list[int | None]:
     saved = t.get_regs(tid)
-    stub = _place_stub(t, syscall_stub(resume_regs(saved)))
+    code, after = batch_stub(plan, resume_regs(saved))
+    stub = _place_stub(t, code)
     r = saved.copy()
-    r.rax = nr
-    _set_args(r, args, ("rdi", "rsi", "rdx", "r10", "r8", "r9"))
+    for reg in RESULT_REGS:
+        setattr(r, reg, NOT_RUN)
     r.rip = stub.addr
     r.orig_rax = _MASK64  # -1: no restart logic on our registers
-    label = _SYSCALL_NAMES.get(nr, str(nr))
-    after = stub.addr + len(SYSCALL_INSN)
     settled = False
     try:
         t.set_regs(tid, r)
-        _point("regs-set", label)
-        _to_syscall_stop(t, tid, after, nr)  # entry
-        rv = _signed64(_to_syscall_stop(t, tid, after, nr).rax)  # exit: the result
-        _point("after-syscall", label)
+        for label in labels:
+            _point("regs-set", label)
+        # every stop up to the marker's entry stop: the steps' own syscall-stops, passed
+        end = _to_syscall_stop(t, tid, stub.addr + after, SYS_GETPID)
+        results: list[int | None] = []
+        for reg, _ in zip(RESULT_REGS, plan, strict=False):
+            v = getattr(end, reg)
+            results.append(None if v == NOT_RUN else _signed64(v))
+        for label in labels:
+            _point("after-syscall", label)
         t.to_event_stop(tid)
         settled = True
-        _point("before-restore", label)
-        return rv
+        for label in labels:
+            _point("before-restore", label)
+        return results
     finally:
         _restore(t, tid, saved, stub, settled)
 
@@ -459,8 +650,19 @@ def remote_syscall(t: Tracee, nr: int, *args: int, thread: int | None = None) ->
 
     ``thread``: the thread to run it on (default: :meth:`Tracee.pick_thread`).
     """
+    result = run_syscalls(t, [Syscall(nr, args)], thread=thread)[0]
+    assert result is not None  # a single step always runs
+    return result
+
+
+def run_syscalls(t: Tracee, steps: list[Syscall], thread: int | None = None) -> list[int | None]:
+    """Execute ``steps`` in the target one after the other, holding one thread once.
+
+    Returns each step's raw result (negative errno), None for a step that did not run
+    because a checked step before it failed.
+    """
     with stopped(t, thread) as tid:
-        return _syscall_on(t, tid, nr, args)
+        return _syscalls_on(t, tid, steps)
 
 
 def _check(t: Tracee, what: str, rv: int) -> int:
@@ -516,52 +718,49 @@ def _near_candidates(
     return sorted(out, key=lambda x: abs(x + size // 2 - mid))
 
 
-def _scratch_string(t: Tracee, tid: int, text: bytes) -> tuple[int, int]:
-    """Put a NUL-terminated string in target memory: (address, mapping to unmap or 0).
-
-    Below the red zone of the stopped thread's stack is free memory; if that is not mapped
-    (a thread at the very bottom of its stack) use a fresh anonymous page.
-    """
-    data = text + b"\0"
-    rsp = t.get_regs(tid).rsp
-    addr = (rsp - RED_ZONE - 512 - len(data)) & ~0xF
-    try:
-        t.write(addr, data)
-        return addr, 0
-    except TargetGone:
-        raise
-    except LivespliceError:
-        pass
-    page = _check(
-        t,
-        "mmap",
-        _syscall_on(
-            t, tid, SYS_MMAP, (0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        ),
-    )
-    t.write(page, data)
-    return page, page
+_NO_MFD_EXEC: list[bool] = []  # [True] once the kernel refused MFD_EXEC (older than 6.3)
 
 
-def _memfd(t: Tracee, tid: int, name: str, size: int, executable: bool) -> int:
+def _mapping_steps(name: str | None, size: int, prot: int, flags: int, want: int) -> list[Syscall]:
+    """The system calls of one mapping: anonymous, or a private mapping of a memfd named
+    ``name`` (memfd_create, ftruncate, mmap, close -- the close runs whatever mmap did)."""
+    if want:
+        flags |= MAP_FIXED_NOREPLACE
+    if name is None:
+        return [Syscall(SYS_MMAP, (want, size, prot, flags | MAP_ANONYMOUS, -1, 0))]
     raw = name.encode()
     if len(raw) > 249:  # memfd_create(2): at most 249 bytes
         raise ValueError(f"memfd name too long: {name!r}")
-    addr, scratch = _scratch_string(t, tid, raw)
-    try:
-        flags = MFD_CLOEXEC | (MFD_EXEC if executable else 0)
-        fd = _syscall_on(t, tid, SYS_MEMFD_CREATE, (addr, flags))
-        if fd == -EINVAL and executable:  # a kernel older than 6.3 does not know MFD_EXEC
-            fd = _syscall_on(t, tid, SYS_MEMFD_CREATE, (addr, MFD_CLOEXEC))
-        _check(t, "memfd_create", fd)
-    finally:
-        if scratch:
-            _syscall_on(t, tid, SYS_MUNMAP, (scratch, PAGE))
-    rv = _syscall_on(t, tid, SYS_FTRUNCATE, (fd, size))
-    if rv < 0:
-        _syscall_on(t, tid, SYS_CLOSE, (fd,))
-        _check(t, "ftruncate", rv)
-    return fd
+    mfd = MFD_CLOEXEC
+    if prot & PROT_EXEC and not _NO_MFD_EXEC:
+        mfd |= MFD_EXEC
+    return [
+        Syscall(SYS_MEMFD_CREATE, (raw + b"\0", mfd)),
+        Syscall(SYS_FTRUNCATE, (Ref(0), size)),
+        Syscall(SYS_MMAP, (want, size, prot, flags, Ref(0), 0), check=False),
+        Syscall(SYS_CLOSE, (Ref(0),), check=False),
+    ]
+
+
+def _map_on(
+    t: Tracee, tid: int, name: str | None, size: int, prot: int, flags: int, want: int
+) -> int:
+    """One mapping in one stub run; the raw mmap result (a failed memfd_create or ftruncate
+    raises REMOTE_FAILED, its descriptor closed)."""
+    steps = _mapping_steps(name, size, prot, flags, want)
+    res = _syscalls_on(t, tid, steps)
+    if name is None:
+        return res[0] or 0
+    fd, truncated, mapped = res[0] or 0, res[1], res[2]
+    if fd == -EINVAL and prot & PROT_EXEC and not _NO_MFD_EXEC:
+        _NO_MFD_EXEC.append(True)  # a kernel older than 6.3 does not know MFD_EXEC
+        return _map_on(t, tid, name, size, prot, flags, want)
+    _check(t, "memfd_create", fd)
+    if truncated is not None and truncated < 0:
+        _syscalls_on(t, tid, [Syscall(SYS_CLOSE, (fd,))])
+        _check(t, "ftruncate", truncated)
+    assert mapped is not None
+    return mapped
 
 
 def remote_mmap(
@@ -579,49 +778,49 @@ def remote_mmap(
     ``name``: the mapping is a private mapping of ``memfd_create(name)``, so /proc/PID/maps
     shows ``/memfd:<name> (deleted)`` (this kernel has no CONFIG_ANON_VMA_NAME). It is
     MAP_PRIVATE so that a fork of the target copies it like any other private memory.
+
+    All system calls of one try run in one stub run (one short hold of one thread); the
+    free gaps are read from /proc/PID/maps before, while the program runs.
     """
     size = _page_up(max(size, 1))
-    with stopped(t, thread) as tid:
-        fd = -1
-        flags = MAP_PRIVATE
-        if name is not None:
-            fd = _memfd(t, tid, name, size, bool(prot & PROT_EXEC))
-        else:
-            flags |= MAP_ANONYMOUS
-        try:
-            if near is None:
-                return _check(
-                    t, "mmap", _syscall_on(t, tid, SYS_MMAP, (0, size, prot, flags, fd, 0))
-                )
-            lo, hi = near
-            for _attempt in range(8):
-                cands = _near_candidates(read_maps(t.pid), size, lo, hi)
-                if not cands:
-                    break
-                want = cands[0]
-                got = _syscall_on(
-                    t, tid, SYS_MMAP, (want, size, prot, flags | MAP_FIXED_NOREPLACE, fd, 0)
-                )
-                if got == want:
-                    return got
-                if got == -EEXIST:
-                    continue  # taken since we read the maps: read them again
-                if got >= 0:  # flag ignored (old kernel): the kernel chose elsewhere
-                    _syscall_on(t, tid, SYS_MUNMAP, (got, size))
-                    break
-                _check(t, "mmap", got)
-            raise LivespliceError(
-                f"no free {size}-byte range in [{lo:#x}, {hi:#x}) of process {t.pid}",
-                advice="the update must lie within ±2 GB of the code it patches",
-            )
-        finally:
-            if fd >= 0:
-                _syscall_on(t, tid, SYS_CLOSE, (fd,))
+    if near is None:
+        with stopped(t, thread) as tid:
+            return _check(t, "mmap", _map_on(t, tid, name, size, prot, MAP_PRIVATE, 0))
+    lo, hi = near
+    for _attempt in range(8):
+        cands = _near_candidates(read_maps(t.pid), size, lo, hi)
+        if not cands:
+            break
+        want = cands[0]
+        with stopped(t, thread) as tid:
+            got = _map_on(t, tid, name, size, prot, MAP_PRIVATE, want)
+            if got >= 0 and got != want:  # flag ignored (old kernel): the kernel chose elsewhere
+                _syscalls_on(t, tid, [Syscall(SYS_MUNMAP, (got, size))])
+                break
+        if got == want:
+            return got
+        if got == -EEXIST:
+            continue  # taken since we read the maps: read them again
+        _check(t, "mmap", got)
+    raise LivespliceError(
+        f"no free {size}-byte range in [{lo:#x}, {hi:#x}) of process {t.pid}",
+        advice="the update must lie within ±2 GB of the code it patches",
+    )
 
 
 def remote_munmap(t: Tracee, addr: int, size: int) -> None:
     """munmap inside the target (a failure raises REMOTE_FAILED)."""
-    _check(t, "munmap", remote_syscall(t, SYS_MUNMAP, addr, _page_up(size)))
+    remote_munmap_all(t, [(addr, size)])
+
+
+def remote_munmap_all(t: Tracee, ranges: list[tuple[int, int]]) -> None:
+    """munmap each (address, size) inside the target, holding one thread once (six per run);
+    every one is tried, then the first failure raises REMOTE_FAILED."""
+    for i in range(0, len(ranges), len(RESULT_REGS)):
+        chunk = ranges[i : i + len(RESULT_REGS)]
+        steps = [Syscall(SYS_MUNMAP, (a, _page_up(n)), check=False) for a, n in chunk]
+        for rv in run_syscalls(t, steps):
+            _check(t, "munmap", rv or 0)
 
 
 def remote_mprotect(t: Tracee, addr: int, size: int, prot: int) -> None:
