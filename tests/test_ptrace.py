@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from livesplice.process.remote import (
     SLOT,
     Ref,
     Syscall,
+    _mark_signal,
     find_stub_area,
     read_maps,
     remote_call,
@@ -210,6 +212,48 @@ def test_a_named_mapping_holds_its_thread_for_one_stub_run(
         assert len(runs) == 1, runs
         remote_munmap(t, addr, 8192)
     assert tg.cmd("seen") == "0"
+
+
+@pytest.mark.parametrize(
+    ("setup", "mark"),
+    [
+        ((), signal.SIGURG),
+        (("catch=23,28",), signal.SIGCHLD),  # SIGURG, SIGWINCH handled by the program
+        (("catch=28", "block=23"), signal.SIGCHLD),  # SIGURG blocked in every thread
+        (("catch=17,23,28",), 0),  # none left: stepping from syscall-stop to syscall-stop
+    ],
+)
+def test_a_batch_ends_with_a_signal_the_program_never_sees(  # type: ignore[no-untyped-def]
+    spawn, setup: tuple[str, ...], mark: int
+) -> None:
+    """The end marker of a stub run is a default-ignored signal the program has no handler
+    for and does not block -- also when the tool dies while the thread sits in that
+    signal's delivery stop (the kernel then delivers it: ignored)."""
+    tg = spawn("ptrace_spin", "2", *setup)
+    with Tracee(tg.pid) as t:
+        t.hold_one(tg.pid)
+        assert _mark_signal(t, tg.pid) == mark
+        t.release_one(tg.pid)
+        for _ in range(20):
+            addr = remote_mmap(t, 8192, PROT_READ | PROT_EXEC, name="livesplice:test:mark")
+            remote_munmap(t, addr, 8192)
+    script = (
+        "import sys; from livesplice.process.ptrace import Tracee; "
+        "from livesplice.process.remote import remote_mmap\n"
+        "with Tracee(int(sys.argv[1])) as t: remote_mmap(t, 4096, 1, name='livesplice:kill')"
+    )
+    for point in ("remote:after-syscall:mmap", "remote:regs-set:mmap"):
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(tg.pid)],
+            env={**os.environ, "LIVESPLICE_KILL_AT": point},
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == -9, (r.returncode, r.stderr)
+    assert tg.cmd("caught") == "0"  # no handler of the program ever ran
+    before = int(tg.cmd("calls"))
+    time.sleep(0.05)
+    assert int(tg.cmd("calls")) > before and tg.alive()
 
 
 def test_remote_mmap_near_and_named(spawn) -> None:  # type: ignore[no-untyped-def]

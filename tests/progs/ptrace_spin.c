@@ -9,8 +9,10 @@
  *   hot: workers loop through hot_outer() -> hot_inner() (nearly all their time in the two,
  *        a short usleep every 1024 turns): the busy path of the stop window (benchmarks);
  *   holder: a thread named "holder" keeps a pointer to answer() in its stack frame and
- *           sleeps (a stale word that a conservative stack scan mistakes for a frame).
- * Commands on stdin, one per line, answered on stdout: seen, calls, usr1, counter, quit.
+ *           sleeps (a stale word that a conservative stack scan mistakes for a frame);
+ *   catch=N,M..: count signals N, M... in a handler; block=N,M..: every thread blocks them.
+ * Commands on stdin, one per line, answered on stdout: seen, calls, usr1, counter, caught,
+ * quit.
  * With 0 workers the main thread spins itself and polls stdin (single-thread process).
  */
 #define _GNU_SOURCE
@@ -58,6 +60,20 @@ static void *hot_worker(void *arg) {
 }
 
 static void on_usr1(int s) { (void)s; usr1++; }
+static volatile sig_atomic_t caught;
+static void on_caught(int s) { (void)s; caught++; }
+
+/* "N,M,...": each signal number passed to fn */
+static void each_signal(const char *list, void (*fn)(int)) {
+    for (const char *p = list; *p;) {
+        fn(atoi(p));
+        while (*p && *p != ',') p++;
+        if (*p) p++;
+    }
+}
+static void catch_one(int s) { signal(s, on_caught); }
+static sigset_t blocked;
+static void block_one(int s) { sigaddset(&blocked, s); }
 
 static void work_once(long id, unsigned *x) {
     for (int i = 0; i < 2000; i++) *x = *x * 1103515245u + 12345u;
@@ -137,6 +153,8 @@ static void answer_command(const char *line) {
         printf("%ld\n", n);
     } else if (!strncmp(line, "usr1", 4)) {
         printf("%d\n", (int)usr1);
+    } else if (!strncmp(line, "caught", 6)) {
+        printf("%d\n", (int)caught);
     } else if (!strncmp(line, "counter", 7)) {
         printf("%d\n", counter);
     } else if (!strncmp(line, "quit", 4)) {
@@ -153,6 +171,12 @@ int main(int argc, char **argv) {
     pthread_t th;
     signal(SIGUSR1, on_usr1);
     if (pipe(sleep_pipe)) return 1;
+    sigemptyset(&blocked);
+    for (int i = 2; i < argc; i++) {
+        if (!strncmp(argv[i], "catch=", 6)) each_signal(argv[i] + 6, catch_one);
+        if (!strncmp(argv[i], "block=", 6)) each_signal(argv[i] + 6, block_one);
+    }
+    pthread_sigmask(SIG_BLOCK, &blocked, NULL); /* inherited by every thread */
     int hot = 0;
     for (int i = 2; i < argc; i++) if (!strcmp(argv[i], "sleepers")) sleepers = 1;
     for (int i = 2; i < argc; i++) if (!strcmp(argv[i], "hot")) hot = 1;

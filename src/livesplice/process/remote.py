@@ -72,14 +72,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
 
 from livesplice.errors import HookFailed, LivespliceError, RemoteCallFailed, TargetGone
-from livesplice.faults import checkpoint
+from livesplice.faults import armed, checkpoint
 from livesplice.process import procmaps
 from livesplice.process.procmaps import Mapping
 from livesplice.process.ptrace import (
     CRASH_SIGNALS,
+    PTRACE_CONT,
     PTRACE_EVENT_EXIT,
     PTRACE_SYSCALL,
     SYSCALL_INSN,
@@ -162,7 +162,14 @@ def _maps(pid: int) -> list[Mapping]:
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 SYS_GETPID = 39
+SYS_GETTID = 186
+SYS_TGKILL = 234
 SYS_RESTART_SYSCALL = 219
+# The end marker of a batch is a signal the stub sends its own thread: one whose default
+# action is to ignore it, that the program has no handler for and the thread does not block,
+# so that the program can never see it -- not even when the tool dies while the thread sits
+# in its signal-delivery-stop (the kernel then delivers it: ignored).
+MARK_SIGNALS = (signal.SIGURG, signal.SIGWINCH, signal.SIGCHLD)
 _SYSCALL_NAMES = {
     3: "close",
     9: "mmap",
@@ -235,20 +242,27 @@ def resume_regs(saved: Regs) -> Regs:
     return r
 
 
+# the restore code's layout: lea rsp; movabs rax, FLAGS; push rax; popfq; movabs rsp, RSP;
+# movabs for each general register; jmp [rip+0]; RIP -- packed in one call (it is built while
+# a thread is held)
+_RESTORE = struct.Struct("<5s2sQ2s2sQ" + "2sQ" * len(_MOVABS) + "6sQ")
+RESTORE_LEN = _RESTORE.size
+
+
 def restore_code(r: Regs) -> bytes:
     """Machine code that sets every general register, flags, rsp and rip to ``r``'s values."""
-    out = [
+    regs = [x for name, op in _MOVABS.items() for x in (op, getattr(r, name))]
+    return _RESTORE.pack(
         _LEA_RSP_MINUS_128,
         _MOVABS["rax"],
-        struct.pack("<Q", r.eflags),
+        r.eflags,
         _PUSH_RAX_POPFQ,
         _MOVABS_RSP,
-        struct.pack("<Q", r.rsp),
-    ]
-    for name, op in _MOVABS.items():
-        out += [op, struct.pack("<Q", getattr(r, name))]
-    out += [_JMP_RIP0, struct.pack("<Q", r.rip)]
-    return b"".join(out)
+        r.rsp,
+        *regs,
+        _JMP_RIP0,
+        r.rip,
+    )
 
 
 @dataclass(frozen=True)
@@ -328,41 +342,97 @@ def _mov_reg(dst: str, src: str) -> bytes:
     return bytes([rex, 0x89, 0xC0 | (s & 7) << 3 | (d & 7)])
 
 
-def batch_stub(steps: list[tuple[int, tuple[int | Ref, ...], bool]], r: Regs) -> tuple[bytes, int]:
-    """Run system calls one after the other, then ``getpid`` (the end marker), then restore
-    ``r``. Returns the code and the offset just after the marker's ``syscall``.
+def _lea_rip(reg: str, disp: int) -> bytes:
+    """``lea reg, [rip + disp]`` (disp counted from the end of this instruction)."""
+    n = _REGNUM[reg]
+    return bytes([0x48 | (4 if n >= 8 else 0), 0x8D, (n & 7) << 3 | 5]) + struct.pack("<i", disp)
 
-    Step i's result stays in ``RESULT_REGS[i]`` (the tool reads them all at the marker's
-    entry stop); a failed checked step jumps straight to the marker. Why one stub for
-    several calls: every stub run costs the host thread a stop, two register writes and an
-    interrupt stop; a named mapping is four calls (memfd_create, ftruncate, mmap, close), and
-    the host thread -- often the one accepting connections -- was held 1 ms for them.
+
+@dataclass(frozen=True)
+class Batch:
+    """System calls compiled into a stub, all but the restore of the host's registers:
+    ``head`` (the calls, then ``getpid`` as the end marker; ``after`` = the offset just
+    after the marker's ``syscall``), then the restore code, then ``data`` (the bytes
+    arguments, addressed rip-relative: nothing is written to the thread's stack).
+
+    Compiled before a thread is held (only the restore code depends on its registers).
+    Why one stub for several calls: every stub run costs the host thread a stop, two
+    register writes and an interrupt stop; a named mapping is four calls (memfd_create,
+    ftruncate, mmap, close), and the host thread -- often the one accepting connections --
+    was held 1 ms for them one by one.
+    """
+
+    steps: tuple[Syscall, ...]
+    head: bytes
+    after: int
+    data: bytes
+    sig_at: int | None  # the offset of the marker's signal number (an imm32) in head
+
+    @property
+    def marker_nr(self) -> int:
+        """The end marker's system call."""
+        return SYS_GETPID if self.sig_at is None else SYS_TGKILL
+
+    def code(self, r: Regs, sig: int) -> bytes:
+        """The whole stub for a thread whose registers, when it leaves the stub, are ``r``;
+        the marker sends ``sig`` (0: none -- the tool then steps from syscall-stop to
+        syscall-stop up to the marker's system call)."""
+        head = self.head
+        if self.sig_at is not None:
+            at = self.sig_at
+            head = head[:at] + struct.pack("<I", sig) + head[at + 4 :]
+        return head + restore_code(r) + self.data
+
+
+def compile_batch(steps: list[Syscall], *, signal_marker: bool = True) -> Batch:
+    """Step i's result stays in ``RESULT_REGS[i]`` (the tool reads them all at the end
+    marker's stop); a failed checked step jumps straight to the marker.
+
+    The marker: ``tgkill(getpid(), gettid(), SIG)`` (the tool lets the thread run to its
+    signal-delivery-stop), or with ``signal_marker=False`` a plain ``getpid`` (the tool
+    steps from syscall-stop to syscall-stop up to it: slower, 25 bytes shorter).
     """
     if len(steps) > len(RESULT_REGS):
         raise ValueError(f"at most {len(RESULT_REGS)} system calls per batch")
     code = bytearray()
+    data = bytearray()
     jumps: list[int] = []  # offsets of rel32 fields that jump to the marker
-    for i, (nr, args, check) in enumerate(steps):
-        if len(args) > len(SYSCALL_ARG_REGS):
+    leas: list[tuple[int, int]] = []  # (offset of a rel32 field, offset of its bytes in data)
+    for i, step in enumerate(steps):
+        if len(step.args) > len(SYSCALL_ARG_REGS):
             raise ValueError(f"at most {len(SYSCALL_ARG_REGS)} arguments")
-        for reg, arg in zip(SYSCALL_ARG_REGS, args, strict=False):
+        for reg, arg in zip(SYSCALL_ARG_REGS, step.args, strict=False):
             if isinstance(arg, Ref):
                 if not 0 <= arg.step < i:
                     raise ValueError(f"step {i} refers to step {arg.step}")
                 code += _mov_reg(reg, RESULT_REGS[arg.step])
+            elif isinstance(arg, bytes):
+                code += _lea_rip(reg, 0)
+                leas.append((len(code) - 4, len(data)))
+                data += arg
             else:
                 code += _mov_imm(reg, arg)
-        code += _mov_imm("rax", nr) + SYSCALL_INSN + _mov_reg(RESULT_REGS[i], "rax")
-        if check and i < len(steps) - 1:
+        code += _mov_imm("rax", step.nr) + SYSCALL_INSN + _mov_reg(RESULT_REGS[i], "rax")
+        if step.check and i < len(steps) - 1:
             code += _CMP_RAX_MINUS_4095 + _JAE_REL32
             jumps.append(len(code))
             code += bytes(4)
     marker = len(code)
     for at in jumps:
         code[at : at + 4] = struct.pack("<i", marker - (at + 4))
-    code += _MOV_EAX_GETPID + SYSCALL_INSN
-    after = len(code)
-    return bytes(code) + restore_code(r), after
+    sig_at = None
+    if signal_marker:  # tgkill(getpid(), gettid(), SIG)
+        code += _mov_imm("rax", SYS_GETPID) + SYSCALL_INSN + _mov_reg("rdi", "rax")
+        code += _mov_imm("rax", SYS_GETTID) + SYSCALL_INSN + _mov_reg("rsi", "rax")
+        code += _mov_imm("rdx", 0)
+        sig_at = len(code) - 4
+        code += _mov_imm("rax", SYS_TGKILL) + SYSCALL_INSN
+    else:  # getpid, reached by stepping from syscall-stop to syscall-stop
+        code += _MOV_EAX_GETPID + SYSCALL_INSN
+    data_at = len(code) + RESTORE_LEN
+    for at, off in leas:
+        code[at : at + 4] = struct.pack("<i", data_at + off - (at + 4))
+    return Batch(tuple(steps), bytes(code), len(code), bytes(data), sig_at)
 
 
 def call_stub(func: int, r: Regs, *, xsave: bool) -> tuple[bytes, int]:
@@ -487,9 +557,12 @@ def _place_stub(t: Tracee, code: bytes) -> _PlacedStub:
     )
 
 
-def _point(stage: str, label: str) -> None:
-    checkpoint(f"remote:{stage}")
-    checkpoint(f"remote:{stage}:{label}")
+def _point(stage: str, *labels: str) -> None:
+    """The checkpoints ``remote:<stage>`` and ``remote:<stage>:<label>`` of each label."""
+    if armed():  # one look at the environment: these run while a thread is held
+        checkpoint(f"remote:{stage}")
+        for label in labels:
+            checkpoint(f"remote:{stage}:{label}")
 
 
 def _set_args(r: Regs, args: tuple[int, ...], regs: tuple[str, ...]) -> None:
@@ -499,126 +572,152 @@ def _set_args(r: Regs, args: tuple[int, ...], regs: tuple[str, ...]) -> None:
         setattr(r, name, value & _MASK64)
 
 
-def _wait(t: Tracee, tid: int) -> tuple[int, int]:
-    st = t.wait_thread(tid)
-    assert st is not None
-    if st[1] == PTRACE_EVENT_EXIT:
-        raise TargetGone(f"process {t.pid} is exiting")
-    return st
-
-
-def _to_syscall_stop(t: Tracee, tid: int, at: int, nr: int) -> Regs:
-    """Run the thread until its next syscall-stop at ``at`` (just after a stub's
-    ``syscall``) for system call ``nr``. Real signals on the way stay recorded (delivered at
-    resume); a stale interrupt stop and the stub's other system calls are passed."""
-    while True:
-        t.run_thread(tid, PTRACE_SYSCALL)
-        sig, _event = _wait(t, tid)
-        if sig == SYSCALL_STOP_SIG:
-            now = t.get_regs(tid)
-            if now.rip == at and now.orig_rax == nr:
-                return now
-
-
-def _place_data(t: Tracee, tid: int, blobs: list[bytes]) -> tuple[list[int], int]:
-    """Copy ``blobs`` into the target: (their addresses, an anonymous page to unmap or 0).
-
-    Below the red zone of the stopped thread's stack is free memory; if that is not mapped
-    (a thread at the very bottom of its stack) a fresh anonymous page.
-    """
-    if not blobs:
-        return [], 0
-    data = b"".join(blobs)
-    rsp = t.get_regs(tid).rsp
-    base, page = (rsp - RED_ZONE - 512 - len(data)) & ~0xF, 0
-    try:
-        t.write(base, data)
-    except TargetGone:
-        raise
-    except LivespliceError:
-        anon = Syscall(
-            SYS_MMAP, (0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        )
-        base = page = _check(t, "mmap", _syscalls_on(t, tid, [anon])[0] or 0)
-        if len(data) > PAGE:
-            raise ValueError("batch data larger than a page") from None
-        t.write(base, data)
-    addrs, at = [], base
-    for blob in blobs:
-        addrs.append(at)
-        at += len(blob)
-    return addrs, page
-
-
-def _syscalls_on(t: Tracee, tid: int, steps: list[Syscall]) -> list[int | None]:
-    """Run ``steps`` in one stub run on the stopped thread ``tid`` (:func:`batch_stub`);
-    each step's raw result (negative errno), None for a step a failed check skipped."""
-    blobs = [a for s in steps for a in s.args if isinstance(a, bytes)]
-    addrs, page = _place_data(t, tid, blobs)
-    where = iter(addrs)
-    plan = [
-        (s.nr, tuple(next(where) if isinstance(a, bytes) else a for a in s.args), s.check)
-        for s in steps
-    ]
-    try:
-        lo, hi = find_stub_area(t)
-        if len(plan) > 1 and len(batch_stub(plan, Regs())[0]) > hi - lo:
-            return _one_by_one(t, tid, plan, steps)
-        return _run_batch(t, tid, plan, [s.label for s in steps])
-    finally:
-        if page:
-            _syscalls_on(t, tid, [Syscall(SYS_MUNMAP, (page, PAGE))])
-
-
-def _one_by_one(
-    t: Tracee, tid: int, plan: list[tuple[int, tuple[int | Ref, ...], bool]], steps: list[Syscall]
-) -> list[int | None]:
-    """The batch as one stub run per step (same results), for a process whose largest stub
-    area is too small for the whole batch."""
-    results: list[int | None] = [None] * len(plan)
-    for i, (nr, args, check) in enumerate(plan):
-        known = tuple(results[a.step] if isinstance(a, Ref) else a for a in args)
-        rv = _run_batch(t, tid, [(nr, cast("tuple[int, ...]", known), False)], [steps[i].label])[0]
-        results[i] = rv
-        if check and rv is not None and -4096 < rv < 0:
-            break
-    return results
-
-
-def _run_batch(
-    t: Tracee,
-    tid: int,
-    plan: list[tuple[int, tuple[int | Ref, ...], bool]],
-    labels: list[str],
-) -> list[int | None]:
+def _syscalls_on(t: Tracee, tid: int, batch: Batch) -> list[int | None]:
+    """Run ``batch`` in one stub run on the stopped thread ``tid``; each step's raw result
+    (negative errno), None for a step a failed check skipped."""
+    lo, hi = find_stub_area(t)
+    if len(batch.steps) > 1 and len(batch.head) + RESTORE_LEN + len(batch.data) > hi - lo:
+        return _one_by_one(t, tid, batch.steps)
     saved = t.get_regs(tid)
-    code, after = batch_stub(plan, resume_regs(saved))
-    stub = _place_stub(t, code)
+    sig = 0 if batch.sig_at is None else _mark_signal(t, tid)
+    stub = _place_stub(t, batch.code(resume_regs(saved), sig))
+    labels = [s.label for s in batch.steps]
     r = saved.copy()
     for reg in RESULT_REGS:
         setattr(r, reg, NOT_RUN)
     r.rip = stub.addr
     r.orig_rax = _MASK64  # -1: no restart logic on our registers
-    settled = False
+    settled = escaped = False
+    at = stub.addr + batch.after
     try:
         t.set_regs(tid, r)
-        for label in labels:
-            _point("regs-set", label)
-        # every stop up to the marker's entry stop: the steps' own syscall-stops, passed
-        end = _to_syscall_stop(t, tid, stub.addr + after, SYS_GETPID)
+        _point("regs-set", *labels)
+        if sig:
+            end = _run_to_signal(t, tid, at, sig)
+            if end is None:  # never came: find where the thread is
+                t.to_event_stop(tid)
+                escaped = not stub.addr <= t.get_regs(tid).rip < at
+                settled = True
+                raise RemoteCallFailed(
+                    f"the stub run in thread {tid} of process {t.pid} did not report its end",
+                    details=[
+                        "its registers were restored by the stub itself"
+                        if escaped
+                        else "its registers were restored"
+                    ],
+                )
+        else:  # every stop up to the marker's: the steps' own syscall-stops, passed
+            end = t.run_to_syscall_stop(tid, at, batch.marker_nr)
         results: list[int | None] = []
-        for reg, _ in zip(RESULT_REGS, plan, strict=False):
+        for reg, _ in zip(RESULT_REGS, batch.steps, strict=False):
             v = getattr(end, reg)
             results.append(None if v == NOT_RUN else _signed64(v))
-        for label in labels:
-            _point("after-syscall", label)
+        _point("after-syscall", *labels)
         t.to_event_stop(tid)
         settled = True
-        for label in labels:
-            _point("before-restore", label)
+        _point("before-restore", *labels)
         return results
     finally:
-        _restore(t, tid, saved, stub, settled)
+        if escaped:  # back in the program's code on its own: its registers are its own
+            stub.remove(t)
+        else:
+            _restore(t, tid, saved, stub, settled)
+
+
+def _mark_signal(t: Tracee, tid: int) -> int:
+    """A signal of :data:`MARK_SIGNALS` the program cannot see (no handler, not blocked by
+    the thread, cached per Tracee for the handlers), or 0 when none is."""
+    if "caught_signals" not in t.cache:
+        t.cache["caught_signals"] = _caught_signals(t.pid)
+    unusable = t.cache["caught_signals"] | t.blocked_signals(tid)
+    return next((int(s) for s in MARK_SIGNALS if not unusable >> (s - 1) & 1), 0)
+
+
+def _caught_signals(pid: int) -> int:
+    """The signals the process has handlers for (SigCgt of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        raise TargetGone(f"process {pid} exited") from None
+    return (1 << 64) - 1  # unknown: treat every signal as caught
+
+
+def _run_to_signal(t: Tracee, tid: int, at: int, sig: int, timeout: float = 5.0) -> Regs | None:
+    """Let the thread run the stub (no syscall-stops on the way) until the signal-delivery
+    stop of the marker's ``sig`` at ``at``; its registers, the signal taken back (never
+    delivered). None if it did not come within ``timeout``.
+
+    Why not step from syscall-stop to syscall-stop: each stop is a round trip between two
+    CPUs (~35 µs on a VM) and a named mapping had nine, while the held thread -- often the one
+    accepting connections -- waited. The wait spins for the first milliseconds (the stub
+    takes tens of µs), then naps.
+    """
+    t.run_thread(tid, PTRACE_CONT)
+    deadline = time.monotonic() + timeout
+    spin_until = time.monotonic() + 0.005
+    nap = 0.0001
+    while True:
+        st = t.wait_thread(tid, block=False)
+        if st is None:
+            now = time.monotonic()
+            if now < spin_until:
+                continue
+            if now > deadline:
+                return None
+            t.service(skip=tid)  # the program's other threads run: pass their events on
+            time.sleep(nap)
+            nap = min(nap * 2, 0.01)
+            continue
+        got, event = st
+        if event == PTRACE_EVENT_EXIT:
+            raise TargetGone(f"process {t.pid} is exiting")
+        if event == 0 and got == sig:
+            regs = t.get_regs(tid)
+            if regs.rip == at:
+                t.take_signal(tid, sig)
+                return regs
+        if event == 0 and got in CRASH_SIGNALS:
+            t.take_signal(tid, got)
+            raise RemoteCallFailed(
+                f"the stub run in thread {tid} of process {t.pid} faulted "
+                f"({signal.Signals(got).name}); its registers were restored"
+            )
+        # a real signal for the program (recorded, delivered at release) or a stale
+        # interrupt: run on
+        t.run_thread(tid, PTRACE_CONT)
+
+
+def _one_by_one(t: Tracee, tid: int, steps: tuple[Syscall, ...]) -> list[int | None]:
+    """The batch as one stub run per step (same results), for a process whose largest stub
+    area is too small for the whole batch: the shortest stubs (a ``getpid`` marker), the
+    bytes arguments below the red zone of the thread's stack."""
+    blobs = [a for step in steps for a in step.args if isinstance(a, bytes)]
+    where: dict[int, int] = {}
+    if blobs:
+        data = b"".join(blobs)
+        at = (t.get_regs(tid).rsp - RED_ZONE - 512 - len(data)) & ~0xF
+        t.write(at, data)  # a thread at the very bottom of its stack: REMOTE_FAILED
+        for blob in blobs:
+            where[id(blob)] = at
+            at += len(blob)
+    results: list[int | None] = [None] * len(steps)
+    for i, step in enumerate(steps):
+        known = tuple(
+            (results[a.step] or 0)
+            if isinstance(a, Ref)
+            else where[id(a)]
+            if isinstance(a, bytes)
+            else a
+            for a in step.args
+        )
+        rv = _syscalls_on(t, tid, compile_batch([Syscall(step.nr, known)], signal_marker=False))[0]
+        results[i] = rv
+        if step.check and rv is not None and -4096 < rv < 0:
+            break
+    return results
 
 
 def _restore(
@@ -661,8 +760,9 @@ def run_syscalls(t: Tracee, steps: list[Syscall], thread: int | None = None) -> 
     Returns each step's raw result (negative errno), None for a step that did not run
     because a checked step before it failed.
     """
+    batch = compile_batch(steps)
     with stopped(t, thread) as tid:
-        return _syscalls_on(t, tid, steps)
+        return _syscalls_on(t, tid, batch)
 
 
 def _check(t: Tracee, what: str, rv: int) -> int:
@@ -742,22 +842,21 @@ def _mapping_steps(name: str | None, size: int, prot: int, flags: int, want: int
     ]
 
 
-def _map_on(
-    t: Tracee, tid: int, name: str | None, size: int, prot: int, flags: int, want: int
-) -> int:
-    """One mapping in one stub run; the raw mmap result (a failed memfd_create or ftruncate
-    raises REMOTE_FAILED, its descriptor closed)."""
-    steps = _mapping_steps(name, size, prot, flags, want)
-    res = _syscalls_on(t, tid, steps)
-    if name is None:
+def _map_on(t: Tracee, tid: int, batch: Batch, size: int) -> int:
+    """One mapping (:func:`_mapping_steps`) in one stub run; the raw mmap result. A failed
+    memfd_create or ftruncate raises REMOTE_FAILED, its descriptor closed."""
+    res = _syscalls_on(t, tid, batch)
+    if len(batch.steps) == 1:
         return res[0] or 0
     fd, truncated, mapped = res[0] or 0, res[1], res[2]
-    if fd == -EINVAL and prot & PROT_EXEC and not _NO_MFD_EXEC:
+    create = batch.steps[0]
+    if fd == -EINVAL and create.args[1] != MFD_CLOEXEC:
         _NO_MFD_EXEC.append(True)  # a kernel older than 6.3 does not know MFD_EXEC
-        return _map_on(t, tid, name, size, prot, flags, want)
+        again = Syscall(SYS_MEMFD_CREATE, (create.args[0], MFD_CLOEXEC))
+        return _map_on(t, tid, compile_batch([again, *batch.steps[1:]]), size)
     _check(t, "memfd_create", fd)
     if truncated is not None and truncated < 0:
-        _syscalls_on(t, tid, [Syscall(SYS_CLOSE, (fd,))])
+        _syscalls_on(t, tid, compile_batch([Syscall(SYS_CLOSE, (fd,))]))
         _check(t, "ftruncate", truncated)
     assert mapped is not None
     return mapped
@@ -779,23 +878,26 @@ def remote_mmap(
     shows ``/memfd:<name> (deleted)`` (this kernel has no CONFIG_ANON_VMA_NAME). It is
     MAP_PRIVATE so that a fork of the target copies it like any other private memory.
 
-    All system calls of one try run in one stub run (one short hold of one thread); the
-    free gaps are read from /proc/PID/maps before, while the program runs.
+    All system calls of one try run in one stub run (one short hold of one thread),
+    compiled before the hold; the free gaps are read from /proc/PID/maps before too, while
+    the program runs.
     """
     size = _page_up(max(size, 1))
     if near is None:
+        batch = compile_batch(_mapping_steps(name, size, prot, MAP_PRIVATE, 0))
         with stopped(t, thread) as tid:
-            return _check(t, "mmap", _map_on(t, tid, name, size, prot, MAP_PRIVATE, 0))
+            return _check(t, "mmap", _map_on(t, tid, batch, size))
     lo, hi = near
     for _attempt in range(8):
         cands = _near_candidates(read_maps(t.pid), size, lo, hi)
         if not cands:
             break
         want = cands[0]
+        batch = compile_batch(_mapping_steps(name, size, prot, MAP_PRIVATE, want))
         with stopped(t, thread) as tid:
-            got = _map_on(t, tid, name, size, prot, MAP_PRIVATE, want)
+            got = _map_on(t, tid, batch, size)
             if got >= 0 and got != want:  # flag ignored (old kernel): the kernel chose elsewhere
-                _syscalls_on(t, tid, [Syscall(SYS_MUNMAP, (got, size))])
+                _syscalls_on(t, tid, compile_batch([Syscall(SYS_MUNMAP, (got, size))]))
                 break
         if got == want:
             return got
@@ -865,7 +967,7 @@ def remote_call(
             t.set_regs(tid, r)
             _point("regs-set", "call")
             rv = _run_call(t, tid, func, stub.addr + after, timeout)
-            _to_syscall_stop(t, tid, stub.addr + after, SYS_GETPID)  # its exit
+            t.run_to_syscall_stop(tid, stub.addr + after, SYS_GETPID)  # its exit
             _point("after-call", "call")
             t.to_event_stop(tid)
             settled = True
