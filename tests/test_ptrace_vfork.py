@@ -8,6 +8,7 @@ for a child that never exits.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -87,3 +88,65 @@ def test_remote_call_host_is_never_a_thread_in_vfork(
     finally:
         tg.proc.kill()
         tg.stop()
+
+
+def _tracer(pid: int, tid: int) -> int:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("TracerPid:")).split()[1])
+
+
+def _vforker(target: Target) -> int:
+    return next(t for t in target.threads() if t != target.pid and task_state(target.pid, t) == "D")
+
+
+def test_detach_does_not_wait_for_a_vfork_child(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """stop() finds the thread in vfork() before tracing anything, so detach() has nothing
+    to wait for. (Before, the refused stop left the vforking thread traced with an
+    interrupt pending, and detach() waited for the rest of its child's life: here up to
+    5 s.)"""
+    exe = build("ptrace_vfork", tmp_path_factory.mktemp("vfork_progs"))
+    target = Target(exe, "5000")
+    time.sleep(0.2)
+    try:
+        _detach_after_refused_stop(target)
+    finally:
+        target.proc.kill()
+        target.stop()
+
+
+def _detach_after_refused_stop(target: Target) -> None:
+    t = Tracee(target.pid)
+    with pytest.raises(CodeBusy):
+        t.stop()
+    began = time.monotonic()
+    t.detach()
+    took = time.monotonic() - began
+    assert took < 0.3, f"detach() waited {took:.2f} s for a vfork child"
+    assert all(_tracer(target.pid, tid) == 0 for tid in target.threads())
+
+
+def test_a_vforking_thread_left_traced_is_let_go_later(target: Target) -> None:
+    """The race seize_all() cannot rule out: the thread enters vfork() after the check and
+    before our interrupt. detach() then waits a bounded time (not the child's life), leaves
+    the thread to the next Tracee of this process, which detaches it once it stopped."""
+    from livesplice.process.ptrace import OPTS_WINDOW
+
+    vforker = _vforker(target)
+    t = Tracee(target.pid)
+    assert t._seize(vforker, OPTS_WINDOW)  # what stop() would have done in the race
+    t.interrupt_thread(vforker)
+    began = time.monotonic()
+    t.detach()
+    took = time.monotonic() - began
+    assert took < 0.5, f"detach() waited {took:.2f} s for a vfork child"
+    assert _tracer(target.pid, vforker) == os.getpid()  # left traced: still in vfork()
+    deadline = time.monotonic() + CHILD_MS / 1000 * 3
+    while _tracer(target.pid, vforker):
+        assert time.monotonic() < deadline, "the vforking thread stayed traced"
+        time.sleep(0.05)
+        Tracee(target.pid).detach()  # the next Tracee lets go of it once it stopped
+    time.sleep(CHILD_MS / 1000 + 0.2)
+    assert target.alive()
+    assert task_state(target.pid, vforker) != "t"

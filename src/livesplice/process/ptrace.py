@@ -1,23 +1,37 @@
-"""ctypes ptrace for x86-64: seize every thread of a process, stop, resume, registers, memory.
+"""ctypes ptrace for x86-64: seize threads of a process, stop, resume, registers, memory.
 
-A :class:`Tracee` owns all threads of one process. Threads are ``PTRACE_SEIZE``\\d (they do not
-stop on attach). Two sets of options:
+A :class:`Tracee` stands for one process, but traces its threads only while it needs them
+stopped: **outside a stop window no thread is traced but the one hosting a remote call.**
+Why: a traced thread waits for its tracer at stops nobody asked for -- every signal sent to
+it (SIGCHLD, a timer's SIGALRM, SIGPIPE...) stops it in a signal-delivery-stop, and with
+``PTRACE_O_TRACEEXIT`` every exiting thread stops at its exit (a ``pthread_join`` waits for
+that) -- until the tracer collects the stop, which is late whenever livesplice's thread is
+busy elsewhere (C work such as a run-pre match or an fsync, Python work, descheduled).
+Measured before (benchmarks/bench_outside_stops.py, 2 CPUs): a thread signalled every ms
+waited up to 27-29 ms for its handler and a join waited 21 ms for a thread's exit while
+livesplice was attached and working, against 2-6 ms and 0.1-0.5 ms with no tracer, and
+the Tracee counted 4-6 ms. ptrace(2) has no option that spares a traced thread these stops
+(the kernel's ``get_signal`` reports every signal but SIGKILL to the tracer, even ignored
+ones), so the only way is not to trace the thread:
 
-* Always ``PTRACE_O_TRACEEXIT``: a thread that exits reports an exit stop instead of
+* :meth:`Tracee.hold_one` seizes one thread (the host of a remote call), stops it, and
+  :meth:`Tracee.release_one` detaches it (``PTRACE_DETACH``).
+* :meth:`Tracee.stop` seizes every thread listed in ``/proc/PID/task`` (each with
+  ``PTRACE_O_TRACECLONE``, so threads created meanwhile are seized by the kernel),
+  interrupts them, and lists again until no thread is new: a thread can only be created by
+  a running thread, and every running one is being seized. :meth:`Tracee.resume`
+  detaches them again, re-injecting recorded signals; ``PTRACE_DETACH`` also drops an
+  interrupt still pending on a thread (``__ptrace_unlink`` clears the trap bits): no stale
+  interrupt trap can outlive the window.
+* ``PTRACE_O_TRACEEXIT`` while traced: a thread that exits reports an exit stop instead of
   vanishing under us (the thread-group leader calling ``pthread_exit`` would otherwise never
   report anything until the whole process ends, and a dying leader's end is only reported
-  once its other threads are reaped: a wait on it would never return).
-* **Inside a stop window** (:meth:`Tracee.stop` .. :meth:`Tracee.resume`) also
-  ``PTRACE_O_TRACECLONE``: threads created meanwhile -- by a thread let run in slices, by a
-  hook -- are seized by the kernel. :meth:`stop` sets it on each thread once it is stopped,
-  then lists ``/proc/PID/task`` and seizes (with it) the threads created before their
-  creator stopped, until none is new: a thread can only be created by a running thread,
-  and every running one is being seized.
-* **Outside** no ``PTRACE_O_TRACECLONE``: a thread creating a thread does not stop and wait
-  for livesplice to collect the event. With it on all the time, a thread-per-connection
-  server stalled at every accept for as long as the tool was busy elsewhere
-  (benchmarks/bench_soak.py --rate: requests waited 8 ms at p99 while livesplice competed
-  for a CPU). Threads created outside a window are seized by the next :meth:`stop`.
+  once its other threads are reaped: a wait on it would never return). A thread found
+  exiting is let go with ``PTRACE_CONT`` and reaped by us, which tells how a dying process
+  ended (:attr:`Tracee.killed_by`, the crash guard).
+* Attaching (the constructor) traces nothing: it checks that the process exists, that its
+  memory opens for writing (the same ``PTRACE_MODE_ATTACH`` check as ``PTRACE_SEIZE``) and
+  that no other tracer holds a thread.
 
 Speed (measured with benchmarks/): every step is batched across threads (interrupt
 all, then wait all, then read all registers); ``ptrace`` is called through ctypes *without*
@@ -28,12 +42,11 @@ stop window scans without a Python loop.
 Stops and signals (ptrace(2), "Signal-delivery-stop", "PTRACE_INTERRUPT", "Group-stop"):
 
 * A thread found in a signal-delivery-stop keeps the signal *recorded* and stays stopped;
-  :meth:`Tracee.resume` re-injects it with ``PTRACE_CONT`` (only a signal-delivery-stop can
-  inject). Signals that arrive during a stop window are therefore delivered right after it.
-* Between stops the process runs, but while traced every signal first stops the receiving
-  thread until we collect it. :meth:`Tracee.service` passes such signals on (and lets new
-  threads start); :meth:`stop` and :meth:`detach` do it too. Keep the time between seize and
-  detach short, or call :meth:`service` while waiting.
+  :meth:`Tracee.resume` re-injects it with ``PTRACE_DETACH`` (only a signal-delivery-stop
+  can inject). Signals that arrive during a stop window are therefore delivered right after it.
+* A thread that stays traced outside a window -- the held host, or one that could not be
+  stopped in time to be detached (it waits in ``vfork()``) -- stops at each signal until
+  :meth:`Tracee.service` passes it on (it detaches such a thread once it stopped).
 * ``EINTR`` leaks: the interrupt makes ``epoll_wait``, ``sigtimedwait``, ``sigwaitinfo``,
   ``semop`` and ``recv`` with ``SO_RCVTIMEO`` return ``-EINTR`` (they do not use the kernel's
   ``-ERESTARTSYS`` protocol). :meth:`stop` rewinds such a thread so the system call runs
@@ -86,7 +99,7 @@ PTRACE_O_TRACESYSGOOD: Final = 0x01
 PTRACE_O_TRACECLONE: Final = 0x08
 PTRACE_O_TRACEEXIT: Final = 0x40
 PTRACE_SETOPTIONS: Final = 0x4200
-OPTS_OUTSIDE: Final = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACEEXIT
+OPTS_HOST: Final = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACEEXIT  # the host of a remote call
 OPTS_WINDOW: Final = PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE | PTRACE_O_TRACEEXIT
 PTRACE_EVENT_CLONE: Final = 3
 PTRACE_EVENT_EXIT: Final = 6
@@ -319,6 +332,32 @@ def signal_pending_unblocked(pid: int, tid: int) -> bool:
     return bool(pending & ~fields.get("SigBlk", 0))
 
 
+# Threads a closed Tracee could not let go: traced by this process's thread that made the
+# Tracee, our interrupt pending, stuck in vfork() (tid -> pid). See Tracee._let_go_running.
+_ORPHANS: dict[int, int] = {}
+
+
+def _release_orphans() -> None:
+    """Detach the orphaned threads that stopped since (their vfork child exec'd or exited);
+    drop the ones gone. Without this a long-lived caller (the agent) would keep such a
+    thread in its interrupt stop for as long as it runs. Cheap: one waitpid each."""
+    lib = libc()
+    for tid, _pid in list(_ORPHANS.items()):
+        try:
+            got, status = os.waitpid(tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            del _ORPHANS[tid]
+            continue
+        if not got:
+            continue  # still in vfork()
+        del _ORPHANS[tid]
+        if os.WIFSTOPPED(status):
+            sig = os.WSTOPSIG(status)
+            # a signal-delivery-stop (no event, not a syscall-stop) passes its signal on
+            inject = sig if status >> 16 == 0 and sig != SYSCALL_STOP_SIG else 0
+            lib.ptrace(PTRACE_DETACH, tid, 0, inject)
+
+
 @contextlib.contextmanager
 def realtime(enable: bool = True) -> Iterator[None]:
     """SCHED_FIFO (priority 1) for livesplice while it holds threads of the target stopped;
@@ -363,7 +402,7 @@ class Tracee:
         self.restart_eintr = restart_eintr
         self._lib = libc()
         self._ptrace = self._lib.ptrace
-        self._tids: list[int] = []  # live threads we trace, in seize order
+        self._tids: list[int] = []  # live threads we trace now, in seize order
         self._stopped: set[int] = set()  # threads currently in a ptrace-stop
         self._signal_stop: set[int] = set()  # ... of which in a signal-delivery-stop
         self._group_stop: set[int] = set()  # ... of which in a group-stop (resume = LISTEN)
@@ -374,7 +413,6 @@ class Tracee:
         self._in_clone: set[int] = set()
         self._exiting: set[int] = set()  # threads seen in PTRACE_EVENT_EXIT, not yet reaped
         self._new: set[int] = set()  # auto-attached threads whose first stop is not reaped
-        self._window_opts: set[int] = set()  # threads with OPTS_WINDOW (see module docstring)
         self._pending: dict[int, list[int]] = {}  # tid -> real signals to re-inject on resume
         self.cache: dict[str, int] = {}  # facts about the target found once (remote.py)
         self.rewound: list[int] = []  # tids whose -EINTR syscall the last stop() restarted
@@ -416,7 +454,8 @@ class Tracee:
                 advice="run as root or as the owner of the process",
             ) from None
         try:
-            self._seize_all()
+            _release_orphans()
+            self._check_traceable()
         except BaseException:
             self._abandon()
             raise
@@ -534,49 +573,82 @@ class Tracee:
 
     # ------------------------------------------------------------ attach / detach
 
-    def _seize_all(self) -> None:
-        """Seize the threads listed in /proc/PID/task, with :data:`OPTS_OUTSIDE`.
-
-        One listing: threads created meanwhile are not auto-attached outside a window and
-        need not be -- remote calls run on one of these, and :meth:`stop` seizes every thread
-        there is before it counts the process as stopped.
-        """
-        for tid in self._list_unseized():
-            self._seize(tid, OPTS_OUTSIDE)
-        if not self._tids:
+    def _check_traceable(self) -> None:
+        """At attach, without tracing anything: a live thread exists and no other tracer
+        holds one (PTRACE_SEIZE would fail with EPERM; say by whom now, not half-way)."""
+        live = self._live_threads()
+        if not live:
             raise TargetGone(f"process {self.pid} has no live thread")
+        for tid in live:
+            tracer = _tracer_of(self.pid, tid)
+            if tracer and _ORPHANS.get(tid) != self.pid:
+                raise NoPermission(
+                    f"cannot trace thread {tid} of process {self.pid}: already traced by "
+                    f"pid {tracer}",
+                    advice="detach the other tracer (a debugger, strace) and run again",
+                )
 
-    def _list_unseized(self) -> list[int]:
+    def _live_threads(self) -> list[int]:
+        """The process's threads (/proc/PID/task) but zombies: an exited leader is listed
+        until the whole process ends."""
+        return [t for t in self._listed() if not _is_zombie(self.pid, t)]
+
+    def _listed(self) -> list[int]:
         try:
-            tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+            return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
         except FileNotFoundError:
-            raise TargetGone(f"process {self.pid} exited while attaching") from None
-        # a zombie (an exited leader) is skipped each time it is listed, never remembered:
-        # once reaped its number may come back as a new thread, which must be seized
-        return [t for t in tids if t not in self._tids and not _is_zombie(self.pid, t)]
+            raise TargetGone(f"process {self.pid} exited") from None
+
+    @_op
+    def seize_all(self) -> None:
+        """Seize (not stop) every thread not traced yet, as the first step of :meth:`stop`;
+        a stop window calls it just before its timed part.
+
+        Reads each thread's state first (/proc, ~5 µs a thread, while the program runs):
+        a thread waiting in ``vfork()`` is refused here, before anything is traced, since
+        once interrupted it could not be let go before its child execs or exits.
+
+        :raises ThreadInVfork: a thread waits in vfork(); nothing was traced.
+        """
+        if self._closed:
+            raise TargetGone(f"process {self.pid}: tracee already detached")
+        fresh = [t for t in self._listed() if t not in self._tids]
+        for tid in fresh:
+            if task_state(self.pid, tid) == "D" and self._in_vfork(tid):
+                raise ThreadInVfork(self.pid, tid)
+        for tid in fresh:
+            self._seize(tid, OPTS_WINDOW)
+
+    def _seize_fresh(self) -> list[int]:
+        """Seize the threads listed in /proc/PID/task and not traced yet (inside stop():
+        no state read first, a zombie answers EPERM); the ones seized."""
+        return [t for t in self._listed() if t not in self._tids and self._seize(t, OPTS_WINDOW)]
 
     def _seize(self, tid: int, opts: int) -> bool:
         """PTRACE_SEIZE one thread; False for a thread that is gone or a zombie.
 
         :raises NoPermission: another tracer, Yama, another user.
         """
-        if _is_zombie(self.pid, tid):
-            return False  # an exited leader (pthread_exit): nothing to stop or scan
         if self._ptrace(PTRACE_SEIZE, tid, 0, opts) == 0:
             self._tids.append(tid)
-            if opts & PTRACE_O_TRACECLONE:
-                self._window_opts.add(tid)
             return True
         err = ctypes.get_errno()
         if err == 3:  # ESRCH: the thread exited meanwhile
             return False
+        if err == 1 and _is_zombie(self.pid, tid):
+            return False  # an exited leader (pthread_exit): nothing to stop or scan
         tracer = _tracer_of(self.pid, tid)
-        if err == 1 and tracer == os.getpid() and self._tids:
-            # auto-attached child of a thread we seized: its first stop is pending
-            self._tids.append(tid)
-            self._new.add(tid)
-            self._window_opts.add(tid)
-            return True
+        if err == 1 and tracer == os.getpid():
+            if _ORPHANS.pop(tid, None) == self.pid:
+                # left traced by an earlier Tracee (it was in vfork): its interrupt is
+                # still pending, it stops once its child execs or exits
+                self._tids.append(tid)
+                return True
+            if self._tids:
+                # auto-attached child of a thread we seized: its first stop is pending
+                self._tids.append(tid)
+                self._new.add(tid)
+                return True
         if not process_alive(self.pid):
             raise TargetGone(f"process {self.pid} exited while attaching")
         if err == 1 and _is_zombie(self.pid, tid):
@@ -589,20 +661,6 @@ class Tracee:
             advice="run as root, detach the other tracer, or allow ptrace "
             "(sysctl kernel.yama.ptrace_scope=0)",
         )
-
-    def _set_options(self, opts: int) -> None:
-        """Give every stopped thread ``opts`` (PTRACE_SETOPTIONS needs a ptrace-stop)."""
-        for tid in self._tids:
-            if tid not in self._stopped or tid in self._exiting:
-                continue
-            inside = tid in self._window_opts
-            if inside == bool(opts & PTRACE_O_TRACECLONE):
-                continue
-            if self._ptrace(PTRACE_SETOPTIONS, tid, 0, opts) == 0:
-                if inside:
-                    self._window_opts.discard(tid)
-                else:
-                    self._window_opts.add(tid)
 
     def _reap_exiting(self, timeout: float = 2.0) -> None:
         """Collect the end of every thread let go past its exit stop.
@@ -629,36 +687,75 @@ class Tracee:
 
     @_op
     def detach(self) -> None:
-        """Detach from every thread, re-injecting recorded signals; the process runs on.
-
-        PTRACE_DETACH needs the thread in a ptrace-stop. Outside a stop window each thread
-        is stopped and let go on its own (tens of µs), never the whole process at once.
-        Never raises for a process that went away.
+        """Let go of every thread still traced, re-injecting recorded signals; the process
+        runs on. Outside a window and a hold nothing is traced but a thread that could not
+        be let go yet (see :meth:`_let_go_running`). Never raises for a process that went
+        away.
         """
         if self._closed:
             return
         self._restore_sigchld()
         try:
             all_stopped = bool(self._stop_began)
-            done: set[int] = set()
+            held = len(self._stopped)
             # SCHED_FIFO like every other hold: descheduled between a thread's stop and its
             # detach, the tool held it for whole time slices (2.9 ms seen at load 6)
             with realtime():
-                while todo := [t for t in self._tids if t not in done]:
-                    for tid in todo:
-                        done.add(tid)
-                        began = time.perf_counter()
-                        if tid not in self._stopped and not self._stop_thread(tid):
-                            continue  # gone
-                        self._detach_stopped(tid)
-                        if not all_stopped:
-                            self._note_hold(began, 1, hosted=False)
+                for tid in list(self._tids):
+                    if tid in self._stopped:
+                        self._let_go(tid)
+                    else:
+                        self._let_go_running(tid)
             if all_stopped:
-                self._account_stop(len(self._stopped))
+                self._account_stop(held)
+            elif self._host is not None:
+                self._note_hold(self._host[1], 1, hosted=True)
+                self._host = None
             self._tids.clear()
             self._stopped.clear()
+            _release_orphans()
         finally:
             self._abandon()
+
+    def _let_go(self, tid: int) -> None:
+        """End our hold on one stopped thread: PTRACE_DETACH, or, for a thread past its
+        exit stop, PTRACE_CONT (its end is reaped by us: how a dying process ended)."""
+        if tid in self._exiting:
+            self._cont(tid)
+            return
+        self._detach_stopped(tid)
+        self._forget(tid)
+
+    def _let_go_running(self, tid: int, wait: float = 0.2) -> None:
+        """Let go of a thread traced but not stopped (PTRACE_DETACH needs a ptrace-stop).
+
+        An auto-attached thread or one with our interrupt pending stops within moments;
+        a thread waiting in ``vfork()`` only when its child execs or exits. Waiting for that
+        without a bound made detach() last the child's whole life (forever for a child
+        that never execs): after ``wait`` s the thread is left to :func:`_release_orphans`
+        (the next Tracee of this process, or this process's exit, lets it go).
+        """
+        began = time.perf_counter()
+        if tid not in self._new:
+            self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        deadline = time.monotonic() + wait
+        while tid in self._tids and tid not in self._stopped:
+            try:
+                got, status = os.waitpid(tid, WALL | os.WNOHANG)
+            except ChildProcessError:
+                self._forget(tid)
+                return
+            if got:
+                self._on_status(tid, status)
+                continue
+            if time.monotonic() > deadline:
+                _ORPHANS[tid] = self.pid
+                self._forget(tid)
+                return
+            time.sleep(0.001)
+        if tid in self._stopped:
+            self._let_go(tid)
+            self._note_hold(began, 1, hosted=False)
 
     def _detach_stopped(self, tid: int) -> None:
         sigs = self._pending.pop(tid, [])
@@ -724,7 +821,8 @@ class Tracee:
 
     @_op
     def hold_one(self, thread: int | None = None) -> int:
-        """Stop ONE thread to run code on (a remote system call or call); the others run on.
+        """Seize and stop ONE thread to run code on (a remote system call or call); the others
+        run on, untraced.
 
         ``thread``: that one; otherwise a thread sleeping in a system call when there is one
         (the leader first): holding a thread that was waiting anyway costs the program least.
@@ -751,6 +849,8 @@ class Tracee:
         for _round in range(3):
             for tid in self._host_candidates(thread):
                 began = time.perf_counter()
+                if tid not in self._tids and not self._seize(tid, OPTS_HOST):
+                    continue  # gone meanwhile
                 stopped = self._stop_thread(tid)
                 for _ in range(8):
                     if not stopped or tid not in self._in_clone:
@@ -766,7 +866,8 @@ class Tracee:
                     self._read_all_regs()  # the stop cache: this thread's registers only
                     return tid
                 job_stopped = tid in self._group_stop
-                self._cont(tid)  # exiting, job-stopped, or forever in clone(): not a host
+                # exiting, job-stopped (detached, it stays so), or forever in clone()
+                self._let_go(tid)
                 self._note_hold(began, 1, hosted=True)
                 if job_stopped:
                     raise TargetStopped(
@@ -775,18 +876,17 @@ class Tracee:
                         advice=f"continue it (kill -CONT {self.pid}) and run the command again",
                     )
             self.service()
-        self._check_live()
+        if not process_alive(self.pid) or not self._live_threads():
+            raise TargetGone(f"process {self.pid} exited")
         raise TargetGone(f"process {self.pid} has no thread to run code on")
 
     def _host_candidates(self, thread: int | None) -> list[int]:
+        listed = self._listed()
         if thread is not None:
-            return [thread] if thread in self._tids else []
-        order = [
-            t
-            for t in dict.fromkeys([self.pid, *self._tids])
-            if t in self._tids and t not in self._exiting
-        ]
+            return [thread] if thread in listed and not _is_zombie(self.pid, thread) else []
+        order = [t for t in dict.fromkeys([self.pid, *listed]) if t in listed]
         states = {t: task_state(self.pid, t) for t in order[:64]}
+        order = [t for t in order if states.get(t) not in ("Z", "X")]
         # a thread in vfork() (state D) stops only when its child execs or exits: last
         vfork = {t for t, st in states.items() if st == "D" and self._in_vfork(t)}
         sleeping = [t for t, st in states.items() if st in ("S", "D") and t not in vfork]
@@ -799,7 +899,7 @@ class Tracee:
         host, self._host = self._host, None
         try:
             if tid in self._stopped and tid in self._tids:
-                self._cont(tid)
+                self._let_go(tid)
         finally:
             if host is not None:
                 self._note_hold(host[1], 1, hosted=True)
@@ -832,16 +932,20 @@ class Tracee:
     # ------------------------------------------------------------ threads
 
     def threads(self) -> list[int]:
-        """Thread ids currently seized (live, not exiting)."""
-        return list(self._tids)
+        """The program's threads: inside a stop window the ones held (live, not exiting);
+        outside, the live ones /proc/PID/task lists (none of them traced but a held host)."""
+        if self._stop_began:
+            return list(self._tids)
+        return self._live_threads()
 
     def exiting_threads(self) -> list[int]:
         """Threads let go past their exit stop: they run no user code any more."""
         return sorted(self._exiting)
 
     def is_stopped(self) -> bool:
-        """Every traced thread is in a ptrace stop (the stop window may write)."""
-        return bool(self._tids) and len(self._stopped) == len(self._tids)
+        """Inside a stop window, every thread in a ptrace stop (the window may write). A held
+        host alone is not: the program's other threads run."""
+        return bool(self._stop_began and self._tids) and len(self._stopped) == len(self._tids)
 
     def thread_name(self, tid: int) -> str:
         """The thread's name (/proc/PID/task/TID/comm; "?" once it is gone), for refusals that
@@ -910,8 +1014,7 @@ class Tracee:
                 child = int(msg.value)
                 if child not in self._tids:
                     self._tids.append(child)
-                    self._new.add(child)
-                    self._window_opts.add(child)  # a child inherits its creator's options
+                    self._new.add(child)  # a child inherits its creator's options
                     return [child]
         elif event == PTRACE_EVENT_EXIT:
             self._exiting.add(tid)
@@ -937,10 +1040,12 @@ class Tracee:
 
     @_op
     def service(self, skip: int = 0) -> None:
-        """Without blocking, collect stops of running threads and let them go on.
+        """Without blocking, collect stops of running traced threads and let them go on.
 
-        Passes signals through, starts threads created since, reaps exits. ``skip``: a
-        thread running our code, whose stops its runner collects.
+        Passes signals through, starts threads created since, reaps exits. Outside a stop
+        window a thread that stopped is let go for good (detached: it was traced only
+        because it could not be let go before). ``skip``: a thread running our code, whose
+        stops its runner collects.
         """
         if self._closed:
             return
@@ -965,29 +1070,36 @@ class Tracee:
                     break
                 todo.extend(self._on_status(tid, status))
                 if tid in self._stopped:
-                    self._cont(tid)
+                    if self._stop_began:
+                        self._cont(tid)
+                    else:
+                        self._let_go(tid)
+                        break
 
     # ------------------------------------------------------------ stop / resume
 
     @_op
     def stop(self) -> None:
-        """Stop every thread: interrupt all, then wait for each.
+        """Stop every thread: seize the ones not traced, interrupt all, then wait for each.
 
         Threads created meanwhile are seized and waited for; exits are collected. Fills the
         registers cache (:meth:`stopped_regs`) and restarts system calls the interrupt
-        turned into ``-EINTR`` (see the module docstring).
+        turned into ``-EINTR`` (see the module docstring). Called again inside the window
+        (after :meth:`let_run`), it stops the threads let run.
 
         :raises TargetGone: no thread is left (the process exited).
+        :raises ThreadInVfork: a thread waits in vfork(); the program runs on unchanged.
         """
         if self._closed:
             raise TargetGone(f"process {self.pid}: tracee already detached")
         if not self._stop_began:
+            self.seize_all()  # a no-op when the window called it already
             self._stop_began = time.perf_counter()
         ptrace = self._ptrace
         # threads already in a stop we have not collected (a signal, a clone) stay stopped:
-        # interrupting them now would leave a stale interrupt trap pending after resume
-        # Stops nobody collected yet (a signal that arrived since the last resume) are found by
-        # the waits below like interrupt stops; call service() first to pass them on instead.
+        # interrupting them now would leave a stale interrupt trap pending (resume's
+        # PTRACE_DETACH drops it). Stops nobody collected yet are found by the waits below
+        # like interrupt stops.
         running = [t for t in self._tids if t not in self._stopped]
         if not running:
             # already stopped: a SIGKILL since wakes traced threads into their exit stop
@@ -998,19 +1110,16 @@ class Tracee:
                 ptrace(PTRACE_INTERRUPT, tid, 0, 0)
         try:
             self._await_stops(running)
-            # the stopped threads get the window's options; then the threads created before
-            # their creator stopped (not auto-attached outside a window) are seized with them
-            self._set_options(OPTS_WINDOW)
-            while fresh := self._list_unseized():
-                seized = [tid for tid in fresh if self._seize(tid, OPTS_WINDOW)]
+            # the threads created before their creator stopped (seized with
+            # PTRACE_O_TRACECLONE, the kernel seizes only the ones created after)
+            while seized := self._seize_fresh():
                 for tid in seized:
                     if tid not in new:
                         ptrace(PTRACE_INTERRUPT, tid, 0, 0)
                 self._await_stops(seized)
-                self._set_options(OPTS_WINDOW)
         except ThreadInVfork:
-            # let go what this stop holds; the interrupt still pending on the threads not
-            # waited for stops them once more later, which service() passes on
+            # let go what this stop holds; the thread in vfork() stays traced with our
+            # interrupt pending until it stops, then service()/detach() let it go
             self.resume()
             raise
         if self._exiting:
@@ -1103,18 +1212,20 @@ class Tracee:
             self._account_stop(held)
 
     def _resume(self) -> None:
-        self._set_options(OPTS_OUTSIDE)
+        """PTRACE_DETACH every stopped thread (PTRACE_CONT for exiting ones: reaped by us);
+        the auto-attached threads are let go at their first stop, due now."""
         if not (self._pending or self._group_stop or self._exiting):
             ptrace = self._ptrace
             for tid in self._tids:
                 if tid in self._stopped:
-                    ptrace(PTRACE_CONT, tid, 0, 0)
+                    ptrace(PTRACE_DETACH, tid, 0, 0)
+            self._tids = [t for t in self._tids if t not in self._stopped]
             self._stopped.clear()
             self._signal_stop.clear()
             self._in_clone.clear()
         for tid in list(self._tids):
             if tid in self._stopped:
-                self._cont(tid)
+                self._let_go(tid)
         for tid in list(self._new):
             # a thread created by code we ran inside the target: its first stop is due now
             try:
@@ -1124,8 +1235,7 @@ class Tracee:
                 continue
             self._on_status(tid, status)
             if tid in self._stopped:
-                self._set_options(OPTS_OUTSIDE)
-                self._cont(tid)
+                self._let_go(tid)
         for tid in list(self._exiting):
             self._reap_exit(tid)
 
@@ -1259,7 +1369,7 @@ class Tracee:
         already gone)."""
         if not process_alive(self.pid):
             return True
-        return all(t in self._exiting for t in self._tids)
+        return bool(self._tids) and all(t in self._exiting for t in self._tids)
 
     def _fail(self, what: str, tid: int) -> None:
         err = ctypes.get_errno()
