@@ -1,4 +1,4 @@
-"""Soak: N apply/undo cycles on kvserver under client load with thread churn.
+"""Soak: N apply/undo cycles on a real daemon under client load with thread or fork churn.
 
 Clients connect, PING and close in a loop (kvserver makes a thread per connection, so threads
 are created and exit all through every apply and undo). Prints cycles, tool failures, failed
@@ -8,6 +8,16 @@ entries, lock files).
 
     .venv/bin/python benchmarks/bench_soak.py --cycles 200 [--clients 4] [--warm]
     .venv/bin/python benchmarks/bench_soak.py --cycles 200 --warm --rate 200
+    .venv/bin/python benchmarks/bench_soak.py --daemon redis --cycles 200 --warm --rate 200
+
+``--daemon redis`` soaks Debian's own redis-server binary (the archive's .deb of the shipped
+version in corpus/debian-shipped.csv) with Debian's real security update, built once by
+livesplice itself and cached (benchmarks/soak_redis.py). The open-loop client then speaks
+RESP (SET+GET of a per-thread key, the answer checked), half its threads connecting per
+request, half over one connection each; redis is a single event loop, so a stop of its main
+thread delays every connection. A data set (``--keys``) and a BGSAVE every ``--bgsave-every``
+seconds make the target fork a child while apply and undo run; the report adds the forks,
+the saves, redis's own log trouble and leftover children.
 
 Two kinds of load. By default closed-loop Python clients (as fast as they can): on a 2-core
 machine they keep both CPUs busy, so any extra work -- the patcher's Python included --
@@ -36,7 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from livesplice.eval.workloads import PingClients
+import soak_redis  # benchmarks/: the script's directory is on sys.path
+
+from livesplice.eval.workloads import PingClients, children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kvserver"
@@ -73,7 +85,15 @@ def pct(values: list[float], p: float) -> float:
 class RateClients:
     """Open-loop load from benchmarks/soak_client.c (see the module docstring)."""
 
-    def __init__(self, port: int, n: int, rate: float, workdir: Path, prefix: list[str]) -> None:
+    def __init__(
+        self,
+        port: int,
+        n: int,
+        rate: float,
+        workdir: Path,
+        prefix: list[str],
+        mode: str = "line",
+    ) -> None:
         assert time.get_clock_info("perf_counter").implementation.endswith("MONOTONIC)")
         exe = workdir / "soak_client"
         subprocess.run(
@@ -89,7 +109,7 @@ class RateClients:
         )
         self.out = workdir / "samples.txt"
         self.proc = subprocess.Popen(
-            [*prefix, str(exe), str(port), str(n), str(rate), str(self.out)],
+            [*prefix, str(exe), str(port), str(n), str(rate), str(self.out), mode],
             stdin=subprocess.PIPE,
         )
         self.samples: list[tuple[float, float]] = []
@@ -113,11 +133,104 @@ def leaks(pid: int) -> dict[str, int]:
     run = Path(os.environ.get("LIVESPLICE_RUN_DIR", "/run/livesplice"))
     locks = len(list(run.glob(f"{pid}.lock")))
     journal = len(list((run / "journal").glob(f"{pid}-*"))) if (run / "journal").is_dir() else 0
-    return {"maps": maps, "fds": fds, "locks": locks, "journal": journal}
+    # a thread livesplice left traced (TracerPid of each thread's status)
+    traced = sum(
+        (t / "status").read_text().split("TracerPid:")[1].split()[0] != "0"
+        for t in Path(f"/proc/{pid}/task").iterdir()
+    )
+    return {"maps": maps, "fds": fds, "locks": locks, "journal": journal, "traced": traced}
+
+
+def start_kvserver(
+    tmp: Path, port: int, rt: list[str]
+) -> tuple[Path, str, subprocess.Popen[bytes]]:
+    """examples/kvserver built here, its fix.patch made into an update: (update, id, server)."""
+    shutil.copytree(EXAMPLE, tmp / "src")
+    shutil.copytree(EXAMPLE, tmp / "run")
+    subprocess.run(["make", "-s", "-C", str(tmp / "run")], check=True)
+    update = tmp / "fix.update"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "livesplice",
+            "create",
+            "--patch",
+            str(EXAMPLE / "fix.patch"),
+            "--id",
+            "soak0001",
+            "-o",
+            str(update),
+            str(tmp / "src"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = subprocess.Popen(
+        [*rt, str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.PIPE
+    )
+    assert server.stdout is not None
+    server.stdout.readline()
+    return update, "soak0001", server
+
+
+def finish_redis(
+    control: soak_redis.RedisControl | None,
+    pid: int,
+    rundir: Path,
+    windows: list[tuple[float, float]],
+) -> list[str]:
+    """Stop the BGSAVEs, wait for the last child, and say what redis itself saw: forks (how
+    many while apply/undo ran), saves, its log's trouble, children left behind."""
+    if control is None:
+        return ["redis: no control connection"]
+    control.stop()
+    try:
+        info = control.info()
+        for _ in range(100):  # the last BGSAVE child may still be writing
+            if info.get("rdb_bgsave_in_progress") == "0":
+                break
+            time.sleep(0.1)
+            info = control.info()
+    except OSError as e:
+        return [f"redis: the control connection failed: {e}"]
+    saved, trouble = soak_redis.read_log(rundir)
+    overlapping = sum(any(a <= e and s <= b for a, b in windows) for s, e in control.fork_spans)
+    lines = [
+        f"redis: {control.bgsaves} BGSAVE forks ({overlapping} while apply/undo ran; "
+        f"{control.busy} BGSAVEs refused, the previous child still saving), "
+        f"{saved} saves ended well, last save {info.get('rdb_last_bgsave_status')}, "
+        f"total_forks {info.get('total_forks')}, {info.get('db0', '').split(',')[0]}, "
+        f"rejected connections {info.get('rejected_connections')}, "
+        f"children left {len(children_of(pid))}, log trouble lines {len(trouble)}"
+    ]
+    lines += [f"redis: {e}" for e in control.errors[:5]]
+    lines += [f"redis log: {ln}" for ln in trouble[:10]]
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--daemon",
+        choices=("kvserver", "redis"),
+        default="kvserver",
+        help="examples/kvserver (thread per connection) or Debian's redis-server with its "
+        "real security update (needs --rate)",
+    )
+    ap.add_argument(
+        "--bgsave-every",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="redis: ask for a BGSAVE (a fork of the target) every S seconds; 0: never",
+    )
+    ap.add_argument(
+        "--keys",
+        type=int,
+        default=200_000,
+        help="redis: keys of 100 bytes loaded first, so each BGSAVE child works a while",
+    )
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument(
@@ -149,42 +262,34 @@ def main() -> None:
         "not what the other jobs do; livesplice itself runs as usual (SCHED_OTHER)",
     )
     args = ap.parse_args()
+    if args.daemon == "redis" and not args.rate:
+        ap.error("--daemon redis needs --rate (the open-loop client speaks RESP)")
     rt = ["chrt", "-f", str(args.rt_load)] if args.rt_load else []
     nice = ["nice", "-n", str(args.nice)] if args.nice else []
+    redis = soak_redis.prepare() if args.daemon == "redis" else None
+    control_conn: soak_redis.RedisControl | None = None
     tmp = Path(tempfile.mkdtemp(prefix="livesplice-soak-"))
+    server: subprocess.Popen[bytes] | None = None
     try:
-        shutil.copytree(EXAMPLE, tmp / "src")
-        shutil.copytree(EXAMPLE, tmp / "run")
-        subprocess.run(["make", "-s", "-C", str(tmp / "run")], check=True)
-        update = tmp / "fix.update"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "livesplice",
-                "create",
-                "--patch",
-                str(EXAMPLE / "fix.patch"),
-                "--id",
-                "soak0001",
-                "-o",
-                str(update),
-                str(tmp / "src"),
-            ],
-            check=True,
-            capture_output=True,
-        )
         port = 18500 + os.getpid() % 500
-        server = subprocess.Popen(
-            [*rt, str(tmp / "run" / "kvserver"), str(port)], stdout=subprocess.PIPE
-        )
-        assert server.stdout is not None
-        server.stdout.readline()
+        if redis is not None:
+            print(redis.describe())
+            update, update_id = redis.update, redis.update_id
+            # --reset-on-fork: a BGSAVE child writes at normal priority, not SCHED_FIFO
+            server = soak_redis.start(redis, tmp / "redis", port, rt and [*rt[:1], "-R", *rt[1:]])
+            control_conn = soak_redis.RedisControl(port)
+            control_conn.connect()
+            control_conn.populate(args.keys)
+        else:
+            update, update_id, server = start_kvserver(tmp, port, rt)
+        mode = "redis" if redis is not None else "line"
         clients: PingClients | RateClients = (
-            RateClients(port, args.clients, args.rate, tmp, rt)
+            RateClients(port, args.clients, args.rate, tmp, rt, mode)
             if args.rate
             else PingClients(port, args.clients)
         )
+        if control_conn is not None and args.bgsave_every > 0:
+            control_conn.bgsave_every(args.bgsave_every)
         time.sleep(2.0)  # baseline: the same load, no tool
         base_end = time.perf_counter()
         windows: list[tuple[float, float]] = []
@@ -208,7 +313,7 @@ def main() -> None:
         for _ in range(args.cycles):
             for verb, extra in (
                 ("apply", [str(update), "--allow-unsigned"]),
-                ("undo", ["soak0001"]),
+                ("undo", [update_id]),
             ):
                 t0 = time.perf_counter()
                 if warm is not None:
@@ -267,10 +372,16 @@ def main() -> None:
             warm.wait()
         time.sleep(0.5)
         clients.close()
+        redis_lines = (
+            finish_redis(control_conn, server.pid, tmp / "redis", windows) if redis else []
+        )
         left = leaks(server.pid) if server.poll() is None else {}
         server.kill()
         server.wait()
     finally:
+        if server is not None and server.poll() is None:  # the soak stopped half-way
+            server.kill()
+            server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
     def during(start: float, dt: float, spans: list[tuple[float, float]]) -> bool:
@@ -306,6 +417,8 @@ def main() -> None:
                 f"others/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}"
             )
     print(f"leaks after the last undo: {left}")
+    for line in redis_lines:
+        print(line)
 
 
 if __name__ == "__main__":
