@@ -137,6 +137,9 @@ def stopped(t: Tracee, thread: int | None = None) -> Iterator[int]:
     # Slow reads first, while the target runs (its ELF headers do not change): the first
     # remote call used to hold every thread stopped for tens of ms while it searched.
     find_stub_area(t)
+    # the program's signal handlers as of now (another thread may install one at any time:
+    # read afresh before each hold, not inside it), for the choice of the end marker
+    t.cache["caught_signals"] = _caught_signals(t.pid)
     # Outside a stop window only the host thread stops; the others run on (issue 8).
     tid = t.hold_one(thread)
     try:
@@ -625,8 +628,9 @@ def _syscalls_on(t: Tracee, tid: int, batch: Batch) -> list[int | None]:
 
 
 def _mark_signal(t: Tracee, tid: int) -> int:
-    """A signal of :data:`MARK_SIGNALS` the program cannot see (no handler, not blocked by
-    the thread, cached per Tracee for the handlers), or 0 when none is."""
+    """A signal of :data:`MARK_SIGNALS` the program cannot see (no handler -- as read right
+    before the hold, or when the stop window began -- and not blocked by the thread), or 0
+    when none is."""
     if "caught_signals" not in t.cache:
         t.cache["caught_signals"] = _caught_signals(t.pid)
     unusable = t.cache["caught_signals"] | t.blocked_signals(tid)
