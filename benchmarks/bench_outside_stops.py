@@ -1,7 +1,9 @@
 """How long threads that livesplice does not need wait for it while it is attached.
 
 Plain script (not pytest): ``nice .venv/bin/python benchmarks/bench_outside_stops.py
-[--seconds S] [--rounds N]``.
+[--seconds S] [--rounds N] [--rt-load PRIO]``. ``--rt-load``: the target runs SCHED_FIFO at
+PRIO (chrt), so that on a shared machine what shows is waiting for livesplice, not for a
+CPU (the tool holds SCHED_FIFO 1 only inside windows and holds).
 
 Target: tests/progs/ptrace_outside.c. Its "receiver" thread gets a SIGUSR1 every ms and
 records send -> handler latency; its "joiner" thread creates and joins a short thread every
@@ -76,11 +78,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rt-load", type=int, default=0, metavar="PRIO")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         exe = build("ptrace_outside", Path(d))
         scratch = Path(d) / "journal"
-        tg = Target(exe)
+        tg = (
+            Target(Path("chrt"), "-f", str(args.rt_load), str(exe)) if args.rt_load else Target(exe)
+        )
         try:
             time.sleep(0.1)
             for rnd in range(args.rounds):

@@ -94,3 +94,27 @@ def test_outside_a_window_no_thread_is_traced_but_the_host(target: Target) -> No
             t.resume()
             assert set(tracers(target).values()) == {0}
     assert target.alive()
+
+
+@pytest.mark.parametrize("reaped", [False, True])
+def test_a_crash_between_windows_is_still_known(target: Target, reaped: bool) -> None:
+    """The crash guard needs how a process that died during apply ended (TargetGone's
+    crash_signal). With nothing traced between windows its end is not reported to us: it
+    is read from the zombie's /proc/PID/stat, or once its parent reaped it from the pidfd
+    opened at attach (PIDFD_INFO_EXIT)."""
+    import os
+    import signal
+
+    t = Tracee(target.pid)
+    t.stop()
+    t.resume()
+    os.kill(target.pid, signal.SIGSEGV)
+    if reaped:
+        target.proc.wait(timeout=5)
+    else:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{target.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    t.detach()
+    assert t.killed_by == signal.SIGSEGV

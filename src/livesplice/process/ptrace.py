@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import os
 import signal
@@ -332,6 +333,71 @@ def signal_pending_unblocked(pid: int, tid: int) -> bool:
     return bool(pending & ~fields.get("SigBlk", 0))
 
 
+# PIDFD_GET_INFO (linux/pidfd.h, Linux 6.15): _IOWR(0xFF, 11, struct pidfd_info) with the
+# structure's first 64 bytes (PIDFD_INFO_SIZE_VER0), which hold exit_code at offset 60.
+_PIDFD_INFO_SIZE: Final = 64
+PIDFD_GET_INFO: Final = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11
+PIDFD_INFO_EXIT: Final = 1 << 3
+_PIDFD_EXIT_CODE_AT: Final = 60
+
+
+def _ended_by_signal(pid: int, pidfd: int, wait: float = 0.3) -> int:
+    """The signal that ended process ``pid`` (a wait status's WTERMSIG), 0 when it exited
+    normally or nobody can tell -- learnt without tracing it, for the crash guard.
+
+    Why: with no thread traced between stop windows and remote calls, a process that
+    crashes then ends unseen by us. Its parent's wait status is still to be had: while it is
+    a zombie in ``/proc/PID/stat`` (field 52, ``exit_code``, proc(5)), and once reaped from
+    the pidfd opened at attach (``PIDFD_GET_INFO`` with ``PIDFD_INFO_EXIT``; older kernels
+    answer ENOTTY/EINVAL). A process in the middle of dying is neither yet: wait up to
+    ``wait`` s.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        status = None
+        if pidfd >= 0:
+            try:
+                status = _pidfd_exit(pidfd)
+            except OSError:
+                pidfd = -1  # not this kernel (or not allowed): the zombie's stat only
+        if status is None:
+            zombie = _zombie_exit_code(pid)
+            # still not reaped after the read: /proc/PID was that process, not a new one
+            if zombie is not None and (pidfd < 0 or _pidfd_exit(pidfd) is None):
+                status = zombie
+        if status is not None:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        if time.monotonic() > deadline:
+            return 0
+        time.sleep(0.002)
+
+
+def _pidfd_exit(pidfd: int) -> int | None:
+    """The wait status of the pidfd's process once it is reaped; None before.
+
+    :raises OSError: no PIDFD_GET_INFO on this kernel (ENOTTY, EINVAL).
+    """
+    buf = bytearray(_PIDFD_INFO_SIZE)
+    buf[:8] = PIDFD_INFO_EXIT.to_bytes(8, "little")
+    fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf, True)
+    if not int.from_bytes(buf[:8], "little") & PIDFD_INFO_EXIT:
+        return None
+    return int.from_bytes(buf[_PIDFD_EXIT_CODE_AT : _PIDFD_EXIT_CODE_AT + 4], "little", signed=True)
+
+
+def _zombie_exit_code(pid: int) -> int | None:
+    """A zombie's wait status (/proc/PID/stat field 52, ``exit_code``); None if not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    rest = stat[stat.rfind(b")") + 2 :].split()  # rest[0] is field 3 (state)
+    if len(rest) < 50 or rest[0] != b"Z":
+        return None
+    return int(rest[49])
+
+
 # Threads a closed Tracee could not let go: traced by this process's thread that made the
 # Tracee, our interrupt pending, stuck in vfork() (tid -> pid). See Tracee._let_go_running.
 _ORPHANS: dict[int, int] = {}
@@ -453,6 +519,10 @@ class Tracee:
                 f"cannot open the memory of process {pid}: {e.strerror}",
                 advice="run as root or as the owner of the process",
             ) from None
+        # how the process ended, when it ends while none of its threads is traced
+        self._pidfd = -1
+        with contextlib.suppress(OSError):
+            self._pidfd = os.pidfd_open(pid)
         try:
             _release_orphans()
             self._check_traceable()
@@ -464,17 +534,17 @@ class Tracee:
     # ------------------------------------------------------------ prompt servicing
 
     def _service_on_sigchld(self) -> None:
-        """Pass on the program's thread events as they happen, also while livesplice does
+        """Collect what traced threads report as it happens, also while livesplice does
         other work (matching, fsync, building code) between its remote calls.
 
-        With PTRACE_O_TRACECLONE a thread that creates a thread stops at the clone event
-        until its tracer collects the stop; a real signal (SIGPIPE...) stops its thread the
-        same way. Measured before this: a server's accept thread stalled for as long as the
-        tool was attached and busy (54 ms for 50 ms attached doing nothing). Each such stop
-        sends SIGCHLD to the tracer; Python runs the handler on the main thread between
-        bytecodes (also during sleeps), where -- if no Tracee operation is under way -- it
-        services the threads. ptrace requests must come from the tracing thread: only a
-        Tracee made on the main thread does this.
+        Outside a window few threads are traced: one let go past its exit stop, whose end
+        we must reap before its real parent can (a dying target stays a zombie until then),
+        or one we could not let go yet (waiting in vfork()), which stops at each signal and
+        at our interrupt until it is detached. Each such event sends SIGCHLD to the tracer;
+        Python runs the handler on the main thread between bytecodes (also during sleeps),
+        where -- if no Tracee operation is under way -- it services the threads. ptrace
+        requests must come from the tracing thread: only a Tracee made on the main thread
+        does this.
         """
         if threading.current_thread() is not threading.main_thread():
             return
@@ -500,19 +570,16 @@ class Tracee:
     def serve_while(self, fn: Callable[[], _R]) -> _R:
         """Run ``fn`` -- blocking work that needs no ptrace request: an fsync of the
         journal, a scan of the program's memory -- on a worker thread, while this (the
-        tracing) thread keeps passing the program's thread events on.
+        tracing) thread keeps collecting what traced threads report (see
+        :meth:`_service_on_sigchld`: exits to reap, a thread left traced after vfork()).
 
-        Why: a thread that creates a thread waits in its clone event stop until the tracer
-        collects it, and Python runs the SIGCHLD handler only between bytecodes of the main
-        thread. Measured before this (benchmarks/bench_soak.py --rate, open-loop clients):
-        while the main thread sat in a journal fsync that took tens of ms on a busy disk, a
-        thread-per-connection server accepted nothing, and requests waited up to 75 ms
-        during an undo whose stop window was 0.4 ms. Now the wait for the worker is
-        interrupted by each SIGCHLD (SIGCHLD is blocked in the worker so that it reaches
-        this thread), whose handler services the threads -- but the kernel may hand a
-        SIGCHLD to any other thread of the tool (a progress display, the manager page's
-        server), which does not wake this one, and with a host thread held the handler
-        defers. So the loop also looks every 2 ms (one ``waitid(WNOWAIT)``, see
+        Why: Python runs the SIGCHLD handler only between bytecodes of the main thread, so
+        blocking C work there left those threads waiting for its whole length (a journal
+        fsync took tens of ms on a busy disk). The wait for the worker is interrupted by
+        each SIGCHLD (blocked in the worker so that it reaches this thread) -- but the
+        kernel may hand a SIGCHLD to any other thread of the tool (a progress display, the
+        manager page's server), which does not wake this one, and with a host thread held
+        the handler defers. So the loop also looks every 2 ms (one ``waitid(WNOWAIT)``, see
         :meth:`_events_waiting`). Inside a stop window nothing runs: ``fn`` runs here.
         """
         if (
@@ -683,7 +750,11 @@ class Tracee:
         self._reap_exiting()
         if not self._closed:
             self._closed = True
+            if not self.killed_by and not process_alive(self.pid):
+                self.killed_by = _ended_by_signal(self.pid, self._pidfd)
             os.close(self._mem)
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
 
     @_op
     def detach(self) -> None:
@@ -894,8 +965,8 @@ class Tracee:
 
     @_op
     def release_one(self, tid: int) -> None:
-        """Let the thread :meth:`hold_one` returned run again; pass on what the others did
-        meanwhile (signals, clone events, new threads, exits)."""
+        """Detach the thread :meth:`hold_one` returned (re-injecting a signal it got while
+        held); then collect what threads still traced reported meanwhile (exits)."""
         host, self._host = self._host, None
         try:
             if tid in self._stopped and tid in self._tids:
