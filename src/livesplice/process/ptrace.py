@@ -89,6 +89,7 @@ PTRACE_DETACH: Final = 17
 PTRACE_SYSCALL: Final = 24
 PTRACE_GETEVENTMSG: Final = 0x4201
 PTRACE_GETSIGMASK: Final = 0x420A
+PTRACE_SECCOMP_GET_FILTER: Final = 0x420C
 PTRACE_GETREGSET: Final = 0x4204
 PTRACE_SETREGSET: Final = 0x4205
 NT_X86_XSTATE: Final = 0x202  # <elf.h>: the XSAVE image (x87, SSE, AVX, AVX-512, PKRU...)
@@ -1672,6 +1673,27 @@ class Tracee:
         if self._ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.byref(mask)) != 0:
             self._fail("PTRACE_GETSIGMASK", tid)
         return int(mask.value)
+
+    def seccomp_filtered(self, tid: int) -> bool | None:
+        """Whether a seccomp filter may refuse or punish the stopped thread's system calls:
+        True (a filter), False (none), None (cannot tell: livesplice lacks CAP_SYS_ADMIN or
+        runs under seccomp itself, or the kernel predates the request).
+
+        Why: code run on the thread goes through its filters like the program's own calls,
+        and a filter can kill the process for one it does not expect. One
+        ``PTRACE_SECCOMP_GET_FILTER`` for the length of the first filter (~1 µs, the thread
+        stays held): EINVAL means the thread is not in filter mode (kernel/seccomp.c
+        ``get_nth_filter``; also strict mode, and a kernel without
+        CONFIG_CHECKPOINT_RESTORE, where this cannot tell).
+        """
+        if self._ptrace(PTRACE_SECCOMP_GET_FILTER, tid, 0, None) >= 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EINVAL:
+            return False
+        if err == errno.EMEDIUMTYPE:  # a filter whose program the kernel did not keep
+            return True
+        return None
 
     def interrupt_thread(self, tid: int) -> None:
         """PTRACE_INTERRUPT one seized thread: it stops without a signal being queued to it."""

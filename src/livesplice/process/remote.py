@@ -223,6 +223,8 @@ XSAVE_OFFSET = 0x40  # the save area's offset from the callee's rsp (64-byte ali
 _MOV_RDI_RAX = b"\x48\x89\xc7"
 _MOV_EAX_GETPID = b"\xb8" + struct.pack("<I", SYS_GETPID)
 _CALL_RIP = b"\xff\x15"  # call [rip+disp32]
+_GETPID_MARKER = _MOV_EAX_GETPID + SYSCALL_INSN
+_NOP = b"\x90"
 
 
 def resume_regs(saved: Regs) -> Regs:
@@ -370,20 +372,22 @@ class Batch:
     after: int
     data: bytes
     sig_at: int | None  # the offset of the marker's signal number (an imm32) in head
-
-    @property
-    def marker_nr(self) -> int:
-        """The end marker's system call."""
-        return SYS_GETPID if self.sig_at is None else SYS_TGKILL
+    marker: int = 0  # the offset where the end marker begins (failed checks jump there)
 
     def code(self, r: Regs, sig: int) -> bytes:
         """The whole stub for a thread whose registers, when it leaves the stub, are ``r``;
-        the marker sends ``sig`` (0: none -- the tool then steps from syscall-stop to
-        syscall-stop up to the marker's system call)."""
+        the marker sends ``sig``. 0: no signal, and no ``gettid``/``tgkill`` either -- a
+        plain ``getpid`` ends the batch at the same offset (NOPs before it keep every
+        jump and rip-relative address), and the tool steps from syscall-stop to syscall-stop
+        up to it. Why not ``tgkill(.., 0)``: a seccomp filter may kill the process for a
+        ``tgkill`` (see :func:`_mark_signal`)."""
         head = self.head
-        if self.sig_at is not None:
+        if self.sig_at is not None and sig:
             at = self.sig_at
             head = head[:at] + struct.pack("<I", sig) + head[at + 4 :]
+        elif self.sig_at is not None:
+            pad = self.after - self.marker - len(_GETPID_MARKER)
+            head = head[: self.marker] + _NOP * pad + _GETPID_MARKER
         return head + restore_code(r) + self.data
 
 
@@ -431,11 +435,11 @@ def compile_batch(steps: list[Syscall], *, signal_marker: bool = True) -> Batch:
         sig_at = len(code) - 4
         code += _mov_imm("rax", SYS_TGKILL) + SYSCALL_INSN
     else:  # getpid, reached by stepping from syscall-stop to syscall-stop
-        code += _MOV_EAX_GETPID + SYSCALL_INSN
+        code += _GETPID_MARKER
     data_at = len(code) + RESTORE_LEN
     for at, off in leas:
         code[at : at + 4] = struct.pack("<i", data_at + off - (at + 4))
-    return Batch(tuple(steps), bytes(code), len(code), bytes(data), sig_at)
+    return Batch(tuple(steps), bytes(code), len(code), bytes(data), sig_at, marker)
 
 
 def call_stub(func: int, r: Regs, *, xsave: bool) -> tuple[bytes, int]:
@@ -610,7 +614,7 @@ def _syscalls_on(t: Tracee, tid: int, batch: Batch) -> list[int | None]:
                     ],
                 )
         else:  # every stop up to the marker's: the steps' own syscall-stops, passed
-            end = t.run_to_syscall_stop(tid, at, batch.marker_nr)
+            end = t.run_to_syscall_stop(tid, at, SYS_GETPID)
         results: list[int | None] = []
         for reg, _ in zip(RESULT_REGS, batch.steps, strict=False):
             v = getattr(end, reg)
@@ -630,7 +634,16 @@ def _syscalls_on(t: Tracee, tid: int, batch: Batch) -> list[int | None]:
 def _mark_signal(t: Tracee, tid: int) -> int:
     """A signal of :data:`MARK_SIGNALS` the program cannot see (no handler -- as read right
     before the hold, or when the stop window began -- and not blocked by the thread), or 0
-    when none is."""
+    when none is.
+
+    None under a seccomp filter (or when livesplice cannot tell): the marker's ``gettid`` and
+    ``tgkill`` are calls a sandboxed program may be forbidden -- a filter that kills on
+    ``tgkill`` killed the target, one that fails it left the tool waiting 5 s for a marker
+    that never came, the mapping made and lost (tests/test_remote_marker.py). Stepping to a
+    ``getpid`` marker runs no call but the batch's own and ``getpid``.
+    """
+    if t.seccomp_filtered(tid) is not False:
+        return 0
     if "caught_signals" not in t.cache:
         t.cache["caught_signals"] = _caught_signals(t.pid)
     unusable = t.cache["caught_signals"] | t.blocked_signals(tid)

@@ -1,0 +1,146 @@
+"""The end marker of a remote batch (a signal the stub sends its own thread) against a
+program that fights it: a seccomp filter on ``tgkill``, and a handler for the marker signal
+installed by another thread after livesplice first looked.
+
+Target: tests/progs/mark_target.c (a "host" thread asleep in read(); the main thread
+installs handlers on command). Each test fails on the code before its fix (commit message).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
+
+from ptrace_targets import Target, build
+
+from livesplice.process.ptrace import Tracee
+from livesplice.process.remote import PROT_READ, read_maps, remote_mmap, remote_munmap
+
+
+@pytest.fixture(scope="module")
+def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("mark_target", tmp_path_factory.mktemp("mark"))
+
+
+@pytest.fixture
+def spawn(exe: Path) -> Iterator[object]:
+    started: list[Target] = []
+
+    def start(*args: str) -> Target:
+        tg = Target(exe, *args)
+        tg.wait_threads(2)
+        started.append(tg)
+        return tg
+
+    yield start
+    for tg in started:
+        tg.stop()
+
+
+def host_of(tg: Target) -> int:
+    for tid in tg.threads():
+        if Path(f"/proc/{tg.pid}/task/{tid}/comm").read_text().strip() == "host":
+            return tid
+    raise LookupError("host")
+
+
+def sig_caught(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise LookupError("SigCgt")
+
+
+def untraced(pid: int, timeout: float = 5.0) -> None:
+    """Wait until no thread of ``pid`` has a tracer (the kernel lets a dead tool's go)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tracers = {
+            line.split()[1]
+            for tid in os.listdir(f"/proc/{pid}/task")
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+            if line.startswith("TracerPid:")
+        }
+        if tracers == {"0"}:
+            return
+        assert time.monotonic() < deadline, tracers
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("action", ["kill", "errno"])
+def test_a_seccomp_filter_on_tgkill_neither_kills_nor_stalls(spawn, action: str) -> None:  # type: ignore[no-untyped-def]
+    """A program whose seccomp filter forbids ``tgkill`` (killing the process, or failing the
+    call): the marker would kill it, or never come (each mapping waited 5 s, then failed
+    with its mapping left behind). Under a seccomp filter the batch ends with ``getpid``
+    instead, stepped to as before the signal marker."""
+    tg = spawn(f"seccomp={action}")
+    host = host_of(tg)
+    with Tracee(tg.pid) as t:
+        began = time.monotonic()
+        addr = remote_mmap(t, 4096, PROT_READ, name="livesplice:test:seccomp", thread=host)
+        took = time.monotonic() - began
+        maps = {m[0]: m for m in read_maps(tg.pid)}
+        assert maps[addr][3] == "/memfd:livesplice:test:seccomp (deleted)"
+        remote_munmap(t, addr, 4096)
+    assert took < 2.0, took
+    assert tg.cmd("alive") == "yes" and tg.alive()
+    assert "livesplice:test:seccomp" not in Path(f"/proc/{tg.pid}/maps").read_text()
+
+
+TOOL = """
+import os, sys
+from livesplice.process.ptrace import Tracee
+from livesplice.process.remote import remote_mmap, remote_munmap
+pid, host = int(sys.argv[1]), int(sys.argv[2])
+with Tracee(pid) as t:
+    remote_munmap(t, remote_mmap(t, 4096, 1, name="livesplice:test:first", thread=host), 4096)
+    print("first", flush=True)
+    sys.stdin.readline()  # the program installs a handler for the marker signal meanwhile
+    os.environ["LIVESPLICE_KILL_AT"] = "remote:regs-set:mmap"
+    remote_mmap(t, 4096, 1, name="livesplice:test:second", thread=host)
+"""
+
+
+def test_a_handler_installed_since_the_last_batch_never_runs(spawn) -> None:  # type: ignore[no-untyped-def]
+    """The marker signal is chosen from the handlers the program has NOW: another thread may
+    install one for SIGURG between two batches of one Tracee (a lazily installed handler, a
+    runtime starting up). The tool killed while the host sits in the marker's
+    signal-delivery-stop: the kernel delivers the marker -- it must reach no handler."""
+    tg = spawn()
+    host = host_of(tg)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("LIVESPLICE_KILL_AT", None)
+    tool = subprocess.Popen(
+        [sys.executable, "-c", TOOL, str(tg.pid), str(host)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert tool.stdout is not None and tool.stdin is not None
+        assert tool.stdout.readline() == "first\n", tool.stderr
+        for sig in (signal.SIGURG, signal.SIGWINCH):
+            assert tg.cmd(f"catch {int(sig)}") == "ok"
+            assert sig_caught(tg.pid) >> (sig - 1) & 1
+        tool.stdin.write("go\n")
+        tool.stdin.flush()
+        _out, err = tool.communicate(timeout=30)
+        assert tool.returncode == -9, (tool.returncode, err)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+    untraced(tg.pid)
+    assert tg.cmd("caught") == "0"  # no handler of the program ran
+    assert tg.cmd("alive") == "yes"
