@@ -129,9 +129,9 @@ def _detach_after_refused_stop(target: Target) -> None:
 
 def test_a_vforking_thread_left_traced_is_let_go_later(target: Target) -> None:
     """The race seize_all() cannot rule out: the thread enters vfork() after the check and
-    before our interrupt. detach() then waits a bounded time (not the child's life), leaves
-    the thread to the next Tracee of this process, which detaches it once it stopped."""
-    from livesplice.process.ptrace import OPTS_WINDOW
+    before our interrupt. detach() then waits a bounded time (not the child's life) and
+    leaves the thread to release_orphans(), which detaches it once it stopped."""
+    from livesplice.process.ptrace import OPTS_WINDOW, release_orphans
 
     vforker = _vforker(target)
     t = Tracee(target.pid)
@@ -146,7 +146,7 @@ def test_a_vforking_thread_left_traced_is_let_go_later(target: Target) -> None:
     while _tracer(target.pid, vforker):
         assert time.monotonic() < deadline, "the vforking thread stayed traced"
         time.sleep(0.05)
-        Tracee(target.pid).detach()  # the next Tracee lets go of it once it stopped
+        release_orphans()  # what the agent's loop and every new Tracee call
     time.sleep(CHILD_MS / 1000 + 0.2)
     assert target.alive()
     assert task_state(target.pid, vforker) != "t"

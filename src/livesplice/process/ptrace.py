@@ -404,10 +404,13 @@ def _zombie_exit_code(pid: int) -> int | None:
 _ORPHANS: dict[int, int] = {}
 
 
-def _release_orphans() -> None:
-    """Detach the orphaned threads that stopped since (their vfork child exec'd or exited);
-    drop the ones gone. Without this a long-lived caller (the agent) would keep such a
-    thread in its interrupt stop for as long as it runs. Cheap: one waitpid each."""
+def release_orphans() -> None:
+    """Detach the threads a closed Tracee left traced that stopped since (their vfork child
+    exec'd or exited); drop the ones gone. A long-lived caller (the agent's loop) calls it
+    now and then: until then such a thread sits in its interrupt stop (a command-line run
+    ends soon, and its exit detaches them). Every Tracee calls it too. Cheap: one waitpid
+    per such thread, nothing when there is none. Call it from the thread that made the
+    Tracees (ptrace is per tracer thread)."""
     lib = libc()
     for tid, _pid in list(_ORPHANS.items()):
         try:
@@ -525,7 +528,7 @@ class Tracee:
         with contextlib.suppress(OSError):
             self._pidfd = os.pidfd_open(pid)
         try:
-            _release_orphans()
+            release_orphans()
             self._check_traceable()
         except BaseException:
             self._abandon()
@@ -785,7 +788,7 @@ class Tracee:
                 self._host = None
             self._tids.clear()
             self._stopped.clear()
-            _release_orphans()
+            release_orphans()
         finally:
             self._abandon()
 
@@ -804,8 +807,8 @@ class Tracee:
         An auto-attached thread or one with our interrupt pending stops within moments;
         a thread waiting in ``vfork()`` only when its child execs or exits. Waiting for that
         without a bound made detach() last the child's whole life (forever for a child
-        that never execs): after ``wait`` s the thread is left to :func:`_release_orphans`
-        (the next Tracee of this process, or this process's exit, lets it go).
+        that never execs): after ``wait`` s the thread is left to :func:`release_orphans`
+        (the agent's loop, the next Tracee, or this process's exit lets it go).
         """
         began = time.perf_counter()
         if tid not in self._new:

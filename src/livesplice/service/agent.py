@@ -155,6 +155,7 @@ class Agent:
         or polling /proc when not allowed) and patch what matches; returns the exit code."""
         if not self.start():
             return 0
+        from livesplice.process.ptrace import release_orphans
         from livesplice.service.execwatch import Overflow, watcher
 
         _warm_up()
@@ -178,6 +179,7 @@ class Agent:
                         self.on_exec(ev.pid, ev.at_ns)
                     for pid in list(self.pending):
                         self._try(pid)
+                    release_orphans()  # a thread an apply had to leave traced (vfork)
                 except Overflow:
                     self.log({"event": "lost-events", "action": "rescan"})
                     self.sweep()
