@@ -82,6 +82,11 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
+def spread(values: list[float]) -> str:
+    """p50 / p99 / max of a stop figure (microseconds), as the report prints it."""
+    return f"p50 {statistics.median(values):.0f} p99 {pct(values, 99):.0f} max {max(values):.0f}"
+
+
 class RateClients:
     """Open-loop load from benchmarks/soak_client.c (see the module docstring)."""
 
@@ -410,10 +415,8 @@ def main() -> None:
         if p:
             ratio = [b / a for a, b in zip(p, o, strict=True) if a]
             print(
-                f"{verb}: pause_us p50 {statistics.median(p):.0f} max {max(p):.0f}; "
-                f"stopped_us (any thread) p50 {statistics.median(s):.0f} max {max(s):.0f}; "
-                f"others_stopped_us p50 {statistics.median(o):.0f} max {max(o):.0f}; "
-                f"host_stopped_us p50 {statistics.median(h):.0f} max {max(h):.0f}; "
+                f"{verb}: pause_us {spread(p)}; stopped_us (any thread) {spread(s)}; "
+                f"others_stopped_us {spread(o)}; host_stopped_us {spread(h)}; "
                 f"others/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}"
             )
     print(f"leaks after the last undo: {left}")

@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "corpus" / "debian-shipped.csv"
 # bumped when what an entry holds changes (not the update: its inputs are in the key)
 ENTRY_FORMAT = "1"
+# entries kept (~6 MB each): every change to livesplice makes a new one
+KEEP_ENTRIES = 4
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,19 @@ def build_entry(row: CorpusRow, entry: Path) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"built in {created.seconds:.0f} s")
+    prune(entry.parent)
+
+
+def prune(cache: Path) -> None:
+    """Keep the newest :data:`KEEP_ENTRIES` complete entries (an entry older than the
+    livesplice it was built by is never used again)."""
+    done = sorted(
+        (d for d in cache.glob("redis-*") if (d / "entry.json").exists()),
+        key=lambda d: (d / "entry.json").stat().st_mtime,
+        reverse=True,
+    )
+    for old in done[KEEP_ENTRIES:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def resp(*words: str) -> bytes:
