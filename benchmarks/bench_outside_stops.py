@@ -18,7 +18,10 @@ thread, asleep in read(), is). Two phases of ``--seconds`` each, ``--rounds`` ti
   pure Python work, and a stop window (stop + resume).
 
 Printed per phase: the longest signal and join latency (ms) and how many were seen, and for
-``attached`` the Tracee's own figures (stopped_max, others_stopped_max, host_stopped_max).
+``attached`` the Tracee's own figures (stopped_max, others_stopped_max, host_stopped_max);
+at the end the stops that threads other than a held host reported to the Tracee outside a
+window (each one waited for livesplice): interrupt traps (a stale PTRACE_INTERRUPT),
+signal-delivery-stops, exit stops.
 A thread that waits for livesplice outside the window shows as a latency of the length of
 the C work (tens of ms); one that does not stays at what ``none`` shows.
 """
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "progs
 
 from ptrace_targets import Target, build
 
+from livesplice.process import ptrace
 from livesplice.process.ptrace import Tracee
 from livesplice.process.remote import PROT_READ, remote_mmap, remote_munmap
 
@@ -45,6 +49,39 @@ def stats(tg: Target) -> tuple[float, int, float, int]:
     """(signal max ms, signals, join max ms, joins) since the last reset."""
     sig_max, sigs, join_max, joins = (int(x) for x in tg.cmd("stats").split())
     return sig_max / 1000, sigs, join_max / 1000, joins
+
+
+def count_outside_stops() -> dict[str, int]:
+    """Count, from now on, the stops traced threads report outside a stop window, by kind
+    (the Tracee's wait-status bookkeeping is wrapped). Not counted: the stops of a held
+    host, and of a thread livesplice is stopping on purpose (_stop_thread: the host-to-be,
+    or one thread at a time in detach)."""
+    counts = {"interrupt": 0, "signal": 0, "exit": 0}
+    record, stop_thread = Tracee._on_status, Tracee._stop_thread
+    stopping = [0]
+
+    def stopping_one(self: Tracee, tid: int) -> bool:
+        stopping[0] = tid
+        try:
+            return stop_thread(self, tid)
+        finally:
+            stopping[0] = 0
+
+    def counting(self: Tracee, tid: int, status: int) -> list[int]:
+        host = self._host[0] if self._host else 0
+        if not self._stop_began and tid not in (host, stopping[0]) and os.WIFSTOPPED(status):
+            event, sig = status >> 16, os.WSTOPSIG(status)
+            if event == ptrace.PTRACE_EVENT_STOP and sig == 5:  # SIGTRAP: not a group stop
+                counts["interrupt"] += 1
+            elif event == 0 and sig != ptrace.SYSCALL_STOP_SIG:
+                counts["signal"] += 1
+            elif event == ptrace.PTRACE_EVENT_EXIT:
+                counts["exit"] += 1
+        return record(self, tid, status)
+
+    Tracee._on_status = counting  # type: ignore[method-assign]
+    Tracee._stop_thread = stopping_one  # type: ignore[method-assign]
+    return counts
 
 
 def work_attached(t: Tracee, seconds: float, scratch: Path) -> int:
@@ -83,6 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         exe = build("ptrace_outside", Path(d))
         scratch = Path(d) / "journal"
+        outside = count_outside_stops()
         tg = (
             Target(Path("chrt"), "-f", str(args.rt_load), str(exe)) if args.rt_load else Target(exe)
         )
@@ -109,6 +147,7 @@ def main() -> None:
                     f"host {t.host_stopped_max_us / 1000:.2f} ms",
                     flush=True,
                 )
+            print(f"stops outside a window that waited for livesplice: {outside}")
         finally:
             tg.stop()
 

@@ -7,10 +7,13 @@ it (SIGCHLD, a timer's SIGALRM, SIGPIPE...) stops it in a signal-delivery-stop, 
 ``PTRACE_O_TRACEEXIT`` every exiting thread stops at its exit (a ``pthread_join`` waits for
 that) -- until the tracer collects the stop, which is late whenever livesplice's thread is
 busy elsewhere (C work such as a run-pre match or an fsync, Python work, descheduled).
-Measured before (benchmarks/bench_outside_stops.py, 2 CPUs): a thread signalled every ms
-waited up to 27-29 ms for its handler and a join waited 21 ms for a thread's exit while
-livesplice was attached and working, against 2-6 ms and 0.1-0.5 ms with no tracer, and
-the Tracee counted 4-6 ms. ptrace(2) has no option that spares a traced thread these stops
+Measured before (``benchmarks/bench_outside_stops.py --rt-load 5``, 2 CPUs, load 4-13):
+while livesplice was attached and working, a thread signalled every ms waited up to 37-67
+ms for its handler (it handled a third as many signals) and a join up to 19-31 ms for a
+thread's exit, while the Tracee counted 2-5 ms; in 2 s, 535-674 signal-delivery-stops, 31-35
+exit stops and 0-2 stale interrupt traps outside any window waited for livesplice. Now none:
+1.1-3.8 ms and 1.0-4.0 ms, the windows' own length (0.1-2.0 / 0.1-1.6 ms with no tracer).
+ptrace(2) has no option that spares a traced thread these stops
 (the kernel's ``get_signal`` reports every signal but SIGKILL to the tracer, even ignored
 ones), so the only way is not to trace the thread:
 
