@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
 
 from ptrace_targets import Target, build
 
+from livesplice.errors import CodeBusy, ExitCode
 from livesplice.process.ptrace import Tracee
 from livesplice.process.remote import PROT_READ, read_maps, remote_mmap, remote_munmap
 
@@ -98,6 +99,7 @@ def test_a_seccomp_filter_on_tgkill_neither_kills_nor_stalls(spawn, action: str)
 
 TOOL = """
 import os, sys
+from livesplice.errors import CodeBusy, ExitCode
 from livesplice.process.ptrace import Tracee
 from livesplice.process.remote import remote_mmap, remote_munmap
 pid, host = int(sys.argv[1]), int(sys.argv[2])
@@ -144,3 +146,55 @@ def test_a_handler_installed_since_the_last_batch_never_runs(spawn) -> None:  # 
     untraced(tg.pid)
     assert tg.cmd("caught") == "0"  # no handler of the program ran
     assert tg.cmd("alive") == "yes"
+
+
+def test_a_program_whose_only_thread_waits_in_vfork_is_busy_not_a_hang(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Its one thread stops only when its vfork child execs or exits -- never, for a child
+    that sleeps: any local user can run such a copy of a program root patches with
+    ``apply --all`` or the agent. The remote call waited for the child's whole life (here
+    20 s); now it is CODE_BUSY within a second, and the program runs on untraced."""
+    exe = build("vfork_only", tmp_path_factory.mktemp("vfork_only"))
+    tg = Target(exe, "20000")
+    try:
+        time.sleep(0.2)  # inside vfork() from now on
+        began = time.monotonic()
+        with Tracee(tg.pid) as t, pytest.raises(CodeBusy) as info:
+            remote_mmap(t, 4096, PROT_READ, name="livesplice:test:vfork")
+        took = time.monotonic() - began
+        assert took < 2.0, f"the remote call waited {took:.2f} s for a vfork child"
+        assert info.value.code == ExitCode.CODE_BUSY
+        assert "vfork" in info.value.reason
+        untraced(tg.pid)
+        assert tg.alive()
+    finally:
+        tg.proc.kill()
+        tg.stop()
+
+
+def test_a_host_that_enters_vfork_after_the_listing_is_not_waited_for(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The race the listing cannot rule out: the thread enters vfork() after hold_one looked
+    at it and before our interrupt. Its stop is waited for 2 ms, then it is looked at: in
+    vfork(), it is given up (left traced, let go by detach() or a later Tracee) instead of
+    waited for until its child ends."""
+    from livesplice.process.ptrace import OPTS_HOST
+
+    exe = build("vfork_only", tmp_path_factory.mktemp("vfork_only"))
+    tg = Target(exe, "20000")
+    try:
+        time.sleep(0.2)
+        t = Tracee(tg.pid)
+        try:
+            assert t._seize(tg.pid, OPTS_HOST)  # what hold_one does once it chose the thread
+            began = time.monotonic()
+            assert not t._stop_thread(tg.pid)
+            assert time.monotonic() - began < 1.0
+        finally:
+            t.detach()
+        assert tg.alive()
+    finally:
+        tg.proc.kill()
+        tg.stop()

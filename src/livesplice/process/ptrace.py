@@ -139,6 +139,8 @@ CRASH_SIGNALS: Final = frozenset(
     }
 )
 _STOP_SIGNALS: Final = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+# how long hold_one waits for a thread to leave vfork() when every thread waits in one
+VFORK_HOST_WAIT: Final = 0.5
 
 
 class ThreadInVfork(CodeBusy):
@@ -879,7 +881,8 @@ class Tracee:
         return False
 
     def _stop_thread(self, tid: int) -> bool:
-        """Interrupt one running thread and wait for its stop; False if it is gone.
+        """Interrupt one running thread and wait for its stop; False if it is gone, or waits
+        in vfork() (see :meth:`_await_stop`).
 
         The stop may be another one that came first (a signal, a clone event, its exit):
         recorded like any. A system call the interrupt turned into -EINTR is rewound, as
@@ -887,13 +890,41 @@ class Tracee:
         """
         if tid not in self._new:
             self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
-        self._wait_until_in(tid, self._stopped)
-        if tid not in self._tids or tid not in self._stopped:
+        if not self._await_stop(tid):
             return False
         if self.restart_eintr and tid not in self._exiting and tid not in self._in_clone:
             with contextlib.suppress(LivespliceError):
                 self._rewind_eintr(tid, self.get_regs(tid))
         return True
+
+    def _await_stop(self, tid: int) -> bool:
+        """Wait for the stop of one thread we interrupted; False if it went away, or if it
+        waits in ``vfork()``.
+
+        Why not a plain blocking waitpid: a thread that entered vfork() after the host
+        candidates were listed stops only when its child execs or exits -- never, for a
+        child that sleeps. A thread silent for 2 ms is looked at (/proc: only then, the
+        common stop costs no read); one in vfork() stays traced with our interrupt
+        pending, let go once it stops (:meth:`service`, :meth:`detach`, the next Tracee).
+        The wait sleeps in ``sigtimedwait`` for the SIGCHLD of the stop, as remote.py's
+        end-marker wait does, never in a busy loop (the tool runs SCHED_FIFO here).
+        """
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            while tid in self._tids and tid not in self._stopped:
+                try:
+                    got, status = os.waitpid(tid, WALL | os.WNOHANG)
+                except ChildProcessError:
+                    self._forget(tid)
+                    break
+                if got:
+                    self._on_status(tid, status)
+                elif signal.sigtimedwait({signal.SIGCHLD}, 0.002) is None and self._in_vfork(tid):
+                    return False
+        finally:
+            if signal.SIGCHLD not in mask:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return tid in self._tids and tid in self._stopped
 
     # ------------------------------------------------------------ one host thread
 
@@ -924,8 +955,19 @@ class Tracee:
         return tid
 
     def _hold_one(self, thread: int | None) -> int:
-        for _round in range(3):
-            for tid in self._host_candidates(thread):
+        vfork_until = time.monotonic() + VFORK_HOST_WAIT
+        rounds = 0
+        while rounds < 3:
+            candidates, in_vfork = self._host_candidates(thread)
+            if not candidates and in_vfork:
+                # every thread waits in vfork(): the children of a posix_spawn() exec within
+                # moments, a child that sleeps may never -- refuse instead of waiting for it
+                if time.monotonic() > vfork_until:
+                    raise ThreadInVfork(self.pid, in_vfork[0])
+                time.sleep(0.005)
+                continue
+            rounds += 1
+            for tid in candidates:
                 began = time.perf_counter()
                 if tid not in self._tids and not self._seize(tid, OPTS_HOST):
                     continue  # gone meanwhile
@@ -956,19 +998,27 @@ class Tracee:
             self.service()
         if not process_alive(self.pid) or not self._live_threads():
             raise TargetGone(f"process {self.pid} exited")
+        vforking = in_vfork or [t for t in self._tids if t not in self._stopped]
+        if vforking:  # left out, or entered vfork() while we stopped it
+            raise ThreadInVfork(self.pid, vforking[0])
         raise TargetGone(f"process {self.pid} has no thread to run code on")
 
-    def _host_candidates(self, thread: int | None) -> list[int]:
+    def _host_candidates(self, thread: int | None) -> tuple[list[int], list[int]]:
+        """The threads fit to host a call, best first, and the ones left out because they
+        wait in vfork() (state D): such a thread stops only when its child execs or exits,
+        which may be never."""
         listed = self._listed()
         if thread is not None:
-            return [thread] if thread in listed and not _is_zombie(self.pid, thread) else []
+            if thread not in listed or _is_zombie(self.pid, thread):
+                return [], []
+            return ([], [thread]) if self._in_vfork(thread) else ([thread], [])
         order = [t for t in dict.fromkeys([self.pid, *listed]) if t in listed]
         states = {t: task_state(self.pid, t) for t in order[:64]}
         order = [t for t in order if states.get(t) not in ("Z", "X")]
-        # a thread in vfork() (state D) stops only when its child execs or exits: last
-        vfork = {t for t, st in states.items() if st == "D" and self._in_vfork(t)}
+        vfork = [t for t, st in states.items() if st == "D" and self._in_vfork(t)]
         sleeping = [t for t, st in states.items() if st in ("S", "D") and t not in vfork]
-        return list(dict.fromkeys([*sleeping, *(t for t in order if t not in vfork), *vfork]))
+        fit = dict.fromkeys([*sleeping, *(t for t in order if t not in vfork)])
+        return list(fit), vfork
 
     @_op
     def release_one(self, tid: int) -> None:
