@@ -48,9 +48,12 @@ def spawn(exe: Path) -> Iterator[object]:
 
 
 def host_of(tg: Target) -> int:
-    for tid in tg.threads():
-        if Path(f"/proc/{tg.pid}/task/{tid}/comm").read_text().strip() == "host":
-            return tid
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the thread names itself once it runs
+        for tid in tg.threads():
+            if Path(f"/proc/{tg.pid}/task/{tid}/comm").read_text().strip() == "host":
+                return tid
+        time.sleep(0.01)
     raise LookupError("host")
 
 
@@ -198,3 +201,99 @@ def test_a_host_that_enters_vfork_after_the_listing_is_not_waited_for(
     finally:
         tg.proc.kill()
         tg.stop()
+
+
+NOTIF_TOOL = """
+import sys
+from livesplice.errors import RemoteCallFailed
+from livesplice.process import remote
+from livesplice.process.ptrace import Tracee
+remote.STUB_TIMEOUT = 1.0  # the test's own bound (5 s in livesplice)
+pid, host = int(sys.argv[1]), int(sys.argv[2])
+with Tracee(pid) as t:
+    try:
+        remote.remote_mmap(t, 4096, 1, name="livesplice:test:notif", thread=host)
+    except RemoteCallFailed as e:
+        print("failed:", e.reason, flush=True)
+    addr = remote.remote_mmap(t, 4096, 1, thread=host)  # no memfd: the thread still works
+    remote.remote_munmap(t, addr, 4096)
+print("done", flush=True)
+"""
+
+
+def test_a_stub_call_that_never_returns_is_given_up(spawn) -> None:  # type: ignore[no-untyped-def]
+    """Under a seccomp filter the batch is stepped from syscall-stop to syscall-stop; a call
+    that never returns -- memfd_create waiting for a SECCOMP_RET_USER_NOTIF supervisor that
+    never answers, which the program's owner can set up -- held root's tool in waitpid
+    forever. Now the stub run is given up after STUB_TIMEOUT like a signal-marked one: the
+    thread interrupted, its registers restored, REMOTE_FAILED, and the thread still hosts
+    the next call."""
+    tg = spawn("seccomp=notif")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("LIVESPLICE_KILL_AT", None)
+    tool = subprocess.Popen(
+        [sys.executable, "-c", NOTIF_TOOL, str(tg.pid), str(host_of(tg))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        out, err = tool.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        tool.kill()
+        out, err = tool.communicate()
+        pytest.fail("the tool hung in a stub run that never ended")
+    assert tool.returncode == 0, err
+    assert out.splitlines()[0].startswith("failed: the stub run in thread"), out
+    assert out.splitlines()[-1] == "done", out
+    untraced(tg.pid)
+    assert tg.cmd("alive") == "yes" and tg.alive()
+    assert "livesplice:test" not in Path(f"/proc/{tg.pid}/maps").read_text()
+
+
+CALL_TOOL = """
+import sys
+from livesplice.errors import HookFailed
+from livesplice.process.ptrace import Tracee
+from livesplice.process.remote import remote_call, remote_syscall
+pid, host, func = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3], 0)
+with Tracee(pid) as t:
+    try:
+        remote_call(t, func, timeout=1.0, thread=host)
+    except HookFailed as e:
+        print("failed:", e.reason, flush=True)
+    print("pid", remote_syscall(t, 39, thread=host), flush=True)  # the thread still hosts
+print("done", flush=True)
+"""
+
+
+def test_a_call_blocked_in_a_system_call_times_out(spawn) -> None:  # type: ignore[no-untyped-def]
+    """A hook that blocks in read(): at its timeout the thread is interrupted, reports the
+    syscall-exit-stop of the read first (the call is traced with PTRACE_SYSCALL), and that
+    stop cleared the interrupt -- continued, the read restarted and blocked again while
+    livesplice waited for a trap that never came (forever). HookFailed now, registers
+    restored."""
+    tg = spawn()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("LIVESPLICE_KILL_AT", None)
+    func = tg.symbol("block_in_read")[0]
+    tool = subprocess.Popen(
+        [sys.executable, "-c", CALL_TOOL, str(tg.pid), str(host_of(tg)), hex(func)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        out, err = tool.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        tool.kill()
+        out, err = tool.communicate()
+        pytest.fail("the tool hung in a call that blocked")
+    assert tool.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("failed: the function at") and "did not return" in lines[0], out
+    assert lines[1:] == [f"pid {tg.pid}", "done"], out
+    untraced(tg.pid)
+    assert tg.cmd("alive") == "yes" and tg.alive()

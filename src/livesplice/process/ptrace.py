@@ -906,25 +906,41 @@ class Tracee:
         child that sleeps. A thread silent for 2 ms is looked at (/proc: only then, the
         common stop costs no read); one in vfork() stays traced with our interrupt
         pending, let go once it stops (:meth:`service`, :meth:`detach`, the next Tracee).
-        The wait sleeps in ``sigtimedwait`` for the SIGCHLD of the stop, as remote.py's
-        end-marker wait does, never in a busy loop (the tool runs SCHED_FIFO here).
         """
+        while tid in self._tids and tid not in self._stopped:
+            status = self._waitpid_within(tid, 0.002)
+            if status is not None:
+                self._on_status(tid, status)
+            elif self._in_vfork(tid):
+                return False
+        return tid in self._tids and tid in self._stopped
+
+    def _waitpid_within(self, tid: int, timeout: float) -> int | None:
+        """The next wait status of ``tid`` if it comes within ``timeout`` s, else None; a
+        thread gone reads as status 0 (exited).
+
+        The wait sleeps in ``sigtimedwait`` for the SIGCHLD of the stop (SIGCHLD blocked
+        meanwhile; 1 ms at most at a time, for a SIGCHLD the kernel hands to another thread
+        of the tool), never in a busy loop: livesplice runs SCHED_FIFO while it holds a
+        thread, and a spin would keep a CPU from the very thread it waits for.
+        """
+        deadline = time.monotonic() + timeout
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
-            while tid in self._tids and tid not in self._stopped:
+            while True:
                 try:
                     got, status = os.waitpid(tid, WALL | os.WNOHANG)
                 except ChildProcessError:
-                    self._forget(tid)
-                    break
+                    return 0
                 if got:
-                    self._on_status(tid, status)
-                elif signal.sigtimedwait({signal.SIGCHLD}, 0.002) is None and self._in_vfork(tid):
-                    return False
+                    return status
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
         finally:
             if signal.SIGCHLD not in mask:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return tid in self._tids and tid in self._stopped
 
     # ------------------------------------------------------------ one host thread
 
@@ -1618,7 +1634,13 @@ class Tracee:
             if event == PTRACE_EVENT_EXIT:
                 raise TargetGone(f"process {self.pid} is exiting")
             # a real signal or a syscall-stop came first (a signal stays recorded, delivered
-            # at resume): go on to the trap
+            # at resume): go on to the trap -- asked for again, since every ptrace stop
+            # clears a pending interrupt (kernel/signal.c ptrace_stop: "any trap clears
+            # pending STOP trap"). Without this, a thread interrupted inside a blocking
+            # system call (a hook's read(), a stub's call waiting on a seccomp supervisor)
+            # reported its syscall-exit-stop, was continued, restarted the call and blocked
+            # again: the wait here never ended.
+            self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
             self.run_thread(tid, PTRACE_CONT)
 
     def get_fpregs(self, tid: int) -> bytes:
@@ -1686,9 +1708,13 @@ class Tracee:
         return os.WSTOPSIG(status), status >> 16
 
     @_op
-    def run_to_syscall_stop(self, tid: int, at: int, nr: int) -> Regs:
+    def run_to_syscall_stop(
+        self, tid: int, at: int, nr: int, timeout: float | None = None
+    ) -> Regs | None:
         """``PTRACE_SYSCALL`` the stopped thread ``tid`` from stop to stop until a syscall-stop
-        at ``at`` for system call ``nr``; return its registers then.
+        at ``at`` for system call ``nr``; return its registers then -- or None when that
+        did not come within ``timeout`` s (the thread left running: a system call of the
+        stub blocked, e.g. on a seccomp supervisor that never answers).
 
         For a stub of ours (process/remote.py): its own system calls stop twice each on the
         way and are passed, in a loop kept lean (a named mapping is nine stops while a thread
@@ -1700,16 +1726,23 @@ class Tracee:
         ptrace, regs = self._ptrace, Regs()
         ref = ctypes.byref(regs)
         syscall_stop = (SYSCALL_STOP_SIG << 8) | 0x7F
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if ptrace(PTRACE_SYSCALL, tid, 0, 0) != 0:
                 self._fail("PTRACE_SYSCALL", tid)
             self._stopped.discard(tid)
             self._signal_stop.discard(tid)
             self._in_clone.discard(tid)
-            try:
-                _, status = os.waitpid(tid, WALL)
-            except ChildProcessError:
-                status = 0
+            if deadline is None:
+                try:
+                    _, status = os.waitpid(tid, WALL)
+                except ChildProcessError:
+                    status = 0
+            else:
+                got = self._waitpid_within(tid, deadline - time.monotonic())
+                if got is None:
+                    return None
+                status = got
             if status == syscall_stop:
                 self._stopped.add(tid)
                 if ptrace(PTRACE_GETREGS, tid, 0, ref) != 0:

@@ -168,6 +168,10 @@ SYS_GETPID = 39
 SYS_GETTID = 186
 SYS_TGKILL = 234
 SYS_RESTART_SYSCALL = 219
+# How long a stub run of system calls may take before it is given up (the thread interrupted,
+# its registers restored): a call that blocks -- a seccomp supervisor that never answers,
+# a lock the program holds -- must not hold the tool for ever.
+STUB_TIMEOUT = 5.0
 # The end marker of a batch is a signal the stub sends its own thread: one whose default
 # action is to ignore it, that the program has no handler for and the thread does not block,
 # so that the program can never see it -- not even when the tool dies while the thread sits
@@ -600,21 +604,24 @@ def _syscalls_on(t: Tracee, tid: int, batch: Batch) -> list[int | None]:
         t.set_regs(tid, r)
         _point("regs-set", *labels)
         if sig:
-            end = _run_to_signal(t, tid, at, sig)
-            if end is None:  # never came: find where the thread is
-                t.to_event_stop(tid)
-                escaped = not stub.addr <= t.get_regs(tid).rip < at
-                settled = True
-                raise RemoteCallFailed(
-                    f"the stub run in thread {tid} of process {t.pid} did not report its end",
-                    details=[
-                        "its registers were restored by the stub itself"
-                        if escaped
-                        else "its registers were restored"
-                    ],
-                )
+            end = _run_to_signal(t, tid, at, sig, STUB_TIMEOUT)
         else:  # every stop up to the marker's: the steps' own syscall-stops, passed
-            end = t.run_to_syscall_stop(tid, at, SYS_GETPID)
+            end = t.run_to_syscall_stop(tid, at, SYS_GETPID, timeout=STUB_TIMEOUT)
+        if end is None:  # never came: find where the thread is
+            t.to_event_stop(tid)
+            escaped = not stub.addr <= t.get_regs(tid).rip < at
+            settled = True
+            raise RemoteCallFailed(
+                f"the stub run in thread {tid} of process {t.pid} did not report its end "
+                f"within {STUB_TIMEOUT:g} s",
+                details=[
+                    "its registers were restored by the stub itself"
+                    if escaped
+                    else "a system call of it did not return (a seccomp supervisor, a "
+                    "lock held by the program); the thread was interrupted and its "
+                    "registers were restored"
+                ],
+            )
         results: list[int | None] = []
         for reg, _ in zip(RESULT_REGS, batch.steps, strict=False):
             v = getattr(end, reg)
