@@ -80,6 +80,34 @@ def untraced(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def start_tool(script: str, *args: object) -> subprocess.Popen[str]:
+    """A livesplice "tool" script in its own process, so that it can be killed -- or hang --
+    without taking the test run along; no fault injection armed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("LIVESPLICE_KILL_AT", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *(str(a) for a in args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def finish(tool: subprocess.Popen[str], hang: str) -> list[str]:
+    """The output lines of a tool that ended well; a failure saying ``hang`` (and the tool
+    killed) if it did not end within 20 s."""
+    try:
+        out, err = tool.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        tool.kill()
+        tool.communicate()
+        pytest.fail(hang)
+    assert tool.returncode == 0, err
+    return out.splitlines()
+
+
 @pytest.mark.parametrize("action", ["kill", "errno"])
 def test_a_seccomp_filter_on_tgkill_neither_kills_nor_stalls(spawn, action: str) -> None:  # type: ignore[no-untyped-def]
     """A program whose seccomp filter forbids ``tgkill`` (killing the process, or failing the
@@ -121,17 +149,7 @@ def test_a_handler_installed_since_the_last_batch_never_runs(spawn) -> None:  # 
     runtime starting up). The tool killed while the host sits in the marker's
     signal-delivery-stop: the kernel delivers the marker -- it must reach no handler."""
     tg = spawn()
-    host = host_of(tg)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    env.pop("LIVESPLICE_KILL_AT", None)
-    tool = subprocess.Popen(
-        [sys.executable, "-c", TOOL, str(tg.pid), str(host)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    tool = start_tool(TOOL, tg.pid, host_of(tg))
     try:
         assert tool.stdout is not None and tool.stdin is not None
         assert tool.stdout.readline() == "first\n", tool.stderr
@@ -229,24 +247,10 @@ def test_a_stub_call_that_never_returns_is_given_up(spawn) -> None:  # type: ign
     thread interrupted, its registers restored, REMOTE_FAILED, and the thread still hosts
     the next call."""
     tg = spawn("seccomp=notif")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    env.pop("LIVESPLICE_KILL_AT", None)
-    tool = subprocess.Popen(
-        [sys.executable, "-c", NOTIF_TOOL, str(tg.pid), str(host_of(tg))],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        out, err = tool.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        tool.kill()
-        out, err = tool.communicate()
-        pytest.fail("the tool hung in a stub run that never ended")
-    assert tool.returncode == 0, err
-    assert out.splitlines()[0].startswith("failed: the stub run in thread"), out
-    assert out.splitlines()[-1] == "done", out
+    tool = start_tool(NOTIF_TOOL, tg.pid, host_of(tg))
+    lines = finish(tool, "the tool hung in a stub run that never ended")
+    assert lines[0].startswith("failed: the stub run in thread"), lines
+    assert lines[-1] == "done", lines
     untraced(tg.pid)
     assert tg.cmd("alive") == "yes" and tg.alive()
     assert "livesplice:test" not in Path(f"/proc/{tg.pid}/maps").read_text()
@@ -275,25 +279,9 @@ def test_a_call_blocked_in_a_system_call_times_out(spawn) -> None:  # type: igno
     livesplice waited for a trap that never came (forever). HookFailed now, registers
     restored."""
     tg = spawn()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    env.pop("LIVESPLICE_KILL_AT", None)
-    func = tg.symbol("block_in_read")[0]
-    tool = subprocess.Popen(
-        [sys.executable, "-c", CALL_TOOL, str(tg.pid), str(host_of(tg)), hex(func)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        out, err = tool.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        tool.kill()
-        out, err = tool.communicate()
-        pytest.fail("the tool hung in a call that blocked")
-    assert tool.returncode == 0, err
-    lines = out.splitlines()
-    assert lines[0].startswith("failed: the function at") and "did not return" in lines[0], out
-    assert lines[1:] == [f"pid {tg.pid}", "done"], out
+    tool = start_tool(CALL_TOOL, tg.pid, host_of(tg), hex(tg.symbol("block_in_read")[0]))
+    lines = finish(tool, "the tool hung in a call that blocked")
+    assert lines[0].startswith("failed: the function at") and "did not return" in lines[0]
+    assert lines[1:] == [f"pid {tg.pid}", "done"], lines
     untraced(tg.pid)
     assert tg.cmd("alive") == "yes" and tg.alive()
