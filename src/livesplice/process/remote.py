@@ -13,8 +13,11 @@ changed -- the original values are immediates in the stub:
   above the thread's ``rsp - 128``.
 * :func:`run_syscalls` (and :func:`remote_syscall`, one of them): each system call in turn
   (a result kept in a callee-preserved register for the next one's arguments, a failure
-  skipping the rest), then ``getpid`` as the end marker, then the restore. A named mapping's
-  four calls are one stub run: one hold of the host thread instead of four.
+  skipping the rest), then the end marker, then the restore. A named mapping's four calls
+  are one stub run: one hold of the host thread instead of four. The marker is
+  ``tgkill(getpid(), gettid(), SIG)`` of a signal the program never sees
+  (:data:`MARK_SIGNALS`); a plain ``getpid`` where none qualifies or the thread is under a
+  seccomp filter (which may kill the process for a ``tgkill``).
 * :func:`remote_call`: ``xsave64`` (the whole user FPU/vector state -- x87, SSE, the AVX
   upper halves, AVX-512, PKRU -- into a 64-byte aligned area below the red zone; ``fxsave64``
   on a CPU without XSAVE), ``call [func]``, ``mov rdi, rax`` (the result), ``xrstor64``,
@@ -40,8 +43,11 @@ call, and its thread may yet return into it. A slot holding some thread's ``rip`
 When the tool is alive it stops the thread itself and restores the registers with
 ``PTRACE_SETREGS`` (exactly today's registers, restart pending as before):
 
-* system calls: ``PTRACE_SYSCALL`` from stop to stop (the steps' own entry and exit stops)
-  until the entry stop of the marker's ``getpid``, where the result registers are read.
+* system calls: ``PTRACE_CONT`` to the marker's signal-delivery-stop (the signal taken
+  back), or ``PTRACE_SYSCALL`` from stop to stop (the steps' own entry and exit stops) until
+  the entry stop of the marker's ``getpid``; the result registers are read there. A run
+  that has not ended after :data:`STUB_TIMEOUT` (a call blocked: a seccomp supervisor that
+  never answers) is interrupted and its registers restored: REMOTE_FAILED.
 * call: ``PTRACE_SYSCALL`` until the entry stop of the stub's ``getpid`` (``rdi`` = result;
   the callee's own system calls stop too and are passed), then its exit stop.
 * Then :meth:`Tracee.to_event_stop` moves the thread into an interrupt stop before the
