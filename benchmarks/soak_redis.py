@@ -330,18 +330,35 @@ def config(rundir: Path, port: int) -> Path:
     return conf
 
 
-def start(
-    redis: ShippedRedis, rundir: Path, port: int, prefix: list[str]
-) -> subprocess.Popen[bytes]:
+def start(redis: ShippedRedis, rundir: Path, port: int) -> subprocess.Popen[bytes]:
     """Debian's redis-server, started by the package's own name (the symlink), as the eval
     does: apply must find it by build-id, not by file name."""
     rundir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        [*prefix, str(redis.binary), str(config(rundir, port))],
+        [str(redis.binary), str(config(rundir, port))],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         cwd=rundir,
     )
+
+
+def realtime_threads(pid: int, prio: int) -> int:
+    """Every thread of the server SCHED_FIFO at ``prio`` (``--rt-load``), with
+    SCHED_RESET_ON_FORK so a BGSAVE child writes at normal priority instead of taking a CPU
+    at realtime priority for its whole save. All threads, not only the main one: the stop
+    window waits for every thread to reach its stop, and a bio thread at normal priority,
+    woken by the interrupt on a CPU busy with the BGSAVE child or other jobs, waits for its
+    turn -- 2-75 ms measured at load ~4, with the event loop held stopped meanwhile (that
+    case is livesplice's to solve, and ``--rt-load 0`` shows it; with --rt-load the
+    benchmark isolates livesplice's own stops from the machine's load, as for kvserver).
+    Returns how many threads were set."""
+    n = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setscheduler(
+            int(task.name), os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(prio)
+        )
+        n += 1
+    return n
 
 
 # what redis logs when something went wrong (server.c, rdb.c, debug.c of 7.0): a crash
