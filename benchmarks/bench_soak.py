@@ -17,7 +17,12 @@ RESP (SET+GET of a per-thread key, the answer checked), half its threads connect
 request, half over one connection each; redis is a single event loop, so a stop of its main
 thread delays every connection. A data set (``--keys``) and a BGSAVE every ``--bgsave-every``
 seconds make the target fork a child while apply and undo run; the report adds the forks,
-the saves, redis's own log trouble and leftover children.
+the saves, redis's own log trouble and leftover children. redis creates no threads per
+connection: its churn is connections and forks.
+
+With ``--warm`` the report also says which slow requests a stop of the target by livesplice
+overlapped (the intervals it held threads stopped) and which overlapped none: on a machine
+shared with other jobs most multi-millisecond requests are the machine's.
 
 Two kinds of load. By default closed-loop Python clients (as fast as they can): on a 2-core
 machine they keep both CPUs busy, so any extra work -- the patcher's Python included --
