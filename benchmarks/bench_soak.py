@@ -253,6 +253,12 @@ def main() -> None:
         default=200_000,
         help="redis: keys of 100 bytes loaded first, so each BGSAVE child works a while",
     )
+    ap.add_argument(
+        "--rt-main-only",
+        action="store_true",
+        help="redis with --rt-load: only the main thread SCHED_FIFO, its bio threads at "
+        "normal priority (shows the window waiting for them on a busy machine)",
+    )
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument(
@@ -302,7 +308,7 @@ def main() -> None:
             control_conn.connect()
             control_conn.populate(args.keys)
             if args.rt_load:  # its threads, once they all exist (see realtime_threads)
-                soak_redis.realtime_threads(server.pid, args.rt_load)
+                soak_redis.realtime_threads(server.pid, args.rt_load, main_only=args.rt_main_only)
         else:
             update, update_id, server = start_kvserver(tmp, port, rt)
         mode = "redis" if redis is not None else "line"

@@ -342,23 +342,20 @@ def start(redis: ShippedRedis, rundir: Path, port: int) -> subprocess.Popen[byte
     )
 
 
-def realtime_threads(pid: int, prio: int) -> int:
-    """Every thread of the server SCHED_FIFO at ``prio`` (``--rt-load``), with
+def realtime_threads(pid: int, prio: int, *, main_only: bool = False) -> int:
+    """The server's threads SCHED_FIFO at ``prio`` (``--rt-load``), with
     SCHED_RESET_ON_FORK so a BGSAVE child writes at normal priority instead of taking a CPU
-    at realtime priority for its whole save. All threads, not only the main one: the stop
-    window waits for every thread to reach its stop, and a bio thread at normal priority,
-    woken by the interrupt on a CPU busy with the BGSAVE child or other jobs, waits for its
-    turn -- 2-75 ms measured at load ~4, with the event loop held stopped meanwhile (that
-    case is livesplice's to solve, and ``--rt-load 0`` shows it; with --rt-load the
-    benchmark isolates livesplice's own stops from the machine's load, as for kvserver).
+    at realtime priority for its whole save. All threads by default, not only the main one:
+    the stop window waits for every thread to reach its stop, and a bio thread at normal
+    priority, woken by the interrupt on a CPU busy with the BGSAVE child or other jobs,
+    waits for its turn -- 2-75 ms measured at load ~4, the event loop held stopped meanwhile.
+    That case is livesplice's to solve; ``main_only`` (``--rt-main-only``) reproduces it,
+    the default isolates livesplice's own stops from the machine's load, as for kvserver.
     Returns how many threads were set."""
-    n = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setscheduler(
-            int(task.name), os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(prio)
-        )
-        n += 1
-    return n
+    tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    for tid in [pid] if main_only else tids:
+        os.sched_setscheduler(tid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(prio))
+    return 1 if main_only else len(tids)
 
 
 # what redis logs when something went wrong (server.c, rdb.c, debug.c of 7.0): a crash
