@@ -60,6 +60,10 @@ def spawn(progs: dict[str, Path]) -> Iterator[object]:
         tg.stop()
 
 
+def thread_name(pid: int, tid: int) -> str:
+    return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+
+
 def task_states(pid: int) -> dict[int, str]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -281,6 +285,20 @@ def test_a_batch_ends_with_a_signal_the_program_never_sees(  # type: ignore[no-u
     before = int(tg.cmd("calls"))
     time.sleep(0.05)
     assert int(tg.cmd("calls")) > before and tg.alive()
+
+
+def test_the_host_is_an_idle_helper_thread_not_the_leader(spawn) -> None:  # type: ignore[no-untyped-def]
+    """Remote calls run on a thread idle on a futex when there is one; the leader (often the
+    event loop or the accepting thread, which every client waits for) comes last."""
+    tg = spawn("ptrace_spin", "2", "sleepers", "idle")
+    deadline = time.monotonic() + 10
+    while not (idle := [t for t in tg.threads() if thread_name(tg.pid, t) == "idle"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)  # every thread asleep: the leader in read() from stdin, workers in read()
+    with Tracee(tg.pid) as t:
+        assert {remote_syscall(t, SYS_GETTID) for _ in range(5)} == set(idle)
+    assert tg.cmd("seen") == "0"
 
 
 def test_remote_mmap_near_and_named(spawn) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,8 @@
  *        a short usleep every 1024 turns): the busy path of the stop window (benchmarks);
  *   holder: a thread named "holder" keeps a pointer to answer() in its stack frame and
  *           sleeps (a stale word that a conservative stack scan mistakes for a frame);
- *   catch=N,M..: count signals N, M... in a handler; block=N,M..: every thread blocks them.
+ *   catch=N,M..: count signals N, M... in a handler; block=N,M..: every thread blocks them;
+ *   idle: a thread named "idle" waits on a condition variable (a futex) forever.
  * Commands on stdin, one per line, answered on stdout: seen, calls, usr1, counter, caught,
  * quit.
  * With 0 workers the main thread spins itself and polls stdin (single-thread process).
@@ -126,6 +127,16 @@ static void *short_lived(void *arg) {
     return NULL;
 }
 
+static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t idle_cond = PTHREAD_COND_INITIALIZER;
+static void *idle_main(void *arg) {
+    (void)arg;
+    pthread_setname_np(pthread_self(), "idle");
+    pthread_mutex_lock(&idle_lock);
+    for (;;) pthread_cond_wait(&idle_cond, &idle_lock);
+    return NULL;
+}
+
 static void *churn_main(void *arg) {
     (void)arg;
     pthread_setname_np(pthread_self(), "churn");
@@ -186,6 +197,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "stuck")) pthread_create(&th, NULL, stuck_main, NULL);
         if (!strcmp(argv[i], "deep")) pthread_create(&th, NULL, deep_main, NULL);
         if (!strcmp(argv[i], "churn")) pthread_create(&th, NULL, churn_main, NULL);
+        if (!strcmp(argv[i], "idle")) pthread_create(&th, NULL, idle_main, NULL);
         if (!strcmp(argv[i], "holder")) pthread_create(&th, NULL, holder_main, NULL);
         if (!strncmp(argv[i], "exit_after_ms=", 14))
             pthread_create(&th, NULL, exit_main, (void *)(long)atoi(argv[i] + 14));
