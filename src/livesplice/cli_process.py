@@ -13,9 +13,18 @@ import json
 import sys
 from typing import Any
 
-from livesplice.errors import ExitCode, LivespliceError, NoMatch, NotApplied, UsageError
+from livesplice.errors import (
+    ExitCode,
+    LivespliceError,
+    NoMatch,
+    NotApplied,
+    TargetGone,
+    UsageError,
+)
 from livesplice.process.apply import (
     apply_to_process,
+    exited,
+    inherited_applied,
     processes_with,
     stop_figures,
     stop_words,
@@ -23,6 +32,7 @@ from livesplice.process.apply import (
     undo_in_process,
     view_rows,
 )
+from livesplice.process.journal import process_start
 from livesplice.text import printable
 from livesplice.update.archive import UpdateFile
 from livesplice.update.format import Manifest
@@ -33,6 +43,20 @@ def _outcome(failures: list[LivespliceError], successes: int) -> int:
     if not failures:
         return ExitCode.OK
     return int(failures[0].code) if not successes else ExitCode.PARTIAL
+
+
+def _skip_all(
+    pid: int, start: int | None, e: LivespliceError, reports: list[dict[str, Any]], json_: bool
+) -> bool:
+    """With ``--all``: a process that exited while the command ran (a BGSAVE child, a worker
+    recycled) is noted as "exited meanwhile" and skipped, not counted as a failure -- it
+    was listed a moment ago, nobody named it. True when skipped."""
+    if not isinstance(e, TargetGone) or not exited(pid, start):
+        return False
+    reports.append({"pid": pid, "status": "exited", "abort": e.abort, "reason": e.reason})
+    if not json_:
+        print(f"livesplice: note: pid {pid} exited meanwhile: skipped", file=sys.stderr)
+    return True
 
 
 def _say_failure(pid: int, e: LivespliceError) -> None:
@@ -59,7 +83,18 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
     reports: list[dict[str, Any]] = []
     failures: list[LivespliceError] = []
     applied = 0
+    starts = {pid: process_start(pid) for pid in pids}
     for pid in pids:
+        parent = inherited_applied(pid, manifest.id) if args.all else None
+        if parent is not None:
+            reports.append({"pid": pid, "status": "inherited", "inherited_from": parent})
+            if not args.json:
+                print(
+                    f"livesplice: note: pid {pid} skipped: already runs {printable(manifest.id)}"
+                    f", inherited by fork from pid {parent}",
+                    file=sys.stderr,
+                )
+            continue
         try:
             r = apply_to_process(
                 manifest,
@@ -90,6 +125,8 @@ def cli_apply(args: argparse.Namespace, update: UpdateFile) -> int:
                 _say_failure(pid, e)
             continue
         except LivespliceError as e:
+            if args.all and _skip_all(pid, starts[pid], e, reports, args.json):
+                continue
             failures.append(e)
             reports.append(
                 {
@@ -194,7 +231,9 @@ def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> i
     else:
         pids = list(dict.fromkeys(args.pid))
     failures: list[LivespliceError] = []
-    results = []
+    results: list[dict[str, Any]] = []
+    starts = {pid: process_start(pid) for pid in pids}
+    gone = 0
     for pid in pids:
         try:
             rep = undo_in_process(
@@ -205,6 +244,9 @@ def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> i
                 from_target=from_target,
             )
         except LivespliceError as e:
+            if args.all and _skip_all(pid, starts[pid], e, results, args.json):
+                gone += 1
+                continue
             failures.append(e)
             results.append({"pid": pid, "status": "failed", "abort": e.abort, "reason": e.reason})
             if not args.json:
@@ -222,4 +264,4 @@ def cli_undo(args: argparse.Namespace, from_target: Manifest | None = None) -> i
                 print(f"livesplice: warning: pid {pid}: {printable(w)}")
     if args.json:
         print(json.dumps({"id": args.update_id, "processes": results}, indent=1))
-    return _outcome(failures, len(pids) - len(failures))
+    return _outcome(failures, len(pids) - len(failures) - gone)

@@ -42,7 +42,7 @@ from livesplice.errors import (
     UsageError,
 )
 from livesplice.faults import checkpoint
-from livesplice.process import journal
+from livesplice.process import inherit, journal
 from livesplice.process.journal import run_dir
 from livesplice.process.state import (
     NAME_PREFIX,
@@ -734,7 +734,9 @@ def updates_in(pid: int) -> list[Present]:
     entries = journal.entries_for(pid)
     found: dict[str, Present] = {}
     for rec, sm in read_records(pid):
-        found[sm.id] = Present(sm.id, sm, entries.pop(sm.id, None), rec, sm.error)
+        # no entry of its own: a fork child whose ancestor's entry vouches for it (inherit.py)
+        entry = entries.pop(sm.id, None) or inherit.adopt(pid, sm.id)
+        found[sm.id] = Present(sm.id, sm, entry, rec, sm.error)
     for uid, e in entries.items():
         # journal only: nothing of the update is mapped any more (an undo killed after
         # unmapping) or the process unmapped it; stale unless its jumps are still there
@@ -1190,6 +1192,9 @@ def view_process(pid: int) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"pid": pid, "id": u.id, "state": state, "verified": u.verified}
         if not u.verified:
             row["note"] = "not in livesplice's journal: read from the process only"
+        elif u.entry is not None and u.entry.inherited_from is not None:
+            row["inherited_from"] = u.entry.inherited_from
+            row["note"] = f"inherited by fork from pid {u.entry.inherited_from}"
         if disagree := u.disagreement():
             row["warning"] = disagree
         rec = u.record
@@ -1286,6 +1291,29 @@ def view_rows(pids: list[int] | None) -> tuple[list[dict[str, Any]], list[dict[s
             }
         )
     return rows, problems
+
+
+def inherited_applied(pid: int, update_id: str) -> int | None:
+    """The ancestor ``pid`` inherited ``update_id`` from by fork, when it is applied in
+    ``pid`` (``apply --all`` leaves such a child alone: it already runs the update)."""
+    present = updates_in(pid)
+    u = next((x for x in present if x.id == update_id), None)
+    if u is None or u.entry is None or u.entry.inherited_from is None:
+        return None
+    return u.entry.inherited_from if state_of(pid, u, present) == "applied" else None
+
+
+def exited(pid: int, start: int | None) -> bool:
+    """Whether the process that had ``start`` as its start time is gone (or a zombie): what
+    ``--all`` calls "exited meanwhile" rather than a failure."""
+    if start is None or journal.process_start(pid) != start:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return True
+    return line[line.rfind(b")") + 2 :][:1] in (b"Z", b"X")
 
 
 def processes_with(update_id: str) -> list[int]:

@@ -78,6 +78,9 @@ class JournalEntry:
     id: str
     stage: Stage
     record: StateRecord | None
+    # the ancestor whose entry vouched for this one: a fork child inherits the update's
+    # mappings (process/inherit.py); None for a process livesplice patched itself
+    inherited_from: int | None = None
 
 
 def _name(pid: int, start: int, update_id: str) -> str:
@@ -86,11 +89,23 @@ def _name(pid: int, start: int, update_id: str) -> str:
     return f"{pid}-{start}-{update_id}.json"
 
 
-def write_entry(pid: int, update_id: str, stage: Stage, record: StateRecord | None) -> None:
-    """Record (atomically) what apply did to ``pid``. Raises OSError if it cannot."""
-    start = process_start(pid)
-    if start is None:
+def write_entry(
+    pid: int,
+    update_id: str,
+    stage: Stage,
+    record: StateRecord | None,
+    *,
+    inherited_from: int | None = None,
+    start: int | None = None,
+) -> None:
+    """Record (atomically) what apply did to ``pid``. Raises OSError if it cannot.
+
+    ``start``: the start time the caller checked the process against (a fork child adopted
+    by :mod:`livesplice.process.inherit`), so a pid recycled meanwhile is never recorded."""
+    now = process_start(pid)
+    if now is None or (start is not None and now != start):
         raise FileNotFoundError(f"process {pid} is gone")
+    start = now
     d = journal_dir(create=True)
     name = _name(pid, start, update_id)
     body = json.dumps(
@@ -100,6 +115,7 @@ def write_entry(pid: int, update_id: str, stage: Stage, record: StateRecord | No
             "id": update_id,
             "stage": stage,
             "record": asdict(record) if record else None,
+            **({"inherited_from": inherited_from} if inherited_from is not None else {}),
         },
         sort_keys=True,
     )
@@ -118,7 +134,15 @@ def _load(path: Path) -> JournalEntry:
     rec = None if raw.get("record") is None else StateRecord.from_json(raw["record"])
     if rec is None and raw["stage"] == "recorded":
         raise BadStateRecord(f"{path}: recorded entry without a record")
-    return JournalEntry(int(raw["pid"]), int(raw["start"]), str(raw["id"]), raw["stage"], rec)
+    parent = raw.get("inherited_from")
+    return JournalEntry(
+        int(raw["pid"]),
+        int(raw["start"]),
+        str(raw["id"]),
+        raw["stage"],
+        rec,
+        parent if isinstance(parent, int) and not isinstance(parent, bool) else None,
+    )
 
 
 def read_entry(pid: int, update_id: str) -> JournalEntry | None:

@@ -22,6 +22,8 @@ class Mapping:
     perms: str  # "r-xp"
     offset: int
     path: str  # "" for anonymous memory; "[stack]", "/memfd:name (deleted)", ...
+    dev: str = ""  # "00:01": with the inode, which file (a memfd's own inode) is mapped
+    inode: int = 0
 
     @property
     def executable(self) -> bool:
@@ -42,7 +44,11 @@ def parse_maps(text: str) -> list[Mapping]:
             continue
         lo, hi = parts[0].split("-")
         path = parts[5].strip() if len(parts) > 5 else ""
-        out.append(Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), path))
+        out.append(
+            Mapping(
+                int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), path, parts[3], int(parts[4])
+            )
+        )
     return out
 
 

@@ -161,10 +161,11 @@ def process_build_ids(accepted: list[Accepted]) -> set[str]:
 
 def is_applied(pid: int, update_id: str) -> bool:
     """Whether ``update_id`` is applied to ``pid`` as the root-owned journal says (recorded and
-    not reverted): the journal, not the process, is trusted."""
-    from livesplice.process import journal
+    not reverted): the journal, not the process, is trusted -- a fork child's through the
+    entry of the ancestor it inherited the update from (process/inherit.py)."""
+    from livesplice.process import inherit, journal
 
-    e = journal.read_entry(pid, update_id)
+    e = journal.read_entry(pid, update_id) or inherit.adopt(pid, update_id)
     return (
         e is not None and e.record is not None and not e.record.reverted and e.stage == "recorded"
     )

@@ -1,0 +1,116 @@
+"""Fork children of a patched process: trusted through their ancestor's journal entry.
+
+``fork`` copies a process's mappings, the update's ``MAP_PRIVATE`` memfd mappings included, so
+a child of a patched process (redis's BGSAVE child, a prefork server's worker) runs the
+patched code -- but the journal (process/journal.py, the authority for view and undo) has an
+entry only for the process livesplice patched. Without more, the child's update would look
+like a record livesplice did not write: ``view`` calls it unverified and ``undo --all`` fails.
+
+A child is trusted for update ID when its nearest ancestor (the PPid chain) with a journal
+entry for ID has a *recorded* entry and the child maps the very same memfd inodes (device and
+inode of ``/proc/PID/maps``) at the same addresses as that ancestor does. Why that is proof:
+livesplice creates each memfd inside the target, maps it and closes the descriptor at once,
+so the only way another process gets a mapping of that inode is to inherit it by fork (or
+``/proc/PID/map_files``, which needs CAP_SYS_ADMIN). A local user who fills a file named
+``/memfd:livesplice:ID`` in their own process has another inode; one who re-maps the child's
+memory loses the inode. What livesplice then acts on is the ancestor's journal record (the
+bytes livesplice itself recorded), never the child's; the child gets its own journal entry
+(``inherited_from``), so it stays trusted after the ancestor is undone or exits.
+
+The trust is the ancestor's, no more: the owner of the ancestor could already rewrite the
+private copy of the update's memory in the ancestor itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+
+from livesplice.process import journal
+from livesplice.process.state import StateRecord, read_memory
+
+MAX_DEPTH = 64  # ancestors looked at: prefork masters and BGSAVE children are 1-2 deep
+_Maps = frozenset[tuple[int, int, str, int, str]]
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid (field 4 of /proc/PID/stat); None if gone or at the root."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return None
+    fields = line[line.rfind(b")") + 2 :].split()
+    ppid = int(fields[1]) if len(fields) > 1 else 0
+    return ppid if ppid > 0 else None
+
+
+def update_memfds(pid: int, update_id: str) -> _Maps:
+    """(start, end, device, inode, kind) of every mapping of ``update_id``'s memfds in ``pid``;
+    empty if none or the process is gone."""
+    from livesplice.process.procmaps import read_maps
+
+    name = re.compile(rf"^/memfd:livesplice:{re.escape(update_id)}(?::(code|data))? \(deleted\)$")
+    try:
+        maps = read_maps(pid)
+    except OSError:
+        return frozenset()
+    return frozenset(
+        (m.start, m.end, m.dev, m.inode, match.group(1) or "record")
+        for m in maps
+        if (match := name.match(m.path)) and m.inode
+    )
+
+
+def vouching_ancestor(pid: int, update_id: str) -> journal.JournalEntry | None:
+    """The journal entry of the ancestor that vouches for ``update_id`` in ``pid`` (the
+    module docstring's rule), or None: no ancestor's entry, or the memfds differ."""
+    mine = update_memfds(pid, update_id)
+    if not any(kind == "code" for *_, kind in mine):
+        return None
+    anc = parent_of(pid)
+    for _ in range(MAX_DEPTH):
+        if anc is None:
+            return None
+        entry = journal.read_entry(anc, update_id)
+        if entry is not None:
+            if entry.stage != "recorded" or entry.record is None:
+                return None
+            theirs = update_memfds(anc, update_id)
+            lo, hi = entry.record.code
+            code_ok = any(k == "code" and a <= lo and hi <= b for a, b, _d, _i, k in mine)
+            # the nearest ancestor with an entry decides: no looking further up past it
+            return entry if mine <= theirs and code_ok else None
+        anc = parent_of(anc)
+    return None
+
+
+def adopt(pid: int, update_id: str) -> journal.JournalEntry | None:
+    """A journal entry for a fork child that inherited ``update_id`` (written to the journal
+    when it can be, so the child stays trusted after its ancestor is undone or exits); None
+    when no ancestor vouches for it."""
+    start = journal.process_start(pid)
+    if start is None:
+        return None
+    entry = vouching_ancestor(pid, update_id)
+    if entry is None or entry.record is None or journal.process_start(pid) != start:
+        return None
+    record = entry.record
+    if record.reverted and _jumps_in_place(pid, record):
+        # forked before the ancestor's undo (which kept the memory): the child still jumps
+        record = dataclasses.replace(record, reverted=False)
+    with contextlib.suppress(OSError, ValueError):
+        journal.write_entry(
+            pid, update_id, "recorded", record, inherited_from=entry.pid, start=start
+        )
+    return journal.JournalEntry(pid, start, update_id, "recorded", record, entry.pid)
+
+
+def _jumps_in_place(pid: int, record: StateRecord) -> bool:
+    """Whether any of the record's jumps is at its address in ``pid``."""
+    for tr in record.trampolines:
+        with contextlib.suppress(OSError):
+            if read_memory(pid, tr.address, len(tr.jump) // 2).hex() == tr.jump:
+                return True
+    return False
