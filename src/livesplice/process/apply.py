@@ -147,6 +147,12 @@ def _exit_wins(pid: int, what: str) -> Iterator[None]:
         raise TargetGone(
             f"process {pid} exited during {what}", details=[f"(then: {e.abort}: {e.reason})"]
         ) from e
+    except (ProcessLookupError, FileNotFoundError) as e:
+        # /proc/PID/mem or maps of a process that exited between two reads (a BGSAVE child
+        # under --all): ESRCH/ENOENT, not a traceback; anything else is a real bug
+        if task_states(pid) - {"Z", "X"}:
+            raise
+        raise TargetGone(f"process {pid} exited during {what}", details=[f"(then: {e})"]) from e
 
 
 def task_states(pid: int) -> set[str]:
@@ -220,7 +226,7 @@ def prepare(manifest: Manifest, pid: int, *, by_code: bool = False) -> list[_Pre
     def read(addr: int, size: int) -> bytes:
         try:
             return read_memory(pid, addr, size)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             raise TargetGone(f"process {pid} exited") from None
 
     maps = read_maps(pid)
