@@ -317,6 +317,30 @@ def _syscall_nr(pid: int, tid: int) -> int:
     return int(first) if first.isdigit() else -1
 
 
+PF_EXITING: Final = 0x4  # <linux/sched.h>: the task is in do_exit()
+
+
+def _past_exit_event(pid: int, tid: int) -> bool:
+    """The thread is dying (PF_EXITING in the flags of /proc/PID/task/TID/stat, field 9), a
+    zombie, or gone: it will never stop for an interrupt."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    rest = stat[stat.rfind(b")") + 2 :].split()  # rest[0] is field 3 (state)
+    if len(rest) < 7 or rest[0] in (b"Z", b"X"):
+        return True
+    return bool(int(rest[6]) & PF_EXITING)
+
+
+def process_dying(pid: int) -> bool:
+    """The process is gone, a zombie, or being killed (its leader in do_exit, or SIGKILL
+    pending: a fatal signal or exit_group queues it on every thread): a failed read, write
+    or ptrace request on it means TARGET_GONE, not a fault of livesplice."""
+    return not process_alive(pid) or _past_exit_event(pid, pid) or _sigkill_pending(pid, pid)
+
+
 def _is_zombie(pid: int, tid: int) -> bool:
     return task_state(pid, tid) in ("Z", "X")
 
@@ -535,7 +559,7 @@ class Tracee:
             raise TargetGone(f"process {pid} does not exist")
         try:
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # ESRCH: it died meanwhile
             raise TargetGone(f"process {pid} does not exist") from None
         except PermissionError as e:
             raise NoPermission(
@@ -741,9 +765,10 @@ class Tracee:
                 return True
         if not process_alive(self.pid):
             raise TargetGone(f"process {self.pid} exited while attaching")
-        if err == 1 and _is_zombie(self.pid, tid):
+        if err == 1 and (tid in self._exiting or _past_exit_event(self.pid, tid)):
             # ptrace_attach answers EPERM for a task that has exit_state set: the thread
-            # exited between our zombie check and the seize
+            # exited between our zombie check and the seize -- or one still traced by us,
+            # let go past its exit stop (a killed process: its end not reaped yet)
             return False
         who = f" (already traced by pid {tracer})" if tracer else ""
         raise NoPermission(
@@ -859,8 +884,22 @@ class Tracee:
             sigs = []
         for s in sigs[1:]:
             self._lib.syscall(SYS_TGKILL, self.pid, tid, s)
-        self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0)
+        if self._ptrace(PTRACE_DETACH, tid, 0, sigs[0] if sigs else 0) != 0:
+            self._after_failed_detach(tid)
         self._stopped.discard(tid)
+
+    def _after_failed_detach(self, tid: int) -> None:
+        """PTRACE_DETACH failed: the thread is in no ptrace stop any more -- a SIGKILL woke it
+        (a traced thread wakes for SIGKILL only). It heads for its exit stop, where it would
+        wait for us for ever, and the thread-group leader's end with it: the parent could
+        never reap the killed program (seen: a zombie leader and a thread in its exit stop,
+        traced by a livesplice that had let go of everything). Collect that stop, let the
+        thread go and leave its end to be reaped (:meth:`_reap_exiting`)."""
+        self._stopped.discard(tid)
+        self._signal_stop.discard(tid)
+        self._wait_until_in(tid, self._exiting)
+        if tid in self._stopped:
+            self._cont(tid)
 
     def _in_vfork(self, tid: int) -> bool:
         """Whether ``tid`` waits in ``vfork()`` (``clone``/``clone3`` with CLONE_VFORK) for
@@ -1383,9 +1422,11 @@ class Tracee:
         the auto-attached threads are let go at their first stop, due now."""
         if not (self._pending or self._group_stop or self._exiting):
             ptrace = self._ptrace
-            for tid in self._tids:
-                if tid in self._stopped:
-                    ptrace(PTRACE_DETACH, tid, 0, 0)
+            failed = [
+                t for t in self._tids if t in self._stopped and ptrace(PTRACE_DETACH, t, 0, 0)
+            ]
+            for tid in failed:
+                self._after_failed_detach(tid)
             self._tids = [t for t in self._tids if t not in self._stopped]
             self._stopped.clear()
             self._signal_stop.clear()
@@ -1534,7 +1575,7 @@ class Tracee:
         """The process exited, or every thread we traced is past its exit (a killed
         process whose leader is a zombie while the others finish exiting: its memory is
         already gone)."""
-        if not process_alive(self.pid):
+        if process_dying(self.pid):
             return True
         return bool(self._tids) and all(t in self._exiting for t in self._tids)
 

@@ -92,6 +92,7 @@ from livesplice.process.ptrace import (
     SYSCALL_STOP_SIG,
     Regs,
     Tracee,
+    process_dying,
 )
 
 SYS_CLOSE = 3
@@ -528,6 +529,8 @@ def find_stub_area(t: Tracee) -> tuple[int, int]:
             inside = any(a <= lo and hi <= b for a, b in execs)
             if inside and hi - lo > best[1] - best[0]:
                 best = (lo, hi)
+    if not execs or process_dying(t.pid):  # torn down: its maps read empty, its ELFs fail
+        raise TargetGone(f"process {t.pid} exited")
     if best[1] - best[0] < SLOT:
         raise LivespliceError(
             f"no room for the remote-execution stub in process {t.pid}",
