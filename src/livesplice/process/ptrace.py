@@ -320,15 +320,21 @@ def _syscall_nr(pid: int, tid: int) -> int:
 PF_EXITING: Final = 0x4  # <linux/sched.h>: the task is in do_exit()
 
 
+def _stat_fields(path: str) -> list[bytes]:
+    """The fields of a /proc stat file from field 3 (the state) on: after the command name,
+    which may hold spaces and parentheses (proc(5)); [] when it cannot be read (gone)."""
+    try:
+        with open(path, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
 def _past_exit_event(pid: int, tid: int) -> bool:
     """The thread is dying (PF_EXITING in the flags of /proc/PID/task/TID/stat, field 9), a
     zombie, or gone: it will never stop for an interrupt."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    rest = stat[stat.rfind(b")") + 2 :].split()  # rest[0] is field 3 (state)
+    rest = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
     if len(rest) < 7 or rest[0] in (b"Z", b"X"):
         return True
     return bool(int(rest[6]) & PF_EXITING)
@@ -428,12 +434,7 @@ def _pidfd_exit(pidfd: int) -> int | None:
 
 def _zombie_exit_code(pid: int) -> int | None:
     """A zombie's wait status (/proc/PID/stat field 52, ``exit_code``); None if not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(b")") + 2 :].split()  # rest[0] is field 3 (state)
+    rest = _stat_fields(f"/proc/{pid}/stat")
     if len(rest) < 50 or rest[0] != b"Z":
         return None
     return int(rest[49])
