@@ -4,7 +4,8 @@ fork copies the update's memfd mappings into the child: the child runs the patch
 livesplice's journal had an entry only for the parent, so ``view`` called the child
 unverified and ``undo --all`` failed (PARTIAL) whenever a child existed; ``apply --all`` and
 ``undo --all`` also failed on a listed child that exited meanwhile. Here a gcc-built program
-forks a child every 20 ms that itself forks a grandchild; both live 300 ms and exit.
+forks a child every 20 ms (or as told) that itself forks a grandchild; both live 300 ms (or as
+told) and exit.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ __attribute__((noinline)) int answer(int x)
 \treturn x + base;
 }
 
+static int life = 30, every = 20; /* argv: life in 10 ms ticks, ms between forks */
+
 static void live_a_while(void)
 {
-\tfor (int i = 0; i < 30; i++) {
+\tfor (int i = 0; i < life; i++) {
 \t\tif (answer(i) - i > 2)
 \t\t\t_exit(3);
 \t\tusleep(10000);
@@ -41,9 +44,13 @@ static void live_a_while(void)
 \t_exit(0);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 \tlong forks = 0;
+\tif (argc > 2) {
+\t\tlife = atoi(argv[1]);
+\t\tevery = atoi(argv[2]);
+\t}
 \tsetvbuf(stdout, NULL, _IOLBF, 0);
 \tfor (int i = 0;; i++) {
 \t\tpid_t pid = fork();
@@ -57,7 +64,7 @@ int main(void)
 \t\twhile (waitpid(-1, NULL, WNOHANG) > 0)
 \t\t\t;
 \t\tprintf("value %d forks %ld\\n", answer(i) - i, forks);
-\t\tusleep(20000);
+\t\tusleep(every * 1000);
 \t}
 }
 """
@@ -86,7 +93,7 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def setup(tmp_path: Path) -> tuple[Path, Running]:
+def setup(tmp_path: Path, *args: str) -> tuple[Path, Running]:
     tree = write_tree(tmp_path / "src", {"prog.c": SOURCE, "Makefile": MAKEFILE})
     patch = make_patch(
         tree, {"prog.c": [("return x + base;", "return x + base + 1;")]}, tmp_path / "fix.patch"
@@ -94,26 +101,28 @@ def setup(tmp_path: Path) -> tuple[Path, Running]:
     running = write_tree(tmp_path / "run", {"prog.c": SOURCE, "Makefile": MAKEFILE})
     build(running)
     update = create(tree, patch, "forkkid1", tmp_path)
-    prog = Running([str(running / "prog")])
+    prog = Running([str(running / "prog"), *args])
     prog.wait_for(lambda s: s.startswith("value 1") and " forks 0" not in s)
     return update, prog
 
 
 def test_children_inherit_the_update_view_and_undo_all(tmp_path: Path) -> None:
-    update, prog = setup(tmp_path)
+    update, prog = setup(tmp_path, "200", "150")  # live 2 s, a child every 150 ms
     try:
         livesplice("apply", str(update), "--pid", str(prog.pid))
         prog.drain()
         prog.wait_for("value 2")
-        time.sleep(0.4)  # every live child and grandchild now forked after the apply
+        time.sleep(0.6)  # children and grandchildren forked after the apply
         doc = livesplice_json("view", check=False)  # PARTIAL here if pid 1 is not ours
         rows = [r for r in doc["processes"] if r["id"] == "forkkid1"]
         kids = [r for r in rows if r["pid"] != prog.pid]
         assert kids, rows
         assert all(r["verified"] for r in rows), [r for r in rows if not r["verified"]]
         assert not [p for p in doc["problems"] if "pid" in p], doc["problems"]
+        assert any(r["state"] == "applied" for r in kids), kids
         for r in kids:
-            assert r["state"] == "applied", r
+            # a child forked during the apply has the memory but not the jumps: incomplete
+            assert r["state"] == "applied" or r["state"].startswith("incomplete"), r
             assert isinstance(r["inherited_from"], int), r  # the parent, or a child (grandchild)
             assert r["note"].startswith("inherited by fork from pid"), r
         assert any(r["inherited_from"] == prog.pid for r in kids), kids
@@ -165,7 +174,7 @@ def test_only_descendants_mapping_the_same_memfds_are_vouched_for(tmp_path: Path
         livesplice("apply", str(update), "--pid", str(prog.pid))
         prog.drain()
         time.sleep(0.4)  # every live descendant forked after the apply
-        kid = min(descendants(prog.pid))  # the oldest: lives on for a while
+        kid = max(descendants(prog.pid))  # the newest: lives on for a while
         ok = inherit.update_memfds(kid, "forkkid1")
         assert ok and ok <= inherit.update_memfds(prog.pid, "forkkid1")
         assert inherit.vouching_ancestor(kid, "forkkid1") is not None

@@ -1110,9 +1110,17 @@ class _Unsplice:
             self.report.warnings.append(f"undo kept update {self.id}'s memory mapped: {why}")
         else:
             ranges = [r for r in (rec.code, rec.data, record_map) if r and r[1] > r[0]]
+            carried = inherit.update_memfds(self.pid, self.id)
             remote_munmap_all(t, [(a, b - a) for a, b in ranges])
             checkpoint("undo:unmapped")
-            t.serve_while(lambda: journal.remove_entry(self.pid, self.id))
+
+            def forget() -> None:
+                # children forked before the unmap still carry the update: they get their
+                # own entries before this one, which vouched for them, goes
+                inherit.adopt_descendants(self.pid, self.id, carried, rec)
+                journal.remove_entry(self.pid, self.id)
+
+            t.serve_while(forget)
         close_stale_descriptors(t, self.id)
 
 
@@ -1279,9 +1287,12 @@ def view_rows(pids: list[int] | None) -> tuple[list[dict[str, Any]], list[dict[s
     rows: list[dict[str, Any]] = []
     problems: list[dict[str, Any]] = []
     for pid in pids_:
+        start = journal.process_start(pid)
         try:
             check_process(pid)
-            rows.extend(view_process(pid))
+            found = view_process(pid)
+            if named or not exited(pid, start):
+                rows.extend(found)  # one that exited while read (a fork child) is left out
         except TargetGone as e:
             if named:
                 problems.append({"pid": pid, "abort": e.abort, "reason": e.reason})

@@ -6,9 +6,9 @@ patched code -- but the journal (process/journal.py, the authority for view and 
 entry only for the process livesplice patched. Without more, the child's update would look
 like a record livesplice did not write: ``view`` calls it unverified and ``undo --all`` fails.
 
-A child is trusted for update ID when its nearest ancestor (the PPid chain) with a journal
-entry for ID has a *recorded* entry and the child maps the very same memfd inodes (device and
-inode of ``/proc/PID/maps``) at the same addresses as that ancestor does. Why that is proof:
+A child is trusted for update ID when a process with a *recorded* journal entry for ID (its
+ancestors first, along the PPid chain) maps the very same memfd inodes (device and inode of
+``/proc/PID/maps``) at the same addresses as the child does. Why that is proof:
 livesplice creates each memfd inside the target, maps it and closes the descriptor at once,
 so the only way another process gets a mapping of that inode is to inherit it by fork (or
 ``/proc/PID/map_files``, which needs CAP_SYS_ADMIN). A local user who fills a file named
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 
 from livesplice.process import journal
@@ -63,26 +64,35 @@ def update_memfds(pid: int, update_id: str) -> _Maps:
     )
 
 
+def _vouches(entry: journal.JournalEntry | None, mine: _Maps) -> bool:
+    """Whether ``entry``'s process maps every memfd of ``mine`` (same device, inode and
+    addresses) and its recorded code lies in one of them."""
+    if entry is None or entry.stage != "recorded" or entry.record is None:
+        return False
+    lo, hi = entry.record.code
+    code_ok = any(k == "code" and a <= lo and hi <= b for a, b, _d, _i, k in mine)
+    return code_ok and mine <= update_memfds(entry.pid, entry.id)
+
+
 def vouching_ancestor(pid: int, update_id: str) -> journal.JournalEntry | None:
-    """The journal entry of the ancestor that vouches for ``update_id`` in ``pid`` (the
-    module docstring's rule), or None: no ancestor's entry, or the memfds differ."""
+    """The journal entry that vouches for ``update_id`` in ``pid`` (the module docstring's
+    rule), or None. The PPid chain is looked at first (the ancestor to name); then every
+    other entry of the update: a grandchild whose parent exited is re-parented (to init or
+    a subreaper) but still maps the very memfds of the process livesplice patched."""
     mine = update_memfds(pid, update_id)
     if not any(kind == "code" for *_, kind in mine):
         return None
     anc = parent_of(pid)
     for _ in range(MAX_DEPTH):
         if anc is None:
-            return None
+            break
         entry = journal.read_entry(anc, update_id)
-        if entry is not None:
-            if entry.stage != "recorded" or entry.record is None:
-                return None
-            theirs = update_memfds(anc, update_id)
-            lo, hi = entry.record.code
-            code_ok = any(k == "code" and a <= lo and hi <= b for a, b, _d, _i, k in mine)
-            # the nearest ancestor with an entry decides: no looking further up past it
-            return entry if mine <= theirs and code_ok else None
+        if _vouches(entry, mine):
+            return entry
         anc = parent_of(anc)
+    for entry in journal.entries_of(update_id):
+        if entry.pid != pid and _vouches(entry, mine):
+            return entry
     return None
 
 
@@ -105,6 +115,46 @@ def adopt(pid: int, update_id: str) -> journal.JournalEntry | None:
             pid, update_id, "recorded", record, inherited_from=entry.pid, start=start
         )
     return journal.JournalEntry(pid, start, update_id, "recorded", record, entry.pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (one pass over /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (ppid := parent_of(int(name))) is not None:
+            children.setdefault(ppid, []).append(int(name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def adopt_descendants(pid: int, update_id: str, carried: _Maps, record: StateRecord) -> int:
+    """Give every descendant of ``pid`` that maps ``carried`` (the update's memfds in ``pid``
+    just before undo unmapped them) a journal entry of its own, before ``pid``'s entry goes:
+    a child forked while ``pid`` was being undone still runs the update, and nothing else
+    would vouch for it afterwards. After the unmap no process can newly get these inodes
+    (fork copies only what the parent still maps). Returns how many were adopted."""
+    if not any(kind == "code" for *_, kind in carried):
+        return 0
+    adopted = 0
+    for kid in descendants(pid):
+        start = journal.process_start(kid)
+        mine = update_memfds(kid, update_id)
+        if start is None or not mine or not mine <= carried:
+            continue
+        if journal.read_entry(kid, update_id) is not None:
+            continue
+        rec = record
+        if rec.reverted and _jumps_in_place(kid, rec):
+            rec = dataclasses.replace(rec, reverted=False)
+        with contextlib.suppress(OSError, ValueError):
+            journal.write_entry(kid, update_id, "recorded", rec, inherited_from=pid, start=start)
+            adopted += 1
+    return adopted
 
 
 def _jumps_in_place(pid: int, record: StateRecord) -> bool:

@@ -177,6 +177,23 @@ def entries_for(pid: int) -> dict[str, JournalEntry]:
     return out
 
 
+def entries_of(update_id: str) -> list[JournalEntry]:
+    """Every entry of ``update_id`` whose process still runs (start time checked)."""
+    suffix = f"-{update_id}.json"
+    try:
+        d = journal_dir()
+        names = [n for n in os.listdir(d) if n.endswith(suffix)]
+    except OSError:
+        return []
+    out: list[JournalEntry] = []
+    for n in names:
+        with contextlib.suppress(OSError, ValueError):
+            e = _load(d / n)
+            if e.id == update_id and process_start(e.pid) == e.start:
+                out.append(e)
+    return out
+
+
 def remove_entry(pid: int, update_id: str) -> None:
     """Forget the entry of ``update_id`` in ``pid`` (gone already, or the process is: nothing to
     do)."""
