@@ -1323,14 +1323,10 @@ def inherited_applied(pid: int, update_id: str) -> int | None:
 def exited(pid: int, start: int | None) -> bool:
     """Whether the process that had ``start`` as its start time is gone (or a zombie): what
     ``--all`` calls "exited meanwhile" rather than a failure."""
-    if start is None or journal.process_start(pid) != start:
+    fields = journal.stat_fields(pid)
+    if start is None or len(fields) < 20 or int(fields[19]) != start:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            line = f.read()
-    except OSError:
-        return True
-    return line[line.rfind(b")") + 2 :][:1] in (b"Z", b"X")
+    return fields[0] in (b"Z", b"X")
 
 
 def processes_with(update_id: str) -> list[int]:

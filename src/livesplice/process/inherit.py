@@ -37,12 +37,7 @@ _Maps = frozenset[tuple[int, int, str, int, str]]
 
 def parent_of(pid: int) -> int | None:
     """The parent pid (field 4 of /proc/PID/stat); None if gone or at the root."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            line = f.read()
-    except OSError:
-        return None
-    fields = line[line.rfind(b")") + 2 :].split()
+    fields = journal.stat_fields(pid)
     ppid = int(fields[1]) if len(fields) > 1 else 0
     return ppid if ppid > 0 else None
 

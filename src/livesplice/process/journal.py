@@ -56,16 +56,21 @@ def journal_dir(*, create: bool = False) -> Path:
     return private_dir(base / "journal", create=create)
 
 
-def process_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot; None if it is gone."""
+def stat_fields(pid: int) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name (``[0]`` is field 3, the
+    state; ``[1]`` the parent pid); empty if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat_line = f.read()
     except OSError:
-        return None
-    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
-    # fields[0] is field 3 (state); start time is field 22
-    return int(fields[19]) if len(fields) > 19 else None
+        return []
+    return stat_line[stat_line.rfind(b")") + 2 :].split()
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot; None if it is gone."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else None  # field 22
 
 
 @dataclass
