@@ -1,4 +1,4 @@
-"""Fork children of a patched process: trusted through their ancestor's journal entry.
+"""Fork children of a patched process: trusted through the journal entry they inherited from.
 
 ``fork`` copies a process's mappings, the update's ``MAP_PRIVATE`` memfd mappings included, so
 a child of a patched process (redis's BGSAVE child, a prefork server's worker) runs the
