@@ -10,7 +10,9 @@ told) and exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -141,7 +143,16 @@ def test_children_inherit_the_update_view_and_undo_all(tmp_path: Path) -> None:
         prog.wait_for("value 1")
         assert prog.alive()
     finally:
-        prog.stop()
+        stop_all(prog)
+
+
+def stop_all(prog: Running) -> None:
+    """Stop the program and every descendant (grandchildren outlive it, re-parented)."""
+    kids = descendants(prog.pid)
+    prog.stop()
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            os.kill(kid, signal.SIGKILL)
 
 
 def test_apply_all_and_undo_all_while_children_come_and_go(tmp_path: Path) -> None:
@@ -161,7 +172,7 @@ def test_apply_all_and_undo_all_while_children_come_and_go(tmp_path: Path) -> No
             prog.wait_for("value 1")
         assert prog.alive()
     finally:
-        prog.stop()
+        stop_all(prog)
 
 
 def test_only_descendants_mapping_the_same_memfds_are_vouched_for(tmp_path: Path) -> None:
@@ -183,4 +194,4 @@ def test_only_descendants_mapping_the_same_memfds_are_vouched_for(tmp_path: Path
         parent_entry = journal.read_entry(prog.pid, "forkkid1")
         assert parent_entry is not None and parent_entry.record is not None
     finally:
-        prog.stop()
+        stop_all(prog)

@@ -1326,7 +1326,15 @@ def exited(pid: int, start: int | None) -> bool:
     fields = journal.stat_fields(pid)
     if start is None or len(fields) < 20 or int(fields[19]) != start:
         return True
-    return fields[0] in (b"Z", b"X")
+    if fields[0] in (b"Z", b"X"):
+        return True
+    try:
+        os.readlink(f"/proc/{pid}/exe")  # dropped early in exit, before the zombie state
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def processes_with(update_id: str) -> list[int]:
