@@ -4,6 +4,11 @@ The engine (:mod:`livesplice.process.apply`) works on one process at a time and 
 report or raises a typed error; this module loops over the processes a command names, prints
 a line per process (or one JSON document), and picks the exit code: OK, the failure's own
 code when nothing succeeded, PARTIAL when some did (README "Exit codes").
+
+With ``--all`` two kinds of process are noted and skipped, never counted as failures: one
+that exited while the command ran (listed a moment before: a BGSAVE child, a recycled
+worker), and, for apply, a fork child that already runs the update it inherited from its
+parent (process/inherit.py).
 """
 
 from __future__ import annotations
