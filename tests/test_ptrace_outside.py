@@ -92,7 +92,12 @@ def test_outside_a_window_no_thread_is_traced_but_the_host(target: Target) -> No
             held = tracers(target)
             assert all(tracer == me for tid, tracer in held.items() if tid in t.threads())
             t.resume()
-            assert set(tracers(target).values()) == {0}
+            # but for threads past their exit stop, which run no user code any more and
+            # stay traced only until their end is reaped (how a dying process ended)
+            exiting = set(t.exiting_threads())
+            left = {tid for tid, tracer in tracers(target).items() if tracer}
+            exiting |= set(t.exiting_threads())
+            assert left <= exiting, (left, exiting)
     assert target.alive()
 
 
