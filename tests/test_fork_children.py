@@ -189,6 +189,10 @@ def test_only_descendants_mapping_the_same_memfds_are_vouched_for(tmp_path: Path
         ok = inherit.update_memfds(kid, "forkkid1")
         assert ok and ok <= inherit.update_memfds(prog.pid, "forkkid1")
         assert inherit.vouching_ancestor(kid, "forkkid1") is not None
+        # the agent (service/client.py) sees the child as patched: it will not re-apply
+        from livesplice.service.client import is_applied
+
+        assert is_applied(kid, "forkkid1")
         # a process that is no descendant (this test's own) is never vouched for
         assert inherit.vouching_ancestor(os.getpid(), "forkkid1") is None
         parent_entry = journal.read_entry(prog.pid, "forkkid1")
