@@ -85,6 +85,9 @@ class ApplyReport:
     threads_stopped_max: int = 0
     others_stopped_us: float = 0.0
     host_stopped_us: float = 0.0
+    # rounds the window's stop let quick threads run on while a thread not given a CPU
+    # (a laggard) reached its stop (Tracee._stagger); pause_us starts after them
+    staggered: int = 0
     # per patched image: which file it is and why it is the target (see identify())
     images: list[str] = field(default_factory=list)
 
@@ -628,6 +631,7 @@ class _Splice:
             attempts=stats.attempts,
             threads=stats.threads,
             ran_out=stats.ran_out,
+            staggered=stats.staggered,
             warnings=[w for p in prepared for w in p.warnings] + warnings,
             images=[p.identity for p in prepared],
         )
@@ -841,6 +845,7 @@ class UndoReport:
     threads_stopped_max: int = 0
     others_stopped_us: float = 0.0
     host_stopped_us: float = 0.0
+    staggered: int = 0
 
 
 def _note_stops(report: ApplyReport | UndoReport, t: Tracee) -> None:
@@ -860,13 +865,19 @@ def stop_figures(report: ApplyReport | UndoReport) -> dict[str, Any]:
         "others_stopped_us": round(report.others_stopped_us, 1),
         "host_stopped_us": round(report.host_stopped_us, 1),
         "threads_stopped_max": report.threads_stopped_max,
+        "staggered": report.staggered,
     }
 
 
 def stop_words(report: ApplyReport | UndoReport) -> str:
     """The stop figures of a report in words."""
+    lag = (
+        f" (the others ran on while a thread waited {report.staggered} time(s) for a CPU)"
+        if report.staggered
+        else ""
+    )
     return (
-        f"other threads held stopped up to {report.others_stopped_us:.0f} us in all, the "
+        f"other threads held stopped up to {report.others_stopped_us:.0f} us in all{lag}, the "
         f"thread hosting livesplice's calls up to {report.host_stopped_us:.0f} us"
     )
 
@@ -1070,6 +1081,7 @@ class _Unsplice:
             _safe_hooks(t, rec.hooks.get("fail_reverse", []))
             raise
         self.report.pause_us = stats.pause_us
+        self.report.staggered = stats.staggered
         checkpoint("undo:after-stop")
 
     def post_hooks(self) -> None:

@@ -25,7 +25,9 @@ ones), so the only way is not to trace the thread:
   a running thread, and every running one is being seized. :meth:`Tracee.resume`
   detaches them again, re-injecting recorded signals; ``PTRACE_DETACH`` also drops an
   interrupt still pending on a thread (``__ptrace_unlink`` clears the trap bits): no stale
-  interrupt trap can outlive the window.
+  interrupt trap can outlive the window. A thread that does not stop at once because it
+  gets no CPU (a laggard) does not hold the others: they run on until it stopped, then are
+  stopped again (:meth:`Tracee._stagger`).
 * ``PTRACE_O_TRACEEXIT`` while traced: a thread that exits reports an exit stop instead of
   vanishing under us (the thread-group leader calling ``pthread_exit`` would otherwise never
   report anything until the whole process ends, and a dying leader's end is only reported
@@ -142,6 +144,12 @@ CRASH_SIGNALS: Final = frozenset(
 _STOP_SIGNALS: Final = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 # how long hold_one waits for a thread to leave vfork() when every thread waits in one
 VFORK_HOST_WAIT: Final = 0.5
+# Staggered stop (Tracee.stop): a thread not stopped STAGGER_BUDGET s after the interrupt is
+# a laggard (runnable, not given a CPU); the threads already stopped run on while laggards
+# get there, for STAGGER_WAIT s at most, then are stopped again; STAGGER_ROUNDS times at most
+STAGGER_BUDGET: Final = 0.0005
+STAGGER_WAIT: Final = 0.25
+STAGGER_ROUNDS: Final = 3
 
 
 class ThreadInVfork(CodeBusy):
@@ -499,6 +507,35 @@ def realtime(enable: bool = True) -> Iterator[None]:
             os.sched_setscheduler(0, old_policy, old_param)
 
 
+@contextlib.contextmanager
+def _sigchld_blocked() -> Iterator[None]:
+    """SIGCHLD blocked in this thread (for :func:`_waitpid_until`), as it was after."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        if signal.SIGCHLD not in mask:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _waitpid_until(tid: int, deadline: float) -> int | None:
+    """The next wait status of ``tid`` if it comes before ``deadline`` (time.monotonic), else
+    None; a thread gone reads as status 0. SIGCHLD must be blocked (:func:`_sigchld_blocked`):
+    the wait sleeps in ``sigtimedwait`` for it, 1 ms at most at a time (a SIGCHLD the kernel
+    hands to another thread of the tool), never spinning."""
+    while True:
+        try:
+            got, status = os.waitpid(tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if got:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
+
+
 class Tracee:
     """All threads of one process, ``PTRACE_SEIZE``\\d (no stop on attach).
 
@@ -547,11 +584,16 @@ class Tracee:
         # thread for a moment. The longest time any thread was held, the same without the
         # host's holds, and the most threads held at once.
         self._stop_began = 0.0
+        # when the last round of interrupts of the current window began: the window proper
+        # (earlier rounds let the quick threads run on while laggards stopped, see stop())
+        self.window_began = 0.0
+        self.stagger_budget = STAGGER_BUDGET  # 0: never stagger
+        self.stagger_wait = STAGGER_WAIT
+        self.staggered = 0  # rounds the last stop() let quick threads run on
         self._host: tuple[int, float] | None = None  # (tid, since) of the held host thread
         self._host_rt: contextlib.AbstractContextManager[None] | None = None
-        self._idle_hosts: list[
-            int
-        ] = []  # the helper thread idle on a futex that hosted  # its FIFO
+        # the helper thread idle on a futex that hosted the last hold (a FIFO of one)
+        self._idle_hosts: list[int] = []
         self.stopped_max_us = 0.0
         self.others_stopped_max_us = 0.0
         self.host_stopped_max_us = 0.0
@@ -971,30 +1013,11 @@ class Tracee:
 
     def _waitpid_within(self, tid: int, timeout: float) -> int | None:
         """The next wait status of ``tid`` if it comes within ``timeout`` s, else None; a
-        thread gone reads as status 0 (exited).
-
-        The wait sleeps in ``sigtimedwait`` for the SIGCHLD of the stop (SIGCHLD blocked
-        meanwhile; 1 ms at most at a time, for a SIGCHLD the kernel hands to another thread
-        of the tool), never in a busy loop: livesplice runs SCHED_FIFO while it holds a
-        thread, and a spin would keep a CPU from the very thread it waits for.
-        """
-        deadline = time.monotonic() + timeout
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        try:
-            while True:
-                try:
-                    got, status = os.waitpid(tid, WALL | os.WNOHANG)
-                except ChildProcessError:
-                    return 0
-                if got:
-                    return status
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
-        finally:
-            if signal.SIGCHLD not in mask:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        thread gone reads as status 0 (exited). Never a busy loop: livesplice runs
+        SCHED_FIFO while it holds a thread, and a spin would keep a CPU from the very thread
+        it waits for (see :func:`_waitpid_until`)."""
+        with _sigchld_blocked():
+            return _waitpid_until(tid, time.monotonic() + timeout)
 
     # ------------------------------------------------------------ one host thread
 
@@ -1299,9 +1322,11 @@ class Tracee:
         """
         if self._closed:
             raise TargetGone(f"process {self.pid}: tracee already detached")
-        if not self._stop_began:
+        first = not self._stop_began
+        if first:
             self.seize_all()  # a no-op when the window called it already
-            self._stop_began = time.perf_counter()
+            self._stop_began = self.window_began = time.perf_counter()
+            self.staggered = 0
         ptrace = self._ptrace
         # threads already in a stop we have not collected (a signal, a clone) stay stopped:
         # interrupting them now would leave a stale interrupt trap pending (resume's
@@ -1316,7 +1341,10 @@ class Tracee:
             if not new or tid not in new:
                 ptrace(PTRACE_INTERRUPT, tid, 0, 0)
         try:
-            self._await_stops(running)
+            if first and self.stagger_budget > 0 and running and not self._group_stop:
+                self._stagger(running)
+            else:
+                self._await_stops(running)
             # the threads created before their creator stopped (seized with
             # PTRACE_O_TRACECLONE, the kernel seizes only the ones created after)
             while seized := self._seize_fresh():
@@ -1335,6 +1363,86 @@ class Tracee:
         self._read_all_regs()
         if self.restart_eintr:
             self._restart_interrupted_syscalls()
+
+    def _stagger(self, queue: list[int]) -> None:
+        """Wait for the stops of ``queue`` (just interrupted) like :meth:`_await_stops`, but
+        do not hold the quick threads stopped while a laggard gets a CPU.
+
+        Why: a thread stops only once it runs, and a normal-priority thread on a busy machine
+        may wait for a CPU for tens of ms -- redis's bio threads, idle on a futex and woken by
+        the interrupt, while a BGSAVE child and other jobs have both CPUs: the event loop,
+        stopped within microseconds, waited with them (window p99 73 ms, every client
+        waiting). So: a thread not stopped ``stagger_budget`` s after the interrupt is a
+        laggard; the threads of this round already stopped are let go (detached, an -EINTR
+        their stop caused rewound first) and run on until every laggard has stopped (held,
+        it was waiting for a CPU anyway), then are seized and interrupted again. Laggards
+        of earlier rounds stay held. After STAGGER_ROUNDS rounds, or when laggards do not
+        stop within ``stagger_wait`` s, everything is stopped and waited for as before (the
+        quick threads may be what keeps a laggard from a CPU).
+
+        Accounting: the window proper (:attr:`window_began`) starts with the last round; a
+        round's quick threads are noted as held for that round; laggards as held from the
+        moment the first round let the quick threads go (an upper bound of their stop).
+        """
+        began = self._stop_began
+        held: set[int] = set()  # laggards of earlier rounds, stopped
+        for _ in range(STAGGER_ROUNDS):
+            late = self._await_stops_within(queue, self.stagger_budget)
+            if not late:
+                return
+            quick = [
+                t
+                for t in self._tids
+                if t in self._stopped and t not in late and t not in held | self._group_stop
+            ]
+            if not quick:
+                break
+            self._note_hold(began, len(quick), hosted=False)
+            for tid in quick:
+                if self.restart_eintr and tid not in self._in_clone and tid not in self._exiting:
+                    with contextlib.suppress(LivespliceError):
+                        self._rewind_eintr(tid, self.get_regs(tid))
+                self._let_go(tid)
+            waiting = time.perf_counter()
+            if not self.staggered:
+                self._stop_began = waiting  # the laggards' stops begin after this
+            self.staggered += 1
+            late = self._await_stops_within(late, self.stagger_wait)
+            held.update(t for t in self._tids if t in self._stopped)
+            # the window proper: stop the quick threads again (and any created meanwhile)
+            began = self.window_began = time.perf_counter()
+            queue = self._seize_fresh()
+            for tid in queue:
+                if tid not in self._new:
+                    self._ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+            if late:
+                # a laggard still not stopped: maybe the quick threads keep it from a CPU
+                # (a spinning SCHED_FIFO thread). Stop everything, wait as long as it takes
+                break
+        self._await_stops([t for t in self._tids if t not in self._stopped])
+
+    def _await_stops_within(self, queue: list[int], timeout: float) -> list[int]:
+        """Collect stops of ``queue`` (and of children clone events report) for up to
+        ``timeout`` s; the threads not stopped by then, in order.
+
+        :raises ThreadInVfork: a thread not stopped in time waits in vfork().
+        """
+        deadline = time.monotonic() + timeout
+        late: list[int] = []
+        with _sigchld_blocked():
+            while queue:
+                more: list[int] = []
+                for tid in queue:
+                    while tid in self._tids and tid not in self._stopped:
+                        status = _waitpid_until(tid, deadline)
+                        if status is None:
+                            if self._in_vfork(tid):
+                                raise ThreadInVfork(self.pid, tid)
+                            late.append(tid)
+                            break
+                        more.extend(self._on_status(tid, status))
+                queue = more
+        return late
 
     def _await_stops(self, queue: list[int]) -> None:
         """Wait until each thread of ``queue`` (interrupted, or auto-attached and due for

@@ -113,6 +113,7 @@ class PauseStats:
     threads: int
     ran_out: int = 0  # busy threads run out of the busy code in the successful attempt
     slices: int = 0  # run-out slices it took
+    staggered: int = 0  # rounds quick threads ran on while a laggard got a CPU (Tracee.stop)
 
 
 class ThreadsBusy(CodeBusy):
@@ -538,6 +539,9 @@ class StopWindow:
                     t.seize_all()  # traces, stops nothing: the threads run until stop()
                     t0 = time.perf_counter_ns()
                     t.stop()
+                    # the window proper begins with the last round of interrupts: earlier
+                    # ones let the quick threads run on (their holds are noted apart)
+                    t0 = max(t0, int(t.window_began * 1e9))
                     ran_out = slices = 0
                     try:
                         busy = self._busy_threads()
@@ -564,7 +568,9 @@ class StopWindow:
                     self._wait(self.interval)
                 continue
             if not busy:
-                return PauseStats((t1 - t0) / 1000.0, attempt, nthreads, ran_out, slices)
+                return PauseStats(
+                    (t1 - t0) / 1000.0, attempt, nthreads, ran_out, slices, t.staggered
+                )
             self.last_busy = [
                 BusyThread(tid, t.thread_name(tid), fn, where) for tid, fn, where in busy
             ]

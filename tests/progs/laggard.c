@@ -1,0 +1,109 @@
+/* Target with a thread the scheduler keeps off the CPU (a laggard) and one that must not
+ * wait for it.
+ *
+ *   "loop"  pinned to CPU 0: sleeps 100 us at a time and records the longest gap between
+ *           two wake-ups beyond the sleep (what a stop of it costs, seen from inside);
+ *   "idle"  pinned to CPU 1: waits on a condition variable for ever (a pool's idle thread).
+ * The main thread answers on stdin:
+ *   reset   zero the longest gap
+ *   stats   "GAP_US" (after two more iterations of the loop thread)
+ *   tids    "LOOP IDLE"
+ *
+ * Run as "laggard hog MS": a separate process that takes CPU 1 with SCHED_FIFO priority 2
+ * (above livesplice's 1) for MS ms, printing "spinning" first ("no-fifo" if not allowed):
+ * while it spins the idle thread, woken by an interrupt, cannot run, so cannot stop.
+ * Used by tests/test_stagger.py. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile pid_t loop_tid, idle_tid;
+static volatile long long gap_max_ns;
+static volatile unsigned long iterations;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void pin(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof set, &set);
+}
+
+static void *loop(void *arg) {
+    (void)arg;
+    pin(0);
+    loop_tid = (pid_t)syscall(SYS_gettid);
+    struct timespec nap = {0, 100000};
+    long long last = now_ns();
+    for (;;) {
+        nanosleep(&nap, 0);
+        long long now = now_ns();
+        long long gap = now - last - 100000;
+        if (gap > gap_max_ns) gap_max_ns = gap;
+        last = now;
+        iterations++;
+    }
+    return 0;
+}
+
+static void *idle(void *arg) {
+    (void)arg;
+    pin(1);
+    idle_tid = (pid_t)syscall(SYS_gettid);
+    pthread_mutex_lock(&mu);
+    for (;;) pthread_cond_wait(&cv, &mu);
+    return 0;
+}
+
+__attribute__((noinline)) static int hog(long ms) {
+    pin(1);
+    struct sched_param p = {.sched_priority = 2};
+    if (sched_setscheduler(0, SCHED_FIFO, &p) != 0) {
+        printf("no-fifo\n");
+        return 1;
+    }
+    printf("spinning\n");
+    fflush(stdout);
+    long long end = now_ns() + ms * 1000000LL;
+    while (now_ns() < end) {
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "hog") == 0) return hog(atol(argv[2]));
+    pthread_t a, b;
+    pthread_create(&a, 0, loop, 0);
+    pthread_create(&b, 0, idle, 0);
+    while (!loop_tid || !idle_tid) usleep(1000);
+    setvbuf(stdout, 0, _IOLBF, 0);
+    printf("ready\n");
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        if (strncmp(line, "reset", 5) == 0) {
+            gap_max_ns = 0;
+            printf("ok\n");
+        } else if (strncmp(line, "stats", 5) == 0) {
+            /* the gap a stop made is recorded once the loop thread woke after it */
+            unsigned long seen = iterations;
+            while (iterations < seen + 2) usleep(100);
+            printf("%lld\n", gap_max_ns / 1000);
+        } else if (strncmp(line, "tids", 4) == 0) {
+            printf("%d %d\n", loop_tid, idle_tid);
+        }
+    }
+    return 0;
+}
