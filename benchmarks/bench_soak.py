@@ -53,7 +53,8 @@ from pathlib import Path
 
 import soak_redis  # benchmarks/: the script's directory is on sys.path
 
-from livesplice.eval.workloads import PingClients, children_of
+from livesplice.eval.workloads import PingClients
+from livesplice.process.procstat import children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "kvserver"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from livesplice.process import journal
+from livesplice.process.procstat import descendants
 from livetest import Running, build, create, livesplice, livesplice_json, make_patch, write_tree
 
 CYCLES = int(os.environ.get("LIVESPLICE_FORK_CHILD_CYCLES", "3"))
@@ -71,28 +72,6 @@ int main(int argc, char **argv)
 }
 """
 MAKEFILE = "prog: prog.c\n\t$(CC) -O2 -g -o $@ prog.c\n"
-
-
-def descendants(pid: int) -> set[int]:
-    """Live (non-zombie) descendants of ``pid``."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] != "Z":
-                parent[int(d.name)] = int(fields[1])
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        kids = {c for c, pp in parent.items() if pp == p}
-        out |= kids
-        todo.extend(kids)
-    return out
 
 
 def setup(tmp_path: Path, *args: str) -> tuple[Path, Running]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from livesplice.process.procstat import children_of
 from livetest import Running, build, create, livesplice, make_patch, write_tree
 
 CYCLES = int(os.environ.get("LIVESPLICE_FORK_CYCLES", "8"))
@@ -77,22 +78,6 @@ int main(void)
 }
 """
 MAKEFILE = "prog: prog.c\n\t$(CC) -O2 -g -o $@ prog.c -lpthread\n"
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """Live children of ``pid`` and their states (from /proc/*/stat)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            out[int(d.name)] = fields[0]
-    return out
 
 
 def test_apply_undo_while_other_threads_fork_exec_and_spawn(tmp_path: Path) -> None:

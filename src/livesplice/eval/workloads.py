@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from livesplice.errors import LivespliceError
+from livesplice.process.procstat import children_of
 
 READY_TIMEOUT = 20.0
 IO_TIMEOUT = 5.0
@@ -62,21 +63,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc/*/stat): a forking server's workers, which need the
-    update too."""
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(d.name))
-    return sorted(kids)
 
 
 class PingClients:

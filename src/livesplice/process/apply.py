@@ -42,7 +42,7 @@ from livesplice.errors import (
     UsageError,
 )
 from livesplice.faults import checkpoint
-from livesplice.process import inherit, journal
+from livesplice.process import inherit, journal, procstat
 from livesplice.process.journal import run_dir
 from livesplice.process.state import (
     NAME_PREFIX,
@@ -1335,7 +1335,7 @@ def inherited_applied(pid: int, update_id: str) -> int | None:
 def exited(pid: int, start: int | None) -> bool:
     """Whether the process that had ``start`` as its start time is gone (or a zombie): what
     ``--all`` calls "exited meanwhile" rather than a failure."""
-    fields = journal.stat_fields(pid)
+    fields = procstat.pid_stat(pid)
     if start is None or len(fields) < 20 or int(fields[19]) != start:
         return True
     if fields[0] in (b"Z", b"X"):

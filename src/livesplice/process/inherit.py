@@ -25,21 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 
 from livesplice.process import journal
+from livesplice.process.procstat import descendants, parent_of
 from livesplice.process.state import StateRecord, read_memory
 
 MAX_DEPTH = 64  # ancestors looked at: prefork masters and BGSAVE children are 1-2 deep
 _Maps = frozenset[tuple[int, int, str, int, str]]
-
-
-def parent_of(pid: int) -> int | None:
-    """The parent pid (field 4 of /proc/PID/stat); None if gone or at the root."""
-    fields = journal.stat_fields(pid)
-    ppid = int(fields[1]) if len(fields) > 1 else 0
-    return ppid if ppid > 0 else None
 
 
 def update_memfds(pid: int, update_id: str) -> _Maps:
@@ -110,21 +103,6 @@ def adopt(pid: int, update_id: str) -> journal.JournalEntry | None:
             pid, update_id, "recorded", record, inherited_from=entry.pid, start=start
         )
     return journal.JournalEntry(pid, start, update_id, "recorded", record, entry.pid)
-
-
-def descendants(pid: int) -> list[int]:
-    """Live descendants of ``pid`` (one pass over /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (ppid := parent_of(int(name))) is not None:
-            children.setdefault(ppid, []).append(int(name))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out.extend(kids)
-        todo.extend(kids)
-    return out
 
 
 def adopt_descendants(pid: int, update_id: str, carried: _Maps, record: StateRecord) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from livesplice.private import PrivateFileError, private_dir, read_private, write_private
+from livesplice.process.procstat import pid_stat
 from livesplice.process.state import BadStateRecord, StateRecord
 from livesplice.update.format import ID_PATTERN
 
@@ -56,20 +57,9 @@ def journal_dir(*, create: bool = False) -> Path:
     return private_dir(base / "journal", create=create)
 
 
-def stat_fields(pid: int) -> list[bytes]:
-    """The fields of ``/proc/PID/stat`` after the command name (``[0]`` is field 3, the
-    state; ``[1]`` the parent pid); empty if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return []
-    return stat_line[stat_line.rfind(b")") + 2 :].split()
-
-
 def process_start(pid: int) -> int | None:
     """Start time of a process in clock ticks since boot; None if it is gone."""
-    fields = stat_fields(pid)
+    fields = pid_stat(pid)
     return int(fields[19]) if len(fields) > 19 else None  # field 22
 
 

@@ -78,6 +78,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from livesplice.errors import CodeBusy, LivespliceError, NoPermission, TargetGone, TargetStopped
+from livesplice.process.procstat import pid_stat, stat_fields
 
 if TYPE_CHECKING:
     import numpy as np
@@ -328,21 +329,10 @@ def _syscall_nr(pid: int, tid: int) -> int:
 PF_EXITING: Final = 0x4  # <linux/sched.h>: the task is in do_exit()
 
 
-def _stat_fields(path: str) -> list[bytes]:
-    """The fields of a /proc stat file from field 3 (the state) on: after the command name,
-    which may hold spaces and parentheses (proc(5)); [] when it cannot be read (gone)."""
-    try:
-        with open(path, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return []
-    return stat[stat.rfind(b")") + 2 :].split()
-
-
 def _past_exit_event(pid: int, tid: int) -> bool:
     """The thread is dying (PF_EXITING in the flags of /proc/PID/task/TID/stat, field 9), a
     zombie, or gone: it will never stop for an interrupt."""
-    rest = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+    rest = stat_fields(f"/proc/{pid}/task/{tid}/stat")
     if len(rest) < 7 or rest[0] in (b"Z", b"X"):
         return True
     return bool(int(rest[6]) & PF_EXITING)
@@ -442,7 +432,7 @@ def _pidfd_exit(pidfd: int) -> int | None:
 
 def _zombie_exit_code(pid: int) -> int | None:
     """A zombie's wait status (/proc/PID/stat field 52, ``exit_code``); None if not a zombie."""
-    rest = _stat_fields(f"/proc/{pid}/stat")
+    rest = pid_stat(pid)
     if len(rest) < 50 or rest[0] != b"Z":
         return None
     return int(rest[49])
