@@ -325,6 +325,7 @@ def main() -> None:
         windows: list[tuple[float, float]] = []
         pauses: dict[str, list[float]] = {"apply": [], "undo": []}
         stopped: dict[str, list[float]] = {"apply": [], "undo": []}
+        staggered = {"apply": 0, "undo": 0}  # commands whose stop let quick threads run on
         others: dict[str, list[float]] = {"apply": [], "undo": []}
         host: dict[str, list[float]] = {"apply": [], "undo": []}
         failures: list[str] = []
@@ -388,6 +389,7 @@ def main() -> None:
                 stopped[verb].append(rep["stopped_us"])
                 others[verb].append(rep["others_stopped_us"])
                 host[verb].append(rep["host_stopped_us"])
+                staggered[verb] += rep.get("staggered", 0) > 0
             if server.poll() is not None:
                 failures.append(f"server died: {server.returncode}")
                 break
@@ -478,7 +480,8 @@ def main() -> None:
             print(
                 f"{verb}: pause_us {spread(p)}; stopped_us (any thread) {spread(s)}; "
                 f"others_stopped_us {spread(o)}; host_stopped_us {spread(h)}; "
-                f"others/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}"
+                f"others/pause p50 {statistics.median(ratio):.2f} max {max(ratio):.2f}; "
+                f"staggered (a thread slow to stop, the others ran on) {staggered[verb]}"
             )
     print(f"leaks after the last undo: {left}")
     for line in redis_lines:
