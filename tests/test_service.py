@@ -306,7 +306,10 @@ def test_the_agent_patches_restarted_and_new_processes(
         for _ in range(3):  # ... until the agent patches it; also instances started later
             progs.append(Running([str(running / "prog")]))
         for p in progs:
-            value(p, 3)
+            try:
+                value(p, 3)
+            except AssertionError as e:
+                raise AssertionError(f"pid {p.pid} not patched: {e}; agent: {agent.events}") from e
         want = {(p.pid, uid) for p in progs for uid in ("svc-one", "svc-two")}
         agent.wait(
             lambda seen: (

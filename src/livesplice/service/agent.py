@@ -120,8 +120,11 @@ class Agent:
             mapped = set()
         found = mapped & wanted
         if not found:
-            if late or not mapped or not _dynamic(pid):
-                self.pending.pop(pid, None)  # not a target (or gone)
+            # Nothing mapped may be a process caught inside execve (its old mm going, the
+            # new one not there yet; the /proc poller sees a pid between fork and exec):
+            # kept while its executable is dynamic, like one whose loader is at work.
+            if late or not _dynamic(pid):
+                self.pending.pop(pid, None)  # not a target (or gone, or a kernel thread)
                 self.done_so_far.pop(pid, None)
             return
         try:
