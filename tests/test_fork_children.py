@@ -104,7 +104,8 @@ def test_children_inherit_the_update_view_and_undo_all(tmp_path: Path) -> None:
         for r in kids:
             # a child forked during the apply has the memory but not the jumps: incomplete
             assert r["state"] == "applied" or r["state"].startswith("incomplete"), r
-            assert isinstance(r.get("inherited_from"), int), r  # the parent, or a child (grandchild)
+            # the parent, or a child (grandchild)
+            assert isinstance(r.get("inherited_from"), int), r
             assert r.get("note", "").startswith("inherited by fork from pid"), r
         assert any(r["inherited_from"] == prog.pid for r in kids), kids
         assert any(r["inherited_from"] in {k["pid"] for k in kids} for r in kids), kids
