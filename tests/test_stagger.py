@@ -94,8 +94,8 @@ def test_quick_threads_run_on_while_a_laggard_gets_a_cpu(target: Target) -> None
 
 
 def test_the_window_reports_the_laggards_hold_apart_from_the_pause(target: Target) -> None:
-    """pause_us is the window proper; the laggard's (upper-bound) hold shows in the
-    others' stopped figure, never hidden."""
+    """pause_us is the window proper; the laggard's hold shows in the others' stopped
+    figure, never hidden."""
     fn = target.symbol("hog")  # never runs in the target: no thread busy
     assert target.cmd("reset") == "ok"
     with Tracee(target.pid) as t:
@@ -106,7 +106,9 @@ def test_the_window_reports_the_laggards_hold_apart_from_the_pause(target: Targe
     assert stats.staggered >= 1
     assert stats.pause_us < 50_000
     assert gap_us < 50_000
-    assert t.others_stopped_max_us > stats.pause_us
+    # the laggard is counted from when it can have stopped, not from the interrupt: it
+    # waited ~150 ms for a CPU, stopped by nobody
+    assert stats.pause_us < t.others_stopped_max_us < 50_000
 
 
 def test_a_laggard_slower_than_the_wait_gets_everything_stopped(target: Target) -> None:

@@ -69,6 +69,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import math
 import os
 import signal
 import threading
@@ -1372,12 +1373,12 @@ class Tracee:
 
         Accounting: the window proper (:attr:`window_began`) starts with the last round; a
         round's quick threads are noted as held for that round; laggards as held from the
-        moment the first round let the quick threads go (an upper bound of their stop).
+        earliest moment the first of them can have stopped (:meth:`_await_stops_within`).
         """
         began = self._stop_began
         held: set[int] = set()  # laggards of earlier rounds, stopped
         for _ in range(STAGGER_ROUNDS):
-            late = self._await_stops_within(queue, self.stagger_budget)
+            late, _, seen_running = self._await_stops_within(queue, self.stagger_budget)
             if not late:
                 return
             quick = [
@@ -1393,14 +1394,13 @@ class Tracee:
                     with contextlib.suppress(LivespliceError):
                         self._rewind_eintr(tid, self.get_regs(tid))
                 self._let_go(tid)
-            waiting = time.perf_counter()
-            if not self.staggered:
-                self._stop_began = waiting  # the laggards' stops begin after this
             self.staggered += 1
-            late = self._await_stops_within(late, self.stagger_wait)
+            late, first, _ = self._await_stops_within(late, self.stagger_wait, seen_running)
             held.update(t for t in self._tids if t in self._stopped)
             # the window proper: stop the quick threads again (and any created meanwhile)
             began = self.window_began = time.perf_counter()
+            if self.staggered == 1:  # held since: the laggards of this first round
+                self._stop_began = min(first, began)
             queue = self._seize_fresh()
             for tid in queue:
                 if tid not in self._new:
@@ -1411,28 +1411,43 @@ class Tracee:
                 break
         self._await_stops([t for t in self._tids if t not in self._stopped])
 
-    def _await_stops_within(self, queue: list[int], timeout: float) -> list[int]:
+    def _await_stops_within(
+        self, queue: list[int], timeout: float, since: float = 0.0
+    ) -> tuple[list[int], float, float]:
         """Collect stops of ``queue`` (and of children clone events report) for up to
-        ``timeout`` s; the threads not stopped by then, in order.
+        ``timeout`` s. Returns the threads not stopped by then; the earliest moment
+        (perf_counter) any thread collected here can have stopped: the start of the scan
+        before the one that found it (each scan looks at every thread still running, and
+        a stop wakes the wait at once with its SIGCHLD), ``since`` for the first scan (when
+        the caller last saw them running; default: now); and when the last scan began.
 
         :raises ThreadInVfork: a thread not stopped in time waits in vfork().
         """
         deadline = time.monotonic() + timeout
-        late: list[int] = []
+        pending = list(queue)
+        earliest = math.inf
+        previous = since or time.perf_counter()  # no stop collected below came before
         with _sigchld_blocked():
-            while queue:
-                more: list[int] = []
-                for tid in queue:
+            while True:
+                scan = time.perf_counter()
+                for tid in list(pending):
                     while tid in self._tids and tid not in self._stopped:
-                        status = _waitpid_until(tid, deadline)
+                        status = _waitpid_until(tid, 0.0)
                         if status is None:
-                            if self._in_vfork(tid):
-                                raise ThreadInVfork(self.pid, tid)
-                            late.append(tid)
                             break
-                        more.extend(self._on_status(tid, status))
-                queue = more
-        return late
+                        pending.extend(self._on_status(tid, status))
+                    if tid not in self._tids or tid in self._stopped:
+                        pending.remove(tid)
+                        earliest = min(earliest, previous)
+                previous = scan
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    break
+                signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
+        for tid in pending:
+            if self._in_vfork(tid):
+                raise ThreadInVfork(self.pid, tid)
+        return pending, earliest, previous
 
     def _await_stops(self, queue: list[int]) -> None:
         """Wait until each thread of ``queue`` (interrupted, or auto-attached and due for
