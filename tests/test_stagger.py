@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
 
 from ptrace_targets import Target, build
 
-from livesplice.process.ptrace import Tracee
+from livesplice.errors import CodeBusy
+from livesplice.process.ptrace import ThreadWontStop, Tracee
 from livesplice.process.stopwindow import StopWindow
 
 HOG_MS = 150  # within STAGGER_WAIT
@@ -121,3 +122,40 @@ def test_a_laggard_slower_than_the_wait_gets_everything_stopped(target: Target) 
     assert took > 0.15
     # let run for the budget and the 50 ms wait, then held until the laggard stopped
     assert 100_000 < gap_us < took * 1e6
+
+
+def test_a_thread_that_does_not_stop_in_time_is_given_up_and_named(target: Target) -> None:
+    """Every wait has a way out: a thread that does not reach its stop within
+    ``stop_timeout`` (here the laggard, stagger off; in life a wait in state D that may never
+    end) makes the stop give up, resume the program unchanged and name the thread; it is
+    let go once it stops."""
+    _, idle_tid = map(int, target.cmd("tids").split())
+    fn = target.symbol("hog")
+    assert target.cmd("reset") == "ok"
+    with Tracee(target.pid) as t:
+        t.stagger_budget = 0
+        t.stop_timeout = 0.03
+        h = hog(target, ms=300)
+        t.seize_all()
+        with pytest.raises(ThreadWontStop) as info:
+            t.stop()
+        assert info.value.tid == idle_tid
+        assert not t.is_stopped()
+        gap_us = int(target.cmd("stats"))  # answered while the hog still spins
+        assert gap_us < 100_000  # the loop thread was let go at the give-up, not at the end
+        with pytest.raises(CodeBusy) as busy:
+            StopWindow(t, [(fn[0], fn[0] + fn[1], "hog")], retries=1).run([])
+        assert f"thread {idle_tid} (idle)" in "\n".join(busy.value.details)
+        h.wait(10)
+    # the idle thread stopped once the hog was gone and was let go: nothing traced
+    deadline = time.monotonic() + 2
+    while any(tracer(target.pid, tid) for tid in target.threads()):
+        assert time.monotonic() < deadline, "a thread stayed traced"
+        time.sleep(0.01)
+    assert target.cmd("reset") == "ok"
+
+
+def tracer(pid: int, tid: int) -> int:
+    """TracerPid of one thread (0: not traced)."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("TracerPid:")).split()[1])

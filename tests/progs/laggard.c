@@ -45,6 +45,7 @@ static void pin(int cpu) {
 static void *loop(void *arg) {
     (void)arg;
     pin(0);
+    pthread_setname_np(pthread_self(), "loop");
     loop_tid = (pid_t)syscall(SYS_gettid);
     struct timespec nap = {0, 100000};
     long long last = now_ns();
@@ -62,6 +63,7 @@ static void *loop(void *arg) {
 static void *idle(void *arg) {
     (void)arg;
     pin(1);
+    pthread_setname_np(pthread_self(), "idle");
     idle_tid = (pid_t)syscall(SYS_gettid);
     pthread_mutex_lock(&mu);
     for (;;) pthread_cond_wait(&cv, &mu);

@@ -152,20 +152,55 @@ VFORK_HOST_WAIT: Final = 0.5
 STAGGER_BUDGET: Final = 0.0005
 STAGGER_WAIT: Final = 0.25
 STAGGER_ROUNDS: Final = 3
+# how long Tracee.stop waits for one thread's stop before giving up (ThreadWontStop)
+STOP_TIMEOUT: Final = 2.0
 
 
-class ThreadInVfork(CodeBusy):
+class ThreadNotStopping(CodeBusy):
+    """A thread cannot be stopped now; :meth:`Tracee.stop` resumed the program unchanged.
+    ``where`` says why, for the busy report of a stop window."""
+
+    where = ""
+
+    def __init__(self, reason: str, tid: int, advice: str) -> None:
+        super().__init__(reason, advice=advice)
+        self.tid = tid
+
+
+class ThreadInVfork(ThreadNotStopping):
     """A thread waits in ``vfork()`` for its child, which runs in the program's memory: no
-    stop of every thread is possible until the child execs or exits (:meth:`Tracee.stop`
-    resumed the program unchanged)."""
+    stop of every thread is possible until the child execs or exits."""
+
+    where = "vfork"
 
     def __init__(self, pid: int, tid: int) -> None:
         super().__init__(
             f"thread {tid} of process {pid} waits in vfork() for a child that runs in the "
             "program's memory; nothing was changed",
+            tid,
             advice="retry when the child has exec'd or exited",
         )
-        self.tid = tid
+
+
+class ThreadWontStop(ThreadNotStopping):
+    """A thread did not reach its stop within :attr:`Tracee.stop_timeout` of the interrupt.
+
+    Why give up: a thread in an uninterruptible wait (state D) stops only when the wait
+    ends, and that may be never -- or only once another thread of the program, which we
+    hold stopped, answers it (a FUSE file system served by the program itself). Waiting
+    without a bound held every other thread stopped for as long, and the tool with them.
+    """
+
+    where = "did not stop"
+
+    def __init__(self, pid: int, tid: int, seconds: float, state: str) -> None:
+        super().__init__(
+            f"thread {tid} of process {pid} did not stop within {seconds:g} s of livesplice's "
+            f"interrupt (state {state or '?'}); nothing was changed",
+            tid,
+            advice="retry later; a thread stuck in an uninterruptible wait (state D: a hung "
+            "NFS or FUSE file system, a device) cannot be stopped until the wait ends",
+        )
 
 
 REG_NAMES: Final = (
@@ -580,6 +615,7 @@ class Tracee:
         self.window_began = 0.0
         self.stagger_budget = STAGGER_BUDGET  # 0: never stagger
         self.stagger_wait = STAGGER_WAIT
+        self.stop_timeout = STOP_TIMEOUT
         self.staggered = 0  # rounds the last stop() let quick threads run on
         self._host: tuple[int, float] | None = None  # (tid, since) of the held host thread
         self._host_rt: contextlib.AbstractContextManager[None] | None = None
@@ -753,17 +789,25 @@ class Tracee:
         a stop window calls it just before its timed part.
 
         Reads each thread's state first (/proc, ~5 µs a thread, while the program runs):
-        a thread waiting in ``vfork()`` is refused here, before anything is traced, since
-        once interrupted it could not be let go before its child execs or exits.
+        a thread waiting in ``vfork()`` is waited for here, before anything is traced, since
+        once interrupted it could not be let go before its child execs or exits -- for
+        VFORK_HOST_WAIT s at most (the child of a posix_spawn() execs within moments, but
+        on a loaded machine a program spawning in a loop was found in vfork() at every
+        attempt: CODE_BUSY).
 
-        :raises ThreadInVfork: a thread waits in vfork(); nothing was traced.
+        :raises ThreadInVfork: a thread stayed in vfork(); nothing was traced.
         """
         if self._closed:
             raise TargetGone(f"process {self.pid}: tracee already detached")
-        fresh = [t for t in self._listed() if t not in self._tids]
-        for tid in fresh:
-            if task_state(self.pid, tid) == "D" and self._in_vfork(tid):
-                raise ThreadInVfork(self.pid, tid)
+        until = time.monotonic() + VFORK_HOST_WAIT
+        while True:
+            fresh = [t for t in self._listed() if t not in self._tids]
+            vforking = [t for t in fresh if self._in_vfork(t)]
+            if not vforking:
+                break
+            if time.monotonic() > until:
+                raise ThreadInVfork(self.pid, vforking[0])
+            time.sleep(0.002)
         for tid in fresh:
             self._seize(tid, OPTS_WINDOW)
 
@@ -985,8 +1029,8 @@ class Tracee:
         return True
 
     def _await_stop(self, tid: int) -> bool:
-        """Wait for the stop of one thread we interrupted; False if it went away, or if it
-        waits in ``vfork()``.
+        """Wait for the stop of one thread we interrupted; False if it went away, waits in
+        ``vfork()``, or did not stop within ``stop_timeout`` s.
 
         Why not a plain blocking waitpid: a thread that entered vfork() after the host
         candidates were listed stops only when its child execs or exits -- never, for a
@@ -994,12 +1038,13 @@ class Tracee:
         common stop costs no read); one in vfork() stays traced with our interrupt
         pending, let go once it stops (:meth:`service`, :meth:`detach`, the next Tracee).
         """
+        deadline = time.monotonic() + self.stop_timeout
         while tid in self._tids and tid not in self._stopped:
             status = self._waitpid_within(tid, 0.002)
             if status is not None:
                 self._on_status(tid, status)
-            elif self._in_vfork(tid):
-                return False
+            elif self._in_vfork(tid) or time.monotonic() > deadline:
+                return False  # or stuck in a wait: let go once it stops, like vfork
         return tid in self._tids and tid in self._stopped
 
     def _waitpid_within(self, tid: int, timeout: float) -> int | None:
@@ -1310,6 +1355,7 @@ class Tracee:
 
         :raises TargetGone: no thread is left (the process exited).
         :raises ThreadInVfork: a thread waits in vfork(); the program runs on unchanged.
+        :raises ThreadWontStop: a thread did not stop in ``stop_timeout`` s; the same.
         """
         if self._closed:
             raise TargetGone(f"process {self.pid}: tracee already detached")
@@ -1343,9 +1389,9 @@ class Tracee:
                     if tid not in new:
                         ptrace(PTRACE_INTERRUPT, tid, 0, 0)
                 self._await_stops(seized)
-        except ThreadInVfork:
-            # let go what this stop holds; the thread in vfork() stays traced with our
-            # interrupt pending until it stops, then service()/detach() let it go
+        except ThreadNotStopping:
+            # let go what this stop holds; the thread in vfork() (or slow) stays traced with
+            # our interrupt pending until it stops, then service()/detach() let it go
             self.resume()
             raise
         if self._exiting:
@@ -1396,6 +1442,9 @@ class Tracee:
                 self._let_go(tid)
             self.staggered += 1
             late, first, _ = self._await_stops_within(late, self.stagger_wait, seen_running)
+            for tid in late:
+                if self._in_vfork(tid):  # a child that does not exec: no stop until it does
+                    raise ThreadInVfork(self.pid, tid)
             held.update(t for t in self._tids if t in self._stopped)
             # the window proper: stop the quick threads again (and any created meanwhile)
             began = self.window_began = time.perf_counter()
@@ -1420,8 +1469,7 @@ class Tracee:
         before the one that found it (each scan looks at every thread still running, and
         a stop wakes the wait at once with its SIGCHLD), ``since`` for the first scan (when
         the caller last saw them running; default: now); and when the last scan began.
-
-        :raises ThreadInVfork: a thread not stopped in time waits in vfork().
+        A thread waiting in vfork() is late like any: its child may exec in a moment.
         """
         deadline = time.monotonic() + timeout
         pending = list(queue)
@@ -1444,41 +1492,53 @@ class Tracee:
                 if not pending or left <= 0:
                     break
                 signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
-        for tid in pending:
-            if self._in_vfork(tid):
-                raise ThreadInVfork(self.pid, tid)
         return pending, earliest, previous
 
     def _await_stops(self, queue: list[int]) -> None:
         """Wait until each thread of ``queue`` (interrupted, or auto-attached and due for
-        its first stop) is stopped; children reported by clone events are waited for too."""
-        new, stopped, waitpid = self._new, self._stopped, os.waitpid
-        while queue:
-            more: list[int] = []
-            for tid in queue:
-                if not new or tid not in new:
-                    # fast path: the interrupt stop of a running thread
-                    try:
-                        got, status = waitpid(tid, WALL | os.WNOHANG)
-                        if not got:
-                            if self._in_vfork(tid):
-                                raise ThreadInVfork(self.pid, tid)
-                            _, status = waitpid(tid, WALL)
-                    except ChildProcessError:
-                        self._forget(tid)
-                        continue
-                    if status == _INTERRUPT_STOP and not self._group_stop:
-                        stopped.add(tid)
-                        continue
-                    more.extend(self._on_status(tid, status))
-                while tid not in stopped and tid in self._tids:
-                    try:
-                        _, status = waitpid(tid, WALL)
-                    except ChildProcessError:
-                        self._forget(tid)
-                        break
-                    more.extend(self._on_status(tid, status))
-            queue = more
+        its first stop) is stopped; children reported by clone events are waited for too.
+
+        :raises ThreadInVfork: a thread waits in vfork() (looked at every 10 ms while it
+            does not stop: it may have entered the call after our interrupt).
+        :raises ThreadWontStop: a thread did not stop within ``stop_timeout`` s.
+        """
+        new, stopped = self._new, self._stopped
+        deadline = time.monotonic() + self.stop_timeout
+        with _sigchld_blocked():
+            while queue:
+                more: list[int] = []
+                for tid in queue:
+                    fast = not new or tid not in new  # the interrupt stop of a running thread
+                    while tid not in stopped and tid in self._tids:
+                        status = _waitpid_until(tid, 0.0)
+                        if status is None:
+                            status = self._slow_stop(tid, deadline)
+                        if fast and status == _INTERRUPT_STOP and not self._group_stop:
+                            stopped.add(tid)
+                            break
+                        fast = False
+                        more.extend(self._on_status(tid, status))
+                queue = more
+
+    def _slow_stop(self, tid: int, deadline: float) -> int:
+        """The next wait status of a thread that did not stop at once (SIGCHLD blocked).
+
+        A thread found in vfork() twice 10 ms apart is given up: the child of a
+        posix_spawn() execs within moments (giving up at the first sight made a program
+        spawning in a loop CODE_BUSY on a loaded machine), one that sleeps may never."""
+        in_vfork = False
+        while True:
+            if self._in_vfork(tid):
+                if in_vfork:
+                    raise ThreadInVfork(self.pid, tid)
+                in_vfork = True
+            else:
+                in_vfork = False
+            status = _waitpid_until(tid, min(deadline, time.monotonic() + 0.01))
+            if status is not None:
+                return status
+            if time.monotonic() >= deadline:
+                raise ThreadWontStop(self.pid, tid, self.stop_timeout, task_state(self.pid, tid))
 
     def _collect_stopped(self) -> None:
         for tid in list(self._tids):

@@ -70,6 +70,7 @@ from livesplice.process.ptrace import (
     REG_NAMES,
     REGS_WORDS,
     ThreadInVfork,
+    ThreadNotStopping,
     Tracee,
     process_alive,
     realtime,
@@ -562,8 +563,9 @@ class StopWindow:
                     nthreads = len(t.threads())
                     t.resume()
                     t1 = time.perf_counter_ns()
-            except ThreadInVfork as e:  # the program ran on, unchanged: try again later
-                self.last_busy = [BusyThread(e.tid, t.thread_name(e.tid), "vfork()", "vfork")]
+            except ThreadNotStopping as e:  # the program ran on, unchanged: try again later
+                what = "vfork()" if isinstance(e, ThreadInVfork) else "a wait it would not leave"
+                self.last_busy = [BusyThread(e.tid, t.thread_name(e.tid), what, e.where)]
                 if attempt < self.retries:
                     self._wait(self.interval)
                 continue
