@@ -12,10 +12,12 @@ until the laggard has stopped and is then stopped for the window alone.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
 
 from ptrace_targets import Target, build
 
-from livesplice.errors import CodeBusy
-from livesplice.process.ptrace import ThreadWontStop, Tracee
+from livesplice.errors import CodeBusy, LivespliceError, TargetGone, TargetStopped
+from livesplice.process.ptrace import ThreadWontStop, Tracee, _tracer_of, task_state
 from livesplice.process.stopwindow import StopWindow
 
 HOG_MS = 150  # within STAGGER_WAIT
@@ -159,3 +161,135 @@ def tracer(pid: int, tid: int) -> int:
     """TracerPid of one thread (0: not traced)."""
     status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
     return int(next(ln for ln in status.splitlines() if ln.startswith("TracerPid:")).split()[1])
+
+
+# ---------------------------------------------------------------- hostile moments of a stagger
+# While the quick threads run on untraced (the laggard wait), the program may do anything:
+# exec, die, be job-stopped, create and end threads, wait in epoll. Each test below makes it
+# happen then, the hog keeping the laggard off its CPU for HOG_MS.
+
+
+def _stop_in_worker(
+    tg: Target,
+    before: str | None = None,
+    then: Callable[[Tracee], None] | None = None,
+    kill: Callable[[], None] | None = None,
+) -> tuple[bool, list[object]]:
+    """Attach; start the hog and send ``before`` to the target; seize, stop() (and
+    ``then``): all in a worker thread (the tracer), so that a hang shows as one. (finished
+    within 3 s, [staggered rounds, or the exception]); the hog has ended when it returns.
+    ``kill`` runs in a thread of its own, started just before the stop."""
+    out: list[object] = []
+    hogs: list[subprocess.Popen[str]] = []
+
+    def work() -> None:
+        try:
+            with Tracee(tg.pid) as t:  # imports done: the stop follows the hog at once
+                hogs.append(hog(tg))
+                if before is not None:
+                    assert tg.cmd(before) == "ok"
+                if kill is not None:  # a signal sent from another thread, 30 ms in
+                    threading.Thread(target=kill, daemon=True).start()
+                t.seize_all()
+                t.stop()
+                out.append(t.staggered)
+                if then is not None:
+                    then(t)
+        except LivespliceError as e:
+            out.append(e)
+
+    w = threading.Thread(target=work, daemon=True)
+    w.start()
+    w.join(3)
+    done = not w.is_alive()
+    if not done:
+        os.kill(tg.pid, signal.SIGKILL)  # frees the hung tracer
+        w.join(5)
+    for h in hogs:
+        h.wait(10)
+    return done, out
+
+
+def test_exec_by_a_thread_during_the_laggard_wait(target: Target) -> None:
+    """A quick thread let go execs while the laggard is held: the exec waits until every
+    other thread has exited, the laggard's exit stop included, so the tool must neither wait
+    for the exec'ing thread's stop (it never comes: a hang of tool and target) nor patch
+    the new program."""
+    done, out = _stop_in_worker(target, "exec 30")
+    assert done, "stop() hung on a thread exec'ing during the laggard wait"
+    assert len(out) == 1 and isinstance(out[0], TargetGone), out
+    assert target.readline(3) == "execd"  # the new program runs, not left traced
+    assert target.cmd("hello", 3) == "execd"
+    assert all(_tracer_of(target.pid, tid) == 0 for tid in target.threads())
+
+
+def test_target_killed_during_the_laggard_wait(target: Target) -> None:
+    """SIGKILL while the quick threads run on: TARGET_GONE within 1 s of the kill, and
+    the parent reaps the process (no thread left in a stop of ours)."""
+    killed: list[float] = []
+
+    def kill() -> None:
+        time.sleep(0.03)
+        killed.append(time.monotonic())
+        os.kill(target.pid, signal.SIGKILL)
+
+    done, out = _stop_in_worker(target, then=lambda t: None, before=None, kill=kill)
+    took = time.monotonic() - killed[0]
+    assert done
+    assert len(out) == 1 and isinstance(out[0], TargetGone), out
+    assert took < 1.0
+    assert target.proc.wait(2) == -signal.SIGKILL
+
+
+def test_sigstop_during_the_laggard_wait_leaves_the_process_stopped(target: Target) -> None:
+    """A job stop arriving while the quick threads run on untraced: whatever stop() says,
+    afterwards the process is stopped as the user asked (every thread in T) and its parent
+    was told, and SIGCONT makes it run again."""
+
+    def stop_soon() -> None:
+        time.sleep(0.03)
+        os.kill(target.pid, signal.SIGSTOP)
+
+    done, out = _stop_in_worker(target, then=lambda t: t.resume(), kill=stop_soon)
+    assert done
+    assert len(out) == 1 and (isinstance(out[0], (int, TargetStopped))), out
+    time.sleep(0.1)
+    states = {tid: task_state(target.pid, tid) for tid in target.threads()}
+    assert set(states.values()) == {"T"}, states
+    got, status = os.waitpid(target.pid, os.WUNTRACED | os.WNOHANG)
+    assert got == target.pid and os.WIFSTOPPED(status), "the parent was not told of the stop"
+    os.kill(target.pid, signal.SIGCONT)
+    assert target.cmd("reset") == "ok"
+
+
+def test_threads_created_during_the_laggard_wait_are_held_in_the_window(target: Target) -> None:
+    """Threads created by a quick thread while it ran untraced (no clone event: nothing
+    traced it) are found and held with the rest; none stays traced afterwards."""
+    # the new threads live from 60 ms to 160 ms: across the re-stop
+
+    def check(t: Tracee) -> None:
+        assert t.staggered >= 1
+        live = {tid for tid in target.threads() if task_state(target.pid, tid) != "Z"}
+        assert len(live) > 3, "the new threads were not there: the test proves nothing"
+        assert live <= set(t.threads()), live - set(t.threads())
+        assert {task_state(target.pid, tid) for tid in live} == {"t"}
+        assert t.is_stopped()
+        t.resume()
+
+    done, out = _stop_in_worker(target, "spawn 60 20", check)
+    assert done and len(out) == 1 and isinstance(out[0], int), out
+    time.sleep(0.2)  # the short-lived threads ended
+    assert all(_tracer_of(target.pid, tid) == 0 for tid in target.threads())
+    assert target.cmd("reset") == "ok"
+
+
+def test_a_quick_thread_in_epoll_wait_never_sees_eintr(target: Target) -> None:
+    """The quick threads are interrupted twice (let go in between): neither interrupt may
+    reach the program as an EINTR from epoll_wait."""
+    assert target.cmd("epoll") == "ok"
+    time.sleep(0.05)
+    with Tracee(target.pid) as t:
+        for _ in range(3):
+            stop_with_hog(target, t, ms=60)
+            assert t.staggered >= 1
+    assert target.cmd("eintrs") == "0"

@@ -8,6 +8,12 @@
  *   reset   zero the longest gap
  *   stats   "GAP_US" (after two more iterations of the loop thread)
  *   tids    "LOOP IDLE"
+ *   exec MS     a new thread sleeps MS ms, then execve()s this program as "laggard execd",
+ *               which prints "execd" and answers "execd" to every line (exec by a thread)
+ *   epoll       a new thread waits in epoll_wait() for ever (pinned to CPU 0, so a quick
+ *               thread); "eintrs" prints how often a wait failed with EINTR
+ *   spawn MS N  a new thread sleeps MS ms, then creates N threads that each sleep 100 ms
+ *               and exit (threads created and ending while a stop is under way); "ok" at once
  *
  * Run as "laggard hog MS": a separate process that takes CPU 1 with SCHED_FIFO priority 2
  * (above livesplice's 1) for MS ms, printing "spinning" first ("no-fifo" if not allowed):
@@ -19,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/epoll.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -85,8 +93,64 @@ __attribute__((noinline)) static int hog(long ms) {
     return 0;
 }
 
+static char *self_exe;
+
+static void *exec_later(void *arg) {
+    struct timespec ts = {0, (long)arg * 1000000L};
+    nanosleep(&ts, 0);
+    char *args[] = {"laggard", "execd", 0};
+    execv(self_exe, args);
+    perror("execv");
+    return 0;
+}
+
+static void *short_life(void *arg) {
+    (void)arg;
+    struct timespec ts = {0, 100000000L};
+    nanosleep(&ts, 0);
+    return 0;
+}
+
+static volatile long eintrs;
+
+static void *epoll_forever(void *arg) {
+    (void)arg;
+    pin(0);
+    int ep = epoll_create1(0);
+    struct epoll_event ev;
+    for (;;)
+        if (epoll_wait(ep, &ev, 1, -1) < 0 && errno == EINTR) eintrs++;
+    return 0;
+}
+
+static long spawn_n;
+
+static void *spawn_later(void *arg) {
+    struct timespec ts = {0, (long)arg * 1000000L};
+    nanosleep(&ts, 0);
+    for (long i = 0; i < spawn_n; i++) {
+        pthread_t t;
+        if (pthread_create(&t, 0, short_life, 0) == 0) pthread_detach(t);
+    }
+    return 0;
+}
+
+static void later(void *(*fn)(void *), long ms) {
+    pthread_t t;
+    pthread_create(&t, 0, fn, (void *)ms);
+    pthread_detach(t);
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "hog") == 0) return hog(atol(argv[2]));
+    if (argc == 2 && strcmp(argv[1], "execd") == 0) {
+        char l[64];
+        setvbuf(stdout, 0, _IOLBF, 0);
+        printf("execd\n");
+        while (fgets(l, sizeof l, stdin)) printf("execd\n");
+        return 0;
+    }
+    self_exe = realpath("/proc/self/exe", 0);
     pthread_t a, b;
     pthread_create(&a, 0, loop, 0);
     pthread_create(&b, 0, idle, 0);
@@ -105,6 +169,20 @@ int main(int argc, char **argv) {
             printf("%lld\n", gap_max_ns / 1000);
         } else if (strncmp(line, "tids", 4) == 0) {
             printf("%d %d\n", loop_tid, idle_tid);
+        } else if (strncmp(line, "exec ", 5) == 0) {
+            later(exec_later, atol(line + 5));
+            printf("ok\n");
+        } else if (strncmp(line, "epoll", 5) == 0) {
+            later(epoll_forever, 0);
+            printf("ok\n");
+        } else if (strncmp(line, "eintrs", 6) == 0) {
+            printf("%ld\n", eintrs);
+        } else if (strncmp(line, "spawn ", 6) == 0) {
+            char *rest;
+            long ms = strtol(line + 6, &rest, 10);
+            spawn_n = atol(rest);
+            later(spawn_later, ms);
+            printf("ok\n");
         }
     }
     return 0;

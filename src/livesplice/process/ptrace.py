@@ -127,6 +127,8 @@ SYS_CLONE: Final = 56
 SYS_VFORK: Final = 58
 SYS_CLONE3: Final = 435
 SYS_FUTEX: Final = 202
+SYS_EXECVE: Final = 59
+SYS_EXECVEAT: Final = 322
 CLONE_VFORK: Final = 0x4000
 # wait status of the stop PTRACE_INTERRUPT causes: WIFSTOPPED, SIGTRAP, PTRACE_EVENT_STOP
 _INTERRUPT_STOP: Final = (PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7F
@@ -813,8 +815,39 @@ class Tracee:
 
     def _seize_fresh(self) -> list[int]:
         """Seize the threads listed in /proc/PID/task and not traced yet (inside stop():
-        no state read first, a zombie answers EPERM); the ones seized."""
-        return [t for t in self._listed() if t not in self._tids and self._seize(t, OPTS_WINDOW)]
+        no state read first, a zombie answers EPERM); the ones seized.
+
+        :raises TargetGone: a thread not traced is replacing the program (execve), see
+            :meth:`_refuse_exec`.
+        """
+        fresh = [t for t in self._listed() if t not in self._tids]
+        if fresh and (self._exiting or self._events_waiting()):
+            self._refuse_exec(fresh)
+        return [t for t in fresh if self._seize(t, OPTS_WINDOW)]
+
+    def _refuse_exec(self, untraced: list[int]) -> None:
+        """Raise TargetGone if one of ``untraced`` waits in execve() for the other threads
+        to end.
+
+        Why: such a thread holds the process's ``cred_guard_mutex``, which PTRACE_SEIZE
+        takes too, while it waits (de_thread) for every other thread to exit -- and a thread
+        we hold, killed by the exec, waits in its exit stop for us: PTRACE_SEIZE never
+        returned, tool and target hung for good (seen when a quick thread let go by
+        :meth:`_stagger` exec'd while the laggard was held). Only looked at when something
+        is ending (an exit stop collected or waiting): that is when an exec in progress
+        shows, and the look costs a /proc read per untraced thread. The program to update
+        is going away: the window is refused; :meth:`detach` lets the exiting threads go,
+        so the exec completes.
+        """
+        for tid in untraced:
+            if task_state(self.pid, tid) == "D" and _syscall_nr(self.pid, tid) in (
+                SYS_EXECVE,
+                SYS_EXECVEAT,
+            ):
+                raise TargetGone(
+                    f"process {self.pid} is replacing its program (execve in thread {tid}); "
+                    "nothing was changed"
+                )
 
     def _seize(self, tid: int, opts: int) -> bool:
         """PTRACE_SEIZE one thread; False for a thread that is gone or a zombie.
