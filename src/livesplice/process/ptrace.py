@@ -821,7 +821,7 @@ class Tracee:
             :meth:`_refuse_exec`.
         """
         fresh = [t for t in self._listed() if t not in self._tids]
-        if fresh and (self._exiting or self._events_waiting()):
+        if fresh and (self.staggered or self._exiting or self._events_waiting()):
             self._refuse_exec(fresh)
         return [t for t in fresh if self._seize(t, OPTS_WINDOW)]
 
@@ -833,17 +833,16 @@ class Tracee:
         takes too, while it waits (de_thread) for every other thread to exit -- and a thread
         we hold, killed by the exec, waits in its exit stop for us: PTRACE_SEIZE never
         returned, tool and target hung for good (seen when a quick thread let go by
-        :meth:`_stagger` exec'd while the laggard was held). Only looked at when something
-        is ending (an exit stop collected or waiting): that is when an exec in progress
-        shows, and the look costs a /proc read per untraced thread. The program to update
-        is going away: the window is refused; :meth:`detach` lets the exiting threads go,
-        so the exec completes.
+        :meth:`_stagger` exec'd while the laggard was held). Looked at when the untraced
+        threads ran while we held others (a stagger) or something is ending (an exit stop
+        collected or waiting: an exec in de_thread() shows so); the look costs a /proc
+        read per untraced thread. Left open: an exec'ing thread on a CPU at the look
+        ("running", no system call shown) or entering execve just after it. The program to
+        update is going away: the window is refused; :meth:`detach` lets the exiting
+        threads go, so the exec completes.
         """
         for tid in untraced:
-            if task_state(self.pid, tid) == "D" and _syscall_nr(self.pid, tid) in (
-                SYS_EXECVE,
-                SYS_EXECVEAT,
-            ):
+            if _syscall_nr(self.pid, tid) in (SYS_EXECVE, SYS_EXECVEAT):
                 raise TargetGone(
                     f"process {self.pid} is replacing its program (execve in thread {tid}); "
                     "nothing was changed"
