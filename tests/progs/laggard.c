@@ -12,6 +12,8 @@
  *               which prints "execd" and answers "execd" to every line (exec by a thread)
  *   epoll       a new thread waits in epoll_wait() for ever (pinned to CPU 0, so a quick
  *               thread); "eintrs" prints how often a wait failed with EINTR
+ *   vfork MS    a new thread sleeps MS ms, then vfork()s a child that sleeps 1 s and exits
+ *               (a thread that waits in vfork: it cannot be stopped until then)
  *   spawn MS N  a new thread sleeps MS ms, then creates N threads that each sleep 100 ms
  *               and exit (threads created and ending while a stop is under way); "ok" at once
  *
@@ -123,6 +125,17 @@ static void *epoll_forever(void *arg) {
     return 0;
 }
 
+static void *vfork_later(void *arg) {
+    struct timespec ts = {0, (long)arg * 1000000L};
+    nanosleep(&ts, 0);
+    if (vfork() == 0) {
+        struct timespec second = {1, 0};
+        syscall(SYS_nanosleep, &second, 0);
+        _exit(0);
+    }
+    return 0;
+}
+
 static long spawn_n;
 
 static void *spawn_later(void *arg) {
@@ -177,6 +190,9 @@ int main(int argc, char **argv) {
             printf("ok\n");
         } else if (strncmp(line, "eintrs", 6) == 0) {
             printf("%ld\n", eintrs);
+        } else if (strncmp(line, "vfork ", 6) == 0) {
+            later(vfork_later, atol(line + 6));
+            printf("ok\n");
         } else if (strncmp(line, "spawn ", 6) == 0) {
             char *rest;
             long ms = strtol(line + 6, &rest, 10);

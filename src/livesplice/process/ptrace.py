@@ -205,6 +205,18 @@ class ThreadWontStop(ThreadNotStopping):
         )
 
 
+class ProgramReplaced(TargetGone):
+    """A thread of the process is replacing its program (execve) while a stop was under
+    way: the program to update is going away. :meth:`Tracee.stop` let go what it held, so
+    the exec completes."""
+
+    def __init__(self, pid: int, tid: int) -> None:
+        super().__init__(
+            f"process {pid} is replacing its program (execve in thread {tid}); nothing was changed"
+        )
+        self.tid = tid
+
+
 REG_NAMES: Final = (
     "r15",
     "r14",
@@ -817,7 +829,7 @@ class Tracee:
         """Seize the threads listed in /proc/PID/task and not traced yet (inside stop():
         no state read first, a zombie answers EPERM); the ones seized.
 
-        :raises TargetGone: a thread not traced is replacing the program (execve), see
+        :raises ProgramReplaced: a thread not traced is replacing the program (execve), see
             :meth:`_refuse_exec`.
         """
         fresh = [t for t in self._listed() if t not in self._tids]
@@ -838,15 +850,12 @@ class Tracee:
         collected or waiting: an exec in de_thread() shows so); the look costs a /proc
         read per untraced thread. Left open: an exec'ing thread on a CPU at the look
         ("running", no system call shown) or entering execve just after it. The program to
-        update is going away: the window is refused; :meth:`detach` lets the exiting
-        threads go, so the exec completes.
+        update is going away: the window is refused, and :meth:`stop` lets the threads it
+        holds go at once (the exiting ones with them), so the exec completes.
         """
         for tid in untraced:
             if _syscall_nr(self.pid, tid) in (SYS_EXECVE, SYS_EXECVEAT):
-                raise TargetGone(
-                    f"process {self.pid} is replacing its program (execve in thread {tid}); "
-                    "nothing was changed"
-                )
+                raise ProgramReplaced(self.pid, tid)
 
     def _seize(self, tid: int, opts: int) -> bool:
         """PTRACE_SEIZE one thread; False for a thread that is gone or a zombie.
@@ -1388,6 +1397,7 @@ class Tracee:
         :raises TargetGone: no thread is left (the process exited).
         :raises ThreadInVfork: a thread waits in vfork(); the program runs on unchanged.
         :raises ThreadWontStop: a thread did not stop in ``stop_timeout`` s; the same.
+        :raises ProgramReplaced: a thread execs; what was held is let go.
         """
         if self._closed:
             raise TargetGone(f"process {self.pid}: tracee already detached")
@@ -1421,10 +1431,15 @@ class Tracee:
                     if tid not in new:
                         ptrace(PTRACE_INTERRUPT, tid, 0, 0)
                 self._await_stops(seized)
-        except ThreadNotStopping:
+        except (ThreadNotStopping, ProgramReplaced) as e:
             # let go what this stop holds; the thread in vfork() (or slow) stays traced with
-            # our interrupt pending until it stops, then service()/detach() let it go
+            # our interrupt pending until it stops, then service()/detach() let it go. An
+            # exec waits until the threads it killed are released, and a traced thread is
+            # released only once its tracer reaped it: let them go and reap them now, not
+            # when the caller is done with its error path
             self.resume()
+            if isinstance(e, ProgramReplaced):
+                self._reap_exiting(1.0)
             raise
         if self._exiting:
             self._settle_exits()
