@@ -426,8 +426,13 @@ def test_without_restart_the_program_sees_eintr(spawn, mode: str) -> None:  # ty
     tg.wait_threads(2)
     time.sleep(0.05)
     with Tracee(tg.pid, restart_eintr=False) as t:
-        t.stop()
-        t.resume()
+        try:
+            t.stop()
+            t.resume()
+        except TargetGone:
+            # a staggered stop let the blocked thread go before the stop ended (another
+            # thread was a laggard): it saw the EINTR then, and the program exited
+            assert t.staggered
     assert tg.readline().startswith(f"ERR {mode}")
 
 
