@@ -17,9 +17,9 @@
  *   spawn MS N  a new thread sleeps MS ms, then creates N threads that each sleep 100 ms
  *               and exit (threads created and ending while a stop is under way); "ok" at once
  *
- * Run as "laggard hog MS": a separate process that takes CPU 1 with SCHED_FIFO priority 2
- * (above livesplice's 1) for MS ms, printing "spinning" first ("no-fifo" if not allowed):
- * while it spins the idle thread, woken by an interrupt, cannot run, so cannot stop.
+ * Run as "laggard hog MS [CPU]": a separate process that takes CPU 1 (or CPU) with SCHED_FIFO
+ * priority 2 (above livesplice's 1) for MS ms, printing "spinning" first ("no-fifo" if not
+ * allowed): while it spins the idle thread, woken by an interrupt, cannot run, so cannot stop.
  * Used by tests/test_stagger.py. */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -80,8 +80,8 @@ static void *idle(void *arg) {
     return 0;
 }
 
-__attribute__((noinline)) static int hog(long ms) {
-    pin(1);
+__attribute__((noinline)) static int hog(long ms, int cpu) {
+    pin(cpu);
     struct sched_param p = {.sched_priority = 2};
     if (sched_setscheduler(0, SCHED_FIFO, &p) != 0) {
         printf("no-fifo\n");
@@ -155,7 +155,7 @@ static void later(void *(*fn)(void *), long ms) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 3 && strcmp(argv[1], "hog") == 0) return hog(atol(argv[2]));
+    if (argc >= 3 && strcmp(argv[1], "hog") == 0) return hog(atol(argv[2]), argc > 3 ? atoi(argv[3]) : 1);
     if (argc == 2 && strcmp(argv[1], "execd") == 0) {
         char l[64];
         setvbuf(stdout, 0, _IOLBF, 0);

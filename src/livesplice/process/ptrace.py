@@ -1474,11 +1474,15 @@ class Tracee:
             late, _, seen_running = self._await_stops_within(queue, self.stagger_budget)
             if not late:
                 return
-            quick = [
-                t
-                for t in self._tids
-                if t in self._stopped and t not in late and t not in held | self._group_stop
-            ]
+            quick = self._quick(late, held)
+            if not quick and not held:
+                # nobody stopped within the budget: on a loaded machine every thread may
+                # wait for a CPU, the quick ones too. The first to stop are the quick ones
+                # (else everything waited for the slowest: a 138 ms window seen under load)
+                late, seen_running = self._await_first_stops(late, self.stagger_wait)
+                if not late:
+                    return
+                quick = self._quick(late, held)
             if not quick:
                 break
             self._note_hold(began, len(quick), hosted=False)
@@ -1506,6 +1510,44 @@ class Tracee:
                 # (a spinning SCHED_FIFO thread). Stop everything, wait as long as it takes
                 break
         self._await_stops([t for t in self._tids if t not in self._stopped])
+
+    def _quick(self, late: list[int], held: set[int]) -> list[int]:
+        """The threads :meth:`_stagger` lets run on: stopped, not a laggard (of this round,
+        ``late``, or of an earlier one, ``held``), not job-stopped."""
+        return [
+            t
+            for t in self._tids
+            if t in self._stopped and t not in late and t not in held | self._group_stop
+        ]
+
+    def _await_first_stops(self, queue: list[int], timeout: float) -> tuple[list[int], float]:
+        """Wait up to ``timeout`` s until some thread of ``queue`` (interrupted, none stopped
+        yet) stops, give the others the stagger budget more; the ones not stopped then, and
+        when they were last seen running (see :meth:`_await_stops_within`).
+
+        :raises ThreadInVfork: a thread not stopped in time waits in vfork().
+        """
+        deadline = time.monotonic() + timeout
+        with _sigchld_blocked():
+            while queue and not any(t in self._stopped for t in queue):
+                for tid in queue:
+                    try:
+                        got, status = os.waitpid(tid, WALL | os.WNOHANG)
+                    except ChildProcessError:
+                        got, status = tid, 0
+                    if got:
+                        queue = queue + self._on_status(tid, status)
+                        break  # the queue changed
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
+                queue = [t for t in queue if t in self._tids]
+        late, _, seen_running = self._await_stops_within(
+            [t for t in queue if t not in self._stopped], self.stagger_budget
+        )
+        return late, seen_running
 
     def _await_stops_within(
         self, queue: list[int], timeout: float, since: float = 0.0
