@@ -1523,10 +1523,7 @@ class Tracee:
     def _await_first_stops(self, queue: list[int], timeout: float) -> tuple[list[int], float]:
         """Wait up to ``timeout`` s until some thread of ``queue`` (interrupted, none stopped
         yet) stops, give the others the stagger budget more; the ones not stopped then, and
-        when they were last seen running (see :meth:`_await_stops_within`).
-
-        :raises ThreadInVfork: a thread not stopped in time waits in vfork().
-        """
+        when they were last seen running (see :meth:`_await_stops_within`)."""
         deadline = time.monotonic() + timeout
         with _sigchld_blocked():
             while queue and not any(t in self._stopped for t in queue):
