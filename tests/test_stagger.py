@@ -55,8 +55,21 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     os.sched_setaffinity(0, old)
 
 
+_LAST_HOG = [0.0]
+
+
+@pytest.fixture(autouse=True)
+def rt_budget() -> None:
+    """Each test starts 1 s after the last hog of the one before: the kernel's RT
+    throttling lets SCHED_FIFO tasks have 950 ms of each 1 s period per CPU, and the hogs of
+    back-to-back tests used it up -- a throttled hog let the idle thread run, no laggard
+    (the window test saw staggered=0, 1 run in 3). A test's own hogs stay well inside."""
+    time.sleep(max(0.0, _LAST_HOG[0] + 1.0 - time.monotonic()))
+
+
 def hog(tg: Target, ms: int = HOG_MS, cpu: int = 1) -> subprocess.Popen[str]:
     """Start the hog on ``cpu``; returns once it spins."""
+    _LAST_HOG[0] = time.monotonic() + ms / 1000
     p = subprocess.Popen([str(tg.exe), "hog", str(ms), str(cpu)], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline().strip()

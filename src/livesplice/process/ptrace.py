@@ -547,6 +547,10 @@ def realtime(enable: bool = True) -> Iterator[None]:
             os.sched_setscheduler(0, old_policy, old_param)
 
 
+def _ignore_sigchld(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD's default disposition as a Python handler (see Tracee._restore_sigchld)."""
+
+
 @contextlib.contextmanager
 def _sigchld_blocked() -> Iterator[None]:
     """SIGCHLD blocked in this thread (for :func:`_waitpid_until`), as it was after."""
@@ -758,13 +762,24 @@ class Tracee:
         cycles under thread churn). Blocking runs handlers already caught (pthread_sigmask
         checks for them); one arriving during the swap stays pending in the kernel and is
         delivered to the restored disposition.
+
+        The default disposition itself is not put back but :func:`_ignore_sigchld`, a
+        Python handler that does nothing -- the same for SIGCHLD, whose default action is
+        to ignore it: a SIGCHLD the kernel hands to another thread of the tool just before
+        the swap is caught by CPython's C handler there and run later by the main thread,
+        which no block in this thread prevents (CPython's bpo-43406); still seen under load
+        with the swap blocked ("Exception ignored ... OSError: Signal 17 ignored due to race
+        condition" on stderr of an apply).
         """
         if self._old_sigchld is None:
             return
+        old = self._old_sigchld
+        if old == signal.SIG_DFL:
+            old = _ignore_sigchld
         with contextlib.suppress(ValueError, OSError):
             was = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:
-                signal.signal(signal.SIGCHLD, self._old_sigchld)
+                signal.signal(signal.SIGCHLD, old)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, was)
         self._old_sigchld = None
