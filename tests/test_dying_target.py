@@ -46,7 +46,10 @@ def kill_during(tmp_path: Path, update: Path, verb: str, rng: random.Random) -> 
     took = time.monotonic() - killed
     assert "Traceback" not in err, err
     assert t.returncode in (0, 7), (verb, t.returncode, out, err)
-    assert took < 1.0 or t.returncode == 0, (verb, took, err)
+    # within 1 s of the kill -- unless the tool only reached its first look at the target
+    # after it (the zombie found before anything was traced): on a loaded machine Python's
+    # start-up alone took 1.1 s (CI), which no target holds
+    assert took < 1.0 or t.returncode == 0 or "has exited (a zombie" in err, (verb, took, err)
     # the parent (this test) reaps it: nothing keeps the threads in a ptrace-stop
     assert prog.wait(timeout=2) == -signal.SIGKILL
 
