@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "progs"))
 from ptrace_targets import Target, build
 
 from livesplice.errors import HookFailed, LivespliceError, NoPermission, TargetGone
+from livesplice.process import remote
 from livesplice.process.ptrace import Tracee
 from livesplice.process.remote import (
     PROT_EXEC,
@@ -299,6 +300,26 @@ def test_the_host_is_an_idle_helper_thread_not_the_leader(spawn) -> None:  # typ
     with Tracee(tg.pid) as t:
         assert {remote_syscall(t, SYS_GETTID) for _ in range(5)} == set(idle)
     assert tg.cmd("seen") == "0"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root")
+def test_livesplice_holds_threads_at_the_programs_highest_rt_priority_plus_one(spawn) -> None:  # type: ignore[no-untyped-def]
+    """Priority inheritance: while it holds a thread, livesplice runs SCHED_FIFO one above
+    the program's highest real-time thread (1 for a program with none), so the program's own
+    real-time threads cannot preempt it in the middle of a hold; its policy is put back."""
+    tg = spawn("ptrace_spin", "2", "sleepers", "idle")
+    time.sleep(0.1)
+    before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    with Tracee(tg.pid) as t:
+        assert t.rt_priority() == 1
+        worker = next(x for x in tg.threads() if x != tg.pid)
+        os.sched_setscheduler(worker, os.SCHED_FIFO, os.sched_param(7))
+        assert t.rt_priority() == 8
+        seen: list[tuple[int, int]] = []
+        with remote.stopped(t):
+            seen.append((os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
+        assert seen == [(os.SCHED_FIFO, 8)]
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
 
 
 def test_remote_mmap_near_and_named(spawn) -> None:  # type: ignore[no-untyped-def]

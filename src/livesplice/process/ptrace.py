@@ -518,14 +518,15 @@ def release_orphans() -> None:
 
 
 @contextlib.contextmanager
-def realtime(enable: bool = True) -> Iterator[None]:
-    """SCHED_FIFO (priority 1) for livesplice while it holds threads of the target stopped;
-    the old policy restored after; nothing if not allowed (not root, a container).
+def realtime(enable: bool = True, priority: int = 1) -> Iterator[None]:
+    """SCHED_FIFO (``priority``) for livesplice while it holds threads of the target
+    stopped; the old policy restored after; nothing if not allowed (not root, a container).
 
     At normal priority, on a loaded machine, the tool is descheduled for whole time slices
     while the program waits for it (see StopWindow's ``fifo``). Only the stop window and the
     hold of a host thread run so: short, bounded stretches, mostly spent blocked in
     waitpid; the kernel's RT throttling still leaves other tasks 5% of each CPU.
+    :meth:`Tracee.rt_priority` gives the priority to use for a target.
     """
     if not enable:
         yield
@@ -533,10 +534,10 @@ def realtime(enable: bool = True) -> Iterator[None]:
     try:
         old_policy = os.sched_getscheduler(0)
         old_param = os.sched_getparam(0)
-        if old_policy == os.SCHED_FIFO:
+        if old_policy == os.SCHED_FIFO and old_param.sched_priority >= priority:
             yield  # already (a nested hold, or run under chrt): leave it as it is
             return
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except OSError:
         yield
         return
@@ -953,7 +954,7 @@ class Tracee:
             held = len(self._stopped)
             # SCHED_FIFO like every other hold: descheduled between a thread's stop and its
             # detach, the tool held it for whole time slices (2.9 ms seen at load 6)
-            with realtime():
+            with realtime(priority=self.rt_priority()):
                 for tid in list(self._tids):
                     if tid in self._stopped:
                         self._let_go(tid)
@@ -1130,7 +1131,7 @@ class Tracee:
         self.service()
         # SCHED_FIFO from before the thread stops (not from after: the switch itself was
         # inside the hold), until release_one
-        rt = realtime()
+        rt = realtime(priority=self.rt_priority())
         rt.__enter__()
         try:
             tid = self._hold_one(thread)
@@ -1227,6 +1228,31 @@ class Tracee:
                 self._note_hold(host[1], 1, hosted=True)
             self._drop_realtime()
         self.service()
+
+    def rt_priority(self) -> int:
+        """The SCHED_FIFO priority for livesplice while it holds threads of this program:
+        one above its highest real-time thread (1 for a program with none; at most 99).
+
+        Why (priority inheritance, as a kernel rt_mutex gives a lock holder the priority of
+        its highest waiter): the program's threads wait for a hold to end like for a lock
+        livesplice holds. At priority 1 the tool was preempted by the program's own
+        real-time threads -- a SCHED_FIFO 5 server and its clients -- in the middle of a
+        hold, which then lasted their whole bursts (kvserver soak under --rt-load 5: holds
+        up to 3.6 ms, requests up to 2.6 ms). Read from the threads' scheduling parameters
+        (two system calls a thread, before the hold); 1 when they cannot be read.
+        """
+        best = 0
+        try:
+            tids = self._listed()
+        except TargetGone:
+            return 1
+        for tid in tids:
+            try:
+                if os.sched_getscheduler(tid) in (os.SCHED_FIFO, os.SCHED_RR):
+                    best = max(best, os.sched_getparam(tid).sched_priority)
+            except OSError:
+                continue  # gone meanwhile
+        return min(best + 1, 99)
 
     def _drop_realtime(self) -> None:
         """Back to the old scheduling policy once no host thread is held."""

@@ -533,10 +533,11 @@ class StopWindow:
         """
         t = self.t
         originals = [(addr, t.read(addr, len(data))) for addr, data in writes]
+        priority = t.rt_priority() if self.fifo else 1
         for attempt in range(1, self.retries + 1):
             t.service()  # pass on signals / start new threads before we time anything
             try:
-                with realtime(self.fifo), _no_gc():
+                with realtime(self.fifo, priority), _no_gc():
                     t.seize_all()  # traces, stops nothing: the threads run until stop()
                     t0 = time.perf_counter_ns()
                     t.stop()
