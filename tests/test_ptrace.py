@@ -18,7 +18,7 @@ from ptrace_targets import Target, build
 
 from livesplice.errors import HookFailed, LivespliceError, NoPermission, TargetGone
 from livesplice.process import remote
-from livesplice.process.ptrace import Tracee
+from livesplice.process.ptrace import Tracee, libc
 from livesplice.process.remote import (
     PROT_EXEC,
     PROT_READ,
@@ -320,6 +320,31 @@ def test_livesplice_holds_threads_at_the_programs_highest_rt_priority_plus_one(s
             seen.append((os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
         assert seen == [(os.SCHED_FIFO, 8)]
     assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_queued_signal_is_seen_without_proc(spawn, shared: bool) -> None:  # type: ignore[no-untyped-def]
+    """The EINTR rewind asks whether a real signal waits for the thread (then the program
+    must see the EINTR). The ptrace answer (PTRACE_PEEKSIGINFO of the thread's and the
+    process's queue, against PTRACE_GETSIGMASK) agrees with /proc's SigPnd/ShdPnd/SigBlk."""
+    from livesplice.process.ptrace import signal_pending_unblocked
+
+    tg = spawn("ptrace_spin", "2")
+    with Tracee(tg.pid) as t:
+        t.stop()
+        tid = tg.pid
+        assert not t._unblocked_signal_queued(tid)
+        assert not signal_pending_unblocked(tg.pid, tid)
+        if shared:
+            os.kill(tg.pid, signal.SIGUSR2)  # process-wide: the shared queue
+        else:
+            libc().syscall(234, tg.pid, tid, signal.SIGUSR2)  # tgkill: its own queue
+        time.sleep(0.01)
+        # the signal may be queued on any thread when process-wide: each one is asked
+        assert any(t._unblocked_signal_queued(x) for x in t.threads())
+        assert t._unblocked_signal_queued(tid) == signal_pending_unblocked(tg.pid, tid)
+        t.resume()
+    tg.proc.wait(5)  # SIGUSR2's default action ends it
 
 
 def test_remote_mmap_near_and_named(spawn) -> None:  # type: ignore[no-untyped-def]
