@@ -566,11 +566,20 @@ def _sigchld_blocked() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+# The first sleep of a wait for a stop's SIGCHLD; each next one twice as long, up to 1 ms.
+# Why not 1 ms at once: the kernel may hand the SIGCHLD to another thread of the tool (a
+# reader thread, a progress display) and then only the timeout wakes the wait -- with 1 ms
+# slices the window with 8 spinning threads (a reader thread in the tool) had p50 0.54 /
+# 0.45 ms, p95 0.91 / 0.87 ms; with these 0.39 / 0.42 ms, p95 0.60 / 0.65 ms.
+_FIRST_NAP: Final = 2e-5
+
+
 def _waitpid_until(tid: int, deadline: float) -> int | None:
     """The next wait status of ``tid`` if it comes before ``deadline`` (time.monotonic), else
     None; a thread gone reads as status 0. SIGCHLD must be blocked (:func:`_sigchld_blocked`):
-    the wait sleeps in ``sigtimedwait`` for it, 1 ms at most at a time (a SIGCHLD the kernel
-    hands to another thread of the tool), never spinning."""
+    the wait sleeps in ``sigtimedwait`` for it, from 20 µs doubling to 1 ms at a time (a
+    SIGCHLD the kernel hands to another thread of the tool), never spinning."""
+    nap = _FIRST_NAP
     while True:
         try:
             got, status = os.waitpid(tid, WALL | os.WNOHANG)
@@ -581,7 +590,8 @@ def _waitpid_until(tid: int, deadline: float) -> int | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
+        signal.sigtimedwait({signal.SIGCHLD}, min(left, nap))
+        nap = min(nap * 2, 0.001)
 
 
 class _PeekSiginfoArgs(ctypes.Structure):
@@ -1577,6 +1587,7 @@ class Tracee:
         yet) stops, give the others the stagger budget more; the ones not stopped then, and
         when they were last seen running (see :meth:`_await_stops_within`)."""
         deadline = time.monotonic() + timeout
+        nap = _FIRST_NAP
         with _sigchld_blocked():
             while queue and not any(t in self._stopped for t in queue):
                 for tid in queue:
@@ -1591,7 +1602,8 @@ class Tracee:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
+                    signal.sigtimedwait({signal.SIGCHLD}, min(left, nap))
+                    nap = min(nap * 2, 0.001)
                 queue = [t for t in queue if t in self._tids]
         late, _, seen_running = self._await_stops_within(
             [t for t in queue if t not in self._stopped], self.stagger_budget
@@ -1613,6 +1625,7 @@ class Tracee:
         pending = list(queue)
         earliest = math.inf
         previous = since or time.perf_counter()  # no stop collected below came before
+        nap = _FIRST_NAP
         with _sigchld_blocked():
             while True:
                 scan = time.perf_counter()
@@ -1629,7 +1642,8 @@ class Tracee:
                 left = deadline - time.monotonic()
                 if not pending or left <= 0:
                     break
-                signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.001))
+                signal.sigtimedwait({signal.SIGCHLD}, min(left, nap))
+                nap = min(nap * 2, 0.001)
         return pending, earliest, previous
 
     def _await_stops(self, queue: list[int]) -> None:
