@@ -120,11 +120,17 @@ def test_the_window_reports_the_laggards_hold_apart_from_the_pause(target: Targe
     """pause_us is the window proper; the laggard's hold shows in the others' stopped
     figure, never hidden."""
     fn = target.symbol("hog")  # never runs in the target: no thread busy
-    assert target.cmd("reset") == "ok"
-    with Tracee(target.pid) as t:
-        h = hog(target)
-        stats = StopWindow(t, [(fn[0], fn[0] + fn[1], "hog")], retries=1).run([])
-        h.wait(10)
+    for _ in range(3):
+        assert target.cmd("reset") == "ok"
+        with Tracee(target.pid) as t:
+            h = hog(target)
+            stats = StopWindow(t, [(fn[0], fn[0] + fn[1], "hog")], retries=1).run([])
+            h.wait(10)
+        if stats.staggered or stats.pause_us > 50_000:
+            break
+        # every thread stopped at once: the hog did not keep the idle thread off its CPU
+        # (seen 1 run in 4: RT throttling despite the spacing); the test proves nothing yet
+        time.sleep(1.0)
     gap_us = int(target.cmd("stats"))
     assert stats.staggered >= 1
     assert stats.pause_us < 50_000
