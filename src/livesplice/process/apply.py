@@ -997,6 +997,7 @@ def _refuse_stacked_on(rec: StateRecord, present: list[Present], update_id: str)
 def _restoring_writes(rec: StateRecord, pid: int) -> list[tuple[int, bytes]]:
     """The original bytes to put back where our jump still is; refuse if someone else
     changed an entry since (never overwrite code livesplice did not write)."""
+    from livesplice.process.ptrace import process_alive, process_dying
     from livesplice.process.state import read_memory
 
     writes: list[tuple[int, bytes]] = []
@@ -1005,6 +1006,10 @@ def _restoring_writes(rec: StateRecord, pid: int) -> list[tuple[int, bytes]]:
             now = read_memory(pid, tr.address, len(bytes.fromhex(tr.jump))).hex()
         except OSError:
             now = ""
+        if not now and (not process_alive(pid) or process_dying(pid)):
+            # a process exiting while it is read has no code left to check: gone, not
+            # "changed by someone else" (undo --all met a fork child exiting: BAD_INPUT)
+            raise TargetGone(f"process {pid} exited")
         if now == tr.jump:
             writes.append((tr.address, bytes.fromhex(tr.original)))
         elif now != tr.original:
